@@ -1,0 +1,51 @@
+# The two commands: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install install-dev check-sync nbtest pytest lab clean-runs
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "aliprod needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## make demo: generate the embedded dataset and run the pipeline on it; the report lands in reports/demo/
+demo: install
+	$(BIN)/aliprod run params/demo.yaml
+
+## make test: package in sync with the notebooks, notebooks clean, then nbdev-test and pytest
+test: install-dev check-sync nbtest pytest
+
+# nbdev-export must leave aliprod/ unchanged and nbdev-clean must leave nbs/ unchanged.
+check-sync: install-dev
+	@before=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb | sha1sum); \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean || exit 1; \
+	after=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb | sha1sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "aliprod/ or nbs/ was out of sync: nbdev-export/nbdev-clean changed these files (commit them):"; \
+	  git status --porcelain -- aliprod nbs; exit 1; fi
+	@echo "check-sync: aliprod/ matches nbs/, notebooks clean"
+
+nbtest: install-dev
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: install-dev
+	$(BIN)/pytest -q tests
+
+lab: install
+	$(BIN)/pip install -q -e '.[lab]' && $(BIN)/jupyter lab nbs
+
+clean-runs:
+	rm -rf runs reports/*/

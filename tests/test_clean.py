@@ -1,0 +1,187 @@
+"""Tests of the clean stage (aliprod.clean): rule invariants, tail protection, relabelling, sparse vs dense confident
+learning, byte-identical reruns, a round killed (SIGKILL) while writing its index, and the scale benchmark at a small size."""
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+from aliprod.clean import (CleanParams, RULES, clean_index, confident_learning, confident_thresholds, find_noisy, protect_tail,
+                           simulate_predictions)
+from aliprod.predictions import topk_from_probs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def noisy_index(n=4000, K=50, noise=0.25, seed=0):
+    "A long-tailed index with injected sibling / uniform / ood noise and ground truth"
+    r = np.random.default_rng(seed)
+    c = np.minimum((r.pareto(0.8, n) * 2).astype(int), K - 1)
+    kind = np.where(r.random(n) < noise, r.choice(['sibling', 'uniform', 'ood'], n), 'clean')
+    y = np.where(kind == 'sibling', (c + 1) % K, np.where(kind == 'uniform', r.integers(0, K, n), c))
+    kind = np.where((kind == 'uniform') & (y == c), 'clean', kind)
+    return pd.DataFrame({'row': np.arange(n, dtype=np.int64), 'path': [f'train/{i}.jpg' for i in range(n)], 'label': y.astype(np.int32),
+                         'split': np.where(np.arange(n) % 5 == 0, 'val', 'train'), 'class_name': [f'c{j}' for j in y],
+                         'coarse_label': (y // 5).astype(np.int32), 'clean_label': np.where(kind == 'ood', -1, c).astype(np.int32),
+                         'noise_kind': kind})
+
+
+@pytest.fixture(scope='module')
+def data():
+    idx = noisy_index()
+    tr = idx[idx.split == 'train'].reset_index(drop=True)
+    return idx, tr, simulate_predictions(tr, 50, k=5, seed=0)
+
+
+def _params(rule, **kw):
+    return CleanParams(rules=[rule], agreement_tags=['m2'] if rule == 'agreement' else [], **kw)
+
+
+@pytest.mark.parametrize('rule', RULES)
+def test_no_rule_flags_a_confident_top1_label(data, rule):
+    _, tr, t = data
+    confident_agree = (t.top1 == t.labels) & (t.conf >= 0.5)
+    for kw in ({}, {'conf_threshold': 1.0, 'self_conf_threshold': 1.0}, {'drop_fraction': 0.99}):
+        flags = find_noisy(t, _params(rule, **kw), others=[t]).reasons.to_numpy() > 0
+        assert flags.any(), f'{rule} {kw} flags nothing: the test would be vacuous'
+        assert not (flags & confident_agree).any(), f'{rule} {kw} flagged a sample whose label is the confident top-1'
+        assert not (flags & (t.top1 == t.labels)).any()
+
+
+@pytest.mark.parametrize('m', [1, 3, 5, 20])
+def test_tail_protection_never_empties_or_shrinks_below_min(data, m):
+    idx, tr, t = data
+    # the harshest rule: drop 90% of the lowest-confidence disagreements, plus every low-confidence sample
+    p = CleanParams(rules=['disagree_low_conf', 'self_confidence'], conf_threshold=1.0, self_conf_threshold=1.0, min_per_class=m)
+    new, ch, s = clean_index(idx, t, p)
+    n0 = np.bincount(tr.label, minlength=50)
+    n1 = np.bincount(new.loc[new.split == 'train', 'label'], minlength=50)
+    assert (n1 >= np.minimum(n0, m)).all(), 'a class fell below min_per_class'
+    assert ((n1 > 0) == (n0 > 0)).all(), 'tail protection emptied a class'
+    # the samples kept by protection are each class's most confident flagged ones
+    flagged = find_noisy(t, p).reasons.to_numpy() > 0
+    kept = protect_tail(t.labels, flagged, t.p_label, m, 50, t.rows)
+    for c in np.unique(t.labels[flagged & ~kept]):
+        saved = t.p_label[flagged & ~kept & (t.labels == c)]
+        dropped = t.p_label[kept & (t.labels == c)]
+        if len(dropped): assert saved.min() >= dropped.max()
+
+
+def test_protect_tail_random_cases():
+    r = np.random.default_rng(1)
+    for _ in range(50):
+        n, K, m = int(r.integers(1, 200)), int(r.integers(1, 20)), int(r.integers(0, 8))
+        labels = r.integers(0, K, n); flags = r.random(n) < r.random(); p = r.random(n).astype(np.float32)
+        out = protect_tail(labels, flags, p, m, K)
+        n0 = np.bincount(labels, minlength=K); n1 = np.bincount(labels[~out], minlength=K)
+        assert (n1 >= np.minimum(n0, m)).all() and not (out & ~flags).any()
+        assert (n1 == np.maximum(n0 - np.bincount(labels[flags], minlength=K), np.minimum(n0, m))).all(), 'protection unflagged more than needed'
+
+
+def test_relabel_stays_in_class_set(data):
+    idx, tr, t = data
+    p = CleanParams(rules=['disagree_low_conf', 'confident_learning', 'self_confidence'], action='relabel', relabel_threshold=0.2,
+                    self_conf_threshold=0.5, min_per_class=2)
+    new, ch, s = clean_index(idx, t, p)
+    assert s['relabelled'] > 0
+    assert new.label.between(0, 49).all() and set(new.label) <= set(range(50))
+    rel = ch[ch.action == 'relabel']
+    assert (rel.suggest_prob >= 0.2).all() and (rel.new_label != rel.label).all()
+    by_row = new.set_index('row')
+    assert (by_row.loc[rel.row, 'label'].to_numpy() == rel.new_label.to_numpy()).all()
+    assert (by_row.loc[rel.row, 'class_name'].to_numpy() == np.array([f'c{j}' for j in rel.new_label])).all()
+    # a corrupt prediction naming a class outside 0..K-1 is refused, never written
+    bad = t.take(np.arange(len(t))); bad.topk_labels = bad.topk_labels.copy(); bad.topk_labels[3, 0] = 57
+    with pytest.raises(ValueError, match='outside 0..49'): clean_index(idx, bad, p)
+
+
+def _dense_cl(P, y):
+    K = P.shape[1]
+    th = np.array([P[y == j, j].mean() if (y == j).any() else np.inf for j in range(K)])
+    masked = np.where(P >= th, P, -1.0)
+    g = np.where((P >= th).any(1), masked.argmax(1), -1)
+    return (g >= 0) & (g != y) & (P.argmax(1) != y), g
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_sparse_confident_learning_matches_dense(seed):
+    r = np.random.default_rng(seed)
+    N, K = 400, 15
+    P = r.dirichlet(np.full(K, 0.4), N).astype(np.float32)
+    y = np.where(r.random(N) < 0.6, P.argmax(1), r.integers(0, K, N))
+    df, dg = _dense_cl(P, y)
+    sf, sg = confident_learning(topk_from_probs(P, y, k=K))
+    assert (sf == df).all() and (sg == dg).all(), 'k = K must equal the dense definition exactly'
+    for k in (1, 3, 8):
+        sk, _ = confident_learning(topk_from_probs(P, y, k=k))
+        assert not (sk & ~df).any(), f'k={k}: sparse flagged what dense does not'
+        assert np.allclose(confident_thresholds(topk_from_probs(P, y, k=k)), confident_thresholds(topk_from_probs(P, y, k=K)))
+
+
+def test_confident_learning_is_not_cleanlabs_global_argmax():
+    "cleanlab issue #1248: the guess is the most probable class that clears its threshold, not the global argmax"
+    t = topk_from_probs(np.array([[0.1, 0.2, 0.3, 0.4]] * 2), [2, 1], k=4)
+    f, g = confident_learning(t, thresholds=np.array([0.01, 0.5, 0.01, 0.5]))
+    assert f.tolist() == [False, True] and g.tolist() == [2, 2]
+
+
+def test_same_parameters_same_bytes(tmp_path, data):
+    idx, tr, t = data
+    from aliprod.clean import write_index
+    src = tmp_path/'index0.parquet'; idx.to_parquet(src, index=False)
+    p = CleanParams(rules=['disagree_low_conf', 'confident_learning'], action='relabel', relabel_threshold=0.5)
+    outs = []
+    for i in range(2):
+        new, _, _ = clean_index(pd.read_parquet(src), simulate_predictions(tr, 50, k=5, seed=0), p)
+        write_index(new, tmp_path/f'index{i+1}.parquet', src); outs.append((tmp_path/f'index{i+1}.parquet').read_bytes())
+    assert outs[0] == outs[1]
+    assert src.read_bytes() == (idx.to_parquet(tmp_path/'again.parquet', index=False) or (tmp_path/'again.parquet').read_bytes()), 'input modified'
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import sys, time, numpy as np, pandas as pd, pyarrow.parquet as pq
+    sys.path.insert(0, {tests!r})
+    from test_clean import noisy_index
+    from aliprod.clean import CleanParams, clean_index, simulate_predictions, write_index
+    idx = noisy_index(); src = {src!r}; idx.to_parquet(src, index=False)
+    tr = idx[idx.split == 'train'].reset_index(drop=True)
+    new, _, _ = clean_index(idx, simulate_predictions(tr, 50, k=5), CleanParams())
+    real = pq.write_table
+    def slow_write(table, where, **kw):
+        with open(where, 'wb') as f: f.write(b'PAR1' + b'x' * 1000); f.flush()
+        print('WRITING', flush=True); time.sleep(60)
+    pq.write_table = slow_write
+    write_index(new, {dst!r}, src)
+''')
+
+
+def test_killed_round_leaves_no_half_written_index(tmp_path):
+    dst = tmp_path/'clean'/'1'/'index.parquet'
+    code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), src=str(tmp_path/'index0.parquet'), dst=str(dst))
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert 'WRITING' in line, f'the writer never started: {line!r}'
+        os.kill(proc.pid, signal.SIGKILL)  # a kill in the middle of the index write
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert not dst.exists(), 'a killed write left a file under the index name'
+    assert list(dst.parent.glob('.index.parquet.*.tmp')), 'expected the half-written temp file (the stage removes it on the next run)'
+
+
+def test_benchmark_small(tmp_path):
+    out = tmp_path/'clean_scale.json'
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'clean_scale.py'), '--n-images', '6000', '--n-classes', '300',
+                        '--cl-images', '3000', '--cl-classes', '100', '--repeats', '1', '--in-process', '--out', str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert {'config', 'hardware', 'data', 'ours', 'cleanlab', 'target'} <= set(res)
+    assert [o['rules'] for o in res['ours']] == ['disagree_low_conf', 'self_confidence', 'confident_learning',
+                                                'disagree_low_conf+confident_learning', 'agreement']
+    for o in res['ours']: assert {'median_s', 'peak_rss_mb', 'flagged', 'precision', 'recall', 'f1'} <= set(o)
+    methods = [m['method'] for m in res['cleanlab']['methods']]
+    assert any('find_label_issues_batched' in m for m in methods) and any(m.startswith('aliprod confident_learning') for m in methods)
+    dense = next(m for m in res['cleanlab']['methods'] if m['method'].startswith('dense'))
+    assert dense['sparse_subset_of_dense']
+    assert {'met', 'median_s', 'peak_rss_mb'} <= set(res['target'])
+    assert time.time() - t0 < 120, 'the small benchmark must stay quick'

@@ -1,0 +1,181 @@
+"End-to-end tests of the data stage (aliprod.data): generation statistics, determinism, skipping, real-data readers through prepare_data"
+import hashlib, json, os, shutil, time
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch
+from PIL import Image
+from aliprod.core import ExperimentParams, ParamsError
+from aliprod.data import (DataParams, ImageIndexDataset, QUARANTINE_COLUMNS, INDEX_COLUMNS, CLASSES_COLUMNS, class_counts, dataset_info,
+                          load_index, prepare_data, synthetic_index, synthetic_plan, write_bad_images, load_rgb)
+
+def _exp(tmp_path, name='t', seed=0):
+    return ExperimentParams(experiment=name, seed=seed, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+
+def _tree_hash(d:Path)->str:
+    h = hashlib.sha256()
+    for f in sorted(d.rglob('*')):
+        if f.is_file(): h.update(f.relative_to(d).as_posix().encode() + b'\0' + f.read_bytes())
+    return h.hexdigest()
+
+# a mid-size configuration: big enough that rates and ratios are meaningful, small enough for seconds
+MID = dict(n_classes=30, family_size=5, max_per_class=120, min_per_class=4, val_per_class=4, test_per_class=4, img_size=32, img_size_max=40,
+           sibling_noise=0.15, uniform_noise=0.07, ood_noise=0.04)
+
+def test_generated_statistics_match_request(tmp_path):
+    p = DataParams(**MID)
+    prepare_data(_exp(tmp_path), p)
+    idx = load_index(_exp(tmp_path))
+    tr = idx[idx.split == 'train']
+    n = len(tr)
+    counts = class_counts(idx, p.n_classes)
+    assert counts.max() == 120 and counts.min() == 4                       # imbalance 30 exactly (given labels)
+    expected = np.sort(np.rint(120 * (4 / 120) ** (np.arange(30) / 29)))[::-1]
+    assert np.array_equal(np.sort(counts)[::-1], expected), 'exponential profile'
+    for kind, rate in [('sibling', 0.15), ('uniform', 0.07), ('ood', 0.04)]:
+        assert abs((tr.noise_kind == kind).mean() - rate) <= 0.5 / n + 1e-12, kind
+    noisy = tr[tr.noise_kind != 'clean']
+    assert (noisy.label != noisy.clean_label).all()
+    sib = tr[tr.noise_kind == 'sibling']
+    assert (sib.coarse_label == sib.clean_label // 5).all(), 'sibling content stays inside the labelled family'
+    assert (tr[tr.noise_kind == 'ood'].clean_label == -1).all()
+    clean = tr[tr.noise_kind == 'clean']; assert (clean.label == clean.clean_label).all()
+    for s in ('val', 'test'):
+        e = idx[idx.split == s]
+        assert (e.noise_kind == 'clean').all() and (e.label == e.clean_label).all()
+        assert class_counts(idx, 30, s).tolist() == [4] * 30
+    # the report quotes the same numbers
+    summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
+    assert float(summ['imbalance ratio (max/min train)']) == 30.0
+    assert abs(float(summ['sibling noise rate (train)']) - 0.15) < 1e-3
+    assert dataset_info(_exp(tmp_path))['num_classes'] == 30
+
+def test_same_seed_byte_identical_other_seed_differs(tmp_path):
+    p = DataParams(**MID)
+    arts = [prepare_data(_exp(tmp_path, n, seed), p) for n, seed in (('a', 0), ('b', 0), ('c', 1))]
+    ib = [Path(a.index).read_bytes() for a in arts]
+    assert ib[0] == ib[1], 'same seed must give a byte-identical index parquet'
+    assert ib[0] != ib[2]
+    trees = [_tree_hash(a.root) for a in arts]
+    assert trees[0] == trees[1], 'same seed must give byte-identical images'
+    assert trees[0] != trees[2]
+
+def test_prepare_data_skips_only_when_current(tmp_path, capsys):
+    exp, p = _exp(tmp_path), DataParams()
+    arts = prepare_data(exp, p)
+    m1 = json.loads(arts.manifest.read_text())
+    capsys.readouterr()
+    prepare_data(exp, DataParams())
+    assert 'data: up to date' in capsys.readouterr().out
+    assert json.loads(arts.manifest.read_text())['finished'] == m1['finished']
+    prepare_data(exp, DataParams(uniform_noise=0.1))                         # a parameter changed: rerun
+    out = capsys.readouterr().out
+    assert 'parameters changed: uniform_noise' in out and 'up to date' not in out
+    assert (load_index(exp).noise_kind == 'uniform').mean() > 0
+    prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))     # the seed changes synthetic data: rerun
+    assert 'parameters changed: seed' in capsys.readouterr().out
+    victim = next(arts.root.rglob('*.jpg')); victim.unlink()                 # an output image deleted: rerun
+    prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))
+    assert 'data: running' in capsys.readouterr().out and victim.exists()
+    shutil.rmtree(tmp_path/'reports')                                        # reports deleted: rewritten without rerunning
+    prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))
+    assert 'up to date' in capsys.readouterr().out and (tmp_path/'reports'/'t'/'class_distribution.png').is_file()
+
+def _imagefolder_with_bad_files(root:Path):
+    "An ImageFolder tree holding good images, every broken kind and every fixable kind; return (n input files, expected reasons)"
+    for i, (split, cls) in enumerate([('train', 'cat'), ('train', 'cat'), ('train', 'dog'), ('val', 'cat'), ('val', 'dog')]):
+        d = root/split/cls; d.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (24, 20), (40 * i, 100, 200)).save(d/f'good{i}.jpg')
+    expected = write_bad_images(root/'train'/'dog')
+    del expected['missing.jpg']                                              # a tree cannot list a missing file
+    outside = root.parent/'outside.jpg'; Image.new('RGB', (8, 8)).save(outside)
+    (root/'train'/'dog'/'link.jpg').symlink_to(outside); expected['link.jpg'] = 'outside_root'
+    (root/'train'/'dog'/'readme.txt').write_text('not an image'); expected['readme.txt'] = 'unsupported_extension'
+    return 5 + len(expected), expected
+
+def test_imagefolder_end_to_end_every_row_accounted(tmp_path):
+    root = tmp_path/'data'
+    n_in, expected = _imagefolder_with_bad_files(root)
+    exp = _exp(tmp_path)
+    arts = prepare_data(exp, DataParams(source='imagefolder', root=str(root), max_pixels=10_000_000, scan_workers=2))
+    idx, q, conv = load_index(exp), pd.read_parquet(arts.quarantine), pd.read_parquet(arts.conversions)
+    assert len(idx) + len(q) == n_in, 'every input file ends in the index or the quarantine'
+    assert idx.columns.tolist() == list(INDEX_COLUMNS) and q.columns.tolist() == list(QUARANTINE_COLUMNS)
+    assert idx.row.tolist() == list(range(len(idx)))
+    reasons = {Path(p).name: r for p, r in zip(q.path, q.reason)}
+    bad = {k: v for k, v in expected.items() if v in ('truncated', 'zero_byte', 'undecodable', 'too_large', 'outside_root', 'unsupported_extension')}
+    assert reasons == bad
+    fixable = {k: v for k, v in expected.items() if k not in bad and v}
+    assert {Path(p).name: c for p, c in zip(conv.path, conv.conversion)} == fixable
+    assert set(conv.row) <= set(idx.row) and (idx.set_index('row').loc[conv.row, 'path'].to_numpy() == conv.path.to_numpy()).all()
+    for pth in idx.path: assert load_rgb(arts.root/pth).mode == 'RGB'
+    cls = pd.read_parquet(arts.classes)
+    assert cls.columns.tolist() == CLASSES_COLUMNS and cls.class_name.tolist() == ['cat', 'dog']
+    md = (tmp_path/'reports'/'t'/'quarantine.md').read_text()
+    assert 'truncated.jpg' in md and 'too_large' in md
+    summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
+    assert int(summ['quarantined images']) == len(q) and int(summ['converted to RGB']) == len(conv)
+
+def test_csv_and_list_and_json_through_prepare_data(tmp_path):
+    root = tmp_path/'data'
+    for p in ['a/1.jpg', 'a/2.jpg', 'b/3.jpg', 'train/00001/x.jpg', 'train/00004/y.jpg', 'val/00004/z.jpg']:
+        (root/p).parent.mkdir(parents=True, exist_ok=True); Image.new('RGB', (16, 16)).save(root/p)
+    (root/'idx.csv').write_text('path,label,split\na/1.jpg,0,train\na/2.jpg,1,train\nb/3.jpg,1,val\na/missing.jpg,0,train\n../up.jpg,0,train\n')
+    exp = _exp(tmp_path, 'csv')
+    arts = prepare_data(exp, DataParams(source='csv', root=str(root), train_file='idx.csv'))
+    idx, q = load_index(exp), pd.read_parquet(arts.quarantine)
+    assert idx.path.tolist() == ['a/1.jpg', 'a/2.jpg', 'b/3.jpg'] and dict(zip(q.path, q.reason)) == {'a/missing.jpg': 'missing', '../up.jpg': 'outside_root'}
+    (root/'train.txt').write_text('a/1.jpg 0\na/2.jpg,1\n/etc/passwd 0\n')
+    exp = _exp(tmp_path, 'list')
+    prepare_data(exp, DataParams(source='list', root=str(root), train_file='train.txt'))
+    assert load_index(exp).path.tolist() == ['a/1.jpg', 'a/2.jpg']
+    (root/'train.json').write_text(json.dumps({'images': [{'class_id': '00004', 'image_id': 'y.jpg'}, {'class_id': '00001', 'image_id': 'x.jpg'}]}))
+    (root/'val.json').write_text(json.dumps({'images': [{'class_id': '00004', 'image_id': 'z.jpg'}]}))
+    exp = _exp(tmp_path, 'ali')
+    arts = prepare_data(exp, DataParams(source='aliproducts', root=str(root), train_file='train.json', val_file='val.json'))
+    idx = load_index(exp)
+    assert idx[['path', 'label', 'split', 'class_name']].values.tolist() == [['train/00004/y.jpg', 1, 'train', '00004'], ['train/00001/x.jpg', 0, 'train', '00001'],
+                                                                           ['val/00004/z.jpg', 1, 'val', '00004']]
+    # editing a source file makes the stage rerun
+    m = arts.manifest.stat().st_mtime_ns
+    (root/'val.json').write_text(json.dumps({'images': []}))
+    prepare_data(exp, DataParams(source='aliproducts', root=str(root), train_file='train.json', val_file='val.json'))
+    assert arts.manifest.stat().st_mtime_ns != m and (load_index(exp).split == 'val').sum() == 0
+
+def test_dataset_survives_images_vanishing_mid_epoch(tmp_path):
+    exp = _exp(tmp_path)
+    arts = prepare_data(exp, DataParams())
+    idx = load_index(exp)
+    gone = idx.path.iloc[[3, 4, 50]].tolist()
+    for pth in gone: (arts.root/pth).unlink()
+    (arts.root/idx.path.iloc[7]).write_bytes(b'garbage')
+    ds = ImageIndexDataset(idx, arts.root, transform=lambda im: torch.zeros(3, 8, 8), failure_log=tmp_path/'failures.tsv')
+    dl = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2)
+    n = sum(len(y) for _, y in dl)
+    assert n == len(idx)
+    assert sorted(r for r, _, _ in ds.failures) == sorted(idx.row.iloc[[3, 4, 7, 50]].tolist())
+    x, y = ds[3]; assert y == idx.label.iloc[5]                               # deterministic substitute: the next valid row
+
+def test_load_index_iterations(tmp_path):
+    exp = _exp(tmp_path)
+    with pytest.raises(FileNotFoundError, match='run the data stage first'): load_index(exp)
+    with pytest.raises(FileNotFoundError, match='run the clean stage for iteration 1'): load_index(exp, 1)
+    d = tmp_path/'runs'/'t'/'clean'/'1'; d.mkdir(parents=True)
+    pd.DataFrame({'row': [4, 9], 'label': [0, 1]}).to_parquet(d/'index.parquet')
+    assert load_index(exp, 1).row.tolist() == [4, 9]
+
+def test_params_refused_with_key():
+    for kw, key in [({'sibling_noise': 0.6, 'uniform_noise': 0.3, 'ood_noise': 0.2}, 'data.sibling_noise'), ({'uniform_noise': 1.5}, 'data.uniform_noise'),
+                    ({'min_per_class': 0}, 'data.min_per_class'), ({'img_size': 64, 'img_size_max': 32}, 'data.img_size_max'),
+                    ({'source': 'imagefolder'}, 'data.root')]:
+        with pytest.raises(ParamsError, match=key): DataParams(**kw)
+
+def test_synthetic_index_full_scale():
+    t = time.time()
+    si = synthetic_index()
+    dt = time.time() - t
+    assert len(si) == 2_500_000 and si.columns.tolist() == list(INDEX_COLUMNS)
+    c = class_counts(si, 50_030)
+    assert c.max() == 1600 and c.min() == 1 and (c > 0).all()
+    tr = si[si.split == 'train']
+    assert abs((tr.noise_kind != 'clean').mean() - 0.1) < 1e-3
+    assert si.row.is_unique and si.path.is_unique
+    assert dt < 60, f'synthetic_index took {dt:.1f}s'

@@ -1,0 +1,157 @@
+"""End-to-end tests of the train stage: exact resume after a kill, manifest skipping, weight-file errors, top-k vs dense,
+k-fold held-out predictions, 2-process gloo DDP against a single process, and the notebook under papermill."""
+import json, os, subprocess, sys, time
+from dataclasses import replace
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch
+
+from aliprod.core import ExperimentParams, project_root
+from aliprod.data import DataParams, prepare_data, load_index, dataset_info, data_artifacts
+from aliprod.models import create_model, data_config
+from aliprod.predictions import read_topk
+import aliprod.train as T
+from aliprod.train import TrainParams, train_stage, train_job, run_job, KillAfterEpoch, SimulatedKill, predict, fold_of
+
+torch.set_num_threads(1)
+
+# a small, fast dataset and config: 6 classes, 32 px images, 2 epochs + 1 finetune epoch
+DATA = DataParams(n_classes=6, family_size=3, max_per_class=24, min_per_class=6, val_per_class=3, test_per_class=3,
+                  img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+FAST = dict(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=40, finetune_epochs=1, epochs=2, bs=16, lr=0.05, warmup_epochs=1, milestones=[2],
+            eval_splits=['val'])
+
+
+@pytest.fixture(scope='module')
+def exp(tmp_path_factory):
+    d = tmp_path_factory.mktemp('train')
+    e = ExperimentParams(experiment='t', seed=3, runs_dir=str(d/'runs'), reports_dir=str(d/'reports'))
+    prepare_data(e, DATA)
+    return e
+
+
+def _weights(path): return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_resume_after_kill_equals_straight_run(exp, capsys):
+    # augmentation, mixup and label smoothing on: resuming must restore every source of randomness
+    p = TrainParams(**FAST, mixup=0.2, label_smoothing=0.1, hue_saturation=0.5, blur=0.3, coarse_dropout=0.3, tag='straight')
+    straight = train_stage(exp, DATA, p)
+    killed = replace(p, tag='killed')
+    job, run = train_job(exp, DATA, killed)
+    with pytest.raises(SimulatedKill): run_job(job, cbs=[KillAfterEpoch(2)])  # dies after the last low-res epoch
+    ck = _weights(job.out_dir/'checkpoint.pth')
+    assert ck['epoch'] == 2 and len(ck['history']) == 2 and not (job.out_dir/'model.pth').exists()
+    capsys.readouterr()
+    resumed = train_stage(exp, DATA, killed)
+    assert 'resuming' in capsys.readouterr().out
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff == 0, f'resumed run differs from the straight run by {diff}'
+    h1, h2 = pd.read_csv(straight.history_path), pd.read_csv(resumed.history_path)
+    assert len(h2) == 3 and list(h2['phase']) == ['main', 'main', 'finetune'] and list(h2['img_size']) == [32, 32, 40]
+    pd.testing.assert_frame_equal(h1.drop(columns='seconds'), h2.drop(columns='seconds'))
+
+
+def test_manifest_skips_up_to_date_and_reruns_changed(exp, monkeypatch):
+    p = TrainParams(**FAST, tag='manifest')
+    first = train_stage(exp, DATA, p)
+    def boom(*a, **k): raise AssertionError('an up-to-date run must not train again')
+    monkeypatch.setattr(T, 'run_job', boom)
+    again = train_stage(exp, DATA, p)
+    assert again.metrics == first.metrics
+    assert not train_job(exp, DATA, replace(p, lr=0.02))[1].up_to_date()        # a changed parameter
+    assert 'parameters changed: train' in train_job(exp, DATA, replace(p, lr=0.02))[1].why_stale()
+    idx = data_artifacts(exp).index
+    saved = idx.read_bytes()
+    try:
+        df = pd.read_parquet(idx); df.iloc[:-1].to_parquet(idx, index=False)      # a changed input index
+        assert not train_job(exp, DATA, p)[1].up_to_date()
+        assert train_job(exp, DATA, p)[1].why_stale() == 'inputs changed'
+    finally: idx.write_bytes(saved)
+    assert train_job(exp, DATA, p)[1].up_to_date()
+    (first.out_dir/'predictions'/'val.parquet').unlink()                          # a missing output
+    assert not train_job(exp, DATA, p)[1].up_to_date()
+
+
+def test_wrong_shape_weight_file_is_refused(exp, tmp_path):
+    sd = create_model('efficientnet_lite0', 6).backbone.state_dict()
+    k = next(k for k, v in sd.items() if v.ndim == 4)
+    sd[k] = torch.zeros(*sd[k].shape[:-1], sd[k].shape[-1] + 2)
+    torch.save(sd, tmp_path/'bad.pth')
+    with pytest.raises(ValueError, match='shape'):
+        train_stage(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'bad.pth'), tag='badweights'))
+    with pytest.raises(FileNotFoundError, match='not found'):
+        train_stage(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'missing.pth'), tag='badweights'))
+
+
+def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
+    torch.manual_seed(0)
+    net = create_model('efficientnet_lite0', 6, embed_dim=16, bnneck=True).eval()
+    idx = load_index(exp)
+    root = dataset_info(exp)['root']
+    out = predict(net, idx, 'test', tmp_path/'test.parquet', root, 32, k=3, bs=5, feats=True)
+    t = read_topk(out, feats=True)
+    test = idx[idx['split'] == 'test']
+    np.testing.assert_array_equal(t.rows, test['row'].to_numpy())
+    cfg = data_config(net)
+    ds = T.ImageIndexDataset(test, root, transform=T.eval_transform(32, cfg['mean'], cfg['std']))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad(): f, logits = net.features_and_logits(x)
+    dense = logits.softmax(1).numpy()
+    np.testing.assert_array_equal(t.topk_labels, np.argsort(-dense, 1, kind='stable')[:, :3])
+    np.testing.assert_allclose(t.topk_probs, -np.sort(-dense, 1)[:, :3], atol=1e-5)
+    np.testing.assert_allclose(t.p_label, dense[np.arange(len(test)), test['label'].to_numpy()], atol=1e-5)
+    np.testing.assert_allclose(t.feats, f.numpy(), atol=1e-5)
+
+
+def test_kfold_trains_without_the_fold_and_predicts_it(exp):
+    p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}, save_seen=True, tag='kfold')
+    art = train_stage(exp, DATA, p, fold=1, folds=2)
+    assert art.out_dir.name == 'fold1' and set(art.predictions) == {'train'}
+    train = load_index(exp).query("split == 'train'")
+    held = train['row'].to_numpy()[fold_of(train['row'].to_numpy(), 2, exp.seed) == 1]
+    t = read_topk(art.predictions['train'])
+    np.testing.assert_array_equal(np.sort(t.rows), np.sort(held))
+    seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
+    assert not set(seen['row']) & set(held), 'the model of fold j must not see fold j'
+    with pytest.raises(ValueError, match='fold'): train_stage(exp, DATA, p, fold=2, folds=2)
+
+
+def test_ddp_two_gloo_processes_match_one_process(exp):
+    # LayerNorm model, no augmentation or dropout: every global batch holds the same images in both runs and DDP
+    # averages the two half-batch gradients, i.e. the full-batch mean, so weights differ only by float summation order
+    cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=3,
+               bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=1, milestones=[], random_resized_crop=False, hflip=0., brightness_contrast=0.,
+               eval_splits=['val'], save_seen=True)
+    single = train_stage(exp, DATA, TrainParams(**cfg, tag='single'))
+    ddp = train_stage(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp'))
+    a, b = _weights(single.model_path), _weights(ddp.model_path)
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    scale = max(a[k].float().abs().max().item() for k in a)
+    # 3 epochs × 4 steps of SGD from identical weights: float32 reordering noise (~1e-7 relative per step) stays far below 1e-4
+    assert diff < 1e-4 * scale, f'2-process weights differ from 1-process by {diff} (max |w| {scale})'
+    s0, s1 = (pd.read_parquet(ddp.out_dir/'seen_rows'/f'rank{r}.parquet') for r in (0, 1))
+    one = pd.read_parquet(single.out_dir/'seen_rows'/'rank0.parquet')
+    for e in one['epoch'].unique():
+        r0, r1 = s0.loc[s0.epoch == e, 'row'], s1.loc[s1.epoch == e, 'row']
+        assert len(r0) == len(r1) > 0
+        assert not set(r0) & set(r1), f'ranks drew overlapping rows in epoch {e}'
+        assert sorted([*r0, *r1]) == sorted(one.loc[one.epoch == e, 'row']), 'the two shards are not the single run\'s draw'
+    np.testing.assert_allclose(ddp.metrics['val']['top1_err'], single.metrics['val']['top1_err'], atol=1 / 18 + 1e-9)
+
+
+def test_papermill_runs_the_notebook(tmp_path):
+    env = {**os.environ, 'ALIPROD_ROOT': str(project_root())}
+    r = subprocess.run([sys.executable, '-m', 'papermill', str(project_root()/'nbs'/'02_train.ipynb'), str(tmp_path/'out.ipynb'),
+                        '-p', 'experiment', 'pm', '-p', 'runs_dir', str(tmp_path/'runs'), '-p', 'reports_dir', str(tmp_path/'reports'),
+                        '--log-output', '--cwd', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = tmp_path/'runs'/'pm'/'train'/'0'
+    for f in ('checkpoint.pth', 'model.pth', 'metrics.json', 'history.csv', 'manifest.json',
+              'predictions/train.parquet', 'predictions/val.parquet', 'predictions/test.parquet'):
+        assert (d/f).is_file(), f
+    m = json.loads((d/'metrics.json').read_text())
+    assert {'val', 'test'} <= set(m) and 0 <= m['test']['mean_class_err'] <= 1
+    assert 'epoch 3/3' in r.stdout + r.stderr, 'log lines must reach papermill --log-output'
+    assert (tmp_path/'reports'/'pm'/'train_0.png').is_file()
