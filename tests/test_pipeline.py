@@ -58,15 +58,40 @@ def _nb(cells):
     return nb
 
 
-def test_broken_stage_names_stage_and_cell(tmp_path):
+TRAIN_LIKE = """
+from aliprod.core import resolve_params, run_dir, StageRun
+exp = resolve_params('experiment', params_file, overrides={'experiment': experiment})
+out = run_dir(exp, 'train', 0)
+run = StageRun(out, 'train', {'x': 1}, modules=['core'])
+if not run.up_to_date():
+    (out/'model.txt').write_text('weights')
+    open(params_file + '.train_runs', 'a').write('x')
+    run.finish(['model.txt'])
+"""
+
+
+def test_broken_stage_names_stage_and_cell_then_resumes(tmp_path, capsys):
+    "A broken stage stops the run non-zero naming stage and cell; after the fix the stages before it are skipped"
     nbs = tmp_path/'nbs'; nbs.mkdir()
-    nbformat.write(_nb(["open(params_file + '.train_ran', 'w').write('x')"]), nbs/'02_train.ipynb')
+    nbformat.write(_nb([TRAIN_LIKE]), nbs/'02_train.ipynb')
     nbformat.write(_nb(['x = 1', "raise ValueError('deliberately broken')"]), nbs/'03_clean.ipynb')
     p = tmp_path/'p.yaml'
-    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\npipeline:\n  html: false\n"
-                 "data:\n  n_classes: 4\n")
+    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\npipeline:\n  html: false\n")
     with pytest.raises(StageFailed) as e: run_pipeline(p, nbs_dir=nbs)
     msg = str(e.value)
-    assert "Stage 'clean' failed in cell 2 (ValueError: deliberately broken)" in msg
+    assert "Stage 'clean' failed in cell 3 `raise ValueError('deliberately broken')`: ValueError: deliberately broken" in msg
     assert str(tmp_path/'reports'/'t'/'notebooks'/'03_clean.ipynb') in msg
-    assert (tmp_path/'p.yaml.train_ran').exists()
+    assert (tmp_path/'p.yaml.train_runs').read_text() == 'x'
+    nbformat.write(_nb(['x = 1']), nbs/'03_clean.ipynb')  # the fix
+    capsys.readouterr()
+    run_pipeline(p, nbs_dir=nbs)
+    assert (tmp_path/'p.yaml.train_runs').read_text() == 'x', 'the train stage ran again'
+    assert 'train: up to date, nothing recomputed' in capsys.readouterr().out
+
+
+def test_cli_exit_code_on_failure(tmp_path):
+    "`aliprod run` exits non-zero on a bad parameter file, before running anything"
+    bad = tmp_path/'bad.yaml'
+    bad.write_text('experiment: t\npipeline:\n  stages: [train, cleen]\n')
+    r = subprocess.run([str(Path(sys.executable).parent/'aliprod'), 'run', str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Unknown stage 'cleen'" in r.stderr, r.stderr
