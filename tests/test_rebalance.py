@@ -1,0 +1,130 @@
+"Decoupled classifier learning (aliprod.rebalance): the properties the ablation table relies on"
+import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
+from aliprod.core import ParamsError
+from aliprod.rebalance import (Features, synthetic_features, linear_head, head_logits, head_top1, tau_normalize, tau_normalized_head,
+                               sweep_tau, choose_tau, accuracy_loss, fit_head, crt_head, LearnableWeightScaling, class_means,
+                               balanced_subset, RebalanceParams, rebalance_features, _linear_parts)
+from aliprod.samplers import class_counts
+
+torch.set_num_threads(1)
+COUNTS = np.array([400, 300, 200, 150, 100, 60, 30, 15, 8, 4, 3, 3])
+K = len(COUNTS)
+
+
+@pytest.fixture(scope='module')
+def long_tail():
+    "Overlapping clusters with a long tail and a classifier trained instance-balanced (the baseline)"
+    splits = {'train': synthetic_features(COUNTS, dim=8, noise=1.4, seed=11),
+              'val': synthetic_features(np.full(K, 30), dim=8, noise=1.4, seed=12, start_row=10_000),
+              'test': synthetic_features(np.full(K, 30), dim=8, noise=1.4, seed=13, start_row=20_000)}
+    trained = crt_head(8, K, seed=3)
+    fit_head(trained, splits['train'], K, epochs=30, lr=0.2, mode='instance', batch_size=64)
+    return splits, trained
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_tau_zero_reproduces_the_classifier(bias):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(9, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
+    b = torch.randn(9, generator=g) if bias else None
+    head = tau_normalized_head(w, b, 0.0, 'keep' if bias else 'none')
+    assert torch.equal(head_logits(head, x), head_logits(linear_head(w, b), x))
+    assert torch.equal(tau_normalize(w, 0), w)
+    assert torch.allclose(tau_normalize(w, 1).norm(dim=1), torch.ones(9), atol=1e-6)
+
+
+def test_tau_bias_none_refuses_a_bias():
+    with pytest.raises(ValueError, match="tau_bias='none' but the classifier has a bias"):
+        tau_normalized_head(torch.ones(3, 2), torch.zeros(3), 1.0, 'none')
+
+
+def test_class_balanced_training_sees_classes_uniformly():
+    "A spy head fed one-hot class features records the classes of every batch fit_head trains on"
+    counts = np.array([500, 100, 20, 5, 1])
+    y = np.repeat(np.arange(5), counts)
+    data = Features(np.arange(len(y)), y, np.eye(5, dtype=np.float32)[y])
+    seen = []
+    class Spy(nn.Module):
+        def __init__(self): super().__init__(); self.lin = nn.Linear(5, 5)
+        def forward(self, x): seen.append(x.argmax(1)); return self.lin(x)
+    fit_head(Spy(), data, 5, epochs=4, samples_per_epoch=5000, batch_size=250, seed=3)
+    n = np.bincount(torch.cat(seen).numpy(), minlength=5)
+    assert n.sum() == 20_000
+    chi2 = ((n - n.sum() / 5)**2 / (n.sum() / 5)).sum()
+    assert chi2 < 18.47, (n, chi2)  # 4 degrees of freedom, 99.9%
+
+
+def test_tau_is_chosen_on_validation_not_test(long_tail):
+    splits, trained = long_tail
+    p = RebalanceParams(methods=['tau_norm'])
+    clean = rebalance_features(trained, splits, K, p)
+    # poison: the test split becomes head-class images with a shuffled copy of their features
+    head_imgs = splits['train'].take(np.flatnonzero(splits['train'].labels == 0))
+    for poison in (head_imgs, Features(splits['test'].rows, splits['test'].labels, -100 * splits['test'].feats)):
+        res = rebalance_features(trained, {**splits, 'test': poison}, K, p)
+        assert res['tau_norm'].info['tau'] == clean['tau_norm'].info['tau']
+        assert res['tau_norm'].info['sweep'].equals(clean['tau_norm'].info['sweep'])
+    # ... while a τ chosen on the poisoned split would have moved
+    on_test = choose_tau(sweep_tau(*_linear_parts(trained), head_imgs, class_counts(splits['train'].labels, K), p.tau_grid))
+    assert on_test != clean['tau_norm'].info['tau']
+
+
+def test_lws_keeps_the_classifier_frozen(long_tail):
+    splits, trained = long_tail
+    lws = LearnableWeightScaling(trained)
+    w, b = trained.weight.detach().clone(), trained.bias.detach().clone()
+    fit_head(lws, splits['train'], K, epochs=3, lr=0.2, samples_per_epoch=1000)
+    assert torch.equal(lws.classifier.weight, w) and torch.equal(lws.classifier.bias, b)
+    assert torch.equal(trained.weight, w)                                  # the original is untouched too
+    assert not torch.equal(lws.scales.detach(), torch.ones(K))             # the scales did learn
+    x = torch.as_tensor(splits['val'].feats[:5])
+    assert torch.allclose(lws(x), trained(x) * lws.scales, atol=1e-6)
+
+
+def test_ncm_centroids_hand_computed():
+    toy = Features(np.arange(3), np.array([0, 0, 1]), np.array([[2., 0], [0, 0], [1, 3]], np.float32))
+    ncm = class_means(toy, 3)  # cl2n: mean (1,1); centred, L2-normalised: (1,-1)/√2, (-1,-1)/√2, (0,1)
+    assert torch.allclose(ncm.mean, torch.tensor([1., 1.]))
+    assert torch.allclose(ncm.centroids[:2], torch.tensor([[0., -2**-0.5], [0., 1.]]), atol=1e-6)
+    assert ncm.present.tolist() == [True, True, False]
+    logits = ncm(torch.tensor([[1., 3.]]))
+    assert torch.allclose(logits[0, :2], torch.tensor([-(1.5 + 2**0.5), 0.]), atol=1e-5)
+    assert logits[0, 2] == float('-inf')
+    assert torch.allclose(class_means(toy, 2, 'un').centroids, torch.tensor([[1., 0.], [1., 3.]]))
+    assert torch.allclose(class_means(toy, 2, 'l2n').centroids, torch.tensor([[0.5, 0.], [10**-0.5, 3 * 10**-0.5]]), atol=1e-6)
+
+
+def test_accuracy_loss_identities():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 6, generator=g), torch.randint(0, 6, (8,), generator=g)
+    p_true = logits.softmax(1)[torch.arange(8), y]
+    assert torch.allclose(accuracy_loss(logits, y), 1 - p_true.mean(), atol=1e-6)                    # summed per row
+    assert torch.allclose(accuracy_loss(logits, F.one_hot(y, 6).float()), 1 - p_true.mean(), atol=1e-6)
+    for scale in (0.1, 1., 5.):  # element-wise: constant (while no probability underflows to 0)
+        assert torch.allclose(accuracy_loss(logits * scale, y, 'element'), torch.tensor(1 - 1/6), atol=1e-6)
+    l = logits.clone().requires_grad_(); accuracy_loss(l, y).backward()
+    assert l.grad.abs().sum() > 0
+
+
+def test_crt_on_separable_features_reaches_high_accuracy():
+    tr = synthetic_features(np.array([300, 120, 40, 12, 5, 3]), dim=16, noise=0.3, seed=1)
+    te = synthetic_features(np.full(6, 50), dim=16, noise=0.3, seed=2)
+    head = crt_head(16, 6)
+    fit_head(head, tr, 6, epochs=8, lr=0.5, samples_per_epoch=600, batch_size=64)
+    assert (head_top1(head, te.feats) == te.labels).mean() > 0.97
+
+
+def test_decoupled_methods_raise_few_shot_accuracy(long_tail):
+    splits, trained = long_tail
+    p = RebalanceParams(crt_epochs=10, lws_epochs=5, samples_per_epoch=1200)
+    from aliprod.rebalance import head_topk, results_table
+    res = rebalance_features(trained, splits, K, p, train_p_label=head_topk(trained, splits['train']).p_label)
+    few = results_table(res).query("split == 'test'").set_index('method')['few_acc']
+    for m in ('crt', 'tau_norm', 'lws'): assert few[m] > few['baseline'], (m, few.to_dict())
+
+
+def test_balanced_subset_and_params():
+    y = np.array([0, 0, 0, 1, 1, 2, 0]); p = np.array([.9, .1, .5, .3, .8, .2, .7])
+    assert balanced_subset(y, p, 2).tolist() == [0, 3, 4, 5, 6]
+    with pytest.raises(ParamsError, match="Unknown method 'tau'"): RebalanceParams(methods=['tau'])
+    with pytest.raises(ParamsError, match='twice'): RebalanceParams(methods=['crt', 'crt'])
