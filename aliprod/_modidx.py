@@ -236,6 +236,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'aliprod/finegrained.py'),
                                      'aliprod.finegrained._base_module': ('finegrained.html#_base_module', 'aliprod/finegrained.py'),
                                      'aliprod.finegrained._patches': ('finegrained.html#_patches', 'aliprod/finegrained.py'),
+                                     'aliprod.finegrained._run_epochs': ('finegrained.html#_run_epochs', 'aliprod/finegrained.py'),
                                      'aliprod.finegrained.comparison_table': ( 'finegrained.html#comparison_table',
                                                                                'aliprod/finegrained.py'),
                                      'aliprod.finegrained.dcl_losses': ('finegrained.html#dcl_losses', 'aliprod/finegrained.py'),
