@@ -1,0 +1,129 @@
+"Test-time augmentation views and the batched forward (aliprod.tta); sparse top-k ensembling (aliprod.ensemble)"
+import numpy as np, pytest, torch
+from aliprod.core import ExperimentParams, ParamsError
+from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
+from aliprod.tta import tta_views, ten_crop, five_crop, tta_probs, VIEWS, TTAParams, parse_variant
+from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------- TTA views
+
+@pytest.mark.parametrize('H,W,s', [(12, 14, 8), (96, 96, 64), (15, 15, 10)])
+def test_ten_crop_is_corners_centre_and_flips(H, W, s):
+    x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    v = ten_crop(x, s)
+    assert v.shape == (2, 10, 3, s, s)
+    tl, tr, bl, br = x[..., :s, :s], x[..., :s, W-s:], x[..., H-s:, :s], x[..., H-s:, W-s:]
+    top, left = int(round((H - s) / 2)), int(round((W - s) / 2))
+    ctr = x[..., top:top+s, left:left+s]
+    for i, c in enumerate([tl, tr, bl, br, ctr]): assert torch.equal(v[:, i], c), f'view {i}'
+    xf = x.flip(-1)  # the last five are the five crops of the horizontally flipped image
+    for i, c in enumerate([xf[..., :s, :s], xf[..., :s, W-s:], xf[..., H-s:, :s], xf[..., H-s:, W-s:]]): assert torch.equal(v[:, 5 + i], c)
+    assert torch.equal(v[:, 9], xf[..., top:top+s, left:left+s])  # = ctr.flip(-1) when W - s is even
+    if (W - s) % 2 == 0: assert torch.equal(v[:, 9], ctr.flip(-1))
+    assert torch.equal(five_crop(x, s), v[:, :5])
+
+def test_view_counts_and_errors():
+    x = torch.randn(3, 3, 20, 20)
+    for name, n in VIEWS.items(): assert tta_views(x, 16, name).shape[:2] == (3, n)
+    with pytest.raises(ValueError, match='enlarge >= 1'): ten_crop(x, 21)
+    with pytest.raises(ValueError, match='Unknown views'): tta_views(x, 16, 'seven')
+
+@pytest.fixture(scope='module', params=['productnet', 'pixels'])
+def net(request):
+    "A ProductNet (batch norm in eval mode) and a linear model on raw pixels, whose logits differ a lot between views"
+    if request.param == 'pixels':
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
+    from aliprod.models import create_model
+    return create_model('resnet10t', num_classes=6, pretrained='none').eval()
+
+@pytest.mark.parametrize('views', ['ten', 'five', 'flip', 'center'])
+def test_batched_forward_equals_view_by_view(net, views):
+    x = torch.randn(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    calls = []
+    h = net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    batched = tta_probs(net, x, 32, views)
+    h.remove()
+    assert calls == [3 * VIEWS[views]]  # one forward of B·V images
+    with torch.inference_mode():
+        per_view = torch.stack([net(v) for v in tta_views(x, 32, views).unbind(1)])
+    torch.testing.assert_close(batched, per_view.softmax(-1).mean(0), atol=1e-5, rtol=1e-4)  # mean of probabilities, not of logits
+
+def test_tta_params():
+    assert TTAParams().variants[0] == ('ten', 1.5)
+    assert parse_variant('full@1.5') == ('full', 1.5)
+    with pytest.raises(ParamsError, match='enlarge >= 1'): TTAParams(compare=['five@0.8'])
+
+# ---------------------------------------------------------------- ensembling
+
+N, K = 50, 9
+LABELS = np.random.default_rng(0).integers(0, K, N)
+
+def member(seed, k, rows=None):
+    probs = np.random.default_rng(seed).dirichlet(np.full(K, 0.4), N)
+    return topk_from_probs(torch.as_tensor(probs).float(), LABELS, rows=np.arange(N) * 3 if rows is None else rows, k=k)
+
+def dense_topk(parts, weights, mode, k):
+    w = np.asarray(weights, float)
+    if mode == 'mean': w = w / w.sum()
+    d = sum(wi * p.dense().astype(np.float64) for p, wi in zip(parts, w))
+    top = np.argsort(-d, axis=1, kind='stable')[:, :k]
+    return top, np.take_along_axis(d, top, 1)
+
+def test_ensemble_of_one_is_the_model():
+    m = member(1, 4)
+    for mode in ('mean', 'sum'):
+        e = combine_topk([m], mode=mode)
+        np.testing.assert_array_equal(e.topk_labels, m.topk_labels)
+        np.testing.assert_allclose(e.topk_probs, m.topk_probs, rtol=1e-6)
+        np.testing.assert_allclose(e.p_label, m.p_label, rtol=1e-6)
+        np.testing.assert_array_equal(e.rows, m.rows)
+
+@pytest.mark.parametrize('k', [K, 3])
+@pytest.mark.parametrize('mode,weights', [('mean', [1, 1, 1]), ('mean', [0.2, 1, 3]), ('sum', [1, 2, 0.5])])
+def test_sparse_equals_dense(k, mode, weights):
+    parts = [member(s, k) for s in (1, 2, 3)]  # k = K: exact dense averaging; k < K: averaging of the truncated matrices
+    e = combine_topk(parts, weights, mode)
+    top, val = dense_topk(parts, weights, mode, k)
+    np.testing.assert_array_equal(e.topk_labels, top)
+    np.testing.assert_allclose(e.topk_probs, val, rtol=1e-5, atol=1e-7)
+    w = np.asarray(weights, float); w = w / w.sum() if mode == 'mean' else w
+    np.testing.assert_allclose(e.p_label, sum(wi * p.p_label for p, wi in zip(parts, w)), rtol=1e-5)
+
+def test_sum_and_mean_rank_identically():
+    parts = [member(s, 4) for s in (1, 2, 3)]
+    s, m = combine_topk(parts, mode='sum'), combine_topk(parts, mode='mean')
+    np.testing.assert_array_equal(s.topk_labels, m.topk_labels)
+    np.testing.assert_allclose(s.topk_probs, 3 * m.topk_probs, rtol=1e-5)
+
+def test_mismatched_rows_are_refused(tmp_path):
+    a, b = member(1, 4), member(2, 4)
+    with pytest.raises(ValueError, match='covers 49 rows'): combine_topk([a, b.take(slice(1, None))])
+    write_topk(tmp_path/'a.parquet', a)
+    write_topk(tmp_path/'b_short.parquet', b.take(slice(0, N - 2)))
+    write_topk(tmp_path/'b_other.parquet', member(2, 4, rows=np.arange(N) * 3 + 1))
+    for bad in ('b_short', 'b_other'):
+        with pytest.raises(ValueError, match=bad):
+            ensemble_files([tmp_path/'a.parquet', tmp_path/f'{bad}.parquet'], tmp_path/'e.parquet')
+    assert not (tmp_path/'e.parquet').exists()
+
+def test_streaming_files_equals_in_memory(tmp_path):
+    parts = [member(s, 5) for s in (1, 2)]
+    write_topk(tmp_path/'a.parquet', parts[0], batch_rows=7)
+    write_topk(tmp_path/'b.parquet', parts[1].take(np.random.default_rng(3).permutation(N)), batch_rows=11)  # another row order
+    e = read_topk(ensemble_files([tmp_path/'a.parquet', tmp_path/'b.parquet'], tmp_path/'e.parquet', [1, 3], 'sum', chunk_rows=8))
+    r = combine_topk(parts, [1, 3], 'sum')
+    np.testing.assert_array_equal(e.rows, r.rows); np.testing.assert_array_equal(e.topk_labels, r.topk_labels)
+    np.testing.assert_allclose(e.topk_probs, r.topk_probs, rtol=1e-6)
+
+def test_member_syntax(tmp_path):
+    exp = ExperimentParams(experiment='m', runs_dir=str(tmp_path))
+    b = tmp_path/'m'
+    assert member_file('train:b:2', exp, 'val') == b/'train-b/2/predictions/val.parquet'
+    assert member_file('tta:ten-x1.5', exp, 'test', 1) == b/'tta/1/ten-x1.5/test.parquet'
+    assert member_file('rebalance:crt:0', exp, 'val') == b/'rebalance/0/crt/predictions/val.parquet'
+    assert member_file('elsewhere/{split}.parquet', exp, 'val') == b/'elsewhere/val.parquet'
+    with pytest.raises(ParamsError, match='needs a name'): parse_member('tta')
+    with pytest.raises(ParamsError, match='weights has 1'): EnsembleParams(members=['train', 'tta:ten-x1.5'], weights=[1.0])
