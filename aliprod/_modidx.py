@@ -139,6 +139,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'aliprod.data.read_source': ('data.html#read_source', 'aliprod/data.py'),
                               'aliprod.data.render_synthetic': ('data.html#render_synthetic', 'aliprod/data.py'),
                               'aliprod.data.scan_images': ('data.html#scan_images', 'aliprod/data.py'),
+                              'aliprod.data.shot_counts': ('data.html#shot_counts', 'aliprod/data.py'),
                               'aliprod.data.synthetic_classes': ('data.html#synthetic_classes', 'aliprod/data.py'),
                               'aliprod.data.synthetic_index': ('data.html#synthetic_index', 'aliprod/data.py'),
                               'aliprod.data.synthetic_plan': ('data.html#synthetic_plan', 'aliprod/data.py'),
