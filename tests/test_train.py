@@ -1,5 +1,5 @@
 """End-to-end tests of the train stage: exact resume after a kill, manifest skipping, weight-file errors, top-k vs dense,
-k-fold held-out predictions, 2-process gloo DDP against a single process, and the notebook under papermill."""
+k-fold held-out predictions, 2-process gloo DDP against a single process, the init/rows/callbacks hooks, and the notebook under papermill."""
 import json, os, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +11,8 @@ from aliprod.models import create_model, data_config
 from aliprod.predictions import read_topk
 import aliprod.train as T
 from aliprod.train import TrainParams, train_stage, train_job, run_job, KillAfterEpoch, SimulatedKill, predict, fold_of
+from aliprod.core import ParamsError
+from aliprod.finegrained import FinegrainedParams, callback_spec
 
 torch.set_num_threads(1)
 
@@ -139,6 +141,71 @@ def test_ddp_two_gloo_processes_match_one_process(exp):
         assert not set(r0) & set(r1), f'ranks drew overlapping rows in epoch {e}'
         assert sorted([*r0, *r1]) == sorted(one.loc[one.epoch == e, 'row']), 'the two shards are not the single run\'s draw'
     np.testing.assert_allclose(ddp.metrics['val']['top1_err'], single.metrics['val']['top1_err'], atol=1 / 18 + 1e-9)
+
+
+def _params_only(sd): return {k: v for k, v in sd.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))}
+
+
+def test_init_starts_from_the_model_and_rows_restrict_training(exp, tmp_path, monkeypatch):
+    base = train_stage(exp, DATA, TrainParams(**FAST, tag='base'))
+    train = load_index(exp).query("split == 'train'")
+    sub = train.loc[train['label'] < 2, 'row'].to_numpy()
+    rows = tmp_path/'rows.parquet'; pd.DataFrame({'row': sub}).to_parquet(rows)
+    # an lr of 1e-9 leaves the weights where they start: those of `init`, not the package's ImageNet weights
+    ft = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 1, 'warmup_epochs': 0, 'milestones': [], 'lr': 1e-9, 'wd': 0., 'bs': 8}, save_seen=True, tag='ft')
+    art = train_stage(exp, DATA, ft, init=base.model_path, rows=rows)
+    a, b = _params_only(_weights(base.model_path)), _params_only(_weights(art.model_path))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    fresh = _params_only(_weights(train_stage(exp, DATA, replace(ft, tag='ft-noinit'), rows=rows).model_path))
+    assert (fresh['classifier.weight'] - a['classifier.weight']).abs().max() > 1e-3, 'without init the run starts elsewhere'
+    seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
+    assert set(seen['row']) <= set(sub) and art.metrics['train_images'] == len(sub)
+    # the subset's content is an input of the manifest: the same rows skip, other rows rerun
+    assert train_job(exp, DATA, ft, init=base.model_path, rows=rows)[1].up_to_date()
+    pd.DataFrame({'row': sub[:-1]}).to_parquet(rows)
+    assert not train_job(exp, DATA, ft, init=base.model_path, rows=rows)[1].up_to_date()
+
+
+def test_hooks_refuse_bad_input(exp, tmp_path):
+    val_row = int(load_index(exp).query("split == 'val'")['row'].iloc[0])
+    rows = tmp_path/'rows.parquet'; pd.DataFrame({'row': [val_row]}).to_parquet(rows)
+    p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 1, 'warmup_epochs': 0, 'milestones': [], 'bs': 8}, tag='bad-rows')
+    with pytest.raises(ParamsError, match='not labelled train rows'): train_stage(exp, DATA, p, rows=rows)
+    other = tmp_path/'resnet.pth'; torch.save(create_model('resnet18', 6, pretrained='none').state_dict(), other)
+    with pytest.raises(ParamsError, match='resnet.pth does not fit'): train_stage(exp, DATA, replace(p, tag='bad-init'), init=other)
+    with pytest.raises(FileNotFoundError, match='init file'): train_stage(exp, DATA, p, init=tmp_path/'missing.pth')
+    with pytest.raises(ValueError, match='must be a function of an aliprod module'): T.build_callbacks([{'factory': 'os.system', 'kwargs': {}}])
+
+
+def test_resume_with_training_only_heads_equals_straight_run(exp):
+    # DCL's heads live in the run's optimiser and checkpoint: a run killed mid-way resumes them exactly
+    spec = callback_spec('dcl', FinegrainedParams(dcl_patches=2))
+    p = TrainParams(**FAST, tag='dcl-straight')
+    straight = train_stage(exp, DATA, p, callbacks=spec)
+    killed = replace(p, tag='dcl-killed')
+    job, _ = train_job(exp, DATA, killed, callbacks=spec)
+    with pytest.raises(SimulatedKill): run_job(job, cbs=[KillAfterEpoch(2)])
+    assert any(k.startswith('heads.') for k in _weights(job.out_dir/'checkpoint.pth')['model'])
+    resumed = train_stage(exp, DATA, killed, callbacks=spec)
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert a.keys() == b.keys() and not any(k.startswith('heads.') for k in a), 'model.pth is the plain ProductNet'
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0
+    h1, h2 = pd.read_csv(straight.history_path), pd.read_csv(resumed.history_path)
+    assert {'dcl_adversarial', 'dcl_alignment'} <= set(h1.columns)
+    pd.testing.assert_frame_equal(h1.drop(columns='seconds'), h2.drop(columns='seconds'))
+    plain = _weights(train_stage(exp, DATA, replace(p, tag='dcl-plain')).model_path)
+    assert max((a[k].float() - plain[k].float()).abs().max().item() for k in a) > 0, 'the callback changed nothing'
+
+
+def test_ddp_workers_rebuild_callbacks_from_specs(exp):
+    spec = callback_spec('dcl', FinegrainedParams(dcl_patches=2))
+    cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=1,
+               bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=0, milestones=[], eval_splits=['val'])
+    ddp = train_stage(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp-dcl'), callbacks=spec)
+    h = pd.read_csv(ddp.history_path)
+    assert h['dcl_adversarial'].notna().all() and h['dcl_alignment'].notna().all()
+    assert any(k.startswith('heads.') for k in _weights(ddp.out_dir/'checkpoint.pth')['model'])
+    assert json.loads((ddp.out_dir/'job.json').read_text())['callbacks'] == spec
 
 
 def test_papermill_runs_the_notebook(tmp_path):
