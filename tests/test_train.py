@@ -107,6 +107,25 @@ def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
     np.testing.assert_allclose(t.feats, f.numpy(), atol=1e-5)
 
 
+def test_an_image_that_breaks_before_prediction_gets_no_prediction(exp, tmp_path):
+    import shutil
+    torch.manual_seed(0)
+    net = create_model('resnet18', 6, pretrained='none').eval()
+    val = load_index(exp).query("split == 'val'").head(9)
+    src, root = Path(dataset_info(exp)['root']), tmp_path/'root'
+    for p in val['path']: (root/p).parent.mkdir(parents=True, exist_ok=True); shutil.copy(src/p, root/p)
+    (root/val['path'].iloc[4]).write_bytes(b'not an image any more')  # broke after the data stage's scan
+    failed = []
+    t = read_topk(predict(net, val, 'val', tmp_path/'val.parquet', root, 32, k=3, bs=4, failed=failed))
+    keep = val.drop(val.index[4])
+    np.testing.assert_array_equal(t.rows, keep['row'].to_numpy())   # the broken row has no prediction, no other row is doubled
+    assert [f[0] for f in failed] == [int(val['row'].iloc[4])]
+    cfg = data_config(net)
+    ds = T.ImageIndexDataset(keep, root, transform=T.eval_transform(32, cfg['mean'], cfg['std']))
+    with torch.no_grad(): dense = net(torch.stack([ds[i][0] for i in range(len(ds))])).softmax(1).numpy()
+    np.testing.assert_allclose(t.p_label, dense[np.arange(len(keep)), keep['label'].to_numpy()], atol=1e-5)  # each row: its own image
+
+
 def test_kfold_trains_without_the_fold_and_predicts_it(exp):
     p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}, save_seen=True, tag='kfold')
     art = train_stage(exp, DATA, p, fold=1, folds=2)
