@@ -128,3 +128,43 @@ def test_balanced_subset_and_params():
     assert balanced_subset(y, p, 2).tolist() == [0, 3, 4, 5, 6]
     with pytest.raises(ParamsError, match="Unknown method 'tau'"): RebalanceParams(methods=['tau'])
     with pytest.raises(ParamsError, match='twice'): RebalanceParams(methods=['crt', 'crt'])
+
+
+def test_network_finetunes_run_through_the_train_stage(tmp_path, monkeypatch):
+    import json, pandas as pd
+    import aliprod.train as T
+    from aliprod.core import ExperimentParams
+    from aliprod.data import DataParams
+    from aliprod.rebalance import rebalance_stage
+    exp = ExperimentParams(experiment='rb', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = DataParams(n_classes=6, family_size=3, max_per_class=40, min_per_class=6, val_per_class=3, test_per_class=3,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=2, bs=16, lr=0.05,
+                      warmup_epochs=1, milestones=[2], eval_splits=['train', 'val', 'test'])
+    p = RebalanceParams(methods=['crt', 'balanced_subset', 'two_stage', 'acc_loss'], finetune='both', subset_per_class=5, crt_epochs=2,
+                        head_cap=10, samples_per_epoch=48, network_lr=0.01)
+    art = rebalance_stage(exp, data, t, p)
+    nets = ['balanced_subset-network', 'two_stage-network', 'acc_loss-network']
+    assert list(art.table[art.table.split == 'test'].method) == ['baseline', 'crt', 'balanced_subset', 'two_stage', 'acc_loss', *nets]
+    start = torch.load(art.out_dir.parent.parent/'train'/'0'/'model.pth', weights_only=True)
+    w = {m: torch.load(art.out_dir/m/'train'/'model.pth', weights_only=True) for m in nets}
+    for m in nets:  # the backbone moved: the whole network was finetuned, starting from the trained model
+        moved = max((w[m][k].float() - start[k].float()).abs().max().item() for k in start if k.startswith('backbone.') and start[k].is_floating_point())
+        assert moved > 0, m
+        met = json.loads((art.out_dir/m/'metrics.json').read_text())
+        assert {'val', 'test', 'images', 'model'} <= set(met) and (art.out_dir/m/'predictions'/'test.parquet').is_file()
+    rows = pd.read_parquet(art.out_dir/'balanced_subset-network'/'rows.parquet')['row']
+    labels = T.load_index(exp).set_index('row').loc[rows, 'label']
+    assert labels.value_counts().max() <= 5 and labels.nunique() == 6, 'at most subset_per_class per class, no class emptied'
+    assert json.loads((art.out_dir/'balanced_subset-network'/'metrics.json').read_text())['images'] == len(rows)
+    counts = T.load_index(exp).query("split == 'train'")['label'].value_counts()
+    assert json.loads((art.out_dir/'two_stage-network'/'metrics.json').read_text())['images'] == int(counts.clip(upper=10).sum())
+    # same subset and schedule, another loss: acc_loss trains differently, and its training loss is an accuracy (in [0, 1])
+    assert max((w['acc_loss-network'][k].float() - w['balanced_subset-network'][k].float()).abs().max().item() for k in start) > 0
+    assert pd.read_csv(art.out_dir/'acc_loss-network'/'train'/'history.csv')['train_loss'].between(0, 1).all()
+    # another τ grid reruns the stage but not the finetunes: their train runs are up to date
+    def boom(*a, **k): raise AssertionError('an up-to-date network finetune must not train again')
+    monkeypatch.setattr(T, 'run_job', boom)
+    again = rebalance_stage(exp, data, t, RebalanceParams(**{**p.__dict__, 'tau_grid': [0.0, 1.0]}))
+    pd.testing.assert_frame_equal(again.table.drop(columns='seconds'), art.table.drop(columns='seconds'))
+    with pytest.raises(ParamsError, match='network_epochs'): RebalanceParams(network_epochs=0)
