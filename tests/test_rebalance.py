@@ -168,3 +168,23 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path, monkeypatch):
     again = rebalance_stage(exp, data, t, RebalanceParams(**{**p.__dict__, 'tau_grid': [0.0, 1.0]}))
     pd.testing.assert_frame_equal(again.table.drop(columns='seconds'), art.table.drop(columns='seconds'))
     with pytest.raises(ParamsError, match='network_epochs'): RebalanceParams(network_epochs=0)
+
+
+def test_stages_run_without_a_test_split(tmp_path):
+    "AliProducts' test labels are not public: train refuses to predict a split with no rows before training, rebalance uses train and val"
+    import json
+    import aliprod.train as T
+    from aliprod.core import ExperimentParams
+    from aliprod.data import DataParams
+    from aliprod.rebalance import rebalance_stage
+    exp = ExperimentParams(experiment='notest', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
+                      warmup_epochs=0, milestones=[1])
+    with pytest.raises(ParamsError, match="no 'test' rows; leave it out"): T.train_stage(exp, data, t)
+    assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
+    t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
+    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm'], crt_epochs=1))
+    assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm'}
+    assert 'crt_mean_class_err' in json.loads((art.out_dir/'manifest.json').read_text())['metrics']
