@@ -429,6 +429,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.report.alone_table': ('report.html#alone_table', 'aliprod/report.py'),
                                 'aliprod.report.check_traceable': ('report.html#check_traceable', 'aliprod/report.py'),
                                 'aliprod.report.collect_metrics': ('report.html#collect_metrics', 'aliprod/report.py'),
+                                'aliprod.report.findings': ('report.html#findings', 'aliprod/report.py'),
                                 'aliprod.report.per_class_frame': ('report.html#per_class_frame', 'aliprod/report.py'),
                                 'aliprod.report.plot_shot_groups': ('report.html#plot_shot_groups', 'aliprod/report.py'),
                                 'aliprod.report.plot_tail_accuracy': ('report.html#plot_tail_accuracy', 'aliprod/report.py'),
