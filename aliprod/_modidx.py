@@ -81,6 +81,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'aliprod.core.section_class': ('core.html#section_class', 'aliprod/core.py'),
                               'aliprod.core.seed_everything': ('core.html#seed_everything', 'aliprod/core.py'),
                               'aliprod.core.seed_worker': ('core.html#seed_worker', 'aliprod/core.py'),
+                              'aliprod.core.source_for_hash': ('core.html#source_for_hash', 'aliprod/core.py'),
                               'aliprod.core.stage_lock': ('core.html#stage_lock', 'aliprod/core.py')},
             'aliprod.data': { 'aliprod.data.DataArtifacts': ('data.html#dataartifacts', 'aliprod/data.py'),
                               'aliprod.data.DataParams': ('data.html#dataparams', 'aliprod/data.py'),

@@ -15,8 +15,8 @@ import numpy as np, yaml, torch
 __all__ = ['SECTION_MODULES', 'MANIFEST', 'project_root', 'ParamsError', 'params_section', 'section_class', 'ExperimentParams',
            'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything', 'seed_worker',
            'pick_device', 'experiment_dir', 'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text',
-           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'code_version', 'StageRun',
-           'stage_lock', 'hardware', 'markdown_table', 'log']
+           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash',
+           'code_version', 'StageRun', 'stage_lock', 'hardware', 'markdown_table', 'log']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -315,6 +315,10 @@ def fingerprint(path:str|Path)->str:
     else: return 'missing'
     return h.hexdigest()
 
+def source_for_hash(src:bytes)->bytes:
+    "Module source without nbdev's `# %% ../nbs/...` cell markers: moving or splitting notebook cells is not a code change"
+    return b'\n'.join(l for l in src.split(b'\n') if not l.startswith(b'# %% '))
+
 def code_version(modules:list[str]|None=None, # aliprod module names whose source matters; None: the whole package
                 )->dict:
     "Package version, sha256 of the given modules' source, and the git commit when there is one"
@@ -322,7 +326,7 @@ def code_version(modules:list[str]|None=None, # aliprod module names whose sourc
     pkg = Path(aliprod.__file__).parent
     files = sorted(pkg.glob('*.py')) if modules is None else [pkg/f'{m}.py' for m in modules]
     h = hashlib.sha256()
-    for f in files: h.update(f.name.encode() + b'\0' + f.read_bytes())
+    for f in files: h.update(f.name.encode() + b'\0' + source_for_hash(f.read_bytes()))
     try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, FileNotFoundError): git = None
     return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git}
