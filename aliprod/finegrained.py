@@ -433,7 +433,7 @@ def finegrained_finetune(exp:ExperimentParams,
                         )->T.TrainArtifacts:
     "Finetune the model at `fp.init` with `method`: the train stage with `init` and the method's callbacks; skipped when up to date"
     fp = fp or FinegrainedParams()
-    method_callbacks(method, fp)  # an unknown method fails here, before any work
+    if method not in METHODS: raise ValueError(f"Unknown fine-grained method {method!r}; valid: {', '.join(METHODS)}")
     it = iteration if iteration is not None else fp.iteration if fp.iteration is not None else p.iteration
     init = Path(fp.init) if fp.init else default_init(exp, it)
     if not init.is_file(): raise FileNotFoundError(f"starting checkpoint {init} not found: run the train stage first, or set [finegrained] init to a model.pth")

@@ -380,16 +380,15 @@ def predict(model:ProductNet,         # trained model (not the DDP wrapper)
                 n = len(x)
                 # an image that failed to load was replaced by the next valid one: its row gets no prediction rather than another image's
                 ok = served.numpy() == rows[s:s + n]
-                if ok.all(): w.write(topk_from_logits(logits.float().cpu(), labels[s:s + n], rows[s:s + n], k, f.float().cpu() if feats else None))
-                elif ok.any():
+                if ok.any():
                     m = torch.from_numpy(ok)
                     w.write(topk_from_logits(logits.float().cpu()[m], labels[s:s + n][ok], rows[s:s + n][ok], k, f.float().cpu()[m] if feats else None))
                 s += n
     model.train(was_training)
-    lost = {r for r, _, _ in ds.failures}
+    lost = ds.failures  # unique (row, path, error): exactly the rows left without a prediction
     if lost:
         log(f"predict {split}: {len(lost)} image(s) failed to load and have no prediction in {out} (see {ds.failure_log})", rank=rank)
-        if failed is not None: failed += [f for f in ds.failures if f[0] in lost]
+        if failed is not None: failed += lost
     if world > 1:
         dist.barrier()
         if rank == 0:
