@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1570bd00
 from __future__ import annotations
-import dataclasses, difflib, hashlib, importlib, json, os, platform, random, socket, subprocess, tempfile, time, types
+import ast, dataclasses, difflib, hashlib, importlib, io, json, math, os, platform, random, re, socket, subprocess, tempfile, time, types
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
@@ -12,11 +12,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'project_root', 'ParamsError', 'params_section', 'section_class', 'ExperimentParams',
-           'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything', 'seed_worker',
-           'pick_device', 'experiment_dir', 'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text',
-           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash',
-           'code_version', 'StageRun', 'stage_lock', 'hardware', 'markdown_table', 'log']
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name',
+           'ExperimentParams', 'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything',
+           'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir', 'atomic_path',
+           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save',
+           'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'project_relative',
+           'StageRun', 'stage_lock', 'hardware', 'markdown_table']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -65,6 +66,18 @@ def section_class(name:str)->type:
         raise ParamsError(f"Unknown section '{name}'; this version has: {', '.join(['experiment keys', *known])}")
     return _SECTIONS[name]
 
+# %% ../nbs/00_core.ipynb #3c31769e
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
+
+def check_name(name:str, # a value that becomes one directory name under runs/ or reports/
+               key:str,  # the parameter, for the message
+              )->str:
+    "Refuse a name that is not one plain path component (no `/`, `..`, absolute path or leading dot)"
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or '..' in name:
+        raise ParamsError(f"{key} must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..'), got {name!r}: "
+                          f"it names a directory under runs/ and reports/")
+    return name
+
 # %% ../nbs/00_core.ipynb #d14203c8
 @params_section('experiment')
 @dataclass
@@ -75,6 +88,7 @@ class ExperimentParams:
     runs_dir:str='runs'    # relative to the project root unless absolute
     reports_dir:str='reports'
     def __post_init__(self):
+        check_name(self.experiment, 'experiment')
         if self.device not in ('auto','cpu','cuda','mps') and not self.device.startswith('cuda:'):
             raise ParamsError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -238,6 +252,13 @@ def pick_device(pref:str='auto')->torch.device:
         raise RuntimeError(f"device={pref!r} asked for but MPS is not available; use device: auto or cpu")
     return d
 
+# %% ../nbs/00_core.ipynb #cd6e60b9
+def log(*msg, rank:int|None=None):
+    "Print a time-stamped line and flush it; under torch.distributed only rank 0 prints unless `rank` is given"
+    r = int(os.environ.get('RANK', 0)) if rank is None else rank
+    if rank is None and r != 0: return
+    print(time.strftime('%H:%M:%S'), *msg, flush=True)
+
 # %% ../nbs/00_core.ipynb #bc7882cd
 def _under_root(d:str|Path)->Path:
     d = Path(d)
@@ -279,9 +300,17 @@ def atomic_write_text(path:str|Path, text:str):
     "Write `text` to `path` atomically"
     with atomic_path(path) as t: Path(t).write_text(text)
 
+def json_safe(obj):
+    "`obj` with NaN and ±inf floats (also inside numpy scalars and arrays) replaced by None, for strict JSON"
+    if isinstance(obj, dict): return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray): return json_safe(obj.tolist())
+    if isinstance(obj, (float, np.floating)): return float(obj) if math.isfinite(obj) else None
+    return obj
+
 def atomic_write_json(path:str|Path, obj):
-    "Write `obj` as indented JSON to `path` atomically"
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + '\n')
+    "Write `obj` as indented, strict JSON to `path` atomically (NaN and inf become null)"
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=1, sort_keys=True, default=_json_default, allow_nan=False) + '\n')
 
 def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
@@ -296,8 +325,11 @@ def atomic_write_parquet(df, path:str|Path, **kwargs):
     with atomic_path(path) as t: df.to_parquet(t, index=False, **kwargs)
 
 def atomic_torch_save(obj, path:str|Path):
-    "torch.save `obj` to `path` atomically"
-    with atomic_path(path) as t: torch.save(obj, t)
+    "torch.save `obj` to `path` atomically; the same tensors give the same bytes"
+    # torch.save names the zip's records after the file it writes to (here a random temp name); saving to memory names
+    # them 'archive', so two identical runs write byte-identical files
+    buf = io.BytesIO(); torch.save(obj, buf)
+    with atomic_path(path) as t: Path(t).write_bytes(buf.getvalue())
 
 # %% ../nbs/00_core.ipynb #39ec7f3c
 def fingerprint(path:str|Path)->str:
@@ -319,20 +351,57 @@ def source_for_hash(src:bytes)->bytes:
     "Module source without nbdev's `# %% ../nbs/...` cell markers: moving or splitting notebook cells is not a code change"
     return b'\n'.join(l for l in src.split(b'\n') if not l.startswith(b'# %% '))
 
-def code_version(modules:list[str]|None=None, # aliprod module names whose source matters; None: the whole package
-                )->dict:
-    "Package version, sha256 of the given modules' source, and the git commit when there is one"
+def _package_dir()->Path:
     import aliprod
-    pkg = Path(aliprod.__file__).parent
-    files = sorted(pkg.glob('*.py')) if modules is None else [pkg/f'{m}.py' for m in modules]
+    return Path(aliprod.__file__).parent
+
+def imported_modules(module:str, # an aliprod module name, e.g. 'clean' or 'aliprod.clean'
+                    )->set[str]:
+    "The aliprod modules `module`'s source imports anywhere (top level or inside functions), by name"
+    src = (_package_dir()/f"{module.removeprefix('aliprod.')}.py").read_text()
+    out = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level == 1 and base: out.add(base.split('.')[0])
+            elif node.level == 1: out.update(a.name for a in node.names)    # from . import x
+            elif base.startswith('aliprod.'): out.add(base.split('.')[1])
+            elif base == 'aliprod': out.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split('.')[1] for a in node.names if a.name.startswith('aliprod.'))
+    pkg = _package_dir()
+    return {m for m in out if (pkg/f'{m}.py').is_file()}
+
+def module_closure(modules:list[str], # aliprod module names a stage runs
+                  )->list[str]:
+    "`modules` and every aliprod module they import, directly or not (the import graph of the package), sorted"
+    seen, todo = set(), [m.removeprefix('aliprod.') for m in modules]
+    while todo:
+        m = todo.pop()
+        if m in seen: continue
+        seen.add(m); todo.extend(imported_modules(m) - seen)
+    return sorted(seen)
+
+def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (their imports are added); None: the whole package
+                )->dict:
+    "Package version, sha256 of the source of `modules` and everything they import, and the git commit when there is one"
+    import aliprod
+    pkg = _package_dir()
+    files = sorted(pkg.glob('*.py')) if modules is None else [pkg/f'{m}.py' for m in module_closure(modules)]
     h = hashlib.sha256()
     for f in files: h.update(f.name.encode() + b'\0' + source_for_hash(f.read_bytes()))
     try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, FileNotFoundError): git = None
-    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git}
+    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git, 'modules': [f.stem for f in files]}
 
 # %% ../nbs/00_core.ipynb #25e19cfd
 MANIFEST = 'manifest.json'
+
+def project_relative(path:str|Path)->str:
+    "`path` relative to the project root when it lies inside it, else absolute: how manifests and dataset.json name files"
+    p = Path(path).absolute()
+    try: return str(p.relative_to(project_root()))
+    except ValueError: return str(p)
 
 class StageRun:
     "One execution of a stage writing into `out_dir`; decides whether it is up to date and writes the manifest last"
@@ -340,13 +409,17 @@ class StageRun:
                  stage:str,                # stage name, for the manifest
                  params:dict,              # resolved parameters that determine the outputs
                  inputs:list|tuple=(),     # files or directories read
-                 modules:list[str]|None=None, # aliprod modules whose code determines the outputs
+                 modules:list[str]|None=None, # the aliprod modules the stage runs; what they import is added (`module_closure`)
+                 threads:bool=True,        # the torch thread count is part of the key (float reductions depend on it)
                 ):
         self.out_dir, self.stage = Path(out_dir), stage
         self.params = json.loads(json.dumps(params, sort_keys=True, default=_json_default))
-        self.inputs = {str(Path(i)): fingerprint(i) for i in inputs}
+        # keyed by path relative to the project root: a moved or copied project is the same run
+        self.inputs = {project_relative(i): fingerprint(i) for i in inputs}
         self.code = code_version(modules)
-        key_src = json.dumps({'stage': stage, 'params': self.params, 'inputs': self.inputs, 'code': self.code['source_sha256']}, sort_keys=True)
+        self.numerics = {'torch_threads': torch.get_num_threads()} if threads else {}
+        key_src = json.dumps({'stage': stage, 'params': self.params, 'inputs': self.inputs, 'code': self.code['source_sha256'],
+                              **({'numerics': self.numerics} if threads else {})}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()
         self.started = time.time()
 
@@ -372,7 +445,10 @@ class StageRun:
             diff = sorted(k for k in set(m.get('params', {})) | set(self.params) if m.get('params', {}).get(k) != self.params.get(k))
             return f"parameters changed: {', '.join(diff)}"
         if m.get('inputs') != self.inputs: return 'inputs changed'
-        if m.get('code', {}).get('source_sha256') != self.code['source_sha256']: return 'code changed'
+        if m.get('code', {}).get('source_sha256') != self.code['source_sha256']:
+            changed = sorted(set(m.get('code', {}).get('modules', [])) ^ set(self.code['modules']))
+            return f"code changed (modules {', '.join(self.code['modules'])}{'; added/removed: ' + ', '.join(changed) if changed else ''})"
+        if m.get('numerics', {}) != self.numerics: return f"numerics changed: {m.get('numerics')} -> {self.numerics}"
         if m.get('key') != self.key: return 'stage changed'
         return 'outputs missing or changed'
 
@@ -389,10 +465,27 @@ class StageRun:
             o = Path(o); rel = o.relative_to(self.out_dir) if o.is_absolute() else o
             outs[str(rel)] = fingerprint(self.out_dir/rel)
         m = {'stage': self.stage, 'key': self.key, 'params': self.params, 'inputs': self.inputs, 'code': self.code,
-             'outputs': outs, 'metrics': metrics or {}, 'started': _iso(self.started), 'finished': _iso(time.time()),
+             'numerics': self.numerics, 'outputs': outs, 'metrics': metrics or {}, 'started': _iso(self.started), 'finished': _iso(time.time()),
              'wall_s': round(time.time() - self.started, 3), 'hardware': hardware(), **extra}
         atomic_write_json(self.manifest_path, m)
         return m
+
+    def ensure(self, work, # () -> (outputs, metrics): writes the stage's outputs into out_dir
+               what:str='', # what the stage is doing, for the log line
+              )->dict:
+        "Every stage's one mechanism: under `stage_lock`, skip when up to date; else say why, forget the old manifest, run `work`, write the manifest"
+        with stage_lock(self.out_dir, self.stage):
+            if self.up_to_date():
+                self.ran = False
+                log(f"{self.stage}: {self.out_dir} is up to date; skipping")
+                return self.manifest()
+            log(f"{self.stage}: {what + ' ' if what else ''}into {self.out_dir} ({self.why_stale()})")
+            self.invalidate()
+            for stale in self.out_dir.glob('.*.tmp'): stale.unlink()  # temp files of a killed run
+            self.started = time.time()
+            outputs, metrics = work()
+            self.ran = True
+            return self.finish(outputs, metrics)
 
 @contextmanager
 def stage_lock(out_dir:str|Path, # the stage's run directory
@@ -429,10 +522,3 @@ def markdown_table(df, # a pandas DataFrame
     lines = ['| ' + ' | '.join(cell(c) for c in df.columns) + ' |', '|' + '|'.join(['---'] * len(df.columns)) + '|']
     lines += ['| ' + ' | '.join(cell(v) for v in r) + ' |' for r in df.itertuples(index=False)]
     return '\n'.join(lines) + '\n'
-
-# %% ../nbs/00_core.ipynb #cd6e60b9
-def log(*msg, rank:int|None=None):
-    "Print a time-stamped line and flush it; under torch.distributed only rank 0 prints unless `rank` is given"
-    r = int(os.environ.get('RANK', 0)) if rank is None else rank
-    if rank is None and r != 0: return
-    print(time.strftime('%H:%M:%S'), *msg, flush=True)

@@ -21,7 +21,7 @@ __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_
            'to_rgb', 'load_rgb', 'check_image', 'scan_images', 'write_bad_images', 'ImageIndexDataset',
            'long_tail_counts', 'synthetic_classes', 'synthetic_plan', 'render_synthetic', 'generate_synthetic',
            'synthetic_index', 'DataArtifacts', 'data_artifacts', 'dataset_info', 'index_path', 'shot_counts',
-           'load_index', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'shot_groups', 'load_index', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
 
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -764,6 +764,11 @@ def shot_counts(exp:ExperimentParams)->np.ndarray:
     "(K,) training images per class in the data stage's index: the class sizes that define many/medium/few-shot in every stage, whatever a stage later caps or cleans"
     return pd.read_parquet(data_artifacts(exp).classes)['n_train'].to_numpy(np.int64)
 
+def shot_groups(exp:ExperimentParams)->dict:
+    "`evaluate`'s shot-group arguments, from one place: the data stage's class sizes and its `many_threshold`/`few_threshold`"
+    info = json.loads(data_artifacts(exp).dataset_json.read_text())
+    return {'train_counts': shot_counts(exp), 'many': int(info['many_threshold']), 'few': int(info['few_threshold'])}
+
 def load_index(exp:ExperimentParams, iteration:int=0)->pd.DataFrame:
     "The index of cleaning iteration `iteration` (0: the data stage's)"
     f = index_path(exp, iteration)
@@ -889,7 +894,8 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->DataArtifacts:
     atomic_write_parquet(conversions, arts.conversions)
     info = {'root': str(Path(root).resolve()), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
             **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions),
-            'has_clean_labels': bool((index['clean_label'] >= 0).any())}
+            'has_clean_labels': bool((index['clean_label'] >= 0).any()),
+            'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold}
     atomic_write_json(arts.dataset_json, info)
     arts = data_artifacts(exp)
     write_data_report(exp, p, arts)
