@@ -247,7 +247,7 @@ def _stage_hint(m:Member)->str:
     return {'train': 'run the train stage (nbs/02_train.ipynb) with that tag/iteration', 'tta': 'run the tta stage (nbs/05_tta.ipynb) with that variant in [tta] views/compare',
             'rebalance': 'run the rebalance stage (nbs/04_rebalance.ipynb) with that method', 'ensemble': 'run that ensemble first'}[m.stage]
 
-# %% ../nbs/06_ensemble.ipynb #d3ae6210
+# %% ../nbs/06_ensemble.ipynb #cac8554f
 def _splits_of(f:Path)->list[str]:
     "The splits a member has predictions of, beside its file of one split"
     return sorted(q.stem for q in f.parent.glob('*.parquet') if q.stem in ('train', 'val', 'test')) if f.parent.is_dir() else []
@@ -269,7 +269,7 @@ def check_members(files:dict,           # member -> {split: predictions file}, f
             raise FileNotFoundError(f"Ensemble member {m.spec!r} has no {s!r} predictions: {f} not found"
                                     + (f" (it has {', '.join(has)})" if has else '') + f"; {_stage_hint(m)}, or drop {s!r} from [ensemble] splits")
 
-# %% ../nbs/06_ensemble.ipynb #e909e4ca
+# %% ../nbs/06_ensemble.ipynb #16ef4c22
 def ensemble_table(name:str,           # the ensemble's row label
                    metrics:dict,       # the ensemble's {split[_clean]: metrics}
                    member_metrics:dict, # member -> the same
@@ -296,7 +296,7 @@ def plot_ensemble(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.suptitle(title); fig.tight_layout()
     return fig
 
-# %% ../nbs/06_ensemble.ipynb #b395cda9
+# %% ../nbs/06_ensemble.ipynb #c3c48d15
 def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
                    p:EnsembleParams,       # members, weights, mode, splits
                    iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
