@@ -92,7 +92,7 @@ def fake_run(tmp, splits=('train', 'val'), K=6, n=30, experiment='t'):
     counts = np.bincount(index.loc[index['split'] == 'train', 'label'], minlength=K)
     pd.DataFrame({'label': np.arange(K), 'n_train': counts}).to_parquet(base/'data'/'classes.parquet')
     (base/'data'/'dataset.json').write_text(json.dumps({'root': str(tmp), 'num_classes': K, 'many_threshold': 6, 'few_threshold': 4,
-                                                        'source': 'aliproducts', 'n_images': len(index), 'n_train': n, 'n_val': n, 'n_test': 0}))
+                                                        'source': 'aliproducts', 'n_images': len(index), **{f'n_{s}': n * (s in splits) for s in ('train', 'val', 'test')}}))
     for seed, d in ((1, 'train/0/predictions'), (2, 'tta/0/ten-x1.5')):
         (base/d).mkdir(parents=True)
         for s in splits:
@@ -147,3 +147,10 @@ def test_an_unlabelled_split_is_combined_not_evaluated(tmp_path):
         f = member_file(m, exp, 'test'); t = read_topk(f); t.labels[:] = -1; write_topk(f, t)
     art = ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
     assert art.predictions['test'].is_file() and 'test' not in art.metrics and 'val' in art.metrics
+
+def test_a_run_without_val_split(tmp_path):
+    exp = fake_run(tmp_path, splits=('train', 'test'))
+    art = ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['test']), 0)
+    assert set(art.table['split']) == {'test'}
+    with pytest.raises(ParamsError, match=r"the index has no 'val' split \(it has test, train\)"):
+        ensemble_stage(exp, EnsembleParams(name='v', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)

@@ -88,3 +88,12 @@ def test_shot_groups_come_from_the_data_stage(run, given):
 def test_a_split_the_run_lacks_is_refused_naming_the_one_it_has(run):
     with pytest.raises(ParamsError, match=r"no metrics file .* has 'test' numbers \(they have val\); set report: \{split: val\}"):
         report_stage(run, ReportParams(split='test'))
+
+def test_a_run_without_val_split(tmp_path):
+    exp = fake_run(tmp_path, splits=('train', 'test'))
+    block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
+    (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
+    art = report_stage(exp, ReportParams(split='test'))
+    assert 'on the test split' in art.summary and set(art.tables['ablation']['split']) == {'test'}
+    assert set(art.tables['ablation']['labels']) == {'given'}   # no clean metrics: the row says given, though clean was asked
+    with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
