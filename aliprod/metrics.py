@@ -4,11 +4,13 @@
 
 # %% ../nbs/01c_metrics.ipynb #ac4f4935
 from __future__ import annotations
+from dataclasses import dataclass, asdict
 import numpy as np, pandas as pd, torch
 from .predictions import TopK
 
 # %% auto #0
-__all__ = ['shot_group', 'per_class_accuracy', 'evaluate']
+__all__ = ['PAIRED_METRICS', 'shot_group', 'per_class_accuracy', 'evaluate', 'PairedHits', 'paired_hits', 'PairedDelta',
+           'verdict', 'paired_bootstrap', 'paired_delta', 'simulate_paired_hits', 'choosing_half']
 
 # %% ../nbs/01c_metrics.ipynb #7306c658
 def _ranked(preds, labels, clean_label, k:int):
@@ -97,3 +99,240 @@ def evaluate(preds,                  # TopK, or dense (N,K) logits/probabilities
             out[f'n_{g}'] = int(m.sum())
         out.update({'many_threshold': many, 'few_threshold': few})
     return out
+
+# %% ../nbs/01c_metrics.ipynb #5bda750d
+def _top1(preds, name:str):
+    "(top-1 labels (N,), K, row ids (N,) or None) of a TopK or dense scores"
+    if isinstance(preds, TopK): return np.asarray(preds.topk_labels[:, 0]), preds.num_classes, np.asarray(preds.rows, np.int64)
+    scores = torch.as_tensor(preds)
+    if scores.ndim != 2: raise ValueError(f"Dense predictions {name} must be (N,K) logits or probabilities, got shape {tuple(scores.shape)}")
+    # the call `evaluate` makes, so that ties break the same way
+    return scores.float().topk(1, dim=1).indices[:, 0].numpy(), scores.shape[1], None
+
+# %% ../nbs/01c_metrics.ipynb #c2534d31
+@dataclass
+class PairedHits:
+    "Top-1 hits of two systems on the same evaluation images (rows with an unknown target left out)"
+    rows:np.ndarray     # (n,) int64 row ids, in the order of `a`
+    y:np.ndarray        # (n,) int64 target classes
+    hit_a:np.ndarray    # (n,) bool: a's top-1 is the target
+    hit_b:np.ndarray    # (n,) bool: b's top-1 is the target
+    num_classes:int     # K
+    target:str          # 'label' | 'clean_label'
+    n_unknown:int       # rows left out because their target is -1
+
+    def __len__(self): return len(self.y)
+    def cells(self)->np.ndarray:
+        "(K,4) images of each class where (a, b) are (wrong, wrong), (wrong, right), (right, wrong), (right, right)"
+        return np.bincount(self.y * 4 + self.hit_a * 2 + self.hit_b, minlength=4 * self.num_classes).reshape(-1, 4)
+
+# %% ../nbs/01c_metrics.ipynb #213d93a3
+def _align(rows_a:np.ndarray, rows_b:np.ndarray, names)->np.ndarray:
+    "Positions in b of a's rows; refuses repeated rows and row sets that differ"
+    for r, name in zip((rows_a, rows_b), names):
+        u, c = np.unique(r, return_counts=True)
+        if (c > 1).any(): raise ValueError(f"{name} predicts row {int(u[c > 1][0])} {int(c.max())} times; paired predictions need one per row")
+    if len(rows_a) == len(rows_b) and (rows_a == rows_b).all(): return np.arange(len(rows_a))
+    only_a, only_b = np.setdiff1d(rows_a, rows_b), np.setdiff1d(rows_b, rows_a)
+    if len(only_a) or len(only_b):
+        raise ValueError(f"{names[0]} and {names[1]} do not cover the same rows: {len(only_a)} only in {names[0]} (e.g. {only_a[:3].tolist()}), "
+                         f"{len(only_b)} only in {names[1]} (e.g. {only_b[:3].tolist()}); predict both on the same images")
+    order = np.argsort(rows_b, kind='stable')
+    return order[np.searchsorted(rows_b, rows_a, sorter=order)]
+
+# %% ../nbs/01c_metrics.ipynb #bb742755
+def _paired_target(a, b, at, labels, clean_label, names):
+    "(target (N,) in a's order, its name): clean_label, else labels, else the given labels both TopKs agree on"
+    if clean_label is not None: return np.asarray(clean_label).reshape(-1).astype(np.int64), 'clean_label'
+    if labels is not None: return np.asarray(labels).reshape(-1).astype(np.int64), 'label'
+    if not isinstance(a, TopK): raise ValueError("Dense predictions carry no labels: pass labels=(N,) given labels")
+    # a Δ against two different targets would not be a paired comparison
+    if isinstance(b, TopK) and not np.array_equal(np.asarray(b.labels)[at], np.asarray(a.labels)):
+        raise ValueError(f"{names[0]} and {names[1]} carry different given labels for the same rows; pass labels= or clean_label= to say which to evaluate against")
+    return np.asarray(a.labels).astype(np.int64), 'label'
+
+def paired_hits(a,                 # TopK, or dense (N,K) logits/probabilities
+                b,                 # the other system's predictions of the same images, in any row order
+                labels=None,       # (N,) given labels in a's row order; default: a TopK's labels
+                clean_label=None,  # (N,) ground-truth labels in a's row order to evaluate against instead, -1 where unknown
+                rows=None,         # (N,) row ids of dense predictions; two dense ones without it are paired by position
+                names=('a', 'b'),  # what errors call a and b
+               )->PairedHits:
+    "Top-1 hit vectors of `a` and `b` on the same rows, aligned by row id, unknown targets (-1) left out"
+    (ta, Ka, ra), (tb, Kb, rb) = _top1(a, names[0]), _top1(b, names[1])
+    if Ka != Kb: raise ValueError(f"{names[0]} predicts K={Ka} classes but {names[1]} K={Kb}; compare systems of the same class map")
+    if rows is not None: ra, rb = (np.asarray(rows, np.int64) if r is None else r for r in (ra, rb))
+    if (ra is None) != (rb is None): raise ValueError(f"{names[0 if ra is None else 1]} is dense and carries no row ids: pass rows= to pair it with a TopK")
+    if ra is None: ra, rb = np.arange(len(ta)), np.arange(len(tb))
+    for t, r, name in ((ta, ra, names[0]), (tb, rb, names[1])):
+        if len(t) != len(r): raise ValueError(f"{name} has {len(t)} predictions but rows has {len(r)}")
+    at = _align(ra, rb, names)
+    y, target = _paired_target(a, b, at, labels, clean_label, names)
+    if len(y) != len(ta): raise ValueError(f"{target} has {len(y)} rows but {names[0]} has {len(ta)}")
+    if len(y) and y.max() >= Ka: raise ValueError(f"{target} contains class {int(y.max())} at row {int(np.argmax(y))} but the predictions have K={Ka} classes; check the class map")
+    known = y >= 0
+    return PairedHits(ra[known], y[known], (ta == y)[known], (tb[at] == y)[known], Ka, target, int((~known).sum()))
+
+# %% ../nbs/01c_metrics.ipynb #44ce6eb5
+PAIRED_METRICS = ('mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc')
+
+def _metric_classes(n_eval:np.ndarray, metric:str, train_counts, many:int, few:int)->np.ndarray:
+    "(K,) bool: the classes whose accuracy `metric` averages"
+    if metric not in PAIRED_METRICS: raise ValueError(f"Unknown metric {metric!r}; valid: {', '.join(PAIRED_METRICS)}")
+    evaluated = n_eval > 0
+    if metric in ('top1_err', 'mean_class_err'): return evaluated
+    if train_counts is None: raise ValueError(f"{metric} needs train_counts, many and few: pass **shot_groups(exp)")
+    n_train = np.asarray(train_counts).reshape(-1)
+    if len(n_train) != len(n_eval): raise ValueError(f"train_counts has {len(n_train)} classes but the predictions have K={len(n_eval)}; pass the counts of all K classes")
+    return evaluated & (shot_group(n_train, many, few) == metric.removesuffix('_acc'))
+
+def _metric_value(metric:str, hit:np.ndarray, correct:np.ndarray, n_eval:np.ndarray, member:np.ndarray)->float:
+    "`metric` of one system, computed as `evaluate` computes it, so that Δ is exactly the difference of two `evaluate`s"
+    if not member.any(): return float('nan')
+    if metric == 'top1_err': return float(1 - hit.mean())
+    acc = correct[member] / n_eval[member]
+    return float(1 - acc.mean()) if metric == 'mean_class_err' else float(acc.mean())
+
+# %% ../nbs/01c_metrics.ipynb #974761dc
+def _pool_single_images(cells:np.ndarray, weight:np.ndarray):
+    "(cells, weight) with the classes of one image pooled into one stratum per weight, so that they add their spread"
+    single = (cells.sum(1) == 1) & (weight > 0)
+    if single.sum() < 2: return cells, weight
+    w, group = np.unique(weight[single], return_inverse=True)
+    pooled = np.stack([np.bincount(group, weights=cells[single, j], minlength=len(w)) for j in range(4)], 1).astype(np.int64)
+    # a pooled stratum of S images stands for S classes of weight w: its accuracy is their mean, so it weighs S * w
+    return np.concatenate([cells[~single], pooled]), np.concatenate([weight[~single], w * pooled.sum(1)])
+
+# %% ../nbs/01c_metrics.ipynb #10a118a4
+def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
+                     weight:np.ndarray,       # (K,) weight of each class's accuracy in the metric
+                     B:int, rng:np.random.Generator,
+                     rescale:bool=True,       # draw n_c - 1 images of a class of n_c
+                     max_cells:int=1 << 22,   # binomial draws held at once: bounds memory whatever B and K
+                    )->np.ndarray:
+    "(B,) draws of Σ_c weight_c (acc_b - acc_a)_c, each class's images resampled with replacement, the same ones for a and b"
+    if rescale: cells, weight = _pool_single_images(cells, weight)
+    n = cells.sum(1)
+    m = n - 1 if rescale else n
+    only_b, only_a = cells[:, 1], cells[:, 2]
+    fixed = (weight > 0) & (m == 0)            # one image: its class's value, no spread
+    base = float((weight[fixed] * (only_b[fixed] - only_a[fixed]) / n[fixed]).sum())
+    vary = (weight > 0) & (m > 0) & (only_b + only_a > 0)
+    m, w, n, only_b, only_a = m[vary], weight[vary], n[vary], only_b[vary], only_a[vary]
+    p_b = only_b / n
+    # given the draws where only b is right, those where only a is right are binomial among the rest (exact ratio of counts: <= 1)
+    rest = n - only_b
+    q_a = np.divide(only_a, rest, out=np.zeros(len(n)), where=rest > 0)
+    out, step = np.empty(B), max(1, max_cells // max(len(m), 1))
+    for s in range(0, B, step):
+        n_b = rng.binomial(m, p_b, size=(min(step, B - s), len(m)))
+        out[s:s + len(n_b)] = base + ((n_b - rng.binomial(m - n_b, q_a)) / m) @ w
+    return out
+
+# %% ../nbs/01c_metrics.ipynb #25d95f9a
+@dataclass(frozen=True)
+class PairedDelta:
+    "Δ = b - a of one metric on the same images, with its paired, class-stratified bootstrap interval"
+    metric:str      # one of PAIRED_METRICS
+    a:float         # the metric of system a on the n images
+    b:float         # the metric of system b on the same images
+    delta:float     # b - a on all n images: the point estimate
+    lo:float        # lower end of the interval on delta
+    hi:float        # upper end
+    level:float     # 0.95: a 95% interval
+    B:int           # bootstrap draws
+    n:int           # images evaluated (target known)
+    n_classes:int   # classes the metric averages
+    target:str      # 'label' | 'clean_label'
+    method:str      # how the interval was drawn
+
+    @property
+    def verdict(self)->str: return verdict(self)
+    def to_dict(self)->dict:
+        "The fields and the verdict, for a table or a manifest"
+        return {**asdict(self), 'verdict': self.verdict}
+
+# %% ../nbs/01c_metrics.ipynb #4fa7d9d3
+def verdict(d:PairedDelta)->str:
+    "'helped' | 'hurt' | 'no measurable effect' going from a to b: 'helped' or 'hurt' only when the interval excludes 0"
+    better = -1 if d.metric.endswith('_err') else 1   # an error improves downwards, an accuracy upwards
+    if better * d.lo > 0 and better * d.hi > 0: return 'helped'
+    if better * d.lo < 0 and better * d.hi < 0: return 'hurt'
+    return 'no measurable effect'                    # also when the metric has no class (nan)
+
+# %% ../nbs/01c_metrics.ipynb #ce400fff
+def paired_bootstrap(hits:PairedHits,              # from `paired_hits`
+                     metric:str='mean_class_err',  # one of PAIRED_METRICS
+                     train_counts=None,            # (K,) training images per class, for many/medium/few_acc
+                     many:int=100, few:int=20,     # shot thresholds: pass **shot_groups(exp)
+                     B:int=1000,                   # bootstrap draws
+                     seed=0,                       # int or np.random.Generator
+                     level:float=0.95,             # coverage of the interval
+                     rescale:bool=True,            # draw n_c - 1 images of a class of n_c (unbiased variance); False: n_c
+                    )->PairedDelta:
+    "Δ of `metric` from system a to b, with its percentile interval over class-stratified resamples shared by both"
+    if B < 1: raise ValueError(f"B must be >= 1 bootstrap draws, got {B}")
+    if not 0 < level < 1: raise ValueError(f"level must lie in (0, 1), got {level}")
+    cells = hits.cells()
+    n_eval = cells.sum(1)
+    member = _metric_classes(n_eval, metric, train_counts, many, few)
+    a = _metric_value(metric, hits.hit_a, cells[:, 2] + cells[:, 3], n_eval, member)
+    b = _metric_value(metric, hits.hit_b, cells[:, 1] + cells[:, 3], n_eval, member)
+    lo = hi = float('nan')
+    if member.any():
+        weight = n_eval * member / n_eval[member].sum() if metric == 'top1_err' else member / member.sum()
+        sign = -1 if metric.endswith('_err') else 1       # an error's Δ is minus the accuracy's
+        draws = sign * _bootstrap_draws(cells, weight, B, np.random.default_rng(seed), rescale)
+        lo, hi = (float(q) + 0.0 for q in np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]))  # + 0.0: no -0.0
+    method = f"percentile, class-stratified paired bootstrap, {'n_c - 1' if rescale else 'n_c'} draws per class"
+    return PairedDelta(metric, a, b, b - a, lo, hi, level, B, len(hits), int(member.sum()), hits.target, method)
+
+# %% ../nbs/01c_metrics.ipynb #31ac4cf7
+def paired_delta(a, b,                         # TopK or dense predictions of the same images (see `paired_hits`)
+                 metric:str='mean_class_err',  # one of PAIRED_METRICS
+                 labels=None, clean_label=None, rows=None, names=('a', 'b'),
+                 train_counts=None, many:int=100, few:int=20,
+                 B:int=1000, seed=0, level:float=0.95, rescale:bool=True,
+                )->PairedDelta:
+    "`paired_bootstrap` of `paired_hits(a, b, ...)`: Δ of `metric` from a to b with its paired interval"
+    return paired_bootstrap(paired_hits(a, b, labels, clean_label, rows, names), metric, train_counts, many, few, B, seed, level, rescale)
+
+# %% ../nbs/01c_metrics.ipynb #16d1c67f
+def simulate_paired_hits(n_per_class,     # (K,) evaluation images of each class
+                         acc_a, acc_b,    # (K,) true top-1 accuracy of each class for systems a and b
+                         rho:float=0.5,   # share of images on which a and b face one difficulty (correlated hits)
+                         seed=0,          # int or np.random.Generator
+                        )->PairedHits:
+    "Simulated top-1 hits of two classifiers with known per-class accuracies, correlated image by image"
+    rng = np.random.default_rng(seed)
+    n = np.asarray(n_per_class, np.int64)
+    y = np.repeat(np.arange(len(n)), n)
+    # an image's difficulty u: a hits when u < its class's accuracy; b shares a's u on a share rho of images
+    u_a = rng.random(len(y))
+    u_b = np.where(rng.random(len(y)) < rho, u_a, rng.random(len(y)))
+    return PairedHits(np.arange(len(y)), y, u_a < np.asarray(acc_a)[y], u_b < np.asarray(acc_b)[y], len(n), 'label', 0)
+
+# %% ../nbs/01c_metrics.ipynb #b54a87a8
+def _row_hash(ids, seed:int)->np.ndarray:
+    "(N,) uint64 seeded hash of integer ids, each independent of the others (as `aliprod.train.fold_of`)"
+    # pandas' 64-bit mixer (hash_array) ignores its key for integers, so the seed shifts the input by a golden-ratio multiple
+    offset = np.uint64((int(seed) * 0x9E3779B97F4A7C15) % 2**64)
+    return pd.util.hash_array(np.asarray(ids, dtype=np.int64).astype(np.uint64) + offset)
+
+def choosing_half(rows,      # (N,) index row ids of the validation images
+                  labels,    # (N,) their labels, the target the metrics use; -1 (unknown) is split like a class
+                  seed:int=0,
+                 )->np.ndarray:
+    "(N,) bool: True for the images that choose, False for those that report; half of every class each"
+    rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.int64)
+    if len(rows) != len(labels): raise ValueError(f"rows has {len(rows)} entries but labels has {len(labels)}")
+    u, c = np.unique(rows, return_counts=True)
+    if (c > 1).any(): raise ValueError(f"row {int(u[c > 1][0])} appears {int(c.max())} times; each validation image goes to one half")
+    # within a class, images rank by the seeded hash of their row id, so the order of `rows` never matters
+    order = np.lexsort((rows, _row_hash(rows, seed), labels))
+    cls, start, size = np.unique(labels[order], return_index=True, return_counts=True)
+    rank = np.arange(len(rows)) - np.repeat(start, size)
+    extra = (size % 2 == 1) & ((size == 1) | (_row_hash(cls, seed + 1) % np.uint64(2) == 0))
+    choose = np.empty(len(rows), bool)
+    choose[order] = rank < np.repeat(size // 2 + extra, size)
+    return choose
