@@ -100,7 +100,7 @@ def evaluate(preds,                  # TopK, or dense (N,K) logits/probabilities
         out.update({'many_threshold': many, 'few_threshold': few})
     return out
 
-# %% ../nbs/01c_metrics.ipynb #a4cab09c
+# %% ../nbs/01c_metrics.ipynb #960542a4
 def _top1(preds, name:str):
     "(top-1 labels (N,), K, row ids (N,) or None) of a TopK or dense scores"
     if isinstance(preds, TopK): return np.asarray(preds.topk_labels[:, 0]), preds.num_classes, np.asarray(preds.rows, np.int64)
@@ -109,7 +109,7 @@ def _top1(preds, name:str):
     # the call `evaluate` makes, so that ties break the same way
     return scores.float().topk(1, dim=1).indices[:, 0].numpy(), scores.shape[1], None
 
-# %% ../nbs/01c_metrics.ipynb #eaa69f9a
+# %% ../nbs/01c_metrics.ipynb #6009b829
 @dataclass
 class PairedHits:
     "Top-1 hits of two systems on the same evaluation images (rows with an unknown target left out)"
@@ -126,7 +126,7 @@ class PairedHits:
         "(K,4) images of each class where (a, b) are (wrong, wrong), (wrong, right), (right, wrong), (right, right)"
         return np.bincount(self.y * 4 + self.hit_a * 2 + self.hit_b, minlength=4 * self.num_classes).reshape(-1, 4)
 
-# %% ../nbs/01c_metrics.ipynb #8bd48f09
+# %% ../nbs/01c_metrics.ipynb #27695b40
 def _align(rows_a:np.ndarray, rows_b:np.ndarray, names)->np.ndarray:
     "Positions in b of a's rows; refuses repeated rows and row sets that differ"
     if len(rows_a) == len(rows_b) and (rows_a == rows_b).all(): order_a = order_b = None   # the common case: one order
@@ -143,7 +143,7 @@ def _align(rows_a:np.ndarray, rows_b:np.ndarray, names)->np.ndarray:
     at = np.empty(len(rows_a), np.int64); at[order_a] = order_b
     return at
 
-# %% ../nbs/01c_metrics.ipynb #f1de2245
+# %% ../nbs/01c_metrics.ipynb #cdb73f66
 def _paired_target(a, b, at, labels, clean_label, names):
     "(target (N,) in a's order, its name): clean_label, else labels, else the given labels both TopKs agree on"
     if clean_label is not None: return np.asarray(clean_label).reshape(-1).astype(np.int64), 'clean_label'
@@ -176,7 +176,7 @@ def paired_hits(a,                 # TopK, or dense (N,K) logits/probabilities
     known = y >= 0
     return PairedHits(ra[known], y[known], (ta == y)[known], (tb[at] == y)[known], Ka, target, int((~known).sum()))
 
-# %% ../nbs/01c_metrics.ipynb #6cbdd3f2
+# %% ../nbs/01c_metrics.ipynb #e0fa2e61
 PAIRED_METRICS = ('mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc')
 
 def _metric_classes(n_eval:np.ndarray, metric:str, train_counts, many:int, few:int)->np.ndarray:
@@ -196,7 +196,7 @@ def _metric_value(metric:str, hit:np.ndarray, correct:np.ndarray, n_eval:np.ndar
     acc = correct[member] / n_eval[member]
     return float(1 - acc.mean()) if metric == 'mean_class_err' else float(acc.mean())
 
-# %% ../nbs/01c_metrics.ipynb #dbf1ec6c
+# %% ../nbs/01c_metrics.ipynb #a8776d1b
 def _pool_single_images(cells:np.ndarray, weight:np.ndarray):
     "(cells, weight) with the classes of one image pooled into one stratum per weight, so that they add their spread"
     single = (cells.sum(1) == 1) & (weight > 0)
@@ -206,7 +206,7 @@ def _pool_single_images(cells:np.ndarray, weight:np.ndarray):
     # a pooled stratum of S images stands for S classes of weight w: its accuracy is their mean, so it weighs S * w
     return np.concatenate([cells[~single], pooled]), np.concatenate([weight[~single], w * pooled.sum(1)])
 
-# %% ../nbs/01c_metrics.ipynb #c0ae62b6
+# %% ../nbs/01c_metrics.ipynb #4e83d404
 def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
                      weight:np.ndarray,       # (K,) weight of each class's accuracy in the metric
                      B:int, rng:np.random.Generator,
@@ -232,7 +232,7 @@ def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
         out[s:s + len(n_b)] = base + ((n_b - rng.binomial(m - n_b, q_a)) / m) @ w
     return out
 
-# %% ../nbs/01c_metrics.ipynb #7e73e4cf
+# %% ../nbs/01c_metrics.ipynb #879e7839
 @dataclass(frozen=True)
 class PairedDelta:
     "Δ = b - a of one metric on the same images, with its paired, class-stratified bootstrap interval"
@@ -255,7 +255,7 @@ class PairedDelta:
         "The fields and the verdict, for a table or a manifest"
         return {**asdict(self), 'verdict': self.verdict}
 
-# %% ../nbs/01c_metrics.ipynb #c1f47d87
+# %% ../nbs/01c_metrics.ipynb #0e59cfc7
 def verdict(d:PairedDelta)->str:
     "'helped' | 'hurt' | 'no measurable effect' going from a to b: 'helped' or 'hurt' only when the interval excludes 0"
     better = -1 if d.metric.endswith('_err') else 1   # an error improves downwards, an accuracy upwards
@@ -263,7 +263,7 @@ def verdict(d:PairedDelta)->str:
     if better * d.lo < 0 and better * d.hi < 0: return 'hurt'
     return 'no measurable effect'                    # also when the metric has no class (nan)
 
-# %% ../nbs/01c_metrics.ipynb #dcdcc159
+# %% ../nbs/01c_metrics.ipynb #bddf01a2
 def paired_bootstrap(hits:PairedHits,              # from `paired_hits`
                      metric:str='mean_class_err',  # one of PAIRED_METRICS
                      train_counts=None,            # (K,) training images per class, for many/medium/few_acc
@@ -290,7 +290,7 @@ def paired_bootstrap(hits:PairedHits,              # from `paired_hits`
     method = f"percentile, class-stratified paired bootstrap, {'n_c - 1' if rescale else 'n_c'} draws per class"
     return PairedDelta(metric, a, b, b - a, lo, hi, level, B, len(hits), int(member.sum()), hits.target, method)
 
-# %% ../nbs/01c_metrics.ipynb #2f2ff84e
+# %% ../nbs/01c_metrics.ipynb #379ded57
 def paired_delta(a, b,                         # TopK or dense predictions of the same images (see `paired_hits`)
                  metric:str='mean_class_err',  # one of PAIRED_METRICS
                  labels=None, clean_label=None, rows=None, names=('a', 'b'),
@@ -300,7 +300,7 @@ def paired_delta(a, b,                         # TopK or dense predictions of th
     "`paired_bootstrap` of `paired_hits(a, b, ...)`: Δ of `metric` from a to b with its paired interval"
     return paired_bootstrap(paired_hits(a, b, labels, clean_label, rows, names), metric, train_counts, many, few, B, seed, level, rescale)
 
-# %% ../nbs/01c_metrics.ipynb #9df35b77
+# %% ../nbs/01c_metrics.ipynb #6c08117c
 def simulate_paired_hits(n_per_class,     # (K,) evaluation images of each class
                          acc_a, acc_b,    # (K,) true top-1 accuracy of each class for systems a and b
                          rho:float=0.5,   # share of images on which a and b face one difficulty (correlated hits)
@@ -315,7 +315,7 @@ def simulate_paired_hits(n_per_class,     # (K,) evaluation images of each class
     u_b = np.where(rng.random(len(y)) < rho, u_a, rng.random(len(y)))
     return PairedHits(np.arange(len(y)), y, u_a < np.asarray(acc_a)[y], u_b < np.asarray(acc_b)[y], len(n), 'label', 0)
 
-# %% ../nbs/01c_metrics.ipynb #c731ec9d
+# %% ../nbs/01c_metrics.ipynb #076baadb
 def _row_hash(ids, seed:int)->np.ndarray:
     "(N,) uint64 seeded hash of integer ids, each independent of the others (as `aliprod.train.fold_of`)"
     # pandas' 64-bit mixer (hash_array) ignores its key for integers, so the seed shifts the input by a golden-ratio multiple
