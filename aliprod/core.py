@@ -45,7 +45,7 @@ _SECTIONS:dict[str,type] = {}
 # Section name -> module defining it; imported on demand so a parameter file can be validated whole.
 SECTION_MODULES = {'data':'aliprod.data', 'train':'aliprod.train', 'clean':'aliprod.clean', 'rebalance':'aliprod.rebalance',
                    'tta':'aliprod.tta', 'ensemble':'aliprod.ensemble', 'report':'aliprod.report', 'pipeline':'aliprod.pipeline',
-                   'finegrained':'aliprod.finegrained'}
+                   'finegrained':'aliprod.finegrained', 'system':'aliprod.system'}
 
 def params_section(name:str):
     "Class decorator: register dataclass `cls` as the parameters of section `name`"

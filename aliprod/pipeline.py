@@ -31,6 +31,7 @@ STAGES = (
     Stage('rebalance', '04_rebalance.ipynb', 'rebalance', 'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions'),
     Stage('tta', '05_tta.ipynb', 'tta', 'FixRes enlarge + ten-crop predictions per variant'),
     Stage('ensemble', '06_ensemble.ipynb', 'ensemble', 'top-k average (or sum) of the members\' predictions'),
+    Stage('system', '06b_system.ipynb', 'system', 'the composed system chosen on validation (round, classifier, tau, TTA, members), its chain and artifact'),
     Stage('report', '07_report.ipynb', '', 'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
 )
 STAGE_ORDER = tuple(s.name for s in STAGES)
