@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 import numpy as np, pandas as pd, torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
-from .core import (ExperimentParams, ParamsError, StageRun, stage_lock, markdown_table, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
+from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
                           atomic_write_text, log, params_dict, params_section, project_root, report_dir, run_dir)
 
 # %% auto #0
@@ -845,22 +845,24 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
     return out
 
 # %% ../nbs/01_data.ipynb #05916dec
-def prepare_data(exp:ExperimentParams, p:DataParams)->DataArtifacts:
+def prepare_data(exp:ExperimentParams, p:DataParams,
+                 force:bool=False, # run even when up to date (e.g. an image was fixed in place: image files are not inputs of the key)
+                )->DataArtifacts:
     "The data stage: index the source (or generate the synthetic dataset), scan it, write tables and report; no-op when up to date"
     out = run_dir(exp, 'data')
-    with stage_lock(out, 'data'): return _prepare_data(exp, p, out)
-
-def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->DataArtifacts:
     params = {**params_dict(p), **({'seed': exp.seed} if p.source == 'synthetic' else {})}
-    run = StageRun(out, 'data', params, inputs=_source_inputs(p), modules=['core', 'data'])
+    # no torch reductions here: the thread count does not change the outputs
+    run = StageRun(out, 'data', params, inputs=_source_inputs(p), modules=['data'], threads=False)
+    if force: run.invalidate()  # no manifest: ensure runs the stage and says so
+    run.ensure(lambda: _prepare_data(exp, p, out), what=f'indexing {p.source} data')
     arts = data_artifacts(exp)
-    if run.up_to_date():
-        log('data: up to date')
-        rep = report_dir(exp)
-        if not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv')): write_data_report(exp, p, arts)
-        return arts
-    log(f'data: running ({run.why_stale()})')
-    run.invalidate()
+    rep = report_dir(exp)
+    if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv')): write_data_report(exp, p, arts)
+    return arts
+
+def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
+    "The data stage's work: write every output into `out`; return (outputs, metrics) for the manifest"
+    arts = data_artifacts(exp)
     t0 = time.time()
     if p.source == 'synthetic':
         ignored = [k for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file') if getattr(p, k) is not None]
@@ -901,6 +903,5 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->DataArtifacts:
     write_data_report(exp, p, arts)
     summ = data_summary(index, classes, quarantine, conversions, p)
     outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
-    run.finish(outputs, metrics={**info, 'summary': dict(zip(summ['metric'], summ['value']))})
     log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
-    return arts
+    return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}

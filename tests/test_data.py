@@ -64,7 +64,7 @@ def test_prepare_data_skips_only_when_current(tmp_path, capsys):
     m1 = json.loads(arts.manifest.read_text())
     capsys.readouterr()
     prepare_data(exp, DataParams())
-    assert 'data: up to date' in capsys.readouterr().out
+    assert 'up to date; skipping' in capsys.readouterr().out
     assert json.loads(arts.manifest.read_text())['finished'] == m1['finished']
     prepare_data(exp, DataParams(uniform_noise=0.1))                         # a parameter changed: rerun
     out = capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_prepare_data_skips_only_when_current(tmp_path, capsys):
     assert 'parameters changed: seed' in capsys.readouterr().out
     victim = next(arts.root.rglob('*.jpg')); victim.unlink()                 # an output image deleted: rerun
     prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))
-    assert 'data: running' in capsys.readouterr().out and victim.exists()
+    assert 'data: indexing synthetic data' in capsys.readouterr().out and victim.exists()
     shutil.rmtree(tmp_path/'reports')                                        # reports deleted: rewritten without rerunning
     prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))
     assert 'up to date' in capsys.readouterr().out and (tmp_path/'reports'/'t'/'class_distribution.png').is_file()
