@@ -16,12 +16,13 @@ from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, expe
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'IMG_EXTENSIONS',
-           'SHAPES', 'EMBLEMS', 'DataParams', 'empty_quarantine', 'ReadResult', 'class_counts', 'classes_table',
-           'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files', 'read_imagefolder', 'read_source',
-           'to_rgb', 'load_rgb', 'check_image', 'scan_images', 'write_bad_images', 'ImageIndexDataset',
-           'long_tail_counts', 'synthetic_classes', 'synthetic_plan', 'render_synthetic', 'generate_synthetic',
-           'synthetic_index', 'DataArtifacts', 'data_artifacts', 'dataset_info', 'index_path', 'shot_counts',
-           'shot_groups', 'load_index', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'SHAPES', 'EMBLEMS', 'PHANTOM_COLUMNS', 'DataParams', 'empty_quarantine', 'ReadResult', 'class_counts',
+           'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
+           'read_imagefolder', 'read_source', 'to_rgb', 'load_rgb', 'check_image', 'scan_images', 'write_bad_images',
+           'ImageIndexDataset', 'long_tail_counts', 'synthetic_classes', 'synthetic_plan', 'render_synthetic',
+           'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts', 'data_artifacts',
+           'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index', 'data_summary',
+           'plot_class_distribution', 'write_data_report', 'prepare_data']
 
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -83,7 +84,7 @@ class DataParams:
 # %% ../nbs/01_data.ipynb #28b842c6
 INDEX_COLUMNS = {'row':'int64', 'path':'str', 'label':'int32', 'split':'str', 'class_name':'str',
                  'coarse_label':'int32', 'clean_label':'int32', 'noise_kind':'str'}
-QUARANTINE_COLUMNS = {'path':'str', 'label':'Int64', 'split':'str', 'reason':'str', 'detail':'str'}
+QUARANTINE_COLUMNS = {'path':'str', 'label':'Int64', 'class_name':'str', 'split':'str', 'reason':'str', 'detail':'str'}
 CLASSES_COLUMNS = ['label', 'class_name', 'coarse_label', 'n_train', 'n_val', 'n_test']
 QUARANTINE_REASONS = ('outside_root', 'bad_label', 'bad_record', 'duplicate_path', 'unsupported_extension',
                       'missing', 'zero_byte', 'truncated', 'undecodable', 'too_large')
@@ -100,7 +101,7 @@ def _quarantine(df:pd.DataFrame, reason:str, detail)->pd.DataFrame:
     "Quarantine rows of `df` (needs path, split; label if known) with `reason` and per-row or single `detail`"
     q = pd.DataFrame({'path': df['path'].astype(str).to_numpy(), 'split': df['split'].astype(str).to_numpy(),
                       'label': pd.to_numeric(df['label'], errors='coerce').to_numpy() if 'label' in df else np.nan,
-                      'reason': reason, 'detail': detail})
+                      'class_name': df['class_name'].astype(str).to_numpy() if 'class_name' in df else '', 'reason': reason, 'detail': detail})
     q['label'] = q['label'].where(q['label'] == np.floor(q['label']))  # 3.5 is not a label
     return _typed(q, QUARANTINE_COLUMNS)
 
@@ -230,12 +231,12 @@ def read_aliproducts(root:str|Path,   # data root
         im['source'] = f'{f.name}:' + pd.Series(np.arange(len(im)), dtype='str') if len(im) else pd.Series([], dtype='str')
         im['split'] = split
         ok = im['class_id'].notna() & im['image_id'].notna() & (im['class_id'].astype(str) != '') & (im['image_id'].astype(str) != '')
-        qs.append(_quarantine(im[~ok].assign(path=im.loc[~ok, 'image_id'].astype(str), label=np.nan), 'bad_record',
+        qs.append(_quarantine(im[~ok].assign(path=im.loc[~ok, 'image_id'].astype(str), label=np.nan, class_name=im.loc[~ok, 'class_id'].fillna('').astype(str)), 'bad_record',
                               ('record without class_id or image_id (' + im.loc[~ok, 'source'] + ')').to_numpy()))
         im = im[ok]
         im['class_id'] = im['class_id'].astype(str)
         im['path'] = split + '/' + im['class_id'] + '/' + im['image_id'].astype(str)
-        recs.append(im[['path', 'class_id', 'split', 'source']])
+        recs.append(im[['path', 'class_id', 'split', 'source']].assign(class_name=im['class_id']))
     rec = pd.concat(recs, ignore_index=True)
     ids = np.array(sorted(rec['class_id'].unique()), dtype=object)
     rec['label'] = np.searchsorted(ids, rec['class_id'].to_numpy()) if len(ids) else []
@@ -315,6 +316,7 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     rec['source'] = rec['path']
     q = pd.DataFrame(qrows, columns=['path', 'split', 'reason', 'detail'])
     q['label'] = np.nan
+    q['class_name'] = [p.split('/')[1] if p.count('/') >= 2 else '' for p in q['path']]  # the class folder a stray file sits in
     classes = pd.DataFrame({'label': np.arange(len(names)), 'class_name': names, 'coarse_label': -1})
     return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)])
 
@@ -731,6 +733,48 @@ def synthetic_index(n_images:int=2_500_000, n_classes:int=50_030, imbalance:floa
                          'clean_label': np.concatenate([clean, yv]).astype(np.int32),
                          'noise_kind': pd.Categorical.from_codes(np.concatenate([kind, np.zeros(len(yv), np.int8)]), categories=['clean', 'sibling', 'uniform', 'ood'])})
 
+# %% ../nbs/01_data.ipynb #2ae434d7
+PHANTOM_COLUMNS = {'class_name':'str', 'source_label':'Int64', 'n_quarantined':'int64', 'reasons':'str', 'splits':'str', 'action':'str'}
+
+def _phantoms(quarantine:pd.DataFrame, names:set, labels:pd.Series)->pd.DataFrame:
+    "One row per class name seen in `quarantine` but not in `names` (the kept classes): how many records, why, and its source label"
+    q = quarantine[(quarantine['class_name'] != '') & ~quarantine['class_name'].isin(names)]
+    if not len(q): return _typed(pd.DataFrame(), PHANTOM_COLUMNS)
+    g = q.groupby('class_name', sort=True)
+    why = g['reason'].agg(lambda r: '; '.join(f'{k}: {v}' for k, v in r.value_counts().sort_index().items()))
+    out = pd.DataFrame({'class_name': why.index, 'n_quarantined': g.size().to_numpy(), 'reasons': why.to_numpy(),
+                        'splits': g['split'].agg(lambda s: ', '.join(sorted(set(s)))).to_numpy()})
+    out['source_label'] = out['class_name'].map(labels).astype('Int64')
+    return out
+
+def keep_seen_classes(index:pd.DataFrame,      # the final index (after reading and scanning)
+                      classes:pd.DataFrame,    # label, class_name, coarse_label of the reader
+                      quarantine:pd.DataFrame, # everything quarantined, with the reader's labels
+                      numbering:Literal['names','integers','fixed'], # names: labels are sorted class names (renumber); integers: the source's numbers, K = 1 + largest kept; fixed: declared classes
+                     )->tuple:
+    "(index, classes, quarantine, phantoms): classes from kept records only; phantoms lists class ids seen only on quarantined records"
+    k = len(classes)
+    seen = np.zeros(k, bool); seen[index['label'].to_numpy()] = True
+    name_of = classes.set_index('label')['class_name'].astype(str)
+    quarantine = quarantine.copy()
+    qlab = quarantine['label'].fillna(-1).astype(np.int64).to_numpy()
+    known = (qlab >= 0) & (qlab < k)  # the reader's label: fill in the class name it stands for
+    fill = known & (quarantine['class_name'] == '').to_numpy()
+    quarantine.loc[fill, 'class_name'] = name_of.reindex(qlab[fill]).to_numpy()
+    if numbering == 'names': keep = seen
+    elif numbering == 'integers': keep = np.arange(k) <= (np.flatnonzero(seen).max() if seen.any() else -1)
+    else: keep = np.ones(k, bool)
+    new = np.full(k, -1, np.int64); new[keep] = np.arange(int(keep.sum()))
+    phantoms = _phantoms(quarantine, set(name_of[seen]), pd.Series(classes['label'].to_numpy(), index=classes['class_name'].astype(str)))
+    pl = phantoms['source_label'].fillna(-1).astype(np.int64).to_numpy()
+    kept_label = np.zeros(len(pl), bool); inside = (pl >= 0) & (pl < k); kept_label[inside] = keep[pl[inside]]
+    phantoms['action'] = np.where(kept_label, 'kept as an empty class: the source numbers its labels', 'not a class (no kept image)')
+    mapped = np.full(len(qlab), -1, np.int64); mapped[known] = new[qlab[known]]
+    quarantine['label'] = pd.Series(mapped, index=quarantine.index, dtype='Int64').mask(mapped < 0)
+    index = index.assign(label=new[index['label'].to_numpy()].astype(np.int32))
+    classes = classes[keep].assign(label=np.arange(int(keep.sum()))).reset_index(drop=True)
+    return index, classes, _typed(quarantine, QUARANTINE_COLUMNS), _typed(phantoms, PHANTOM_COLUMNS)
+
 # %% ../nbs/01_data.ipynb #8b2cf1f4
 @dataclass
 class DataArtifacts:
@@ -740,6 +784,7 @@ class DataArtifacts:
     classes:Path
     quarantine:Path
     conversions:Path
+    phantom_classes:Path # class ids seen only on quarantined records (PHANTOM_COLUMNS)
     dataset_json:Path
     manifest:Path
 
@@ -748,7 +793,7 @@ def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     d = run_dir(exp, 'data')
     root = d/'images'
     if (d/'dataset.json').exists(): root = Path(json.loads((d/'dataset.json').read_text())['root'])
-    return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet', d/'dataset.json', d/'manifest.json')
+    return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet', d/'phantom_classes.parquet', d/'dataset.json', d/'manifest.json')
 
 def dataset_info(exp:ExperimentParams)->dict:
     "The data stage's dataset.json (root, num_classes, source, counts)"
@@ -783,7 +828,7 @@ def _source_inputs(p:DataParams)->list:
     if p.source == 'imagefolder': return [root]
     return [_under(root, f) for f in (p.train_file, p.val_file, p.test_file, p.classes_file) if f]
 
-def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams)->pd.DataFrame:
+def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams, phantoms:pd.DataFrame|None=None)->pd.DataFrame:
     "One table of the numbers a report quotes: classes, images per split, imbalance, bands, noise rates, quarantined, converted"
     n_train = classes['n_train'].to_numpy(); pos = n_train[n_train > 0]
     tr = index[index['split'] == 'train']
@@ -798,6 +843,7 @@ def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFra
         for kname in ('sibling', 'uniform', 'ood'): rows.append((f'{kname} noise rate (train)', round(float((tr['noise_kind'] == kname).mean()), 4)))
         rows.append(('label noise rate (train)', round(float((tr['noise_kind'] != 'clean').mean()), 4)))
     rows += [('quarantined images', len(quarantine))] + [(f'quarantined: {r}', int(n)) for r, n in quarantine['reason'].value_counts().sort_index().items()]
+    if phantoms is not None: rows.append(('class ids seen only on quarantined records (not classes)', int((phantoms['action'] == 'not a class (no kept image)').sum())))
     rows += [('converted to RGB', len(conversions))] + [(f'converted: {m}', int(n)) for m, n in conversions['mode'].value_counts().sort_index().items()]
     return pd.DataFrame(rows, columns=['metric', 'value']).astype({'value': 'str'})
 
@@ -831,17 +877,21 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
     arts = arts or data_artifacts(exp)
     index, classes = pd.read_parquet(arts.index), pd.read_parquet(arts.classes)
     quarantine, conversions = pd.read_parquet(arts.quarantine), pd.read_parquet(arts.conversions)
+    phantoms = pd.read_parquet(arts.phantom_classes) if arts.phantom_classes.exists() else _typed(pd.DataFrame(), PHANTOM_COLUMNS)
     rd = report_dir(exp)
     out = {k: rd/f for k, f in [('figure', 'class_distribution.png'), ('summary_csv', 'data_summary.csv'), ('summary_md', 'data_summary.md'),
-                                 ('quarantine_csv', 'quarantine.csv'), ('quarantine_md', 'quarantine.md')]}
+                                 ('quarantine_csv', 'quarantine.csv'), ('quarantine_md', 'quarantine.md'),
+                                 ('phantom_csv', 'phantom_classes.csv')]}
     fig = plot_class_distribution(classes, p.many_threshold, p.few_threshold)
     with atomic_path(out['figure']) as t: fig.savefig(t, format='png')
-    summ = data_summary(index, classes, quarantine, conversions, p)
+    summ = data_summary(index, classes, quarantine, conversions, p, phantoms)
     atomic_write_text(out['summary_csv'], summ.to_csv(index=False))
     atomic_write_text(out['summary_md'], f'## Data: {exp.experiment}\n\n' + markdown_table(summ))
     atomic_write_text(out['quarantine_csv'], quarantine.to_csv(index=False))
     qmd = markdown_table(quarantine) if len(quarantine) else markdown_table(quarantine) + '\nNo image was quarantined.\n'
-    atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + qmd)
+    pmd = ('' if not len(phantoms) else f'\n## Class ids seen only on quarantined records ({len(phantoms)})\n\n' + markdown_table(phantoms))
+    atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + qmd + pmd)
+    atomic_write_text(out['phantom_csv'], phantoms.to_csv(index=False))
     return out
 
 # %% ../nbs/01_data.ipynb #05916dec
@@ -886,22 +936,26 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     old_rows = index['row'].to_numpy()
     index = index.assign(row=np.arange(len(index), dtype=np.int64))
     conversions['row'] = pd.Series(index['row'].to_numpy(), index=old_rows).reindex(conversions['row'].to_numpy()).to_numpy().astype(np.int64)
+    numbering = 'names' if p.source in ('aliproducts', 'imagefolder') else 'fixed' if p.source == 'synthetic' or p.classes_file else 'integers'
+    index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes, _typed(quarantine, QUARANTINE_COLUMNS), numbering)
+    if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
-    classes = classes_table(index, rr.classes)
+    classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
     atomic_write_parquet(index, arts.index)
     atomic_write_parquet(classes, arts.classes)
     atomic_write_parquet(_typed(quarantine, QUARANTINE_COLUMNS), arts.quarantine)
     atomic_write_parquet(conversions, arts.conversions)
+    atomic_write_parquet(phantoms, arts.phantom_classes)
     info = {'root': str(Path(root).resolve()), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
-            **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions),
+            **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
             'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold}
     atomic_write_json(arts.dataset_json, info)
     arts = data_artifacts(exp)
     write_data_report(exp, p, arts)
-    summ = data_summary(index, classes, quarantine, conversions, p)
-    outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
+    summ = data_summary(index, classes, quarantine, conversions, p, phantoms)
+    outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
     log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
     return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}

@@ -179,3 +179,31 @@ def test_synthetic_index_full_scale():
     assert abs((tr.noise_kind != 'clean').mean() - 0.1) < 1e-3
     assert si.row.is_unique and si.path.is_unique
     assert dt < 60, f'synthetic_index took {dt:.1f}s'
+
+def _jpeg(path:Path, color=(120, 30, 30), size=(16, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True); Image.new('RGB', size, color).save(path, quality=90)
+
+def test_phantom_classes_do_not_shift_labels(tmp_path):
+    "class ids only on quarantined records (absolute-path class_id, integer class_id whose file is under 00003/) are no classes"
+    root = tmp_path/'data'
+    for c, n in (('00000', 3), ('00001', 2), ('00003', 1)):
+        for i in range(n): _jpeg(root/'train'/c/f'{i}.jpg')
+    _jpeg(root/'val'/'00000'/'v.jpg')
+    recs = [{'class_id': c, 'image_id': f'{i}.jpg'} for c, n in (('00000', 3), ('00001', 2), ('00003', 1)) for i in range(n)]
+    recs += [{'class_id': '/abs', 'image_id': '0.jpg'}, {'class_id': 3, 'image_id': '0.jpg'}, {'class_id': '00002', 'image_id': 'gone.jpg'}]
+    (root/'train.json').write_text(json.dumps({'images': recs}))
+    (root/'val.json').write_text(json.dumps({'images': [{'class_id': '00000', 'image_id': 'v.jpg'}]}))
+    exp = _exp(tmp_path)
+    arts = prepare_data(exp, DataParams(source='aliproducts', root=str(root), train_file='train.json', val_file='val.json'))
+    cls, idx, q = pd.read_parquet(arts.classes), load_index(exp), pd.read_parquet(arts.quarantine)
+    assert cls.class_name.tolist() == ['00000', '00001', '00003'] and cls.label.tolist() == [0, 1, 2]
+    assert (cls.n_train > 0).all() and dataset_info(exp)['num_classes'] == 3
+    assert idx[idx.path.str.contains('/00000/')].label.eq(0).all()      # 00000 is label 0, not 1
+    assert len(idx) + len(q) == len(recs) + 1
+    ph = pd.read_parquet(arts.phantom_classes).set_index('class_name')
+    assert sorted(ph.index) == ['/abs', '00002', '3'] and (ph.action == 'not a class (no kept image)').all()
+    assert ph.loc['00002', 'reasons'] == 'missing: 1' and ph.loc['3', 'reasons'] == 'missing: 1'
+    assert q.label.isna().sum() == 3                                      # quarantined phantom records carry no label
+    summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
+    assert int(summ['class ids seen only on quarantined records (not classes)']) == 3
+    assert (tmp_path/'reports'/'t'/'phantom_classes.csv').is_file()
