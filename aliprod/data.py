@@ -473,7 +473,7 @@ class ImageIndexDataset(torch.utils.data.Dataset):
                  transform=None,             # PIL RGB image -> model input; None: uint8 (3,H,W) tensor
                  label_col:str='label',      # 'clean_label' to evaluate against ground truth
                  with_row:bool=False,        # also return the row id
-                 failure_log:str|Path|None=None, # where failures are appended; None: a new temporary file
+                 failure_log:str|Path|None=None, # JSON lines file failures are appended to; None: a new temporary file
                  draft:int|None=None,        # passed to `load_rgb`
                  max_tries:int=64,           # consecutive bad images tolerated before giving up
                 ):
@@ -484,7 +484,7 @@ class ImageIndexDataset(torch.utils.data.Dataset):
         self.labels = df[label_col].to_numpy(np.int64)
         self.rows = df['row'].to_numpy(np.int64) if 'row' in df else np.arange(len(df), dtype=np.int64)
         if failure_log is None:  # named now, so DataLoader workers append to the same file; created by the first failure only
-            failure_log = Path(tempfile.gettempdir())/f'aliprod-failures-{uuid.uuid4().hex[:16]}.tsv'
+            failure_log = Path(tempfile.gettempdir())/f'aliprod-failures-{uuid.uuid4().hex[:16]}.jsonl'
         self.failure_log = Path(failure_log)
         self._failures = []
 
@@ -492,9 +492,11 @@ class ImageIndexDataset(torch.utils.data.Dataset):
     def path(self, i:int)->str: return self._blob[self._off[i]:self._off[i + 1]].decode()
 
     def _record(self, j:int, e:Exception):
-        err = f'{type(e).__name__}: {e}'.replace('\t', ' ').replace('\n', ' ')[:300]
+        err = f'{type(e).__name__}: {e}'[:300]
         self._failures.append((int(self.rows[j]), self.path(j), err))
-        with open(self.failure_log, 'a') as f: f.write(f'{self.rows[j]}\t{self.path(j)}\t{err}\n')  # one short append: atomic across workers
+        # JSON escapes every newline and tab of the path and the error: one record is one line whatever the file is called
+        line = json.dumps({'row': int(self.rows[j]), 'path': self.path(j), 'error': err}, ensure_ascii=True) + '\n'
+        with open(self.failure_log, 'a') as f: f.write(line)  # one short append: atomic across workers
         log(f'ImageIndexDataset: row {self.rows[j]} ({self.path(j)}) failed to load, served the next valid image: {err}', rank=0)
 
     def __getitem__(self, i:int):
@@ -515,7 +517,9 @@ class ImageIndexDataset(torch.utils.data.Dataset):
         seen = dict()
         if self.failure_log.exists():
             for line in self.failure_log.read_text().splitlines():
-                r, p, e = line.split('\t', 2); seen.setdefault((int(r), p), e)
+                try: rec = json.loads(line)
+                except json.JSONDecodeError: continue  # a line cut by a killed worker: that failure is in its own process's list or lost, never a crash
+                seen.setdefault((int(rec['row']), rec['path']), rec['error'])
         for r, p, e in self._failures: seen.setdefault((r, p), e)
         return [(r, p, e) for (r, p), e in sorted(seen.items())]
 

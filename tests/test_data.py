@@ -147,7 +147,7 @@ def test_dataset_survives_images_vanishing_mid_epoch(tmp_path):
     gone = idx.path.iloc[[3, 4, 50]].tolist()
     for pth in gone: (arts.root/pth).unlink()
     (arts.root/idx.path.iloc[7]).write_bytes(b'garbage')
-    ds = ImageIndexDataset(idx, arts.root, transform=lambda im: torch.zeros(3, 8, 8), failure_log=tmp_path/'failures.tsv')
+    ds = ImageIndexDataset(idx, arts.root, transform=lambda im: torch.zeros(3, 8, 8), failure_log=tmp_path/'failures.jsonl')
     dl = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2)
     n = sum(len(y) for _, y in dl)
     assert n == len(idx)
@@ -207,3 +207,21 @@ def test_phantom_classes_do_not_shift_labels(tmp_path):
     summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
     assert int(summ['class ids seen only on quarantined records (not classes)']) == 3
     assert (tmp_path/'reports'/'t'/'phantom_classes.csv').is_file()
+
+def test_failure_log_survives_newline_and_tab_in_names(tmp_path):
+    "a valid image named new\\nline.jpg (and one with a tab) that breaks after the scan: failures come back intact from DataLoader workers"
+    root = tmp_path/'data'
+    names = ['a.jpg', 'new\nline.jpg', 'tab\there.jpg', 'b.jpg']
+    for i, n in enumerate(names): _jpeg(root/'train'/'c'/n, (60 * i, 10, 10))
+    exp = _exp(tmp_path)
+    arts = prepare_data(exp, DataParams(source='imagefolder', root=str(root)))
+    idx = load_index(exp)
+    assert sorted(Path(p).name for p in idx.path) == sorted(names)           # the scan keeps them: they are valid
+    for n in names[1:3]: (root/'train'/'c'/n).write_bytes(b'\xff\xd8 corrupted after the scan')
+    ds = ImageIndexDataset(idx, arts.root, transform=lambda im: torch.zeros(3, 4, 4), failure_log=tmp_path/'failures.jsonl')
+    n = sum(len(y) for _, y in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2))
+    assert n == len(idx)
+    got = {Path(p).name: (r, e) for r, p, e in ds.failures}
+    assert sorted(got) == sorted(names[1:3])
+    assert {r for r, _ in got.values()} == set(idx[idx.path.str.contains('\n|\t')].row)
+    assert all(json.loads(l)['path'] in idx.path.tolist() for l in (tmp_path/'failures.jsonl').read_text().splitlines())
