@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 import numpy as np, pandas as pd, torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
-                          atomic_write_text, log, params_dict, params_section, project_root, report_dir, run_dir)
+                          atomic_write_text, log, params_dict, params_section, project_relative, project_root, report_dir, run_dir)
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'IMG_EXTENSIONS',
@@ -20,7 +20,7 @@ __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_
            'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
            'read_imagefolder', 'read_source', 'to_rgb', 'load_rgb', 'check_image', 'scan_images', 'write_bad_images',
            'ImageIndexDataset', 'long_tail_counts', 'synthetic_classes', 'synthetic_plan', 'render_synthetic',
-           'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts', 'data_artifacts',
+           'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts', 'data_root', 'data_artifacts',
            'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index', 'data_summary',
            'plot_class_distribution', 'write_data_report', 'prepare_data']
 
@@ -792,18 +792,36 @@ class DataArtifacts:
     dataset_json:Path
     manifest:Path
 
+def _stored_root(root:Path, data_dir:Path)->dict:
+    "How dataset.json names the data root: relative to the data stage's directory (synthetic images), to the project root, or absolute"
+    root = Path(root).absolute()
+    if root.is_relative_to(data_dir.absolute()): return {'root': root.relative_to(data_dir.absolute()).as_posix(), 'root_relative_to': 'dataset.json'}
+    rel = project_relative(root)
+    return {'root': Path(rel).as_posix(), 'root_relative_to': None if Path(rel).is_absolute() else 'project'}
+
+def _resolve_root(info:dict, data_dir:Path)->Path:
+    "The absolute data root that `info` (dataset.json) names, wherever the project now lies"
+    r, base = Path(info['root']), info.get('root_relative_to')
+    if r.is_absolute(): return r
+    return (data_dir/r if base == 'dataset.json' else project_root()/r).resolve()
+
+def data_root(exp:ExperimentParams)->Path:
+    "The absolute data root of `exp`'s index paths (dataset.json stores it relative to the project, so a moved project still finds its images)"
+    d = run_dir(exp, 'data')
+    return _resolve_root(json.loads((d/'dataset.json').read_text()), d) if (d/'dataset.json').exists() else d/'images'
+
 def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     "Where the data stage of `exp` writes (the root is read from dataset.json when it exists)"
     d = run_dir(exp, 'data')
-    root = d/'images'
-    if (d/'dataset.json').exists(): root = Path(json.loads((d/'dataset.json').read_text())['root'])
+    root = data_root(exp)
     return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet', d/'phantom_classes.parquet', d/'dataset.json', d/'manifest.json')
 
 def dataset_info(exp:ExperimentParams)->dict:
-    "The data stage's dataset.json (root, num_classes, source, counts)"
+    "The data stage's dataset.json (num_classes, source, counts), its `root` resolved to an absolute path"
     f = run_dir(exp, 'data')/'dataset.json'
     if not f.exists(): raise FileNotFoundError(f"{f} not found: run the data stage first (aliprod.data.prepare_data, or `aliprod run`)")
-    return json.loads(f.read_text())
+    info = json.loads(f.read_text())
+    return {**info, 'root': str(_resolve_root(info, f.parent))}
 
 def index_path(exp:ExperimentParams, iteration:int=0)->Path:
     "The index file of cleaning iteration `iteration`: runs/<exp>/data/index.parquet for 0, runs/<exp>/clean/<k>/index.parquet after"
@@ -815,7 +833,7 @@ def shot_counts(exp:ExperimentParams)->np.ndarray:
 
 def shot_groups(exp:ExperimentParams)->dict:
     "`evaluate`'s shot-group arguments, from one place: the data stage's class sizes and its `many_threshold`/`few_threshold`"
-    info = json.loads(data_artifacts(exp).dataset_json.read_text())
+    info = dataset_info(exp)
     return {'train_counts': shot_counts(exp), 'many': int(info['many_threshold']), 'few': int(info['few_threshold'])}
 
 def load_index(exp:ExperimentParams, iteration:int=0)->pd.DataFrame:
@@ -952,7 +970,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     atomic_write_parquet(_typed(quarantine, QUARANTINE_COLUMNS), arts.quarantine)
     atomic_write_parquet(conversions, arts.conversions)
     atomic_write_parquet(phantoms, arts.phantom_classes)
-    info = {'root': str(Path(root).resolve()), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
+    info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
             **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
             'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold}

@@ -225,3 +225,37 @@ def test_failure_log_survives_newline_and_tab_in_names(tmp_path):
     assert sorted(got) == sorted(names[1:3])
     assert {r for r, _ in got.values()} == set(idx[idx.path.str.contains('\n|\t')].row)
     assert all(json.loads(l)['path'] in idx.path.tolist() for l in (tmp_path/'failures.jsonl').read_text().splitlines())
+
+_MOVED = '''
+import sys, json
+from aliprod.core import ExperimentParams
+from aliprod.data import DataParams, prepare_data, load_index, data_root, dataset_info, data_artifacts, ImageIndexDataset
+for source in ('imagefolder', 'synthetic'):
+    e = ExperimentParams(experiment=source, runs_dir='runs', reports_dir='reports')
+    arts = prepare_data(e, DataParams(source=source, **({'root': 'data'} if source == 'imagefolder' else {})))
+    ds = ImageIndexDataset(load_index(e), data_root(e))
+    [ds[i] for i in range(len(ds))]
+    print(json.dumps({'source': source, 'root': str(data_root(e)), 'info_root': dataset_info(e)['root'], 'arts_root': str(arts.root),
+                      'failures': len(ds.failures), 'n': len(ds), 'stored': json.loads(arts.dataset_json.read_text())['root']}))
+'''
+
+def test_moved_project_finds_its_images(tmp_path):
+    "dataset.json names the root relative to the project (real data) or to itself (synthetic): a copied project, the original deleted, still loads every image"
+    import subprocess, sys
+    proj = tmp_path/'proj'
+    proj.mkdir(); (proj/'pyproject.toml').write_text('[tool.nbdev]\nlib_name = "aliprod"\n')
+    for i, p in enumerate(['train/cat/1.jpg', 'train/cat/2.jpg', 'train/dog/3.jpg', 'val/dog/4.jpg']): _jpeg(proj/'data'/p, (50 * i, 0, 0))
+    env = {**{k: v for k, v in os.environ.items() if k != 'ALIPROD_ROOT'}, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    def run(where):
+        r = subprocess.run([sys.executable, '-c', _MOVED], cwd=where, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout, [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+    _, first = run(proj)
+    assert [f['stored'] for f in first] == ['data', 'images']                 # relative, not /tmp/.../proj/data
+    moved = tmp_path/'elsewhere'
+    shutil.copytree(proj, moved, symlinks=True); shutil.rmtree(proj)
+    out, again = run(moved)
+    assert out.count('up to date') == 2, out                                  # the data stage does not rerun after the move
+    for f in again:
+        assert f['failures'] == 0 and f['n'] > 0
+        assert Path(f['root']).is_relative_to(moved.resolve()) and f['root'] == f['info_root'] == f['arts_root']
