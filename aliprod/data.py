@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c0052bee
 from __future__ import annotations
-import colorsys, functools, io, json, math, os, re, shutil, tempfile, time, uuid, warnings
+import colorsys, functools, io, json, math, os, re, shutil, struct, tempfile, time, uuid, warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +18,11 @@ from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, expe
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'IMG_EXTENSIONS',
            'SHAPES', 'EMBLEMS', 'PHANTOM_COLUMNS', 'DataParams', 'empty_quarantine', 'ReadResult', 'class_counts',
            'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
-           'read_imagefolder', 'read_source', 'to_rgb', 'load_rgb', 'check_image', 'scan_images', 'write_bad_images',
-           'ImageIndexDataset', 'long_tail_counts', 'synthetic_classes', 'synthetic_plan', 'render_synthetic',
-           'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts', 'data_root', 'data_artifacts',
-           'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index', 'data_summary',
-           'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'read_imagefolder', 'read_source', 'open_image', 'to_rgb', 'load_rgb', 'check_image', 'scan_images',
+           'write_bad_images', 'ImageIndexDataset', 'long_tail_counts', 'synthetic_classes', 'synthetic_plan',
+           'render_synthetic', 'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts',
+           'data_root', 'data_artifacts', 'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index',
+           'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
 
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -235,6 +235,12 @@ def read_aliproducts(root:str|Path,   # data root
                               ('record without class_id or image_id (' + im.loc[~ok, 'source'] + ')').to_numpy()))
         im = im[ok]
         im['class_id'] = im['class_id'].astype(str)
+        # each part on its own: '/abs.jpg' or '../x' in an id must not hide inside split/class_id/image_id
+        prob = path_problems(im['image_id'].astype(str)).where(lambda s: s != '', path_problems(im['class_id']))
+        far = prob != ''
+        qs.append(_quarantine(im[far].assign(path=im.loc[far, 'image_id'].astype(str), label=np.nan, class_name=im.loc[far, 'class_id']), 'outside_root',
+                              (prob[far] + ' in image_id or class_id (' + im.loc[far, 'source'] + ')').to_numpy()))
+        im = im[~far]
         im['path'] = split + '/' + im['class_id'] + '/' + im['image_id'].astype(str)
         recs.append(im[['path', 'class_id', 'split', 'source']].assign(class_name=im['class_id']))
     rec = pd.concat(recs, ignore_index=True)
@@ -335,6 +341,30 @@ def _root_of(p:DataParams)->Path:
     return (r if r.is_absolute() else project_root()/r).resolve()
 
 # %% ../nbs/01_data.ipynb #0613cb7c
+def _open_unguarded(path:Path)->Image.Image:
+    "What `Image.open` does, less its check of the size against the process-wide `Image.MAX_IMAGE_PIXELS` (the caller checks its own limit)"
+    with open(path, 'rb') as f: prefix = f.read(16)
+    for loader in (Image.preinit, Image.init):
+        loader()
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            ok = not accept or accept(prefix)
+            if not ok or isinstance(ok, str): continue  # a str: recognised, but this build cannot read it
+            try: return factory(str(path), str(path))  # the plugin opens (and later closes) the file itself
+            except (SyntaxError, IndexError, TypeError, struct.error): continue
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+
+def open_image(path:str|Path,            # image file
+               max_pixels:int|None=None, # refuse (DecompressionBombError) above width*height; None: PIL's own limit
+              )->Image.Image:
+    "`Image.open` with a decompression-bomb limit of this call only: PIL's global `MAX_IMAGE_PIXELS` neither pre-empts nor is changed"
+    if max_pixels is None: return Image.open(path)
+    im = _open_unguarded(Path(path))
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close(); raise Image.DecompressionBombError(f'{w}x{h} = {w * h:,} pixels > max_pixels={max_pixels:,}')
+    return im
+
 def to_rgb(im:Image.Image)->Image.Image:
     "`im` as 8-bit RGB: alpha composited on white, 16/32-bit grey scaled to 8 bits, CMYK/L/P/YCbCr converted"
     if im.mode == 'RGB': return im
@@ -355,9 +385,10 @@ def to_rgb(im:Image.Image)->Image.Image:
 
 def load_rgb(path:str|Path,          # image file
              draft:int|None=None,    # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while staying >= this size (much faster for big images)
+             max_pixels:int|None=None, # decompression-bomb limit (width*height) instead of PIL's global one; None: PIL's
             )->Image.Image:
     "Open `path` and return it as an 8-bit RGB PIL image, EXIF orientation applied"
-    with Image.open(path) as im:
+    with open_image(path, max_pixels) as im:
         if draft and im.format == 'JPEG': im.draft('RGB', (draft, draft))
         im.load()
         im = ImageOps.exif_transpose(im)
@@ -367,6 +398,9 @@ def load_rgb(path:str|Path,          # image file
 def _conversion(im:Image.Image)->str:
     "How `load_rgb` changes this image's mode, '' for plain RGB"
     m = im.mode
+    raw = im.tile[0][3] if getattr(im, 'tile', None) else None  # the decoder's raw mode: PIL reads 16-bit RGB(A) PNGs as 8-bit modes
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    if m == 'RGB' and isinstance(raw, str) and ';16' in raw: return 'high bit depth reduced to 8 bits'
     if m == 'RGB' and 'transparency' not in im.info: return ''
     if m in ('RGBA', 'LA', 'La', 'PA', 'RGBa') or 'transparency' in im.info or (m == 'P' and im.palette is not None and im.palette.mode == 'RGBA'):
         return 'alpha composited on white'
@@ -389,22 +423,22 @@ def check_image(path:str|Path,            # the image file
         if not path.exists(): return 'missing', 'file not found', '', ''
         if not path.is_file(): return 'missing', 'not a regular file', '', ''
         if path.stat().st_size == 0: return 'zero_byte', 'empty file', '', ''
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels: return 'too_large', f'{w}x{h} = {w * h:,} pixels > max_pixels={max_pixels:,}', im.mode, ''
+        try: im = open_image(path, max_pixels)  # our limit, not PIL's global one
+        except Image.DecompressionBombError as e: return 'too_large', str(e)[:300], '', ''
+        except Exception as e:  # the header does not parse: whatever follows, this is no image (not a truncated one)
+            return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
+        with im:
             mode, conv = im.mode, _conversion(im)
-            im.load()
+            try: im.load()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken pixel data
+                msg = f'{type(e).__name__}: {e}'[:300]
+                # a valid header whose pixel data ends early is truncated; data that does not decode is not
+                return ('truncated' if 'truncated' in msg.lower() else 'undecodable'), msg, '', ''
         return None, '', mode, conv
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e: return 'too_large', str(e)[:300], '', ''
-    except UnidentifiedImageError as e: return 'undecodable', str(e)[:300], '', ''
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
-        msg = f'{type(e).__name__}: {e}'[:300]
-        return ('truncated' if 'truncat' in msg.lower() else 'undecodable'), msg, '', ''
+    except OSError as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
 
 def _check_chunk(paths:list, root:str, max_pixels:int)->list:
-    with warnings.catch_warnings():  # one process per chunk: the filter is local to it
-        warnings.simplefilter('error', Image.DecompressionBombWarning)
-        return [check_image(Path(root)/p, root, max_pixels) for p in paths]
+    return [check_image(Path(root)/p, root, max_pixels) for p in paths]
 
 def _pool(workers:int):
     "A process pool; fork where available (fast start, the package is already imported)"
@@ -438,16 +472,26 @@ def scan_images(index:pd.DataFrame,   # the index (path, label, split)
 # %% ../nbs/01_data.ipynb #40d2a9bb
 def _png_header_only(path:Path, w:int, h:int):
     "A PNG whose IHDR claims w×h pixels but holds a single tiny IDAT: the shape of a decompression bomb"
-    import struct, zlib
+    import zlib
     def chunk(t, d): return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0)) +
                      chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
 
+def _png_rgb16(path:Path, w:int, h:int, rgb:tuple):
+    "A 16-bit-per-channel RGB PNG of one colour (PIL cannot write one)"
+    import zlib
+    def chunk(t, d): return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+    row = b'\0' + struct.pack('>HHH', *rgb) * w
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0)) +
+                     chunk(b'IDAT', zlib.compress(row * h)) + chunk(b'IEND', b''))
+
 def write_bad_images(d:str|Path)->dict:
     "Write one real example of every broken and every fixable image kind under `d`; return {name: expected reason or conversion}"
     d = Path(d); d.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO(); Image.new('RGB', (64, 48), (10, 200, 30)).save(buf, 'JPEG', quality=95)
-    (d/'truncated.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    noisy = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # noise: the pixel data outweighs the header
+    buf = io.BytesIO(); Image.fromarray(noisy).save(buf, 'JPEG', quality=95); jpg = buf.getvalue()
+    (d/'truncated.jpg').write_bytes(jpg[:len(jpg) * 3 // 4])                              # cut inside the pixel data
+    (d/'header_garbage.jpg').write_bytes(jpg[:2] + b'\xff\xe1\xff\xf0' + bytes(range(256)) * 2)  # JPEG magic, then a segment that runs off the end
     (d/'zero.jpg').write_bytes(b'')
     (d/'text.jpg').write_text('this is not an image\n')
     _png_header_only(d/'bomb.png', 30000, 30000)
@@ -459,8 +503,9 @@ def write_bad_images(d:str|Path)->dict:
     Image.new('LA', (8, 8), (0, 0)).save(d/'la.png')                                      # black but fully transparent
     Image.new('L', (8, 8), 77).save(d/'grey.png')
     Image.new('RGBA', (8, 8), (0, 0, 255, 128)).save(d/'rgba.png')                        # half-transparent blue
+    _png_rgb16(d/'rgb16.png', 8, 8, (65535, 0, 32896))                                  # 16 bits per channel
     Image.new('RGB', (8, 8), (1, 2, 3)).save(d/'ok.png')
-    return {'truncated.jpg': 'truncated', 'zero.jpg': 'zero_byte', 'text.jpg': 'undecodable', 'bomb.png': 'too_large',
+    return {'truncated.jpg': 'truncated', 'header_garbage.jpg': 'undecodable', 'rgb16.png': 'high bit depth reduced to 8 bits', 'zero.jpg': 'zero_byte', 'text.jpg': 'undecodable', 'bomb.png': 'too_large',
             'big.png': 'too_large', 'missing.jpg': 'missing', 'cmyk.jpg': 'CMYK converted', 'grey16.png': 'high bit depth scaled to 8-bit grey',
             'palette_transparent.png': 'alpha composited on white', 'la.png': 'alpha composited on white', 'grey.png': 'grey replicated',
             'rgba.png': 'alpha composited on white', 'ok.png': ''}
@@ -475,9 +520,11 @@ class ImageIndexDataset(torch.utils.data.Dataset):
                  with_row:bool=False,        # also return the row id
                  failure_log:str|Path|None=None, # JSON lines file failures are appended to; None: a new temporary file
                  draft:int|None=None,        # passed to `load_rgb`
+                 max_pixels:int|None=None,   # passed to `load_rgb`: the data stage's `max_pixels` (dataset.json) lets through what the scan let through
                  max_tries:int=64,           # consecutive bad images tolerated before giving up
                 ):
         self.root, self.transform, self.with_row, self.draft, self.max_tries = Path(root), transform, with_row, draft, max_tries
+        self.max_pixels = max_pixels
         enc = [p.encode() for p in df['path'].astype(str)]
         self._blob = b''.join(enc)
         self._off = np.concatenate([[0], np.cumsum([len(e) for e in enc], dtype=np.int64)])
@@ -503,7 +550,7 @@ class ImageIndexDataset(torch.utils.data.Dataset):
         n = len(self)
         for k in range(min(n, self.max_tries)):
             j = (int(i) + k) % n
-            try: img = load_rgb(self.root/self.path(j), self.draft)
+            try: img = load_rgb(self.root/self.path(j), self.draft, self.max_pixels)
             except Exception as e:  # any decoding error of one file; transform errors below are bugs and propagate
                 self._record(j, e); continue
             x = self.transform(img) if self.transform is not None else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
@@ -973,7 +1020,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
             **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
-            'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold}
+            'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold, 'max_pixels': p.max_pixels}
     atomic_write_json(arts.dataset_json, info)
     arts = data_artifacts(exp)
     write_data_report(exp, p, arts)

@@ -259,3 +259,54 @@ def test_moved_project_finds_its_images(tmp_path):
     for f in again:
         assert f['failures'] == 0 and f['n'] > 0
         assert Path(f['root']).is_relative_to(moved.resolve()) and f['root'] == f['info_root'] == f['arts_root']
+
+def _bad_kinds(tmp_path):
+    d = tmp_path/'imgs'; expected = write_bad_images(d)
+    return d, expected
+
+def test_header_then_garbage_is_undecodable_not_truncated(tmp_path):
+    from aliprod.data import check_image
+    d, expected = _bad_kinds(tmp_path)
+    assert check_image(d/'header_garbage.jpg')[0] == 'undecodable' and check_image(d/'truncated.jpg')[0] == 'truncated'
+    jpg = (d/'truncated.jpg').read_bytes()
+    (d/'soi_text.jpg').write_bytes(jpg[:4] + b'garbage ' * 200)                # the other shape: magic, then text
+    assert check_image(d/'soi_text.jpg')[0] == 'undecodable'
+
+def test_16bit_rgb_png_counted_as_conversion(tmp_path):
+    from aliprod.data import scan_images
+    d, expected = _bad_kinds(tmp_path)
+    idx = pd.DataFrame({'row': [0, 1], 'path': ['rgb16.png', 'ok.png'], 'label': 0, 'split': 'train'})
+    kept, q, conv = scan_images(idx, d, workers=1)
+    assert len(kept) == 2 and conv.path.tolist() == ['rgb16.png'] and conv.conversion.tolist() == ['high bit depth reduced to 8 bits']
+    assert load_rgb(d/'rgb16.png').getpixel((0, 0)) == (255, 0, 128)
+
+def test_max_pixels_above_pil_limit_is_honoured(tmp_path):
+    from aliprod.data import scan_images, check_image
+    Image.new('1', (9500, 9500)).save(tmp_path/'big.png')                     # 90.25M pixels > PIL's 89.5M
+    Image.new('RGB', (8, 8)).save(tmp_path/'ok.png')
+    idx = pd.DataFrame({'row': [0, 1], 'path': ['big.png', 'ok.png'], 'label': 0, 'split': 'train'})
+    for workers in (1, 2):
+        kept, q, _ = scan_images(idx, tmp_path, max_pixels=100_000_000, workers=workers, chunk=1)
+        assert kept.path.tolist() == ['big.png', 'ok.png'] and len(q) == 0, workers
+        kept, q, _ = scan_images(idx, tmp_path, max_pixels=50_000_000, workers=workers, chunk=1)
+        assert q.reason.tolist() == ['too_large'], workers
+    assert load_rgb(tmp_path/'ok.png', max_pixels=100_000_000).size == (8, 8)
+    assert Image.MAX_IMAGE_PIXELS == 89478485                                  # the process-wide limit is untouched
+
+def test_absolute_image_id_is_outside_root_and_force_rescans_fixed_image(tmp_path):
+    root = tmp_path/'data'
+    _jpeg(root/'train'/'00000'/'a.jpg'); _jpeg(root/'train'/'00000'/'b.jpg')
+    (root/'train'/'00000'/'fixme.jpg').write_bytes(b'not yet')
+    outside = tmp_path/'secret.jpg'; _jpeg(outside)
+    (root/'train.json').write_text(json.dumps({'images': [{'class_id': '00000', 'image_id': 'a.jpg'}, {'class_id': '00000', 'image_id': 'b.jpg'},
+                                                          {'class_id': '00000', 'image_id': str(outside)}, {'class_id': '00000', 'image_id': 'fixme.jpg'}]}))
+    exp, p = _exp(tmp_path), DataParams(source='aliproducts', root=str(root), train_file='train.json')
+    arts = prepare_data(exp, p)
+    q = pd.read_parquet(arts.quarantine).set_index('path')
+    assert q.loc[str(outside), 'reason'] == 'outside_root' and 'absolute path' in q.loc[str(outside), 'detail']
+    assert q.loc['train/00000/fixme.jpg', 'reason'] == 'undecodable'
+    _jpeg(root/'train'/'00000'/'fixme.jpg')                                    # the user fixes the image in place
+    prepare_data(exp, p)
+    assert len(load_index(exp)) == 2                                           # up to date: image files are not in the key
+    prepare_data(exp, p, force=True)
+    assert sorted(load_index(exp).path) == ['train/00000/a.jpg', 'train/00000/b.jpg', 'train/00000/fixme.jpg']
