@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c0052bee
 from __future__ import annotations
-import colorsys, functools, io, json, math, os, re, shutil, struct, tempfile, time, uuid, warnings
+import colorsys, difflib, functools, io, json, math, os, re, shutil, struct, tempfile, time, uuid, warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +16,8 @@ from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, expe
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'IMG_EXTENSIONS',
-           'SHAPES', 'EMBLEMS', 'PHANTOM_COLUMNS', 'DataParams', 'empty_quarantine', 'ReadResult', 'class_counts',
-           'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
+           'SHAPES', 'EMBLEMS', 'PHANTOM_COLUMNS', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult',
+           'class_counts', 'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
            'read_imagefolder', 'read_source', 'open_image', 'to_rgb', 'load_rgb', 'check_image', 'scan_images',
            'write_bad_images', 'ImageIndexDataset', 'long_tail_counts', 'synthetic_classes', 'synthetic_plan',
            'render_synthetic', 'generate_synthetic', 'synthetic_index', 'keep_seen_classes', 'DataArtifacts',
@@ -27,6 +27,19 @@ __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
 SPLITS = ('train', 'val', 'test')
+
+def _split_hint(name)->str:
+    close = difflib.get_close_matches(str(name), SPLITS, n=1, cutoff=0.5)
+    return f". Did you mean '{close[0]}'?" if close else ''
+
+def check_splits(splits, # one split name or a list of them (a parameter's value)
+                 key:str, # the parameter, e.g. '[train] eval_splits', for the message
+                )->list:
+    "`splits` as a list, or a ParamsError naming `key` and the closest valid split: every parameter that names splits uses it"
+    names = [splits] if isinstance(splits, str) else list(splits)
+    for s in names:
+        if s not in SPLITS: raise ParamsError(f"{key}: Unknown split {s!r}; valid: {', '.join(SPLITS)}{_split_hint(s)}")
+    return names
 
 @params_section('data')
 @dataclass
@@ -59,14 +72,20 @@ class DataParams:
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"data.{key}: {msg}")
+        if self.source not in SOURCES:
+            close = difflib.get_close_matches(str(self.source), SOURCES, n=1, cutoff=0.5)
+            bad('source', f"Unknown source {self.source!r}; valid: {', '.join(SOURCES)}" + (f". Did you mean '{close[0]}'?" if close else ''))
+        for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file'):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v.strip()): bad(k, f"must be a path (a non-empty string) or null, got {v!r}")
         for k in ('sibling_noise', 'uniform_noise', 'ood_noise'):
             v = getattr(self, k)
             if not 0 <= v < 1: bad(k, f"must be in [0, 1), got {v}")
         if self.sibling_noise + self.uniform_noise + self.ood_noise >= 1:
             bad('sibling_noise', f"sibling_noise + uniform_noise + ood_noise must be < 1, got {self.sibling_noise + self.uniform_noise + self.ood_noise:g}")
-        for k in ('n_classes', 'family_size', 'min_per_class', 'img_size', 'gen_workers', 'scan_workers', 'max_pixels'):
+        for k in ('n_classes', 'family_size', 'min_per_class', 'max_per_class', 'img_size', 'gen_workers', 'scan_workers', 'max_pixels', 'many_threshold'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
-        for k in ('val_per_class', 'test_per_class'):
+        for k in ('val_per_class', 'test_per_class', 'few_threshold'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.min_per_class > self.max_per_class: bad('min_per_class', f"min_per_class={self.min_per_class} > max_per_class={self.max_per_class}")
         if self.img_size < 16: bad('img_size', f"must be >= 16 pixels, got {self.img_size}")
@@ -209,9 +228,17 @@ def _under(root:Path, f:str|Path)->Path:
     f = Path(f)
     return f if f.is_absolute() else root/f
 
-def _need_file(f:Path, what:str)->Path:
-    if not f.is_file(): raise FileNotFoundError(f"{what} {f} not found; check data.root and the data.*_file keys")
+def _need_file(f:Path, what:str, key:str)->Path:
+    "`f`, or a one-line ParamsError naming the key that points at it"
+    if not f.is_file(): raise ParamsError(f"data.{key}: {what} {f} not found; check data.root and data.{key}")
     return f
+
+def _read_data_text(f:Path, key:str, expected:str)->str:
+    "The text of data file `f` (UTF-8, a byte-order mark allowed), or a one-line ParamsError saying what is wrong with it"
+    try: text = f.read_bytes().decode('utf-8-sig')  # Excel and Notepad write a BOM: read it rather than refuse
+    except UnicodeDecodeError as e: raise ParamsError(f"data.{key}: {f} is not UTF-8 text (byte {e.start}: {e.reason}); expected {expected}") from None
+    if not text.strip(): raise ParamsError(f"data.{key}: {f} is empty; expected {expected}")
+    return text
 
 # %% ../nbs/01_data.ipynb #78714167
 def read_aliproducts(root:str|Path,   # data root
@@ -220,11 +247,13 @@ def read_aliproducts(root:str|Path,   # data root
     "Index the AliProducts challenge JSON files"
     root = Path(root); recs, qs = [], []
     for split, f in files.items():
-        f = _need_file(_under(root, f), f'AliProducts {split} JSON')
-        try: data = json.loads(f.read_text())
-        except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-            raise ValueError(f"{f} must hold {{\"images\": [{{\"class_id\": ..., \"image_id\": ...}}, ...]}}; found keys {list(data)[:5] if isinstance(data, dict) else type(data).__name__}")
+        key, shape = f'{split}_file', '{"images": [{"class_id": ..., "image_id": ...}, ...]}'
+        f = _need_file(_under(root, f), f'AliProducts {split} JSON', key)
+        try: data = json.loads(_read_data_text(f, key, shape))
+        except json.JSONDecodeError as e: raise ParamsError(f"data.{key}: {f} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {shape}") from None
+        if not isinstance(data, dict): raise ParamsError(f"data.{key}: {f} holds a JSON {type(data).__name__} at the top; expected an object {shape}")
+        if 'images' not in data: raise ParamsError(f"data.{key}: {f} has no 'images' key (found {', '.join(map(repr, list(data)[:5])) or 'no keys'}); expected {shape}")
+        if not isinstance(data['images'], list): raise ParamsError(f"data.{key}: {f}: 'images' is a JSON {type(data['images']).__name__}; expected a list {shape}")
         im = pd.DataFrame([r if isinstance(r, dict) else {} for r in data['images']], columns=None)
         for c in ('class_id', 'image_id'):
             if c not in im: im[c] = None
@@ -252,23 +281,26 @@ def read_aliproducts(root:str|Path,   # data root
 # %% ../nbs/01_data.ipynb #ddcb7ea7
 def _read_classes_file(root:Path, classes_file)->pd.DataFrame|None:
     if classes_file is None: return None
-    f = _need_file(_under(root, classes_file), 'classes_file')
-    names = [l.strip() for l in f.read_text().splitlines() if l.strip() and not l.startswith('#')]
+    f = _need_file(_under(root, classes_file), 'classes file', 'classes_file')
+    names = [l.strip() for l in _read_data_text(f, 'classes_file', 'one class name per line').splitlines() if l.strip() and not l.startswith('#')]
     return pd.DataFrame({'label': np.arange(len(names)), 'class_name': names, 'coarse_label': -1})
 
 def read_csv_index(root:str|Path, files:dict, classes_file:str|Path|None=None)->ReadResult:
     "Index CSV files with columns `path,label[,split][,class_name][,coarse_label]` (`files`: split -> CSV)"
     root = Path(root); recs, qs = [], []
     for split, f in files.items():
-        f = _need_file(_under(root, f), f'CSV for {split}')
-        df = pd.read_csv(f, dtype=str, keep_default_na=False, skipinitialspace=True)
+        key, shape = f'{split}_file', 'a CSV with a header line path,label[,split][,class_name][,coarse_label]'
+        f = _need_file(_under(root, f), f'CSV for {split}', key)
+        try: df = pd.read_csv(io.StringIO(_read_data_text(f, key, shape)), dtype=str, keep_default_na=False, skipinitialspace=True)
+        except pd.errors.ParserError as e: raise ParamsError(f"data.{key}: {f} is not a CSV table ({str(e).strip().splitlines()[-1]}); expected {shape}") from None
         df.columns = [c.strip() for c in df.columns]
         missing = {'path', 'label'} - set(df.columns)
-        if missing: raise ValueError(f"{f} lacks column(s) {', '.join(sorted(missing))}; found {', '.join(df.columns)}; expected path,label[,split]")
+        if missing: raise ParamsError(f"data.{key}: {f} lacks column(s) {', '.join(sorted(missing))}; found {', '.join(df.columns)}; expected path,label[,split]")
         df['source'] = f'{f.name}:' + pd.Series(np.arange(2, len(df) + 2), dtype='str') if len(df) else pd.Series([], dtype='str')
         if 'split' not in df: df['split'] = split
         bad = ~df['split'].isin(SPLITS)
-        qs.append(_quarantine(df[bad], 'bad_record', ('split ' + df.loc[bad, 'split'].map(repr) + " is not train, val or test (" + df.loc[bad, 'source'] + ')').to_numpy()))
+        qs.append(_quarantine(df[bad], 'bad_record', ('split ' + df.loc[bad, 'split'].map(repr) + " is not train, val or test" + df.loc[bad, 'split'].map(_split_hint) +
+                                                      " (" + df.loc[bad, 'source'] + ')').to_numpy()))
         recs.append(df[~bad])
     return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs)
 
@@ -276,8 +308,8 @@ def read_list_files(root:str|Path, files:dict, classes_file:str|Path|None=None)-
     "Index list files of `path label [coarse]` lines (`files`: split -> list file)"
     root = Path(root); recs, qs = [], []
     for split, f in files.items():
-        f = _need_file(_under(root, f), f'list file for {split}')
-        lines = pd.Series(f.read_text().splitlines(), dtype='str')
+        f = _need_file(_under(root, f), f'list file for {split}', f'{split}_file')
+        lines = pd.Series(_read_data_text(f, f'{split}_file', '"path label [coarse]" lines').splitlines(), dtype='str')
         src = f'{f.name}:' + pd.Series(np.arange(1, len(lines) + 1), dtype='str')
         s = lines.str.strip()
         keep = (s != '') & ~s.str.startswith('#')
@@ -297,9 +329,9 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     "Index an ImageFolder tree `<root>/<split>/<class_name>/*.jpg`"
     root = Path(root)
-    if not root.is_dir(): raise FileNotFoundError(f"ImageFolder root {root} not found; set data.root")
+    if not root.is_dir(): raise ParamsError(f"data.root: ImageFolder root {root} not found; set data.root")
     present = [s for s in splits if (root/s).is_dir()]
-    if not present: raise FileNotFoundError(f"{root} has none of the split folders {', '.join(splits)}; expected <root>/<split>/<class_name>/*.jpg")
+    if not present: raise ParamsError(f"data.root: {root} has none of the split folders {', '.join(splits)}; expected <root>/<split>/<class_name>/*.jpg")
     rows, qrows = [], []
     for split in present:
         for dirpath, dirnames, filenames in os.walk(root/split):

@@ -310,3 +310,45 @@ def test_absolute_image_id_is_outside_root_and_force_rescans_fixed_image(tmp_pat
     assert len(load_index(exp)) == 2                                           # up to date: image files are not in the key
     prepare_data(exp, p, force=True)
     assert sorted(load_index(exp).path) == ['train/00000/a.jpg', 'train/00000/b.jpg', 'train/00000/fixme.jpg']
+
+@pytest.mark.parametrize('content,says', [
+    (b'not json at all', 'is not valid JSON'), (b'{"imgs": []}', "has no 'images' key (found 'imgs')"),
+    (b'[{"class_id": "0", "image_id": "a.jpg"}]', 'holds a JSON list at the top'), (b'', 'is empty'), (b'  \n', 'is empty'),
+    (b'{"images": 3}', "'images' is a JSON int"), (b'\xff\xfe\x00{', 'is not UTF-8 text')])
+def test_malformed_aliproducts_json_is_one_line_params_error(tmp_path, content, says):
+    root = tmp_path/'data'; root.mkdir(); (root/'train.json').write_bytes(content)
+    with pytest.raises(ParamsError) as e:
+        prepare_data(_exp(tmp_path), DataParams(source='aliproducts', root=str(root), train_file='train.json'))
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith('data.train_file: ') and str(root/'train.json') in msg and says in msg, msg
+
+def test_bom_and_malformed_csv_and_list(tmp_path):
+    root = tmp_path/'data'; _jpeg(root/'a'/'1.jpg'); _jpeg(root/'a'/'2.jpg')
+    (root/'train.json').write_bytes(b'\xef\xbb\xbf' + json.dumps({'images': [{'class_id': 'a', 'image_id': '1.jpg'}]}).encode())
+    _jpeg(root/'train'/'a'/'1.jpg')
+    prepare_data(_exp(tmp_path, 'bom'), DataParams(source='aliproducts', root=str(root), train_file='train.json'))
+    assert len(load_index(_exp(tmp_path, 'bom'))) == 1                        # a UTF-8 BOM is read, not refused
+    (root/'bom.csv').write_bytes(b'\xef\xbb\xbfpath,label\na/1.jpg,0\n')
+    prepare_data(_exp(tmp_path, 'csv'), DataParams(source='csv', root=str(root), train_file='bom.csv'))
+    assert load_index(_exp(tmp_path, 'csv')).path.tolist() == ['a/1.jpg']
+    for name, content, key, says in [('e.csv', b'', 'train_file', 'is empty'), ('nolab.csv', b'file,y\na,1\n', 'train_file', 'lacks column(s) label, path'),
+                                     ('bin.txt', b'\x89PNG\r\n\x1a\n\x00\xff', 'val_file', 'is not UTF-8 text'), ('e.txt', b'', 'train_file', 'is empty')]:
+        (root/name).write_bytes(content)
+        source = 'csv' if name.endswith('.csv') else 'list'
+        with pytest.raises(ParamsError, match=f'data.{key}: .*{name} {says}'.replace('(', r'\(').replace(')', r'\)')):
+            prepare_data(_exp(tmp_path, name.replace('.', '_')), DataParams(source=source, root=str(root), **{key: name}))
+    with pytest.raises(ParamsError, match='data.classes_file: classes file .*nope.txt not found'):
+        prepare_data(_exp(tmp_path, 'x'), DataParams(source='csv', root=str(root), train_file='bom.csv', classes_file='nope.txt'))
+
+def test_params_values_refused_with_the_fix():
+    from aliprod.data import check_splits
+    for kw, says in [({'sibling_noise': 1.5}, 'data.sibling_noise: must be in [0, 1), got 1.5'), ({'ood_noise': -0.1}, 'data.ood_noise'),
+                     ({'sibling_noise': 0.5, 'uniform_noise': 0.5}, 'must be < 1'), ({'n_classes': 0}, 'data.n_classes: must be >= 1'),
+                     ({'max_per_class': 0, 'min_per_class': 1}, 'data.max_per_class'), ({'max_pixels': 0}, 'data.max_pixels'),
+                     ({'scan_workers': 0}, 'data.scan_workers'), ({'few_threshold': -1}, 'data.few_threshold'),
+                     ({'few_threshold': 50, 'many_threshold': 10}, 'few_threshold=50 > many_threshold=10'), ({'many_threshold': 0, 'few_threshold': 0}, 'data.many_threshold'),
+                     ({'source': 'aliproduct'}, "Did you mean 'aliproducts'?"), ({'source': 'csv', 'root': ''}, 'data.root: must be a path')]:
+        with pytest.raises(ParamsError, match=None) as e: DataParams(**kw)
+        assert says in str(e.value), (kw, str(e.value))
+    with pytest.raises(ParamsError) as e: check_splits(['train', 'tset'], '[train] eval_splits')
+    assert str(e.value) == "[train] eval_splits: Unknown split 'tset'; valid: train, val, test. Did you mean 'test'?"
