@@ -274,6 +274,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.images._open_unguarded': ('images.html#_open_unguarded', 'aliprod/images.py'),
                                 'aliprod.images._png_header_only': ('images.html#_png_header_only', 'aliprod/images.py'),
                                 'aliprod.images._png_rgb16': ('images.html#_png_rgb16', 'aliprod/images.py'),
+                                'aliprod.images.available_cpus': ('images.html#available_cpus', 'aliprod/images.py'),
                                 'aliprod.images.check_image': ('images.html#check_image', 'aliprod/images.py'),
                                 'aliprod.images.check_images': ('images.html#check_images', 'aliprod/images.py'),
                                 'aliprod.images.load_rgb': ('images.html#load_rgb', 'aliprod/images.py'),

@@ -63,7 +63,7 @@ class DataParams:
     # validation
     max_pixels:int=64_000_000  # decompression-bomb limit: larger images are quarantined before decoding
     scan_images:bool=True      # decode every indexed image once and quarantine what fails
-    scan_workers:int=2         # processes for the scan
+    scan_workers:int|None=None # processes for the scan; None: one per CPU this process may use
     many_threshold:int=100     # report bands: many-shot > this many train images
     few_threshold:int=20       # few-shot < this many
 
@@ -80,8 +80,9 @@ class DataParams:
             if not 0 <= v < 1: bad(k, f"must be in [0, 1), got {v}")
         if self.sibling_noise + self.uniform_noise + self.ood_noise >= 1:
             bad('sibling_noise', f"sibling_noise + uniform_noise + ood_noise must be < 1, got {self.sibling_noise + self.uniform_noise + self.ood_noise:g}")
-        for k in ('n_classes', 'family_size', 'min_per_class', 'max_per_class', 'img_size', 'gen_workers', 'scan_workers', 'max_pixels', 'many_threshold'):
+        for k in ('n_classes', 'family_size', 'min_per_class', 'max_per_class', 'img_size', 'gen_workers', 'max_pixels', 'many_threshold'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
+        if self.scan_workers is not None and self.scan_workers < 1: bad('scan_workers', f"must be >= 1 or null (one per CPU), got {self.scan_workers}")
         for k in ('val_per_class', 'test_per_class', 'few_threshold'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.min_per_class > self.max_per_class: bad('min_per_class', f"min_per_class={self.min_per_class} > max_per_class={self.max_per_class}")
@@ -369,11 +370,11 @@ def _root_of(p:DataParams)->Path:
     r = Path(p.root)
     return (r if r.is_absolute() else project_root()/r).resolve()
 
-# %% ../nbs/01_data.ipynb #4a093db1
+# %% ../nbs/01_data.ipynb #63d65210
 def scan_images(index:pd.DataFrame,   # the index (path, label, split)
                 root:str|Path,         # the data root
                 max_pixels:int=64_000_000,
-                workers:int=2,         # processes; 1 runs in this process
+                workers:int|None=None, # processes; None: one per CPU; 1 runs in this process
                 chunk:int=256,         # images per task
                )->tuple:
     "Decode every image of `index`; return (kept index, quarantine of the failures, conversions table)"

@@ -351,3 +351,16 @@ def test_params_values_refused_with_the_fix():
         assert says in str(e.value), (kw, str(e.value))
     with pytest.raises(ParamsError) as e: check_splits(['train', 'tset'], '[train] eval_splits')
     assert str(e.value) == "[train] eval_splits: Unknown split 'tset'; valid: train, val, test. Did you mean 'test'?"
+
+def test_scan_speed_benchmark_small(tmp_path):
+    "benchmarks/scan_speed.py at a tiny size: runs, writes its JSON, and the fast scan catches every bad kind the full decode does"
+    import subprocess, sys
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path/'scan_speed.json'
+    r = subprocess.run([sys.executable, str(root/'benchmarks'/'scan_speed.py'), '--n', '6', '--size', '96', '--repeats', '1', '--workers', '2', '--out', str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res['per_core']) == {'pil_open_load', 'pil_verify', 'scan_full', 'scan'} and all(v > 0 for v in res['per_core'].values())
+    assert res['battery_all_caught'] and res['battery']['photo_truncated.jpg']['fast'] == 'truncated'
+    assert res['pool']['workers'] == 2 and res['aliproducts_16_cores_extrapolated_min'] > 0 and 'images/s' in r.stdout
