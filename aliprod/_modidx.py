@@ -127,6 +127,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'aliprod.data.path_problems': ('data.html#path_problems', 'aliprod/data.py'),
                               'aliprod.data.plot_class_distribution': ('data.html#plot_class_distribution', 'aliprod/data.py'),
                               'aliprod.data.prepare_data': ('data.html#prepare_data', 'aliprod/data.py'),
+                              'aliprod.data.quarantine_reasons': ('data.html#quarantine_reasons', 'aliprod/data.py'),
                               'aliprod.data.read_aliproducts': ('data.html#read_aliproducts', 'aliprod/data.py'),
                               'aliprod.data.read_csv_index': ('data.html#read_csv_index', 'aliprod/data.py'),
                               'aliprod.data.read_imagefolder': ('data.html#read_imagefolder', 'aliprod/data.py'),

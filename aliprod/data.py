@@ -14,12 +14,12 @@ from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, expe
 from .images import SCAN_REASONS, check_images
 
 # %% auto #0
-__all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'IMG_EXTENSIONS',
-           'PHANTOM_COLUMNS', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult', 'class_counts',
-           'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
+__all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'REASON_MEANING',
+           'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult',
+           'class_counts', 'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
            'read_imagefolder', 'read_source', 'scan_images', 'keep_seen_classes', 'DataArtifacts', 'data_root',
-           'data_artifacts', 'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index', 'data_summary',
-           'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'data_artifacts', 'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index',
+           'quarantine_reasons', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
 
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -105,6 +105,10 @@ QUARANTINE_COLUMNS = {'path':'str', 'label':'Int64', 'class_name':'str', 'split'
 CLASSES_COLUMNS = ['label', 'class_name', 'coarse_label', 'n_train', 'n_val', 'n_test']
 # the readers' reasons, then the image check's (aliprod.images)
 QUARANTINE_REASONS = ('bad_label', 'bad_record', 'duplicate_path', 'unsupported_extension') + SCAN_REASONS
+REASON_MEANING = {'bad_label': 'label not an integer class of the dataset', 'bad_record': 'record without a path or label, or with an unknown split',
+                  'duplicate_path': 'path listed again (the first listing is kept)', 'unsupported_extension': 'file type is not an image',
+                  'outside_root': 'path or symlink leads outside the data root', 'missing': 'file not found', 'zero_byte': 'empty file',
+                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels'}
 
 def _typed(df:pd.DataFrame, columns:dict)->pd.DataFrame:
     "`df` with exactly `columns`, in order, cast to their dtypes"
@@ -501,6 +505,12 @@ def _source_inputs(p:DataParams)->list:
     if p.source == 'imagefolder': return [root]
     return [_under(root, f) for f in (p.train_file, p.val_file, p.test_file, p.classes_file) if f]
 
+def quarantine_reasons(quarantine:pd.DataFrame)->pd.DataFrame:
+    "Every quarantine reason with its count (0 included) and meaning, in QUARANTINE_REASONS order; unknown reasons last"
+    n = quarantine['reason'].value_counts()
+    reasons = list(QUARANTINE_REASONS) + sorted(set(n.index) - set(QUARANTINE_REASONS))
+    return pd.DataFrame({'reason': reasons, 'count': [int(n.get(r, 0)) for r in reasons], 'meaning': [REASON_MEANING.get(r, '') for r in reasons]})
+
 def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams, phantoms:pd.DataFrame|None=None)->pd.DataFrame:
     "One table of the numbers a report quotes: classes, images per split, imbalance, bands, noise rates, quarantined, converted"
     n_train = classes['n_train'].to_numpy(); pos = n_train[n_train > 0]
@@ -515,7 +525,7 @@ def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFra
     if len(tr) and (tr['noise_kind'] != '').all():
         for kname in ('sibling', 'uniform', 'ood'): rows.append((f'{kname} noise rate (train)', round(float((tr['noise_kind'] == kname).mean()), 4)))
         rows.append(('label noise rate (train)', round(float((tr['noise_kind'] != 'clean').mean()), 4)))
-    rows += [('quarantined images', len(quarantine))] + [(f'quarantined: {r}', int(n)) for r, n in quarantine['reason'].value_counts().sort_index().items()]
+    rows += [('quarantined images', len(quarantine))] + [(f'quarantined: {r}', int(n)) for r, n in quarantine_reasons(quarantine)[['reason', 'count']].itertuples(index=False)]
     if phantoms is not None: rows.append(('class ids seen only on quarantined records (not classes)', int((phantoms['action'] == 'not a class (no kept image)').sum())))
     rows += [('converted to RGB', len(conversions))] + [(f'converted: {m}', int(n)) for m, n in conversions['mode'].value_counts().sort_index().items()]
     return pd.DataFrame(rows, columns=['metric', 'value']).astype({'value': 'str'})
@@ -554,16 +564,20 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
     rd = report_dir(exp)
     out = {k: rd/f for k, f in [('figure', 'class_distribution.png'), ('summary_csv', 'data_summary.csv'), ('summary_md', 'data_summary.md'),
                                  ('quarantine_csv', 'quarantine.csv'), ('quarantine_md', 'quarantine.md'),
-                                 ('phantom_csv', 'phantom_classes.csv')]}
+                                 ('phantom_csv', 'phantom_classes.csv'), ('reasons_csv', 'quarantine_reasons.csv')]}
     fig = plot_class_distribution(classes, p.many_threshold, p.few_threshold)
     with atomic_path(out['figure']) as t: fig.savefig(t, format='png')
     summ = data_summary(index, classes, quarantine, conversions, p, phantoms)
     atomic_write_text(out['summary_csv'], summ.to_csv(index=False))
     atomic_write_text(out['summary_md'], f'## Data: {exp.experiment}\n\n' + markdown_table(summ))
-    atomic_write_text(out['quarantine_csv'], quarantine.to_csv(index=False))
+    reasons = quarantine_reasons(quarantine)
+    atomic_write_text(out['reasons_csv'], reasons.to_csv(index=False))
+    # one row per quarantined record, grouped by reason, each saying how many share it
+    per_row = quarantine.assign(reason_count=quarantine['reason'].map(reasons.set_index('reason')['count'])).sort_values(['reason', 'path'], kind='stable')
+    atomic_write_text(out['quarantine_csv'], per_row.to_csv(index=False))
     qmd = markdown_table(quarantine) if len(quarantine) else markdown_table(quarantine) + '\nNo image was quarantined.\n'
     pmd = ('' if not len(phantoms) else f'\n## Class ids seen only on quarantined records ({len(phantoms)})\n\n' + markdown_table(phantoms))
-    atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + qmd + pmd)
+    atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + markdown_table(reasons) + '\n' + qmd + pmd)
     atomic_write_text(out['phantom_csv'], phantoms.to_csv(index=False))
     return out
 
@@ -580,7 +594,7 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
     run.ensure(lambda: _prepare_data(exp, p, out), what=f'indexing {p.source} data')
     arts = data_artifacts(exp)
     rep = report_dir(exp)
-    if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv')): write_data_report(exp, p, arts)
+    if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv', 'quarantine_reasons.csv')): write_data_report(exp, p, arts)
     return arts
 
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:

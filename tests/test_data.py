@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from aliprod.core import ExperimentParams, ParamsError
-from aliprod.data import (DataParams, QUARANTINE_COLUMNS, INDEX_COLUMNS, CLASSES_COLUMNS, class_counts, dataset_info, load_index, prepare_data)
+from aliprod.data import (DataParams, QUARANTINE_COLUMNS, QUARANTINE_REASONS, INDEX_COLUMNS, CLASSES_COLUMNS, class_counts, dataset_info, load_index, prepare_data)
 from aliprod.images import ImageIndexDataset, write_bad_images, load_rgb
 from aliprod.synthetic import synthetic_index
 
@@ -114,6 +114,14 @@ def test_imagefolder_end_to_end_every_row_accounted(tmp_path):
     assert 'truncated.jpg' in md and 'too_large' in md
     summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
     assert int(summ['quarantined images']) == len(q) and int(summ['converted to RGB']) == len(conv)
+    # every reason with its count, in the validation table, quarantine_reasons.csv and quarantine.csv
+    counts = q.reason.value_counts()
+    for r in QUARANTINE_REASONS: assert int(summ[f'quarantined: {r}']) == counts.get(r, 0), r
+    rc = pd.read_csv(tmp_path/'reports'/'t'/'quarantine_reasons.csv').set_index('reason')['count']
+    assert rc.index.tolist() == list(QUARANTINE_REASONS) and rc.sum() == len(q) and (rc[rc > 0] == counts.reindex(rc[rc > 0].index)).all()
+    qc = pd.read_csv(tmp_path/'reports'/'t'/'quarantine.csv')
+    assert len(qc) == len(q) and (qc.reason_count == qc.reason.map(counts)).all() and qc.reason.is_monotonic_increasing
+    assert 'reason | count | meaning' in md
 
 def test_csv_and_list_and_json_through_prepare_data(tmp_path):
     root = tmp_path/'data'
@@ -364,3 +372,42 @@ def test_scan_speed_benchmark_small(tmp_path):
     assert set(res['per_core']) == {'pil_open_load', 'pil_verify', 'scan_full', 'scan'} and all(v > 0 for v in res['per_core'].values())
     assert res['battery_all_caught'] and res['battery']['photo_truncated.jpg']['fast'] == 'truncated'
     assert res['pool']['workers'] == 2 and res['aliproducts_16_cores_extrapolated_min'] > 0 and 'images/s' in r.stdout
+
+def test_aliproducts_battery_every_record_accounted(tmp_path):
+    "One AliProducts-JSON set holding every bad kind: each record indexed or quarantined with its reason, convertible images counted, no phantom label"
+    root = tmp_path/'data'; cdir = root/'train'/'00000'
+    expected = write_bad_images(cdir)                                           # broken and convertible kinds (missing.jpg is not written)
+    for i in range(4): _jpeg(cdir/f'good{i}.jpg', (30 * i, 90, 20))
+    Image.new('RGB', (1, 1), (9, 9, 9)).save(cdir/'one.png'); expected['one.png'] = ''
+    outside = tmp_path/'outside.jpg'; _jpeg(outside); (cdir/'link.jpg').symlink_to(outside); expected['link.jpg'] = 'outside_root'
+    _jpeg(root/'train'/'00001'/'a.jpg'); _jpeg(root/'val'/'00001'/'v.jpg')
+    (root/'train'/'00002').mkdir(); (root/'train'/'00002'/'t.jpg').write_bytes((cdir/'truncated.jpg').read_bytes())  # a class whose only image is broken
+    recs = [{'class_id': '00000', 'image_id': n} for n in [*expected, *(f'good{i}.jpg' for i in range(4))]]
+    recs += [{'class_id': '00001', 'image_id': 'a.jpg'}, {'class_id': '00002', 'image_id': 't.jpg'},
+             {'class_id': '00000', 'image_id': 'good0.jpg'},                                  # duplicate
+             {'class_id': '00000', 'image_id': '../00001/a.jpg'}, {'class_id': '00000', 'image_id': str(outside)},  # .. and absolute
+             {'class_id': 3, 'image_id': 'good1.jpg'}, {'class_id': '../../x', 'image_id': 'good1.jpg'},      # integer and path-like class ids
+             {'class_id': '00000'}, {'image_id': 'good2.jpg'}, 'not a record']                # bad records
+    (root/'train.json').write_text(json.dumps({'images': recs}))
+    (root/'val.json').write_text(json.dumps({'images': [{'class_id': '00001', 'image_id': 'v.jpg'}]}))
+    exp = _exp(tmp_path)
+    arts = prepare_data(exp, DataParams(source='aliproducts', root=str(root), train_file='train.json', val_file='val.json', max_pixels=10_000_000))
+    idx, q, conv, cls = load_index(exp), pd.read_parquet(arts.quarantine), pd.read_parquet(arts.conversions), pd.read_parquet(arts.classes)
+    assert len(idx) + len(q) == len(recs) + 1
+    why = dict(zip(q.path, q.reason))
+    for n, want in expected.items():
+        if want in ('truncated', 'zero_byte', 'undecodable', 'too_large', 'outside_root', 'missing'): assert why[f'train/00000/{n}'] == want, n
+        else: assert f'train/00000/{n}' in set(idx.path), n
+    assert why['../00001/a.jpg'] == 'outside_root' and why[str(outside)] == 'outside_root' and why['train/00000/good0.jpg'] == 'duplicate_path'
+    assert why['train/3/good1.jpg'] == 'missing' and why['good1.jpg'] == 'outside_root' and why['train/00002/t.jpg'] == 'truncated'
+    assert (q.reason == 'bad_record').sum() == 3
+    assert {Path(p).name: c for p, c in zip(conv.path, conv.conversion)} == {k: v for k, v in expected.items() if v and v not in QUARANTINE_REASONS}
+    assert cls.class_name.tolist() == ['00000', '00001'] and (cls.n_train > 0).all()              # 00002, 3, ../../x are no classes
+    assert sorted(pd.read_parquet(arts.phantom_classes).class_name) == ['../../x', '00002', '3']
+    assert two_runs_identical(tmp_path, root)
+
+def two_runs_identical(tmp_path, root)->bool:
+    "Two runs of the same parameters write byte-identical index, classes and quarantine"
+    p = DataParams(source='aliproducts', root=str(root), train_file='train.json', val_file='val.json', max_pixels=10_000_000)
+    a, b = prepare_data(_exp(tmp_path, 'r1'), p), prepare_data(_exp(tmp_path, 'r2'), p)
+    return all(Path(getattr(a, k)).read_bytes() == Path(getattr(b, k)).read_bytes() for k in ('index', 'classes', 'quarantine', 'conversions', 'phantom_classes'))
