@@ -339,7 +339,7 @@ class LIOCallback(FineGrainedCallback):
         ds = self.learn.dls.train.dataset
         if self.positives and not hasattr(ds, 'labels'):
             raise TypeError(f"LIOCallback(positives={self.positives}) draws same-class images from the training dataset by its `labels` array "
-                            f"(aliprod.data.ImageIndexDataset has one); {type(ds).__name__} has none. Use positives=0 to rely on batch mates only")
+                            f"(aliprod.images.ImageIndexDataset has one); {type(ds).__name__} has none. Use positives=0 to rely on batch mates only")
         if self.positives:
             y = np.asarray(ds.labels)
             order = np.argsort(y, kind='stable')
