@@ -12,12 +12,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name',
-           'ExperimentParams', 'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything',
-           'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir', 'atomic_path',
-           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save',
-           'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'project_relative',
-           'StageRun', 'stage_lock', 'hardware', 'markdown_table']
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError', 'params_section', 'section_class',
+           'check_name', 'ExperimentParams', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
+           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
+           'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
+           'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version',
+           'project_relative', 'StageRun', 'stage_lock', 'hardware', 'in_stage_run', 'skip_to_stage_run',
+           'markdown_table']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -66,7 +67,7 @@ def section_class(name:str)->type:
         raise ParamsError(f"Unknown section '{name}'; this version has: {', '.join(['experiment keys', *known])}")
     return _SECTIONS[name]
 
-# %% ../nbs/00_core.ipynb #3c31769e
+# %% ../nbs/00_core.ipynb #31763470
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 
 def check_name(name:str, # a value that becomes one directory name under runs/ or reports/
@@ -201,6 +202,10 @@ def load_params_file(path:str|Path, # YAML file, relative to the project root un
             raise ParamsError(f"Unknown key '{k}' at the top of {path}; valid: {', '.join(sorted(exp_keys))} and sections "
                               f"{', '.join(SECTION_MODULES)}.{_did_you_mean(k, [*exp_keys, *SECTION_MODULES])}") from None
         out[k] = check_section(cls, v, str(path))
+    for k, vals in out.items():  # values too, not only types: each section's own checks (__post_init__) run here
+        try: section_class(k)(**vals)
+        except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e: raise ParamsError(f"{path} [{k}]: {e}") from None
     return out
 
 
@@ -509,6 +514,31 @@ def hardware()->dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
             'gpu': gpu, 'gpus': torch.cuda.device_count()}
+
+# %% ../nbs/00_core.ipynb #f40a7790
+STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
+
+def in_stage_run()->bool:
+    "True in a kernel executing a notebook in batch (papermill / nbclient: in-memory IPython history) outside `nbdev-test`"
+    if os.environ.get('IN_TEST'): return False
+    try: from IPython import get_ipython
+    except ImportError: return False
+    ip = get_ipython()
+    return (ip is not None and type(ip).__name__ == 'ZMQInteractiveShell'
+            and str(getattr(getattr(ip, 'history_manager', None), 'hist_file', '')) == ':memory:')
+
+def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
+                     )->bool:
+    "In a stage run, make every following cell a no-op until the `parameters` cell; return whether skipping is on"
+    from IPython import get_ipython
+    ip = get_ipython()
+    if ip is None or not (in_stage_run() if active is None else active): return False
+    state = {'skipping': True}
+    def _skip_until_parameters(lines:list[str])->list[str]:
+        if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False
+        return ['pass\n'] if state['skipping'] else lines
+    ip.input_transformers_cleanup.append(_skip_until_parameters)
+    return True
 
 # %% ../nbs/00_core.ipynb #0eb41e4a
 def markdown_table(df, # a pandas DataFrame

@@ -8,15 +8,32 @@ import argparse, itertools, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
-                          atomic_write_json, atomic_path, params_section, ExperimentParams)
+                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean)
 
 # %% auto #0
-__all__ = ['STAGE_ORDER', 'STAGE_DIRS', 'PipelineParams', 'grid_runs', 'stage_notebooks', 'StageFailed', 'run_stage',
-           'render_html', 'run_pipeline', 'main']
+__all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'stage_notebooks',
+           'die_with_parent', 'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
-STAGE_ORDER = ('train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'report')
-STAGE_DIRS = {'finegrained': 'train-finegrained-'}  # where a stage's runs live under runs/<experiment>/, when not under its own name
+@dataclass(frozen=True)
+class Stage:
+    "One stage of the pipeline: its notebook, where its runs live and what it writes"
+    name:str      # the stage's name: `aliprod run --stages <name>`, the `pipeline.stages` entries
+    notebook:str  # its notebook in nbs/, executed by papermill
+    runs:str      # prefix of its run directories under runs/<experiment>/ ('' for none)
+    writes:str    # what it writes, in one line (the README's table says the same)
+
+# The pipeline's stages, in their default order: the one list `aliprod run`, the README and the tests read.
+STAGES = (
+    Stage('train', '02_train.ipynb', 'train', 'model.pth, checkpoints, history, metrics, top-k predictions per split'),
+    Stage('finegrained', '02b_finegrained.ipynb', 'train-finegrained-', 'plain / DCL / LIO finetunes of the trained model and their comparison'),
+    Stage('clean', '03_clean.ipynb', 'clean', 'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k'),
+    Stage('rebalance', '04_rebalance.ipynb', 'rebalance', 'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions'),
+    Stage('tta', '05_tta.ipynb', 'tta', 'FixRes enlarge + ten-crop predictions per variant'),
+    Stage('ensemble', '06_ensemble.ipynb', 'ensemble', 'top-k average (or sum) of the members\' predictions'),
+    Stage('report', '07_report.ipynb', '', 'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
+)
+STAGE_ORDER = tuple(s.name for s in STAGES)
 
 @params_section('pipeline')
 @dataclass
@@ -26,7 +43,9 @@ class PipelineParams:
     grid:dict[str, list]|None=None # {'section.key': [values]}: one run per combination, experiment '<experiment>-<key><value>...'
     def __post_init__(self):
         bad = [s for s in (self.stages or []) if s not in STAGE_ORDER]
-        if bad: raise ParamsError(f"Unknown stage {bad[0]!r} in [pipeline] stages; valid: {', '.join(STAGE_ORDER)}")
+        if bad: raise ParamsError(f"Unknown stage {bad[0]!r} in [pipeline] stages; valid: {', '.join(STAGE_ORDER)}.{_did_you_mean(bad[0], STAGE_ORDER)}")
+        dup = sorted({s for s in (self.stages or []) if self.stages.count(s) > 1})
+        if dup: raise ParamsError(f"[pipeline] stages lists {dup[0]!r} twice")
         for name, values in (self.grid or {}).items():
             sec, _, key = name.partition('.')
             if not key or sec == 'experiment': raise ParamsError(f"[pipeline] grid key {name!r} must be 'section.key', e.g. 'train.label_smoothing'")
@@ -48,17 +67,22 @@ def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
 # %% ../nbs/08_pipeline.ipynb #20fbf7d4
 def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; default: <project root>/nbs
                    )->dict[str, Path]:
-    "Stage name -> notebook for the stage notebooks present (`NN_name.ipynb` or `NNx_name.ipynb`, NN from 02 to 07), in pipeline order"
+    "Stage name -> notebook, for the declared `STAGES` whose notebook is present in `nbs_dir`, in pipeline order"
     d = Path(nbs_dir) if nbs_dir is not None else project_root()/'nbs'
-    found = {}
-    for nb in sorted(d.glob('0[2-7]*_*.ipynb')):
-        m = re.match(r'\d\d[a-z]?_(.+)\.ipynb', nb.name)
-        if m is None: continue
-        name = m.group(1)
-        if name in STAGE_ORDER: found[name] = nb
-    return {s: found[s] for s in STAGE_ORDER if s in found}
+    return {s.name: d/s.notebook for s in STAGES if (d/s.notebook).is_file()}
 
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
+def die_with_parent():
+    "Ask Linux to SIGKILL this process the moment its parent dies (no-op elsewhere): a stage's kernel must not outlive `aliprod run`"
+    if not sys.platform.startswith('linux'): return
+    import ctypes, signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+# ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
+# its parent poller notices (about a second) and can still write a stage's files
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.pipeline import die_with_parent as _die_with_parent; _die_with_parent()"]']
+
 class StageFailed(RuntimeError):
     "A stage notebook failed; the message names the stage, the cell and the error, and where the executed notebook is"
 
@@ -88,7 +112,7 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     t0 = time.time()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(project_root()), log_output=log_output,
-                            progress_bar=False, kernel_name='python3')
+                            progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS)
     except pm.PapermillExecutionError as e:
         line = next((l for l in (e.source or '').splitlines() if l.strip() and not l.startswith('#')), '')[:100]
         raise StageFailed(f"Stage '{stage}' failed in cell {e.cell_index} `{line}`: {e.ename}: {e.evalue}\n"
@@ -141,7 +165,7 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
             before = _manifests(exp)
             executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
             after = _manifests(exp)
-            if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(STAGE_DIRS.get(s, s)) for m in after):
+            if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(_runs_prefix(s)) for m in after):
                 log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
     return executed
 
@@ -149,11 +173,15 @@ def _manifests(exp:ExperimentParams)->dict:
     "Manifest path -> modification time, for every stage of the experiment"
     return {m: m.stat().st_mtime_ns for m in experiment_dir(exp).glob('**/manifest.json')}
 
+def _runs_prefix(stage:str)->str:
+    return next((s.runs for s in STAGES if s.name == stage), stage)
+
 def _forget(exp:ExperimentParams, stages:list[str]):
     "Delete the manifests of `stages` so they are seen as not done (their outputs stay until rewritten)"
     base = experiment_dir(exp)
     for s in stages:
-        for m in base.glob(f'{STAGE_DIRS.get(s, s)}*/**/manifest.json'): m.unlink()
+        if not _runs_prefix(s): continue   # the report has no run directory: it is rewritten every run
+        for m in base.glob(f'{_runs_prefix(s)}*/**/manifest.json'): m.unlink()
 
 # %% ../nbs/08_pipeline.ipynb #5dbf576f
 def main(argv:list[str]|None=None)->int:
@@ -166,6 +194,7 @@ def main(argv:list[str]|None=None)->int:
     r.add_argument('--dry-run', action='store_true', help='show what would run')
     c = sub.add_parser('check', help='validate a parameter file'); c.add_argument('params')
     d = sub.add_parser('data', help='prepare the data of a parameter file'); d.add_argument('params')
+    d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')
     a = ap.parse_args(argv)
     try:
         if a.cmd == 'check':
@@ -173,7 +202,10 @@ def main(argv:list[str]|None=None)->int:
             print(f"{a.params}: OK (sections: {', '.join(cfg)})")
         elif a.cmd == 'data':
             from aliprod.data import prepare_data
-            art = prepare_data(resolve_params('experiment', a.params), resolve_params('data', a.params))
+            load_params_file(a.params)
+            exp = resolve_params('experiment', a.params)
+            if a.force: _forget(exp, ['data'])
+            art = prepare_data(exp, resolve_params('data', a.params))
             print(f"index: {art.index}")
         else:
             run_pipeline(a.params, a.stages, a.force, a.dry_run)
