@@ -231,7 +231,7 @@ def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, 
     rows = index['row'].to_numpy(np.int64) if 'row' in index else np.arange(N, dtype=np.int64)
     return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32), K)
 
-# %% ../nbs/03_clean.ipynb #cfd9dad1
+# %% ../nbs/03_clean.ipynb #e32df7df
 RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'evidence_is_label', 'below_relabel_threshold')
 
 def relabel_decision(t:TopK,              # predictions of the training samples
@@ -433,7 +433,7 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
     fig.suptitle(title, fontsize=10); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/03_clean.ipynb #5aa750fe
+# %% ../nbs/03_clean.ipynb #b3a8372b
 @dataclass
 class CleanArtifacts:
     "What one cleaning iteration wrote (and, from `clean_stage`, the stage's tables and figures)"
@@ -457,7 +457,7 @@ def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int
     from aliprod.train import train_stage
     return Path(train_stage(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
 
-# %% ../nbs/03_clean.ipynb #87b4691e
+# %% ../nbs/03_clean.ipynb #b7cb4db3
 def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
                          predictions_of=None, # (iteration, fold, folds) -> predictions file; default: the train stage's (`train_predictions`)
                         )->tuple[TopK, list[Path]]:
@@ -493,7 +493,7 @@ def write_index(new:pd.DataFrame, path:Path, like:Path):
     table = pa.Table.from_pandas(new, schema=schema, preserve_index=False)
     with atomic_path(path) as tmp: pq.write_table(table, tmp)
 
-# %% ../nbs/03_clean.ipynb #0c84d309
+# %% ../nbs/03_clean.ipynb #f75dd7dc
 def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:bool=False):
     "Refuse, before any training, a clean stage that cannot run: no labelled training rows, no training predictions, missing agreement models"
     from aliprod.data import load_index
@@ -551,7 +551,7 @@ def _noise_rate(train:pd.DataFrame)->float|None:
     noisy, known = is_noisy(train)
     return float(noisy[known].mean()) if known.any() else None
 
-# %% ../nbs/03_clean.ipynb #0472076d
+# %% ../nbs/03_clean.ipynb #6734d176
 def _err(m:dict, split:str, key:str='mean_class_err'):
     v = m.get(split, {})
     return v.get(key) if isinstance(v, dict) else None
@@ -591,7 +591,7 @@ def relabel_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
         if s.get('relabel_outcomes'): rows.append({'iteration': k, **s['relabel_outcomes'], 'relabels_recover_clean_label': s.get('relabels_recover_clean_label')})
     return pd.DataFrame(rows)
 
-# %% ../nbs/03_clean.ipynb #645898fd
+# %% ../nbs/03_clean.ipynb #0c393b3e
 def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Model error and index noise over cleaning rounds"
     import matplotlib.pyplot as plt
@@ -635,7 +635,7 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         for name, f in figs.items(): f.savefig(report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
-# %% ../nbs/03_clean.ipynb #0c2db9d1
+# %% ../nbs/03_clean.ipynb #1e28e998
 def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
