@@ -129,17 +129,16 @@ def _top1_predictions(pred:np.ndarray, data:Features, num_classes:int)->TopK:
 
 def sweep_tau(weight:Tensor, bias:Tensor|None,
               val:Features,                 # the split τ is chosen on (the stage passes validation)
-              train_counts,                 # (K,) training images per class, for many/medium/few
+              groups:dict,                  # evaluate's shot groups: {'train_counts': (K,) counts, 'many', 'few'} (`aliprod.data.shot_groups(exp)`)
               grid=tuple(np.round(np.linspace(0, 2, 21), 2)), # τ values
               bias_mode:TauBias='drop',
-              many:int=100, few:int=20,     # shot thresholds on the training count
               batch_size:int=4096, device='cpu',
              )->pd.DataFrame:
     "Accuracy of the τ-normalised classifier on `val` for each τ in `grid`: columns tau, many, medium, few, all, top1"
     rows = []
     for tau in grid:
         pred = head_top1(tau_normalized_head(weight, bias, float(tau), bias_mode), val.feats, batch_size, device)
-        m = evaluate(_top1_predictions(pred, val, weight.shape[0]), train_counts=np.asarray(train_counts), topk=(1,), many=many, few=few)
+        m = evaluate(_top1_predictions(pred, val, weight.shape[0]), **groups, topk=(1,))
         rows.append({'tau': float(tau), 'many': m['many_acc'], 'medium': m['medium_acc'], 'few': m['few_acc'],
                      'all': 1 - m['mean_class_err'], 'top1': 1 - m['top1_err']})
     return pd.DataFrame(rows)
@@ -351,7 +350,7 @@ def fit_method(method:str,
     fit = dict(lr=None, samples_per_epoch=p.samples_per_epoch, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=seed, device=device)
     if method == 'tau_norm':
         w, b = _linear_parts(classifier)
-        sweep = sweep_tau(w, b, val, groups['train_counts'], p.tau_grid, p.tau_bias, **{k: groups[k] for k in ('many', 'few') if k in groups}, device=device)
+        sweep = sweep_tau(w, b, val, groups, p.tau_grid, p.tau_bias, device=device)
         tau = choose_tau(sweep)
         return tau_normalized_head(w, b, tau, p.tau_bias), {'tau': tau, 'sweep': sweep}
     if method == 'ncm': return class_means(train, K, p.ncm_norm), {'images': len(train)}

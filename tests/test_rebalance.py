@@ -64,7 +64,7 @@ def test_tau_is_chosen_on_validation_not_test(long_tail):
         assert res['tau_norm'].info['tau'] == clean['tau_norm'].info['tau']
         assert res['tau_norm'].info['sweep'].equals(clean['tau_norm'].info['sweep'])
     # ... while a τ chosen on the poisoned split would have moved
-    on_test = choose_tau(sweep_tau(*_linear_parts(trained), head_imgs, class_counts(splits['train'].labels, K), p.tau_grid))
+    on_test = choose_tau(sweep_tau(*_linear_parts(trained), head_imgs, {'train_counts': class_counts(splits['train'].labels, K)}, p.tau_grid))
     assert on_test != clean['tau_norm'].info['tau']
 
 
