@@ -34,12 +34,12 @@ class CleanParams:
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
-    relabel_evidence:Literal['confident_learning','suggest']='confident_learning' # relabel: what names the new class (below)
-    relabel_threshold:float=0.9    # relabel_evidence 'suggest': the suggested class needs at least this probability, else the sample is dropped
+    relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
+    relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
-    agreement_tags:list[str]=field(default_factory=list) # agreement: runs/<exp>/train-<tag>/<iteration-1>/ of the other models
+    agreement_tags:list[str]=field(default_factory=list) # agreement, relabel_evidence 'models': runs/<exp>/train-<tag>/<iteration-1>/ of the other models
     gallery_size:int=24            # flagged samples shown per round in the gallery
 
     def __post_init__(self):
@@ -58,6 +58,8 @@ class CleanParams:
             raise ParamsError(f"[clean] relabel_threshold: {self.relabel_threshold} >= conf_threshold {self.conf_threshold}: disagree_low_conf flags only "
                               "samples whose suggested class is below conf_threshold, so relabel_evidence 'suggest' would relabel none; "
                               "use relabel_evidence: confident_learning, or action: drop")
+        if self.action == 'relabel' and self.relabel_evidence == 'models' and not self.agreement_tags:
+            raise ParamsError("[clean] relabel_evidence 'models' needs agreement_tags: the train run tags of the other models whose top-1 must confirm the new class")
         if 'agreement' in self.rules and not self.agreement_tags:
             raise ParamsError("[clean] rule 'agreement' needs agreement_tags: the train run tags of the other models (runs/<exp>/train-<tag>/)")
 
@@ -232,17 +234,26 @@ def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, 
     return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32), K)
 
 # %% ../nbs/03_clean.ipynb #e32df7df
-RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'evidence_is_label', 'below_relabel_threshold')
+RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'models_disagree', 'evidence_is_label', 'below_relabel_threshold')
 
 def relabel_decision(t:TopK,              # predictions of the training samples
                      suggest:np.ndarray,  # (N,) the flagging rules' suggested class (`find_noisy`)
                      suggest_prob:np.ndarray, # (N,) its probability
                      p:CleanParams,       # relabel_evidence, relabel_threshold
+                     others:list[TopK]=(), # relabel_evidence 'models': the other models' predictions of the same samples
                     )->tuple[np.ndarray, np.ndarray]:
     "(N,) class each sample would move to (-1: none) and (N,) outcome: 'relabelled' or why not (`RELABEL_OUTCOMES`)"
     if p.relabel_evidence == 'confident_learning':
         _, target = confident_learning(t)
         why = np.where(target < 0, 'no_confident_class', np.where(target == t.labels, 'evidence_is_label', 'relabelled'))
+    elif p.relabel_evidence == 'models':
+        if not len(others): raise ValueError("relabel_evidence 'models' needs the other models' predictions (agreement_tags)")
+        al = [_align(t, o, f'model {i+1}') for i, o in enumerate(others)]
+        target = np.asarray(suggest)
+        agree = np.all([a.top1 == target for a in al], axis=0)
+        prob = np.mean([a.conf for a in al], axis=0)
+        why = np.where(target == t.labels, 'evidence_is_label', np.where(~agree, 'models_disagree',
+                       np.where(prob < p.relabel_threshold, 'below_relabel_threshold', 'relabelled')))
     else:
         target = np.asarray(suggest)
         why = np.where(target == t.labels, 'evidence_is_label',
@@ -288,7 +299,7 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
     kept_flags = protect_tail(t.labels, flagged, t.p_label, p.min_per_class, K, t.rows)
     protected = flagged & ~kept_flags
     sug, sprob = fl['suggest'].to_numpy(), fl['suggest_prob'].to_numpy()
-    target, outcome = relabel_decision(t, sug, sprob, p) if p.action == 'relabel' else (np.full(len(t), -1, np.int32), np.full(len(t), '', object))
+    target, outcome = relabel_decision(t, sug, sprob, p, others) if p.action == 'relabel' else (np.full(len(t), -1, np.int32), np.full(len(t), '', object))
     relabel = kept_flags & (target >= 0) & (target < K)
     drop = kept_flags & ~relabel
     new_label = np.where(relabel, target, t.labels).astype(np.int32)
@@ -502,7 +513,7 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
     if not own_predictions and clean.source == 'in_sample' and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
-    if 'agreement' in clean.rules:
+    if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         from aliprod.data import index_path
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j)
                    if not p.exists() and (j == 0 or index_path(exp, j).exists())]
@@ -521,7 +532,8 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     check_clean(exp, train, clean, predictions_of is not None)
     if k > 1: clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False, predictions_of=predictions_of)
     t, pred_paths = training_predictions(exp, data, train, clean, k - 1, predictions_of)
-    others, other_paths = agreement_predictions(exp, clean, k - 1) if 'agreement' in clean.rules else ([], [])
+    uses_others = 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models')
+    others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])
     out = run_dir(exp, 'clean', k)
     prev, classes_file = index_path(exp, k - 1), data_artifacts(exp).classes
     run = StageRun(out, 'clean', {'clean': _stage_params(clean), 'seed': exp.seed}, inputs=[prev, classes_file, *pred_paths, *other_paths],

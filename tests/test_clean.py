@@ -112,6 +112,22 @@ def test_relabelling_is_reachable_with_the_2021_rule(data):
     assert s['flagged'] == clean_index(idx, t, CleanParams(min_per_class=2))[2]['flagged']
 
 
+def test_relabelling_on_the_evidence_of_another_model(data):
+    "relabel_evidence 'models': the other models must all predict the suggested class top-1, with mean probability >= relabel_threshold"
+    from aliprod.core import ParamsError
+    idx, tr, t = data
+    other = simulate_predictions(tr, 50, k=5, seed=11)
+    with pytest.raises(ParamsError, match='needs agreement_tags'): CleanParams(action='relabel', relabel_evidence='models')
+    p = CleanParams(action='relabel', relabel_evidence='models', relabel_threshold=0.5, agreement_tags=['m2'], min_per_class=2)
+    new, ch, s = clean_index(idx, t, p, others=[other])
+    rel = ch[ch.action == 'relabel']
+    o = other.take(np.searchsorted(other.rows, rel.row.to_numpy()))
+    assert len(rel) and (o.top1 == rel.new_label.to_numpy()).all() and (o.conf >= 0.5).all()
+    assert (rel.new_label.to_numpy() == rel.top1.to_numpy()).all(), 'the new class is the flagging model\'s suggestion, confirmed'
+    assert s['relabel_outcomes']['models_disagree'] > 0 and s['relabels_recover_clean_label'] > 0.8
+    assert sum(s['relabel_outcomes'].values()) == s['relabelled'] + s['dropped']
+
+
 def _dense_cl(P, y):
     K = P.shape[1]
     th = np.array([P[y == j, j].mean() if (y == j).any() else np.inf for j in range(K)])
