@@ -514,10 +514,10 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
     if not own_predictions and clean.source == 'in_sample' and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
     if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
-        from aliprod.data import index_path
-        missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j)
-                   if not p.exists() and (j == 0 or index_path(exp, j).exists())]
-        if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models first")
+        # round j needs the other models trained on index j, which the train stage can train only once round j has written it
+        missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
+        if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models on each index first "
+                                      "(with iteration > 1, run the clean stage one iteration at a time and train the tagged models on each new index in between)")
 
 def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
                     train_model:bool=True,  # also train model k on index k (what iteration k+1 needs)
