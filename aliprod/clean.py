@@ -328,7 +328,7 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
                'relabel_outcomes': ({o: int((outcome[kept_flags] == o).sum()) for o in RELABEL_OUTCOMES} if p.action == 'relabel' else {}),
                'relabels_recover_clean_label': _recovered(gt, ch),
                'classes_before': int((np.bincount(t.labels, minlength=K) > 0).sum()),
-               'classes_after': int((np.bincount(out.loc[out.split == 'train', 'label'].to_numpy(np.int64), minlength=K) > 0).sum())}
+               'classes_after': int((np.bincount(out.loc[(out.split == 'train') & (out.label >= 0), 'label'].to_numpy(np.int64), minlength=K) > 0).sum())}
     return out, ch, summary
 
 # %% ../nbs/03_clean.ipynb #13679fcf
@@ -386,7 +386,7 @@ def plot_confidence(preds:list[TopK],          # training predictions, one per r
 # %% ../nbs/03_clean.ipynb #1b9132e0
 def class_size_table(indexes:list[pd.DataFrame], num_classes:int)->pd.DataFrame:
     "(K rows) training images per class in each index (columns n_0, n_1, ...), with the class's third of index 0 (head/middle/tail)"
-    n = {f'n_{i}': np.bincount(ix.loc[ix['split'] == 'train', 'label'].to_numpy(np.int64), minlength=num_classes) for i, ix in enumerate(indexes)}
+    n = {f'n_{i}': np.bincount(ix.loc[(ix['split'] == 'train') & (ix['label'] >= 0), 'label'].to_numpy(np.int64), minlength=num_classes) for i, ix in enumerate(indexes)}
     df = pd.DataFrame(n).rename_axis('label').reset_index()
     rank = np.argsort(np.argsort(-df['n_0'].to_numpy(), kind='stable'), kind='stable')
     df['group'] = np.array(['head', 'middle', 'tail'])[np.minimum(rank * 3 // max(num_classes, 1), 2)]
@@ -640,7 +640,8 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
     figs['clean_class_sizes'] = plot_class_sizes(class_size_table(indexes, len(classes)))
     for k in range(1, rounds + 1):
         ch = pd.read_parquet(run_dir(exp, 'clean', k)/'changes.parquet')
-        sizes = np.bincount(indexes[k - 1].loc[indexes[k - 1]['split'] == 'train', 'label'].to_numpy(np.int64), minlength=len(classes))
+        ix = indexes[k - 1]
+        sizes = np.bincount(ix.loc[(ix['split'] == 'train') & (ix['label'] >= 0), 'label'].to_numpy(np.int64), minlength=len(classes))
         rows = gallery_rows(ch, clean.gallery_size, class_sizes=sizes)
         figs[f'clean_{k}_gallery'] = plot_gallery(rows, arts.root, names, title=f'Round {k}: flagged training samples (most confident disagreements first, then the tail)')
     if save:

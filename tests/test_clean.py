@@ -128,6 +128,16 @@ def test_relabelling_on_the_evidence_of_another_model(data):
     assert sum(s['relabel_outcomes'].values()) == s['relabelled'] + s['dropped']
 
 
+def test_unlabelled_rows_pass_through(data):
+    "A split without labels (label -1, e.g. AliProducts' test images) is neither cleaned nor dropped; nor are unlabelled training rows"
+    idx, tr, t = data
+    extra = idx.head(30).assign(row=lambda d: d.row + 100_000, split=['test'] * 15 + ['train'] * 15, label=-1, clean_label=-1)
+    new, ch, s = clean_index(pd.concat([idx, extra], ignore_index=True), t, CleanParams(action='relabel', min_per_class=2))
+    kept = new.set_index('row').loc[extra.row]
+    assert (kept.label == -1).all() and list(kept.split) == list(extra.split)
+    assert not ch.row.isin(extra.row).any() and s['train_before'] == len(tr)
+
+
 def _dense_cl(P, y):
     K = P.shape[1]
     th = np.array([P[y == j, j].mean() if (y == j).any() else np.inf for j in range(K)])
