@@ -158,7 +158,7 @@ def test_stage_without_a_test_split(tmp_path):
     exp = ExperimentParams(experiment='notest', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=4, family_size=4, max_per_class=24, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=48, img_size_max=56, gen_workers=1, scan_workers=1)
-    t = T.TrainParams(arch='resnet18', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
+    t = T.TrainParams(arch='test_efficientnet', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
     art = finegrained_stage(exp, data, t, FinegrainedParams(methods=['plain', 'dcl']))
     assert art.splits == ['val'] and list(art.table.run) == ['start', 'plain', 'dcl']
