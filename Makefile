@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install install-dev check-sync nbtest pytest lab clean-runs
+.PHONY: demo test install install-dev check-sync nbtest pytest lab clean-runs report-check
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "aliprod needs Python 3.11+"'
@@ -43,6 +43,12 @@ nbtest: install-dev
 
 pytest: install-dev
 	$(BIN)/pytest -q tests
+
+## make report-check: open reports/demo/index.html in headless Chromium (Debian's chromium), screenshots in docs/screenshots/
+report-check: install
+	@command -v chromium >/dev/null || { echo "report-check needs Chromium: apt-get install chromium"; exit 2; }
+	$(BIN)/pip install -q playwright
+	$(BIN)/python scripts/report_check.py reports/demo --out docs/screenshots
 
 lab: install
 	$(BIN)/pip install -q -e '.[lab]' && $(BIN)/jupyter lab nbs

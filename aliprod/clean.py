@@ -431,7 +431,7 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
                  cols:int=6, title:str='Flagged training samples'):
     "Thumbnail grid of flagged samples: image, given class and its probability, predicted class and its probability"
     import matplotlib.pyplot as plt
-    from aliprod.data import load_rgb
+    from aliprod.images import load_rgb
     n = max(len(rows), 1); r = -(-n // cols)
     fig, axes = plt.subplots(r, cols, figsize=(1.9 * cols, 2.2 * r), squeeze=False)
     name = (lambda j: str(class_names[j])) if class_names is not None else (lambda j: str(j))

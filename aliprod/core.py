@@ -45,7 +45,7 @@ _SECTIONS:dict[str,type] = {}
 # Section name -> module defining it; imported on demand so a parameter file can be validated whole.
 SECTION_MODULES = {'data':'aliprod.data', 'train':'aliprod.train', 'clean':'aliprod.clean', 'rebalance':'aliprod.rebalance',
                    'tta':'aliprod.tta', 'ensemble':'aliprod.ensemble', 'report':'aliprod.report', 'pipeline':'aliprod.pipeline',
-                   'finegrained':'aliprod.finegrained'}
+                   'finegrained':'aliprod.finegrained', 'system':'aliprod.system'}
 
 def params_section(name:str):
     "Class decorator: register dataclass `cls` as the parameters of section `name`"
@@ -515,7 +515,7 @@ def hardware()->dict:
     return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
             'gpu': gpu, 'gpus': torch.cuda.device_count()}
 
-# %% ../nbs/00_core.ipynb #f40a7790
+# %% ../nbs/00_core.ipynb #a7bc940c
 STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
 
 def in_stage_run()->bool:
@@ -528,17 +528,16 @@ def in_stage_run()->bool:
             and str(getattr(getattr(ip, 'history_manager', None), 'hist_file', '')) == ':memory:')
 
 def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
-                     )->bool:
-    "In a stage run, make every following cell a no-op until the `parameters` cell; return whether skipping is on"
+                     ):
+    "In a stage run, make every following cell a no-op until the `parameters` cell (returns nothing: the guard cell prints nothing)"
     from IPython import get_ipython
     ip = get_ipython()
-    if ip is None or not (in_stage_run() if active is None else active): return False
+    if ip is None or not (in_stage_run() if active is None else active): return
     state = {'skipping': True}
     def _skip_until_parameters(lines:list[str])->list[str]:
         if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False
         return ['pass\n'] if state['skipping'] else lines
     ip.input_transformers_cleanup.append(_skip_until_parameters)
-    return True
 
 # %% ../nbs/00_core.ipynb #0eb41e4a
 def markdown_table(df, # a pandas DataFrame

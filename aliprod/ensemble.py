@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
 from .core import (ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
-                          atomic_write_json, log)
+                          atomic_write_json, report_dir, log)
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 
 # %% auto #0
-__all__ = ['MEMBER_STAGES', 'CODE_MODULES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file',
-           'EnsembleParams', 'EnsembleArtifacts', 'ensemble_stage']
+__all__ = ['MEMBER_STAGES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file', 'EnsembleParams',
+           'EnsembleArtifacts', 'check_members', 'ensemble_table', 'plot_ensemble', 'ensemble_stage']
 
 # %% ../nbs/06_ensemble.ipynb #95b86108
 def combine_topk(parts:list[TopK],              # the members' predictions of the same rows, in the same order
@@ -230,8 +230,6 @@ class EnsembleParams:
         if self.k < 1 or self.chunk_rows < 1: raise ParamsError(f"[ensemble] k and chunk_rows must be >= 1, got k={self.k}, chunk_rows={self.chunk_rows}")
 
 # %% ../nbs/06_ensemble.ipynb #dd9a22b7
-CODE_MODULES = ['core', 'predictions', 'metrics', 'tta', 'ensemble']
-
 @dataclass
 class EnsembleArtifacts:
     "What the ensemble stage wrote"
@@ -240,46 +238,104 @@ class EnsembleArtifacts:
     metrics:dict        # {split: metrics, split_clean: metrics} of the ensemble
     member_metrics:dict # member -> the same, for comparison
     files:dict          # member -> {split: file}
+    table:pd.DataFrame|None=None # ensemble and members, one row per (split, labels); also reports/<exp>/ensemble_<name>.csv
+    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as reports/<exp>/ensemble_<name>.png)
+    ran:bool=False      # False: the stage was up to date and skipped
 
 def _stage_hint(m:Member)->str:
     if m.path is not None: return 'check the path (relative to runs/<experiment>/)'
     return {'train': 'run the train stage (nbs/02_train.ipynb) with that tag/iteration', 'tta': 'run the tta stage (nbs/05_tta.ipynb) with that variant in [tta] views/compare',
             'rebalance': 'run the rebalance stage (nbs/04_rebalance.ipynb) with that method', 'ensemble': 'run that ensemble first'}[m.stage]
 
-def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
-                   p:EnsembleParams,       # members, weights, mode
-                   iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
-                  )->EnsembleArtifacts:
-    "Combine the members' predictions of each split, evaluate ensemble and members; skipped when up to date"
-    from aliprod.data import load_index, shot_counts
-    from aliprod.tta import split_metrics  # the metrics the train and TTA stages report
-    it = p.iteration if p.iteration is not None else iteration
-    members = [parse_member(m) for m in p.members]
-    files = {m.spec: {s: member_file(m, exp, s, it) for s in p.splits} for m in members}
+# %% ../nbs/06_ensemble.ipynb #cac8554f
+def _splits_of(f:Path)->list[str]:
+    "The splits a member has predictions of, beside its file of one split"
+    return sorted(q.stem for q in f.parent.glob('*.parquet') if q.stem in ('train', 'val', 'test')) if f.parent.is_dir() else []
+
+def check_members(files:dict,           # member -> {split: predictions file}, from `member_file`
+                  members:list[Member],
+                  index_splits:set[str], # the splits the index has
+                 ):
+    "Refuse, before any work, a split the index lacks or a member has no predictions of, naming the member and the split"
+    asked = {s for d in files.values() for s in d}
+    lacking = sorted(asked - set(index_splits))
+    if lacking:
+        raise ParamsError(f"[ensemble] splits: the index has no {', '.join(map(repr, lacking))} split (it has {', '.join(sorted(index_splits))}); "
+                          f"drop {lacking[0]!r} from [ensemble] splits (real AliProducts data has no test split)")
     for m in members:
         for s, f in files[m.spec].items():
-            if not f.is_file(): raise FileNotFoundError(f"Ensemble member {m.spec!r} has no {s} predictions: {f} not found; {_stage_hint(m)}")
+            if f.is_file(): continue
+            has = _splits_of(f)
+            raise FileNotFoundError(f"Ensemble member {m.spec!r} has no {s!r} predictions: {f} not found"
+                                    + (f" (it has {', '.join(has)})" if has else '') + f"; {_stage_hint(m)}, or drop {s!r} from [ensemble] splits")
+
+# %% ../nbs/06_ensemble.ipynb #16ef4c22
+def ensemble_table(name:str,           # the ensemble's row label
+                   metrics:dict,       # the ensemble's {split[_clean]: metrics}
+                   member_metrics:dict, # member -> the same
+                  )->pd.DataFrame:
+    "Ensemble and members, one row per (model, split, labels): the split and the labels every number comes from"
+    from aliprod.tta import metrics_table
+    t = metrics_table({name: metrics, **member_metrics}).rename(columns={'variant': 'model'})
+    if t.empty: return t
+    key = t.pop('split')
+    t.insert(1, 'split', key.str.removesuffix('_clean'))
+    t.insert(2, 'labels', np.where(key.str.endswith('_clean'), 'clean', 'given'))
+    return t
+
+def plot_ensemble(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
+    "Mean class error of the ensemble and its members, one panel per (split, labels)"
+    import matplotlib.pyplot as plt
+    keys = list(dict.fromkeys(zip(table['split'], table['labels']))) or [('none', 'given')]
+    n = table['model'].nunique() if len(table) else 1
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 0.4 * n + 1.2), squeeze=False)
+    for ax, (s, lab) in zip(axes[0], keys):
+        t = table[(table['split'] == s) & (table['labels'] == lab)]
+        ax.barh(t['model'], 100 * t['mean_class_err']); ax.invert_yaxis()
+        ax.set_xlabel(f'mean class error (%), {s} split, {lab} labels')
+    fig.suptitle(title); fig.tight_layout()
+    return fig
+
+# %% ../nbs/06_ensemble.ipynb #c3c48d15
+def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
+                   p:EnsembleParams,       # members, weights, mode, splits
+                   iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
+                  )->EnsembleArtifacts:
+    "The whole ensemble stage: combine the members' predictions of each split, evaluate ensemble and members, write the table and figure"
+    from aliprod.data import load_index, index_path, data_artifacts, shot_groups
+    from aliprod.tta import split_metrics  # the metrics the train and TTA stages report
+    it = p.iteration if p.iteration is not None else iteration
+    index_it = it if isinstance(it, int) else 0
+    members = [parse_member(m) for m in p.members]
+    files = {m.spec: {s: member_file(m, exp, s, it) for s in p.splits} for m in members}
+    index = load_index(exp, index_it)
+    check_members(files, members, set(index['split'].unique()))
     out = run_dir(exp, 'ensemble')/p.name
     base = experiment_dir(exp)
     rel = {m: {s: str(f.relative_to(base)) if f.is_relative_to(base) else str(f) for s, f in d.items()} for m, d in files.items()}
-    params = {'members': rel, 'weights': p.weights, 'mode': p.mode, 'k': p.k, 'splits': list(p.splits), 'iteration': it}
-    run = StageRun(out, 'ensemble', params, inputs=[f for d in files.values() for f in d.values()], modules=CODE_MODULES)
+    groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage
+    params = {'members': rel, 'weights': p.weights, 'mode': p.mode, 'k': p.k, 'splits': list(p.splits), 'iteration': it,
+              'many': groups['many'], 'few': groups['few']}
+    inputs = [f for d in files.values() for f in d.values()] + [index_path(exp, index_it), data_artifacts(exp).classes]
+    run = StageRun(out, 'ensemble', params, inputs=inputs, modules=['ensemble'])
     preds = {s: out/f'{s}.parquet' for s in p.splits}
-    if run.up_to_date():
-        log(f"ensemble: {out} is up to date; skipping")
-        m = json.loads((out/'metrics.json').read_text())
-        return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files)
-    log(f"ensemble: {p.mode} of {len(members)} members into {out} ({run.why_stale()})")
-    run.invalidate()
-    index = load_index(exp, it if isinstance(it, int) else 0)
-    K = topk_num_classes(files[members[0].spec][p.splits[0]])
-    counts = shot_counts(exp)  # the dataset's class sizes: the same shot groups as every other stage
-    metrics, member_metrics = {}, {m.spec: {} for m in members}
-    for s in p.splits:
-        ensemble_files([files[m.spec][s] for m in members], preds[s], p.weights, p.mode, p.k, p.chunk_rows)
-        if s == 'train': continue
-        metrics.update(split_metrics(read_topk(preds[s]), index, counts, s))
-        for m in members: member_metrics[m.spec].update(split_metrics(read_topk(files[m.spec][s]), index, counts, s))
-    atomic_write_json(out/'metrics.json', {'ensemble': metrics, 'members': member_metrics, 'files': rel})
-    run.finish([*(f'{s}.parquet' for s in p.splits), 'metrics.json'], metrics=metrics)
-    return EnsembleArtifacts(out, preds, metrics, member_metrics, files)
+    def work():
+        metrics, member_metrics = {}, {m.spec: {} for m in members}
+        for s in p.splits:
+            ensemble_files([files[m.spec][s] for m in members], preds[s], p.weights, p.mode, p.k, p.chunk_rows)
+            if s == 'train': continue  # the members were fitted on it
+            t = read_topk(preds[s])
+            if not (t.labels >= 0).any(): log(f"ensemble: the {s} split has no labels; predictions written, nothing evaluated"); continue
+            metrics.update(split_metrics(t, index, split=s, **groups))
+            for m in members: member_metrics[m.spec].update(split_metrics(read_topk(files[m.spec][s]), index, split=s, **groups))
+        atomic_write_json(out/'metrics.json', {'ensemble': metrics, 'members': member_metrics, 'files': rel})
+        return [*preds.values(), out/'metrics.json'], metrics
+    run.ensure(work, what=f"{p.mode} of {len(members)} members")
+    m = json.loads((out/'metrics.json').read_text())
+    table = ensemble_table(f'ensemble {p.name} ({p.mode})', m['ensemble'], m['members'])
+    rep = report_dir(exp)
+    table.to_csv(rep/f'ensemble_{p.name}.csv', index=False)
+    fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
+    fig.savefig(rep/f'ensemble_{p.name}.png', dpi=120)
+    import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
+    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': fig}, run.ran)

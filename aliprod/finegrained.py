@@ -339,7 +339,7 @@ class LIOCallback(FineGrainedCallback):
         ds = self.learn.dls.train.dataset
         if self.positives and not hasattr(ds, 'labels'):
             raise TypeError(f"LIOCallback(positives={self.positives}) draws same-class images from the training dataset by its `labels` array "
-                            f"(aliprod.data.ImageIndexDataset has one); {type(ds).__name__} has none. Use positives=0 to rely on batch mates only")
+                            f"(aliprod.images.ImageIndexDataset has one); {type(ds).__name__} has none. Use positives=0 to rely on batch mates only")
         if self.positives:
             y = np.asarray(ds.labels)
             order = np.argsort(y, kind='stable')
@@ -442,7 +442,7 @@ def finegrained_finetune(exp:ExperimentParams,
     log(f"finegrained {method}: finetuning {init}")
     return T.train_stage(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
 
-# %% ../nbs/02b_finegrained.ipynb #9c38f886
+# %% ../nbs/02b_finegrained.ipynb #9ca0502f
 def _run_epochs(out_dir:Path)->int|None:
     "Epochs of the run in `out_dir`, from its params.json"
     f = Path(out_dir)/'params.json'
@@ -488,7 +488,7 @@ def plot_comparison(df:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/02b_finegrained.ipynb #07b537ab
+# %% ../nbs/02b_finegrained.ipynb #967c66b1
 @dataclass
 class FinegrainedArtifacts:
     "What the finegrained stage wrote"

@@ -510,7 +510,7 @@ def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str
 def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int, out_dir:Path, splits=('train', 'val', 'test'))->dict[str, Path]:
     "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted once into out_dir/features/"
     from aliprod.core import fingerprint
-    from aliprod.data import load_index
+    from aliprod.data import load_index, data_root
     have = {s: Path(art.predictions[s]) for s in splits if s in art.predictions}
     if len(have) == len(splits) and all('feats' in pq.read_schema(f).names for f in have.values()):
         return have
@@ -521,7 +521,7 @@ def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int,
     if stamp.exists() and json.loads(stamp.read_text()) == src and all(p.exists() for p in paths.values()): return paths
     from aliprod.train import predict
     index = load_index(exp, iteration)
-    root = json.loads((run_dir(exp, 'data')/'dataset.json').read_text())['root']
+    root = data_root(exp)
     device = pick_device(exp.device)
     from aliprod.train import load_trained_model
     net = load_trained_model(art.model_path, t, num_classes, device)

@@ -11,11 +11,13 @@ import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
                           atomic_path, code_version, hardware, log, markdown_table)
+from .data import shot_groups
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'ReportParams', 'collect_metrics', 'ablation_table', 'alone_table', 'findings',
-           'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups',
-           'run_header', 'write_report']
+__all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'collect_metrics', 'ablation_table', 'alone_table',
+           'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups',
+           'labels_phrase', 'run_header', 'write_report', 'stage_tables', 'report_figures', 'report_summary',
+           'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -38,6 +40,7 @@ METRIC_COLUMNS = ['top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_
 def _source_of(rel:Path)->dict|None:
     "Stage, name and iteration from a metrics file's path relative to runs/<experiment>/"
     p = rel.parts[:-1]
+    if not p: return None
     if any(x.startswith('fold') for x in p): return None          # out-of-fold models of k-fold cleaning
     if p[0].startswith('train') and len(p) == 2:
         tag = p[0][len('train-'):] if p[0] != 'train' else ''
@@ -51,22 +54,27 @@ def _source_of(rel:Path)->dict|None:
     return None
 
 def collect_metrics(exp:ExperimentParams, # the experiment whose runs/<experiment>/ is read
-                    split:str='test', target:str='clean')->pd.DataFrame:
-    "One row per run that wrote metrics: its source, the metrics of `split` (against clean labels where known), and the file"
+                    split:str, target:str='clean')->pd.DataFrame:
+    "One row per run that wrote metrics: its source, the split and labels, the metrics of `split` (against clean labels where known and asked), and the file"
     base = experiment_dir(exp)
-    rows = []
+    rows, found = [], set()  # found: the splits the run's metrics files have
     for f in sorted(base.glob('**/metrics.json')):
         rel = f.relative_to(base)
         src = _source_of(rel)
         if src is None: continue
         m = json.loads(f.read_text())
         if src['stage'] == 'ensemble': m = m.get('ensemble', {})
+        found |= {k.removesuffix('_clean') for k, v in m.items() if isinstance(v, dict) and 'top1_err' in v}
         key = f'{split}_clean' if target == 'clean' and f'{split}_clean' in m else split
         if key not in m: continue
         pred = f.parent/src.pop('pred_dir')/f'{split}.parquet'
-        rows.append({**src, 'target': m[key].get('target', key), **{c: m[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': m[key].get('n'),
+        rows.append({**src, 'split': split, 'labels': 'clean' if key.endswith('_clean') else 'given', 'target': m[key].get('target', key),
+                     **{c: m[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': m[key].get('n'),
                      'metrics_file': str(rel), 'metrics_key': key, 'predictions': str(pred.relative_to(base)) if pred.exists() else None})
-    cols = ['stage', 'name', 'iteration', 'source', 'target', *METRIC_COLUMNS, 'n', 'metrics_file', 'metrics_key', 'predictions']
+    if not rows and found:
+        raise ParamsError(f"[report] split: no metrics file of {base} has {split!r} numbers (they have {', '.join(sorted(found))}); "
+                          f"set report: {{split: {'val' if 'val' in found else sorted(found)[0]}}} (real AliProducts data has no test split)")
+    cols = ['stage', 'name', 'iteration', 'source', 'split', 'labels', 'target', *METRIC_COLUMNS, 'n', 'metrics_file', 'metrics_key', 'predictions']
     return pd.DataFrame(rows, columns=cols).astype({'iteration': 'Int64'})
 
 # %% ../nbs/07_report.ipynb #5458f0cf
@@ -101,7 +109,7 @@ def ablation_table(m:pd.DataFrame,   # from `collect_metrics`
     rows, missing, prev = [], [], None
     for step, r, what in plan:
         if r is None: missing.append(step); continue
-        row = {'step': step, 'built on': what, **{c: r[c] for c in METRIC_COLUMNS}}
+        row = {'step': step, 'built on': what, 'split': r['split'], 'labels': r['labels'], **{c: r[c] for c in METRIC_COLUMNS}}
         if step == '+ High-resolution finetune':  # its delta is against the same model trained without the finetune
             base = _pick(m, 'train', p.hires_tag, hr_it)
             row['Δ mean class err'], row['Δ top-1 err'] = r['mean_class_err'] - base['mean_class_err'], r['top1_err'] - base['top1_err']
@@ -118,7 +126,7 @@ def alone_table(m:pd.DataFrame, p:ReportParams)->pd.DataFrame:
     rows = []
     def add(technique, r, base, what):
         if r is None or base is None: return
-        rows.append({'technique': technique, 'compared with': what, **{c: r[c] for c in ('top1_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')},
+        rows.append({'technique': technique, 'compared with': what, 'split': r['split'], 'labels': r['labels'], **{c: r[c] for c in ('top1_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')},
                      'Δ mean class err': r['mean_class_err'] - base['mean_class_err'], 'Δ few acc': r['few_acc'] - base['few_acc'], 'images': r.get('n'),
                      'metrics file': f"{r['metrics_file']} [{r['metrics_key']}]"})
     t0 = _pick(m, 'train', '', 0)
@@ -154,7 +162,8 @@ def findings(alone:pd.DataFrame)->list[str]:
         if d == 0: verdict = 'no change'
         elif se == se and abs(d) < se: verdict = f"no effect measurable here (|Δ| is below one standard error, ±{100*se:.1f} points over {int(n)} images)"
         else: verdict = 'helped' if d < 0 else 'hurt'
-        out.append(f"{r['technique']} ({r['compared with']}): mean class error {base:.3f} → {new:.3f} ({100*d:+.1f} points), "
+        where = f"; {r['split']} split, {r['labels']} labels" if 'split' in r and isinstance(r['split'], str) else ''
+        out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {base:.3f} → {new:.3f} ({100*d:+.1f} points), "
                    f"few-shot accuracy {100*float(r['Δ few acc']):+.1f} points: {verdict}.")
     return out
 
@@ -174,17 +183,20 @@ def check_traceable(table:pd.DataFrame, exp:ExperimentParams)->int:
     return n
 
 # %% ../nbs/07_report.ipynb #7a100036
-def per_class_frame(exp:ExperimentParams, predictions:str, target:str='clean', many:int=100, few:int=20)->pd.DataFrame:
-    "Per-class accuracy of a predictions file of the run (rows joined to the data index), with training counts"
-    from aliprod.data import load_index, class_counts
+def per_class_frame(exp:ExperimentParams,
+                    predictions:str,      # predictions file relative to runs/<experiment>/
+                    labels:str='clean',   # 'clean': the index's ground truth (where known); 'given': the labels the stage evaluated against
+                   )->pd.DataFrame:
+    "Per-class accuracy of a predictions file of the run, with the data stage's class sizes and shot groups (`shot_groups(exp)`)"
+    from aliprod.data import load_index
     from aliprod.predictions import read_topk
     from aliprod.metrics import per_class_accuracy
-    index = load_index(exp, 0).set_index('row')
     t = read_topk(experiment_dir(exp)/predictions)
-    col = 'clean_label' if target == 'clean' and (index['clean_label'] >= 0).any() else 'label'
-    labels = index.loc[t.rows, col].to_numpy()
-    counts = class_counts(index.reset_index(), t.num_classes)
-    return per_class_accuracy(t, labels=labels, train_counts=counts, many=many, few=few)
+    clean = None
+    if labels == 'clean':
+        index = load_index(exp, 0).set_index('row')
+        if 'clean_label' in index.columns: clean = index.loc[t.rows, 'clean_label'].to_numpy()
+    return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
 def predictions_of(metrics:pd.DataFrame, row:pd.Series)->str|None:
     "The predictions file (relative to runs/<experiment>/) behind a table row"
@@ -193,7 +205,8 @@ def predictions_of(metrics:pd.DataFrame, row:pd.Series)->str|None:
     return None if hit.empty else hit.iloc[0]
 
 def plot_tail_accuracy(frames:dict[str, pd.DataFrame], # label -> per_class_frame
-                       many:int=100, few:int=20, title:str='')->plt.Figure:
+                       many:int, few:int,              # the shot thresholds of `shot_groups(exp)`, for the bands
+                       title:str='')->plt.Figure:
     "Per-class accuracy against training count (log x) with a running mean per curve and many/medium/few bands"
     fig, ax = plt.subplots(figsize=(8, 4.5))
     lo = min(f['n_train'].clip(lower=1).min() for f in frames.values()); hi = max(f['n_train'].max() for f in frames.values())
@@ -209,6 +222,7 @@ def plot_tail_accuracy(frames:dict[str, pd.DataFrame], # label -> per_class_fram
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_report.ipynb #24eb5fce
 def plot_shot_groups(table:pd.DataFrame, label_col:str='step', title:str='')->plt.Figure:
     "Grouped bars of many/medium/few-shot accuracy per row of `table`"
     groups = ['many_acc', 'medium_acc', 'few_acc']
@@ -222,8 +236,14 @@ def plot_shot_groups(table:pd.DataFrame, label_col:str='step', title:str='')->pl
     return fig
 
 # %% ../nbs/07_report.ipynb #d044ac21
-def run_header(exp:ExperimentParams, params_file:str|None=None)->dict:
-    "Data, seed, parameters file, code version, hardware and wall time per stage of the run"
+def labels_phrase(target:str)->str:
+    "What `[report] target` means, in words"
+    return 'clean (ground-truth) labels where the index has them, else the given labels' if target == 'clean' else 'the given labels'
+
+def run_header(exp:ExperimentParams, params_file:str|None=None,
+               rp:ReportParams|None=None, # names the split and labels every number comes from
+              )->dict:
+    "Data, split and labels, shot groups, seed, parameters file, code version, hardware and wall time per stage of the run"
     base = experiment_dir(exp)
     info = json.loads((base/'data'/'dataset.json').read_text()) if (base/'data'/'dataset.json').exists() else {}
     walls, hw = {}, None
@@ -233,40 +253,154 @@ def run_header(exp:ExperimentParams, params_file:str|None=None)->dict:
         walls[stage] = walls.get(stage, 0.0) + float(man.get('wall_s', 0.0))
         hw = hw or man.get('hardware')
     cv = code_version()
-    return {'experiment': exp.experiment, 'seed': exp.seed, 'parameters file': params_file or '(typed defaults)',
-            'data': f"{info.get('source', '?')}: {info.get('n_images', '?')} images ({info.get('n_train', '?')} train / {info.get('n_val', '?')} val / {info.get('n_test', '?')} test), {info.get('num_classes', '?')} classes",
-            'code': f"aliprod {cv['version']} (git {cv['git'] or 'n/a'})", 'hardware': hw or hardware(),
+    h = {'experiment': exp.experiment, 'seed': exp.seed, 'parameters file': params_file or '(typed defaults)',
+         'data': f"{info.get('source', '?')}: {info.get('n_images', '?')} images ({info.get('n_train', '?')} train / {info.get('n_val', '?')} val / {info.get('n_test', '?')} test), {info.get('num_classes', '?')} classes"}
+    if rp is not None: h['numbers from'] = f"the {rp.split} split, {labels_phrase(rp.target)} (each row says which)"
+    if 'many_threshold' in info:
+        h['shot groups'] = f"many-shot: more than {info['many_threshold']} training images, few-shot: fewer than {info['few_threshold']} (the data stage's thresholds)"
+    return {**h, 'code': f"aliprod {cv['version']} (git {cv['git'] or 'n/a'})", 'hardware': hw or hardware(),
             'wall time per stage (s)': {k: round(v, 1) for k, v in walls.items()}}
 
 # %% ../nbs/07_report.ipynb #1a71d166
-STAGE_FIGURES = [('Class distribution', 'class_distribution.png'), ('Confidence histograms per cleaning round', 'clean_confidence.png'),
-                 ('Class sizes by cleaning round', 'clean_class_sizes.png'), ('Cleaning rounds: error and noise detection', 'clean_rounds.png'),
-                 ('τ sweep on validation', 'tau_sweep.png')]
+# (title, file in reports/<experiment>/, caption naming the split it shows)
+STAGE_FIGURES = [('Class distribution', 'class_distribution.png', "Training images per class: the train split of the data stage's index."),
+                 ('Confidence histograms per cleaning round', 'clean_confidence.png', "Each round's model confidence in the given label of the training images (train split)."),
+                 ('Class sizes by cleaning round', 'clean_class_sizes.png', 'Training images per class kept by each cleaning round (train split).'),
+                 ('Cleaning rounds: error and noise detection', 'clean_rounds.png',
+                  "Left: mean class error of each round's model on the splits its legend names; right: noise left in and found in the train split (ground truth)."),
+                 ('τ sweep on validation', 'tau_sweep.png', 'Mean class accuracy against τ on the val split, where τ is chosen.')]
 
-def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame], notes:dict[str, str],
-                 figures:list[tuple[str, str]], findings:list[str]|None=None)->Path:
+def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame],
+                 notes:dict[str, str],            # table name -> caption (names the split and labels)
+                 figures:list[tuple[str, str, str]], # (title, file, caption); files absent from the report folder are left out
+                 findings:list[str]|None=None, summary:str='')->Path:
     "Write index.html and README.md into reports/<experiment>/ (tables also as CSV and Markdown); return index.html"
     d = report_dir(exp)
     for name, df in tables.items():
         with atomic_path(d/f'{name}.csv') as t: df.to_csv(t, index=False)
         atomic_write_text(d/f'{name}.md', markdown_table(df, 3))
-    figs = [(t, f) for t, f in figures if (d/f).exists()]
-    md = [f"# Report: {exp.experiment}", '', *[f"- **{k}**: {v}" for k, v in header.items()], '']
+    figs = [(t, f, c) for t, f, c in figures if (d/f).exists()]
+    md = [f"# Report: {exp.experiment}", '', *([summary, ''] if summary else []), *[f"- **{k}**: {v}" for k, v in header.items()], '']
     if findings: md += ['## Findings', '', *[f"- {x}" for x in findings], '']
     for name, df in tables.items():
         md += [f"## {name.replace('_', ' ').capitalize()}", '', notes.get(name, ''), '', markdown_table(df, 3), '']
-    md += ['## Figures', ''] + [f"### {t}\n\n![{t}]({f})\n" for t, f in figs]
+    md += ['## Figures', ''] + [f"### {t}\n\n![{t}]({f})\n\n{c}\n" for t, f, c in figs]
     atomic_write_text(d/'README.md', '\n'.join(md))
-    css = 'body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222} table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3} img{max-width:100%}'
-    body = [f"<h1>Report: {html.escape(exp.experiment)}</h1><ul>" + ''.join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in header.items()) + '</ul>']
+    css = 'body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222} table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3} img{max-width:100%} .summary{font-size:15px;background:#f6f8fa;padding:.6em 1em} figcaption{color:#555;font-size:13px}'
+    body = [f"<h1>Report: {html.escape(exp.experiment)}</h1>"]
+    if summary: body.append(f"<p class='summary'>{html.escape(summary)}</p>")
+    body.append('<ul>' + ''.join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in header.items()) + '</ul>')
     if findings: body.append('<h2>Findings</h2><ul>' + ''.join(f"<li>{html.escape(x)}</li>" for x in findings) + '</ul>')
     for name, df in tables.items():
         body.append(f"<h2>{html.escape(name.replace('_', ' ').capitalize())}</h2><p>{html.escape(notes.get(name, ''))}</p>"
                     + df.to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0)
-                    + f"<p><a href='{name}.csv'>{name}.csv</a> · <a href='{name}.md'>{name}.md</a></p>")
-    body += [f"<h3>{html.escape(t)}</h3><img src='{html.escape(f)}' alt='{html.escape(t)}'>" for t, f in figs]
+                    + f"<p><a href='{html.escape(name)}.csv'>{html.escape(name)}.csv</a> · <a href='{html.escape(name)}.md'>{html.escape(name)}.md</a></p>")
+    if figs: body.append('<h2>Figures</h2>')
+    body += [f"<figure><h3>{html.escape(t)}</h3><img src='{html.escape(f)}' alt='{html.escape(t)}'><figcaption>{html.escape(c)}</figcaption></figure>" for t, f, c in figs]
     if (d/'notebooks').exists():
-        body.append('<h2>Executed stage notebooks</h2><ul>' + ''.join(f"<li><a href='notebooks/{f.name}'>{f.stem}</a></li>" for f in sorted((d/'notebooks').glob('*.html'))) + '</ul>')
+        body.append('<h2>Executed stage notebooks</h2><ul>' + ''.join(f"<li><a href='notebooks/{html.escape(f.name)}'>{html.escape(f.stem)}</a></li>" for f in sorted((d/'notebooks').glob('*.html'))) + '</ul>')
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>aliprod report: {html.escape(exp.experiment)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
     atomic_write_text(d/'index.html', page)
     return d/'index.html'
+
+# %% ../nbs/07_report.ipynb #890c9c4a
+# tables other stages write into reports/<experiment>/ -> their caption, saying where each number's split is
+OTHER_TABLES = {
+    'data_summary': "The data stage's numbers: images per split (train, val, test; real AliProducts data has no test labels), class sizes and shot groups (train split), quarantined and converted images.",
+    'clean_rounds': "Per cleaning round: training images kept (train split), what was removed, ground-truth noise rate, noise-detection precision/recall/F1, and the errors of the model trained on that index on the split each column names (val_/test_; _clean: ground-truth labels).",
+    'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
+    'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
+
+def stage_tables(exp:ExperimentParams)->tuple[dict, dict]:
+    "The tables other stages left in reports/<experiment>/ (ensembles included) and their captions"
+    rep, tables, notes = report_dir(exp), {}, {}
+    for name, note in OTHER_TABLES.items():
+        if (rep/f'{name}.csv').exists(): tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
+    for f in sorted(rep.glob('ensemble_*.csv')):
+        tables[f.stem] = pd.read_csv(f)
+        notes[f.stem] = f"Ensemble '{f.stem.removeprefix('ensemble_')}' against its members; each row on the split and labels its columns name."
+    return tables, notes
+
+# %% ../nbs/07_report.ipynb #d50d7fa3
+def report_figures(exp:ExperimentParams, rp:ReportParams, metrics:pd.DataFrame, ablation:pd.DataFrame, alone:pd.DataFrame,
+                  )->tuple[dict, list]:
+    "Draw and save the report's own figures; return them and the (title, file, caption) of every figure the page shows"
+    rep, where = report_dir(exp), f"the {rp.split} split, {labels_phrase(rp.target)}"
+    figs, own = {}, []
+    ends = ([ablation.iloc[0]] + ([ablation.iloc[-1]] if len(ablation) > 1 else [])) if len(ablation) else []
+    ends = [(r, predictions_of(metrics, r)) for r in ends]
+    ends = [(r, f) for r, f in ends if f]
+    if ends:
+        groups = shot_groups(exp)
+        labs = '/'.join(sorted({r['labels'] for r, _ in ends}))
+        figs['tail_accuracy'] = plot_tail_accuracy({r['step']: per_class_frame(exp, f, r['labels']) for r, f in ends}, groups['many'], groups['few'],
+                                                   f'{exp.experiment}: per-class accuracy ({rp.split} split, {labs} labels)')
+        own.append(('Per-class tail accuracy', 'tail_accuracy.png', f"Per-class top-1 accuracy on the {rp.split} split ({labs} labels) against the class's "
+                    "training images, for the first and last rows of the ablation; the bands are the data stage's shot groups."))
+    if len(ablation):
+        figs['shot_groups'] = plot_shot_groups(ablation, 'step', f'{exp.experiment}: many/medium/few-shot accuracy along the ablation ({rp.split} split)')
+        own.append(('Shot groups along the ablation', 'shot_groups.png', f'Many/medium/few-shot accuracy of each ablation row on {where}.'))
+    if len(alone):
+        figs['shot_groups_alone'] = plot_shot_groups(alone, 'technique', f'{exp.experiment}: each technique alone ({rp.split} split)')
+        own.append(('Shot groups, each technique alone', 'shot_groups_alone.png', f'Many/medium/few-shot accuracy of each technique alone on {where}.'))
+    for name, fig in figs.items():
+        fig.savefig(rep/f'{name}.png', dpi=110); plt.close(fig)  # closed: the notebook shows them where it asks
+    galleries = [(f'Flagged samples, cleaning round {f.stem.split("_")[1]}', f.name, 'Training samples (train split) the round flagged as noisy.')
+                 for f in sorted(rep.glob('clean_*_gallery.png'))]
+    ensembles = [(f"Ensemble '{f.stem.removeprefix('ensemble_')}'", f.name, 'Mean class error of the ensemble and its members, one panel per split and labels.')
+                 for f in sorted(rep.glob('ensemble_*.png'))]
+    return figs, own + STAGE_FIGURES + galleries + ensembles
+
+# %% ../nbs/07_report.ipynb #f895765f
+def report_summary(header:dict, rp:ReportParams, ablation:pd.DataFrame)->str:
+    "The paragraph above the tables: data, split and labels, seed, and the best row of the ablation"
+    s = (f"Experiment {header['experiment']}, seed {header['seed']}, on {header['data']}. Every number below is on the {rp.split} split "
+         f"against {labels_phrase(rp.target)}; each table row or caption names its split and labels.")
+    rows = ablation.dropna(subset=['mean_class_err']) if len(ablation) else ablation
+    if len(rows):
+        b, first = rows.loc[rows['mean_class_err'].idxmin()], rows.iloc[0]
+        s += (f" The best row of the ablation is '{b['step']}' ({b['built on']}): mean class error {b['mean_class_err']:.3f} and top-1 error "
+              f"{b['top1_err']:.3f} on {b['split']} ({b['labels']} labels), against {first['mean_class_err']:.3f} for '{first['step']}'.")
+    else: s += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
+    return s
+
+# %% ../nbs/07_report.ipynb #17d71abd
+@dataclass
+class ReportArtifacts:
+    "What the report stage wrote, and what its notebook shows"
+    index_html:Path
+    readme:Path
+    summary:str         # the paragraph above the tables
+    header:dict
+    tables:dict         # name -> DataFrame (also reports/<experiment>/<name>.csv and .md)
+    notes:dict          # name -> caption naming the split and labels
+    figures:dict        # name -> matplotlib Figure drawn by this stage (saved as <name>.png)
+    figure_files:list   # (title, file, caption) of every figure the page may show
+    missing:list        # ablation rows whose run is absent
+    findings:list
+    n_checked:int       # numbers re-read from the metrics files they name
+
+def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
+                 rp:ReportParams,               # split, labels, which runs make the rows
+                 params_file:str|None=None,     # named in the header
+                )->ReportArtifacts:
+    "The whole report stage: collect the run's metrics, build and check the tables, draw the figures, write index.html and README.md"
+    header = run_header(exp, params_file, rp)
+    metrics = collect_metrics(exp, rp.split, rp.target)
+    ablation, missing = ablation_table(metrics, rp)
+    alone = alone_table(metrics, rp)
+    n_checked = check_traceable(ablation, exp) + check_traceable(alone, exp)
+    log(f"report: {len(metrics)} runs with {rp.split} metrics; {n_checked} numbers checked against their metrics files; rows without a run: {missing or 'none'}")
+    figs, figure_files = report_figures(exp, rp, metrics, ablation, alone)
+    where = f"{rp.split} split, {labels_phrase(rp.target)} (the split and labels columns say which, per row)"
+    tables = {'ablation': ablation, 'techniques_alone': alone}
+    notes = {'ablation': f"{where}. Δ is to the previous row present (the high-res row: to the same model without the finetune). "
+                         f"Rows without a run in this experiment: {', '.join(missing) or 'none'}.",
+             'techniques_alone': f"{where}. Each technique against the run it modifies (same model, one change); Δ few acc > 0 means the tail gained."}
+    other, other_notes = stage_tables(exp)
+    tables.update(other); notes.update(other_notes)
+    found = findings(alone)
+    summary = report_summary(header, rp, ablation)
+    index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
+    log(f"report: {index_html}")
+    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs, figure_files, missing, found, n_checked)

@@ -35,7 +35,8 @@ from .predictions import TopKWriter, topk_from_logits, merge_topk, read_topk
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet
 from .metrics import evaluate, per_class_accuracy
-from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, ImageIndexDataset
+from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts
+from .images import ImageIndexDataset
 
 # %% auto #0
 __all__ = ['CODE_MODULES', 'TrainParams', 'train_transform', 'eval_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed',

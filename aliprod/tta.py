@@ -88,7 +88,7 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
     "Write top-k predictions of `split` averaged over the TTA views to `out`, streaming"
     from aliprod.train import eval_transform
     from aliprod.models import data_config
-    from aliprod.data import ImageIndexDataset
+    from aliprod.images import ImageIndexDataset
     df = index if split is None else index[index['split'] == split]
     if not len(df): raise ValueError(f"No rows of split {split!r} in the index; choose [tta] splits among {sorted(index['split'].unique())}")
     cfg = data_config(model)

@@ -1,7 +1,7 @@
 """Scale benchmark of the cleaning rules (aliprod.clean) and comparison with cleanlab.
 
 Part 1 (ours at AliProducts scale): synthetic top-k predictions for the training split of
-`aliprod.data.synthetic_index` (2.5M images x 50,030 classes by default), drawn by
+`aliprod.synthetic.synthetic_index` (2.5M images x 50,030 classes by default), drawn by
 `aliprod.clean.simulate_predictions` from the index's ground truth; one full flagging pass
 (`find_noisy` + `protect_tail`) per rule set, each in a fresh process so its peak RSS is its own
 (reading the predictions file included). Median wall time over --repeats, flags scored against the truth.
@@ -86,7 +86,7 @@ def _dense_confident_learning(P:np.ndarray, labels:np.ndarray)->np.ndarray:
 def worker_cleanlab(args)->dict:
     "Ours (top-k of the dense matrix) against cleanlab (the dense matrix) on one dense problem"
     import warnings
-    from aliprod.data import synthetic_index
+    from aliprod.synthetic import synthetic_index
     from aliprod.clean import CleanParams, find_noisy, protect_tail, simulate_predictions, is_noisy
     from aliprod.predictions import topk_from_probs
     import cleanlab
@@ -174,7 +174,7 @@ def main(argv=None)->dict:
     if args.worker:
         res = worker_cleanlab(args) if args.worker == 'cleanlab' else worker_ours(args)
         print(json.dumps(res)); return res
-    from aliprod.data import synthetic_index
+    from aliprod.synthetic import synthetic_index
     from aliprod.clean import simulate_predictions, is_noisy
     from aliprod.predictions import write_topk
     from aliprod.core import hardware

@@ -49,9 +49,9 @@ def synthetic_top10(labels: np.ndarray, num_classes: int, seed: int = 0, k: int 
 
 
 def run(n_images: int, n_classes: int, repeats: int, seed: int = 0) -> dict:
-    try: from aliprod.data import synthetic_index
+    try: from aliprod.synthetic import synthetic_index
     except ImportError as e:
-        raise SystemExit(f"aliprod.data.synthetic_index is not available ({e}); build nbs/01_data.ipynb first") from None
+        raise SystemExit(f"aliprod.synthetic.synthetic_index is not available ({e}); build nbs/01e_synthetic.ipynb first") from None
     steps, once = {}, {}
     rss_start = peak_rss_mb()  # python, numpy, pandas and torch imported: the floor under every step
     t0 = time.perf_counter()

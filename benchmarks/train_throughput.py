@@ -87,7 +87,8 @@ def inference(arch, size, a, device, with_topk:bool)->float:
 
 def loader(size, a)->float:
     "images/s of ImageIndexDataset + the training augmentation over the synthetic JPEGs (no model)"
-    from aliprod.data import DataParams, prepare_data, load_index, dataset_info, ImageIndexDataset
+    from aliprod.data import DataParams, prepare_data, load_index, dataset_info
+    from aliprod.images import ImageIndexDataset
     exp = ExperimentParams(experiment=a.data_experiment)
     prepare_data(exp, DataParams())
     idx = load_index(exp)

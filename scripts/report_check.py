@@ -1,0 +1,76 @@
+"""Look at a report as a person does: open `reports/<experiment>/index.html` in headless Chromium at laptop and phone
+widths, take full-page screenshots, and check that every figure loads, nothing is wider than the screen, no code shows,
+and the final system, the chain and the tail-accuracy plot are above the fold on a laptop.
+
+    python scripts/report_check.py reports/demo --out docs/screenshots      (make report-check)
+
+Needs Debian's `chromium` (`apt-get install chromium`) and the `playwright` Python package (driver only; the browser
+is the system one). Not part of `make test`: CI has no browser.
+"""
+from __future__ import annotations
+import argparse, json, shutil, sys
+from pathlib import Path
+
+VIEWPORTS = {'laptop': (1366, 768), 'phone': (390, 844)}
+# what a reader must see without scrolling on a laptop: element ids the report gives its sections
+ABOVE_THE_FOLD = ('final-system', 'chain', 'tail-accuracy')
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+PROBE = """() => {
+  const broken = Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
+  const vw = document.documentElement.clientWidth;
+  const wide = Array.from(document.querySelectorAll('table, img, pre')).filter(e => e.getBoundingClientRect().right > vw + 1)
+                    .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().width) + 'px');
+  const code = document.querySelectorAll('.jp-InputArea, .input_area, div.highlight pre').length;
+  const pos = {};
+  for (const id of %s) { const e = document.getElementById(id); pos[id] = e ? Math.round(e.getBoundingClientRect().top + window.scrollY) : null; }
+  return {broken, wide, code, pos, height: document.documentElement.scrollHeight, page_width: document.documentElement.scrollWidth, vw};
+}""" % json.dumps(list(ABOVE_THE_FOLD))
+
+
+def check(report:Path, out:Path, chromium:str)->dict:
+    "Screenshots and findings per viewport"
+    from playwright.sync_api import sync_playwright
+    page_url = (report/'index.html').resolve().as_uri()
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for name, (w, h) in VIEWPORTS.items():
+            page = browser.new_page(viewport={'width': w, 'height': h})
+            page.goto(page_url, wait_until='load')
+            r = page.evaluate(PROBE)
+            shot = out/f'{report.name}_{name}.png'
+            page.screenshot(path=str(shot), full_page=True)
+            problems = [f'broken image {s}' for s in r['broken']] + [f'wider than the screen: {e}' for e in r['wide']]
+            if r['code']: problems.append(f"{r['code']} code cells visible")
+            if name == 'laptop':
+                for id_, top in r['pos'].items():
+                    if top is None: problems.append(f'no element #{id_}')
+                    elif top > h: problems.append(f'#{id_} starts at {top}px, below the fold ({h}px)')
+            results[name] = {'viewport': [w, h], 'screenshot': str(shot), 'page_height': r['height'], 'positions': r['pos'], 'problems': problems}
+            page.close()
+        browser.close()
+    return results
+
+
+def main(argv=None)->int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('report', nargs='?', default='reports/demo', help='report directory holding index.html')
+    ap.add_argument('--out', default='docs/screenshots', help='where the PNG screenshots go')
+    ap.add_argument('--chromium', default=shutil.which('chromium') or '/usr/bin/chromium')
+    a = ap.parse_args(argv)
+    report = Path(a.report)
+    if not (report/'index.html').is_file(): print(f'report_check: {report}/index.html not found; run the pipeline first (make demo)', file=sys.stderr); return 2
+    if not Path(a.chromium).exists(): print(f'report_check: no Chromium at {a.chromium}; apt-get install chromium', file=sys.stderr); return 2
+    res = check(report, Path(a.out), a.chromium)
+    print(f"{'viewport':<8} {'size':>10} {'page height':>12}  problems")
+    for name, r in res.items():
+        print(f"{name:<8} {'x'.join(map(str, r['viewport'])):>10} {r['page_height']:>12}  {'; '.join(r['problems']) or 'none'}   -> {r['screenshot']}")
+    (Path(a.out)/f'{report.name}_check.json').write_text(json.dumps(res, indent=1) + '\n')
+    return 1 if any(r['problems'] for r in res.values()) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"The report stage (aliprod.report) on a synthetic run directory without a test split: the page, its links, its captions"
+import json, re
+from html.parser import HTMLParser
+import nbformat, pandas as pd, pytest
+from aliprod.core import ParamsError, experiment_dir, report_dir
+from aliprod.ensemble import EnsembleParams, ensemble_stage
+from aliprod.report import ReportParams, report_stage
+from test_ensemble import fake_run   # the data stage's files and two members' train/val predictions
+
+def put_metrics(exp, rel, mce, few):
+    "A metrics file as the train and TTA stages write it: val only, given and clean labels"
+    block = {'top1_err': mce + 0.01, 'top5_err': mce / 2, 'mean_class_err': mce, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': few, 'n': 30}
+    f = experiment_dir(exp)/rel/'metrics.json'
+    f.write_text(json.dumps({'val': dict(block, target='label'), 'val_clean': dict(block, target='clean_label')}))
+
+class Page(HTMLParser):
+    "Every src/href of a page, and whether it holds code"
+    def __init__(self):
+        super().__init__(); self.refs, self.code = [], []
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.refs += [a[k] for k in ('src', 'href') if a.get(k)]
+        if tag in ('pre', 'code', 'textarea') or any(c in (a.get('class') or '') for c in ('jp-InputArea', 'input_area', 'highlight', 'jp-CodeCell')):
+            self.code.append(tag)
+
+def parse(path):
+    p = Page(); p.feed(path.read_text()); return p
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    "A run without a test split: data stage, a model and its TTA with val metrics, an ensemble of both, an executed stage notebook"
+    exp = fake_run(tmp_path_factory.mktemp('report'))
+    put_metrics(exp, 'train/0', 0.40, 0.20); put_metrics(exp, 'tta/0/ten-x1.5', 0.35, 0.30)
+    (experiment_dir(exp)/'tta/0/center-x1').mkdir(parents=True); put_metrics(exp, 'tta/0/center-x1', 0.40, 0.20)
+    ensemble_stage(exp, EnsembleParams(name='pair', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print('stage output')", outputs=[nbformat.v4.new_output('stream', text='stage output\n')])]
+    (report_dir(exp)/'notebooks').mkdir()
+    nbformat.write(nb, report_dir(exp)/'notebooks'/'06_ensemble.ipynb')
+    from aliprod.pipeline import render_html
+    render_html(report_dir(exp)/'notebooks'/'06_ensemble.ipynb')
+    return exp
+
+@pytest.fixture(scope='module')
+def given(run):
+    "The report of `run` on val, given labels"
+    return report_stage(run, ReportParams(split='val', target='given'))
+
+def test_every_link_of_the_page_exists_and_no_page_holds_code(given):
+    art = given
+    page = parse(art.index_html)
+    assert not page.code, f'index.html holds code: {page.code}'
+    local = [r for r in page.refs if '://' not in r and not r.startswith('#')]
+    assert {'tail_accuracy.png', 'shot_groups.png', 'ensemble_pair.png', 'ablation.csv', 'ensemble_pair.csv', 'notebooks/06_ensemble.html'} <= set(local)
+    assert [r for r in local if not (art.index_html.parent/r).is_file()] == []
+    for r in local:
+        if r.endswith('.csv'): pd.read_csv(art.index_html.parent/r)   # every linked table parses
+    text = (art.index_html.parent/'notebooks'/'06_ensemble.html').read_text()
+    assert "print(&#39;stage output&#39;)" not in text and "print('stage output')" not in text and 'stage output' in text  # outputs, not code
+    assert not [c for c in re.findall(r'class="([^"]*)"', text) if 'jp-InputArea' in c or 'jp-InputPrompt' in c]   # no input cell is rendered
+    md = art.readme.read_text()
+    for r in local:
+        if r.endswith('.png'): assert f']({r})' in md   # README.md shows the same figures
+
+def test_the_page_opens_with_a_summary_and_names_the_split_everywhere(given):
+    art = given
+    html = art.index_html.read_text()
+    assert art.summary.startswith('Experiment t, seed 0, on aliproducts: 60 images (30 train / 30 val / 0 test)')
+    assert 'on the val split against the given labels' in art.summary and "best row of the ablation is '+ TTA (enlarge + ten-crop)'" in art.summary  # the hand-written 0.35 beats the random ensemble
+    assert html.index('Experiment t, seed 0') < html.index('<table') and html.index('Experiment t, seed 0') < html.index('<h2>')
+    assert art.readme.read_text().split('\n')[2] == art.summary   # README.md opens with it too
+    assert art.header['numbers from'].startswith('the val split, the given labels')
+    for name, table in art.tables.items():   # a split column, or a caption naming the split
+        assert ('split' in table.columns and set(table['split']) == {'val'}) or 'split' in art.notes[name], name
+    assert set(art.tables['ablation']['labels']) == {'given'} and list(art.tables['ablation']['step']) == ['Baseline', '+ TTA (enlarge + ten-crop)', '+ Ensemble']
+    assert art.findings and all('val split, given labels' in f for f in art.findings)
+    for title, f, caption in art.figure_files:
+        assert 'split' in caption, title
+    assert '(val split, given labels)' in html or 'val split, given labels' in html
+
+def test_shot_groups_come_from_the_data_stage(run, given):
+    art = given
+    from aliprod.report import per_class_frame
+    f = per_class_frame(run, 'train/0/predictions/val.parquet', 'given')
+    assert list(f['group']) == ['many' if c > 6 else 'few' if c < 4 else 'medium' for c in f['n_train']]   # dataset.json: 6 and 4
+    assert 'more than 6 training images' in art.header['shot groups']
+
+def test_a_split_the_run_lacks_is_refused_naming_the_one_it_has(run):
+    with pytest.raises(ParamsError, match=r"no metrics file .* has 'test' numbers \(they have val\); set report: \{split: val\}"):
+        report_stage(run, ReportParams(split='test'))
+
+def test_a_run_without_val_split(tmp_path):
+    exp = fake_run(tmp_path, splits=('train', 'test'))
+    block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
+    (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
+    art = report_stage(exp, ReportParams(split='test'))
+    assert 'on the test split' in art.summary and set(art.tables['ablation']['split']) == {'test'}
+    assert set(art.tables['ablation']['labels']) == {'given'}   # no clean metrics: the row says given, though clean was asked
+    with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
