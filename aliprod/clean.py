@@ -4,21 +4,23 @@
 
 # %% ../nbs/03_clean.ipynb #ac7284bb
 from __future__ import annotations
-import json, math, os
+import dataclasses, json, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
-                          atomic_write_json, StageRun, fingerprint, log)
+                          atomic_write_json, StageRun, fingerprint, log, project_relative)
 from .predictions import TopK, read_topk
 
 # %% auto #0
-__all__ = ['RULES', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds', 'confident_learning',
-           'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions', 'clean_index', 'is_noisy',
-           'detection_scores', 'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows',
-           'plot_gallery', 'CleanArtifacts', 'training_predictions', 'agreement_predictions', 'write_index',
-           'clean_stage', 'rounds_table', 'clean_rounds', 'plot_rounds', 'clean_figures']
+__all__ = ['RULES', 'RELABEL_OUTCOMES', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
+           'confident_learning', 'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
+           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'plot_confidence', 'class_size_table',
+           'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions',
+           'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
+           'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures',
+           'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement')
@@ -32,11 +34,12 @@ class CleanParams:
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
-    relabel_threshold:float=0.9    # relabel: the suggested class must have at least this probability, else the sample is dropped
+    relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
+    relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
-    agreement_tags:list[str]=field(default_factory=list) # agreement: runs/<exp>/train-<tag>/<iteration-1>/ of the other models
+    agreement_tags:list[str]=field(default_factory=list) # agreement, relabel_evidence 'models': runs/<exp>/train-<tag>/<iteration-1>/ of the other models
     gallery_size:int=24            # flagged samples shown per round in the gallery
 
     def __post_init__(self):
@@ -50,6 +53,13 @@ class CleanParams:
             raise ParamsError(f"[clean] drop_fraction must be in (0, 1) or null, got {self.drop_fraction}")
         if self.min_per_class < 0: raise ParamsError(f"[clean] min_per_class must be >= 0, got {self.min_per_class}")
         if self.source == 'k_fold' and self.folds < 2: raise ParamsError(f"[clean] k_fold needs folds >= 2, got {self.folds}")
+        if (self.action == 'relabel' and self.relabel_evidence == 'suggest' and self.rules == ['disagree_low_conf']
+                and self.drop_fraction is None and self.relabel_threshold >= self.conf_threshold):
+            raise ParamsError(f"[clean] relabel_threshold: {self.relabel_threshold} >= conf_threshold {self.conf_threshold}: disagree_low_conf flags only "
+                              "samples whose suggested class is below conf_threshold, so relabel_evidence 'suggest' would relabel none; "
+                              "use relabel_evidence: confident_learning, or action: drop")
+        if self.action == 'relabel' and self.relabel_evidence == 'models' and not self.agreement_tags:
+            raise ParamsError("[clean] relabel_evidence 'models' needs agreement_tags: the train run tags of the other models whose top-1 must confirm the new class")
         if 'agreement' in self.rules and not self.agreement_tags:
             raise ParamsError("[clean] rule 'agreement' needs agreement_tags: the train run tags of the other models (runs/<exp>/train-<tag>/)")
 
@@ -223,7 +233,40 @@ def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, 
     rows = index['row'].to_numpy(np.int64) if 'row' in index else np.arange(N, dtype=np.int64)
     return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32), K)
 
+# %% ../nbs/03_clean.ipynb #e32df7df
+RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'models_disagree', 'evidence_is_label', 'below_relabel_threshold')
+
+def relabel_decision(t:TopK,              # predictions of the training samples
+                     suggest:np.ndarray,  # (N,) the flagging rules' suggested class (`find_noisy`)
+                     suggest_prob:np.ndarray, # (N,) its probability
+                     p:CleanParams,       # relabel_evidence, relabel_threshold
+                     others:list[TopK]=(), # relabel_evidence 'models': the other models' predictions of the same samples
+                    )->tuple[np.ndarray, np.ndarray]:
+    "(N,) class each sample would move to (-1: none) and (N,) outcome: 'relabelled' or why not (`RELABEL_OUTCOMES`)"
+    if p.relabel_evidence == 'confident_learning':
+        _, target = confident_learning(t)
+        why = np.where(target < 0, 'no_confident_class', np.where(target == t.labels, 'evidence_is_label', 'relabelled'))
+    elif p.relabel_evidence == 'models':
+        if not len(others): raise ValueError("relabel_evidence 'models' needs the other models' predictions (agreement_tags)")
+        al = [_align(t, o, f'model {i+1}') for i, o in enumerate(others)]
+        target = np.asarray(suggest)
+        agree = np.all([a.top1 == target for a in al], axis=0)
+        prob = np.mean([a.conf for a in al], axis=0)
+        why = np.where(target == t.labels, 'evidence_is_label', np.where(~agree, 'models_disagree',
+                       np.where(prob < p.relabel_threshold, 'below_relabel_threshold', 'relabelled')))
+    else:
+        target = np.asarray(suggest)
+        why = np.where(target == t.labels, 'evidence_is_label',
+                       np.where(np.asarray(suggest_prob) < p.relabel_threshold, 'below_relabel_threshold', 'relabelled'))
+    return np.where(why == 'relabelled', target, -1).astype(np.int32), why.astype(object)
+
 # %% ../nbs/03_clean.ipynb #1579fd3e
+def _recovered(gt:pd.DataFrame, ch:pd.DataFrame)->float|None:
+    "Fraction of relabelled samples whose new label is their ground-truth clean label (None without ground truth or relabels)"
+    rel = (ch['action'] == 'relabel').to_numpy()
+    if 'clean_label' not in gt or not rel.any(): return None
+    return float((gt['clean_label'].to_numpy()[rel] == ch['new_label'].to_numpy()[rel]).mean())
+
 def _class_table(index:pd.DataFrame, classes:pd.DataFrame|None, K:int)->pd.DataFrame:
     "label -> class_name, coarse_label for 0..K-1 (from classes.parquet, else from the index itself)"
     if classes is None:
@@ -256,9 +299,10 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
     kept_flags = protect_tail(t.labels, flagged, t.p_label, p.min_per_class, K, t.rows)
     protected = flagged & ~kept_flags
     sug, sprob = fl['suggest'].to_numpy(), fl['suggest_prob'].to_numpy()
-    relabel = kept_flags & (p.action == 'relabel') & (sprob >= p.relabel_threshold) & (sug >= 0) & (sug < K) & (sug != t.labels)
+    target, outcome = relabel_decision(t, sug, sprob, p, others) if p.action == 'relabel' else (np.full(len(t), -1, np.int32), np.full(len(t), '', object))
+    relabel = kept_flags & (target >= 0) & (target < K)
     drop = kept_flags & ~relabel
-    new_label = np.where(relabel, sug, t.labels).astype(np.int32)
+    new_label = np.where(relabel, target, t.labels).astype(np.int32)
     # the new index: same columns and dtypes, dropped training rows removed, relabelled ones changed
     out = index.copy()
     keep = np.ones(len(index), bool); keep[train_pos[drop]] = False
@@ -274,14 +318,17 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
     ch.insert(2, 'action', np.where(relabel[changed], 'relabel', np.where(drop[changed], 'drop', 'kept_tail')))
     ch.insert(3, 'new_label', np.where(relabel[changed], new_label[changed], -1).astype(np.int32))
     ch.insert(4, 'reason', rule_names(ch['reasons'].to_numpy()))
+    ch.insert(5, 'relabel_outcome', np.where(protected[changed], '', outcome[changed]).astype(str))
     gt = index.iloc[train_pos[changed]]
     for col in ('path', 'clean_label', 'noise_kind'):
         if col in gt: ch[col] = gt[col].to_numpy()
     summary = {'train_before': int(len(t)), 'train_after': int(len(t) - drop.sum()), 'flagged': int(flagged.sum()),
                'dropped': int(drop.sum()), 'relabelled': int(relabel.sum()), 'kept_by_tail_protection': int(protected.sum()),
                'by_rule': {r: int((fl['reasons'].to_numpy() & b > 0).sum()) for r, b in _RULE_BIT.items() if r in p.rules},
+               'relabel_outcomes': ({o: int((outcome[kept_flags] == o).sum()) for o in RELABEL_OUTCOMES} if p.action == 'relabel' else {}),
+               'relabels_recover_clean_label': _recovered(gt, ch),
                'classes_before': int((np.bincount(t.labels, minlength=K) > 0).sum()),
-               'classes_after': int((np.bincount(out.loc[out.split == 'train', 'label'].to_numpy(np.int64), minlength=K) > 0).sum())}
+               'classes_after': int((np.bincount(out.loc[(out.split == 'train') & (out.label >= 0), 'label'].to_numpy(np.int64), minlength=K) > 0).sum())}
     return out, ch, summary
 
 # %% ../nbs/03_clean.ipynb #13679fcf
@@ -339,7 +386,7 @@ def plot_confidence(preds:list[TopK],          # training predictions, one per r
 # %% ../nbs/03_clean.ipynb #1b9132e0
 def class_size_table(indexes:list[pd.DataFrame], num_classes:int)->pd.DataFrame:
     "(K rows) training images per class in each index (columns n_0, n_1, ...), with the class's third of index 0 (head/middle/tail)"
-    n = {f'n_{i}': np.bincount(ix.loc[ix['split'] == 'train', 'label'].to_numpy(np.int64), minlength=num_classes) for i, ix in enumerate(indexes)}
+    n = {f'n_{i}': np.bincount(ix.loc[(ix['split'] == 'train') & (ix['label'] >= 0), 'label'].to_numpy(np.int64), minlength=num_classes) for i, ix in enumerate(indexes)}
     df = pd.DataFrame(n).rename_axis('label').reset_index()
     rank = np.argsort(np.argsort(-df['n_0'].to_numpy(), kind='stable'), kind='stable')
     df['group'] = np.array(['head', 'middle', 'tail'])[np.minimum(rank * 3 // max(num_classes, 1), 2)]
@@ -397,39 +444,51 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
     fig.suptitle(title, fontsize=10); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/03_clean.ipynb #9f9471b2
+# %% ../nbs/03_clean.ipynb #b3a8372b
 @dataclass
 class CleanArtifacts:
-    "What one cleaning iteration wrote"
+    "What one cleaning iteration wrote (and, from `clean_stage`, the stage's tables and figures)"
     out_dir:Path
     index:Path        # index.parquet of iteration k
     changes:Path      # changes.parquet: removed / relabelled / kept by tail protection, with reasons and probabilities
     summary:dict      # summary.json
     predictions:list  # the training predictions files the round read (model k-1; one per fold with k_fold)
     model:object=None # TrainArtifacts of model k, when trained
+    rounds:pd.DataFrame|None=None    # clean_stage: the per-round table (reports/<exp>/clean_rounds.csv)
+    detection:pd.DataFrame|None=None # clean_stage: noise detection per round and kind (reports/<exp>/clean_detection.csv)
+    figures:dict=field(default_factory=dict) # clean_stage: figure name -> PNG in reports/<exp>/
 
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"
     import dataclasses
     return dataclasses.replace(train, iteration=iteration)
 
-def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int)->tuple[TopK, list[Path]]:
-    "Predictions of index `iteration`'s training rows by the model(s) trained on it: in-sample, or merged out-of-fold"
+def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
+    "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
     from aliprod.train import train_stage
-    tp = _train_at(train, iteration)
-    if 'train' not in tp.eval_splits and clean.source == 'in_sample':
-        raise ParamsError(f"[train] eval_splits is {tp.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
-    if clean.source == 'in_sample': paths = [Path(train_stage(exp, data, tp, iteration=iteration).predictions['train'])]
-    else: paths = [Path(train_stage(exp, data, tp, iteration=iteration, fold=j, folds=clean.folds).predictions['train']) for j in range(clean.folds)]
+    return Path(train_stage(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
+
+# %% ../nbs/03_clean.ipynb #b7cb4db3
+def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
+                         predictions_of=None, # (iteration, fold, folds) -> predictions file; default: the train stage's (`train_predictions`)
+                        )->tuple[TopK, list[Path]]:
+    "Predictions of index `iteration`'s training rows by the model(s) trained on it: in-sample, or merged out-of-fold"
+    get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
+    if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
+    else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
     t = TopK.concat([read_topk(p) for p in paths])
     t = t.take(np.argsort(t.rows, kind='stable'))
     if len(t) > 1 and (np.diff(t.rows) == 0).any():
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
     return t, paths
 
+def agreement_paths(exp:ExperimentParams, clean:CleanParams, iteration:int)->list[Path]:
+    "Training predictions files of the other models named by `agreement_tags`, trained on index `iteration`"
+    return [run_dir(exp, f'train-{tag}', iteration)/'predictions'/'train.parquet' for tag in clean.agreement_tags]
+
 def agreement_predictions(exp:ExperimentParams, clean:CleanParams, iteration:int)->tuple[list[TopK], list[Path]]:
     "Training predictions of the other models named by `agreement_tags`, trained on index `iteration`"
-    paths = [run_dir(exp, f'train-{tag}', iteration)/'predictions'/'train.parquet' for tag in clean.agreement_tags]
+    paths = agreement_paths(exp, clean, iteration)
     for tag, p in zip(clean.agreement_tags, paths):
         if not p.exists(): raise FileNotFoundError(f"{p} not found: train the model '{tag}' on index {iteration} first "
                                                   f"(papermill nbs/02_train.ipynb out.ipynb -p iteration {iteration} -y 'train: {{tag: {tag}, ...}}')")
@@ -445,45 +504,58 @@ def write_index(new:pd.DataFrame, path:Path, like:Path):
     table = pa.Table.from_pandas(new, schema=schema, preserve_index=False)
     with atomic_path(path) as tmp: pq.write_table(table, tmp)
 
-def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
-                train_model:bool=True,  # also train model k on index k (what iteration k+1 needs)
-               )->CleanArtifacts:
-    "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its report; skipped when up to date"
+# %% ../nbs/03_clean.ipynb #f75dd7dc
+def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:bool=False):
+    "Refuse, before any training, a clean stage that cannot run: no labelled training rows, no training predictions, missing agreement models"
+    from aliprod.data import load_index
+    index = load_index(exp, 0)
+    if not ((index['split'] == 'train') & (index['label'] >= 0)).any():
+        raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
+    if not own_predictions and clean.source == 'in_sample' and 'train' not in train.eval_splits:
+        raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
+    if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
+        # round j needs the other models trained on index j, which the train stage can train only once round j has written it
+        missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
+        if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models on each index first "
+                                      "(with iteration > 1, run the clean stage one iteration at a time and train the tagged models on each new index in between)")
+
+def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
+                    train_model:bool=True,  # also train model k on index k (what iteration k+1 needs)
+                    predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's
+                   )->CleanArtifacts:
+    "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its summary; skipped when up to date"
     import dataclasses
     from aliprod.data import prepare_data, data_artifacts, load_index, index_path
     from aliprod.train import train_stage
     k = clean.iteration
-    prepare_data(exp, data)
-    if k > 1 and not (index_path(exp, k - 1).exists() and (run_dir(exp, 'clean', k - 1)/'manifest.json').exists()):
-        log(f"clean: index {k-1} is missing; producing it first")
-    if k > 1: clean_stage(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False)
-    t, pred_paths = training_predictions(exp, data, train, clean, k - 1)
-    others, other_paths = agreement_predictions(exp, clean, k - 1) if 'agreement' in clean.rules else ([], [])
+    if data is not None: prepare_data(exp, data)   # None: the data stage's outputs are there already
+    check_clean(exp, train, clean, predictions_of is not None)
+    if k > 1: clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False, predictions_of=predictions_of)
+    t, pred_paths = training_predictions(exp, data, train, clean, k - 1, predictions_of)
+    uses_others = 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models')
+    others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])
     out = run_dir(exp, 'clean', k)
     prev, classes_file = index_path(exp, k - 1), data_artifacts(exp).classes
     run = StageRun(out, 'clean', {'clean': _stage_params(clean), 'seed': exp.seed}, inputs=[prev, classes_file, *pred_paths, *other_paths],
-                   modules=['clean', 'predictions'])
-    files = ['index.parquet', 'changes.parquet', 'class_sizes.parquet', 'summary.json']
-    if run.up_to_date():
-        log(f"clean: {out} is up to date; skipping")
-    else:
-        log(f"clean: iteration {k} into {out} ({run.why_stale()})")
-        run.invalidate()
-        for stale in out.glob('.*.tmp'): stale.unlink()  # temp files of a killed round
+                   modules=['clean'])
+
+    def work():
         index = load_index(exp, k - 1)
-        classes = pd.read_parquet(classes_file)
-        new, changes, summary = clean_index(index, t, clean, classes, others, clean.agreement_tags)
+        new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
         train_before = index[index['split'] == 'train']
         summary['detection'] = detection_scores(train_before, changes.loc[changes['action'] != 'kept_tail', 'row']).to_dict('records')
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
-        summary['iteration'], summary['predictions'] = k, [str(p) for p in pred_paths]
+        summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
         with atomic_path(out/'changes.parquet') as tmp: changes.to_parquet(tmp, index=False)
         with atomic_path(out/'class_sizes.parquet') as tmp: class_size_table([index, new], t.num_classes).to_parquet(tmp, index=False)
         atomic_write_json(out/'summary.json', summary)
         write_index(new, out/'index.parquet', prev)   # last: its presence means the round's outputs are complete
-        run.finish(files, metrics={kk: v for kk, v in summary.items() if not isinstance(v, (dict, list))})
-        log(f"clean: iteration {k}: {summary['dropped']} dropped, {summary['relabelled']} relabelled, "
-            f"{summary['kept_by_tail_protection']} kept by tail protection; {summary['train_after']} training images remain")
+        log(f"clean: iteration {k}: {summary['dropped']} dropped, {summary['relabelled']} relabelled"
+            + (f" (not relabelled: {', '.join(f'{n} {o}' for o, n in summary['relabel_outcomes'].items() if o != 'relabelled' and n)})" if clean.action == 'relabel' else '')
+            + f", {summary['kept_by_tail_protection']} kept by tail protection; {summary['train_after']} training images remain")
+        return (['index.parquet', 'changes.parquet', 'class_sizes.parquet', 'summary.json'],
+                {kk: v for kk, v in summary.items() if not isinstance(v, (dict, list))})
+    run.ensure(work, what=f'iteration {k}')
     model = train_stage(exp, data, _train_at(train, k), iteration=k) if train_model else None
     return CleanArtifacts(out, out/'index.parquet', out/'changes.parquet', json.loads((out/'summary.json').read_text()), pred_paths, model)
 
@@ -491,13 +563,13 @@ def _noise_rate(train:pd.DataFrame)->float|None:
     noisy, known = is_noisy(train)
     return float(noisy[known].mean()) if known.any() else None
 
-# %% ../nbs/03_clean.ipynb #d93e89d6
+# %% ../nbs/03_clean.ipynb #6734d176
 def _err(m:dict, split:str, key:str='mean_class_err'):
     v = m.get(split, {})
     return v.get(key) if isinstance(v, dict) else None
 
 def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:int)->pd.DataFrame:
-    "The per-round table from the iterations' summaries and the models' metrics (models[k] trained on index k)"
+    "The per-round table from the iterations' summaries and the models' metrics (models[k] trained on index k, or None); columns name their split"
     from aliprod.data import load_index
     out = []
     for k in range(rounds + 1):
@@ -505,30 +577,33 @@ def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:in
         idx = load_index(exp, k)
         det = next((d for d in s.get('detection', []) if d['kind'] == 'all'), {})
         m = models[k].metrics if models[k] is not None else {}
-        out.append({'iteration': k, 'train_images': int((idx['split'] == 'train').sum()), 'dropped': s.get('dropped', 0),
-                    'relabelled': s.get('relabelled', 0), 'kept_by_tail_protection': s.get('kept_by_tail_protection', 0),
-                    'noise_rate': _noise_rate(idx[idx['split'] == 'train']),
-                    'precision': det.get('precision'), 'recall': det.get('recall'), 'f1': det.get('f1'),
-                    'val_mean_class_err': _err(m, 'val'), 'val_clean_mean_class_err': _err(m, 'val_clean'),
-                    'test_mean_class_err': _err(m, 'test'), 'test_clean_mean_class_err': _err(m, 'test_clean'),
-                    'val_clean_top1_err': _err(m, 'val_clean', 'top1_err')})
+        row = {'iteration': k, 'train_images': int((idx['split'] == 'train').sum()), 'dropped': s.get('dropped', 0),
+               'relabelled': s.get('relabelled', 0), 'kept_by_tail_protection': s.get('kept_by_tail_protection', 0),
+               'noise_rate': _noise_rate(idx[idx['split'] == 'train']),
+               'precision': det.get('precision'), 'recall': det.get('recall'), 'f1': det.get('f1')}
+        for split in ('val', 'test'):   # a split the models did not predict (real data: no test labels) has no column
+            if any(isinstance(mm.metrics.get(split), dict) for mm in models if mm is not None):
+                row[f'{split}_mean_class_err'], row[f'{split}_clean_mean_class_err'] = _err(m, split), _err(m, f'{split}_clean')
+        if any(isinstance(mm.metrics.get('val_clean'), dict) for mm in models if mm is not None): row['val_clean_top1_err'] = _err(m, 'val_clean', 'top1_err')
+        out.append(row)
     return pd.DataFrame(out)
 
-def clean_rounds(exp:ExperimentParams, data, train, clean:CleanParams,
-                 rounds:int|None=None, # iterations 1..rounds; default clean.iteration
-                )->pd.DataFrame:
-    "Run cleaning iterations 1..`rounds` with their models; return the per-round table (also written to reports/<exp>/clean_rounds.csv)"
-    import dataclasses
-    from aliprod.train import train_stage
-    from aliprod.core import atomic_write_text
-    rounds = clean.iteration if rounds is None else rounds
-    if rounds < 1: raise ParamsError(f"clean_rounds needs rounds >= 1, got {rounds}")
-    models = [train_stage(exp, data, _train_at(train, 0), iteration=0)]
-    for k in range(1, rounds + 1): models.append(clean_stage(exp, data, train, dataclasses.replace(clean, iteration=k)).model)
-    table = rounds_table(exp, clean, models, rounds)
-    atomic_write_text(report_dir(exp)/'clean_rounds.csv', table.to_csv(index=False))
-    return table
+def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
+    "Noise detection of iterations 1..`rounds` against the ground truth, overall and per noise kind (empty without ground truth)"
+    cols = ['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'iteration']
+    parts = [pd.DataFrame(json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())['detection']).assign(iteration=k) for k in range(1, rounds + 1)]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
+def relabel_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
+    "Per iteration: flagged samples relabelled, and those dropped by the reason they were not relabelled (empty with action 'drop')"
+    rows = []
+    for k in range(1, rounds + 1):
+        s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())
+        if s.get('relabel_outcomes'): rows.append({'iteration': k, **s['relabel_outcomes'], 'relabels_recover_clean_label': s.get('relabels_recover_clean_label')})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/03_clean.ipynb #0c393b3e
 def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Model error and index noise over cleaning rounds"
     import matplotlib.pyplot as plt
@@ -536,24 +611,28 @@ def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     x = table['iteration']
     for c, lab in (('val_mean_class_err', 'val, given labels'), ('val_clean_mean_class_err', 'val, clean labels'),
                    ('test_clean_mean_class_err', 'test, clean labels')):
-        if table[c].notna().any(): a.plot(x, table[c].astype(float), 'o-', label=lab)
+        if c in table and table[c].notna().any(): a.plot(x, table[c].astype(float), 'o-', label=lab)
     a.set_xlabel('cleaning round (index the model was trained on)'); a.set_ylabel('mean class error (fraction)')
-    a.set_title('Model trained on each index'); a.legend(fontsize=8); a.grid(alpha=0.3); a.set_xticks(x)
+    a.set_title('Model trained on each index'); a.grid(alpha=0.3); a.set_xticks(x)
+    if a.lines: a.legend(fontsize=8)
     if table['noise_rate'].notna().any(): b.plot(x, table['noise_rate'].astype(float), 'ks-', label='noisy fraction of the index')
     for c in ('precision', 'recall', 'f1'):
         if table[c].notna().any(): b.plot(x, table[c].astype(float), 'o--', label=f'detection {c}')
     b.set_xlabel('cleaning round'); b.set_ylabel('fraction'); b.set_ylim(0, 1.02); b.set_xticks(x)
-    b.set_title('Noise left and noise found (ground truth)'); b.legend(fontsize=8); b.grid(alpha=0.3)
+    b.set_title('Noise left and noise found (ground truth)'); b.grid(alpha=0.3)
+    if b.lines: b.legend(fontsize=8)
     fig.suptitle(title or 'Iterative data cleaning', fontsize=10); fig.tight_layout(); plt.close(fig)
     return fig
 
 def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool=True)->dict:
     "The confidence histograms, class sizes and per-round galleries of iterations 1..`rounds`, saved in reports/<exp>/ as PNG"
+    from aliprod.core import project_root
     from aliprod.data import data_artifacts, load_index
     arts = data_artifacts(exp)
     classes = pd.read_parquet(arts.classes)
     names = classes.set_index('label')['class_name'].reindex(range(len(classes))).to_numpy()
-    preds = [TopK.concat([read_topk(p) for p in json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())['predictions']])
+    def _pred(p): return project_root()/p if not Path(p).is_absolute() else Path(p)
+    preds = [TopK.concat([read_topk(_pred(p)) for p in json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())['predictions']])
              for k in range(1, rounds + 1)]
     figs = {'clean_confidence': plot_confidence(preds, [f'model {k-1} (trained on index {k-1})' for k in range(1, len(preds) + 1)],
                                                 threshold=clean.conf_threshold if clean.drop_fraction is None else None)}
@@ -561,9 +640,37 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
     figs['clean_class_sizes'] = plot_class_sizes(class_size_table(indexes, len(classes)))
     for k in range(1, rounds + 1):
         ch = pd.read_parquet(run_dir(exp, 'clean', k)/'changes.parquet')
-        sizes = np.bincount(indexes[k - 1].loc[indexes[k - 1]['split'] == 'train', 'label'].to_numpy(np.int64), minlength=len(classes))
+        ix = indexes[k - 1]
+        sizes = np.bincount(ix.loc[(ix['split'] == 'train') & (ix['label'] >= 0), 'label'].to_numpy(np.int64), minlength=len(classes))
         rows = gallery_rows(ch, clean.gallery_size, class_sizes=sizes)
         figs[f'clean_{k}_gallery'] = plot_gallery(rows, arts.root, names, title=f'Round {k}: flagged training samples (most confident disagreements first, then the tail)')
     if save:
         for name, f in figs.items(): f.savefig(report_dir(exp)/f'{name}.png', dpi=100)
     return figs
+
+# %% ../nbs/03_clean.ipynb #1e28e998
+def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
+                train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
+                predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
+               )->CleanArtifacts:
+    "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv and the figures"
+    from aliprod.core import atomic_write_text, markdown_table
+    from aliprod.data import prepare_data
+    from aliprod.train import train_stage
+    if data is not None: prepare_data(exp, data)
+    check_clean(exp, train, clean, predictions_of is not None)   # before any training
+    rounds = clean.iteration
+    models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
+    for k in range(1, rounds + 1):
+        art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
+        models.append(art.model)
+    rep = report_dir(exp)
+    table, det, rel = rounds_table(exp, clean, models, rounds), detection_table(exp, rounds), relabel_table(exp, rounds)
+    atomic_write_text(rep/'clean_rounds.csv', table.to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
+    atomic_write_text(rep/'clean_detection.csv', det.to_csv(index=False))
+    if len(rel): atomic_write_text(rep/'clean_relabel.csv', rel.to_csv(index=False))
+    figs = clean_figures(exp, clean, rounds)
+    figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
+    figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)
+    art.rounds, art.detection, art.figures = table, det, {n: rep/f'{n}.png' for n in figs}
+    return art

@@ -4,14 +4,14 @@
 
 # %% ../nbs/02b_finegrained.ipynb #3d5a28b7
 from __future__ import annotations
-import dataclasses, json, math
+import dataclasses, json, math, shutil
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir,
+from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
                           atomic_write_json, atomic_write_text, log)
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
@@ -22,7 +22,7 @@ __all__ = ['METHODS', 'neighbourhood_permutation', 'region_confusion_permutation
            'dcl_net', 'dcl_losses', 'object_region', 'polar_targets', 'LIOHeads', 'lio_net', 'object_extent_target',
            'lio_losses', 'FineGrainedCallback', 'DCLCallback', 'LIOCallback', 'FinegrainedParams', 'method_callbacks',
            'finegrained_callbacks', 'callback_spec', 'default_init', 'finegrained_finetune', 'comparison_table',
-           'write_comparison']
+           'write_comparison', 'plot_comparison', 'FinegrainedArtifacts', 'comparison_note', 'finegrained_stage']
 
 # %% ../nbs/02b_finegrained.ipynb #84bb6b32
 def neighbourhood_permutation(n:int,        # length of each permutation
@@ -442,7 +442,7 @@ def finegrained_finetune(exp:ExperimentParams,
     log(f"finegrained {method}: finetuning {init}")
     return T.train_stage(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
 
-# %% ../nbs/02b_finegrained.ipynb #f5e45663
+# %% ../nbs/02b_finegrained.ipynb #9ca0502f
 def _run_epochs(out_dir:Path)->int|None:
     "Epochs of the run in `out_dir`, from its params.json"
     f = Path(out_dir)/'params.json'
@@ -451,24 +451,91 @@ def _run_epochs(out_dir:Path)->int|None:
 def comparison_table(runs:dict,      # name -> TrainArtifacts (or anything with `.metrics` and `.out_dir`); 'start' is the starting model
                      seed:int,
                      epochs:int|None=None, # finetune epochs of every run but 'start'; None: each run's own, from its params.json
+                     splits=('val', 'test'), # the evaluated splits (columns <split>_top1_err, <split>_mean_class_err): those that exist
                     )->pd.DataFrame:
-    "One row per run: val/test top-1 and mean class error, seconds, seed, finetune epochs"
+    "One row per run: top-1 and mean class error on each split, seconds, seed, finetune epochs"
     rows = []
     for name, a in runs.items():
         man = Path(a.out_dir)/'manifest.json'
         secs = json.loads(man.read_text()).get('wall_s') if man.exists() else None
         ep = 0 if name == 'start' else (epochs if epochs is not None else _run_epochs(a.out_dir))
         r = {'run': name, 'finetune_epochs': ep, 'seed': seed}
-        for split in ('val', 'test'):
+        for split in splits:
             m = a.metrics.get(split, {})
             r[f'{split}_top1_err'], r[f'{split}_mean_class_err'] = m.get('top1_err'), m.get('mean_class_err')
         r['seconds'] = secs
         rows.append(r)
     return pd.DataFrame(rows)
 
-def write_comparison(df:pd.DataFrame, exp:ExperimentParams, note:str='')->tuple[Path, Path]:
-    "reports/<experiment>/finegrained.csv and finegrained.md (the table, under `note`)"
-    d = report_dir(exp)
-    atomic_write_text(d/'finegrained.csv', df.to_csv(index=False))
-    atomic_write_text(d/'finegrained.md', (note + '\n\n' if note else '') + markdown_table(df))
-    return d/'finegrained.csv', d/'finegrained.md'
+def write_comparison(df:pd.DataFrame, exp:ExperimentParams, note:str='', out_dir:Path|None=None)->tuple[Path, Path]:
+    "reports/<experiment>/finegrained.csv and finegrained.md (the table, under `note`), also in `out_dir` when given"
+    for d in ([out_dir] if out_dir is not None else []) + [report_dir(exp)]:
+        atomic_write_text(d/'finegrained.csv', df.to_csv(index=False))
+        atomic_write_text(d/'finegrained.md', (note + '\n\n' if note else '') + markdown_table(df))
+    return report_dir(exp)/'finegrained.csv', report_dir(exp)/'finegrained.md'
+
+def plot_comparison(df:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
+    "Mean class error of every run on each evaluated split: the start, the plain finetune and each method"
+    import matplotlib.pyplot as plt
+    cols = [c for c in df.columns if c.endswith('_mean_class_err') and df[c].notna().any()]
+    fig, ax = plt.subplots(figsize=(1.4 + 1.2 * len(df), 3.4))
+    w = 0.8 / max(len(cols), 1)
+    for i, c in enumerate(cols):
+        ax.bar(np.arange(len(df)) + (i - (len(cols) - 1) / 2) * w, df[c].astype(float), w, label=c.removesuffix('_mean_class_err'))
+    ax.set_xticks(np.arange(len(df)), df['run']); ax.set_ylabel('mean class error (fraction)'); ax.set_ylim(0, 1)
+    ax.set_title(title or 'Fine-grained finetunes from the same start'); ax.grid(alpha=0.3, axis='y')
+    if cols: ax.legend(title='split', fontsize=8)
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %% ../nbs/02b_finegrained.ipynb #967c66b1
+@dataclass
+class FinegrainedArtifacts:
+    "What the finegrained stage wrote"
+    out_dir:Path            # runs/<exp>/finegrained/<iteration>/: the table, its figure and the manifest
+    start:object            # TrainArtifacts of the model every method starts from
+    runs:dict               # method -> TrainArtifacts of its finetune
+    table:pd.DataFrame      # the comparison, one row per run
+    table_path:Path         # reports/<exp>/finegrained.csv (and .md)
+    figure_path:Path        # reports/<exp>/finegrained.png
+    splits:list             # the labelled splits the runs are compared on (val and/or test)
+
+def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams, fg:FinegrainedParams, iteration:int, splits:list)->str:
+    "The paragraph above the table: what was finetuned from what, how long, and on which splits it is compared"
+    return (f"Fine-grained finetuning on {exp.experiment}: {train.arch}, start = the train stage's model of iteration {iteration} "
+            f"({train.total_epochs} epochs)" + (f" (init {fg.init})" if fg.init else '') + f", then {fg.epochs} epoch(s) at {ft.img_size} px per method, "
+            f"head_cap {ft.head_cap}, seed {exp.seed}; errors on {' and '.join(splits)} (given labels). DCL: N={fg.dcl_patches}, k={fg.dcl_neighbourhood}; "
+            f"LIO: {fg.lio_positives} positive(s) per image. Same epochs, but not the same images per step: DCL adds a destructed copy of every image, "
+            f"LIO {fg.lio_positives} more real image(s) of the same class, so part of a gain over plain can come from the larger batches (the notebook measures that).")
+
+def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams, fg:FinegrainedParams)->FinegrainedArtifacts:
+    "The finegrained stage: the starting model, each method's finetune from it (same epochs, weights, seed), reports/<exp>/finegrained.{csv,md,png}"
+    prepare_data(exp, data)
+    it = fg.iteration if fg.iteration is not None else train.iteration
+    train = dataclasses.replace(train, iteration=it)
+    index = load_index(exp, it)
+    splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]
+    if not splits: raise ParamsError(f"[finegrained] {index_path(exp, it)} has no labelled val or test rows: nothing to compare the finetunes on")
+    if fg.init and not Path(fg.init).is_file(): raise FileNotFoundError(f"[finegrained] init: {fg.init} not found; give a model.pth, or leave init out to start from the train stage's model")
+    start = T.train_stage(exp, data, train)   # skipped when the train stage is up to date
+    ft = dataclasses.replace(fg.finetune_params(train), eval_splits=splits)   # only the splits that exist (real data: no test labels)
+    runs = {m: finegrained_finetune(exp, data, ft, m, fg, it) for m in fg.methods}
+    out = run_dir(exp, 'finegrained', it)
+    inputs = [start.out_dir/'metrics.json', *[p for a in runs.values() for p in (a.out_dir/'metrics.json', a.out_dir/'manifest.json')]]
+    run = StageRun(out, 'finegrained', {'finegrained': params_dict(fg), 'train': params_dict(train), 'seed': exp.seed, 'splits': splits},
+                   inputs=inputs, modules=['finegrained'])
+    rep = report_dir(exp)
+
+    def work():
+        table = comparison_table({'start': start, **runs}, exp.seed, fg.epochs, splits)
+        write_comparison(table, exp, comparison_note(exp, train, ft, fg, it, splits), out)
+        fig = plot_comparison(table, f'{exp.experiment}: fine-grained finetunes of the iteration-{it} model')
+        for d in (out, rep):
+            with atomic_path(d/'finegrained.png') as f: fig.savefig(f, dpi=100, format='png')
+        last = splits[-1]
+        return (['finegrained.csv', 'finegrained.md', 'finegrained.png'],
+                {'metrics_split': last, **{f'{r}_mean_class_err': v for r, v in zip(table['run'], table[f'{last}_mean_class_err'])}})
+    run.ensure(work, what=f"comparison of {', '.join(fg.methods)} (iteration {it}, on {', '.join(splits)})")
+    if not (rep/'finegrained.csv').exists():   # up to date here, but the reports directory was cleared
+        for f in ('finegrained.csv', 'finegrained.md', 'finegrained.png'): shutil.copyfile(out/f, rep/f)
+    return FinegrainedArtifacts(out, start, runs, pd.read_csv(out/'finegrained.csv'), rep/'finegrained.csv', rep/'finegrained.png', splits)

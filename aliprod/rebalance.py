@@ -18,12 +18,13 @@ from .metrics import evaluate
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['TauBias', 'Loss', 'NCMNorm', 'METHODS', 'FINETUNES', 'CODE_MODULES', 'Features', 'synthetic_features', 'linear_head',
-           'head_logits', 'head_top1', 'head_topk', 'tau_normalize', 'tau_normalized_head', 'sweep_tau', 'choose_tau',
-           'accuracy_loss', 'fit_head', 'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means',
-           'balanced_subset', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
-           'plot_tau_sweep', 'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params',
-           'network_finetune', 'RebalanceArtifacts', 'cache_features', 'rebalance_stage']
+__all__ = ['TauBias', 'Loss', 'NCMNorm', 'METHODS', 'FINETUNES', 'Features', 'synthetic_features', 'linear_head', 'head_logits',
+           'head_top1', 'head_topk', 'tau_normalize', 'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss',
+           'fit_head', 'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'balanced_subset',
+           'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table', 'plot_tau_sweep',
+           'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
+           'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
+           'rebalance_stage']
 
 # %% ../nbs/04_rebalance.ipynb #3059f936
 @dataclass
@@ -128,17 +129,16 @@ def _top1_predictions(pred:np.ndarray, data:Features, num_classes:int)->TopK:
 
 def sweep_tau(weight:Tensor, bias:Tensor|None,
               val:Features,                 # the split τ is chosen on (the stage passes validation)
-              train_counts,                 # (K,) training images per class, for many/medium/few
+              groups:dict,                  # evaluate's shot groups: {'train_counts': (K,) counts, 'many', 'few'} (`aliprod.data.shot_groups(exp)`)
               grid=tuple(np.round(np.linspace(0, 2, 21), 2)), # τ values
               bias_mode:TauBias='drop',
-              many:int=100, few:int=20,     # shot thresholds on the training count
               batch_size:int=4096, device='cpu',
              )->pd.DataFrame:
     "Accuracy of the τ-normalised classifier on `val` for each τ in `grid`: columns tau, many, medium, few, all, top1"
     rows = []
     for tau in grid:
         pred = head_top1(tau_normalized_head(weight, bias, float(tau), bias_mode), val.feats, batch_size, device)
-        m = evaluate(_top1_predictions(pred, val, weight.shape[0]), train_counts=np.asarray(train_counts), topk=(1,), many=many, few=few)
+        m = evaluate(_top1_predictions(pred, val, weight.shape[0]), **groups, topk=(1,))
         rows.append({'tau': float(tau), 'many': m['many_acc'], 'medium': m['medium_acc'], 'few': m['few_acc'],
                      'all': 1 - m['mean_class_err'], 'top1': 1 - m['top1_err']})
     return pd.DataFrame(rows)
@@ -288,7 +288,7 @@ class RebalanceParams:
     tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # τ values swept on validation
     tau_bias:TauBias='drop'          # the classifier's bias under τ-norm: drop (classifier-balancing), keep, none (bias-free head)
     crt_epochs:int=10                # cRT: epochs of class-balanced classifier re-training
-    crt_lr:float=0.025               # cRT: classifier-balancing's 0.2 at batch 512, scaled linearly to batch_size 64
+    crt_lr:float|None=None           # cRT peak lr; None: classifier-balancing's 0.2 at batch 512, scaled linearly to batch_size (`crt_peak_lr`)
     lws_epochs:int=5                 # LWS: epochs of learning the per-class scales
     lws_lr:float=0.2                 # LWS learns K scales only: classifier-balancing's 0.2 does not overfit them
     finetune_epochs:int=3            # two_stage / balanced_subset / acc_loss finetunes
@@ -309,7 +309,14 @@ class RebalanceParams:
         if len(set(self.methods)) != len(self.methods): raise ParamsError(f"[rebalance] methods lists a method twice: {self.methods}")
         if not self.tau_grid or min(self.tau_grid) < 0: raise ParamsError(f"[rebalance] tau_grid must be non-empty and >= 0, got {self.tau_grid}")
         if self.network_epochs < 1: raise ParamsError(f"[rebalance] network_epochs: must be >= 1, got {self.network_epochs}")
+        if self.crt_lr is not None and self.crt_lr <= 0: raise ParamsError(f"[rebalance] crt_lr: must be > 0 or null (null: 0.2 × batch_size/512), got {self.crt_lr}")
+        if self.batch_size < 1: raise ParamsError(f"[rebalance] batch_size: must be >= 1, got {self.batch_size}")
         if self.network_lr is not None and self.network_lr <= 0: raise ParamsError(f"[rebalance] network_lr: must be > 0 or null, got {self.network_lr}")
+
+    @property
+    def crt_peak_lr(self)->float:
+        "`crt_lr`, or Kang et al.'s cRT lr 0.2 at batch 512 scaled linearly to `batch_size` (0.025 at 64), as the train stage's `peak_lr`"
+        return self.crt_lr if self.crt_lr is not None else 0.2 * self.batch_size / 512
 
     def classifier_methods(self)->list[str]:
         "The methods fitted on cached features (all but the finetunes when `finetune` is 'network')"
@@ -328,23 +335,22 @@ def _linear_parts(classifier:nn.Module)->tuple[Tensor, Tensor|None]:
 def fit_method(method:str,
                classifier:nn.Module,       # the trained classifier (not modified)
                train:Features,             # training split, given labels
-               val:Features,               # validation split (τ is chosen on it)
+               val:Features|None,          # validation split (τ is chosen on it); None without one
                num_classes:int,
                p:RebalanceParams,
                train_p_label=None,         # (len(train),) p_label of the train predictions, for the balanced subset
                seed:int=0,
                device='cpu',
-               many:int=100, few:int=20,   # shot thresholds (DataParams.many_threshold, few_threshold)
-               counts=None,                # (K,) class sizes defining the shot groups of the τ sweep; default: train.labels'
+               groups:dict|None=None,      # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: train.labels' counts, evaluate's thresholds
               )->tuple[nn.Module, dict]:
     "The head of classifier-only `method` and what to record about it (history, τ, images used)"
     K = num_classes
-    counts = class_counts(train.labels, K) if counts is None else np.asarray(counts)
+    groups = groups or {'train_counts': class_counts(train.labels, K)}
     capped = train.take(head_cap(train.labels, p.head_cap, seed)) if p.head_cap else train
     fit = dict(lr=None, samples_per_epoch=p.samples_per_epoch, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=seed, device=device)
     if method == 'tau_norm':
         w, b = _linear_parts(classifier)
-        sweep = sweep_tau(w, b, val, counts, p.tau_grid, p.tau_bias, many, few, device=device)
+        sweep = sweep_tau(w, b, val, groups, p.tau_grid, p.tau_bias, device=device)
         tau = choose_tau(sweep)
         return tau_normalized_head(w, b, tau, p.tau_bias), {'tau': tau, 'sweep': sweep}
     if method == 'ncm': return class_means(train, K, p.ncm_norm), {'images': len(train)}
@@ -354,7 +360,7 @@ def fit_method(method:str,
             if hasattr(m, 'reset_parameters'):
                 with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); m.reset_parameters()
         head.requires_grad_(True)
-        hist = fit_head(head, capped, K, p.crt_epochs, **{**fit, 'lr': p.crt_lr})
+        hist = fit_head(head, capped, K, p.crt_epochs, **{**fit, 'lr': p.crt_peak_lr})
         return head, {'history': hist, 'images': len(capped)}
     if method == 'lws':
         head = LearnableWeightScaling(classifier, K)
@@ -382,28 +388,28 @@ class MethodResult:
     info:dict          # tau, sweep, history, images, seconds
 
 def rebalance_features(classifier:nn.Module,  # the trained classifier (not modified)
-                       splits:dict,            # 'train', 'val', 'test' -> Features (test only predicted, never fitted on)
+                       splits:dict,            # 'train' and 'val' and/or 'test' -> Features (test only predicted, never fitted on)
                        num_classes:int,
                        p:RebalanceParams,
                        methods=None,           # default p.classifier_methods(): not the whole-network finetunes
                        train_p_label=None,     # p_label of the train predictions (balanced subset, acc_loss)
                        seed:int=0, device='cpu',
-                       many:int=100, few:int=20, # shot thresholds (DataParams.many_threshold, few_threshold)
-                       counts=None,            # (K,) class sizes defining the shot groups; default: the train features' labels
+                       groups:dict|None=None,  # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: the train features' counts, evaluate's thresholds
                       )->dict[str, MethodResult]:
     "Baseline plus each classifier-only method: heads, val/test predictions and metrics"
-    counts = class_counts(splits['train'].labels, num_classes) if counts is None else np.asarray(counts)
+    groups = groups or {'train_counts': class_counts(splits['train'].labels, num_classes)}
+    evals = [s for s in ('val', 'test') if s in splits and len(splits[s])]
     def _predict(head):
-        preds = {s: head_topk(head, splits[s], p.topk, device=device) for s in ('val', 'test') if s in splits and len(splits[s])}
-        return preds, {s: evaluate(t, train_counts=counts, many=many, few=few, topk=(1, min(5, num_classes))) for s, t in preds.items()}
+        preds = {s: head_topk(head, splits[s], p.topk, device=device) for s in evals}
+        return preds, {s: evaluate(t, **groups, topk=(1, min(5, num_classes))) for s, t in preds.items()}
     base = copy.deepcopy(classifier).eval()
     out = {'baseline': MethodResult('baseline', base, *_predict(base), {'images': len(splits['train'])})}
     for m in (p.classifier_methods() if methods is None else methods):
         t0 = time.time()
-        head, info = fit_method(m, classifier, splits['train'], splits['val'], num_classes, p, train_p_label, seed, device, many, few, counts)
+        head, info = fit_method(m, classifier, splits['train'], splits.get('val'), num_classes, p, train_p_label, seed, device, groups)
         info['seconds'] = round(time.time() - t0, 3)
         out[m] = MethodResult(m, head, *_predict(head), info)
-        log(f"rebalance {m}: val mean class err {out[m].metrics['val']['mean_class_err']:.4f} ({info['seconds']} s)")
+        log(f"rebalance {m}: {evals[0]} mean class err {out[m].metrics[evals[0]]['mean_class_err']:.4f} ({info['seconds']} s)")
     return out
 
 def results_table(results:dict[str, MethodResult])->pd.DataFrame:
@@ -442,19 +448,22 @@ def accuracy_loss_callbacks()->list:
     "Callback factory for the train stage's `callbacks` spec of the acc_loss network finetune"
     return [AccuracyLossCallback()]
 
-def network_params(method:str, p:RebalanceParams, t)->'aliprod.train.TrainParams':
+def network_params(method:str, p:RebalanceParams, t,
+                   eval_splits:list[str]=('val', 'test'), # the labelled splits the finetune predicts (the stage passes those that exist)
+                  )->'aliprod.train.TrainParams':
     "Train parameters of `method`'s whole-network finetune, derived from the trained model's `t`"
     two = method == 'two_stage'
     return dataclasses.replace(t, epochs=p.network_epochs, img_size=t.eval_size, finetune_size=None, finetune_epochs=0, warmup_epochs=0,
                                schedule='cosine', milestones=[], lr=p.network_lr if p.network_lr is not None else 0.1 * t.peak_lr, mixup=0.0,
                                sampler='class' if two else 'instance', sampler_samples=p.samples_per_epoch if two else None,
-                               head_cap=p.head_cap if two else None, eval_splits=['val', 'test'], tag='', ablate_finetune=False)
+                               head_cap=p.head_cap if two else None, eval_splits=list(eval_splits), tag='', ablate_finetune=False)
 
 def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      method:str,                  # two_stage | balanced_subset | acc_loss
                      model_path:Path,             # the trained model.pth to start from
                      subset_rows:np.ndarray|None, # index rows of the balanced subset (balanced_subset, acc_loss)
                      out:Path,                    # the rebalance run directory
+                     eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
     "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
     from aliprod.train import train_stage
@@ -467,12 +476,10 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
         atomic_write_parquet(pd.DataFrame({'row': np.sort(np.asarray(subset_rows, dtype=np.int64))}), rows)
     cbs = [{'factory': 'aliprod.rebalance.accuracy_loss_callbacks', 'kwargs': {}}] if method == 'acc_loss' else None
     log(f"rebalance {method}-network: finetuning the whole network from {model_path}")
-    return train_stage(exp, data, network_params(method, p, t), p.iteration, init=model_path, rows=rows, callbacks=cbs,
+    return train_stage(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows, callbacks=cbs,
                        out_dir=d/'train', stage='rebalance-network', extra={'method': method})
 
-# %% ../nbs/04_rebalance.ipynb #efafae7b
-CODE_MODULES = ['core', 'predictions', 'samplers', 'metrics', 'models', 'data', 'train', 'rebalance']
-
+# %% ../nbs/04_rebalance.ipynb #ea1bfa48
 @dataclass
 class RebalanceArtifacts:
     "What the rebalance stage wrote"
@@ -482,7 +489,24 @@ class RebalanceArtifacts:
     figure_path:Path|None  # tau_sweep.png (None without tau_norm)
     methods:dict           # method -> its directory
     tau:float|None         # τ chosen on validation
+    splits:list=field(default_factory=list) # the labelled splits the methods were evaluated on (val and/or test)
 
+def labelled_splits(index:pd.DataFrame)->list[str]:
+    "The splits of `index` (train, val, test order) that hold at least one labelled row"
+    has = index.loc[index['label'] >= 0, 'split'].astype(str).unique()
+    return [s for s in ('train', 'val', 'test') if s in has]
+
+def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str]:
+    "The splits the methods are evaluated on; refuses, before any work, what the index cannot support"
+    have = labelled_splits(index)
+    if 'train' not in have: raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled training rows; every method fits on them")
+    evals = [s for s in ('val', 'test') if s in have]
+    if not evals: raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled val or test rows: nothing to evaluate the methods on")
+    if 'val' not in have and 'tau_norm' in p.methods:
+        raise ParamsError(f"[rebalance] methods: tau_norm chooses τ on the val split, and {where} has no labelled val rows; leave tau_norm out of methods")
+    return evals
+
+# %% ../nbs/04_rebalance.ipynb #bfff1a7c
 def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int, out_dir:Path, splits=('train', 'val', 'test'))->dict[str, Path]:
     "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted once into out_dir/features/"
     from aliprod.core import fingerprint
@@ -491,7 +515,7 @@ def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int,
     if len(have) == len(splits) and all('feats' in pq.read_schema(f).names for f in have.values()):
         return have
     d = out_dir/'features'; d.mkdir(parents=True, exist_ok=True)
-    src = {'model': fingerprint(art.model_path), 'size': t.eval_size}
+    src = {'model': fingerprint(art.model_path), 'size': t.eval_size, 'splits': list(splits)}
     stamp = d/'source.json'
     paths = {s: d/f'{s}.parquet' for s in splits}
     if stamp.exists() and json.loads(stamp.read_text()) == src and all(p.exists() for p in paths.values()): return paths
@@ -512,91 +536,94 @@ def _load_split(path:Path)->tuple[Features, TopK]:
     t = read_topk(path, feats=True)
     return Features(t.rows.astype(np.int64), t.labels.astype(np.int64), t.feats), t
 
+def _check_cached(classifier:nn.Module, feats:Features, reference:Path, device)->None:
+    "The trained classifier on the cached features must give the train stage's own top-1 (`reference`) on the rows both hold"
+    ref = read_topk(reference)
+    pos = pd.Index(ref.rows).get_indexer(feats.rows)
+    ok = pos >= 0
+    if not ok.any(): return
+    agree = float((head_top1(classifier, feats.take(np.flatnonzero(ok)).feats, device=device) == ref.top1[pos[ok]]).mean())
+    log(f"rebalance: trained classifier on cached features agrees with the train stage's top-1 ({reference.name}) on {100*agree:.2f}% of images")
+    if agree < 0.99: raise RuntimeError(f"Cached features do not reproduce {reference} ({100*agree:.1f}% top-1 agreement): delete the features/ directory and rerun")
+
+def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
+    "`table` with each row's change against the baseline of the same split: mean_class_err_change, few_acc_gain"
+    base = table[table['method'] == 'baseline'].set_index('split')
+    return table.assign(mean_class_err_change=table['mean_class_err'] - table['split'].map(base['mean_class_err']),
+                        few_acc_gain=table['few_acc'] - table['split'].map(base['few_acc']))
+
+# %% ../nbs/04_rebalance.ipynb #045dac9b
 def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
-    from aliprod.train import train_stage
-    from aliprod.data import shot_counts
+    from aliprod.train import train_stage, load_trained_model
+    from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts
+    prepare_data(exp, data)
+    where = index_path(exp, p.iteration)
+    evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = train_stage(exp, data, t, iteration=p.iteration)
     out = run_dir(exp, 'rebalance', p.iteration)
-    K = int(json.loads((run_dir(exp, 'data')/'dataset.json').read_text())['num_classes'])
-    params = {'rebalance': params_dict(p), 'train': params_dict(t), 'seed': exp.seed,
-              'many': data.many_threshold, 'few': data.few_threshold}
-    inputs = [art.model_path, *[art.predictions[s] for s in ('train', 'val', 'test') if s in art.predictions]]
-    run = StageRun(out, 'rebalance', params, inputs=inputs, modules=CODE_MODULES)
+    K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])
+    groups = shot_groups(exp)
+    params = {'rebalance': params_dict(p), 'train': params_dict(t), 'seed': exp.seed, 'many': groups['many'], 'few': groups['few'], 'splits': evals}
+    inputs = [where, data_artifacts(exp).classes, art.model_path, *[art.predictions[s] for s in ('train', 'val', 'test') if s in art.predictions]]
+    run = StageRun(out, 'rebalance', params, inputs=inputs, modules=['rebalance'])
     methods_dirs = {m: out/m for m in ['baseline', *p.methods]}
     fig_path = out/'tau_sweep.png' if 'tau_norm' in p.methods else None
-    if run.up_to_date():
-        log(f"rebalance: {out} is up to date; skipping")
-        table = pd.read_csv(out/'rebalance.csv')
-        tau = run.manifest().get('metrics', {}).get('tau')
-        return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, tau)
-    log(f"rebalance: running into {out} ({run.why_stale()})")
-    run.invalidate()
-    t0 = time.time()
-    from aliprod.data import load_index
-    present = set(load_index(exp, p.iteration)['split'].astype(str))
-    if not {'train', 'val'} <= present: raise ParamsError(f"[rebalance] iteration {p.iteration}: the index needs train and val rows (τ and the methods are chosen on val); it has {sorted(present)}")
-    feat_paths = cache_features(exp, t, art, K, p.iteration, out, splits=tuple(s for s in ('train', 'val', 'test') if s in present))
-    splits, tops = {}, {}
-    for s, f in feat_paths.items(): splits[s], tops[s] = _load_split(f)
-    splits['train'] = splits['train'].take(np.flatnonzero(splits['train'].labels >= 0))
-    device = pick_device(exp.device)
-    from aliprod.train import load_trained_model
-    classifier = load_trained_model(art.model_path, t, K).classifier
-    # the cached features must be what the classifier saw when the train stage predicted
-    trained_top1 = read_topk(art.predictions['val']).top1 if 'val' in art.predictions else None
-    if trained_top1 is not None:
-        agree = float((head_top1(classifier, splits['val'].feats, device=device) == trained_top1).mean())
-        log(f"rebalance: trained classifier on cached val features agrees with the train stage's top-1 on {100*agree:.2f}% of images")
-        if agree < 0.99: raise RuntimeError(f"Cached features in {feat_paths['val']} do not reproduce {art.predictions['val']} ({100*agree:.1f}% top-1 agreement): delete {out/'features'} and rerun")
-    train_p = read_topk(art.predictions['train']) if 'train' in art.predictions else None
-    p_label = None
-    if train_p is not None:
-        p_label = pd.Series(train_p.p_label, index=train_p.rows).reindex(splits['train'].rows).to_numpy()
-    if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability from the cached features
-        p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
-    counts = shot_counts(exp)
-    results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device,
-                                 many=data.many_threshold, few=data.few_threshold, counts=counts)
-    for m in p.network_methods():
-        sub = None if m == 'two_stage' else splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)]
-        na = network_finetune(exp, data, t, p, m, art.model_path, sub, out)
-        preds = {s: read_topk(na.predictions[s]) for s in ('val', 'test') if s in na.predictions}
-        mets = {s: evaluate(tk, train_counts=counts, many=data.many_threshold, few=data.few_threshold, topk=(1, min(5, K))) for s, tk in preds.items()}
-        wall = json.loads((na.out_dir/'manifest.json').read_text()).get('wall_s')
-        results[f'{m}-network'] = MethodResult(f'{m}-network', None, preds, mets,
-                                               {'images': na.metrics['train_images'], 'seconds': wall, 'model': str(na.model_path.relative_to(out)),
-                                                'history': pd.read_csv(na.history_path)})
-        log(f"rebalance {m}-network: val mean class err {mets['val']['mean_class_err']:.4f}")
-    outputs = []
-    for m, r in results.items():
-        d = out/m
-        if r.head is not None: atomic_torch_save(r.head.cpu().state_dict(), d/'head.pth'); outputs.append(d/'head.pth')
-        for s, tk in r.predictions.items():
-            outputs.append(write_topk(d/'predictions'/f'{s}.parquet', tk))
-        atomic_write_json(d/'metrics.json', {**r.metrics, **{k: v for k, v in r.info.items() if k in ('tau', 'images', 'seconds', 'model')}})
-        outputs.append(d/'metrics.json')
-        if 'history' in r.info: atomic_write_parquet(r.info['history'], d/'history.parquet'); outputs.append(d/'history.parquet')
-    tau = results['tau_norm'].info['tau'] if 'tau_norm' in results else None
-    if tau is not None:
-        sweep = results['tau_norm'].info['sweep']
-        with atomic_path(out/'tau_sweep.csv') as f: sweep.to_csv(f, index=False)
-        fig = plot_tau_sweep(sweep, tau, f'τ-normalisation, {exp.experiment} iteration {p.iteration} (validation)')
-        with atomic_path(fig_path) as f: fig.savefig(f, dpi=120, format='png')
-        import matplotlib.pyplot as plt; plt.close(fig)
-        outputs += [out/'tau_sweep.csv', fig_path]
-    table = results_table(results)
-    table.insert(0, 'iteration', p.iteration)
-    with atomic_path(out/'rebalance.csv') as f: table.to_csv(f, index=False)
-    atomic_write_text(out/'rebalance.md', markdown_table(table))
-    outputs += [out/'rebalance.csv', out/'rebalance.md']
-    rep = report_dir(exp)
-    with atomic_path(rep/'rebalance.csv') as f: table.to_csv(f, index=False)
-    atomic_write_text(rep/'rebalance.md', markdown_table(table))
-    if fig_path is not None:
-        with atomic_path(rep/'tau_sweep.png') as f: shutil.copyfile(fig_path, f)
-    test_rows = table[table.split == ('test' if 'test' in present else 'val')].set_index('method')  # real AliProducts: no test labels
-    metrics = {'tau': tau, 'seconds': round(time.time() - t0, 2),
-               **{f'{m}_{c}': float(test_rows.loc[m, c]) for m in test_rows.index for c in ('mean_class_err', 'few_acc')}}
-    run.finish(outputs, metrics=metrics)
-    return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, tau)
+
+    def work():
+        t0 = time.time()
+        feat_paths = cache_features(exp, t, art, K, p.iteration, out, splits=('train', *evals))
+        device = pick_device(exp.device)
+        classifier = load_trained_model(art.model_path, t, K).classifier
+        splits = {s: _load_split(f)[0] for s, f in feat_paths.items()}
+        # the cached features must be what the classifier saw when the train stage predicted
+        ref = next((s for s in evals if s in art.predictions), None)
+        if ref is not None: _check_cached(classifier, splits[ref], Path(art.predictions[ref]), device)
+        splits = {s: f.take(np.flatnonzero(f.labels >= 0)) for s, f in splits.items()}   # unlabelled rows: neither fitted nor scored
+        train_p = read_topk(art.predictions['train']) if 'train' in art.predictions else None
+        p_label = pd.Series(train_p.p_label, index=train_p.rows).reindex(splits['train'].rows).to_numpy() if train_p is not None else None
+        if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability from the cached features
+            p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
+        results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device, groups=groups)
+        for m in p.network_methods():
+            sub = None if m == 'two_stage' else splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)]
+            na = network_finetune(exp, data, t, p, m, art.model_path, sub, out, eval_splits=evals)
+            preds = {s: read_topk(na.predictions[s]) for s in evals}
+            mets = {s: evaluate(tk, **groups, topk=(1, min(5, K))) for s, tk in preds.items()}
+            wall = json.loads((na.out_dir/'manifest.json').read_text()).get('wall_s')
+            results[f'{m}-network'] = MethodResult(f'{m}-network', None, preds, mets,
+                                                   {'images': na.metrics['train_images'], 'seconds': wall, 'model': str(na.model_path.relative_to(out)),
+                                                    'history': pd.read_csv(na.history_path)})
+            log(f"rebalance {m}-network: {evals[0]} mean class err {mets[evals[0]]['mean_class_err']:.4f}")
+        outputs = []
+        for m, r in results.items():
+            d = out/m
+            if r.head is not None: atomic_torch_save(r.head.cpu().state_dict(), d/'head.pth'); outputs.append(d/'head.pth')
+            for s, tk in r.predictions.items(): outputs.append(write_topk(d/'predictions'/f'{s}.parquet', tk))
+            atomic_write_json(d/'metrics.json', {**r.metrics, **{k: v for k, v in r.info.items() if k in ('tau', 'images', 'seconds', 'model')}})
+            outputs.append(d/'metrics.json')
+            if 'history' in r.info: atomic_write_parquet(r.info['history'], d/'history.parquet'); outputs.append(d/'history.parquet')
+        tau = results['tau_norm'].info['tau'] if 'tau_norm' in results else None
+        rep = report_dir(exp)
+        if tau is not None:
+            sweep = results['tau_norm'].info['sweep']
+            with atomic_path(out/'tau_sweep.csv') as f: sweep.to_csv(f, index=False)
+            fig = plot_tau_sweep(sweep, tau, f'τ-normalisation, {exp.experiment} iteration {p.iteration} (validation)')
+            with atomic_path(fig_path) as f: fig.savefig(f, dpi=120, format='png')
+            import matplotlib.pyplot as plt; plt.close(fig)
+            with atomic_path(rep/'tau_sweep.png') as f: shutil.copyfile(fig_path, f)
+            outputs += [out/'tau_sweep.csv', fig_path]
+        table = with_baseline_change(results_table(results))
+        table.insert(0, 'iteration', p.iteration)
+        for d in (out, rep):
+            with atomic_path(d/'rebalance.csv') as f: table.to_csv(f, index=False)
+            atomic_write_text(d/'rebalance.md', markdown_table(table))
+        outputs += [out/'rebalance.csv', out/'rebalance.md']
+        split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
+        rows = table[table.split == split].set_index('method')
+        metrics = {'tau': tau, 'seconds': round(time.time() - t0, 2), 'metrics_split': split,
+                   **{f'{m}_{c}': float(rows.loc[m, c]) for m in rows.index for c in ('mean_class_err', 'few_acc')}}
+        return outputs, metrics
+    man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')
+    table = pd.read_csv(out/'rebalance.csv')
+    return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, man.get('metrics', {}).get('tau'), evals)

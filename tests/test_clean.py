@@ -77,8 +77,8 @@ def test_protect_tail_random_cases():
 
 def test_relabel_stays_in_class_set(data):
     idx, tr, t = data
-    p = CleanParams(rules=['disagree_low_conf', 'confident_learning', 'self_confidence'], action='relabel', relabel_threshold=0.2,
-                    self_conf_threshold=0.5, min_per_class=2)
+    p = CleanParams(rules=['disagree_low_conf', 'confident_learning', 'self_confidence'], action='relabel', relabel_evidence='suggest',
+                    relabel_threshold=0.2, self_conf_threshold=0.5, min_per_class=2)
     new, ch, s = clean_index(idx, t, p)
     assert s['relabelled'] > 0
     assert new.label.between(0, 49).all() and set(new.label) <= set(range(50))
@@ -90,6 +90,52 @@ def test_relabel_stays_in_class_set(data):
     # a corrupt prediction naming a class outside 0..K-1 is refused, never written
     bad = t.take(np.arange(len(t))); bad.topk_labels = bad.topk_labels.copy(); bad.topk_labels[3, 0] = 57
     with pytest.raises(ValueError, match='outside 0..49'): clean_index(idx, bad, p)
+
+
+def test_relabelling_is_reachable_with_the_2021_rule(data):
+    "disagree_low_conf flags top-1s below conf_threshold: relabelling takes its class from confident learning, and says why the rest are dropped"
+    from aliprod.core import ParamsError
+    from aliprod.clean import RELABEL_OUTCOMES
+    idx, tr, t = data
+    with pytest.raises(ParamsError, match="relabel_evidence 'suggest' would relabel none"): CleanParams(action='relabel', relabel_evidence='suggest')
+    new, ch, s = clean_index(idx, t, CleanParams(action='relabel', min_per_class=2))
+    assert s['relabelled'] > 0 and set(s['relabel_outcomes']) == set(RELABEL_OUTCOMES)
+    assert s['relabel_outcomes']['relabelled'] == s['relabelled']
+    assert sum(s['relabel_outcomes'].values()) == s['relabelled'] + s['dropped']
+    rel = ch[ch.action == 'relabel']
+    _, guess = confident_learning(t)
+    by_row = dict(zip(t.rows.tolist(), guess.tolist()))
+    assert (rel.new_label.to_numpy() == np.array([by_row[r] for r in rel.row])).all(), 'the new class is the confident-learning guess'
+    assert set(ch.loc[ch.action == 'drop', 'relabel_outcome']) <= {'no_confident_class', 'evidence_is_label'}
+    assert 0 <= s['relabels_recover_clean_label'] <= 1
+    # the same flags as with action: drop
+    assert s['flagged'] == clean_index(idx, t, CleanParams(min_per_class=2))[2]['flagged']
+
+
+def test_relabelling_on_the_evidence_of_another_model(data):
+    "relabel_evidence 'models': the other models must all predict the suggested class top-1, with mean probability >= relabel_threshold"
+    from aliprod.core import ParamsError
+    idx, tr, t = data
+    other = simulate_predictions(tr, 50, k=5, seed=11)
+    with pytest.raises(ParamsError, match='needs agreement_tags'): CleanParams(action='relabel', relabel_evidence='models')
+    p = CleanParams(action='relabel', relabel_evidence='models', relabel_threshold=0.5, agreement_tags=['m2'], min_per_class=2)
+    new, ch, s = clean_index(idx, t, p, others=[other])
+    rel = ch[ch.action == 'relabel']
+    o = other.take(np.searchsorted(other.rows, rel.row.to_numpy()))
+    assert len(rel) and (o.top1 == rel.new_label.to_numpy()).all() and (o.conf >= 0.5).all()
+    assert (rel.new_label.to_numpy() == rel.top1.to_numpy()).all(), 'the new class is the flagging model\'s suggestion, confirmed'
+    assert s['relabel_outcomes']['models_disagree'] > 0 and s['relabels_recover_clean_label'] > 0.8
+    assert sum(s['relabel_outcomes'].values()) == s['relabelled'] + s['dropped']
+
+
+def test_unlabelled_rows_pass_through(data):
+    "A split without labels (label -1, e.g. AliProducts' test images) is neither cleaned nor dropped; nor are unlabelled training rows"
+    idx, tr, t = data
+    extra = idx.head(30).assign(row=lambda d: d.row + 100_000, split=['test'] * 15 + ['train'] * 15, label=-1, clean_label=-1)
+    new, ch, s = clean_index(pd.concat([idx, extra], ignore_index=True), t, CleanParams(action='relabel', min_per_class=2))
+    kept = new.set_index('row').loc[extra.row]
+    assert (kept.label == -1).all() and list(kept.split) == list(extra.split)
+    assert not ch.row.isin(extra.row).any() and s['train_before'] == len(tr)
 
 
 def _dense_cl(P, y):
@@ -185,3 +231,27 @@ def test_benchmark_small(tmp_path):
     assert dense['sparse_subset_of_dense']
     assert {'met', 'median_s', 'peak_rss_mb'} <= set(res['target'])
     assert time.time() - t0 < 120, 'the small benchmark must stay quick'
+
+
+def test_clean_stage_without_a_test_split(tmp_path):
+    "Real AliProducts data has no test labels: the stage cleans from train + val, and its rounds table has no test column"
+    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.data import DataParams
+    from aliprod.train import TrainParams
+    from aliprod.clean import clean_stage
+    exp = ExperimentParams(experiment='notest', seed=3, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
+                    warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    with pytest.raises(ParamsError, match='needs the predictions of the training split'):
+        clean_stage(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
+    assert not (tmp_path/'runs'/'notest'/'train').exists(), 'refused before training'
+    art = clean_stage(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2))
+    assert art.rounds.iteration.tolist() == [0, 1] and art.rounds.val_mean_class_err.notna().all()
+    assert not any(c.startswith('test_') for c in art.rounds.columns)
+    assert set(art.summary['relabel_outcomes']) and art.summary['relabelled'] + art.summary['dropped'] == sum(art.summary['relabel_outcomes'].values())
+    rep = tmp_path/'reports'/'notest'
+    for f in ('clean_rounds.csv', 'clean_rounds.md', 'clean_rounds.png', 'clean_detection.csv', 'clean_relabel.csv', 'clean_confidence.png'):
+        assert (rep/f).is_file(), f
+    assert art.model is not None and 'test' not in art.model.predictions

@@ -8,7 +8,11 @@ from aliprod.finegrained import (neighbourhood_permutation, region_confusion_per
                                  unwrap_model, DCLCallback, LIOCallback, FinegrainedParams)
 from aliprod.models import create_model
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _own_rng():
+    "Tests seed torch for repeatability; the global RNG is restored after each, so no test changes the next one's"
+    with torch.random.fork_rng(devices=[]): yield
 
 
 @pytest.mark.parametrize('n,k', [(7, 2), (7, 3), (6, 6), (4, 1), (3, 2), (2, 2)])
@@ -142,3 +146,29 @@ def test_params_refuse_bad_values():
     from aliprod.core import ParamsError
     with pytest.raises(ParamsError, match="unknown method 'dcll'"): FinegrainedParams(methods=['dcll'])
     with pytest.raises(ParamsError, match='dcl_patches'): FinegrainedParams(dcl_patches=0)
+
+
+def test_stage_without_a_test_split(tmp_path):
+    "Real AliProducts data has no test labels: the finetunes predict val only and the table compares on val; nothing to compare is refused before training"
+    import json
+    import aliprod.train as T
+    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.data import DataParams
+    from aliprod.finegrained import finegrained_stage
+    exp = ExperimentParams(experiment='notest', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = DataParams(n_classes=4, family_size=4, max_per_class=24, min_per_class=6, val_per_class=3, test_per_class=0,
+                      img_size=48, img_size_max=56, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(arch='test_efficientnet', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
+                      warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    art = finegrained_stage(exp, data, t, FinegrainedParams(methods=['plain', 'dcl']))
+    assert art.splits == ['val'] and list(art.table.run) == ['start', 'plain', 'dcl']
+    assert not any(c.startswith('test_') for c in art.table.columns) and art.table.val_mean_class_err.notna().all()
+    for m in ('plain', 'dcl'):
+        assert sorted(art.runs[m].predictions) == ['val'], 'a finetune predicts the labelled splits that exist, nothing else'
+    assert json.loads((art.out_dir/'manifest.json').read_text())['metrics']['metrics_split'] == 'val'
+    assert art.figure_path.is_file() and (tmp_path/'reports'/'notest'/'finegrained.md').is_file()
+    noeval = ExperimentParams(experiment='noeval', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    with pytest.raises(ParamsError, match='no labelled val or test rows'):
+        finegrained_stage(noeval, DataParams(**{**data.__dict__, 'val_per_class': 0}), T.TrainParams(**{**t.__dict__, 'eval_splits': ['train']}),
+                          FinegrainedParams())
+    assert not (tmp_path/'runs'/'noeval'/'train').exists(), 'refused before training'

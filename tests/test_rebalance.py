@@ -6,7 +6,6 @@ from aliprod.rebalance import (Features, synthetic_features, linear_head, head_l
                                balanced_subset, RebalanceParams, rebalance_features, _linear_parts)
 from aliprod.samplers import class_counts
 
-torch.set_num_threads(1)
 COUNTS = np.array([400, 300, 200, 150, 100, 60, 30, 15, 8, 4, 3, 3])
 K = len(COUNTS)
 
@@ -65,7 +64,7 @@ def test_tau_is_chosen_on_validation_not_test(long_tail):
         assert res['tau_norm'].info['tau'] == clean['tau_norm'].info['tau']
         assert res['tau_norm'].info['sweep'].equals(clean['tau_norm'].info['sweep'])
     # ... while a τ chosen on the poisoned split would have moved
-    on_test = choose_tau(sweep_tau(*_linear_parts(trained), head_imgs, class_counts(splits['train'].labels, K), p.tau_grid))
+    on_test = choose_tau(sweep_tau(*_linear_parts(trained), head_imgs, {'train_counts': class_counts(splits['train'].labels, K)}, p.tau_grid))
     assert on_test != clean['tau_norm'].info['tau']
 
 
@@ -130,7 +129,7 @@ def test_balanced_subset_and_params():
     with pytest.raises(ParamsError, match='twice'): RebalanceParams(methods=['crt', 'crt'])
 
 
-def test_network_finetunes_run_through_the_train_stage(tmp_path, monkeypatch):
+def test_network_finetunes_run_through_the_train_stage(tmp_path):
     import json, pandas as pd
     import aliprod.train as T
     from aliprod.core import ExperimentParams
@@ -162,10 +161,10 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path, monkeypatch):
     # same subset and schedule, another loss: acc_loss trains differently, and its training loss is an accuracy (in [0, 1])
     assert max((w['acc_loss-network'][k].float() - w['balanced_subset-network'][k].float()).abs().max().item() for k in start) > 0
     assert pd.read_csv(art.out_dir/'acc_loss-network'/'train'/'history.csv')['train_loss'].between(0, 1).all()
-    # another τ grid reruns the stage but not the finetunes: their train runs are up to date
-    def boom(*a, **k): raise AssertionError('an up-to-date network finetune must not train again')
-    monkeypatch.setattr(T, 'run_job', boom)
+    # another τ grid reruns the stage but not the finetunes: their train runs are up to date (manifests and weights untouched)
+    stamps = {m: ((art.out_dir/m/'train'/'manifest.json').stat().st_mtime_ns, (art.out_dir/m/'train'/'model.pth').read_bytes()) for m in nets}
     again = rebalance_stage(exp, data, t, RebalanceParams(**{**p.__dict__, 'tau_grid': [0.0, 1.0]}))
+    assert {m: ((art.out_dir/m/'train'/'manifest.json').stat().st_mtime_ns, (art.out_dir/m/'train'/'model.pth').read_bytes()) for m in nets} == stamps
     pd.testing.assert_frame_equal(again.table.drop(columns='seconds'), art.table.drop(columns='seconds'))
     with pytest.raises(ParamsError, match='network_epochs'): RebalanceParams(network_epochs=0)
 
@@ -187,4 +186,39 @@ def test_stages_run_without_a_test_split(tmp_path):
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
     art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm'], crt_epochs=1))
     assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm'}
-    assert 'crt_mean_class_err' in json.loads((art.out_dir/'manifest.json').read_text())['metrics']
+    assert art.splits == ['val'] and (art.table.loc[art.table.method == 'baseline', 'mean_class_err_change'] == 0).all()
+    metrics = json.loads((art.out_dir/'manifest.json').read_text())['metrics']
+    assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'
+    # the whole-network finetunes predict the splits that exist (they used to ask for val and test)
+    nt = rebalance_stage(exp, data, t, RebalanceParams(methods=['two_stage'], finetune='network', samples_per_epoch=32, head_cap=10))
+    assert list(nt.table.method) == ['baseline', 'two_stage-network'] and set(nt.table.split) == {'val'}
+    assert not (nt.out_dir/'two_stage-network'/'train'/'predictions'/'test.parquet').exists()
+
+
+def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
+    "No val split: tau_norm cannot choose τ, refused before training; the other methods are evaluated on test"
+    import aliprod.train as T
+    from aliprod.core import ExperimentParams
+    from aliprod.data import DataParams
+    from aliprod.rebalance import rebalance_stage, labelled_splits
+    import pandas as pd
+    exp = ExperimentParams(experiment='noval', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=0, test_per_class=3,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
+                      warmup_epochs=0, milestones=[1], eval_splits=['train', 'test'])
+    with pytest.raises(ParamsError, match='tau_norm chooses τ on the val split'): rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm']))
+    assert not (tmp_path/'runs'/'noval'/'train').exists(), 'refused before training'
+    idx = pd.DataFrame({'split': ['train', 'train', 'val', 'test'], 'label': [0, 1, -1, 2]})
+    assert labelled_splits(idx) == ['train', 'test'], 'a split whose rows have no label is not evaluated'
+
+
+def test_crt_lr_follows_the_batch_size():
+    "Kang et al.'s cRT: 0.2 at batch 512, scaled linearly (params/aliproducts.yaml runs batch 512: 0.2, not the batch-64 default 0.025)"
+    import yaml
+    from pathlib import Path
+    assert RebalanceParams().crt_peak_lr == pytest.approx(0.025)
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1]/'params'/'aliproducts.yaml').read_text())['rebalance']
+    assert RebalanceParams(**recipe).crt_peak_lr == pytest.approx(0.2)
+    assert RebalanceParams(batch_size=256, crt_lr=0.3).crt_peak_lr == 0.3
+    with pytest.raises(ParamsError, match='crt_lr'): RebalanceParams(crt_lr=-1.0)
