@@ -374,7 +374,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'aliprod.pipeline._failed_cell': ('pipeline.html#_failed_cell', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._forget': ('pipeline.html#_forget', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._manifests': ('pipeline.html#_manifests', 'aliprod/pipeline.py'),
-                                  'aliprod.pipeline._runs_prefix': ('pipeline.html#_runs_prefix', 'aliprod/pipeline.py'),
+                                  'aliprod.pipeline._runs_prefixes': ('pipeline.html#_runs_prefixes', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline.check_data_files': ('pipeline.html#check_data_files', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline.die_with_parent': ('pipeline.html#die_with_parent', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline.grid_runs': ('pipeline.html#grid_runs', 'aliprod/pipeline.py'),

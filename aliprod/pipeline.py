@@ -20,19 +20,19 @@ class Stage:
     "One stage of the pipeline: its notebook, where its runs live and what it writes"
     name:str      # the stage's name: `aliprod run --stages <name>`, the `pipeline.stages` entries
     notebook:str  # its notebook in nbs/, executed by papermill
-    runs:str      # prefix of its run directories under runs/<experiment>/ ('' for none)
+    runs:tuple    # prefixes of its run directories under runs/<experiment>/ (none for the report)
     writes:str    # what it writes, in one line (the README's table says the same)
 
 # The pipeline's stages, in their default order: the one list `aliprod run`, the README and the tests read.
 STAGES = (
-    Stage('train', '02_train.ipynb', 'train', 'model.pth, checkpoints, history, metrics, top-k predictions per split'),
-    Stage('finegrained', '02b_finegrained.ipynb', 'train-finegrained-', 'plain / DCL / LIO finetunes of the trained model and their comparison'),
-    Stage('clean', '03_clean.ipynb', 'clean', 'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k'),
-    Stage('rebalance', '04_rebalance.ipynb', 'rebalance', 'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions'),
-    Stage('tta', '05_tta.ipynb', 'tta', 'FixRes enlarge + ten-crop predictions per variant'),
-    Stage('ensemble', '06_ensemble.ipynb', 'ensemble', 'top-k average (or sum) of the members\' predictions'),
-    Stage('system', '06b_system.ipynb', 'system', 'the composed system chosen on validation (round, classifier, tau, TTA, members), its chain and artifact'),
-    Stage('report', '07_report.ipynb', '', 'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
+    Stage('train', '02_train.ipynb', ('train',), 'model.pth, checkpoints, history, metrics, top-k predictions per split'),
+    Stage('finegrained', '02b_finegrained.ipynb', ('finegrained', 'train-finegrained-'), 'plain / DCL / LIO finetunes of the trained model and their comparison'),
+    Stage('clean', '03_clean.ipynb', ('clean',), 'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k'),
+    Stage('rebalance', '04_rebalance.ipynb', ('rebalance',), 'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions'),
+    Stage('tta', '05_tta.ipynb', ('tta',), 'FixRes enlarge + ten-crop predictions per variant'),
+    Stage('ensemble', '06_ensemble.ipynb', ('ensemble',), 'top-k average (or sum) of the members\' predictions'),
+    Stage('system', '06b_system.ipynb', ('system',), 'the composed system chosen on validation (round, classifier, tau, TTA, members), its chain and artifact'),
+    Stage('report', '07_report.ipynb', (), 'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
 )
 STAGE_ORDER = tuple(s.name for s in STAGES)
 
@@ -166,7 +166,7 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
             before = _manifests(exp)
             executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
             after = _manifests(exp)
-            if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(_runs_prefix(s)) for m in after):
+            if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(p) for m in after for p in _runs_prefixes(s)):
                 log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
     return executed
 
@@ -174,15 +174,15 @@ def _manifests(exp:ExperimentParams)->dict:
     "Manifest path -> modification time, for every stage of the experiment"
     return {m: m.stat().st_mtime_ns for m in experiment_dir(exp).glob('**/manifest.json')}
 
-def _runs_prefix(stage:str)->str:
-    return next((s.runs for s in STAGES if s.name == stage), stage)
+def _runs_prefixes(stage:str)->tuple:
+    return next((s.runs for s in STAGES if s.name == stage), (stage,))
 
 def _forget(exp:ExperimentParams, stages:list[str]):
     "Delete the manifests of `stages` so they are seen as not done (their outputs stay until rewritten)"
     base = experiment_dir(exp)
     for s in stages:
-        if not _runs_prefix(s): continue   # the report has no run directory: it is rewritten every run
-        for m in base.glob(f'{_runs_prefix(s)}*/**/manifest.json'): m.unlink()
+        for prefix in _runs_prefixes(s):   # none for the report: it is rewritten every run
+            for m in base.glob(f'{prefix}*/**/manifest.json'): m.unlink()
 
 # %% ../nbs/08_pipeline.ipynb #1ec20e9f
 def check_data_files(p:'aliprod.data.DataParams')->str:
