@@ -84,7 +84,7 @@ def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->C
 def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None)->Candidate:
     "The top-k average (`combine_topk`) of several candidates, its recipe the union of their members"
     members = [m for c in cands for m in c.recipe['members']]
-    kk = k or max(c.choose.k for c in cands)
+    kk = min(k or 10**9, max(c.choose.k for c in cands))   # no more than the members keep
     return Candidate(name or ' + '.join(c.name for c in cands), {'members': members, 'mode': mode, 'k': kk},
                      combine_topk([c.choose for c in cands], mode=mode, k=kk), combine_topk([c.report for c in cands], mode=mode, k=kk),
                      {'members': [c.name for c in cands]})
@@ -464,7 +464,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         log(f"system: TTA {v}: embedding {len(df)} images ({views} views of {t.eval_size}px)")
         f = view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device)
         pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
-        ch, rep = (head_predict(head, f[pos.loc[r].to_numpy()], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
+        ch, rep = (head_predict(head, f[pos.loc[r].to_numpy().copy()], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
                    for r in (sets.choose_rows, sets.report_rows))
         cands.append(single(f'TTA {v}', {**m, 'tta': spec}, ch, rep, k=p.k, variant=v))
     return pick(cands, 'TTA')
@@ -526,7 +526,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
             f = view_embeddings(model, df, root, tt.eval_size, None, p.bs, p.workers, device)
             pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
-            feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy()], 'report': f[pos.loc[sets.report_rows].to_numpy()],
+            feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()], 'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
                      'classifier': classifier_tensors(model.classifier)}
             return _tau_step(prev, feats, sets, p, rp, index)
         def tta_step(prev):
