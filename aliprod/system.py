@@ -564,7 +564,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         choices = {'round': r, 'rounds': rounds, 'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
                    'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tta': tta,
                    'members': final.info.get('members', [final.name]), 'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
-        numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap interval of the metric itself (95%)',
+        numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap of the metric itself',
                    'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target, 'report_images': int(len(y))}
         extra = {'sets': {'how': sets.how, 'choose_split': sets.choose_split, 'report_split': sets.report_split,
                           'choose_images': int(len(sets.choose_rows)), 'report_images': int(len(sets.report_rows))},
