@@ -55,7 +55,7 @@ class Candidate:
     name:str            # what it is, e.g. 'crt (iteration 2)'
     recipe:dict         # {'members': [member, ...], 'mode': 'mean', 'k': k}: see `predict_system`
     choose:TopK         # predictions of the choosing rows (sorted row ids)
-    report:TopK         # predictions of the reporting rows (sorted row ids)
+    report:TopK|None    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
 
 def choose_error(c:Candidate)->float:
@@ -451,23 +451,24 @@ def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, 
     return pick(cands, 'τ')
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
-    "The TTA variant with the chosen head: view-averaged embeddings through it, each variant embedded once; no TTA (the previous system) first"
+    "The TTA variant with the chosen head (view-averaged embeddings through it; no TTA, the previous system, first); the reporting images are embedded for the chosen variant only"
     from aliprod.tta import parse_variant
     m = prev.recipe['members'][0]
     head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
-    df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows]))
-    df = df.drop_duplicates('row')
-    cands = [prev]
+    def embed(rows, spec):
+        df = _rows_df(index, rows)
+        return head_predict(head, view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device), rows, df['label'].to_numpy(np.int64), p.k)
+    cands, specs = [prev], {}
     for v in variants:
         views, enlarge = parse_variant(v)
-        spec = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
-        log(f"system: TTA {v}: embedding {len(df)} images ({views} views of {t.eval_size}px)")
-        f = view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device)
-        pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
-        ch, rep = (head_predict(head, f[pos.loc[r].to_numpy().copy()], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
-                   for r in (sets.choose_rows, sets.report_rows))
-        cands.append(single(f'TTA {v}', {**m, 'tta': spec}, ch, rep, k=p.k, variant=v))
-    return pick(cands, 'TTA')
+        spec = specs[f'TTA {v}'] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
+        log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images ({views} views of {t.eval_size}px)")
+        cands.append(Candidate(f'TTA {v}', {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
+    best, table = pick(cands, 'TTA')
+    if best is not prev:   # the one variant whose reporting numbers are needed
+        log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
+        best.report = embed(sets.report_rows, specs[best.name])
+    return best, table
 
 # %% ../nbs/06b_system.ipynb #9995728c
 def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
