@@ -467,6 +467,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.report._pick': ('report.html#_pick', 'aliprod/report.py'),
                                 'aliprod.report._source_of': ('report.html#_source_of', 'aliprod/report.py'),
                                 'aliprod.report._verdict_phrase': ('report.html#_verdict_phrase', 'aliprod/report.py'),
+                                'aliprod.report.against_single_techniques': ('report.html#against_single_techniques', 'aliprod/report.py'),
                                 'aliprod.report.alone_table': ('report.html#alone_table', 'aliprod/report.py'),
                                 'aliprod.report.check_traceable': ('report.html#check_traceable', 'aliprod/report.py'),
                                 'aliprod.report.collect_metrics': ('report.html#collect_metrics', 'aliprod/report.py'),

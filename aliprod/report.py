@@ -17,7 +17,7 @@ from .data import shot_groups
 __all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'collect_metrics', 'system_chain', 'alone_table',
            'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups',
            'labels_phrase', 'run_header', 'write_report', 'stage_tables', 'report_figures', 'system_sentence',
-           'report_summary', 'ReportArtifacts', 'report_stage']
+           'against_single_techniques', 'report_summary', 'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -371,9 +371,21 @@ def system_sentence(s:dict)->str:
             f"Its choices: cleaning round {c['round']} (of {c['rounds']}), classifier {c['method']}, τ = {c['tau']:g}{' (none)' if c['tau'] == 0 else ''}, "
             f"TTA {tta['views'] + '@' + format(tta['enlarge'], 'g') if tta else 'none'}, ensemble of {len(c['members'])}: {', '.join(c['members'])}.")
 
-def report_summary(header:dict, rp:ReportParams, system:dict|None)->str:
-    "The paragraph above the tables: the final system first, then data, split and labels, seed"
+def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
+    "Whether the final system is at most the best single technique, when both are on the same images"
+    n, sp = system['numbers'], system['sets']['report_split']
+    same = alone[alone['split'] == sp] if len(alone) and sp == 'test' else alone.iloc[:0]   # the whole test split: the system's reporting images
+    if not len(same): return (" The techniques-alone rows are on other images (the system reports on the half of val that made no choice), "
+                              "so the two are not compared." if sp == 'val' else '')
+    b = same.loc[same['mean_class_err'].idxmin()]
+    e, lo = n['mean_class_err'], n['lo']
+    how = 'at most it' if e <= b['mean_class_err'] else 'above it but within its interval' if lo <= b['mean_class_err'] else 'above it, beyond its interval'
+    return f" The best single technique on the same {sp} images, {b['technique']}, has mean class error {b['mean_class_err']:.3f} ({b['labels']} labels): the final system is {how}."
+
+def report_summary(header:dict, rp:ReportParams, system:dict|None, alone:pd.DataFrame|None=None)->str:
+    "The paragraph above the tables: the final system first (and against the best single technique), then data, split and labels, seed"
     s = system_sentence(system) if system is not None else "No final system: the system stage has not run in this experiment, so there is no chain."
+    if system is not None and alone is not None: s += against_single_techniques(system, alone)
     s += (f" Experiment {header['experiment']}, seed {header['seed']}, on {header['data']}. The techniques-alone numbers are on the {rp.split} split "
           f"against {labels_phrase(rp.target)}; each table row or caption names its split and labels.")
     return s
@@ -422,7 +434,7 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     other, other_notes = stage_tables(exp)
     tables.update(other); notes.update(other_notes)
     found = findings(alone, chain if system is not None else None)
-    summary = report_summary(header, rp, system)
+    summary = report_summary(header, rp, system, alone)
     if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
     index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
     log(f"report: {index_html}")

@@ -130,6 +130,7 @@ def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
     assert art.summary.startswith('Final system: mean class error 0.300 (95% interval 0.200 to 0.400: class-stratified bootstrap of the metric itself)')
     assert 'Δ -5.0 points (paired 95% interval -9.0 to -1.0): helped' in art.summary and 'classifier crt, τ = 0.5' in art.summary
     assert list(art.tables)[:2] == ['chain', 'techniques_alone'] and art.missing == ['+ High-resolution finetune']
+    assert 'not compared' in art.summary   # the system reports on half of val, the techniques alone on all of it: other images
     page = art.index_html.read_text()
     assert page.index('Final system') < page.index('<h2>Chain</h2>') < page.index('<h2>Techniques alone</h2>')
     assert any(f.startswith('Chain, + Ensemble') and 'helped (paired 95% interval -9.0 to -1.0 points)' in f for f in art.findings)
