@@ -470,7 +470,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
 
-# %% ../nbs/06b_system.ipynb #9995728c
+# %% ../nbs/06b_system.ipynb #7b9fd093
 def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
     "system.json (choices, recipe with head files, numbers) and heads/member<i>.pth"
     members = []
@@ -485,7 +485,7 @@ def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
     atomic_write_json(out/'system.json', s)
     return s
 
-# %% ../nbs/06b_system.ipynb #75cd2cab
+# %% ../nbs/06b_system.ipynb #58ce8cb9
 def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_dir, reports_dir)
                  data,                 # DataParams of the data stage
                  t,                    # TrainParams of the pipeline's model (the rounds' own parameters are read from their runs)
@@ -544,6 +544,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         chosen = dict(chain)
         final = chosen['ensemble']
         y = report_target(index, sets.report_rows, p.target)
+        notes = cand_table.loc[cand_table['step'] == 'τ', 'note'].dropna() if 'note' in cand_table else []
+        tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
         m0 = chosen['classifier method'].recipe['members'][0]
         tau = chosen['τ'].recipe['members'][0]['tau']
         tta = chosen['TTA'].recipe['members'][0].get('tta')
@@ -554,7 +556,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
                 ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
                 ('+ Rebalanced classifier', chosen['classifier method'], f"{chosen['classifier method'].info.get('method', 'plain')} chosen at round {r}"),
-                ('+ τ-normalisation', chosen['τ'], f"τ = {tau:g} chosen" + (' (none)' if tau == 0 else '')),
+                ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen" + (' (none: τ = 0 did best on validation)' if tau == 0 else ''))),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], f"{chosen['TTA'].info.get('variant', 'none')} chosen, with the chosen head"),
                 ('+ High-resolution finetune', None, hires),
                 ('+ Ensemble', final, f"{len(final.recipe['members'])} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}")]
