@@ -144,6 +144,7 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
 def _verdict_phrase(r)->str:
     lo, hi, v = r.get('Δ lo'), r.get('Δ hi'), r.get('verdict')
     if lo is None or pd.isna(lo) or not isinstance(v, str): return 'no measurable effect (no predictions of both runs to pair, so no interval)'
+    if lo == hi == 0 and r.get('Δ mean class err') == 0: return 'no change (the same top-1 on every image: e.g. validation kept the previous system)'
     return f"{v} (paired 95% interval {100*lo:+.1f} to {100*hi:+.1f} points)"
 
 def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
