@@ -356,9 +356,9 @@ def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10
         import tempfile as _tf
         with _tf.TemporaryDirectory() as d:
             return read_topk(predict_tta(model, df.assign(split='x'), 'x', Path(d)/'p.parquet', root, size, tta['views'], tta['enlarge'], k, bs, workers, device))
-    head = build_head(member['head'], model.classifier)
+    head = copy.deepcopy(build_head(member['head'], model.classifier)).cpu()   # a copy: the model keeps its classifier where it is
     if feats is None: feats = view_embeddings(model, df, root, size, tta, bs, workers, device)
-    return head_predict(head.to('cpu'), feats, rows, labels, k)
+    return head_predict(head, feats, rows, labels, k)
 
 def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes:int, bs:int=64, workers:int=0, device='cpu',
                    cache:dict|None=None)->TopK:
