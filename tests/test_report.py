@@ -51,7 +51,7 @@ def test_every_link_of_the_page_exists_and_no_page_holds_code(given):
     page = parse(art.index_html)
     assert not page.code, f'index.html holds code: {page.code}'
     local = [r for r in page.refs if '://' not in r and not r.startswith('#')]
-    assert {'tail_accuracy.png', 'shot_groups.png', 'ensemble_pair.png', 'ablation.csv', 'ensemble_pair.csv', 'notebooks/06_ensemble.html'} <= set(local)
+    assert {'shot_groups_alone.png', 'ensemble_pair.png', 'techniques_alone.csv', 'ensemble_pair.csv', 'notebooks/06_ensemble.html'} <= set(local)
     assert [r for r in local if not (art.index_html.parent/r).is_file()] == []
     for r in local:
         if r.endswith('.csv'): pd.read_csv(art.index_html.parent/r)   # every linked table parses
@@ -65,15 +65,22 @@ def test_every_link_of_the_page_exists_and_no_page_holds_code(given):
 def test_the_page_opens_with_a_summary_and_names_the_split_everywhere(given):
     art = given
     html = art.index_html.read_text()
-    assert art.summary.startswith('Experiment t, seed 0, on aliproducts: 60 images (30 train / 30 val / 0 test)')
-    assert 'on the val split against the given labels' in art.summary and "best row of the ablation is '+ TTA (enlarge + ten-crop)'" in art.summary  # the hand-written 0.35 beats the random ensemble
+    assert art.summary.startswith('No final system: the system stage has not run')   # the report opens with the final system, or says there is none
+    assert 'Experiment t, seed 0, on aliproducts: 60 images (30 train / 30 val / 0 test)' in art.summary
+    assert 'on the val split against the given labels' in art.summary
     assert html.index('Experiment t, seed 0') < html.index('<table') and html.index('Experiment t, seed 0') < html.index('<h2>')
     assert art.readme.read_text().split('\n')[2] == art.summary   # README.md opens with it too
     assert art.header['numbers from'].startswith('the val split, the given labels')
     for name, table in art.tables.items():   # a split column, or a caption naming the split
         assert ('split' in table.columns and set(table['split']) == {'val'}) or 'split' in art.notes[name], name
-    assert set(art.tables['ablation']['labels']) == {'given'} and list(art.tables['ablation']['step']) == ['Baseline', '+ TTA (enlarge + ten-crop)', '+ Ensemble']
+    assert 'chain' not in art.tables and set(art.tables['techniques_alone']['labels']) == {'given'}
+    assert list(art.tables['techniques_alone']['technique']) == ['TTA ten-x1.5', 'ensemble pair']
     assert art.findings and all('val split, given labels' in f for f in art.findings)
+    # the ensemble and train:0 both have val predictions: its Δ has a paired interval and the verdict follows it; TTA's has no predictions
+    ens = art.tables['techniques_alone'].set_index('technique').loc['ensemble pair']
+    assert ens['Δ lo'] <= ens['Δ mean class err'] <= ens['Δ hi'] or ens['Δ lo'] <= ens['Δ hi']
+    assert ens['verdict'] == ('helped' if ens['Δ hi'] < 0 else 'hurt' if ens['Δ lo'] > 0 else 'no measurable effect')
+    assert 'no predictions of both runs to pair' in art.findings[0] and 'one standard error' not in ' '.join(art.findings)
     for title, f, caption in art.figure_files:
         assert 'split' in caption, title
     assert '(val split, given labels)' in html or 'val split, given labels' in html
@@ -94,6 +101,39 @@ def test_a_run_without_val_split(tmp_path):
     block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
     art = report_stage(exp, ReportParams(split='test'))
-    assert 'on the test split' in art.summary and set(art.tables['ablation']['split']) == {'test'}
-    assert set(art.tables['ablation']['labels']) == {'given'}   # no clean metrics: the row says given, though clean was asked
+    assert 'on the test split' in art.summary and not len(art.tables['techniques_alone'])
     with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
+
+
+def put_system(exp, report_split='val'):
+    "The files of a system stage, written by hand: system.json, chain.csv and the final system's predictions of the reporting images"
+    from aliprod.predictions import read_topk, write_topk
+    d = experiment_dir(exp)/'system'; (d/'predictions').mkdir(parents=True, exist_ok=True)
+    t = read_topk(experiment_dir(exp)/'train/0/predictions/val.parquet')
+    write_topk(d/'predictions'/'report.parquet', t.take(slice(15, None)))
+    vs = {'delta': -0.05, 'lo': -0.09, 'hi': -0.01, 'verdict': 'helped', 'baseline': 'iteration 0'}
+    (d/'system.json').write_text(json.dumps({
+        'sets': {'how': 'no test split: the choosing half of val chose, the other half reports', 'report_split': report_split, 'choose_split': 'val'},
+        'numbers': {'mean_class_err': 0.3, 'lo': 0.2, 'hi': 0.4, 'interval': 'class-stratified bootstrap of the metric itself', 'target': 'given',
+                    'report_images': 15, 'vs_baseline': vs},
+        'choices': {'round': 1, 'rounds': [0, 1], 'method': 'crt', 'tau': 0.5, 'tta': {'views': 'ten', 'enlarge': 1.5}, 'members': ['TTA ten@1.5', 'train-b:1']}}))
+    pd.DataFrame([{'step': 'Baseline', 'status': 'present', 'system': 'iteration 0', 'what': 'all data', 'mean_class_err': 0.35, 'many_acc': 0.5, 'medium_acc': 0.5, 'few_acc': 0.5},
+                  {'step': '+ High-resolution finetune', 'status': 'absent', 'system': '', 'what': 'part of the trained model'},
+                  {'step': '+ Ensemble', 'status': 'present', 'system': 'e', 'what': 'greedy', 'mean_class_err': 0.3, 'many_acc': 0.6, 'medium_acc': 0.5, 'few_acc': 0.6,
+                   'Δ mean class err': -0.05, 'Δ lo': -0.09, 'Δ hi': -0.01, 'verdict': 'helped'}]).to_csv(d/'chain.csv', index=False)
+
+def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
+    import shutil
+    exp = fake_run(tmp_path)
+    put_system(exp)
+    art = report_stage(exp, ReportParams(split='val', target='given'))
+    assert art.summary.startswith('Final system: mean class error 0.300 (95% interval 0.200 to 0.400: class-stratified bootstrap of the metric itself)')
+    assert 'Δ -5.0 points (paired 95% interval -9.0 to -1.0): helped' in art.summary and 'classifier crt, τ = 0.5' in art.summary
+    assert list(art.tables)[:2] == ['chain', 'techniques_alone'] and art.missing == ['+ High-resolution finetune']
+    assert 'not compared' in art.summary   # the system reports on half of val, the techniques alone on all of it: other images
+    page = art.index_html.read_text()
+    assert page.index('Final system') < page.index('<h2>Chain</h2>') < page.index('<h2>Techniques alone</h2>')
+    assert any(f.startswith('Chain, + Ensemble') and 'helped (paired 95% interval -9.0 to -1.0 points)' in f for f in art.findings)
+    assert {'tail_accuracy', 'shot_groups'} <= set(art.figures)
+    local = [r for r in parse(art.index_html).refs if '://' not in r and not r.startswith('#')]
+    assert 'chain.csv' in local and [r for r in local if not (art.index_html.parent/r).is_file()] == []

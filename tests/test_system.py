@@ -1,0 +1,148 @@
+"The system stage (aliprod.system): choices never read the reporting images, the chain's Δs and verdicts, the artifact reloaded in a fresh process"
+import json, subprocess, sys
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+from aliprod.core import ExperimentParams, experiment_dir, report_dir
+from aliprod.predictions import TopK, topk_from_probs, read_topk
+from aliprod.metrics import evaluate, choosing_half
+from aliprod.system import (Candidate, single, _member_recipe, pick, greedy_ensemble, compose, choice_step, chain_table, metric_interval,
+                            evaluation_sets, SystemParams, system_stage, predict_system)
+
+K = 6
+VR, TR = np.arange(60), np.arange(100, 160)
+
+def fake(acc, rows, K, seed, k=4):
+    "A synthetic system whose top-1 is right with per-class probability acc[label]"
+    g = np.random.default_rng(seed)
+    labels = rows % K
+    p = g.dirichlet(np.full(K, 0.5), len(rows))
+    right = g.random(len(rows)) < np.asarray(acc)[labels]
+    p[right, labels[right]] += 2.0
+    return topk_from_probs(p / p.sum(1, keepdims=True), labels, rows, k)
+
+def cand(name, acc, seed, report_labels=None):
+    c = single(name, _member_recipe(name, {}), fake(np.broadcast_to(acc, K), VR, K, seed), fake(np.broadcast_to(acc, K), TR, K, seed + 1), k=4)
+    if report_labels is not None:
+        r = c.report
+        c.report = TopK(r.rows, np.asarray(report_labels, np.int32), r.topk_labels, r.topk_probs, r.p_label, K)
+    return c
+
+def compose_fake(report_labels=None):
+    c = lambda *a: cand(*a, report_labels=report_labels)
+    steps = [('round', choice_step(lambda prev: [c('r0', .4, 0), c('r1', .6, 2), c('r2', .5, 4)])),
+             ('method', choice_step(lambda prev: [prev, c(prev.name + '+crt', np.linspace(.5, .9, K), 6), c('ncm', .55, 8)])),
+             ('tau', choice_step(lambda prev: [prev, c('tau', .65, 12)])),
+             ('ensemble', lambda prev: greedy_ensemble(prev, [c('e1', .5, 14), c('e2', .7, 16), c('e3', .3, 18)], max_members=3))]
+    chain, table = compose(steps)
+    return chain, table
+
+
+def test_poisoned_reporting_labels_never_change_a_choice():
+    "Garbage, shuffled or shifted labels of the reporting images: the same choices and the same choosing numbers"
+    chain, table = compose_fake()
+    names = [x.name for _, x in chain]
+    for poison in (np.zeros(len(TR)), np.random.default_rng(1).permutation(TR % K), (TR + 1) % K):
+        c2, t2 = compose_fake(poison)
+        assert [x.name for _, x in c2] == names
+        pd.testing.assert_frame_equal(t2, table)
+        assert not np.array_equal(c2[-1][1].report.labels, chain[-1][1].report.labels)   # the poison did reach the reporting images
+
+
+def test_chain_delta_is_exactly_the_difference_of_the_rows():
+    chain, _ = compose_fake()
+    y = TR % K
+    rows = [('Baseline', cand('base', .3, 40), 'b'), *[(s, c, s) for s, c in chain[:2]], ('+ absent', None, 'not run'), *[(s, c, s) for s, c in chain[2:]]]
+    t = chain_table(rows, y)
+    present = t[t['status'] == 'present'].reset_index(drop=True)
+    for i in range(1, len(present)):
+        assert present.loc[i, 'Δ mean class err'] == present.loc[i, 'mean_class_err'] - present.loc[i - 1, 'mean_class_err']
+        m = evaluate(rows[[r[0] for r in rows].index(present.loc[i, 'step'])][1].report, clean_label=y, topk=(1,))
+        assert present.loc[i, 'mean_class_err'] == m['mean_class_err']
+        lo, hi, d = present.loc[i, ['Δ lo', 'Δ hi', 'Δ mean class err']]
+        v = present.loc[i, 'verdict']
+        assert v == ('helped' if hi < 0 else 'hurt' if lo > 0 else 'no measurable effect')   # the verdict follows the interval
+    assert t.loc[t['step'] == '+ absent', 'what'].item() == 'not run' and t['verdict'].notna().sum() == len(present) - 1
+    assert (t['verdict'] == 'helped').any()     # 0.3 -> 0.6 accuracy on 60 images is measurable
+
+
+def test_metric_interval_covers_the_metric():
+    c = cand('x', .6, 3)
+    e, lo, hi = metric_interval(c.report, TR % K, B=500)
+    assert e == evaluate(c.report, topk=(1,))['mean_class_err'] and lo < e < hi
+
+
+def test_ties_keep_the_first_candidate():
+    a = cand('a', .5, 0)
+    b = Candidate('b', a.recipe, a.choose, a.report)
+    assert pick([a, b], 's')[0].name == 'a'
+
+
+# ---------------------------------------------------------------- the stage on a tiny run without a test split
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    "Data (5 classes, no test split), a model trained 1 epoch, its rebalance (cRT, τ-norm), then the system stage"
+    import aliprod.train as T
+    from aliprod.data import DataParams
+    from aliprod.rebalance import RebalanceParams
+    from aliprod.tta import TTAParams
+    tmp = tmp_path_factory.mktemp('system')
+    exp = ExperimentParams(experiment='sys', seed=1, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=6, test_per_class=0,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
+                      warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    T.train_stage(exp, data, t)
+    rp = RebalanceParams(methods=['crt', 'tau_norm', 'ncm'], crt_epochs=1, tau_grid=[0.0, 0.5, 1.0])
+    p = SystemParams(tta_variants=['five@1.5'], max_members=3, bootstrap=200)
+    args = (exp, data, t, rp, TTAParams(), p)
+    return exp, system_stage(*args), args
+
+
+def test_halves_are_disjoint_and_the_reporting_half_made_no_choice(tiny):
+    exp, art, _ = tiny
+    s = art.system
+    assert s['sets']['choose_split'] == s['sets']['report_split'] == 'val' and 'choosing half of val' in s['sets']['how']
+    ch, rep = read_topk(art.predictions['choose']), read_topk(art.predictions['report'])
+    assert not set(ch.rows) & set(rep.rows)
+    from aliprod.data import load_index
+    idx = load_index(exp, 0)
+    val = idx[idx['split'] == 'val']
+    half = choosing_half(val['row'].to_numpy(), val['label'].to_numpy(), exp.seed)
+    assert set(ch.rows) == set(val['row'][half]) and set(rep.rows) == set(val['row'][~half])
+    assert set(art.candidates['choose_images'].dropna()) <= {len(ch)}   # every candidate's number is on the choosing half
+    assert (report_dir(exp)/'chain.csv').exists() and (art.out_dir/'chain.md').exists()
+
+
+def test_chain_lists_every_row_and_the_high_res_row_says_where(tiny):
+    exp, art, _ = tiny
+    c = art.chain
+    assert list(c['step']) == ['Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation',
+                               '+ TTA (enlarge + crops)', '+ High-resolution finetune', '+ Ensemble']
+    hr = c[c['step'] == '+ High-resolution finetune'].iloc[0]
+    assert hr['status'] == 'absent' and 'finetune_size is null' in hr['what']
+    assert c.loc[c['status'] == 'present', 'verdict'].iloc[1:].isin(['helped', 'hurt', 'no measurable effect']).all()
+    n = art.system['numbers']
+    assert n['lo'] <= n['mean_class_err'] <= n['hi'] and n['mean_class_err'] == c[c['status'] == 'present'].iloc[-1]['mean_class_err']
+
+
+def test_artifact_reloaded_in_a_fresh_process_predicts_the_same_topk(tiny, tmp_path):
+    exp, art, _ = tiny
+    from aliprod.data import load_index
+    rep = read_topk(art.predictions['report'])
+    idx = load_index(exp, 0).set_index('row').loc[rep.rows].reset_index()
+    idx[['row', 'path', 'label']].to_parquet(tmp_path/'images.parquet')
+    code = ("import sys, pandas as pd; from aliprod.system import predict_system; from aliprod.predictions import write_topk; "
+            f"write_topk({str(tmp_path/'out.parquet')!r}, predict_system({str(art.out_dir)!r}, pd.read_parquet({str(tmp_path/'images.parquet')!r})))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = read_topk(tmp_path/'out.parquet')
+    assert np.array_equal(new.rows, rep.rows) and np.array_equal(new.topk_labels, rep.topk_labels)
+    np.testing.assert_allclose(new.topk_probs, rep.topk_probs, atol=1e-5)
+
+
+def test_rerun_is_a_skip(tiny):
+    exp, art, args = tiny
+    before = json.loads((art.out_dir/'manifest.json').read_text())
+    again = system_stage(*args)
+    assert json.loads((art.out_dir/'manifest.json').read_text())['finished'] == before['finished'] and again.system == art.system
