@@ -84,6 +84,22 @@ def die_with_parent():
 # its parent poller notices (about a second) and can still write a stage's files
 KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.pipeline import die_with_parent as _die_with_parent; _die_with_parent()"]']
 
+def _kernel_manager():
+    "A kernel manager on IPC sockets in a private temporary directory, and that directory"
+    import tempfile
+    from jupyter_client.manager import AsyncKernelManager
+    # IPC sockets instead of TCP on localhost: nothing else on the machine can talk to the kernel, and ipykernel has no
+    # reason to warn "Kernel is running over TCP without encryption" for every notebook of a run
+    d = Path(tempfile.mkdtemp(prefix='aliprod-kernel-'))
+    return AsyncKernelManager(kernel_name='python3', transport='ipc', ip=str(d/'kernel')), d
+
+def _shutdown(km):
+    "Stop a kernel we started (papermill leaves a kernel it was handed running)"
+    from jupyter_client.utils import run_sync
+    try:
+        if run_sync(km.is_alive)(): run_sync(km.shutdown_kernel)(now=True)
+    except Exception as e: log(f"warning: could not shut the stage's kernel down cleanly: {e}")
+
 class StageFailed(RuntimeError):
     "A stage notebook failed; the message names the stage, the cell and the error, and where the executed notebook is"
 
@@ -111,9 +127,10 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {'params_file': str(Path(params_file).resolve()), **(parameters or {})}
     t0 = time.time()
+    km, sockets = _kernel_manager()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(project_root()), log_output=log_output,
-                            progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS)
+                            progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS, km=km)
     except pm.PapermillExecutionError as e:
         line = next((l for l in (e.source or '').splitlines() if l.strip() and not l.startswith('#')), '')[:100]
         raise StageFailed(f"Stage '{stage}' failed in cell {e.cell_index} `{line}`: {e.ename}: {e.evalue}\n"
@@ -121,6 +138,7 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     except Exception as e:  # dead kernel, timeout, missing kernel: papermill has no cell to point at
         raise StageFailed(f"Stage '{stage}' failed: {type(e).__name__}: {e} ({_failed_cell(out)}).\nExecuted notebook: {out}") from None
     finally:
+        _shutdown(km); shutil.rmtree(sockets, ignore_errors=True)
         if html and out.exists(): render_html(out)
     log(f"{stage}: done in {time.time()-t0:.0f} s -> {out}")
     return out
