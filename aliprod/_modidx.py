@@ -90,6 +90,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'aliprod.core.pick_device': ('core.html#pick_device', 'aliprod/core.py'),
                               'aliprod.core.project_relative': ('core.html#project_relative', 'aliprod/core.py'),
                               'aliprod.core.project_root': ('core.html#project_root', 'aliprod/core.py'),
+                              'aliprod.core.quiet_third_party_warnings': ('core.html#quiet_third_party_warnings', 'aliprod/core.py'),
                               'aliprod.core.report_dir': ('core.html#report_dir', 'aliprod/core.py'),
                               'aliprod.core.resolve_params': ('core.html#resolve_params', 'aliprod/core.py'),
                               'aliprod.core.run_dir': ('core.html#run_dir', 'aliprod/core.py'),

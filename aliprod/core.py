@@ -12,13 +12,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError', 'params_section', 'section_class',
-           'check_name', 'ExperimentParams', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
-           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
-           'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
-           'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version',
-           'project_relative', 'StageRun', 'stage_lock', 'hardware', 'in_stage_run', 'skip_to_stage_run',
-           'markdown_table']
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError',
+           'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section', 'load_params_file',
+           'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir',
+           'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json',
+           'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules',
+           'module_closure', 'code_version', 'project_relative', 'StageRun', 'stage_lock', 'hardware',
+           'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run', 'markdown_table']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -515,6 +515,19 @@ def hardware()->dict:
     return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
             'gpu': gpu, 'gpus': torch.cuda.device_count()}
 
+# %% ../nbs/00_core.ipynb #1ea273c3
+THIRD_PARTY_WARNINGS = (  # (message regex, category, regex of the module the warning is attributed to)
+    (r'`torch\.jit\.script` is deprecated', FutureWarning, r'torch\.jit\._script'),
+    (r'IProgress not found', Warning, r'tqdm'),
+    (r"The 'mode\.chained_assignment' option is deprecated", Warning, r'fastai'),
+)
+
+def quiet_third_party_warnings():
+    "Ignore exactly the `THIRD_PARTY_WARNINGS` (by message, category and module); every other warning stays visible"
+    import warnings
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings('ignore', message=message, category=category, module=module)
+
 # %% ../nbs/00_core.ipynb #a7bc940c
 STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
 
@@ -533,6 +546,7 @@ def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
     from IPython import get_ipython
     ip = get_ipython()
     if ip is None or not (in_stage_run() if active is None else active): return
+    quiet_third_party_warnings()
     state = {'skipping': True}
     def _skip_until_parameters(lines:list[str])->list[str]:
         if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False

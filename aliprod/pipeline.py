@@ -8,7 +8,7 @@ import argparse, itertools, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
-                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean)
+                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings)
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'stage_notebooks',
@@ -82,7 +82,7 @@ def die_with_parent():
 
 # ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
 # its parent poller notices (about a second) and can still write a stage's files
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.pipeline import die_with_parent as _die_with_parent; _die_with_parent()"]']
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.pipeline import die_with_parent as _d; _d(); del _d"]']
 
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
@@ -214,6 +214,7 @@ def check_data_files(p:'aliprod.data.DataParams')->str:
 # %% ../nbs/08_pipeline.ipynb #5dbf576f
 def main(argv:list[str]|None=None)->int:
     "Entry point of the `aliprod` command"
+    quiet_third_party_warnings()
     ap = argparse.ArgumentParser(prog='aliprod', description='Long-tailed, noisy-label product recognition pipeline')
     sub = ap.add_subparsers(dest='cmd', required=True)
     r = sub.add_parser('run', help='run the pipeline on a parameter file')
