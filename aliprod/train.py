@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, importlib, json, os, random, shutil, subprocess, sys, time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, torch, timm
@@ -31,19 +31,21 @@ from timm.scheduler import create_scheduler_v2
 from .core import (ExperimentParams, ParamsError, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
                           experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
                           atomic_write_text, atomic_write_parquet, StageRun, log)
-from .predictions import TopKWriter, topk_from_logits, merge_topk, read_topk
+from .predictions import read_topk
+from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet
 from .metrics import evaluate, per_class_accuracy
-from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, ImageIndexDataset
+from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, ImageIndexDataset, shot_groups
 
 # %% auto #0
-__all__ = ['CODE_MODULES', 'TrainParams', 'train_transform', 'eval_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed',
-           'TimmSchedule', 'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state',
-           'Checkpoint', 'LogLines', 'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback', 'load_trained_model',
-           'predict', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init',
-           'train_rows', 'build_learner', 'run_job', 'train_dir', 'train_job', 'train_stage', 'torchrun_command',
-           'launch_torchrun', 'main', 'plot_history', 'plot_per_class', 'metrics_table']
+__all__ = ['CODE_MODULES', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed', 'TimmSchedule',
+           'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state', 'Checkpoint', 'LogLines',
+           'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback', 'load_trained_model', 'TrainJob',
+           'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows',
+           'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage', 'torchrun_command',
+           'launch_torchrun', 'main', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split',
+           'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 @params_section('train')
@@ -96,7 +98,7 @@ class TrainParams:
     rdzv_endpoint:str=''          # host:port of the torchrun rendezvous for nodes > 1; '' -> $MASTER_ADDR:$MASTER_PORT
     topk:int=10                   # predictions kept per image
     save_feats:bool=False         # also write the embedding of every image into the predictions
-    eval_splits:list[str]=field(default_factory=lambda: ['train', 'val', 'test']) # splits to predict after training
+    eval_splits:list[str]|None=None # splits to predict after training; None: every split the index has (real data has no test split)
     eval_bs:int|None=None         # inference batch per process; None: 2×bs/processes
     save_seen:bool=False          # write the rows each rank drew per epoch to seen_rows/ (sampler diagnostics)
     ablate_finetune:bool=False    # the stage also trains a twin without the high-res finetune (tag '<tag>-lowres'), the report's high-res row
@@ -122,7 +124,7 @@ class TrainParams:
         if self.sampler_samples is not None and self.sampler_samples < 1: bad('sampler_samples', f"must be >= 1 or null, got {self.sampler_samples}")
         if self.head_cap is not None and self.head_cap < 1: bad('head_cap', f"must be >= 1 or null, got {self.head_cap}")
         if self.bs % self.world_size: bad('bs', f"global batch {self.bs} does not split evenly over gpus×nodes = {self.world_size} processes")
-        wrong = [s for s in self.eval_splits if s not in ('train', 'val', 'test')]
+        wrong = [s for s in self.eval_splits or () if s not in ('train', 'val', 'test')]
         if wrong: bad('eval_splits', f"unknown split {wrong[0]!r}; valid: train, val, test")
         if self.tag and not all(c.isalnum() or c in '-_.' for c in self.tag): bad('tag', f"{self.tag!r} must be letters, digits, '-', '_' or '.' (it names a directory)")
 
@@ -153,9 +155,6 @@ def train_transform(p:TrainParams, size:int, mean:tuple, std:tuple)->v2.Compose:
     if p.coarse_dropout: t.append(RandomErasing(p.coarse_dropout, mode='const', min_count=1, max_count=4, device='cpu'))
     return v2.Compose(t)
 
-def eval_transform(size:int, mean:tuple, std:tuple)->v2.Compose:
-    "Resize to `size`×`size` and normalise (no augmentation: train-split predictions for cleaning use it too)"
-    return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 # %% ../nbs/02_train.ipynb #ba3d8480
 def fold_of(rows,          # (N,) index row ids
@@ -183,10 +182,6 @@ class RecipeLoss(nn.Module):
         return (self.smooth if torch.is_grad_enabled() else self.plain)(pred, target)
 
 # %% ../nbs/02_train.ipynb #f800689f
-def _rank_world()->tuple[int, int]:
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 def epoch_seed(seed:int, epoch:int, rank:int=0)->int:
     "The seed of (`seed`, `epoch`, `rank`): one stream per epoch and process"
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
@@ -342,61 +337,6 @@ def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, devi
     net.load_state_dict(torch.load(model_path, map_location='cpu', weights_only=True))  # restores the normalisation buffers too
     return net.to(device).eval()
 
-@torch.inference_mode()
-def predict(model:ProductNet,         # trained model (not the DDP wrapper)
-            index:pd.DataFrame,        # index rows (row, path, label, split)
-            split:str|None,            # 'train' | 'val' | 'test'; None: every row of `index`
-            out:str|Path,              # predictions file to write
-            root:str|Path,             # data root the index paths are relative to
-            img_size:int,              # eval resolution
-            k:int=10,                  # top-k kept
-            bs:int=64,                 # batch per process
-            workers:int=0,
-            feats:bool=False,          # keep the embeddings
-            device:str|torch.device='cpu',
-            amp:bool=False,            # bf16 autocast (GPU)
-            channels_last:bool=False,
-            failed:list|None=None,     # appended with the (row, path, error) of images that failed to load: they get no prediction
-           )->Path:
-    "Write sparse top-k predictions of `split` to `out`, streaming; sharded over ranks and merged under DDP"
-    rank, world = _rank_world()
-    df = index if split is None else index[index['split'] == split]
-    df = df.iloc[rank::world]
-    cfg = data_config(model)
-    ds = ImageIndexDataset(df, root, transform=eval_transform(img_size, cfg['mean'], cfg['std']), with_row=True)
-    dl = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, pin_memory=torch.device(device).type == 'cuda')
-    rows, labels = df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64)
-    out = Path(out)
-    target = out if world == 1 else out.parent/f'.{out.stem}.rank{rank}.parquet'
-    was_training = model.training; model.eval()
-    if len(df):
-        with TopKWriter(target) as w:
-            s = 0
-            for x, _, served in dl:
-                x = x.to(device, non_blocking=True)
-                if channels_last: x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                    f, logits = model.features_and_logits(x)
-                n = len(x)
-                # an image that failed to load was replaced by the next valid one: its row gets no prediction rather than another image's
-                ok = served.numpy() == rows[s:s + n]
-                if ok.any():
-                    m = torch.from_numpy(ok)
-                    w.write(topk_from_logits(logits.float().cpu()[m], labels[s:s + n][ok], rows[s:s + n][ok], k, f.float().cpu()[m] if feats else None))
-                s += n
-    model.train(was_training)
-    lost = ds.failures  # unique (row, path, error): exactly the rows left without a prediction
-    if lost:
-        log(f"predict {split}: {len(lost)} image(s) failed to load and have no prediction in {out} (see {ds.failure_log})", rank=rank)
-        if failed is not None: failed += lost
-    if world > 1:
-        dist.barrier()
-        if rank == 0:
-            shards = [out.parent/f'.{out.stem}.rank{r}.parquet' for r in range(world)]
-            merge_topk([s for s in shards if s.exists()], out)
-            for s in shards: s.unlink(missing_ok=True)
-        dist.barrier()
-    return out
 
 # %% ../nbs/02_train.ipynb #d58464a7
 @dataclass
@@ -431,6 +371,9 @@ class TrainArtifacts:
     predictions:dict    # split -> predictions parquet
     metrics:dict
     history_path:Path
+    lowres:TrainArtifacts|None=None # the twin without the high-res finetune (`ablate_finetune`)
+    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
 def read_rows(path:str|Path)->np.ndarray:
     "Sorted unique row ids of a subset file (parquet with a `row` column)"
@@ -602,15 +545,15 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
         paths[split] = predict(net, df, split, out_dir/'predictions'/f'{split}.parquet', failed=failed, **kw)
         log(f"predictions of {split}: {paths[split]}")
     if rank != 0: return {}
-    counts = shot_counts(job.exp)  # the dataset's class sizes, not this run's capped or cleaned ones: groups agree across stages
+    groups = shot_groups(job.exp)  # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
     metrics = {'train_images': int(len(train_df)), 'num_classes': K, **extra, 'predict_failures': len(failed)}
     for split in ('val', 'test'):
         if split not in paths: continue
         t = read_topk(paths[split])
-        metrics[split] = evaluate(t, train_counts=counts, topk=(1, min(5, K)))
+        if (t.labels >= 0).any(): metrics[split] = evaluate(t, topk=(1, min(5, K)), **groups)  # an unlabelled split is predicted, not scored
         if 'clean_label' in index.columns:
             clean = index.set_index('row').loc[t.rows, 'clean_label'].to_numpy()
-            if (clean >= 0).any(): metrics[f'{split}_clean'] = evaluate(t, train_counts=counts, clean_label=clean, topk=(1, min(5, K)))
+            if (clean >= 0).any(): metrics[f'{split}_clean'] = evaluate(t, clean_label=clean, topk=(1, min(5, K)), **groups)
     atomic_write_json(out_dir/'metrics.json', metrics)
     return metrics
 
@@ -657,7 +600,7 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
 
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
-    return ['model.pth', 'history.csv', 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
+    return ['model.pth', 'checkpoint.pth', 'history.csv', 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
 
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
@@ -665,38 +608,52 @@ def _artifacts(job:TrainJob)->TrainArtifacts:
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
                           json.loads((d/'metrics.json').read_text()), d/'history.csv')
 
+def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
+    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
+    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
+    if p.eval_splits is None: return have
+    empty = [s for s in p.eval_splits if s not in have]
+    # AliProducts publishes no test labels: say so before hours of training, not after
+    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
+                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
+    return list(p.eval_splits)
+
 def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
-                folds:int|None=None, **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
+                folds:int|None=None,
+                report:bool=False, # also write the stage's figures and tables into the report directory (the notebook's run)
+                **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
                )->TrainArtifacts:
     "Train a model on the index of `iteration` (the train rows outside `fold` of `folds`), predict, evaluate; skipped when up to date"
     prepare_data(exp, data)
     it = p.iteration if iteration is None else iteration
     index = load_index(exp, it)  # fails here, naming the file, when the iteration's index is missing
-    if folds is None:  # before hours of training, not after: a split to predict must have rows (AliProducts' test labels are not public)
-        empty = [s for s in p.eval_splits if not (index['split'] == s).any()]
-        if empty: raise ParamsError(f"[train] eval_splits: {index_path(exp, it)} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
-                                    f"{[s for s in p.eval_splits if s not in empty]})")
+    if folds is None: p = replace(p, eval_splits=eval_splits(p, index, index_path(exp, it)))
     job, run = train_job(exp, data, p, it, fold, folds, **kw)
-    with stage_lock(job.out_dir, 'train'):
-        if run.up_to_date():
-            log(f"train: {job.out_dir} is up to date (manifest {run.manifest_path.name}); skipping")
-            return _artifacts(job)
-        log(f"train: running into {job.out_dir} ({run.why_stale()})")
-        run.invalidate()
+    def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
         if p.world_size > 1: launch_torchrun(job)
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
-        run.finish(_outputs(job), metrics={k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean')})
-    return _artifacts(job)
+        return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
+    run.ensure(work, what=f"training {p.arch}")
+    art = _artifacts(job)
+    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
+    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
+        art.lowres = train_stage(exp, data, replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_epochs=0, ablate_finetune=False), it)
+        s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
+        if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
+    if report: art.figures, art.tables = train_report(exp, p, art)
+    return art
+
 
 # %% ../nbs/02_train.ipynb #2dd76eb2
-def torchrun_command(job_json:str|Path, p:TrainParams)->list[str]:
-    "The torchrun command line that runs `aliprod.train` on `job_json`"
+def torchrun_command(job_json:str|Path, p:TrainParams, environ:dict|None=None)->list[str]:
+    "The torchrun command line that runs `aliprod.train` on `job_json`; `environ` (default os.environ) may name the rendezvous"
+    environ = os.environ if environ is None else environ
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={p.gpus}', f'--nnodes={p.nodes}']
     if p.nodes == 1: cmd.append('--standalone')
     else:
-        ep = p.rdzv_endpoint or (f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}" if 'MASTER_ADDR' in os.environ else '')
+        ep = p.rdzv_endpoint or (f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '29500')}" if 'MASTER_ADDR' in environ else '')
         if not ep: raise ParamsError(f"[train] rdzv_endpoint: nodes={p.nodes} needs the host:port of the rendezvous (or $MASTER_ADDR)")
         cmd += ['--rdzv_backend=c10d', f'--rdzv_endpoint={ep}', f'--rdzv_id=aliprod-{Path(job_json).parent.name}']
     return cmd + ['-m', 'aliprod.train', '--params', str(job_json)]
@@ -768,3 +725,26 @@ def metrics_table(metrics:dict)->pd.DataFrame:
     cols = ['n', 'top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
     rows = {k: {c: v.get(c) for c in cols if c in v} for k, v in metrics.items() if isinstance(v, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('split')
+
+def per_class_split(art:TrainArtifacts)->str|None:
+    "The split the per-class figure shows: test when there is one with labels, else val, else None"
+    for s in ('test', 'val'):
+        if s in art.predictions and (read_topk(art.predictions[s]).labels >= 0).any(): return s
+    return None
+
+def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple[dict, dict]:
+    "The stage's figures (training curves, per-class accuracy) and metrics table, written into the report directory"
+    name = 'train' + (f'-{p.tag}' if p.tag else '') + f'_{p.iteration}'
+    out = report_dir(exp)
+    res = f"{p.img_size}px" + (f" → {p.finetune_size}px" if p.finetune_epochs and p.finetune_size else '')
+    figs = {'history': plot_history(pd.read_csv(art.history_path), f"{exp.experiment}: {p.arch}, {res}")}
+    tables = {'metrics': metrics_table(art.metrics)}
+    s = per_class_split(art)
+    if s is not None:
+        pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
+        figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
+        tables['per_class'] = pc
+    figs['history'].savefig(out/f'{name}.png', dpi=100)
+    if 'per_class' in figs: figs['per_class'].savefig(out/f'{name}_per_class.png', dpi=100)
+    atomic_write_text(out/f'{name}_metrics.csv', tables['metrics'].to_csv())
+    return figs, tables

@@ -5,7 +5,6 @@ from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
 from aliprod.tta import tta_views, ten_crop, five_crop, tta_probs, VIEWS, TTAParams, parse_variant
 from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams
 
-torch.set_num_threads(1)
 
 # ---------------------------------------------------------------- TTA views
 
@@ -34,8 +33,9 @@ def test_view_counts_and_errors():
 def net(request):
     "A ProductNet (batch norm in eval mode) and a linear model on raw pixels, whose logits differ a lot between views"
     if request.param == 'pixels':
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
+        with torch.random.fork_rng():  # a fixed init that leaves the global generator as it was
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
     from aliprod.models import create_model
     return create_model('resnet10t', num_classes=6, pretrained='none').eval()
 
@@ -51,10 +51,38 @@ def test_batched_forward_equals_view_by_view(net, views):
         per_view = torch.stack([net(v) for v in tta_views(x, 32, views).unbind(1)])
     torch.testing.assert_close(batched, per_view.softmax(-1).mean(0), atol=1e-5, rtol=1e-4)  # mean of probabilities, not of logits
 
+def test_an_image_broken_after_the_scan_gets_no_prediction_from_either_path(tmp_path):
+    # 4 images, the 2nd corrupted after the scan: train's predict and TTA's predict_tta share one guarded loop
+    import pandas as pd
+    from PIL import Image
+    from aliprod.models import create_model
+    from aliprod.predict import predict, eval_transform
+    from aliprod.tta import predict_tta
+    rng = np.random.default_rng(0)
+    for i in range(4): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path/f'{i}.png')
+    idx = pd.DataFrame({'row': np.arange(4), 'path': [f'{i}.png' for i in range(4)], 'label': [0, 1, 2, 3], 'split': 'val'})
+    net = create_model('resnet10t', num_classes=5, pretrained='none').eval()
+    good_p = read_topk(predict(net, idx, 'val', tmp_path/'p_all.parquet', tmp_path, 32, k=3, bs=2))
+    good_t = read_topk(predict_tta(net, idx, 'val', tmp_path/'t_all.parquet', tmp_path, 32, 'ten', 1.25, k=3, bs=2))
+    (tmp_path/'1.png').write_bytes(b'\xff\xd8\xff garbage')  # broke after the data stage's scan
+    for name, run in (('predict', lambda f: predict(net, idx, 'val', tmp_path/'p.parquet', tmp_path, 32, k=3, bs=2, failed=f)),
+                      ('predict_tta', lambda f: predict_tta(net, idx, 'val', tmp_path/'t.parquet', tmp_path, 32, 'ten', 1.25, k=3, bs=2, failed=f))):
+        failed = []
+        t = read_topk(run(failed))
+        good = good_p if name == 'predict' else good_t
+        np.testing.assert_array_equal(t.rows, [0, 2, 3], err_msg=name)
+        np.testing.assert_allclose(t.topk_probs, good.topk_probs[[0, 2, 3]], atol=1e-5, err_msg=name)  # each row its own scores
+        np.testing.assert_allclose(t.p_label, good.p_label[[0, 2, 3]], atol=1e-5, err_msg=name)
+        assert [f[0] for f in failed] == [1], name
+
 def test_tta_params():
     assert TTAParams().variants[0] == ('ten', 1.5)
     assert parse_variant('full@1.5') == ('full', 1.5)
     with pytest.raises(ParamsError, match='enlarge >= 1'): TTAParams(compare=['five@0.8'])
+    import pandas as pd
+    index = pd.DataFrame({'split': ['train', 'val', 'val']})
+    assert TTAParams().splits_of(index) == ['val']                       # null: the val/test splits that exist
+    with pytest.raises(ParamsError, match="no 'test' rows"): TTAParams(splits=['val', 'test']).splits_of(index)
 
 # ---------------------------------------------------------------- ensembling
 
