@@ -4,8 +4,8 @@
 
 # %% ../nbs/02_train.ipynb #71538696
 from __future__ import annotations
-import argparse, importlib, json, os, random, shutil, subprocess, sys, time
-from collections import deque
+import argparse, importlib, json, math, os, random, shutil, subprocess, sys, time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -39,13 +39,13 @@ from .metrics import evaluate, per_class_accuracy
 from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, ImageIndexDataset, shot_groups
 
 # %% auto #0
-__all__ = ['CODE_MODULES', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed', 'TimmSchedule',
-           'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state', 'Checkpoint', 'LogLines',
-           'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback', 'load_trained_model', 'TrainJob',
-           'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows',
-           'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage', 'torchrun_command',
-           'launch_torchrun', 'main', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split',
-           'train_report']
+__all__ = ['TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed', 'SeededDraws', 'SeededAugment',
+           'TimmSchedule', 'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state',
+           'canonical', 'Checkpoint', 'LogLines', 'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback',
+           'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
+           'load_init', 'train_rows', 'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'train_job',
+           'eval_splits', 'train_stage', 'torchrun_command', 'launch_torchrun', 'main', 'plot_history',
+           'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 @params_section('train')
@@ -63,13 +63,15 @@ class TrainParams:
     img_size:int=48               # training resolution, px (2021 report: 256)
     finetune_size:int|None=64     # resolution of the high-resolution finetune (2021 report: 384); None: no finetune
     finetune_epochs:int=1         # epochs at finetune_size after `epochs` (2021 report: 5-10)
+    finetune_lr:float|None=None   # peak lr of the finetune epochs, which have their own schedule (warm-up, then cosine to min_lr); None: 0.1 × peak_lr
+    finetune_warmup_epochs:int=0  # linear warm-up epochs of the finetune, from warmup_lr to finetune_lr (0: start at finetune_lr)
     epochs:int=2                  # epochs at img_size
     bs:int=32                     # global batch size, split evenly over all processes (2021 report: 1024)
     lr:float|None=2e-3            # peak learning rate; null: 0.01×bs/256 for sgd (2021 report), 5e-4×bs/512 for adamw (DeiT)
     optimizer:Literal['sgd','adamw']='adamw' # sgd: SGD with momentum (2021 CNNs); adamw: AdamW (DeiT; learns fastest in the tiny default)
     momentum:float=0.9
-    schedule:Literal['auto','step','cosine']='auto' # auto: step for sgd, cosine for adamw
-    warmup_epochs:int=1           # linear warm-up epochs (2021 report: 2)
+    schedule:Literal['auto','step','cosine']='auto' # main epochs: auto: step for sgd, cosine for adamw (the finetune has its own, below)
+    warmup_epochs:int=1           # linear warm-up epochs of the main schedule (2021 report: 2)
     warmup_lr:float=1e-5          # learning rate at the start of warm-up
     milestones:list[int]=field(default_factory=lambda: [2]) # step schedule: epochs at which lr is multiplied by gamma (2021: 14, 20)
     gamma:float=0.1               # step decay factor
@@ -107,12 +109,15 @@ class TrainParams:
         def bad(key, msg): raise ParamsError(f"[train] {key}: {msg}")
         for k in ('epochs', 'bs', 'img_size', 'topk', 'gpus', 'nodes'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
-        for k in ('finetune_epochs', 'warmup_epochs', 'workers', 'iteration'):
+        for k in ('finetune_epochs', 'warmup_epochs', 'finetune_warmup_epochs', 'workers', 'iteration'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.finetune_size is not None and self.finetune_size < 1: bad('finetune_size', f"must be >= 1 or null, got {self.finetune_size}")
         if self.finetune_epochs and self.finetune_size is None: bad('finetune_size', f"finetune_epochs={self.finetune_epochs} needs a finetune_size")
         if self.lr is not None and self.lr <= 0: bad('lr', f"must be > 0 or null (null: 0.01×bs/256), got {self.lr}")
-        if self.warmup_epochs >= self.total_epochs: bad('warmup_epochs', f"{self.warmup_epochs} leaves no epoch after warm-up (epochs + finetune_epochs = {self.total_epochs})")
+        if self.warmup_epochs >= self.epochs: bad('warmup_epochs', f"{self.warmup_epochs} leaves no main epoch after warm-up (epochs = {self.epochs}; the finetune has its own finetune_warmup_epochs)")
+        if self.finetune_lr is not None and self.finetune_lr <= 0: bad('finetune_lr', f"must be > 0 or null (null: 0.1 × the peak lr), got {self.finetune_lr}")
+        if self.finetune_warmup_epochs and self.finetune_warmup_epochs >= self.finetune_epochs:
+            bad('finetune_warmup_epochs', f"{self.finetune_warmup_epochs} leaves no finetune epoch after its warm-up (finetune_epochs = {self.finetune_epochs})")
         if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones): bad('milestones', f"must be increasing epochs >= 1, got {self.milestones}")
         if not 0 < self.gamma <= 1: bad('gamma', f"must be in (0, 1], got {self.gamma}")
         if self.wd < 0: bad('wd', f"must be >= 0, got {self.wd}")
@@ -141,6 +146,10 @@ class TrainParams:
         "`lr`, or the linear scaling rule of the recipe (Goyal et al. 2017): 0.01×bs/256 (SGD, 2021 report), 5e-4×bs/512 (AdamW, DeiT)"
         if self.lr is not None: return self.lr
         return 0.01 * self.bs / 256 if self.optimizer == 'sgd' else 5e-4 * self.bs / 512
+    @property
+    def finetune_peak_lr(self)->float:
+        "`finetune_lr`, or a tenth of `peak_lr`: the step recipe's rate after its first decay, enough to train at the new resolution, not to undo the main epochs"
+        return self.finetune_lr if self.finetune_lr is not None else 0.1 * self.peak_lr
 
 # %% ../nbs/02_train.ipynb #d11eacda
 def train_transform(p:TrainParams, size:int, mean:tuple, std:tuple)->v2.Compose:
@@ -196,6 +205,30 @@ class EpochSeed(Callback):
         if self.generator is not None: self.generator.manual_seed(s)
         if self.sampler is not None and hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(self.epoch)
 
+class SeededDraws(torch.utils.data.Sampler):
+    "Wrap a sampler to yield (index, seed): one seed per draw of (seed, epoch, rank, position), whichever process loads it"
+    def __init__(self, sampler, seed:int, rank:int=0): self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+    def set_epoch(self, epoch:int):
+        self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(epoch)
+    def __len__(self): return len(self.sampler)
+    def __iter__(self):
+        idx = list(self.sampler)
+        seeds = np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**63 - 1, len(idx))
+        return iter(zip((int(i) for i in idx), seeds.tolist()))
+
+class SeededAugment(torch.utils.data.Dataset):
+    "`ds[i]` under the draw's own seed (torch, python, numpy), restoring the generators after: augmentation independent of `workers`"
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, key):
+        i, seed = key
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed); random.seed(seed); np.random.seed(seed % 2**32)
+            try: return self.ds[i]
+            finally: random.setstate(py); np.random.set_state(npy)
+
 class TimmSchedule(Callback):
     "Set the learning rate of every parameter group from a timm scheduler before each training batch"
     order = -5
@@ -224,7 +257,7 @@ class ValidMetrics(Callback):
     "Validation loss, top-1/top-5 error and mean class error (per-class counts, summed over ranks)"
     order = 55
     def __init__(self, num_classes:int, first_epoch:int=0): self.K, self.first = num_classes, first_epoch
-    def before_epoch(self): self.train_loss, self.train_n, self.t0 = 0., 0, time.time()
+    def before_epoch(self): self.train_loss, self.train_n = 0., 0
     def after_batch(self):
         y = self.yb[0]
         if self.training:
@@ -253,8 +286,7 @@ class ValidMetrics(Callback):
             'valid_loss': loss_sum / n if n else float('nan'),
             'top1_err': 1 - hit1.sum().item() / n if n else float('nan'),
             'top5_err': 1 - hit5 / n if n else float('nan'),
-            'mean_class_err': 1 - (hit1[has] / seen[has]).mean().item() if n else float('nan'),
-            'seconds': time.time() - self.t0}
+            'mean_class_err': 1 - (hit1[has] / seen[has]).mean().item() if n else float('nan')}
 
 # %% ../nbs/02_train.ipynb #f543f4f2
 def rng_state()->dict:
@@ -273,6 +305,20 @@ def set_rng_state(s:dict):
     torch.set_rng_state(s['torch'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
+def canonical(obj):
+    "Fresh containers and interned strings all through `obj`: pickle's memo (and so torch.save's bytes) then depends on values only"
+    # a resumed run holds strings loaded from the checkpoint where an uninterrupted one holds the code's (shared) constants:
+    # equal values, different object identities, different pickle memo entries and bytes
+    if isinstance(obj, str): return sys.intern(obj)
+    if isinstance(obj, dict):
+        out = type(obj)() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items(): out[canonical(k)] = canonical(v)
+        if hasattr(obj, '_metadata'): out._metadata = canonical(obj._metadata)  # a state dict's module versions
+        return out
+    if isinstance(obj, list): return [canonical(v) for v in obj]
+    if isinstance(obj, tuple): return tuple(canonical(v) for v in obj)
+    return obj
+
 class Checkpoint(Callback):
     "After every epoch (rank 0): history.csv and checkpoint.pth (model, optimiser, scheduler, epoch, RNG), atomically"
     order = 65
@@ -284,8 +330,8 @@ class Checkpoint(Callback):
         self.history.append({'epoch': self.epoch + 1, **self.meta(self.epoch), 'lr': self.opt.param_groups[0]['lr'], **m})
         if _rank_world()[0] != 0: return
         atomic_write_text(self.out_dir/'history.csv', pd.DataFrame(self.history).to_csv(index=False))
-        atomic_torch_save({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
-                           'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}, self.out_dir/'checkpoint.pth')
+        atomic_torch_save(canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
+                                     'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}), self.out_dir/'checkpoint.pth')
 
 class LogLines(Callback):
     "A plain log line per epoch, and at each quarter of long epochs (rank 0)"
@@ -301,7 +347,7 @@ class LogLines(Callback):
         h = self.history[-1]
         log(f"epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] lr {h['lr']:.2e} train_loss {h.get('train_loss', float('nan')):.4f} "
             f"valid_loss {h.get('valid_loss', float('nan')):.4f} top1_err {h.get('top1_err', float('nan')):.4f} "
-            f"mean_class_err {h.get('mean_class_err', float('nan')):.4f} ({h.get('seconds', 0):.0f} s)")
+            f"mean_class_err {h.get('mean_class_err', float('nan')):.4f} ({time.time() - self.t0:.0f} s)")
 
 class SeenRows(Callback):
     "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"
@@ -424,13 +470,37 @@ def _device(exp:ExperimentParams)->torch.device:
     if d.type == 'cuda' and 'LOCAL_RANK' in os.environ: d = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return d
 
-def _scheduler(opt, p:TrainParams, updates_per_epoch:int):
-    "timm scheduler stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
+def _main_scheduler(opt, p:TrainParams, updates_per_epoch:int):
+    "timm scheduler of the main epochs, stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
     kind = {'auto': 'multistep' if p.optimizer == 'sgd' else 'cosine', 'step': 'multistep', 'cosine': 'cosine'}[p.schedule]
-    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.total_epochs, decay_milestones=list(p.milestones), decay_rate=p.gamma,
+    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.epochs, decay_milestones=list(p.milestones), decay_rate=p.gamma,
                                    min_lr=p.min_lr, warmup_lr=p.warmup_lr, warmup_epochs=p.warmup_epochs, warmup_prefix=False,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return sched
+
+class RecipeSchedule:
+    "Per-iteration lr: the main schedule over `epochs`, then the finetune's own: warm-up to `finetune_peak_lr`, cosine to `min_lr`"
+    def __init__(self, opt, p:TrainParams, updates_per_epoch:int):
+        self.opt, self.main = opt, _main_scheduler(opt, p, updates_per_epoch)
+        self.main_updates = p.epochs * updates_per_epoch
+        self.ft_updates = (p.finetune_epochs if p.finetune_size else 0) * updates_per_epoch
+        self.ft_warmup = p.finetune_warmup_epochs * updates_per_epoch
+        self.ft_lr, self.warmup_lr, self.min_lr = p.finetune_peak_lr, p.warmup_lr, p.min_lr
+    def finetune_lr(self, t:int)->float:
+        "lr of update `t` of the finetune (0-based)"
+        if t < self.ft_warmup: return self.warmup_lr + (self.ft_lr - self.warmup_lr) * t / self.ft_warmup
+        u, T = t - self.ft_warmup, max(self.ft_updates - self.ft_warmup, 1)
+        return self.min_lr + 0.5 * (self.ft_lr - self.min_lr) * (1 + math.cos(math.pi * u / T))
+    def step_update(self, num_updates:int):
+        if num_updates < self.main_updates: return self.main.step_update(num_updates)
+        lr = self.finetune_lr(num_updates - self.main_updates)
+        for g in self.opt.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)
+    def state_dict(self)->dict: return self.main.state_dict()
+    def load_state_dict(self, sd:dict): self.main.load_state_dict(sd)
+
+def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
+    "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
+    return RecipeSchedule(opt, p, updates_per_epoch)
 
 # %% ../nbs/02_train.ipynb #62440de1
 def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkpoints see this one)
@@ -492,7 +562,8 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     g = torch.Generator()
     kw = dict(num_workers=p.workers, pin_memory=device.type == 'cuda', worker_init_fn=seed_worker)
     # drop_last: every step sees a full global batch, split evenly over ranks, so DDP's mean of per-rank means is the global mean
-    train_dl = DataLoader(train_ds, batch_size=p.bs // world, sampler=sampler, drop_last=True, generator=g, **kw)
+    draws = SeededDraws(sampler, exp.seed, rank)  # each draw's augmentation seed travels with its index: workers change nothing
+    train_dl = DataLoader(SeededAugment(train_ds), batch_size=p.bs // world, sampler=draws, drop_last=True, generator=g, **kw)
     valid_dl = DataLoader(valid_ds, batch_size=p.eval_bs or 2 * p.bs // world, shuffle=False, **kw)
 
     if world > 1 and device.type == 'cuda' and p.sync_bn: net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -518,7 +589,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     if ddp is not None: learn.add_cb(DDPCallback(ddp))  # after loading: DDP broadcasts rank 0's weights when it wraps, ranks agree anyway
 
     meta = lambda e: {'phase': 'finetune' if e >= p.epochs else 'main', 'img_size': sizes[int(e >= p.epochs)]}
-    learn.add_cbs([EpochSeed(exp.seed, sampler, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
+    learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
                    LogLines(p.total_epochs, start, history), *cbs])
     if p.finetune_size and p.finetune_epochs:
         learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]], [tr_tfms[1], va_tfms[1]]))
@@ -528,7 +599,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
         log(f"training {p.arch} on {len(train_df)} images of {K} classes, {world} process(es) on {device}, "
             f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" + (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
         learn.fit(p.total_epochs, lr=p.peak_lr, start_epoch=start)
-    if rank == 0: atomic_torch_save(net.state_dict(), out_dir/'model.pth')  # the plain ProductNet: training-only modules stay in checkpoint.pth
+    if rank == 0: atomic_torch_save(canonical(net.state_dict()), out_dir/'model.pth')  # the plain ProductNet: training-only modules stay in checkpoint.pth
     failures = train_ds.failures + valid_ds.failures  # bad images were replaced, never silently: counted in metrics.json
     if failures: log(f"{len(failures)} images failed to load and were replaced by the next valid row; see {train_ds.failure_log}")
     return _predict_all(job, net, index, train_df, held, root, K, device, sizes[-1], {'load_failures': len(failures)})
@@ -558,8 +629,6 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
     return metrics
 
 # %% ../nbs/02_train.ipynb #0e9667dc
-CODE_MODULES = ['core', 'data', 'models', 'samplers', 'predictions', 'metrics', 'train']
-
 def train_dir(exp:ExperimentParams, p:TrainParams, iteration:int, fold:int|None=None)->Path:
     "runs/<exp>/train[-<tag>]/<iteration>[/fold<j>]/"
     d = run_dir(exp, 'train' + (f'-{p.tag}' if p.tag else ''), iteration)
@@ -585,15 +654,16 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
     idx, ds = index_path(exp, it), data_artifacts(exp).dataset_json
-    # runs_dir/reports_dir only say where files go; gpus/nodes/workers do not change the result
+    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
     where = ('runs_dir', 'reports_dir', 'device')
     params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
-              'train': {k: v for k, v in params_dict(p).items() if k != 'ablate_finetune'},  # a twin to train elsewhere changes nothing here
+              # a twin trained elsewhere changes nothing here
+              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
               'iteration': it, 'fold': fold, 'folds': folds}
     if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
         params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
     inputs = [idx, ds, *[Path(f) for f in (init, rows) if f is not None]]
-    modules = [*CODE_MODULES, *[m for m in callback_modules(callbacks) if m not in CODE_MODULES]]
+    modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
     run = StageRun(out, stage, params, inputs=inputs, modules=modules)
     job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks)
     return job, run
