@@ -28,23 +28,23 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from .core import (ExperimentParams, ParamsError, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
+from .core import (ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
                           experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
                           atomic_write_text, atomic_write_parquet, StageRun, log)
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
+from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
+                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
+from .launch import torchrun_command, launch_torchrun, main
 from .samplers import LongTailSampler, head_cap as head_cap_positions
-from .models import create_model, data_config, ProductNet
+from .models import create_model, data_config, ProductNet, check_arch, HEADS
 from .metrics import evaluate, per_class_accuracy
 from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, ImageIndexDataset, shot_groups
 
 # %% auto #0
-__all__ = ['TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed', 'SeededDraws', 'SeededAugment',
-           'TimmSchedule', 'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state',
-           'canonical', 'Checkpoint', 'LogLines', 'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback',
-           'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
-           'load_init', 'train_rows', 'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'train_job',
-           'eval_splits', 'train_stage', 'torchrun_command', 'launch_torchrun', 'main', 'plot_history',
+__all__ = ['TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob', 'TrainArtifacts',
+           'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows', 'RecipeSchedule',
+           'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage', 'plot_history',
            'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
@@ -131,7 +131,16 @@ class TrainParams:
         if self.bs % self.world_size: bad('bs', f"global batch {self.bs} does not split evenly over gpus×nodes = {self.world_size} processes")
         wrong = [s for s in self.eval_splits or () if s not in ('train', 'val', 'test')]
         if wrong: bad('eval_splits', f"unknown split {wrong[0]!r}; valid: train, val, test")
-        if self.tag and not all(c.isalnum() or c in '-_.' for c in self.tag): bad('tag', f"{self.tag!r} must be letters, digits, '-', '_' or '.' (it names a directory)")
+        if self.tag: check_name(self.tag, '[train] tag')  # it names runs/<exp>/train-<tag>/
+        try: check_arch(self.arch)
+        except ValueError as e: bad('arch', str(e))
+        if self.head not in HEADS: bad('head', f"unknown head {self.head!r}; registered: {', '.join(HEADS)}")
+        if self.embed_dim is not None and self.embed_dim < 1: bad('embed_dim', f"must be >= 1 or null (no embedding layer), got {self.embed_dim}")
+        for k in ('drop_rate', 'drop_path_rate'):
+            if not 0 <= getattr(self, k) < 1: bad(k, f"must be in [0, 1), got {getattr(self, k)}")
+        if self.momentum < 0 or self.momentum >= 1: bad('momentum', f"must be in [0, 1), got {self.momentum}")
+        if self.warmup_lr < 0 or self.min_lr < 0: bad('min_lr' if self.min_lr < 0 else 'warmup_lr', "must be >= 0")
+        if self.eval_bs is not None and self.eval_bs < 1: bad('eval_bs', f"must be >= 1 or null, got {self.eval_bs}")
 
     @property
     def total_epochs(self)->int: return self.epochs + (self.finetune_epochs if self.finetune_size else 0)
@@ -189,192 +198,6 @@ class RecipeLoss(nn.Module):
         if target.ndim == 2: return self.soft(pred, target)
         # fastai validates under no_grad: that is how the loss tells validation from training
         return (self.smooth if torch.is_grad_enabled() else self.plain)(pred, target)
-
-# %% ../nbs/02_train.ipynb #f800689f
-def epoch_seed(seed:int, epoch:int, rank:int=0)->int:
-    "The seed of (`seed`, `epoch`, `rank`): one stream per epoch and process"
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-class EpochSeed(Callback):
-    "Reseed every generator and move the sampler to the epoch's draw before each epoch"
-    order = -10
-    def __init__(self, seed:int, sampler=None, generator:torch.Generator|None=None): self.seed, self.sampler, self.generator = seed, sampler, generator
-    def before_epoch(self):
-        s = epoch_seed(self.seed, self.epoch, _rank_world()[0])
-        random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
-        if self.generator is not None: self.generator.manual_seed(s)
-        if self.sampler is not None and hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(self.epoch)
-
-class SeededDraws(torch.utils.data.Sampler):
-    "Wrap a sampler to yield (index, seed): one seed per draw of (seed, epoch, rank, position), whichever process loads it"
-    def __init__(self, sampler, seed:int, rank:int=0): self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
-    def set_epoch(self, epoch:int):
-        self.epoch = epoch
-        if hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(epoch)
-    def __len__(self): return len(self.sampler)
-    def __iter__(self):
-        idx = list(self.sampler)
-        seeds = np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**63 - 1, len(idx))
-        return iter(zip((int(i) for i in idx), seeds.tolist()))
-
-class SeededAugment(torch.utils.data.Dataset):
-    "`ds[i]` under the draw's own seed (torch, python, numpy), restoring the generators after: augmentation independent of `workers`"
-    def __init__(self, ds): self.ds = ds
-    def __len__(self): return len(self.ds)
-    def __getitem__(self, key):
-        i, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed); random.seed(seed); np.random.seed(seed % 2**32)
-            try: return self.ds[i]
-            finally: random.setstate(py); np.random.set_state(npy)
-
-class TimmSchedule(Callback):
-    "Set the learning rate of every parameter group from a timm scheduler before each training batch"
-    order = -5
-    def __init__(self, scheduler): self.scheduler = scheduler
-    def before_batch(self):
-        if self.training: self.scheduler.step_update(self.epoch * self.n_iter + self.iter)
-
-class MixupCallback(Callback):
-    "timm `Mixup` on training batches: mixed images, soft targets"
-    order = -4
-    def __init__(self, mixup:Mixup): self.mixup = mixup
-    def before_batch(self):
-        if not self.training: return
-        x, y = self.mixup(self.xb[0], self.yb[0])
-        self.learn.xb, self.learn.yb = (x,), (y,)
-
-class ProgressiveResize(Callback):
-    "From epoch `at` on, use the `finetune` transforms of the datasets (progressive / high-resolution finetuning)"
-    order = -9
-    def __init__(self, at:int, datasets:list, base:list, finetune:list): self.at, self.datasets, self.base, self.finetune = at, datasets, base, finetune
-    def before_epoch(self):
-        for ds, b, f in zip(self.datasets, self.base, self.finetune): ds.transform = f if self.epoch >= self.at else b
-
-# %% ../nbs/02_train.ipynb #1a8f837b
-class ValidMetrics(Callback):
-    "Validation loss, top-1/top-5 error and mean class error (per-class counts, summed over ranks)"
-    order = 55
-    def __init__(self, num_classes:int, first_epoch:int=0): self.K, self.first = num_classes, first_epoch
-    def before_epoch(self): self.train_loss, self.train_n = 0., 0
-    def after_batch(self):
-        y = self.yb[0]
-        if self.training:
-            self.train_loss += float(self.loss.detach()) * len(y); self.train_n += len(y)
-            return
-        logits = self.pred.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1, hit5 = top5[:, 0] == y, (top5 == y[:, None]).any(1)
-        self.loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
-        self.seen += torch.bincount(y.cpu(), minlength=self.K)
-        self.hit1 += torch.bincount(y.cpu(), weights=hit1.cpu().double(), minlength=self.K)
-        self.hit5 += float(hit5.sum())
-    def before_validate(self):
-        self.loss_sum, self.hit5 = 0., 0.
-        self.seen, self.hit1 = torch.zeros(self.K, dtype=torch.float64), torch.zeros(self.K, dtype=torch.float64)
-    def after_validate(self):
-        stats = torch.cat([torch.tensor([self.loss_sum, self.hit5, self.train_loss, self.train_n], dtype=torch.float64), self.seen, self.hit1])
-        if _rank_world()[1] > 1:
-            dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-            stats = stats.to(dev); dist.all_reduce(stats); stats = stats.cpu()
-        loss_sum, hit5, train_loss, train_n = stats[:4].tolist()
-        seen, hit1 = stats[4:4 + self.K], stats[4 + self.K:]
-        n, has = seen.sum().item(), seen > 0
-        self.learn.epoch_metrics = {
-            'train_loss': train_loss / max(train_n, 1),
-            'valid_loss': loss_sum / n if n else float('nan'),
-            'top1_err': 1 - hit1.sum().item() / n if n else float('nan'),
-            'top5_err': 1 - hit5 / n if n else float('nan'),
-            'mean_class_err': 1 - (hit1[has] / seen[has]).mean().item() if n else float('nan')}
-
-# %% ../nbs/02_train.ipynb #f543f4f2
-def rng_state()->dict:
-    "Python, numpy, torch (and CUDA) RNG states as tensors and plain containers"
-    v, st, g = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {'python': [v, list(st), g], 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): out['cuda'] = torch.cuda.get_rng_state_all()
-    return out
-
-def set_rng_state(s:dict):
-    "Restore states saved by `rng_state`"
-    v, st, g = s['python']; random.setstate((v, tuple(st), g))
-    name, keys, pos, has_gauss, cached = s['numpy']; np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-def canonical(obj):
-    "Fresh containers and interned strings all through `obj`: pickle's memo (and so torch.save's bytes) then depends on values only"
-    # a resumed run holds strings loaded from the checkpoint where an uninterrupted one holds the code's (shared) constants:
-    # equal values, different object identities, different pickle memo entries and bytes
-    if isinstance(obj, str): return sys.intern(obj)
-    if isinstance(obj, dict):
-        out = type(obj)() if isinstance(obj, OrderedDict) else {}
-        for k, v in obj.items(): out[canonical(k)] = canonical(v)
-        if hasattr(obj, '_metadata'): out._metadata = canonical(obj._metadata)  # a state dict's module versions
-        return out
-    if isinstance(obj, list): return [canonical(v) for v in obj]
-    if isinstance(obj, tuple): return tuple(canonical(v) for v in obj)
-    return obj
-
-class Checkpoint(Callback):
-    "After every epoch (rank 0): history.csv and checkpoint.pth (model, optimiser, scheduler, epoch, RNG), atomically"
-    order = 65
-    def __init__(self, out_dir:Path, net:nn.Module, opt, scheduler, key:str, history:list, meta:dict, first_epoch:int=0):
-        self.out_dir, self.net, self.opt, self.scheduler, self.key, self.history, self.meta, self.first = Path(out_dir), net, opt, scheduler, key, history, meta, first_epoch
-    def after_epoch(self):
-        if self.epoch < self.first: return  # skipped on resume: fastai still calls after_epoch
-        m = getattr(self.learn, 'epoch_metrics', {})
-        self.history.append({'epoch': self.epoch + 1, **self.meta(self.epoch), 'lr': self.opt.param_groups[0]['lr'], **m})
-        if _rank_world()[0] != 0: return
-        atomic_write_text(self.out_dir/'history.csv', pd.DataFrame(self.history).to_csv(index=False))
-        atomic_torch_save(canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
-                                     'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}), self.out_dir/'checkpoint.pth')
-
-class LogLines(Callback):
-    "A plain log line per epoch, and at each quarter of long epochs (rank 0)"
-    order = 70
-    def __init__(self, total:int, first_epoch:int=0, history:list|None=None): self.total, self.first, self.history = total, first_epoch, history
-    def before_epoch(self): self.t0 = time.time()
-    def after_batch(self):
-        if not self.training or self.n_iter < 100 or (self.iter + 1) % (self.n_iter // 4) or self.iter + 1 == self.n_iter: return
-        n = (self.iter + 1) * len(self.yb[0]) * _rank_world()[1]
-        log(f"epoch {self.epoch + 1}/{self.total}: {self.iter + 1}/{self.n_iter} batches, loss {float(self.loss.detach()):.4f}, {n / (time.time() - self.t0):.0f} img/s")
-    def after_epoch(self):
-        if self.epoch < self.first or not self.history: return
-        h = self.history[-1]
-        log(f"epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] lr {h['lr']:.2e} train_loss {h.get('train_loss', float('nan')):.4f} "
-            f"valid_loss {h.get('valid_loss', float('nan')):.4f} top1_err {h.get('top1_err', float('nan')):.4f} "
-            f"mean_class_err {h.get('mean_class_err', float('nan')):.4f} ({time.time() - self.t0:.0f} s)")
-
-class SeenRows(Callback):
-    "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"
-    order = -8
-    def __init__(self, sampler, rows:np.ndarray, path:Path, first_epoch:int=0): self.sampler, self.rows, self.path, self.first, self.parts = sampler, rows, Path(path), first_epoch, []
-    def before_train(self):
-        if self.epoch >= self.first: self.parts.append(pd.DataFrame({'epoch': self.epoch, 'row': self.rows[self.sampler.indices()]}))
-    def after_fit(self):
-        if self.parts:
-            atomic_write_parquet(pd.concat(self.parts, ignore_index=True), self.path)
-
-class SimulatedKill(RuntimeError): "Raised by `KillAfterEpoch`"
-
-class KillAfterEpoch(Callback):
-    "Raise after epoch `epoch` (1-based) has been checkpointed: simulates a killed run in the resume tests"
-    order = 100
-    def __init__(self, epoch:int): self.at = epoch
-    def after_epoch(self):
-        if self.epoch + 1 == self.at: raise SimulatedKill(f"killed after epoch {self.at} (KillAfterEpoch)")
-
-class DDPCallback(Callback):
-    "Train through the DistributedDataParallel wrapper, validate through the plain module (no collectives in validation)"
-    order = -20
-    def __init__(self, ddp:nn.Module): self.ddp = ddp
-    def before_train(self): self.learn.model = self.ddp
-    def before_validate(self): self.learn.model = self.ddp.module
-    def after_fit(self): self.learn.model = self.ddp.module
 
 # %% ../nbs/02_train.ipynb #de10d123
 def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, device='cpu')->ProductNet:
@@ -716,47 +539,8 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
     return art
 
 
-# %% ../nbs/02_train.ipynb #2dd76eb2
-def torchrun_command(job_json:str|Path, p:TrainParams, environ:dict|None=None)->list[str]:
-    "The torchrun command line that runs `aliprod.train` on `job_json`; `environ` (default os.environ) may name the rendezvous"
-    environ = os.environ if environ is None else environ
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={p.gpus}', f'--nnodes={p.nodes}']
-    if p.nodes == 1: cmd.append('--standalone')
-    else:
-        ep = p.rdzv_endpoint or (f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '29500')}" if 'MASTER_ADDR' in environ else '')
-        if not ep: raise ParamsError(f"[train] rdzv_endpoint: nodes={p.nodes} needs the host:port of the rendezvous (or $MASTER_ADDR)")
-        cmd += ['--rdzv_backend=c10d', f'--rdzv_endpoint={ep}', f'--rdzv_id=aliprod-{Path(job_json).parent.name}']
-    return cmd + ['-m', 'aliprod.train', '--params', str(job_json)]
-
-def launch_torchrun(job:TrainJob, tail:int=60)->None:
-    "Run `job` under torchrun, streaming its output; raise with the last `tail` lines if it fails"
-    path = Path(job.out_dir)/'job.json'
-    atomic_write_json(path, job.to_json())
-    cmd = torchrun_command(path, job.p)
-    env = {**os.environ, 'ALIPROD_ROOT': str(project_root()), 'PYTHONUNBUFFERED': '1'}
-    env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // job.p.gpus)))
-    log(f"launching: {' '.join(cmd)}")
-    last = deque(maxlen=tail)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project_root()) as proc:
-        for line in proc.stdout:
-            print(line, end='', flush=True); last.append(line)
-        rc = proc.wait()
-    if rc != 0: raise RuntimeError(f"torchrun exited with {rc} for {path}; last lines:\n{''.join(last)}")
-
-def main(argv:list[str]|None=None):
-    "torchrun worker: `python -m aliprod.train --params job.json`"
-    ap = argparse.ArgumentParser(description='aliprod train worker (launched by torchrun from train_stage)')
-    ap.add_argument('--params', required=True, help='job JSON written by train_stage')
-    a = ap.parse_args(argv)
-    job = TrainJob.from_json(json.loads(Path(a.params).read_text()))
-    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
-    cuda = torch.cuda.is_available() and pick_device(job.exp.device).type == 'cuda'
-    if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    try: run_job(job)
-    finally: dist.destroy_process_group()
-
-# a notebook kernel also runs as __main__ but has no __file__: only `python -m aliprod.train` starts a worker
+# %% ../nbs/02_train.ipynb #d763d020
+# `python -m aliprod.train --params job.json` starts a worker too (the entry point before aliprod.launch); a notebook kernel has no __file__
 if __name__ == '__main__' and '__file__' in globals(): main()
 
 # %% ../nbs/02_train.ipynb #66d8f0cf

@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
-from .core import (ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, pick_device,
+from .core import (ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
                           atomic_write_json, StageRun, log)
 from .predictions import TopKWriter, topk_from_probs, read_topk
 
@@ -143,6 +143,7 @@ class TTAParams:
     amp:bool=True           # bf16 autocast on GPU; ignored on CPU
 
     def __post_init__(self):
+        if self.tag: check_name(self.tag, '[tta] tag')  # names runs/<exp>/train-<tag>/ and the variant directories
         parse_variant(f'{self.views}@{self.enlarge}')
         for v in self.compare: parse_variant(v)
         if self.splits is not None:
