@@ -260,3 +260,20 @@ def test_papermill_runs_the_notebook(tmp_path):
     assert {'val', 'test'} <= set(m) and 0 <= m['test']['mean_class_err'] <= 1
     assert 'epoch 3/3' in r.stdout + r.stderr, 'log lines must reach papermill --log-output'
     assert (tmp_path/'reports'/'pm'/'train_0.png').is_file()
+
+
+def test_shot_groups_come_from_the_data_section(tmp_path):
+    # data: {many_threshold: 20, few_threshold: 6}: the train stage's metrics use the data stage's thresholds (aliprod.data.shot_groups),
+    # as the rebalance stage does, so the report's rows compare the same classes
+    from aliprod.data import shot_groups
+    from aliprod.metrics import evaluate
+    e = ExperimentParams(experiment='shots', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    data = replace(DATA, many_threshold=20, few_threshold=6)
+    art = train_stage(e, data, TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}))
+    g = shot_groups(e)
+    assert (g['many'], g['few']) == (20, 6) and (g['train_counts'] > 20).any()
+    assert 'many_acc' in art.metrics['val']
+    t = read_topk(art.predictions['val'])
+    from aliprod.core import json_safe
+    ref = json_safe(evaluate(t, topk=(1, 5), **g))  # metrics.json writes NaN (an empty group) as null
+    assert {k: ref[k] for k in ('many_acc', 'medium_acc', 'few_acc') if k in ref} == {k: art.metrics['val'][k] for k in ('many_acc', 'medium_acc', 'few_acc') if k in ref}
