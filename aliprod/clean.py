@@ -511,7 +511,7 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
     index = load_index(exp, 0)
     if not ((index['split'] == 'train') & (index['label'] >= 0)).any():
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
-    if not own_predictions and clean.source == 'in_sample' and 'train' not in train.eval_splits:
+    if not own_predictions and clean.source == 'in_sample' and train.eval_splits is not None and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
     if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         # round j needs the other models trained on index j, which the train stage can train only once round j has written it

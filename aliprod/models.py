@@ -25,11 +25,11 @@ REPORT_BACKBONES = ('resnest101e', 'tf_efficientnetv2_m', 'deit_small_patch16_22
                     'efficientnet_lite0')                                                     # embedded demo
 
 def check_arch(arch:str)->str:
-    "Return `arch` if timm knows it, else raise naming the closest timm names"
+    "Return `arch` if timm knows it, else raise naming the closest timm name"
     if timm.is_model(arch): return arch
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models('*pattern*')."
-    raise ValueError(f"Unknown backbone {arch!r}: not a timm model name.{hint}")
+    close = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "; not a timm model name (see timm.list_models('*pattern*'))"
+    raise ValueError(f"Unknown backbone {arch!r}{hint}")
 
 def _fixed_input_size(arch:str)->bool:
     cfg = timm.get_pretrained_cfg(arch)
@@ -217,7 +217,7 @@ def package_state_dict(arch:str, model:nn.Module, include_classifier:bool=False)
 
 # %% ../nbs/02a_models.ipynb #c331e19c
 class ProductNet(nn.Module):
-    "Backbone → neck (embedding, BNNeck) → classifier; `forward` gives logits, `features` the classifier's input"
+    "Backbone → neck (embedding, BNNeck) → classifier; `forward` gives logits, `forward_embedding` the classifier's input"
     def __init__(self, backbone:nn.Module, neck:nn.Module, classifier:nn.Module,
                  mean:tuple=(0.485, 0.456, 0.406), std:tuple=(0.229, 0.224, 0.225)):
         super().__init__()
@@ -226,29 +226,29 @@ class ProductNet(nn.Module):
         self.register_buffer('norm_std', torch.tensor(std, dtype=torch.float32))
 
     @property
-    def num_features(self)->int:
-        "D, the size of `features(x)`"
+    def embedding_dim(self)->int:
+        "D, the size of `forward_embedding(x)` (not timm's `num_features`: that is the backbone's, before the neck)"
         return self.classifier.weight.shape[1]
 
     @property
     def num_classes(self)->int: return self.classifier.weight.shape[0]
 
-    def features(self, x:Tensor)->Tensor:
-        "(N,3,H,W) images -> (N,D) embeddings the classifier sees"
+    def forward_embedding(self, x:Tensor)->Tensor:
+        "(N,3,H,W) images -> (N,D) pooled post-neck embeddings the classifier sees (timm's `forward_features` is the unpooled map)"
         return self.neck(self.backbone(x))
 
-    def features_and_logits(self, x:Tensor)->tuple[Tensor, Tensor]:
+    def embedding_and_logits(self, x:Tensor)->tuple[Tensor, Tensor]:
         "(feats (N,D), logits (N,K)) in one pass"
-        f = self.features(x)
+        f = self.forward_embedding(x)
         return f, self.classifier(f)
 
-    def forward(self, x:Tensor)->Tensor: return self.classifier(self.features(x))
+    def forward(self, x:Tensor)->Tensor: return self.classifier(self.forward_embedding(x))
 
     def reset_classifier(self, head:str='linear', # a name in HEADS
                          **options)->nn.Module:
         "Replace the classifier by a freshly initialised `head` of the same (K, D) (cRT, Kang et al. 2020); bias-free under BNNeck"
         p = self.classifier.weight
-        self.classifier = create_head(head, self.num_features, self.num_classes, bnneck=isinstance(self.neck.bnneck, BNNeck), **options).to(p.device, p.dtype)
+        self.classifier = create_head(head, self.embedding_dim, self.num_classes, bnneck=isinstance(self.neck.bnneck, BNNeck), **options).to(p.device, p.dtype)
         return self.classifier
 
 def data_config(model:ProductNet)->dict:

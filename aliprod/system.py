@@ -201,7 +201,7 @@ def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
 # %% ../nbs/06b_system.ipynb #094812db
 def _embed(model:nn.Module, x:torch.Tensor)->torch.Tensor:
     "(N,D) pooled post-neck embeddings of images `x`: the classifier's input (the one call of the model's embedding forward)"
-    return model.features(x)
+    return model.forward_embedding(x)
 
 @torch.inference_mode()
 def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
@@ -215,7 +215,7 @@ def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
     from torch.utils.data import DataLoader
     from aliprod.train import eval_transform
     from aliprod.models import data_config
-    from aliprod.data import ImageIndexDataset
+    from aliprod.images import ImageIndexDataset
     from aliprod.tta import tta_views, enlarged_size
     cfg = data_config(model)
     px = size if tta is None else enlarged_size(size, tta['enlarge'])

@@ -4,9 +4,9 @@
 
 # %% ../nbs/02_train.ipynb #71538696
 from __future__ import annotations
-import argparse, importlib, json, os, random, shutil, subprocess, sys, time
-from collections import deque
-from dataclasses import dataclass, field
+import argparse, importlib, json, math, os, random, shutil, subprocess, sys, time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, torch, timm
@@ -28,23 +28,25 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from .core import (ExperimentParams, ParamsError, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
+from .core import (ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
                           experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
                           atomic_write_text, atomic_write_parquet, StageRun, log)
-from .predictions import TopKWriter, topk_from_logits, merge_topk, read_topk
+from .predictions import read_topk
+from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
+from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
+                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
+from .launch import torchrun_command, launch_torchrun, main
 from .samplers import LongTailSampler, head_cap as head_cap_positions
-from .models import create_model, data_config, ProductNet
+from .models import create_model, data_config, ProductNet, check_arch, HEADS
 from .metrics import evaluate, per_class_accuracy
-from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts
+from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 
 # %% auto #0
-__all__ = ['CODE_MODULES', 'TrainParams', 'train_transform', 'eval_transform', 'fold_of', 'RecipeLoss', 'epoch_seed', 'EpochSeed',
-           'TimmSchedule', 'MixupCallback', 'ProgressiveResize', 'ValidMetrics', 'rng_state', 'set_rng_state',
-           'Checkpoint', 'LogLines', 'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback', 'load_trained_model',
-           'predict', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init',
-           'train_rows', 'build_learner', 'run_job', 'train_dir', 'train_job', 'train_stage', 'torchrun_command',
-           'launch_torchrun', 'main', 'plot_history', 'plot_per_class', 'metrics_table']
+__all__ = ['TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob', 'TrainArtifacts',
+           'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows', 'RecipeSchedule',
+           'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage', 'plot_history',
+           'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 @params_section('train')
@@ -62,13 +64,15 @@ class TrainParams:
     img_size:int=48               # training resolution, px (2021 report: 256)
     finetune_size:int|None=64     # resolution of the high-resolution finetune (2021 report: 384); None: no finetune
     finetune_epochs:int=1         # epochs at finetune_size after `epochs` (2021 report: 5-10)
+    finetune_lr:float|None=None   # peak lr of the finetune epochs, which have their own schedule (warm-up, then cosine to min_lr); None: 0.1 × peak_lr
+    finetune_warmup_epochs:int=0  # linear warm-up epochs of the finetune, from warmup_lr to finetune_lr (0: start at finetune_lr)
     epochs:int=2                  # epochs at img_size
     bs:int=32                     # global batch size, split evenly over all processes (2021 report: 1024)
     lr:float|None=2e-3            # peak learning rate; null: 0.01×bs/256 for sgd (2021 report), 5e-4×bs/512 for adamw (DeiT)
     optimizer:Literal['sgd','adamw']='adamw' # sgd: SGD with momentum (2021 CNNs); adamw: AdamW (DeiT; learns fastest in the tiny default)
     momentum:float=0.9
-    schedule:Literal['auto','step','cosine']='auto' # auto: step for sgd, cosine for adamw
-    warmup_epochs:int=1           # linear warm-up epochs (2021 report: 2)
+    schedule:Literal['auto','step','cosine']='auto' # main epochs: auto: step for sgd, cosine for adamw (the finetune has its own, below)
+    warmup_epochs:int=1           # linear warm-up epochs of the main schedule (2021 report: 2)
     warmup_lr:float=1e-5          # learning rate at the start of warm-up
     milestones:list[int]=field(default_factory=lambda: [2]) # step schedule: epochs at which lr is multiplied by gamma (2021: 14, 20)
     gamma:float=0.1               # step decay factor
@@ -97,7 +101,7 @@ class TrainParams:
     rdzv_endpoint:str=''          # host:port of the torchrun rendezvous for nodes > 1; '' -> $MASTER_ADDR:$MASTER_PORT
     topk:int=10                   # predictions kept per image
     save_feats:bool=False         # also write the embedding of every image into the predictions
-    eval_splits:list[str]=field(default_factory=lambda: ['train', 'val', 'test']) # splits to predict after training
+    eval_splits:list[str]|None=None # splits to predict after training; None: every split the index has (real data has no test split)
     eval_bs:int|None=None         # inference batch per process; None: 2×bs/processes
     save_seen:bool=False          # write the rows each rank drew per epoch to seen_rows/ (sampler diagnostics)
     ablate_finetune:bool=False    # the stage also trains a twin without the high-res finetune (tag '<tag>-lowres'), the report's high-res row
@@ -106,12 +110,15 @@ class TrainParams:
         def bad(key, msg): raise ParamsError(f"[train] {key}: {msg}")
         for k in ('epochs', 'bs', 'img_size', 'topk', 'gpus', 'nodes'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
-        for k in ('finetune_epochs', 'warmup_epochs', 'workers', 'iteration'):
+        for k in ('finetune_epochs', 'warmup_epochs', 'finetune_warmup_epochs', 'workers', 'iteration'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.finetune_size is not None and self.finetune_size < 1: bad('finetune_size', f"must be >= 1 or null, got {self.finetune_size}")
         if self.finetune_epochs and self.finetune_size is None: bad('finetune_size', f"finetune_epochs={self.finetune_epochs} needs a finetune_size")
         if self.lr is not None and self.lr <= 0: bad('lr', f"must be > 0 or null (null: 0.01×bs/256), got {self.lr}")
-        if self.warmup_epochs >= self.total_epochs: bad('warmup_epochs', f"{self.warmup_epochs} leaves no epoch after warm-up (epochs + finetune_epochs = {self.total_epochs})")
+        if self.warmup_epochs >= self.epochs: bad('warmup_epochs', f"{self.warmup_epochs} leaves no main epoch after warm-up (epochs = {self.epochs}; the finetune has its own finetune_warmup_epochs)")
+        if self.finetune_lr is not None and self.finetune_lr <= 0: bad('finetune_lr', f"must be > 0 or null (null: 0.1 × the peak lr), got {self.finetune_lr}")
+        if self.finetune_warmup_epochs and self.finetune_warmup_epochs >= self.finetune_epochs:
+            bad('finetune_warmup_epochs', f"{self.finetune_warmup_epochs} leaves no finetune epoch after its warm-up (finetune_epochs = {self.finetune_epochs})")
         if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones): bad('milestones', f"must be increasing epochs >= 1, got {self.milestones}")
         if not 0 < self.gamma <= 1: bad('gamma', f"must be in (0, 1], got {self.gamma}")
         if self.wd < 0: bad('wd', f"must be >= 0, got {self.wd}")
@@ -123,9 +130,18 @@ class TrainParams:
         if self.sampler_samples is not None and self.sampler_samples < 1: bad('sampler_samples', f"must be >= 1 or null, got {self.sampler_samples}")
         if self.head_cap is not None and self.head_cap < 1: bad('head_cap', f"must be >= 1 or null, got {self.head_cap}")
         if self.bs % self.world_size: bad('bs', f"global batch {self.bs} does not split evenly over gpus×nodes = {self.world_size} processes")
-        wrong = [s for s in self.eval_splits if s not in ('train', 'val', 'test')]
+        wrong = [s for s in self.eval_splits or () if s not in ('train', 'val', 'test')]
         if wrong: bad('eval_splits', f"unknown split {wrong[0]!r}; valid: train, val, test")
-        if self.tag and not all(c.isalnum() or c in '-_.' for c in self.tag): bad('tag', f"{self.tag!r} must be letters, digits, '-', '_' or '.' (it names a directory)")
+        if self.tag: check_name(self.tag, '[train] tag')  # it names runs/<exp>/train-<tag>/
+        try: check_arch(self.arch)
+        except ValueError as e: bad('arch', str(e))
+        if self.head not in HEADS: bad('head', f"unknown head {self.head!r}; registered: {', '.join(HEADS)}")
+        if self.embed_dim is not None and self.embed_dim < 1: bad('embed_dim', f"must be >= 1 or null (no embedding layer), got {self.embed_dim}")
+        for k in ('drop_rate', 'drop_path_rate'):
+            if not 0 <= getattr(self, k) < 1: bad(k, f"must be in [0, 1), got {getattr(self, k)}")
+        if self.momentum < 0 or self.momentum >= 1: bad('momentum', f"must be in [0, 1), got {self.momentum}")
+        if self.warmup_lr < 0 or self.min_lr < 0: bad('min_lr' if self.min_lr < 0 else 'warmup_lr', "must be >= 0")
+        if self.eval_bs is not None and self.eval_bs < 1: bad('eval_bs', f"must be >= 1 or null, got {self.eval_bs}")
 
     @property
     def total_epochs(self)->int: return self.epochs + (self.finetune_epochs if self.finetune_size else 0)
@@ -140,6 +156,10 @@ class TrainParams:
         "`lr`, or the linear scaling rule of the recipe (Goyal et al. 2017): 0.01×bs/256 (SGD, 2021 report), 5e-4×bs/512 (AdamW, DeiT)"
         if self.lr is not None: return self.lr
         return 0.01 * self.bs / 256 if self.optimizer == 'sgd' else 5e-4 * self.bs / 512
+    @property
+    def finetune_peak_lr(self)->float:
+        "`finetune_lr`, or a tenth of `peak_lr`: the step recipe's rate after its first decay, enough to train at the new resolution, not to undo the main epochs"
+        return self.finetune_lr if self.finetune_lr is not None else 0.1 * self.peak_lr
 
 # %% ../nbs/02_train.ipynb #d11eacda
 def train_transform(p:TrainParams, size:int, mean:tuple, std:tuple)->v2.Compose:
@@ -154,9 +174,6 @@ def train_transform(p:TrainParams, size:int, mean:tuple, std:tuple)->v2.Compose:
     if p.coarse_dropout: t.append(RandomErasing(p.coarse_dropout, mode='const', min_count=1, max_count=4, device='cpu'))
     return v2.Compose(t)
 
-def eval_transform(size:int, mean:tuple, std:tuple)->v2.Compose:
-    "Resize to `size`×`size` and normalise (no augmentation: train-split predictions for cleaning use it too)"
-    return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 # %% ../nbs/02_train.ipynb #ba3d8480
 def fold_of(rows,          # (N,) index row ids
@@ -183,159 +200,6 @@ class RecipeLoss(nn.Module):
         # fastai validates under no_grad: that is how the loss tells validation from training
         return (self.smooth if torch.is_grad_enabled() else self.plain)(pred, target)
 
-# %% ../nbs/02_train.ipynb #f800689f
-def _rank_world()->tuple[int, int]:
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def epoch_seed(seed:int, epoch:int, rank:int=0)->int:
-    "The seed of (`seed`, `epoch`, `rank`): one stream per epoch and process"
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-class EpochSeed(Callback):
-    "Reseed every generator and move the sampler to the epoch's draw before each epoch"
-    order = -10
-    def __init__(self, seed:int, sampler=None, generator:torch.Generator|None=None): self.seed, self.sampler, self.generator = seed, sampler, generator
-    def before_epoch(self):
-        s = epoch_seed(self.seed, self.epoch, _rank_world()[0])
-        random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
-        if self.generator is not None: self.generator.manual_seed(s)
-        if self.sampler is not None and hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(self.epoch)
-
-class TimmSchedule(Callback):
-    "Set the learning rate of every parameter group from a timm scheduler before each training batch"
-    order = -5
-    def __init__(self, scheduler): self.scheduler = scheduler
-    def before_batch(self):
-        if self.training: self.scheduler.step_update(self.epoch * self.n_iter + self.iter)
-
-class MixupCallback(Callback):
-    "timm `Mixup` on training batches: mixed images, soft targets"
-    order = -4
-    def __init__(self, mixup:Mixup): self.mixup = mixup
-    def before_batch(self):
-        if not self.training: return
-        x, y = self.mixup(self.xb[0], self.yb[0])
-        self.learn.xb, self.learn.yb = (x,), (y,)
-
-class ProgressiveResize(Callback):
-    "From epoch `at` on, use the `finetune` transforms of the datasets (progressive / high-resolution finetuning)"
-    order = -9
-    def __init__(self, at:int, datasets:list, base:list, finetune:list): self.at, self.datasets, self.base, self.finetune = at, datasets, base, finetune
-    def before_epoch(self):
-        for ds, b, f in zip(self.datasets, self.base, self.finetune): ds.transform = f if self.epoch >= self.at else b
-
-# %% ../nbs/02_train.ipynb #1a8f837b
-class ValidMetrics(Callback):
-    "Validation loss, top-1/top-5 error and mean class error (per-class counts, summed over ranks)"
-    order = 55
-    def __init__(self, num_classes:int, first_epoch:int=0): self.K, self.first = num_classes, first_epoch
-    def before_epoch(self): self.train_loss, self.train_n, self.t0 = 0., 0, time.time()
-    def after_batch(self):
-        y = self.yb[0]
-        if self.training:
-            self.train_loss += float(self.loss.detach()) * len(y); self.train_n += len(y)
-            return
-        logits = self.pred.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1, hit5 = top5[:, 0] == y, (top5 == y[:, None]).any(1)
-        self.loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
-        self.seen += torch.bincount(y.cpu(), minlength=self.K)
-        self.hit1 += torch.bincount(y.cpu(), weights=hit1.cpu().double(), minlength=self.K)
-        self.hit5 += float(hit5.sum())
-    def before_validate(self):
-        self.loss_sum, self.hit5 = 0., 0.
-        self.seen, self.hit1 = torch.zeros(self.K, dtype=torch.float64), torch.zeros(self.K, dtype=torch.float64)
-    def after_validate(self):
-        stats = torch.cat([torch.tensor([self.loss_sum, self.hit5, self.train_loss, self.train_n], dtype=torch.float64), self.seen, self.hit1])
-        if _rank_world()[1] > 1:
-            dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-            stats = stats.to(dev); dist.all_reduce(stats); stats = stats.cpu()
-        loss_sum, hit5, train_loss, train_n = stats[:4].tolist()
-        seen, hit1 = stats[4:4 + self.K], stats[4 + self.K:]
-        n, has = seen.sum().item(), seen > 0
-        self.learn.epoch_metrics = {
-            'train_loss': train_loss / max(train_n, 1),
-            'valid_loss': loss_sum / n if n else float('nan'),
-            'top1_err': 1 - hit1.sum().item() / n if n else float('nan'),
-            'top5_err': 1 - hit5 / n if n else float('nan'),
-            'mean_class_err': 1 - (hit1[has] / seen[has]).mean().item() if n else float('nan'),
-            'seconds': time.time() - self.t0}
-
-# %% ../nbs/02_train.ipynb #f543f4f2
-def rng_state()->dict:
-    "Python, numpy, torch (and CUDA) RNG states as tensors and plain containers"
-    v, st, g = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {'python': [v, list(st), g], 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): out['cuda'] = torch.cuda.get_rng_state_all()
-    return out
-
-def set_rng_state(s:dict):
-    "Restore states saved by `rng_state`"
-    v, st, g = s['python']; random.setstate((v, tuple(st), g))
-    name, keys, pos, has_gauss, cached = s['numpy']; np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-class Checkpoint(Callback):
-    "After every epoch (rank 0): history.csv and checkpoint.pth (model, optimiser, scheduler, epoch, RNG), atomically"
-    order = 65
-    def __init__(self, out_dir:Path, net:nn.Module, opt, scheduler, key:str, history:list, meta:dict, first_epoch:int=0):
-        self.out_dir, self.net, self.opt, self.scheduler, self.key, self.history, self.meta, self.first = Path(out_dir), net, opt, scheduler, key, history, meta, first_epoch
-    def after_epoch(self):
-        if self.epoch < self.first: return  # skipped on resume: fastai still calls after_epoch
-        m = getattr(self.learn, 'epoch_metrics', {})
-        self.history.append({'epoch': self.epoch + 1, **self.meta(self.epoch), 'lr': self.opt.param_groups[0]['lr'], **m})
-        if _rank_world()[0] != 0: return
-        atomic_write_text(self.out_dir/'history.csv', pd.DataFrame(self.history).to_csv(index=False))
-        atomic_torch_save({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
-                           'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}, self.out_dir/'checkpoint.pth')
-
-class LogLines(Callback):
-    "A plain log line per epoch, and at each quarter of long epochs (rank 0)"
-    order = 70
-    def __init__(self, total:int, first_epoch:int=0, history:list|None=None): self.total, self.first, self.history = total, first_epoch, history
-    def before_epoch(self): self.t0 = time.time()
-    def after_batch(self):
-        if not self.training or self.n_iter < 100 or (self.iter + 1) % (self.n_iter // 4) or self.iter + 1 == self.n_iter: return
-        n = (self.iter + 1) * len(self.yb[0]) * _rank_world()[1]
-        log(f"epoch {self.epoch + 1}/{self.total}: {self.iter + 1}/{self.n_iter} batches, loss {float(self.loss.detach()):.4f}, {n / (time.time() - self.t0):.0f} img/s")
-    def after_epoch(self):
-        if self.epoch < self.first or not self.history: return
-        h = self.history[-1]
-        log(f"epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] lr {h['lr']:.2e} train_loss {h.get('train_loss', float('nan')):.4f} "
-            f"valid_loss {h.get('valid_loss', float('nan')):.4f} top1_err {h.get('top1_err', float('nan')):.4f} "
-            f"mean_class_err {h.get('mean_class_err', float('nan')):.4f} ({h.get('seconds', 0):.0f} s)")
-
-class SeenRows(Callback):
-    "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"
-    order = -8
-    def __init__(self, sampler, rows:np.ndarray, path:Path, first_epoch:int=0): self.sampler, self.rows, self.path, self.first, self.parts = sampler, rows, Path(path), first_epoch, []
-    def before_train(self):
-        if self.epoch >= self.first: self.parts.append(pd.DataFrame({'epoch': self.epoch, 'row': self.rows[self.sampler.indices()]}))
-    def after_fit(self):
-        if self.parts:
-            atomic_write_parquet(pd.concat(self.parts, ignore_index=True), self.path)
-
-class SimulatedKill(RuntimeError): "Raised by `KillAfterEpoch`"
-
-class KillAfterEpoch(Callback):
-    "Raise after epoch `epoch` (1-based) has been checkpointed: simulates a killed run in the resume tests"
-    order = 100
-    def __init__(self, epoch:int): self.at = epoch
-    def after_epoch(self):
-        if self.epoch + 1 == self.at: raise SimulatedKill(f"killed after epoch {self.at} (KillAfterEpoch)")
-
-class DDPCallback(Callback):
-    "Train through the DistributedDataParallel wrapper, validate through the plain module (no collectives in validation)"
-    order = -20
-    def __init__(self, ddp:nn.Module): self.ddp = ddp
-    def before_train(self): self.learn.model = self.ddp
-    def before_validate(self): self.learn.model = self.ddp.module
-    def after_fit(self): self.learn.model = self.ddp.module
-
 # %% ../nbs/02_train.ipynb #de10d123
 def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, device='cpu')->ProductNet:
     "The ProductNet of train parameters `p` with the weights of `model_path` (model.pth, weights_only=True), in eval mode"
@@ -343,61 +207,6 @@ def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, devi
     net.load_state_dict(torch.load(model_path, map_location='cpu', weights_only=True))  # restores the normalisation buffers too
     return net.to(device).eval()
 
-@torch.inference_mode()
-def predict(model:ProductNet,         # trained model (not the DDP wrapper)
-            index:pd.DataFrame,        # index rows (row, path, label, split)
-            split:str|None,            # 'train' | 'val' | 'test'; None: every row of `index`
-            out:str|Path,              # predictions file to write
-            root:str|Path,             # data root the index paths are relative to
-            img_size:int,              # eval resolution
-            k:int=10,                  # top-k kept
-            bs:int=64,                 # batch per process
-            workers:int=0,
-            feats:bool=False,          # keep the embeddings
-            device:str|torch.device='cpu',
-            amp:bool=False,            # bf16 autocast (GPU)
-            channels_last:bool=False,
-            failed:list|None=None,     # appended with the (row, path, error) of images that failed to load: they get no prediction
-           )->Path:
-    "Write sparse top-k predictions of `split` to `out`, streaming; sharded over ranks and merged under DDP"
-    rank, world = _rank_world()
-    df = index if split is None else index[index['split'] == split]
-    df = df.iloc[rank::world]
-    cfg = data_config(model)
-    ds = ImageIndexDataset(df, root, transform=eval_transform(img_size, cfg['mean'], cfg['std']), with_row=True)
-    dl = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, pin_memory=torch.device(device).type == 'cuda')
-    rows, labels = df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64)
-    out = Path(out)
-    target = out if world == 1 else out.parent/f'.{out.stem}.rank{rank}.parquet'
-    was_training = model.training; model.eval()
-    if len(df):
-        with TopKWriter(target) as w:
-            s = 0
-            for x, _, served in dl:
-                x = x.to(device, non_blocking=True)
-                if channels_last: x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                    f, logits = model.features_and_logits(x)
-                n = len(x)
-                # an image that failed to load was replaced by the next valid one: its row gets no prediction rather than another image's
-                ok = served.numpy() == rows[s:s + n]
-                if ok.any():
-                    m = torch.from_numpy(ok)
-                    w.write(topk_from_logits(logits.float().cpu()[m], labels[s:s + n][ok], rows[s:s + n][ok], k, f.float().cpu()[m] if feats else None))
-                s += n
-    model.train(was_training)
-    lost = ds.failures  # unique (row, path, error): exactly the rows left without a prediction
-    if lost:
-        log(f"predict {split}: {len(lost)} image(s) failed to load and have no prediction in {out} (see {ds.failure_log})", rank=rank)
-        if failed is not None: failed += lost
-    if world > 1:
-        dist.barrier()
-        if rank == 0:
-            shards = [out.parent/f'.{out.stem}.rank{r}.parquet' for r in range(world)]
-            merge_topk([s for s in shards if s.exists()], out)
-            for s in shards: s.unlink(missing_ok=True)
-        dist.barrier()
-    return out
 
 # %% ../nbs/02_train.ipynb #d58464a7
 @dataclass
@@ -432,6 +241,9 @@ class TrainArtifacts:
     predictions:dict    # split -> predictions parquet
     metrics:dict
     history_path:Path
+    lowres:TrainArtifacts|None=None # the twin without the high-res finetune (`ablate_finetune`)
+    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
 def read_rows(path:str|Path)->np.ndarray:
     "Sorted unique row ids of a subset file (parquet with a `row` column)"
@@ -482,13 +294,37 @@ def _device(exp:ExperimentParams)->torch.device:
     if d.type == 'cuda' and 'LOCAL_RANK' in os.environ: d = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return d
 
-def _scheduler(opt, p:TrainParams, updates_per_epoch:int):
-    "timm scheduler stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
+def _main_scheduler(opt, p:TrainParams, updates_per_epoch:int):
+    "timm scheduler of the main epochs, stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
     kind = {'auto': 'multistep' if p.optimizer == 'sgd' else 'cosine', 'step': 'multistep', 'cosine': 'cosine'}[p.schedule]
-    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.total_epochs, decay_milestones=list(p.milestones), decay_rate=p.gamma,
+    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.epochs, decay_milestones=list(p.milestones), decay_rate=p.gamma,
                                    min_lr=p.min_lr, warmup_lr=p.warmup_lr, warmup_epochs=p.warmup_epochs, warmup_prefix=False,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return sched
+
+class RecipeSchedule:
+    "Per-iteration lr: the main schedule over `epochs`, then the finetune's own: warm-up to `finetune_peak_lr`, cosine to `min_lr`"
+    def __init__(self, opt, p:TrainParams, updates_per_epoch:int):
+        self.opt, self.main = opt, _main_scheduler(opt, p, updates_per_epoch)
+        self.main_updates = p.epochs * updates_per_epoch
+        self.ft_updates = (p.finetune_epochs if p.finetune_size else 0) * updates_per_epoch
+        self.ft_warmup = p.finetune_warmup_epochs * updates_per_epoch
+        self.ft_lr, self.warmup_lr, self.min_lr = p.finetune_peak_lr, p.warmup_lr, p.min_lr
+    def finetune_lr(self, t:int)->float:
+        "lr of update `t` of the finetune (0-based)"
+        if t < self.ft_warmup: return self.warmup_lr + (self.ft_lr - self.warmup_lr) * t / self.ft_warmup
+        u, T = t - self.ft_warmup, max(self.ft_updates - self.ft_warmup, 1)
+        return self.min_lr + 0.5 * (self.ft_lr - self.min_lr) * (1 + math.cos(math.pi * u / T))
+    def step_update(self, num_updates:int):
+        if num_updates < self.main_updates: return self.main.step_update(num_updates)
+        lr = self.finetune_lr(num_updates - self.main_updates)
+        for g in self.opt.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)
+    def state_dict(self)->dict: return self.main.state_dict()
+    def load_state_dict(self, sd:dict): self.main.load_state_dict(sd)
+
+def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
+    "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
+    return RecipeSchedule(opt, p, updates_per_epoch)
 
 # %% ../nbs/02_train.ipynb #62440de1
 def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkpoints see this one)
@@ -550,7 +386,8 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     g = torch.Generator()
     kw = dict(num_workers=p.workers, pin_memory=device.type == 'cuda', worker_init_fn=seed_worker)
     # drop_last: every step sees a full global batch, split evenly over ranks, so DDP's mean of per-rank means is the global mean
-    train_dl = DataLoader(train_ds, batch_size=p.bs // world, sampler=sampler, drop_last=True, generator=g, **kw)
+    draws = SeededDraws(sampler, exp.seed, rank)  # each draw's augmentation seed travels with its index: workers change nothing
+    train_dl = DataLoader(SeededAugment(train_ds), batch_size=p.bs // world, sampler=draws, drop_last=True, generator=g, **kw)
     valid_dl = DataLoader(valid_ds, batch_size=p.eval_bs or 2 * p.bs // world, shuffle=False, **kw)
 
     if world > 1 and device.type == 'cuda' and p.sync_bn: net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -576,7 +413,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     if ddp is not None: learn.add_cb(DDPCallback(ddp))  # after loading: DDP broadcasts rank 0's weights when it wraps, ranks agree anyway
 
     meta = lambda e: {'phase': 'finetune' if e >= p.epochs else 'main', 'img_size': sizes[int(e >= p.epochs)]}
-    learn.add_cbs([EpochSeed(exp.seed, sampler, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
+    learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
                    LogLines(p.total_epochs, start, history), *cbs])
     if p.finetune_size and p.finetune_epochs:
         learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]], [tr_tfms[1], va_tfms[1]]))
@@ -586,7 +423,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
         log(f"training {p.arch} on {len(train_df)} images of {K} classes, {world} process(es) on {device}, "
             f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" + (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
         learn.fit(p.total_epochs, lr=p.peak_lr, start_epoch=start)
-    if rank == 0: atomic_torch_save(net.state_dict(), out_dir/'model.pth')  # the plain ProductNet: training-only modules stay in checkpoint.pth
+    if rank == 0: atomic_torch_save(canonical(net.state_dict()), out_dir/'model.pth')  # the plain ProductNet: training-only modules stay in checkpoint.pth
     failures = train_ds.failures + valid_ds.failures  # bad images were replaced, never silently: counted in metrics.json
     if failures: log(f"{len(failures)} images failed to load and were replaced by the next valid row; see {train_ds.failure_log}")
     return _predict_all(job, net, index, train_df, held, root, K, device, sizes[-1], {'load_failures': len(failures)})
@@ -603,21 +440,19 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
         paths[split] = predict(net, df, split, out_dir/'predictions'/f'{split}.parquet', failed=failed, **kw)
         log(f"predictions of {split}: {paths[split]}")
     if rank != 0: return {}
-    counts = shot_counts(job.exp)  # the dataset's class sizes, not this run's capped or cleaned ones: groups agree across stages
+    groups = shot_groups(job.exp)  # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
     metrics = {'train_images': int(len(train_df)), 'num_classes': K, **extra, 'predict_failures': len(failed)}
     for split in ('val', 'test'):
         if split not in paths: continue
         t = read_topk(paths[split])
-        metrics[split] = evaluate(t, train_counts=counts, topk=(1, min(5, K)))
+        if (t.labels >= 0).any(): metrics[split] = evaluate(t, topk=(1, min(5, K)), **groups)  # an unlabelled split is predicted, not scored
         if 'clean_label' in index.columns:
             clean = index.set_index('row').loc[t.rows, 'clean_label'].to_numpy()
-            if (clean >= 0).any(): metrics[f'{split}_clean'] = evaluate(t, train_counts=counts, clean_label=clean, topk=(1, min(5, K)))
+            if (clean >= 0).any(): metrics[f'{split}_clean'] = evaluate(t, clean_label=clean, topk=(1, min(5, K)), **groups)
     atomic_write_json(out_dir/'metrics.json', metrics)
     return metrics
 
 # %% ../nbs/02_train.ipynb #0e9667dc
-CODE_MODULES = ['core', 'data', 'models', 'samplers', 'predictions', 'metrics', 'train']
-
 def train_dir(exp:ExperimentParams, p:TrainParams, iteration:int, fold:int|None=None)->Path:
     "runs/<exp>/train[-<tag>]/<iteration>[/fold<j>]/"
     d = run_dir(exp, 'train' + (f'-{p.tag}' if p.tag else ''), iteration)
@@ -643,22 +478,23 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
     idx, ds = index_path(exp, it), data_artifacts(exp).dataset_json
-    # runs_dir/reports_dir only say where files go; gpus/nodes/workers do not change the result
+    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
     where = ('runs_dir', 'reports_dir', 'device')
     params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
-              'train': {k: v for k, v in params_dict(p).items() if k != 'ablate_finetune'},  # a twin to train elsewhere changes nothing here
+              # a twin trained elsewhere changes nothing here
+              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
               'iteration': it, 'fold': fold, 'folds': folds}
     if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
         params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
     inputs = [idx, ds, *[Path(f) for f in (init, rows) if f is not None]]
-    modules = [*CODE_MODULES, *[m for m in callback_modules(callbacks) if m not in CODE_MODULES]]
+    modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
     run = StageRun(out, stage, params, inputs=inputs, modules=modules)
     job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks)
     return job, run
 
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
-    return ['model.pth', 'history.csv', 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
+    return ['model.pth', 'checkpoint.pth', 'history.csv', 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
 
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
@@ -666,71 +502,46 @@ def _artifacts(job:TrainJob)->TrainArtifacts:
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
                           json.loads((d/'metrics.json').read_text()), d/'history.csv')
 
+def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
+    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
+    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
+    if p.eval_splits is None: return have
+    empty = [s for s in p.eval_splits if s not in have]
+    # AliProducts publishes no test labels: say so before hours of training, not after
+    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
+                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
+    return list(p.eval_splits)
+
 def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
-                folds:int|None=None, **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
+                folds:int|None=None,
+                report:bool=False, # also write the stage's figures and tables into the report directory (the notebook's run)
+                **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
                )->TrainArtifacts:
     "Train a model on the index of `iteration` (the train rows outside `fold` of `folds`), predict, evaluate; skipped when up to date"
     prepare_data(exp, data)
     it = p.iteration if iteration is None else iteration
     index = load_index(exp, it)  # fails here, naming the file, when the iteration's index is missing
-    if folds is None:  # before hours of training, not after: a split to predict must have rows (AliProducts' test labels are not public)
-        empty = [s for s in p.eval_splits if not (index['split'] == s).any()]
-        if empty: raise ParamsError(f"[train] eval_splits: {index_path(exp, it)} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
-                                    f"{[s for s in p.eval_splits if s not in empty]})")
+    if folds is None: p = replace(p, eval_splits=eval_splits(p, index, index_path(exp, it)))
     job, run = train_job(exp, data, p, it, fold, folds, **kw)
-    with stage_lock(job.out_dir, 'train'):
-        if run.up_to_date():
-            log(f"train: {job.out_dir} is up to date (manifest {run.manifest_path.name}); skipping")
-            return _artifacts(job)
-        log(f"train: running into {job.out_dir} ({run.why_stale()})")
-        run.invalidate()
+    def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
         if p.world_size > 1: launch_torchrun(job)
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
-        run.finish(_outputs(job), metrics={k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean')})
-    return _artifacts(job)
+        return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
+    run.ensure(work, what=f"training {p.arch}")
+    art = _artifacts(job)
+    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
+    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
+        art.lowres = train_stage(exp, data, replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_epochs=0, ablate_finetune=False), it)
+        s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
+        if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
+    if report: art.figures, art.tables = train_report(exp, p, art)
+    return art
 
-# %% ../nbs/02_train.ipynb #2dd76eb2
-def torchrun_command(job_json:str|Path, p:TrainParams)->list[str]:
-    "The torchrun command line that runs `aliprod.train` on `job_json`"
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={p.gpus}', f'--nnodes={p.nodes}']
-    if p.nodes == 1: cmd.append('--standalone')
-    else:
-        ep = p.rdzv_endpoint or (f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}" if 'MASTER_ADDR' in os.environ else '')
-        if not ep: raise ParamsError(f"[train] rdzv_endpoint: nodes={p.nodes} needs the host:port of the rendezvous (or $MASTER_ADDR)")
-        cmd += ['--rdzv_backend=c10d', f'--rdzv_endpoint={ep}', f'--rdzv_id=aliprod-{Path(job_json).parent.name}']
-    return cmd + ['-m', 'aliprod.train', '--params', str(job_json)]
 
-def launch_torchrun(job:TrainJob, tail:int=60)->None:
-    "Run `job` under torchrun, streaming its output; raise with the last `tail` lines if it fails"
-    path = Path(job.out_dir)/'job.json'
-    atomic_write_json(path, job.to_json())
-    cmd = torchrun_command(path, job.p)
-    env = {**os.environ, 'ALIPROD_ROOT': str(project_root()), 'PYTHONUNBUFFERED': '1'}
-    env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // job.p.gpus)))
-    log(f"launching: {' '.join(cmd)}")
-    last = deque(maxlen=tail)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=project_root()) as proc:
-        for line in proc.stdout:
-            print(line, end='', flush=True); last.append(line)
-        rc = proc.wait()
-    if rc != 0: raise RuntimeError(f"torchrun exited with {rc} for {path}; last lines:\n{''.join(last)}")
-
-def main(argv:list[str]|None=None):
-    "torchrun worker: `python -m aliprod.train --params job.json`"
-    ap = argparse.ArgumentParser(description='aliprod train worker (launched by torchrun from train_stage)')
-    ap.add_argument('--params', required=True, help='job JSON written by train_stage')
-    a = ap.parse_args(argv)
-    job = TrainJob.from_json(json.loads(Path(a.params).read_text()))
-    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
-    cuda = torch.cuda.is_available() and pick_device(job.exp.device).type == 'cuda'
-    if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    try: run_job(job)
-    finally: dist.destroy_process_group()
-
-# a notebook kernel also runs as __main__ but has no __file__: only `python -m aliprod.train` starts a worker
+# %% ../nbs/02_train.ipynb #0421e1ca
+# `python -m aliprod.train --params job.json` starts a worker too (the entry point before aliprod.launch); a notebook kernel has no __file__
 if __name__ == '__main__' and '__file__' in globals(): main()
 
 # %% ../nbs/02_train.ipynb #66d8f0cf
@@ -769,3 +580,26 @@ def metrics_table(metrics:dict)->pd.DataFrame:
     cols = ['n', 'top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
     rows = {k: {c: v.get(c) for c in cols if c in v} for k, v in metrics.items() if isinstance(v, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('split')
+
+def per_class_split(art:TrainArtifacts)->str|None:
+    "The split the per-class figure shows: test when there is one with labels, else val, else None"
+    for s in ('test', 'val'):
+        if s in art.predictions and (read_topk(art.predictions[s]).labels >= 0).any(): return s
+    return None
+
+def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple[dict, dict]:
+    "The stage's figures (training curves, per-class accuracy) and metrics table, written into the report directory"
+    name = 'train' + (f'-{p.tag}' if p.tag else '') + f'_{p.iteration}'
+    out = report_dir(exp)
+    res = f"{p.img_size}px" + (f" → {p.finetune_size}px" if p.finetune_epochs and p.finetune_size else '')
+    figs = {'history': plot_history(pd.read_csv(art.history_path), f"{exp.experiment}: {p.arch}, {res}")}
+    tables = {'metrics': metrics_table(art.metrics)}
+    s = per_class_split(art)
+    if s is not None:
+        pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
+        figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
+        tables['per_class'] = pc
+    figs['history'].savefig(out/f'{name}.png', dpi=100)
+    if 'per_class' in figs: figs['per_class'].savefig(out/f'{name}_per_class.png', dpi=100)
+    atomic_write_text(out/f'{name}_metrics.csv', tables['metrics'].to_csv())
+    return figs, tables

@@ -12,13 +12,14 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
-from .core import (ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, pick_device,
+from .core import (ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
                           atomic_write_json, StageRun, log)
 from .predictions import TopKWriter, topk_from_probs, read_topk
 
 # %% auto #0
-__all__ = ['VIEWS', 'CODE_MODULES', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs', 'enlarged_size', 'predict_tta',
-           'split_metrics', 'parse_variant', 'variant_name', 'TTAParams', 'TTAArtifacts', 'tta_stage', 'metrics_table']
+__all__ = ['VIEWS', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs', 'enlarged_size', 'predict_tta', 'split_metrics',
+           'parse_variant', 'variant_name', 'TTAParams', 'TTAArtifacts', 'tta_stage', 'metrics_table', 'figure_split',
+           'tta_report']
 
 # %% ../nbs/05_tta.ipynb #109a4059
 VIEWS = {'center': 1, 'flip': 2, 'five': 5, 'ten': 10, 'full': 1}
@@ -84,27 +85,19 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
                 workers:int=0,
                 device:str|torch.device='cpu',
                 amp:bool=False,       # bf16 autocast (GPU)
+                failed:list|None=None, # appended with (row, path, error) of images that failed to load: they get no prediction
                )->Path:
-    "Write top-k predictions of `split` averaged over the TTA views to `out`, streaming"
-    from aliprod.train import eval_transform
+    "Write top-k predictions of `split` averaged over the TTA views to `out`, streaming, through the guarded loop of `aliprod.predict`"
+    from aliprod.predict import stream_predictions, eval_transform
     from aliprod.models import data_config
-    from aliprod.images import ImageIndexDataset
     df = index if split is None else index[index['split'] == split]
     if not len(df): raise ValueError(f"No rows of split {split!r} in the index; choose [tta] splits among {sorted(index['split'].unique())}")
     cfg = data_config(model)
-    ds = ImageIndexDataset(df, root, transform=eval_transform(enlarged_size(size, enlarge), cfg['mean'], cfg['std']))
-    device = torch.device(device)
-    dl = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
-    rows, labels = df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64)
+    score = lambda x, labels, rows: topk_from_probs(tta_probs(model, x, size, views, amp).cpu(), labels, rows, k)
     was_training = model.training; model.eval()
-    with TopKWriter(out) as w:
-        s = 0
-        for x, _ in dl:
-            probs = tta_probs(model, x.to(device, non_blocking=True), size, views, amp).cpu()
-            w.write(topk_from_probs(probs, labels[s:s + len(x)], rows[s:s + len(x)], k))
-            s += len(x)
-    model.train(was_training)
-    return Path(out)
+    try: return stream_predictions(df, root, eval_transform(enlarged_size(size, enlarge), cfg['mean'], cfg['std']), out, score, bs, workers,
+                                   device, failed, f'{split} ({views}@{enlarge:g})')
+    finally: model.train(was_training)
 
 def split_metrics(t,                       # TopK predictions of one split
                   index:pd.DataFrame,      # the index (for clean labels)
@@ -143,17 +136,19 @@ class TTAParams:
     enlarge:float=1.5       # main variant: test resize / training size (FixRes; 2021 report: 1.5)
     compare:list[str]=field(default_factory=lambda: ['center@1']) # more variants 'views@enlarge' for the ablation table
     size:int|None=None      # training size the views are cropped to; None: the train stage's eval size (finetune_size or img_size)
-    splits:list[str]=field(default_factory=lambda: ['val', 'test'])
+    splits:list[str]|None=None # splits to predict; None: val and test, those the index has (real data has no test split)
     k:int=10                # predictions kept per image
     bs:int=32               # images per forward; each gives V views
     workers:int=0           # DataLoader workers
     amp:bool=True           # bf16 autocast on GPU; ignored on CPU
 
     def __post_init__(self):
+        if self.tag: check_name(self.tag, '[tta] tag')  # names runs/<exp>/train-<tag>/ and the variant directories
         parse_variant(f'{self.views}@{self.enlarge}')
         for v in self.compare: parse_variant(v)
-        bad = [s for s in self.splits if s not in ('train', 'val', 'test')]
-        if bad or not self.splits: raise ParamsError(f"[tta] splits must be some of train, val, test, got {self.splits}")
+        if self.splits is not None:
+            bad = [s for s in self.splits if s not in ('train', 'val', 'test')]
+            if bad or not self.splits: raise ParamsError(f"[tta] splits: must be some of train, val, test (or null: val and test, those the index has), got {self.splits}")
         for k in ('k', 'bs'):
             if getattr(self, k) < 1: raise ParamsError(f"[tta] {k} must be >= 1, got {getattr(self, k)}")
         if self.size is not None and self.size < 8: raise ParamsError(f"[tta] size must be >= 8 px or null, got {self.size}")
@@ -166,16 +161,33 @@ class TTAParams:
             if parse_variant(v) not in out: out.append(parse_variant(v))
         return out
 
-# %% ../nbs/05_tta.ipynb #3f1dae5a
-CODE_MODULES = ['core', 'data', 'models', 'predictions', 'metrics', 'train', 'tta']
+    def splits_of(self, index:pd.DataFrame, where:str|Path='the index')->list[str]:
+        "The splits to predict: `splits`, refusing one without rows, or (None) val and test where `index` has rows"
+        have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
+        if self.splits is None:
+            out = [s for s in ('val', 'test') if s in have]
+            if not out: raise ParamsError(f"[tta] splits: {where} has no val or test rows; name the splits to predict (it has {have})")
+            return out
+        empty = [s for s in self.splits if s not in have]
+        if empty: raise ParamsError(f"[tta] splits: {where} has no {empty[0]!r} rows; leave it out (it has {have})")
+        return list(self.splits)
 
+# %% ../nbs/05_tta.ipynb #3f1dae5a
 @dataclass
 class TTAArtifacts:
     "What the TTA stage wrote"
     out_dir:Path        # runs/<exp>/tta/<iteration>/
     predictions:dict    # variant -> {split: predictions parquet}
-    metrics:dict        # variant -> {split: metrics, split_clean: metrics}
+    metrics:dict        # variant -> {split: metrics, split_clean: metrics, predict_failures: n}
     train_metrics:dict  # the train stage's own metrics of the model (no TTA), for comparison
+    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
+
+def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:int, splits:list, out:Path, inputs:list, amp:bool)->StageRun:
+    where = ('runs_dir', 'reports_dir', 'device')
+    params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where}, 'iteration': it, 'tag': tp.tag,
+              'arch': tp.arch, 'views': views, 'enlarge': enlarge, 'size': size, 'k': p.k, 'splits': splits, 'amp': amp}
+    return StageRun(out, 'tta', params, inputs=inputs, modules=['tta'])
 
 def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir)
               data,                     # DataParams of the data stage
@@ -183,48 +195,48 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
               p:TTAParams,              # TTA parameters
               iteration:int|None=None,  # overrides p.iteration
              )->TTAArtifacts:
-    "Predict the chosen splits with every TTA variant of `p` and evaluate them; variants already up to date are skipped"
+    "Predict the chosen splits with every TTA variant of `p` and evaluate them (variants up to date are skipped); write the table and figure"
     from aliprod.train import train_stage, load_trained_model
-    from aliprod.data import load_index, dataset_info, data_artifacts, index_path, shot_counts
+    from aliprod.data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
+    from aliprod.models import _fixed_input_size
     it = iteration if iteration is not None else p.iteration if p.iteration is not None else train_p.iteration
     tp = dataclasses.replace(train_p, iteration=it, tag=train_p.tag if p.tag is None else p.tag)
-    art = train_stage(exp, data, tp, iteration=it)
-    index = load_index(exp, it)
-    info = dataset_info(exp)
-    K, root = int(info['num_classes']), info['root']
-    counts = shot_counts(exp)  # the dataset's class sizes: the same shot groups as every other stage
     size = p.size or tp.eval_size
-    device = pick_device(exp.device)
-    base = run_dir(exp, 'tta', it)
-    index_file = index_path(exp, it)
-    where = ('runs_dir', 'reports_dir', 'device')
-    net, preds, metrics = None, {}, {}
-    from aliprod.models import _fixed_input_size
     if _fixed_input_size(tp.arch) and any(v == 'full' and e != 1 for v, e in p.variants):
         raise ParamsError(f"[tta] 'full' views at enlarge != 1 need a backbone that takes any input size; {tp.arch} takes {size}px only: use crops (ten/five/center)")
+    prepare_data(exp, data)
+    index_file = index_path(exp, it)
+    index = load_index(exp, it)
+    splits = p.splits_of(index, index_file)  # before training or predicting anything
+    art = train_stage(exp, data, tp, iteration=it)
+    info = dataset_info(exp)
+    K, root = int(info['num_classes']), info['root']
+    groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage
+    device = pick_device(exp.device)
+    amp = p.amp and device.type == 'cuda'
+    base = run_dir(exp, 'tta', it)
+    net, preds, metrics = None, {}, {}
     for views, enlarge in p.variants:
         name = variant_name(views, enlarge, tp.tag)
         out = base/name; out.mkdir(parents=True, exist_ok=True)
-        params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where}, 'iteration': it, 'tag': tp.tag,
-                  'arch': tp.arch, 'views': views, 'enlarge': enlarge, 'size': size, 'k': p.k, 'splits': list(p.splits),
-                  'amp': p.amp and device.type == 'cuda'}
-        run = StageRun(out, 'tta', params, inputs=[art.model_path, index_file, data_artifacts(exp).dataset_json], modules=CODE_MODULES)
-        preds[name] = {s: out/f'{s}.parquet' for s in p.splits}
-        if run.up_to_date():
-            log(f"tta: {out} is up to date; skipping")
-            metrics[name] = json.loads((out/'metrics.json').read_text())
-            continue
-        log(f"tta: {name} ({views} views of {size}px from {enlarged_size(size, enlarge)}px) into {out} ({run.why_stale()})")
-        run.invalidate()
-        if net is None: net = load_trained_model(art.model_path, tp, K, device)
-        m = {}
-        for s in p.splits:
-            predict_tta(net, index, s, preds[name][s], root, size, views, enlarge, p.k, p.bs, p.workers, device, p.amp and device.type == 'cuda')
-            if s != 'train': m.update(split_metrics(read_topk(preds[name][s]), index, counts, s))
-        atomic_write_json(out/'metrics.json', m)
-        run.finish([*(f'{s}.parquet' for s in p.splits), 'metrics.json'], metrics=m)
-        metrics[name] = m
-    return TTAArtifacts(base, preds, metrics, art.metrics)
+        run = _variant_run(exp, tp, p, it, views, enlarge, size, splits, out, [art.model_path, index_file, data_artifacts(exp).dataset_json], amp)
+        preds[name] = {s: out/f'{s}.parquet' for s in splits}
+        def work():
+            nonlocal net
+            if net is None: net = load_trained_model(art.model_path, tp, K, device)
+            m, failed = {}, []
+            for s in splits:
+                predict_tta(net, index, s, preds[name][s], root, size, views, enlarge, p.k, p.bs, p.workers, device, amp, failed=failed)
+                t = read_topk(preds[name][s])
+                if s != 'train' and (t.labels >= 0).any(): m.update(split_metrics(t, index, split=s, **groups))
+            m['predict_failures'] = len(failed)  # images that failed to load after the scan: no prediction, counted
+            atomic_write_json(out/'metrics.json', m)
+            return [*(f'{s}.parquet' for s in splits), 'metrics.json'], m
+        run.ensure(work, what=f"{name} ({views} views of {size}px from {enlarged_size(size, enlarge)}px)")
+        metrics[name] = json.loads((out/'metrics.json').read_text())
+    res = TTAArtifacts(base, preds, metrics, art.metrics)
+    res.figures, res.tables = tta_report(exp, res)
+    return res
 
 def metrics_table(metrics:dict,                # name -> {split: metrics dict} (TTAArtifacts.metrics, or train metrics)
                   cols:tuple=('top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc'),
@@ -235,4 +247,25 @@ def metrics_table(metrics:dict,                # name -> {split: metrics dict} (
         for split, d in m.items():
             if isinstance(d, dict) and 'top1_err' in d:
                 recs.append({'variant': name, 'split': split, 'n': d.get('n'), **{c: d.get(c, np.nan) for c in cols}})
-    return pd.DataFrame(recs)
+    return pd.DataFrame(recs, columns=['variant', 'split', 'n', *cols])
+
+def figure_split(table:pd.DataFrame)->str|None:
+    "The split the TTA figure shows: val (against clean labels when known), else test, else None"
+    return next((s for s in ('val_clean', 'val', 'test_clean', 'test') if (table['split'] == s).any()), None)
+
+def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
+    "The error table of every variant (and the train stage's own) and a bar chart of mean class error, written into the report directory"
+    import matplotlib.pyplot as plt
+    from aliprod.core import report_dir
+    table = metrics_table({'train (no TTA)': art.train_metrics, **art.metrics})
+    out = report_dir(exp)
+    table.to_csv(out/f'tta_{art.out_dir.name}.csv', index=False)
+    figs, s = {}, figure_split(table)
+    if s is not None:
+        sel = table[table['split'] == s]
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(sel) + 1))
+        ax.barh(sel['variant'], 100 * sel['mean_class_err']); ax.invert_yaxis()
+        ax.set_xlabel(f'mean class error on {s} (%)'); ax.set_title(f"TTA variants, {exp.experiment}, iteration {art.out_dir.name}")
+        fig.tight_layout(); fig.savefig(out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
+        figs['variants'] = fig
+    return figs, {'variants': table}

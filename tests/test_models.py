@@ -6,7 +6,6 @@ from aliprod.core import atomic_torch_save
 from aliprod.models import (HEADS, REPORT_BACKBONES, BNNeck, create_model, data_config, model_splitter,
                             package_state_dict, PACKAGE_WEIGHTS)
 
-torch.set_num_threads(1)
 X = torch.randn(2, 3, 32, 32)
 
 
@@ -16,11 +15,11 @@ X = torch.randn(2, 3, 32, 32)
 def test_every_head_shapes_and_consistency(head, embed_dim, bnneck):
     m = create_model('resnet18', 6, head=head, embed_dim=embed_dim, bnneck=bnneck).eval()
     D = embed_dim or m.backbone.num_features
-    assert m.classifier.weight.shape == (6, D)
+    assert m.classifier.weight.shape == (6, D) and m.embedding_dim == D
     with torch.no_grad():
-        feats, logits = m.features_and_logits(X)
+        feats, logits = m.embedding_and_logits(X)
         assert feats.shape == (2, D) and logits.shape == (2, 6)
-        torch.testing.assert_close(m.classifier(m.features(X)), m(X))
+        torch.testing.assert_close(m.classifier(m.forward_embedding(X)), m(X))
         torch.testing.assert_close(logits, m(X))
     if bnneck:
         assert isinstance(m.neck.bnneck, BNNeck) and getattr(m.classifier, 'bias', None) is None
@@ -62,8 +61,10 @@ def test_package_weights_map_onto_timm_lite0():
 
 
 def test_unknown_arch_suggests_close_name():
-    with pytest.raises(ValueError, match='Did you mean: .*seresnext50_32x4d'):
+    with pytest.raises(ValueError, match=r"Unknown backbone 'seresnext50_32x4'; did you mean 'seresnext50_32x4d'\?"):
         create_model('seresnext50_32x4', 3)
+    with pytest.raises(ValueError, match=r"Unknown backbone 'efficientnet_lite00'; did you mean 'efficientnet_lite0'\?"):
+        create_model('efficientnet_lite00', 3)
 
 
 def test_report_backbones_are_timm_names():

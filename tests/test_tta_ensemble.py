@@ -3,9 +3,7 @@ import numpy as np, pytest, torch
 from aliprod.core import ExperimentParams, ParamsError
 from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
 from aliprod.tta import tta_views, ten_crop, five_crop, tta_probs, VIEWS, TTAParams, parse_variant
-from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams
 
-torch.set_num_threads(1)
 
 # ---------------------------------------------------------------- TTA views
 
@@ -34,8 +32,9 @@ def test_view_counts_and_errors():
 def net(request):
     "A ProductNet (batch norm in eval mode) and a linear model on raw pixels, whose logits differ a lot between views"
     if request.param == 'pixels':
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
+        with torch.random.fork_rng():  # a fixed init that leaves the global generator as it was
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
     from aliprod.models import create_model
     return create_model('resnet10t', num_classes=6, pretrained='none').eval()
 
@@ -51,79 +50,35 @@ def test_batched_forward_equals_view_by_view(net, views):
         per_view = torch.stack([net(v) for v in tta_views(x, 32, views).unbind(1)])
     torch.testing.assert_close(batched, per_view.softmax(-1).mean(0), atol=1e-5, rtol=1e-4)  # mean of probabilities, not of logits
 
+def test_an_image_broken_after_the_scan_gets_no_prediction_from_either_path(tmp_path):
+    # 4 images, the 2nd corrupted after the scan: train's predict and TTA's predict_tta share one guarded loop
+    import pandas as pd
+    from PIL import Image
+    from aliprod.models import create_model
+    from aliprod.predict import predict, eval_transform
+    from aliprod.tta import predict_tta
+    rng = np.random.default_rng(0)
+    for i in range(4): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path/f'{i}.png')
+    idx = pd.DataFrame({'row': np.arange(4), 'path': [f'{i}.png' for i in range(4)], 'label': [0, 1, 2, 3], 'split': 'val'})
+    net = create_model('resnet10t', num_classes=5, pretrained='none').eval()
+    good_p = read_topk(predict(net, idx, 'val', tmp_path/'p_all.parquet', tmp_path, 32, k=3, bs=2))
+    good_t = read_topk(predict_tta(net, idx, 'val', tmp_path/'t_all.parquet', tmp_path, 32, 'ten', 1.25, k=3, bs=2))
+    (tmp_path/'1.png').write_bytes(b'\xff\xd8\xff garbage')  # broke after the data stage's scan
+    for name, run in (('predict', lambda f: predict(net, idx, 'val', tmp_path/'p.parquet', tmp_path, 32, k=3, bs=2, failed=f)),
+                      ('predict_tta', lambda f: predict_tta(net, idx, 'val', tmp_path/'t.parquet', tmp_path, 32, 'ten', 1.25, k=3, bs=2, failed=f))):
+        failed = []
+        t = read_topk(run(failed))
+        good = good_p if name == 'predict' else good_t
+        np.testing.assert_array_equal(t.rows, [0, 2, 3], err_msg=name)
+        np.testing.assert_allclose(t.topk_probs, good.topk_probs[[0, 2, 3]], atol=1e-5, err_msg=name)  # each row its own scores
+        np.testing.assert_allclose(t.p_label, good.p_label[[0, 2, 3]], atol=1e-5, err_msg=name)
+        assert [f[0] for f in failed] == [1], name
+
 def test_tta_params():
     assert TTAParams().variants[0] == ('ten', 1.5)
     assert parse_variant('full@1.5') == ('full', 1.5)
     with pytest.raises(ParamsError, match='enlarge >= 1'): TTAParams(compare=['five@0.8'])
-
-# ---------------------------------------------------------------- ensembling
-
-N, K = 50, 9
-LABELS = np.random.default_rng(0).integers(0, K, N)
-
-def member(seed, k, rows=None):
-    probs = np.random.default_rng(seed).dirichlet(np.full(K, 0.4), N)
-    return topk_from_probs(torch.as_tensor(probs).float(), LABELS, rows=np.arange(N) * 3 if rows is None else rows, k=k)
-
-def dense_topk(parts, weights, mode, k):
-    w = np.asarray(weights, float)
-    if mode == 'mean': w = w / w.sum()
-    d = sum(wi * p.dense().astype(np.float64) for p, wi in zip(parts, w))
-    top = np.argsort(-d, axis=1, kind='stable')[:, :k]
-    return top, np.take_along_axis(d, top, 1)
-
-def test_ensemble_of_one_is_the_model():
-    m = member(1, 4)
-    for mode in ('mean', 'sum'):
-        e = combine_topk([m], mode=mode)
-        np.testing.assert_array_equal(e.topk_labels, m.topk_labels)
-        np.testing.assert_allclose(e.topk_probs, m.topk_probs, rtol=1e-6)
-        np.testing.assert_allclose(e.p_label, m.p_label, rtol=1e-6)
-        np.testing.assert_array_equal(e.rows, m.rows)
-
-@pytest.mark.parametrize('k', [K, 3])
-@pytest.mark.parametrize('mode,weights', [('mean', [1, 1, 1]), ('mean', [0.2, 1, 3]), ('sum', [1, 2, 0.5])])
-def test_sparse_equals_dense(k, mode, weights):
-    parts = [member(s, k) for s in (1, 2, 3)]  # k = K: exact dense averaging; k < K: averaging of the truncated matrices
-    e = combine_topk(parts, weights, mode)
-    top, val = dense_topk(parts, weights, mode, k)
-    np.testing.assert_array_equal(e.topk_labels, top)
-    np.testing.assert_allclose(e.topk_probs, val, rtol=1e-5, atol=1e-7)
-    w = np.asarray(weights, float); w = w / w.sum() if mode == 'mean' else w
-    np.testing.assert_allclose(e.p_label, sum(wi * p.p_label for p, wi in zip(parts, w)), rtol=1e-5)
-
-def test_sum_and_mean_rank_identically():
-    parts = [member(s, 4) for s in (1, 2, 3)]
-    s, m = combine_topk(parts, mode='sum'), combine_topk(parts, mode='mean')
-    np.testing.assert_array_equal(s.topk_labels, m.topk_labels)
-    np.testing.assert_allclose(s.topk_probs, 3 * m.topk_probs, rtol=1e-5)
-
-def test_mismatched_rows_are_refused(tmp_path):
-    a, b = member(1, 4), member(2, 4)
-    with pytest.raises(ValueError, match='covers 49 rows'): combine_topk([a, b.take(slice(1, None))])
-    write_topk(tmp_path/'a.parquet', a)
-    write_topk(tmp_path/'b_short.parquet', b.take(slice(0, N - 2)))
-    write_topk(tmp_path/'b_other.parquet', member(2, 4, rows=np.arange(N) * 3 + 1))
-    for bad in ('b_short', 'b_other'):
-        with pytest.raises(ValueError, match=bad):
-            ensemble_files([tmp_path/'a.parquet', tmp_path/f'{bad}.parquet'], tmp_path/'e.parquet')
-    assert not (tmp_path/'e.parquet').exists()
-
-def test_streaming_files_equals_in_memory(tmp_path):
-    parts = [member(s, 5) for s in (1, 2)]
-    write_topk(tmp_path/'a.parquet', parts[0], batch_rows=7)
-    write_topk(tmp_path/'b.parquet', parts[1].take(np.random.default_rng(3).permutation(N)), batch_rows=11)  # another row order
-    e = read_topk(ensemble_files([tmp_path/'a.parquet', tmp_path/'b.parquet'], tmp_path/'e.parquet', [1, 3], 'sum', chunk_rows=8))
-    r = combine_topk(parts, [1, 3], 'sum')
-    np.testing.assert_array_equal(e.rows, r.rows); np.testing.assert_array_equal(e.topk_labels, r.topk_labels)
-    np.testing.assert_allclose(e.topk_probs, r.topk_probs, rtol=1e-6)
-
-def test_member_syntax(tmp_path):
-    exp = ExperimentParams(experiment='m', runs_dir=str(tmp_path))
-    b = tmp_path/'m'
-    assert member_file('train:b:2', exp, 'val') == b/'train-b/2/predictions/val.parquet'
-    assert member_file('tta:ten-x1.5', exp, 'test', 1) == b/'tta/1/ten-x1.5/test.parquet'
-    assert member_file('rebalance:crt:0', exp, 'val') == b/'rebalance/0/crt/predictions/val.parquet'
-    assert member_file('elsewhere/{split}.parquet', exp, 'val') == b/'elsewhere/val.parquet'
-    with pytest.raises(ParamsError, match='needs a name'): parse_member('tta')
-    with pytest.raises(ParamsError, match='weights has 1'): EnsembleParams(members=['train', 'tta:ten-x1.5'], weights=[1.0])
+    import pandas as pd
+    index = pd.DataFrame({'split': ['train', 'val', 'val']})
+    assert TTAParams().splits_of(index) == ['val']                       # null: the val/test splits that exist
+    with pytest.raises(ParamsError, match="no 'test' rows"): TTAParams(splits=['val', 'test']).splits_of(index)
