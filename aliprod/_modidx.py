@@ -48,6 +48,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'aliprod/callbacks.py'),
                                    'aliprod.callbacks.SeededAugment.__len__': ( 'callbacks.html#seededaugment.__len__',
                                                                                 'aliprod/callbacks.py'),
+                                   'aliprod.callbacks.SeededAugment.labels': ( 'callbacks.html#seededaugment.labels',
+                                                                               'aliprod/callbacks.py'),
                                    'aliprod.callbacks.SeededDraws': ('callbacks.html#seededdraws', 'aliprod/callbacks.py'),
                                    'aliprod.callbacks.SeededDraws.__init__': ( 'callbacks.html#seededdraws.__init__',
                                                                                'aliprod/callbacks.py'),

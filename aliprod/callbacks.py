@@ -50,6 +50,8 @@ class SeededDraws(torch.utils.data.Sampler):
 class SeededAugment(torch.utils.data.Dataset):
     "`ds[i]` under the draw's own seed (torch, python, numpy), restoring the generators after: augmentation independent of `workers`"
     def __init__(self, ds): self.ds = ds
+    @property
+    def labels(self): return self.ds.labels   # what samplers and LIO's same-class draws read
     def __len__(self): return len(self.ds)
     def __getitem__(self, key):
         i, seed = key

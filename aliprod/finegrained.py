@@ -350,6 +350,7 @@ class LIOCallback(FineGrainedCallback):
         if y.ndim != 1: raise ValueError("LIOCallback needs hard labels to find same-class images; switch mixup off (mixup: 0) for LIO runs")
         if not self.positives: return
         ds, yy = self.learn.dls.train.dataset, y.cpu().numpy().repeat(self.positives)
+        ds = getattr(ds, 'ds', ds)   # the images themselves under SeededAugment (its items are keyed by (index, seed))
         lo, hi = self._start[yy], self._start[yy + 1]
         pick = self._by_class[lo + (torch.rand(len(yy)).numpy() * (hi - lo)).astype(np.int64)]  # uniform within the class
         items = [ds[int(j)] for j in pick]
