@@ -502,6 +502,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'aliprod.rebalance.rebalance_features': ('rebalance.html#rebalance_features', 'aliprod/rebalance.py'),
                                    'aliprod.rebalance.rebalance_stage': ('rebalance.html#rebalance_stage', 'aliprod/rebalance.py'),
                                    'aliprod.rebalance.results_table': ('rebalance.html#results_table', 'aliprod/rebalance.py'),
+                                   'aliprod.rebalance.sweep_logit_adjust': ('rebalance.html#sweep_logit_adjust', 'aliprod/rebalance.py'),
                                    'aliprod.rebalance.sweep_tau': ('rebalance.html#sweep_tau', 'aliprod/rebalance.py'),
                                    'aliprod.rebalance.synthetic_features': ('rebalance.html#synthetic_features', 'aliprod/rebalance.py'),
                                    'aliprod.rebalance.tau_normalize': ('rebalance.html#tau_normalize', 'aliprod/rebalance.py'),
