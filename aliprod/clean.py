@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_clean.ipynb #ac7284bb
 from __future__ import annotations
-import dataclasses, json, math, os
+import dataclasses, json, math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,11 +16,11 @@ from .predictions import TopK, read_topk
 # %% auto #0
 __all__ = ['RULES', 'RELABEL_OUTCOMES', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
            'confident_learning', 'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
-           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'plot_confidence', 'class_size_table',
-           'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions',
-           'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
-           'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures',
-           'clean_stage']
+           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'model_error', 'round_problems',
+           'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery',
+           'CleanArtifacts', 'train_predictions', 'training_predictions', 'agreement_paths', 'agreement_predictions',
+           'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table',
+           'plot_rounds', 'clean_figures', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement')
@@ -41,6 +41,9 @@ class CleanParams:
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
     agreement_tags:list[str]=field(default_factory=list) # agreement, relabel_evidence 'models': runs/<exp>/train-<tag>/<iteration-1>/ of the other models
     gallery_size:int=24            # flagged samples shown per round in the gallery
+    max_change_fraction:float=0.4  # a round that would drop or relabel more of the training images is refused (see "A round never guts the data")
+    near_chance:float=0.9          # a model whose error is at least this share of chance error (1 - 1/K) is near chance: its round is refused
+    allow_aggressive:bool=False    # clean anyway (loudly warned) when a round fails those checks
 
     def __post_init__(self):
         if self.iteration < 1: raise ParamsError(f"[clean] iteration must be >= 1 (0 is the data stage's index), got {self.iteration}")
@@ -51,6 +54,8 @@ class CleanParams:
             if not 0 <= getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in [0, 1], got {getattr(self, k)}")
         if self.drop_fraction is not None and not 0 < self.drop_fraction < 1:
             raise ParamsError(f"[clean] drop_fraction must be in (0, 1) or null, got {self.drop_fraction}")
+        for k in ('max_change_fraction', 'near_chance'):
+            if not 0 < getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in (0, 1], got {getattr(self, k)}")
         if self.min_per_class < 0: raise ParamsError(f"[clean] min_per_class must be >= 0, got {self.min_per_class}")
         if self.source == 'k_fold' and self.folds < 2: raise ParamsError(f"[clean] k_fold needs folds >= 2, got {self.folds}")
         if (self.action == 'relabel' and self.relabel_evidence == 'suggest' and self.rules == ['disagree_low_conf']
@@ -362,6 +367,52 @@ def detection_scores(train:pd.DataFrame,     # training rows of the cleaned (inp
         out.append((k, int((kind == k).sum()), int(m.sum()), int((fl & (kind == k)).sum()), *_prf(int((fl & m).sum()), fp, int((~fl & m).sum()))))
     return pd.DataFrame(out, columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1'])
 
+# %% ../nbs/03_clean.ipynb #76254708
+def model_error(t:TopK,            # the training predictions the round reads
+                paths:list[Path],  # their files
+                source:str,        # CleanParams.source
+               )->tuple[float|None, str]:
+    "Top-1 error (given labels) of the model a round trusts, and where it comes from: 'val', 'out_of_fold' or 'unknown'"
+    if source == 'k_fold':
+        lab = t.labels >= 0
+        return (float((t.top1[lab] != t.labels[lab]).mean()), 'out_of_fold') if lab.any() else (None, 'unknown')
+    val = [Path(p).with_name('val.parquet') for p in paths if Path(p).name == 'train.parquet']
+    if val and all(v.exists() for v in val):
+        v = TopK.concat([read_topk(f) for f in val]); v = v.take(v.labels >= 0)
+        if len(v): return float((v.top1 != v.labels).mean()), 'val'
+    return None, 'unknown'
+
+# %% ../nbs/03_clean.ipynb #066950e3
+def round_problems(summary:dict,          # clean_index's summary of the round
+                   err:float|None,        # `model_error`'s error (None: unknown)
+                   err_from:str,          # where it comes from
+                   num_classes:int,       # K
+                   p:CleanParams,
+                  )->list[str]:
+    "Why a round looks like it would gut the data (empty: it looks sane)"
+    n, changed = summary['train_before'], summary['dropped'] + summary['relabelled']
+    frac, chance = changed / max(n, 1), 1 - 1 / num_classes
+    out = []
+    if err is not None and err >= p.near_chance * chance:
+        out.append(f"the model is near chance: {err_from} top-1 error {err:.1%}, chance {chance:.1%} (near_chance: {p.near_chance})")
+    if frac > p.max_change_fraction:
+        out.append(f"it would drop or relabel {changed} of {n} training images ({frac:.1%}), more than max_change_fraction {p.max_change_fraction:.0%}")
+    if err is not None and frac > err:
+        out.append(f"it would change {frac:.1%} of the training images, more than the model's own {err_from} error ({err:.1%}) can explain as label noise")
+    return out
+
+def guard_round(summary:dict, err:float|None, err_from:str, num_classes:int, p:CleanParams)->list[str]:
+    "Refuse (ParamsError) a round that would gut the data, unless `allow_aggressive`: then warn and return the problems"
+    probs = round_problems(summary, err, err_from, num_classes, p)
+    if not probs: return []
+    msg = (f"[clean] iteration {p.iteration}: " + "; ".join(probs) + ". " +
+           ("allow_aggressive is true: cleaning anyway." if p.allow_aggressive else
+            "The round is refused: train a better model first (more epochs, a larger image size), make the rules flag less "
+            "(conf_threshold, drop_fraction), or set clean.allow_aggressive: true to clean anyway."))
+    if not p.allow_aggressive: raise ParamsError(msg)
+    warnings.warn(msg); log("WARNING " + msg)
+    return probs
+
 # %% ../nbs/03_clean.ipynb #8607b933
 def plot_confidence(preds:list[TopK],          # training predictions, one per round
                     titles:list[str]|None=None, # one per round
@@ -542,6 +593,9 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     def work():
         index = load_index(exp, k - 1)
         new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
+        err, err_from = model_error(t, pred_paths, clean.source)
+        summary['model_error'], summary['model_error_from'] = err, err_from
+        summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
         train_before = index[index['split'] == 'train']
         summary['detection'] = detection_scores(train_before, changes.loc[changes['action'] != 'kept_tail', 'row']).to_dict('records')
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
