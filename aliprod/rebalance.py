@@ -278,7 +278,7 @@ def balanced_subset(labels,             # (N,) given labels
     first = np.searchsorted(y[order], y[order], side='left')
     return np.sort(order[np.arange(len(y)) - first < per_class])
 
-# %% ../nbs/04_rebalance.ipynb #bd5c1664
+# %% ../nbs/04_rebalance.ipynb #6be203d1
 def sweep_logit_adjust(classifier:nn.Module,
                        prior:Tensor,            # (K,) `log_prior` of the training split
                        val:Features,            # the split τ is chosen on (validation)
