@@ -14,13 +14,14 @@ from .core import (ParamsError, params_section, params_dict, ExperimentParams, r
 from .predictions import TopK, read_topk
 
 # %% auto #0
-__all__ = ['RULES', 'RELABEL_OUTCOMES', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
+__all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
            'confident_learning', 'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
-           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'model_error', 'round_problems',
-           'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery',
-           'CleanArtifacts', 'train_predictions', 'training_predictions', 'agreement_paths', 'agreement_predictions',
-           'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table',
-           'plot_rounds', 'clean_figures', 'clean_stage']
+           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band',
+           'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
+           'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
+           'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean', 'clean_iteration', 'rounds_table',
+           'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration',
+           'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement')
@@ -44,6 +45,7 @@ class CleanParams:
     max_change_fraction:float=0.4  # a round that would drop or relabel more of the training images is refused (see "A round never guts the data")
     near_chance:float=0.9          # a model whose error is at least this share of chance error (1 - 1/K) is near chance: its round is refused
     allow_aggressive:bool=False    # clean anyway (loudly warned) when a round fails those checks
+    select:Literal['validation','all']='validation' # validation: keep a round only if its retrained model improves val mean class error (paired interval), stop at the first that does not; all: run every round
 
     def __post_init__(self):
         if self.iteration < 1: raise ParamsError(f"[clean] iteration must be >= 1 (0 is the data stage's index), got {self.iteration}")
@@ -367,6 +369,26 @@ def detection_scores(train:pd.DataFrame,     # training rows of the cleaned (inp
         out.append((k, int((kind == k).sum()), int(m.sum()), int((fl & (kind == k)).sum()), *_prf(int((fl & m).sum()), fp, int((~fl & m).sum()))))
     return pd.DataFrame(out, columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1'])
 
+BANDS = ('many', 'medium', 'few')
+
+def class_bands(exp:ExperimentParams)->np.ndarray|None:
+    "(K,) 'many' | 'medium' | 'few' of every class by `aliprod.data.shot_groups(exp)`; None when the data stage recorded no class sizes"
+    from aliprod.data import shot_groups
+    from aliprod.metrics import shot_group
+    try: g = shot_groups(exp)
+    except (KeyError, FileNotFoundError): return None
+    return shot_group(g['train_counts'], g['many'], g['few'])
+
+def detection_by_band(train:pd.DataFrame,  # training rows of the input index, with ground truth
+                      flagged_rows,        # rows removed or relabelled
+                      bands:np.ndarray,    # (K,) `class_bands`
+                     )->pd.DataFrame:
+    "Precision, recall, F1 of noise detection within each class-size band (by the given label's class): many, medium, few"
+    y = train['label'].to_numpy(np.int64)
+    parts = [detection_scores(train[bands[y] == b], flagged_rows).query("kind == 'all'").assign(band=b) for b in BANDS]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'band'])
+
 # %% ../nbs/03_clean.ipynb #76254708
 def model_error(t:TopK,            # the training predictions the round reads
                 paths:list[Path],  # their files
@@ -508,6 +530,7 @@ class CleanArtifacts:
     rounds:pd.DataFrame|None=None    # clean_stage: the per-round table (reports/<exp>/clean_rounds.csv)
     detection:pd.DataFrame|None=None # clean_stage: noise detection per round and kind (reports/<exp>/clean_detection.csv)
     figures:dict=field(default_factory=dict) # clean_stage: figure name -> PNG in reports/<exp>/
+    selection:dict|None=None # clean_stage: the round kept on validation and why (runs/<exp>/clean/selection.json)
 
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"
@@ -597,7 +620,14 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
         summary['model_error'], summary['model_error_from'] = err, err_from
         summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
         train_before = index[index['split'] == 'train']
-        summary['detection'] = detection_scores(train_before, changes.loc[changes['action'] != 'kept_tail', 'row']).to_dict('records')
+        flagged_rows = changes.loc[changes['action'] != 'kept_tail', 'row']
+        summary['detection'] = detection_scores(train_before, flagged_rows).to_dict('records')
+        bands = class_bands(exp)
+        if bands is not None:
+            summary['detection_by_band'] = detection_by_band(train_before[train_before['label'] >= 0], flagged_rows, bands).to_dict('records')
+            for a in ('drop', 'relabel'):
+                lab = changes.loc[changes['action'] == a, 'label'].to_numpy(np.int64)
+                summary[f"{'dropped' if a == 'drop' else 'relabelled'}_by_band"] = {b: int((bands[lab] == b).sum()) for b in BANDS}
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
         summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
         with atomic_path(out/'changes.parquet') as tmp: changes.to_parquet(tmp, index=False)
@@ -635,17 +665,26 @@ def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:in
                'relabelled': s.get('relabelled', 0), 'kept_by_tail_protection': s.get('kept_by_tail_protection', 0),
                'noise_rate': _noise_rate(idx[idx['split'] == 'train']),
                'precision': det.get('precision'), 'recall': det.get('recall'), 'f1': det.get('f1')}
+        for b in BANDS:
+            if 'dropped_by_band' in s or k == 0:
+                row[f'dropped_{b}'] = s.get('dropped_by_band', {}).get(b, 0)
+        for dd in s.get('detection_by_band', []): row[f"precision_{dd['band']}"], row[f"recall_{dd['band']}"] = dd['precision'], dd['recall']
         for split in ('val', 'test'):   # a split the models did not predict (real data: no test labels) has no column
             if any(isinstance(mm.metrics.get(split), dict) for mm in models if mm is not None):
                 row[f'{split}_mean_class_err'], row[f'{split}_clean_mean_class_err'] = _err(m, split), _err(m, f'{split}_clean')
         if any(isinstance(mm.metrics.get('val_clean'), dict) for mm in models if mm is not None): row['val_clean_top1_err'] = _err(m, 'val_clean', 'top1_err')
         out.append(row)
+    if not any('dropped_by_band' in json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()) for k in range(1, rounds + 1)):
+        out = [{c: v for c, v in r.items() if not c.startswith('dropped_') or c == 'dropped'} for r in out]
     return pd.DataFrame(out)
 
 def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
-    "Noise detection of iterations 1..`rounds` against the ground truth, overall and per noise kind (empty without ground truth)"
-    cols = ['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'iteration']
-    parts = [pd.DataFrame(json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())['detection']).assign(iteration=k) for k in range(1, rounds + 1)]
+    "Noise detection of iterations 1..`rounds` against the ground truth, overall, per noise kind and per class-size band (empty without ground truth)"
+    cols = ['iteration', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    parts = []
+    for k in range(1, rounds + 1):
+        s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())
+        parts += [pd.DataFrame(s['detection']).assign(iteration=k, band='all'), pd.DataFrame(s.get('detection_by_band', [])).assign(iteration=k)]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
@@ -702,6 +741,20 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         for name, f in figs.items(): f.savefig(report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
+# %% ../nbs/03_clean.ipynb #aa0cf921
+def round_verdict(prev, new,            # TopK val predictions of the model kept so far and of the model retrained on the new round
+                  groups:dict,          # `aliprod.data.shot_groups(exp)`
+                  seed:int=0,
+                 )->dict:
+    "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
+    from aliprod.metrics import paired_delta
+    return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
+
+def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
+    "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
+    f = run_dir(exp, 'clean')/'selection.json'
+    return int(json.loads(f.read_text())['kept_iteration']) if f.exists() else default
+
 # %% ../nbs/03_clean.ipynb #1e28e998
 def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
@@ -709,22 +762,42 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv and the figures"
     from aliprod.core import atomic_write_text, markdown_table
-    from aliprod.data import prepare_data
+    from aliprod.data import prepare_data, shot_groups
     from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
-    rounds = clean.iteration
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
-    for k in range(1, rounds + 1):
+    choose = clean.select == 'validation' and train_model and 'val' in models[0].predictions
+    kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
+                                     'no models trained: rounds not chosen on validation' if not train_model else
+                                     'no val predictions: rounds not chosen on validation' if not choose else '')
+    for k in range(1, clean.iteration + 1):
         art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
         models.append(art.model)
+        if not choose: kept = k; continue
+        v = round_verdict(read_topk(models[kept].predictions['val']), read_topk(art.model.predictions['val']), shot_groups(exp), exp.seed)
+        decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
+        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        if v['verdict'] != 'helped':
+            reason = f"round {k} did not improve val mean class error ({v['verdict']}, Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): stopped, rounds after {k} not run"
+            break
+        kept = k
+    reason = reason or f"every round up to {kept} improved val mean class error"
+    rounds = len(models) - 1
+    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
+                 'reason': reason, 'decisions': decisions}
+    atomic_write_json(run_dir(exp, 'clean')/'selection.json', selection)
+    log(f"clean: kept iteration {kept}: {reason}")
     rep = report_dir(exp)
     table, det, rel = rounds_table(exp, clean, models, rounds), detection_table(exp, rounds), relabel_table(exp, rounds)
+    table['kept'] = table['iteration'] == kept
+    table['verdict'] = table['iteration'].map({dd['iteration']: dd['verdict'] for dd in decisions})
+    atomic_write_json(rep/'clean_selection.json', selection)
     atomic_write_text(rep/'clean_rounds.csv', table.to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
     atomic_write_text(rep/'clean_detection.csv', det.to_csv(index=False))
     if len(rel): atomic_write_text(rep/'clean_relabel.csv', rel.to_csv(index=False))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
     figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)
-    art.rounds, art.detection, art.figures = table, det, {n: rep/f'{n}.png' for n in figs}
+    art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art

@@ -256,6 +256,10 @@ def test_clean_stage_without_a_test_split(tmp_path):
     for f in ('clean_rounds.csv', 'clean_rounds.md', 'clean_rounds.png', 'clean_detection.csv', 'clean_relabel.csv', 'clean_confidence.png'):
         assert (rep/f).is_file(), f
     assert art.model is not None and 'test' not in art.model.predictions
+    # the round is chosen on validation: selection.json says which round was kept and why
+    sel = json.loads((tmp_path/'runs'/'notest'/'clean'/'selection.json').read_text())
+    assert sel['kept_iteration'] in (0, 1) and len(sel['decisions']) == 1 and sel['decisions'][0]['verdict'] in ('helped', 'hurt', 'no measurable effect')
+    assert art.rounds.kept.sum() == 1 and {'dropped_many', 'dropped_medium', 'dropped_few'} <= set(art.rounds.columns)
 
 
 def test_a_round_never_guts_the_data(tmp_path, data):
