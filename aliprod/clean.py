@@ -15,7 +15,8 @@ from .predictions import TopK, read_topk
 
 # %% auto #0
 __all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
-           'confident_learning', 'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
+           'confident_learning', 'agreement', 'class_median', 'robust_outliers', 'class_relative', 'class_prototypes',
+           'prototype_distances', 'prototype_rule', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
            'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band',
            'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
            'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
@@ -24,19 +25,20 @@ __all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_co
            'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement')
+RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype')
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement']]=field(default_factory=lambda: ['disagree_low_conf'])
+    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype']]=field(default_factory=lambda: ['disagree_low_conf'])
     conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
     relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
     relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
+    robust_z:float=3.0             # class_relative / prototype: flag beyond this many robust standard deviations (1.4826·MAD) of the sample's own class
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
@@ -58,6 +60,7 @@ class CleanParams:
             raise ParamsError(f"[clean] drop_fraction must be in (0, 1) or null, got {self.drop_fraction}")
         for k in ('max_change_fraction', 'near_chance'):
             if not 0 < getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in (0, 1], got {getattr(self, k)}")
+        if self.robust_z <= 0: raise ParamsError(f"[clean] robust_z must be > 0, got {self.robust_z}")
         if self.min_per_class < 0: raise ParamsError(f"[clean] min_per_class must be >= 0, got {self.min_per_class}")
         if self.source == 'k_fold' and self.folds < 2: raise ParamsError(f"[clean] k_fold needs folds >= 2, got {self.folds}")
         if (self.action == 'relabel' and self.relabel_evidence == 'suggest' and self.rules == ['disagree_low_conf']
@@ -136,6 +139,65 @@ def agreement(t:TopK, others:list[TopK], names:list[str]|None=None)->np.ndarray:
     for i, o in enumerate(others): flags |= _align(t, o, (names or [f'model {i+1}'] * len(others))[i]).top1 != t.labels
     return flags
 
+# %% ../nbs/03_clean.ipynb #7a60fb47
+def class_median(values:np.ndarray, labels:np.ndarray, num_classes:int)->np.ndarray:
+    "(K,) median of `values` within each class (nan for a class without samples), by one sort"
+    order = np.lexsort((values, labels))
+    n = np.bincount(labels, minlength=num_classes); start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    v, ok = np.asarray(values, np.float64)[order], n > 0
+    med = np.full(num_classes, np.nan)
+    med[ok] = (v[(start + (n - 1) // 2)[ok]] + v[(start + n // 2)[ok]]) / 2
+    return med
+
+def robust_outliers(values, labels, num_classes:int,
+                    z:float=3.0,      # robust standard deviations above the class median
+                    floor:float=0.0,  # the least robust standard deviation (a class of identical values)
+                    min_size:int=3,   # smaller classes are never judged
+                   )->np.ndarray:
+    "(N,) mask: `values` above their class's median by more than z·max(1.4826·MAD, floor)"
+    values, labels = np.asarray(values, np.float64), np.asarray(labels, np.int64)
+    med = class_median(values, labels, num_classes)
+    mad = class_median(np.abs(values - med[labels]), labels, num_classes)
+    scale = np.maximum(1.4826 * mad, floor)
+    n = np.bincount(labels, minlength=num_classes)
+    return (values - med[labels] > z * scale[labels]) & (n[labels] >= min_size)
+
+def class_relative(t:TopK, z:float=3.0)->np.ndarray:
+    "(N,) mask: `p_label` is an outlier low for its class (robust z), and the top-1 disagrees"
+    return robust_outliers(1 - t.p_label, t.labels, t.num_classes, z, floor=0.02) & (t.top1 != t.labels)
+
+# %% ../nbs/03_clean.ipynb #e44bea23
+def _unit(x:np.ndarray)->np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int, batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
+    "(K,D) float32 sums of the L2-normalised embeddings of each class, and (K,) counts (prototype = sum / count)"
+    sums = np.zeros((num_classes, feats.shape[1]), np.float32)
+    for s in range(0, len(feats), batch):
+        np.add.at(sums, labels[s:s+batch], _unit(np.asarray(feats[s:s+batch], np.float32)))
+    return sums, np.bincount(labels, minlength=num_classes)
+
+def prototype_distances(t:TopK, batch:int=8192)->tuple[np.ndarray, np.ndarray]:
+    "(N,) cosine distance to the leave-one-out prototype of the given class, and (N,) the nearest class among label + top-k"
+    if t.feats is None: raise ValueError("the prototype rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
+    sums, n = class_prototypes(t.feats, t.labels, t.num_classes)
+    own_d, nearest = np.zeros(len(t), np.float32), np.zeros(len(t), np.int32)
+    for s in range(0, len(t), batch):
+        f, y, cand = _unit(np.asarray(t.feats[s:s+batch], np.float32)), t.labels[s:s+batch], t.topk_labels[s:s+batch]
+        own = _unit(sums[y] - f)                                  # the other samples of the class (zero for a singleton)
+        d_own = np.where(n[y] > 1, 1 - (f * own).sum(1), 0.0)
+        d_c = 1 - np.einsum('bd,bkd->bk', f, _unit(sums[cand]))   # other classes' prototypes: the sample is not in them
+        d_c = np.where((cand == y[:, None]) | (n[cand] == 0), np.inf, d_c)
+        own_d[s:s+batch] = d_own
+        nearest[s:s+batch] = np.where(d_c.min(1) < d_own, cand[np.arange(len(y)), d_c.argmin(1)], y)
+    return own_d, nearest
+
+def prototype_rule(t:TopK, z:float=3.0)->tuple[np.ndarray, np.ndarray]:
+    "(N,) flags and (N,) nearest-prototype classes of RoLT's prototype rule with a per-class robust threshold"
+    d, nearest = prototype_distances(t)
+    # the top-1 must disagree too, as in every rule: a sample whose label is its classifier's top-1 is never flagged
+    return robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels), nearest
+
 # %% ../nbs/03_clean.ipynb #b6e8f1ab
 def protect_tail(labels:np.ndarray,   # (N,) given labels of the training samples
                  flags:np.ndarray,    # (N,) samples flagged for removal from their class
@@ -185,6 +247,12 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
         if r == 'disagree_low_conf': f = disagree_low_conf(t, p.conf_threshold, p.drop_fraction)
         elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
         elif r == 'agreement': f = agreement(t, list(others), other_names)
+        elif r == 'class_relative': f = class_relative(t, p.robust_z)
+        elif r == 'prototype':
+            f, near = prototype_rule(t, p.robust_z)
+            hit = t.topk_labels == near[:, None]
+            np_ = np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
+            suggest, suggest_prob = np.where(f, near, suggest).astype(np.int32), np.where(f, np_, suggest_prob).astype(np.float32)
         elif r == 'confident_learning':
             f, guess = confident_learning(t)
             # the confident-learning guess is the class that clears its threshold, not necessarily the top-1
@@ -550,7 +618,7 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
-    t = TopK.concat([read_topk(p) for p in paths])
+    t = TopK.concat([read_topk(p, feats='prototype' in clean.rules) for p in paths])
     t = t.take(np.argsort(t.rows, kind='stable'))
     if len(t) > 1 and (np.diff(t.rows) == 0).any():
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
@@ -587,6 +655,8 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
     if not own_predictions and clean.source == 'in_sample' and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
+    if 'prototype' in clean.rules and not own_predictions and not getattr(train, 'save_feats', False):
+        raise ParamsError("[clean] rules: prototype needs the embeddings of the training images; set train: save_feats: true")
     if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         # round j needs the other models trained on index j, which the train stage can train only once round j has written it
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]

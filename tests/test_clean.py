@@ -37,6 +37,10 @@ def _params(rule, **kw):
 @pytest.mark.parametrize('rule', RULES)
 def test_no_rule_flags_a_confident_top1_label(data, rule):
     _, tr, t = data
+    if rule == 'prototype':   # embeddings near the top-1 class's direction, as a trained model's are
+        from aliprod.predictions import TopK
+        t = TopK(t.rows, t.labels, t.topk_labels, t.topk_probs, t.p_label, t.num_classes,
+                 (np.eye(50)[t.top1] + 0.3 * np.random.default_rng(0).normal(size=(len(t), 50))).astype(np.float32))
     confident_agree = (t.top1 == t.labels) & (t.conf >= 0.5)
     for kw in ({}, {'conf_threshold': 1.0, 'self_conf_threshold': 1.0}, {'drop_fraction': 0.99}):
         flags = find_noisy(t, _params(rule, **kw), others=[t]).reasons.to_numpy() > 0
@@ -301,3 +305,19 @@ def test_a_round_never_guts_the_data(tmp_path, data):
         warnings.simplefilter('always')
         art = clean_iteration(exp, None, TrainParams(), CleanParams(iteration=1, min_per_class=2, allow_aggressive=True), train_model=False, predictions_of=preds)
     assert art.summary['guard'] and art.summary['model_error_from'] == 'val' and any('allow_aggressive is true' in str(x.message) for x in w)
+
+
+def test_prototype_rule_flags_a_planted_tail_sample_and_keeps_its_siblings():
+    "RoLT's prototype rule with a per-class threshold: a 3-image class's mislabelled image is flagged, its 2 clean siblings kept"
+    from aliprod.clean import prototype_rule, class_relative
+    r = np.random.default_rng(3)
+    D, K = 16, 6
+    means = r.normal(size=(K, D)); means /= np.linalg.norm(means, axis=1, keepdims=True)
+    y_true = np.r_[np.repeat(np.arange(5), 80), [5, 5, 2]]
+    x = means[y_true] + 0.25 * r.normal(size=(len(y_true), D)) / np.sqrt(D)
+    y = np.r_[y_true[:-1], 5]
+    z = 8 * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ means.T
+    t = topk_from_probs(np.exp(z) / np.exp(z).sum(1, keepdims=True), y, k=3, feats=x.astype(np.float32))
+    flags, near = prototype_rule(t)
+    assert flags[-3:].tolist() == [False, False, True] and near[-1] == 2
+    assert flags[:-3].sum() <= 2
