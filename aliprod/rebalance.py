@@ -23,9 +23,10 @@ __all__ = ['TauBias', 'Loss', 'NCMNorm', 'METHODS', 'FINETUNES', 'Features', 'sy
            'head_top1', 'head_topk', 'tau_normalize', 'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss',
            'fit_head', 'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'balanced_subset',
            'sweep_logit_adjust', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
-           'plot_tau_sweep', 'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params',
-           'network_finetune', 'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features',
-           'with_baseline_change', 'rebalance_stage']
+           'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms',
+           'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
+           'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
+           'rebalance_stage']
 
 # %% ../nbs/04_rebalance.ipynb #3059f936
 @dataclass
@@ -466,6 +467,38 @@ def plot_tau_sweep(sweep:pd.DataFrame, tau:float, title:str='τ-normalisation on
     ax.legend(fontsize=8); fig.tight_layout()
     return fig
 
+# %% ../nbs/04_rebalance.ipynb #dbdbf168
+def weight_norms(classifier:nn.Module, counts)->pd.DataFrame|None:
+    "Per class: training images and the L2 norm of its classifier row (None for a classifier without a weight matrix)"
+    w = getattr(classifier, 'weight', None)
+    if not isinstance(w, Tensor) or w.ndim != 2: return None
+    return pd.DataFrame({'label': np.arange(w.shape[0]), 'train_images': np.asarray(counts, np.int64), 'weight_norm': w.detach().float().norm(dim=1).cpu().numpy()})
+
+def norm_size_correlation(norms:pd.DataFrame)->float:
+    "Spearman rank correlation of row norm with class size over the classes with training images"
+    n = norms[norms['train_images'] > 0]
+    if len(n) < 3 or n['train_images'].nunique() < 2: return float('nan')
+    return float(n['train_images'].rank().corr(n['weight_norm'].rank()))
+
+def weight_norm_note(rho:float, tau:float|None)->str:
+    "One sentence on what the norm/size correlation says about τ-normalisation"
+    chosen = '' if tau is None else f' (τ chosen on validation: {tau:g})'
+    if not np.isfinite(rho): return f'Classifier row norms: too few classes with different sizes to relate them to class size{chosen}.'
+    if rho > 0.3: return (f'Classifier row norms grow with class size (Spearman ρ = {rho:.2f}): the head classes win close calls by norm, '
+                          f'which τ-normalisation divides out{chosen}.')
+    return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}; e.g. weight decay under AdamW keeps them flat): '
+            f'τ-normalisation has little to correct, so it can help little{chosen}.')
+
+def plot_weight_norms(norms:pd.DataFrame, title:str='Classifier row norm against class size'):
+    "Per-class ‖w_i‖ against training images (log x), the Spearman correlation in the legend (Kang et al.'s Figure 2)"
+    import matplotlib.pyplot as plt
+    n = norms[norms['train_images'] > 0]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.semilogx(n['train_images'], n['weight_norm'], '.', alpha=0.5, label=f'classes (Spearman ρ = {norm_size_correlation(norms):.2f})')
+    ax.set(xlabel='training images of the class', ylabel='‖w_i‖ (L2 norm of the class row)', title=title)
+    ax.legend(fontsize=8); fig.tight_layout()
+    return fig
+
 # %% ../nbs/04_rebalance.ipynb #9d9a961e
 class AccuracyLoss(nn.Module):
     "`accuracy_loss` while training; plain cross-entropy under no_grad (validation), so validation losses compare across runs"
@@ -647,15 +680,25 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             import matplotlib.pyplot as plt; plt.close(fig)
             with atomic_path(rep/'tau_sweep.png') as f: shutil.copyfile(fig_path, f)
             outputs += [out/'tau_sweep.csv', fig_path]
+        norms = weight_norms(classifier, class_counts(splits['train'].labels, K))
+        rho = None
+        if norms is not None:
+            rho = norm_size_correlation(norms)
+            atomic_write_parquet(norms, out/'weight_norms.parquet'); outputs.append(out/'weight_norms.parquet')
+            fig = plot_weight_norms(norms, f'{exp.experiment} iteration {p.iteration}: classifier row norm vs class size')
+            for f_ in (out/'weight_norms.png', rep/'weight_norms.png'):
+                with atomic_path(f_) as f: fig.savefig(f, dpi=120, format='png')
+            import matplotlib.pyplot as plt; plt.close(fig)
+            outputs.append(out/'weight_norms.png')
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
         for d in (out, rep):
             with atomic_path(d/'rebalance.csv') as f: table.to_csv(f, index=False)
-            atomic_write_text(d/'rebalance.md', markdown_table(table))
+            atomic_write_text(d/'rebalance.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau)))
         outputs += [out/'rebalance.csv', out/'rebalance.md']
         split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
         rows = table[table.split == split].set_index('method')
-        metrics = {'tau': tau, 'seconds': round(time.time() - t0, 2), 'metrics_split': split,
+        metrics = {'tau': tau, 'weight_norm_size_spearman': rho, 'seconds': round(time.time() - t0, 2), 'metrics_split': split,
                    **{f'{m}_{c}': float(rows.loc[m, c]) for m in rows.index for c in ('mean_class_err', 'few_acc')}}
         return outputs, metrics
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')

@@ -184,8 +184,12 @@ def test_stages_run_without_a_test_split(tmp_path):
     with pytest.raises(ParamsError, match="no 'test' rows; leave it out"): T.train_stage(exp, data, t)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
-    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm'], crt_epochs=1))
-    assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm'}
+    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
+    assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
+    # the new methods are laid out like the others (what the composed system reads), and the weight-norm figure and note are written
+    for m in ('logit_adjust', 'balanced_softmax'):
+        assert all((art.out_dir/m/f).is_file() for f in ('head.pth', 'predictions/val.parquet', 'metrics.json'))
+    assert (tmp_path/'reports'/'notest'/'weight_norms.png').is_file() and 'Classifier row norms' in (art.out_dir/'rebalance.md').read_text()
     assert art.splits == ['val'] and (art.table.loc[art.table.method == 'baseline', 'mean_class_err_change'] == 0).all()
     metrics = json.loads((art.out_dir/'manifest.json').read_text())['metrics']
     assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'
