@@ -49,8 +49,8 @@ def _band_scores(flags:np.ndarray, noisy:np.ndarray, labels:np.ndarray, K:int)->
     return {b: {'n': int((band == b).sum()), 'noisy': int(noisy[band == b].sum()), **_scores(flags[band == b], noisy[band == b])} for b in BANDS}
 
 
-def simulate_feats(tr, K:int, dim:int=64, seed:int=0, memorize:float=0.3)->np.ndarray:
-    "(N,D) float32 embeddings a trained model might give: near the true class's direction; a memorised noisy sample halfway to its given class"
+def simulate_feats(tr, K:int, dim:int=64, seed:int=0, memorize:float=0.3, top1=None)->np.ndarray:
+    "(N,D) float32 embeddings a trained model might give: near the true class's direction; a memorised noisy sample halfway to its given class; a clean sample the model gets wrong (`top1`) halfway to that class"
     rng = np.random.default_rng(seed + 7)
     means = rng.normal(size=(K, dim)).astype(np.float32); means /= np.linalg.norm(means, axis=1, keepdims=True)
     y = tr['label'].to_numpy(np.int64); c = tr['clean_label'].to_numpy(np.int64)
@@ -61,6 +61,9 @@ def simulate_feats(tr, K:int, dim:int=64, seed:int=0, memorize:float=0.3)->np.nd
         m = means[c[sl]]
         memo = (c[sl] != y[sl]) & (rng.random(len(m)) < memorize)
         m[memo] = 0.5 * (m[memo] + means[y[sl][memo]])
+        if top1 is not None:   # the hard clean samples: the embedding is as confused as the classifier
+            hard = (c[sl] == y[sl]) & (top1[sl] != y[sl])
+            m[hard] = 0.5 * (m[hard] + means[top1[sl][hard]])
         out[sl] = m + 0.7 * rng.normal(size=m.shape).astype(np.float32) / np.sqrt(dim)
     return out
 
@@ -219,9 +222,10 @@ def main(argv=None)->dict:
         tr = idx[idx['split'] == 'train'].reset_index(drop=True); del idx
         noisy = is_noisy(tr)[0]
         np.save(Path(tmp)/'truth.npy', noisy)
-        write_topk(Path(tmp)/'pred0.parquet', simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed))
+        t0_ = simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed)
+        write_topk(Path(tmp)/'pred0.parquet', t0_)
         write_topk(Path(tmp)/'pred1.parquet', simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed + 1))
-        np.save(Path(tmp)/'feats.npy', simulate_feats(tr, args.n_classes, args.feat_dim, args.seed))
+        np.save(Path(tmp)/'feats.npy', simulate_feats(tr, args.n_classes, args.feat_dim, args.seed, top1=t0_.top1.astype(np.int64))); del t0_
         res['data'] = {'train_images': len(tr), 'classes': args.n_classes, 'noisy_fraction': float(noisy.mean()),
                        'noise_kinds': tr['noise_kind'].value_counts().to_dict(), 'setup_s': time.perf_counter() - t0}
         del tr
