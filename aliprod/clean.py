@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_clean.ipynb #ac7284bb
 from __future__ import annotations
-import dataclasses, json, math, os
+import dataclasses, json, math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,33 +14,40 @@ from .core import (ParamsError, params_section, params_dict, ExperimentParams, r
 from .predictions import TopK, read_topk
 
 # %% auto #0
-__all__ = ['RULES', 'RELABEL_OUTCOMES', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
-           'confident_learning', 'agreement', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
-           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'plot_confidence', 'class_size_table',
-           'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions',
-           'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
-           'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures',
+__all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
+           'confident_learning', 'agreement', 'class_median', 'robust_outliers', 'class_relative', 'class_prototypes',
+           'prototype_distances', 'prototype_rule', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
+           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band',
+           'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
+           'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
+           'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean', 'clean_iteration', 'rounds_table',
+           'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration',
            'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement')
+RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype')
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement']]=field(default_factory=lambda: ['disagree_low_conf'])
+    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype']]=field(default_factory=lambda: ['disagree_low_conf'])
     conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
     relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
     relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
+    robust_z:float=3.0             # class_relative / prototype: flag beyond this many robust standard deviations (1.4826·MAD) of the sample's own class
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
     agreement_tags:list[str]=field(default_factory=list) # agreement, relabel_evidence 'models': runs/<exp>/train-<tag>/<iteration-1>/ of the other models
     gallery_size:int=24            # flagged samples shown per round in the gallery
+    max_change_fraction:float=0.4  # a round that would drop or relabel more of the training images is refused (see "A round never guts the data")
+    near_chance:float=0.9          # a model whose error is at least this share of chance error (1 - 1/K) is near chance: its round is refused
+    allow_aggressive:bool=False    # clean anyway (loudly warned) when a round fails those checks
+    select:Literal['validation','all']='validation' # validation: keep a round only if its retrained model improves val mean class error (paired interval), stop at the first that does not; all: run every round
 
     def __post_init__(self):
         if self.iteration < 1: raise ParamsError(f"[clean] iteration must be >= 1 (0 is the data stage's index), got {self.iteration}")
@@ -51,6 +58,9 @@ class CleanParams:
             if not 0 <= getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in [0, 1], got {getattr(self, k)}")
         if self.drop_fraction is not None and not 0 < self.drop_fraction < 1:
             raise ParamsError(f"[clean] drop_fraction must be in (0, 1) or null, got {self.drop_fraction}")
+        for k in ('max_change_fraction', 'near_chance'):
+            if not 0 < getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in (0, 1], got {getattr(self, k)}")
+        if self.robust_z <= 0: raise ParamsError(f"[clean] robust_z must be > 0, got {self.robust_z}")
         if self.min_per_class < 0: raise ParamsError(f"[clean] min_per_class must be >= 0, got {self.min_per_class}")
         if self.source == 'k_fold' and self.folds < 2: raise ParamsError(f"[clean] k_fold needs folds >= 2, got {self.folds}")
         if (self.action == 'relabel' and self.relabel_evidence == 'suggest' and self.rules == ['disagree_low_conf']
@@ -129,6 +139,65 @@ def agreement(t:TopK, others:list[TopK], names:list[str]|None=None)->np.ndarray:
     for i, o in enumerate(others): flags |= _align(t, o, (names or [f'model {i+1}'] * len(others))[i]).top1 != t.labels
     return flags
 
+# %% ../nbs/03_clean.ipynb #7a60fb47
+def class_median(values:np.ndarray, labels:np.ndarray, num_classes:int)->np.ndarray:
+    "(K,) median of `values` within each class (nan for a class without samples), by one sort"
+    order = np.lexsort((values, labels))
+    n = np.bincount(labels, minlength=num_classes); start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    v, ok = np.asarray(values, np.float64)[order], n > 0
+    med = np.full(num_classes, np.nan)
+    med[ok] = (v[(start + (n - 1) // 2)[ok]] + v[(start + n // 2)[ok]]) / 2
+    return med
+
+def robust_outliers(values, labels, num_classes:int,
+                    z:float=3.0,      # robust standard deviations above the class median
+                    floor:float=0.0,  # the least robust standard deviation (a class of identical values)
+                    min_size:int=3,   # smaller classes are never judged
+                   )->np.ndarray:
+    "(N,) mask: `values` above their class's median by more than z·max(1.4826·MAD, floor)"
+    values, labels = np.asarray(values, np.float64), np.asarray(labels, np.int64)
+    med = class_median(values, labels, num_classes)
+    mad = class_median(np.abs(values - med[labels]), labels, num_classes)
+    scale = np.maximum(1.4826 * mad, floor)
+    n = np.bincount(labels, minlength=num_classes)
+    return (values - med[labels] > z * scale[labels]) & (n[labels] >= min_size)
+
+def class_relative(t:TopK, z:float=3.0)->np.ndarray:
+    "(N,) mask: `p_label` is an outlier low for its class (robust z), and the top-1 disagrees"
+    return robust_outliers(1 - t.p_label, t.labels, t.num_classes, z, floor=0.02) & (t.top1 != t.labels)
+
+# %% ../nbs/03_clean.ipynb #e44bea23
+def _unit(x:np.ndarray)->np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int, batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
+    "(K,D) float32 sums of the L2-normalised embeddings of each class, and (K,) counts (prototype = sum / count)"
+    sums = np.zeros((num_classes, feats.shape[1]), np.float32)
+    for s in range(0, len(feats), batch):
+        np.add.at(sums, labels[s:s+batch], _unit(np.asarray(feats[s:s+batch], np.float32)))
+    return sums, np.bincount(labels, minlength=num_classes)
+
+def prototype_distances(t:TopK, batch:int=8192)->tuple[np.ndarray, np.ndarray]:
+    "(N,) cosine distance to the leave-one-out prototype of the given class, and (N,) the nearest class among label + top-k"
+    if t.feats is None: raise ValueError("the prototype rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
+    sums, n = class_prototypes(t.feats, t.labels, t.num_classes)
+    own_d, nearest = np.zeros(len(t), np.float32), np.zeros(len(t), np.int32)
+    for s in range(0, len(t), batch):
+        f, y, cand = _unit(np.asarray(t.feats[s:s+batch], np.float32)), t.labels[s:s+batch], t.topk_labels[s:s+batch]
+        own = _unit(sums[y] - f)                                  # the other samples of the class (zero for a singleton)
+        d_own = np.where(n[y] > 1, 1 - (f * own).sum(1), 0.0)
+        d_c = 1 - np.einsum('bd,bkd->bk', f, _unit(sums[cand]))   # other classes' prototypes: the sample is not in them
+        d_c = np.where((cand == y[:, None]) | (n[cand] == 0), np.inf, d_c)
+        own_d[s:s+batch] = d_own
+        nearest[s:s+batch] = np.where(d_c.min(1) < d_own, cand[np.arange(len(y)), d_c.argmin(1)], y)
+    return own_d, nearest
+
+def prototype_rule(t:TopK, z:float=3.0)->tuple[np.ndarray, np.ndarray]:
+    "(N,) flags and (N,) nearest-prototype classes of RoLT's prototype rule with a per-class robust threshold"
+    d, nearest = prototype_distances(t)
+    # the top-1 must disagree too, as in every rule: a sample whose label is its classifier's top-1 is never flagged
+    return robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels), nearest
+
 # %% ../nbs/03_clean.ipynb #b6e8f1ab
 def protect_tail(labels:np.ndarray,   # (N,) given labels of the training samples
                  flags:np.ndarray,    # (N,) samples flagged for removal from their class
@@ -178,6 +247,12 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
         if r == 'disagree_low_conf': f = disagree_low_conf(t, p.conf_threshold, p.drop_fraction)
         elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
         elif r == 'agreement': f = agreement(t, list(others), other_names)
+        elif r == 'class_relative': f = class_relative(t, p.robust_z)
+        elif r == 'prototype':
+            f, near = prototype_rule(t, p.robust_z)
+            hit = t.topk_labels == near[:, None]
+            np_ = np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
+            suggest, suggest_prob = np.where(f, near, suggest).astype(np.int32), np.where(f, np_, suggest_prob).astype(np.float32)
         elif r == 'confident_learning':
             f, guess = confident_learning(t)
             # the confident-learning guess is the class that clears its threshold, not necessarily the top-1
@@ -362,6 +437,72 @@ def detection_scores(train:pd.DataFrame,     # training rows of the cleaned (inp
         out.append((k, int((kind == k).sum()), int(m.sum()), int((fl & (kind == k)).sum()), *_prf(int((fl & m).sum()), fp, int((~fl & m).sum()))))
     return pd.DataFrame(out, columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1'])
 
+BANDS = ('many', 'medium', 'few')
+
+def class_bands(exp:ExperimentParams)->np.ndarray|None:
+    "(K,) 'many' | 'medium' | 'few' of every class by `aliprod.data.shot_groups(exp)`; None when the data stage recorded no class sizes"
+    from aliprod.data import shot_groups
+    from aliprod.metrics import shot_group
+    try: g = shot_groups(exp)
+    except (KeyError, FileNotFoundError): return None
+    return shot_group(g['train_counts'], g['many'], g['few'])
+
+def detection_by_band(train:pd.DataFrame,  # training rows of the input index, with ground truth
+                      flagged_rows,        # rows removed or relabelled
+                      bands:np.ndarray,    # (K,) `class_bands`
+                     )->pd.DataFrame:
+    "Precision, recall, F1 of noise detection within each class-size band (by the given label's class): many, medium, few"
+    y = train['label'].to_numpy(np.int64)
+    parts = [detection_scores(train[bands[y] == b], flagged_rows).query("kind == 'all'").assign(band=b) for b in BANDS]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'band'])
+
+# %% ../nbs/03_clean.ipynb #76254708
+def model_error(t:TopK,            # the training predictions the round reads
+                paths:list[Path],  # their files
+                source:str,        # CleanParams.source
+               )->tuple[float|None, str]:
+    "Top-1 error (given labels) of the model a round trusts, and where it comes from: 'val', 'out_of_fold' or 'unknown'"
+    if source == 'k_fold':
+        lab = t.labels >= 0
+        return (float((t.top1[lab] != t.labels[lab]).mean()), 'out_of_fold') if lab.any() else (None, 'unknown')
+    val = [Path(p).with_name('val.parquet') for p in paths if Path(p).name == 'train.parquet']
+    if val and all(v.exists() for v in val):
+        v = TopK.concat([read_topk(f) for f in val]); v = v.take(v.labels >= 0)
+        if len(v): return float((v.top1 != v.labels).mean()), 'val'
+    return None, 'unknown'
+
+# %% ../nbs/03_clean.ipynb #066950e3
+def round_problems(summary:dict,          # clean_index's summary of the round
+                   err:float|None,        # `model_error`'s error (None: unknown)
+                   err_from:str,          # where it comes from
+                   num_classes:int,       # K
+                   p:CleanParams,
+                  )->list[str]:
+    "Why a round looks like it would gut the data (empty: it looks sane)"
+    n, changed = summary['train_before'], summary['dropped'] + summary['relabelled']
+    frac, chance = changed / max(n, 1), 1 - 1 / num_classes
+    out = []
+    if err is not None and err >= p.near_chance * chance:
+        out.append(f"the model is near chance: {err_from} top-1 error {err:.1%}, chance {chance:.1%} (near_chance: {p.near_chance})")
+    if frac > p.max_change_fraction:
+        out.append(f"it would drop or relabel {changed} of {n} training images ({frac:.1%}), more than max_change_fraction {p.max_change_fraction:.0%}")
+    if err is not None and frac > err:
+        out.append(f"it would change {frac:.1%} of the training images, more than the model's own {err_from} error ({err:.1%}) can explain as label noise")
+    return out
+
+def guard_round(summary:dict, err:float|None, err_from:str, num_classes:int, p:CleanParams)->list[str]:
+    "Refuse (ParamsError) a round that would gut the data, unless `allow_aggressive`: then warn and return the problems"
+    probs = round_problems(summary, err, err_from, num_classes, p)
+    if not probs: return []
+    msg = (f"[clean] iteration {p.iteration}: " + "; ".join(probs) + ". " +
+           ("allow_aggressive is true: cleaning anyway." if p.allow_aggressive else
+            "The round is refused: train a better model first (more epochs, a larger image size), make the rules flag less "
+            "(conf_threshold, drop_fraction), or set clean.allow_aggressive: true to clean anyway."))
+    if not p.allow_aggressive: raise ParamsError(msg)
+    warnings.warn(msg); log("WARNING " + msg)
+    return probs
+
 # %% ../nbs/03_clean.ipynb #8607b933
 def plot_confidence(preds:list[TopK],          # training predictions, one per round
                     titles:list[str]|None=None, # one per round
@@ -457,6 +598,7 @@ class CleanArtifacts:
     rounds:pd.DataFrame|None=None    # clean_stage: the per-round table (reports/<exp>/clean_rounds.csv)
     detection:pd.DataFrame|None=None # clean_stage: noise detection per round and kind (reports/<exp>/clean_detection.csv)
     figures:dict=field(default_factory=dict) # clean_stage: figure name -> PNG in reports/<exp>/
+    selection:dict|None=None # clean_stage: the round kept on validation and why (runs/<exp>/clean/selection.json)
 
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"
@@ -476,7 +618,7 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
-    t = TopK.concat([read_topk(p) for p in paths])
+    t = TopK.concat([read_topk(p, feats='prototype' in clean.rules) for p in paths])
     t = t.take(np.argsort(t.rows, kind='stable'))
     if len(t) > 1 and (np.diff(t.rows) == 0).any():
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
@@ -513,6 +655,8 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
     if not own_predictions and clean.source == 'in_sample' and train.eval_splits is not None and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
+    if 'prototype' in clean.rules and not own_predictions and not getattr(train, 'save_feats', False):
+        raise ParamsError("[clean] rules: prototype needs the embeddings of the training images; set train: save_feats: true")
     if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         # round j needs the other models trained on index j, which the train stage can train only once round j has written it
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
@@ -542,8 +686,18 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     def work():
         index = load_index(exp, k - 1)
         new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
+        err, err_from = model_error(t, pred_paths, clean.source)
+        summary['model_error'], summary['model_error_from'] = err, err_from
+        summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
         train_before = index[index['split'] == 'train']
-        summary['detection'] = detection_scores(train_before, changes.loc[changes['action'] != 'kept_tail', 'row']).to_dict('records')
+        flagged_rows = changes.loc[changes['action'] != 'kept_tail', 'row']
+        summary['detection'] = detection_scores(train_before, flagged_rows).to_dict('records')
+        bands = class_bands(exp)
+        if bands is not None:
+            summary['detection_by_band'] = detection_by_band(train_before[train_before['label'] >= 0], flagged_rows, bands).to_dict('records')
+            for a in ('drop', 'relabel'):
+                lab = changes.loc[changes['action'] == a, 'label'].to_numpy(np.int64)
+                summary[f"{'dropped' if a == 'drop' else 'relabelled'}_by_band"] = {b: int((bands[lab] == b).sum()) for b in BANDS}
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
         summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
         with atomic_path(out/'changes.parquet') as tmp: changes.to_parquet(tmp, index=False)
@@ -581,17 +735,26 @@ def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:in
                'relabelled': s.get('relabelled', 0), 'kept_by_tail_protection': s.get('kept_by_tail_protection', 0),
                'noise_rate': _noise_rate(idx[idx['split'] == 'train']),
                'precision': det.get('precision'), 'recall': det.get('recall'), 'f1': det.get('f1')}
+        for b in BANDS:
+            if 'dropped_by_band' in s or k == 0:
+                row[f'dropped_{b}'] = s.get('dropped_by_band', {}).get(b, 0)
+        for dd in s.get('detection_by_band', []): row[f"precision_{dd['band']}"], row[f"recall_{dd['band']}"] = dd['precision'], dd['recall']
         for split in ('val', 'test'):   # a split the models did not predict (real data: no test labels) has no column
             if any(isinstance(mm.metrics.get(split), dict) for mm in models if mm is not None):
                 row[f'{split}_mean_class_err'], row[f'{split}_clean_mean_class_err'] = _err(m, split), _err(m, f'{split}_clean')
         if any(isinstance(mm.metrics.get('val_clean'), dict) for mm in models if mm is not None): row['val_clean_top1_err'] = _err(m, 'val_clean', 'top1_err')
         out.append(row)
+    if not any('dropped_by_band' in json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()) for k in range(1, rounds + 1)):
+        out = [{c: v for c, v in r.items() if not c.startswith('dropped_') or c == 'dropped'} for r in out]
     return pd.DataFrame(out)
 
 def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
-    "Noise detection of iterations 1..`rounds` against the ground truth, overall and per noise kind (empty without ground truth)"
-    cols = ['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'iteration']
-    parts = [pd.DataFrame(json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())['detection']).assign(iteration=k) for k in range(1, rounds + 1)]
+    "Noise detection of iterations 1..`rounds` against the ground truth, overall, per noise kind and per class-size band (empty without ground truth)"
+    cols = ['iteration', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    parts = []
+    for k in range(1, rounds + 1):
+        s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())
+        parts += [pd.DataFrame(s['detection']).assign(iteration=k, band='all'), pd.DataFrame(s.get('detection_by_band', [])).assign(iteration=k)]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
@@ -648,6 +811,20 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         for name, f in figs.items(): f.savefig(report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
+# %% ../nbs/03_clean.ipynb #aa0cf921
+def round_verdict(prev, new,            # TopK val predictions of the model kept so far and of the model retrained on the new round
+                  groups:dict,          # `aliprod.data.shot_groups(exp)`
+                  seed:int=0,
+                 )->dict:
+    "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
+    from aliprod.metrics import paired_delta
+    return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
+
+def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
+    "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
+    f = run_dir(exp, 'clean')/'selection.json'
+    return int(json.loads(f.read_text())['kept_iteration']) if f.exists() else default
+
 # %% ../nbs/03_clean.ipynb #1e28e998
 def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
@@ -655,22 +832,42 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv and the figures"
     from aliprod.core import atomic_write_text, markdown_table
-    from aliprod.data import prepare_data
+    from aliprod.data import prepare_data, shot_groups
     from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
-    rounds = clean.iteration
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
-    for k in range(1, rounds + 1):
+    choose = clean.select == 'validation' and train_model and 'val' in models[0].predictions
+    kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
+                                     'no models trained: rounds not chosen on validation' if not train_model else
+                                     'no val predictions: rounds not chosen on validation' if not choose else '')
+    for k in range(1, clean.iteration + 1):
         art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
         models.append(art.model)
+        if not choose: kept = k; continue
+        v = round_verdict(read_topk(models[kept].predictions['val']), read_topk(art.model.predictions['val']), shot_groups(exp), exp.seed)
+        decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
+        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        if v['verdict'] != 'helped':
+            reason = f"round {k} did not improve val mean class error ({v['verdict']}, Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): stopped, rounds after {k} not run"
+            break
+        kept = k
+    reason = reason or f"every round up to {kept} improved val mean class error"
+    rounds = len(models) - 1
+    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
+                 'reason': reason, 'decisions': decisions}
+    atomic_write_json(run_dir(exp, 'clean')/'selection.json', selection)
+    log(f"clean: kept iteration {kept}: {reason}")
     rep = report_dir(exp)
     table, det, rel = rounds_table(exp, clean, models, rounds), detection_table(exp, rounds), relabel_table(exp, rounds)
+    table['kept'] = table['iteration'] == kept
+    table['verdict'] = table['iteration'].map({dd['iteration']: dd['verdict'] for dd in decisions})
+    atomic_write_json(rep/'clean_selection.json', selection)
     atomic_write_text(rep/'clean_rounds.csv', table.to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
     atomic_write_text(rep/'clean_detection.csv', det.to_csv(index=False))
     if len(rel): atomic_write_text(rep/'clean_relabel.csv', rel.to_csv(index=False))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
     figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)
-    art.rounds, art.detection, art.figures = table, det, {n: rep/f'{n}.png' for n in figs}
+    art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art

@@ -15,13 +15,15 @@ from .core import (params_section, ParamsError, markdown_table, log, atomic_path
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
+from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
 from fastai.callback.core import Callback
 
 # %% auto #0
 __all__ = ['TauBias', 'Loss', 'NCMNorm', 'METHODS', 'FINETUNES', 'Features', 'synthetic_features', 'linear_head', 'head_logits',
            'head_top1', 'head_topk', 'tau_normalize', 'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss',
            'fit_head', 'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'balanced_subset',
-           'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table', 'plot_tau_sweep',
+           'sweep_logit_adjust', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
+           'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms',
            'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
            'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
            'rebalance_stage']
@@ -172,7 +174,7 @@ def fit_head(head:nn.Module,          # trains the parameters that require grad;
              samples_per_epoch:int|None=None, # draws per epoch; default N
              batch_size:int=512,
              mode:str='class',        # sampling: 'class' (cRT, LWS) or 'instance', 'sqrt'
-             loss:Loss='ce',          # cross-entropy or the accuracy loss
+             loss='ce',               # 'ce' (cross-entropy), 'acc' (the accuracy loss), or a loss function (logits, target) -> scalar
              weight_decay:float=5e-4,
              momentum:float=0.9,
              seed:int=0,
@@ -189,7 +191,8 @@ def fit_head(head:nn.Module,          # trains the parameters that require grad;
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     labels = torch.as_tensor(data.labels, dtype=torch.int64, device=device)
     X = torch.tensor(np.asarray(data.feats), device=device)  # once: the (N,D) cache, 5 GB at AliProducts scale, fits a GPU
-    loss_fn = F.cross_entropy if loss == 'ce' else accuracy_loss
+    if not callable(loss) and loss not in ('ce', 'acc'): raise ValueError(f"fit_head: loss must be 'ce', 'acc' or a function, got {loss!r}")
+    loss_fn = loss if callable(loss) else F.cross_entropy if loss == 'ce' else accuracy_loss
     hist = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -276,8 +279,26 @@ def balanced_subset(labels,             # (N,) given labels
     first = np.searchsorted(y[order], y[order], side='left')
     return np.sort(order[np.arange(len(y)) - first < per_class])
 
+# %% ../nbs/04_rebalance.ipynb #6be203d1
+def sweep_logit_adjust(classifier:nn.Module,
+                       prior:Tensor,            # (K,) `log_prior` of the training split
+                       val:Features,            # the split τ is chosen on (validation)
+                       groups:dict,             # evaluate's shot groups (`aliprod.data.shot_groups(exp)`)
+                       grid=tuple(np.round(np.linspace(0, 2, 21), 2)),
+                       batch_size:int=4096, device='cpu',
+                      )->pd.DataFrame:
+    "Accuracy of post-hoc logit adjustment on `val` for each τ in `grid`: the columns of `sweep_tau`"
+    logits = head_logits(classifier, val.feats, batch_size, device)   # once: τ only shifts them
+    rows = []
+    for tau in grid:
+        pred = (logits - float(tau) * prior).argmax(1).numpy()
+        m = evaluate(_top1_predictions(pred, val, logits.shape[1]), **groups, topk=(1,))
+        rows.append({'tau': float(tau), 'many': m['many_acc'], 'medium': m['medium_acc'], 'few': m['few_acc'],
+                     'all': 1 - m['mean_class_err'], 'top1': 1 - m['top1_err']})
+    return pd.DataFrame(rows)
+
 # %% ../nbs/04_rebalance.ipynb #9ea2c138
-METHODS = ('crt', 'tau_norm', 'lws', 'ncm', 'balanced_subset', 'two_stage', 'acc_loss')
+METHODS = ('crt', 'tau_norm', 'lws', 'ncm', 'logit_adjust', 'balanced_softmax', 'balanced_subset', 'two_stage', 'acc_loss')
 FINETUNES = ('balanced_subset', 'two_stage', 'acc_loss')  # the methods that can finetune the classifier or the whole network
 
 @params_section('rebalance')
@@ -286,6 +307,7 @@ class RebalanceParams:
     iteration:int=0                  # which train iteration's model to rebalance (0: trained on the data stage's index)
     methods:list[str]=field(default_factory=lambda: list(METHODS)) # rows of the ablation, in order
     tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # τ values swept on validation
+    la_tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # logit_adjust: τ values swept on validation
     tau_bias:TauBias='drop'          # the classifier's bias under τ-norm: drop (classifier-balancing), keep, none (bias-free head)
     crt_epochs:int=10                # cRT: epochs of class-balanced classifier re-training
     crt_lr:float|None=None           # cRT peak lr; None: classifier-balancing's 0.2 at batch 512, scaled linearly to batch_size (`crt_peak_lr`)
@@ -308,6 +330,7 @@ class RebalanceParams:
         if bad: raise ParamsError(f"Unknown method {bad[0]!r} in [rebalance] methods; valid: {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods): raise ParamsError(f"[rebalance] methods lists a method twice: {self.methods}")
         if not self.tau_grid or min(self.tau_grid) < 0: raise ParamsError(f"[rebalance] tau_grid must be non-empty and >= 0, got {self.tau_grid}")
+        if not self.la_tau_grid or min(self.la_tau_grid) < 0: raise ParamsError(f"[rebalance] la_tau_grid must be non-empty and >= 0, got {self.la_tau_grid}")
         if self.network_epochs < 1: raise ParamsError(f"[rebalance] network_epochs: must be >= 1, got {self.network_epochs}")
         if self.crt_lr is not None and self.crt_lr <= 0: raise ParamsError(f"[rebalance] crt_lr: must be > 0 or null (null: 0.2 × batch_size/512), got {self.crt_lr}")
         if self.batch_size < 1: raise ParamsError(f"[rebalance] batch_size: must be >= 1, got {self.batch_size}")
@@ -354,6 +377,17 @@ def fit_method(method:str,
         tau = choose_tau(sweep)
         return tau_normalized_head(w, b, tau, p.tau_bias), {'tau': tau, 'sweep': sweep}
     if method == 'ncm': return class_means(train, K, p.ncm_norm), {'images': len(train)}
+    if method == 'logit_adjust':   # the prior of the split the classifier was trained on: this iteration's training split
+        prior = log_prior(class_counts(train.labels, K))
+        sweep = sweep_logit_adjust(classifier, prior, val, groups, p.la_tau_grid, device=device)
+        tau = choose_tau(sweep)
+        return LogitAdjustedHead(copy.deepcopy(classifier).eval(), prior, tau), {'tau': tau, 'sweep': sweep}
+    if method == 'balanced_softmax':
+        prior = log_prior(class_counts(capped.labels, K))   # the data it trains on, drawn instance by instance
+        head = copy.deepcopy(classifier).requires_grad_(True)
+        bs = lambda z, y: balanced_softmax_loss(z, y, prior.to(z.device))
+        hist = fit_head(head, capped, K, p.crt_epochs, **{**fit, 'lr': p.crt_peak_lr}, mode='instance', loss=bs)
+        return head, {'history': hist, 'images': len(capped)}
     if method == 'crt':
         head = copy.deepcopy(classifier)
         for m in head.modules():  # re-initialise, keep the head type (linear, cosine) and its bias or lack of one
@@ -433,6 +467,38 @@ def plot_tau_sweep(sweep:pd.DataFrame, tau:float, title:str='τ-normalisation on
     ax.legend(fontsize=8); fig.tight_layout()
     return fig
 
+# %% ../nbs/04_rebalance.ipynb #dbdbf168
+def weight_norms(classifier:nn.Module, counts)->pd.DataFrame|None:
+    "Per class: training images and the L2 norm of its classifier row (None for a classifier without a weight matrix)"
+    w = getattr(classifier, 'weight', None)
+    if not isinstance(w, Tensor) or w.ndim != 2: return None
+    return pd.DataFrame({'label': np.arange(w.shape[0]), 'train_images': np.asarray(counts, np.int64), 'weight_norm': w.detach().float().norm(dim=1).cpu().numpy()})
+
+def norm_size_correlation(norms:pd.DataFrame)->float:
+    "Spearman rank correlation of row norm with class size over the classes with training images"
+    n = norms[norms['train_images'] > 0]
+    if len(n) < 3 or n['train_images'].nunique() < 2: return float('nan')
+    return float(n['train_images'].rank().corr(n['weight_norm'].rank()))
+
+def weight_norm_note(rho:float, tau:float|None)->str:
+    "One sentence on what the norm/size correlation says about τ-normalisation"
+    chosen = '' if tau is None else f' (τ chosen on validation: {tau:g})'
+    if not np.isfinite(rho): return f'Classifier row norms: too few classes with different sizes to relate them to class size{chosen}.'
+    if rho > 0.3: return (f'Classifier row norms grow with class size (Spearman ρ = {rho:.2f}): the head classes win close calls by norm, '
+                          f'which τ-normalisation divides out{chosen}.')
+    return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}; e.g. weight decay under AdamW keeps them flat): '
+            f'τ-normalisation has little to correct, so it can help little{chosen}.')
+
+def plot_weight_norms(norms:pd.DataFrame, title:str='Classifier row norm against class size'):
+    "Per-class ‖w_i‖ against training images (log x), the Spearman correlation in the legend (Kang et al.'s Figure 2)"
+    import matplotlib.pyplot as plt
+    n = norms[norms['train_images'] > 0]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.semilogx(n['train_images'], n['weight_norm'], '.', alpha=0.5, label=f'classes (Spearman ρ = {norm_size_correlation(norms):.2f})')
+    ax.set(xlabel='training images of the class', ylabel='‖w_i‖ (L2 norm of the class row)', title=title)
+    ax.legend(fontsize=8); fig.tight_layout()
+    return fig
+
 # %% ../nbs/04_rebalance.ipynb #9d9a961e
 class AccuracyLoss(nn.Module):
     "`accuracy_loss` while training; plain cross-entropy under no_grad (validation), so validation losses compare across runs"
@@ -502,8 +568,9 @@ def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str
     if 'train' not in have: raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled training rows; every method fits on them")
     evals = [s for s in ('val', 'test') if s in have]
     if not evals: raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled val or test rows: nothing to evaluate the methods on")
-    if 'val' not in have and 'tau_norm' in p.methods:
-        raise ParamsError(f"[rebalance] methods: tau_norm chooses τ on the val split, and {where} has no labelled val rows; leave tau_norm out of methods")
+    for m in ('tau_norm', 'logit_adjust'):
+        if 'val' not in have and m in p.methods:
+            raise ParamsError(f"[rebalance] methods: {m} chooses τ on the val split, and {where} has no labelled val rows; leave {m} out of methods")
     return evals
 
 # %% ../nbs/04_rebalance.ipynb #bfff1a7c
@@ -613,15 +680,25 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             import matplotlib.pyplot as plt; plt.close(fig)
             with atomic_path(rep/'tau_sweep.png') as f: shutil.copyfile(fig_path, f)
             outputs += [out/'tau_sweep.csv', fig_path]
+        norms = weight_norms(classifier, class_counts(splits['train'].labels, K))
+        rho = None
+        if norms is not None:
+            rho = norm_size_correlation(norms)
+            atomic_write_parquet(norms, out/'weight_norms.parquet'); outputs.append(out/'weight_norms.parquet')
+            fig = plot_weight_norms(norms, f'{exp.experiment} iteration {p.iteration}: classifier row norm vs class size')
+            for f_ in (out/'weight_norms.png', rep/'weight_norms.png'):
+                with atomic_path(f_) as f: fig.savefig(f, dpi=120, format='png')
+            import matplotlib.pyplot as plt; plt.close(fig)
+            outputs.append(out/'weight_norms.png')
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
         for d in (out, rep):
             with atomic_path(d/'rebalance.csv') as f: table.to_csv(f, index=False)
-            atomic_write_text(d/'rebalance.md', markdown_table(table))
+            atomic_write_text(d/'rebalance.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau)))
         outputs += [out/'rebalance.csv', out/'rebalance.md']
         split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
         rows = table[table.split == split].set_index('method')
-        metrics = {'tau': tau, 'seconds': round(time.time() - t0, 2), 'metrics_split': split,
+        metrics = {'tau': tau, 'weight_norm_size_spearman': rho, 'seconds': round(time.time() - t0, 2), 'metrics_split': split,
                    **{f'{m}_{c}': float(rows.loc[m, c]) for m in rows.index for c in ('mean_class_err', 'few_acc')}}
         return outputs, metrics
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RULE_SETS = [['disagree_low_conf'], ['self_confidence'], ['confident_learning'], ['disagree_low_conf', 'confident_learning'], ['agreement']]
+RULE_SETS = [['disagree_low_conf'], ['self_confidence'], ['confident_learning'], ['disagree_low_conf', 'confident_learning'], ['agreement'],
+             ['class_relative'], ['prototype']]
+BANDS = ('many', 'medium', 'few')   # by the given label's training count: > 100 many, < 20 few (aliprod.metrics.shot_group's defaults)
 
 
 def _peak_rss_mb()->float:
@@ -40,6 +42,32 @@ def _scores(flags:np.ndarray, noisy:np.ndarray)->dict:
     return {'flagged': int(flags.sum()), 'precision': p, 'recall': r, 'f1': 2 * p * r / (p + r) if tp else 0.0}
 
 
+def _band_scores(flags:np.ndarray, noisy:np.ndarray, labels:np.ndarray, K:int)->dict:
+    "Precision / recall / F1 within each class-size band of the given label"
+    from aliprod.metrics import shot_group
+    band = shot_group(np.bincount(labels, minlength=K))[labels]
+    return {b: {'n': int((band == b).sum()), 'noisy': int(noisy[band == b].sum()), **_scores(flags[band == b], noisy[band == b])} for b in BANDS}
+
+
+def simulate_feats(tr, K:int, dim:int=64, seed:int=0, memorize:float=0.3, top1=None)->np.ndarray:
+    "(N,D) float32 embeddings a trained model might give: near the true class's direction; a memorised noisy sample halfway to its given class; a clean sample the model gets wrong (`top1`) halfway to that class"
+    rng = np.random.default_rng(seed + 7)
+    means = rng.normal(size=(K, dim)).astype(np.float32); means /= np.linalg.norm(means, axis=1, keepdims=True)
+    y = tr['label'].to_numpy(np.int64); c = tr['clean_label'].to_numpy(np.int64)
+    c = np.where(c < 0, rng.integers(0, K, len(c)), c)            # out-of-distribution: some other direction
+    out = np.empty((len(y), dim), np.float32)
+    for s in range(0, len(y), 1 << 18):
+        sl = slice(s, s + (1 << 18))
+        m = means[c[sl]]
+        memo = (c[sl] != y[sl]) & (rng.random(len(m)) < memorize)
+        m[memo] = 0.5 * (m[memo] + means[y[sl][memo]])
+        if top1 is not None:   # the hard clean samples: the embedding is as confused as the classifier
+            hard = (c[sl] == y[sl]) & (top1[sl] != y[sl])
+            m[hard] = 0.5 * (m[hard] + means[top1[sl][hard]])
+        out[sl] = m + 0.7 * rng.normal(size=m.shape).astype(np.float32) / np.sqrt(dim)
+    return out
+
+
 def worker_ours(args)->dict:
     "One rule set on the saved predictions, in this (fresh) process"
     from aliprod.clean import CleanParams, find_noisy, protect_tail
@@ -48,6 +76,9 @@ def worker_ours(args)->dict:
     base = _peak_rss_mb()  # the interpreter with numpy, pandas, pyarrow and torch (aliprod.core) imported
     t0 = time.perf_counter()
     t = read_topk(Path(args.tmp)/'pred0.parquet')
+    if 'prototype' in rules:   # the embeddings, memory-mapped: the rule reads them in chunks
+        from aliprod.predictions import TopK
+        t = TopK(t.rows, t.labels, t.topk_labels, t.topk_probs, t.p_label, t.num_classes, np.load(Path(args.tmp)/'feats.npy', mmap_mode='r'))
     others = [read_topk(Path(args.tmp)/'pred1.parquet')] if 'agreement' in rules else []
     load_s = time.perf_counter() - t0
     noisy = np.load(Path(args.tmp)/'truth.npy')
@@ -60,7 +91,8 @@ def worker_ours(args)->dict:
         times.append(time.perf_counter() - t0)
         del fl
     return {'rules': '+'.join(rules), 'n': len(t), 'K': t.num_classes, 'k': t.k, 'median_s': float(np.median(times)), 'times_s': times,
-            'load_s': load_s, 'peak_rss_mb': _peak_rss_mb(), 'import_rss_mb': base, **_scores(flags, noisy)}
+            'load_s': load_s, 'peak_rss_mb': _peak_rss_mb(), 'import_rss_mb': base, **_scores(flags, noisy),
+            'by_band': _band_scores(flags, noisy, t.labels.astype(np.int64), t.num_classes)}
 
 
 def _dense_from_topk(t, rng)->np.ndarray:
@@ -163,6 +195,7 @@ def main(argv=None)->dict:
     ap.add_argument('--n-images', type=int, default=2_500_000); ap.add_argument('--n-classes', type=int, default=50_030)
     ap.add_argument('--imbalance', type=float, default=1600.); ap.add_argument('--noise', type=float, default=0.1)
     ap.add_argument('--k', type=int, default=10); ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--feat-dim', type=int, default=64, help='embedding size of the simulated feats (prototype rule)')
     ap.add_argument('--repeats', type=int, default=3); ap.add_argument('--min-per-class', type=int, default=5)
     ap.add_argument('--cl-images', type=int, default=100_000, help='images of the dense cleanlab comparison')
     ap.add_argument('--cl-classes', type=int, default=2_000, help='classes of the dense cleanlab comparison')
@@ -189,8 +222,10 @@ def main(argv=None)->dict:
         tr = idx[idx['split'] == 'train'].reset_index(drop=True); del idx
         noisy = is_noisy(tr)[0]
         np.save(Path(tmp)/'truth.npy', noisy)
-        write_topk(Path(tmp)/'pred0.parquet', simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed))
+        t0_ = simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed)
+        write_topk(Path(tmp)/'pred0.parquet', t0_)
         write_topk(Path(tmp)/'pred1.parquet', simulate_predictions(tr, args.n_classes, k=args.k, seed=args.seed + 1))
+        np.save(Path(tmp)/'feats.npy', simulate_feats(tr, args.n_classes, args.feat_dim, args.seed, top1=t0_.top1.astype(np.int64))); del t0_
         res['data'] = {'train_images': len(tr), 'classes': args.n_classes, 'noisy_fraction': float(noisy.mean()),
                        'noise_kinds': tr['noise_kind'].value_counts().to_dict(), 'setup_s': time.perf_counter() - t0}
         del tr
@@ -198,6 +233,9 @@ def main(argv=None)->dict:
               f"{res['data']['noisy_fraction']:.1%} noisy; setup {res['data']['setup_s']:.0f} s", flush=True)
         res['ours'] = [_spawn(args, '+'.join(r)) for r in RULE_SETS]
         print(_table(res['ours'], ['rules', 'n', 'K', 'median_s', 'peak_rss_mb', 'import_rss_mb', 'flagged', 'precision', 'recall', 'f1']), flush=True)
+        bands = [{'rules': o['rules'], 'band': b, **o['by_band'][b]} for o in res['ours'] for b in BANDS]
+        print('\nby class-size band of the given label (many > 100, few < 20 training images):')
+        print(_table(bands, ['rules', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']), flush=True)
         target = next(r for r in res['ours'] if r['rules'] == 'disagree_low_conf+confident_learning')
         res['target'].update(met=bool(target['median_s'] <= 30 and target['peak_rss_mb'] <= 3072),
                              median_s=target['median_s'], peak_rss_mb=target['peak_rss_mb'])

@@ -37,6 +37,10 @@ def _params(rule, **kw):
 @pytest.mark.parametrize('rule', RULES)
 def test_no_rule_flags_a_confident_top1_label(data, rule):
     _, tr, t = data
+    if rule == 'prototype':   # embeddings near the top-1 class's direction, as a trained model's are
+        from aliprod.predictions import TopK
+        t = TopK(t.rows, t.labels, t.topk_labels, t.topk_probs, t.p_label, t.num_classes,
+                 (np.eye(50)[t.top1] + 0.3 * np.random.default_rng(0).normal(size=(len(t), 50))).astype(np.float32))
     confident_agree = (t.top1 == t.labels) & (t.conf >= 0.5)
     for kw in ({}, {'conf_threshold': 1.0, 'self_conf_threshold': 1.0}, {'drop_fraction': 0.99}):
         flags = find_noisy(t, _params(rule, **kw), others=[t]).reasons.to_numpy() > 0
@@ -223,7 +227,8 @@ def test_benchmark_small(tmp_path):
     res = json.loads(out.read_text())
     assert {'config', 'hardware', 'data', 'ours', 'cleanlab', 'target'} <= set(res)
     assert [o['rules'] for o in res['ours']] == ['disagree_low_conf', 'self_confidence', 'confident_learning',
-                                                'disagree_low_conf+confident_learning', 'agreement']
+                                                'disagree_low_conf+confident_learning', 'agreement', 'class_relative', 'prototype']
+    for o in res['ours']: assert set(o['by_band']) == {'many', 'medium', 'few'}
     for o in res['ours']: assert {'median_s', 'peak_rss_mb', 'flagged', 'precision', 'recall', 'f1'} <= set(o)
     methods = [m['method'] for m in res['cleanlab']['methods']]
     assert any('find_label_issues_batched' in m for m in methods) and any(m.startswith('aliprod confident_learning') for m in methods)
@@ -247,7 +252,8 @@ def test_clean_stage_without_a_test_split(tmp_path):
     with pytest.raises(ParamsError, match='needs the predictions of the training split'):
         clean_stage(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
     assert not (tmp_path/'runs'/'notest'/'train').exists(), 'refused before training'
-    art = clean_stage(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2))
+    # a 1-epoch model of 5 classes may be near chance (the guard would refuse its round): this test is about the splits
+    art = clean_stage(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2, allow_aggressive=True))
     assert art.rounds.iteration.tolist() == [0, 1] and art.rounds.val_mean_class_err.notna().all()
     assert not any(c.startswith('test_') for c in art.rounds.columns)
     assert set(art.summary['relabel_outcomes']) and art.summary['relabelled'] + art.summary['dropped'] == sum(art.summary['relabel_outcomes'].values())
@@ -255,3 +261,64 @@ def test_clean_stage_without_a_test_split(tmp_path):
     for f in ('clean_rounds.csv', 'clean_rounds.md', 'clean_rounds.png', 'clean_detection.csv', 'clean_relabel.csv', 'clean_confidence.png'):
         assert (rep/f).is_file(), f
     assert art.model is not None and 'test' not in art.model.predictions
+    # the round is chosen on validation: selection.json says which round was kept and why
+    sel = json.loads((tmp_path/'runs'/'notest'/'clean'/'selection.json').read_text())
+    assert sel['kept_iteration'] in (0, 1) and len(sel['decisions']) == 1 and sel['decisions'][0]['verdict'] in ('helped', 'hurt', 'no measurable effect')
+    assert art.rounds.kept.sum() == 1 and {'dropped_many', 'dropped_medium', 'dropped_few'} <= set(art.rounds.columns)
+
+
+def test_a_round_never_guts_the_data(tmp_path, data):
+    "A model at chance (simulated) or a round changing more than 40% / more than the model's error is refused before it writes, unless allow_aggressive"
+    import warnings
+    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.clean import clean_iteration, guard_round, round_problems
+    from aliprod.data import load_index
+    from aliprod.core import run_dir
+    from aliprod.predictions import TopK, write_topk
+    from aliprod.train import TrainParams
+    idx, tr, t = data
+    rng = np.random.default_rng(1)
+    def at_chance(part, K=50, k=5):
+        labs = np.argsort(rng.random((len(part), K)), 1)[:, :k].astype(np.int32)
+        return TopK(part.row.to_numpy(np.int64), part.label.to_numpy(np.int32), labs, np.full((len(part), k), 1 / K, np.float32),
+                    np.full(len(part), 1 / K, np.float32), K)
+    _, _, s = clean_index(idx, at_chance(tr), CleanParams(min_per_class=2))
+    with pytest.raises(ParamsError, match=r'near chance: val top-1 error 9\d\.\d%.*would drop or relabel \d+ of 3200 training images \((\d+)\.\d%\)'):
+        guard_round(s, 0.98, 'val', 50, CleanParams(min_per_class=2))
+    # the simulated trained model's round (its in-sample error standing in for val) is sane
+    _, _, ok = clean_index(idx, t, CleanParams(min_per_class=2))
+    assert round_problems(ok, float((t.top1 != t.labels).mean()), 'val', 50, CleanParams()) == []
+    # more than the model's own error explains, with a good model: refused too
+    assert 'more than the model' in round_problems(ok, 0.01, 'val', 50, CleanParams())[0]
+    # through the stage: nothing of the round is written
+    exp = ExperimentParams(experiment='guts', runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    d = run_dir(exp, 'data'); idx.to_parquet(d/'index.parquet', index=False)
+    pd.DataFrame({'label': np.arange(50), 'class_name': [f'c{j}' for j in range(50)], 'coarse_label': np.arange(50) // 5}).to_parquet(d/'classes.parquet', index=False)
+    (d/'dataset.json').write_text(json.dumps({'root': str(d/'images'), 'num_classes': 50}))
+    def preds(it, fold=None, folds=None):
+        ix = load_index(exp, it)
+        for sp in ('train', 'val'): write_topk(tmp_path/'p'/f'{sp}.parquet', at_chance(ix[ix.split == sp]))
+        return tmp_path/'p'/'train.parquet'
+    with pytest.raises(ParamsError, match='clean.allow_aggressive: true'):
+        clean_iteration(exp, None, TrainParams(), CleanParams(iteration=1, min_per_class=2), train_model=False, predictions_of=preds)
+    assert not (run_dir(exp, 'clean', 1)/'index.parquet').exists()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        art = clean_iteration(exp, None, TrainParams(), CleanParams(iteration=1, min_per_class=2, allow_aggressive=True), train_model=False, predictions_of=preds)
+    assert art.summary['guard'] and art.summary['model_error_from'] == 'val' and any('allow_aggressive is true' in str(x.message) for x in w)
+
+
+def test_prototype_rule_flags_a_planted_tail_sample_and_keeps_its_siblings():
+    "RoLT's prototype rule with a per-class threshold: a 3-image class's mislabelled image is flagged, its 2 clean siblings kept"
+    from aliprod.clean import prototype_rule, class_relative
+    r = np.random.default_rng(3)
+    D, K = 16, 6
+    means = r.normal(size=(K, D)); means /= np.linalg.norm(means, axis=1, keepdims=True)
+    y_true = np.r_[np.repeat(np.arange(5), 80), [5, 5, 2]]
+    x = means[y_true] + 0.25 * r.normal(size=(len(y_true), D)) / np.sqrt(D)
+    y = np.r_[y_true[:-1], 5]
+    z = 8 * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ means.T
+    t = topk_from_probs(np.exp(z) / np.exp(z).sum(1, keepdims=True), y, k=3, feats=x.astype(np.float32))
+    flags, near = prototype_rule(t)
+    assert flags[-3:].tolist() == [False, False, True] and near[-1] == 2
+    assert flags[:-3].sum() <= 2

@@ -119,7 +119,7 @@ def test_decoupled_methods_raise_few_shot_accuracy(long_tail):
     from aliprod.rebalance import head_topk, results_table
     res = rebalance_features(trained, splits, K, p, train_p_label=head_topk(trained, splits['train']).p_label)
     few = results_table(res).query("split == 'test'").set_index('method')['few_acc']
-    for m in ('crt', 'tau_norm', 'lws'): assert few[m] > few['baseline'], (m, few.to_dict())
+    for m in ('crt', 'tau_norm', 'lws', 'logit_adjust', 'balanced_softmax'): assert few[m] > few['baseline'], (m, few.to_dict())
 
 
 def test_balanced_subset_and_params():
@@ -184,8 +184,12 @@ def test_stages_run_without_a_test_split(tmp_path):
     with pytest.raises(ParamsError, match="no 'test' rows; leave it out"): T.train_stage(exp, data, t)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
-    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm'], crt_epochs=1))
-    assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm'}
+    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
+    assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
+    # the new methods are laid out like the others (what the composed system reads), and the weight-norm figure and note are written
+    for m in ('logit_adjust', 'balanced_softmax'):
+        assert all((art.out_dir/m/f).is_file() for f in ('head.pth', 'predictions/val.parquet', 'metrics.json'))
+    assert (tmp_path/'reports'/'notest'/'weight_norms.png').is_file() and 'Classifier row norms' in (art.out_dir/'rebalance.md').read_text()
     assert art.splits == ['val'] and (art.table.loc[art.table.method == 'baseline', 'mean_class_err_change'] == 0).all()
     metrics = json.loads((art.out_dir/'manifest.json').read_text())['metrics']
     assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'
@@ -222,3 +226,23 @@ def test_crt_lr_follows_the_batch_size():
     assert RebalanceParams(**recipe).crt_peak_lr == pytest.approx(0.2)
     assert RebalanceParams(batch_size=256, crt_lr=0.3).crt_peak_lr == 0.3
     with pytest.raises(ParamsError, match='crt_lr'): RebalanceParams(crt_lr=-1.0)
+
+
+def test_logit_adjustment_and_balanced_softmax_identities(long_tail):
+    "τ = 0 is the plain classifier; Balanced Softmax on a balanced prior is cross-entropy; the prior is the training split's"
+    from aliprod.losses import log_prior, logit_adjust, balanced_softmax_loss, LogitAdjustedHead
+    from aliprod.rebalance import sweep_logit_adjust, fit_method, head_topk
+    splits, trained = long_tail
+    x = torch.from_numpy(splits['val'].feats)
+    assert torch.equal(LogitAdjustedHead(trained, log_prior(COUNTS), 0.0)(x), trained(x))
+    z = trained(x).detach()
+    assert torch.equal(logit_adjust(z, log_prior(COUNTS), 1.0).argmax(1), (z - log_prior(COUNTS)).argmax(1))
+    y = torch.from_numpy(splits['val'].labels)
+    assert torch.allclose(balanced_softmax_loss(z, y, log_prior(np.full(K, 9))), F.cross_entropy(z, y))
+    groups = {'train_counts': COUNTS}
+    sw = sweep_logit_adjust(trained, log_prior(COUNTS), splits['val'], groups, grid=(0.0, 1.0))
+    from aliprod.metrics import evaluate
+    assert np.isclose(sw['all'].iloc[0], 1 - evaluate(head_topk(trained, splits['val']), **groups)['mean_class_err'])
+    head, info = fit_method('logit_adjust', trained, splits['train'], splits['val'], K, RebalanceParams(la_tau_grid=[0.0, 0.5, 1.0]))
+    assert info['tau'] in (0.0, 0.5, 1.0) and torch.allclose(head.log_prior, log_prior(COUNTS))
+    with pytest.raises(ParamsError, match='la_tau_grid'): RebalanceParams(la_tau_grid=[])
