@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
 from .core import (ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
-                          atomic_write_json, report_dir, log)
+                          atomic_write_json, report_dir, log, check_name)
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 
 # %% auto #0
@@ -216,6 +216,7 @@ class EnsembleParams:
     chunk_rows:int=250_000   # rows combined at a time (memory: about chunk_rows × members × k × 20 bytes)
 
     def __post_init__(self):
+        check_name(self.name, '[ensemble] name')   # it names runs/<exp>/ensemble/<name>/: no '..' or '/'
         if not self.members: raise ParamsError("[ensemble] members is empty; list at least one, e.g. ['train', 'tta:ten-x1.5']")
         for m in self.members: parse_member(m)
         if len(set(self.members)) != len(self.members): raise ParamsError(f"[ensemble] members lists a member twice: {self.members}; use weights instead")
