@@ -44,7 +44,7 @@ class CleanParams:
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
     agreement_tags:list[str]=field(default_factory=list) # agreement, relabel_evidence 'models': runs/<exp>/train-<tag>/<iteration-1>/ of the other models
     gallery_size:int=24            # flagged samples shown per round in the gallery
-    max_change_fraction:float=0.4  # a round that would drop or relabel more of the training images is refused (see "A round never guts the data")
+    max_change_fraction:float=0.5  # a round that would drop or relabel more of the training images is refused (see "A round never guts the data")
     near_chance:float=0.9          # a model whose error is at least this share of chance error (1 - 1/K) is near chance: its round is refused
     allow_aggressive:bool=False    # clean anyway (loudly warned) when a round fails those checks
     select:Literal['validation','all']='validation' # validation: keep a round only if its retrained model improves val mean class error (paired interval), stop at the first that does not; all: run every round
