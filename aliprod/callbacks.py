@@ -17,8 +17,8 @@ from .predict import rank_world as _rank_world
 
 # %% auto #0
 __all__ = ['epoch_seed', 'EpochSeed', 'SeededDraws', 'SeededAugment', 'TimmSchedule', 'MixupCallback', 'ProgressiveResize',
-           'ValidMetrics', 'rng_state', 'set_rng_state', 'canonical', 'Checkpoint', 'LogLines', 'SeenRows',
-           'SimulatedKill', 'KillAfterEpoch', 'DDPCallback']
+           'ValidMetrics', 'rng_state', 'set_rng_state', 'canonical', 'Checkpoint', 'fmt_seconds', 'LogLines', 'SaveAt',
+           'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback']
 
 # %% ../nbs/02d_callbacks.ipynb #f800689f
 def epoch_seed(seed:int, epoch:int, rank:int=0)->int:
@@ -165,21 +165,42 @@ class Checkpoint(Callback):
         atomic_torch_save(canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
                                      'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}), self.out_dir/'checkpoint.pth')
 
+def fmt_seconds(s:float)->str:
+    "12 s, 3 min 05 s, 2 h 14 min: a duration as a person reads it"
+    s = max(0, int(round(s)))
+    if s < 60: return f"{s} s"
+    if s < 3600: return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
 class LogLines(Callback):
-    "A plain log line per epoch, and at each quarter of long epochs (rank 0)"
+    "A plain line per epoch (train loss, validation mean class error, seconds, time left of this training), and at each quarter of long epochs (rank 0)"
     order = 70
-    def __init__(self, total:int, first_epoch:int=0, history:list|None=None): self.total, self.first, self.history = total, first_epoch, history
+    def __init__(self, total:int, first_epoch:int=0, history:list|None=None, what:str=''):
+        self.total, self.first, self.history, self.what, self.took = total, first_epoch, history, what, []
     def before_epoch(self): self.t0 = time.time()
     def after_batch(self):
         if not self.training or self.n_iter < 100 or (self.iter + 1) % (self.n_iter // 4) or self.iter + 1 == self.n_iter: return
-        n = (self.iter + 1) * len(self.yb[0]) * _rank_world()[1]
-        log(f"epoch {self.epoch + 1}/{self.total}: {self.iter + 1}/{self.n_iter} batches, loss {float(self.loss.detach()):.4f}, {n / (time.time() - self.t0):.0f} img/s")
+        n, dt = (self.iter + 1) * len(self.yb[0]) * _rank_world()[1], time.time() - self.t0
+        log(f"{self.what}epoch {self.epoch + 1}/{self.total}: {self.iter + 1}/{self.n_iter} batches, loss {float(self.loss.detach()):.4f}, "
+            f"{n / dt:.0f} img/s, epoch ends in {fmt_seconds(dt * (self.n_iter / (self.iter + 1) - 1))}")
     def after_epoch(self):
         if self.epoch < self.first or not self.history: return
-        h = self.history[-1]
-        log(f"epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] lr {h['lr']:.2e} train_loss {h.get('train_loss', float('nan')):.4f} "
-            f"valid_loss {h.get('valid_loss', float('nan')):.4f} top1_err {h.get('top1_err', float('nan')):.4f} "
-            f"mean_class_err {h.get('mean_class_err', float('nan')):.4f} ({time.time() - self.t0:.0f} s)")
+        h, dt = self.history[-1], time.time() - self.t0
+        self.took.append(dt)
+        left = self.total - h['epoch']
+        # the epochs left at the latest epoch's pace (the finetune epochs run at a larger size: the first of them is slower)
+        eta = f"{fmt_seconds(left * dt)} left" if left else 'done'
+        err, top1 = h.get('mean_class_err', float('nan')), h.get('top1_err', float('nan'))
+        val = f"val mean class error {err:.4f} (top-1 {top1:.4f})" if err == err else 'no val images to evaluate'
+        log(f"{self.what}epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] train loss {h.get('train_loss', float('nan')):.4f}, "
+            f"{val}, lr {h['lr']:.2e}, {fmt_seconds(dt)}, {eta}")
+
+class SaveAt(Callback):
+    "After epoch `epoch` (1-based; rank 0), the net's weights into `path`: the main phase's model, before a high-res finetune"
+    order = 66
+    def __init__(self, epoch:int, net:nn.Module, path:Path): self.at, self.net, self.path = epoch, net, Path(path)
+    def after_epoch(self):
+        if self.epoch + 1 == self.at and _rank_world()[0] == 0: atomic_torch_save(canonical(self.net.state_dict()), self.path)
 
 class SeenRows(Callback):
     "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"

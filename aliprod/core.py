@@ -12,13 +12,14 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError',
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError',
            'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section', 'load_params_file',
            'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir',
            'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json',
            'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules',
-           'module_closure', 'code_version', 'project_relative', 'StageRun', 'stage_lock', 'hardware',
-           'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run', 'markdown_table']
+           'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
+           'stage_lock', 'hardware', 'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run',
+           'markdown_table']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -401,6 +402,21 @@ def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (th
 
 # %% ../nbs/00_core.ipynb #25e19cfd
 MANIFEST = 'manifest.json'
+
+KEPT = 'kept'   # an iteration parameter that names the cleaning round the clean stage kept (clean.select: validation)
+
+def resolve_iteration(exp:ExperimentParams, it:int|str|None, default:int|None=0, what:str='iteration')->int|None:
+    "`it`, with 'kept' read from runs/<exp>/clean/selection.json (the round the clean stage kept); None stays `default`"
+    if it is None: return default
+    if it != KEPT: return int(it)
+    f = experiment_dir(exp)/'clean'/'selection.json'
+    if not f.exists(): raise ParamsError(f"{what}: 'kept' names the cleaning round the clean stage kept, and {project_relative(f)} is missing; run the clean stage first")
+    return int(json.loads(f.read_text())['kept_iteration'])
+
+def check_iteration(v, what:str):
+    "An iteration parameter: a cleaning round >= 0, or 'kept'"
+    if v != KEPT and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        raise ParamsError(f"{what}: must be a cleaning round >= 0 or 'kept' (the round the clean stage kept on validation), got {v!r}")
 
 def project_relative(path:str|Path)->str:
     "`path` relative to the project root when it lies inside it, else absolute: how manifests and dataset.json name files"

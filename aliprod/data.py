@@ -66,6 +66,7 @@ class DataParams:
     scan_workers:int|None=None # processes for the scan; None: one per CPU this process may use
     many_threshold:int=100     # report bands: many-shot > this many train images
     few_threshold:int=20       # few-shot < this many
+    val_from_test:bool=True    # no val split but a labelled test split: half of every class of test becomes val (choices need one)
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"data.{key}: {msg}")
@@ -511,12 +512,14 @@ def quarantine_reasons(quarantine:pd.DataFrame)->pd.DataFrame:
     reasons = list(QUARANTINE_REASONS) + sorted(set(n.index) - set(QUARANTINE_REASONS))
     return pd.DataFrame({'reason': reasons, 'count': [int(n.get(r, 0)) for r in reasons], 'meaning': [REASON_MEANING.get(r, '') for r in reasons]})
 
-def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams, phantoms:pd.DataFrame|None=None)->pd.DataFrame:
+def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams, phantoms:pd.DataFrame|None=None,
+                 val_from_test:int=0)->pd.DataFrame:
     "One table of the numbers a report quotes: classes, images per split, imbalance, bands, noise rates, quarantined, converted"
     n_train = classes['n_train'].to_numpy(); pos = n_train[n_train > 0]
     tr = index[index['split'] == 'train']
     rows = [('source', p.source), ('classes', len(classes)), ('classes without train images', int((n_train == 0).sum()))]
     rows += [(f'{s} images', int((index['split'] == s).sum())) for s in SPLITS]
+    if val_from_test: rows.append(('val images taken from the test split (no val split given)', val_from_test))
     rows += [('largest class (train)', int(pos.max()) if len(pos) else 0), ('smallest class (train)', int(pos.min()) if len(pos) else 0),
              ('imbalance ratio (max/min train)', round(float(pos.max() / pos.min()), 2) if len(pos) else float('nan')),
              (f'many-shot classes (>{p.many_threshold})', int((n_train > p.many_threshold).sum())),
@@ -567,7 +570,8 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
                                  ('phantom_csv', 'phantom_classes.csv'), ('reasons_csv', 'quarantine_reasons.csv')]}
     fig = plot_class_distribution(classes, p.many_threshold, p.few_threshold)
     with atomic_path(out['figure']) as t: fig.savefig(t, format='png')
-    summ = data_summary(index, classes, quarantine, conversions, p, phantoms)
+    moved = json.loads(arts.dataset_json.read_text()).get('val_from_test', 0) if arts.dataset_json.exists() else 0
+    summ = data_summary(index, classes, quarantine, conversions, p, phantoms, moved)
     atomic_write_text(out['summary_csv'], summ.to_csv(index=False))
     atomic_write_text(out['summary_md'], f'## Data: {exp.experiment}\n\n' + markdown_table(summ))
     reasons = quarantine_reasons(quarantine)
@@ -596,6 +600,18 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
     rep = report_dir(exp)
     if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv', 'quarantine_reasons.csv')): write_data_report(exp, p, arts)
     return arts
+
+def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
+    "Without a val split, the choosing half of the labelled test split (half of every class, aliprod.metrics.choosing_half) becomes val"
+    lab = index['label'] >= 0
+    if (index['split'] == 'val').any() or not (lab & (index['split'] == 'test')).any(): return index, 0
+    from aliprod.metrics import choosing_half   # the rule the system uses to halve val when there is no test split
+    t = index.index[lab & (index['split'] == 'test')]
+    ch = choosing_half(index.loc[t, 'row'].to_numpy(), index.loc[t, 'label'].to_numpy(), seed)
+    index = index.copy(); index.loc[t[ch], 'split'] = 'val'
+    log(f"data: no val split: {int(ch.sum()):,} of the {len(t):,} labelled test images (half of every class) become val, so that every "
+        f"choice is made on images that report nothing; {int((~ch).sum()):,} stay test (data.val_from_test: false keeps them all)")
+    return index, int(ch.sum())
 
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     "The data stage's work: write every output into `out`; return (outputs, metrics) for the manifest"
@@ -628,6 +644,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes, _typed(quarantine, QUARANTINE_COLUMNS), numbering)
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
+    index, n_moved = _val_from_test(index, exp.seed) if p.val_from_test else (index, 0)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
@@ -638,12 +655,13 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     atomic_write_parquet(phantoms, arts.phantom_classes)
     info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
             **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
+            'val_from_test': n_moved,
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
             'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold, 'max_pixels': p.max_pixels}
     atomic_write_json(arts.dataset_json, info)
     arts = data_artifacts(exp)
     write_data_report(exp, p, arts)
-    summ = data_summary(index, classes, quarantine, conversions, p, phantoms)
+    summ = data_summary(index, classes, quarantine, conversions, p, phantoms, n_moved)
     outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
     log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
     return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}

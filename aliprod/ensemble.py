@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
-from .core import (ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
+from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
                           atomic_write_json, report_dir, log, check_name)
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 
@@ -150,10 +150,10 @@ class Member:
     spec:str
     stage:str|None=None
     name:str=''
-    iteration:int|str|None=None  # int, 'latest', or None: the stage's iteration
+    iteration:int|str|None=None  # int, 'latest', 'kept', or None: the stage's iteration
     path:str|None=None
 
-def _is_iteration(s:str)->bool: return s.isdigit() or s == 'latest'
+def _is_iteration(s:str)->bool: return s.isdigit() or s in ('latest', KEPT)
 
 def parse_member(spec:str)->Member:
     "Parse a member string (see the table above); raises ParamsError naming it"
@@ -166,8 +166,8 @@ def parse_member(spec:str)->Member:
     if len(f) > 2: raise bad('at most <stage>:<name>:<iteration>')
     it = None
     if len(f) == 2 or (len(f) == 1 and head == 'train' and _is_iteration(f[0])):
-        if not _is_iteration(f[-1]): raise bad(f"iteration {f[-1]!r} must be a number or 'latest'")
-        it = int(f[-1]) if f[-1].isdigit() else 'latest'
+        if not _is_iteration(f[-1]): raise bad(f"iteration {f[-1]!r} must be a number, 'latest' or 'kept'")
+        it = int(f[-1]) if f[-1].isdigit() else f[-1]
         f = f[:-1]
     name = f[0] if f else ''
     if head != 'train' and not name: raise bad(f"'{head}' needs a name: {head}:<{ {'tta': 'variant', 'rebalance': 'method', 'ensemble': 'name'}[head]}>")
@@ -196,6 +196,7 @@ def member_file(spec:str|Member,          # member string
     if m.stage == 'ensemble': return base/'ensemble'/m.name/f'{split}.parquet'
     stage_dir = base/(('train' + (f'-{m.name}' if m.name else '')) if m.stage == 'train' else m.stage)
     it = m.iteration if m.iteration is not None else iteration
+    if it == KEPT: it = resolve_iteration(exp, KEPT, what=f'[ensemble] member {m.spec!r}')
     if it is None or it == 'latest': it = _latest(stage_dir, m.spec)
     d = stage_dir/str(it)
     if m.stage == 'train': return d/'predictions'/f'{split}.parquet'
@@ -211,7 +212,7 @@ class EnsembleParams:
     weights:list[float]|None=None # one per member; None: equal
     mode:Literal['mean','sum']='mean' # mean: average of the top-10 (2021 report); sum: sum of all models (2020 winner)
     k:int=10                 # predictions kept per image
-    splits:list[str]=field(default_factory=lambda: ['val', 'test'])
+    splits:list[str]|None=None # None: val and test, those the index has (real AliProducts data has no test split)
     iteration:int|None=None  # iteration of members that name none; None: [train] iteration
     chunk_rows:int=250_000   # rows combined at a time (memory: about chunk_rows × members × k × 20 bytes)
 
@@ -226,8 +227,8 @@ class EnsembleParams:
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0: raise ParamsError(f"[ensemble] weights must be >= 0 and not all 0, got {self.weights}")
         if not self.name or not all(c.isalnum() or c in '-_.' for c in self.name):
             raise ParamsError(f"[ensemble] name {self.name!r} must be letters, digits, '-', '_' or '.' (it names a directory)")
-        bad = [s for s in self.splits if s not in ('train', 'val', 'test')]
-        if bad or not self.splits: raise ParamsError(f"[ensemble] splits must be some of train, val, test, got {self.splits}")
+        bad = [s for s in self.splits or () if s not in ('train', 'val', 'test')]
+        if bad or self.splits == []: raise ParamsError(f"[ensemble] splits must be some of train, val, test, got {self.splits}")
         if self.k < 1 or self.chunk_rows < 1: raise ParamsError(f"[ensemble] k and chunk_rows must be >= 1, got k={self.k}, chunk_rows={self.chunk_rows}")
 
 # %% ../nbs/06_ensemble.ipynb #dd9a22b7
@@ -308,21 +309,22 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     it = p.iteration if p.iteration is not None else iteration
     index_it = it if isinstance(it, int) else 0
     members = [parse_member(m) for m in p.members]
-    files = {m.spec: {s: member_file(m, exp, s, it) for s in p.splits} for m in members}
     index = load_index(exp, index_it)
+    splits = list(p.splits) if p.splits else [s for s in ('val', 'test') if (index['split'] == s).any()]
+    files = {m.spec: {s: member_file(m, exp, s, it) for s in splits} for m in members}
     check_members(files, members, set(index['split'].unique()))
     out = run_dir(exp, 'ensemble')/p.name
     base = experiment_dir(exp)
     rel = {m: {s: str(f.relative_to(base)) if f.is_relative_to(base) else str(f) for s, f in d.items()} for m, d in files.items()}
     groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage
-    params = {'members': rel, 'weights': p.weights, 'mode': p.mode, 'k': p.k, 'splits': list(p.splits), 'iteration': it,
+    params = {'members': rel, 'weights': p.weights, 'mode': p.mode, 'k': p.k, 'splits': splits, 'iteration': it,
               'many': groups['many'], 'few': groups['few']}
     inputs = [f for d in files.values() for f in d.values()] + [index_path(exp, index_it), data_artifacts(exp).classes]
     run = StageRun(out, 'ensemble', params, inputs=inputs, modules=['ensemble'])
-    preds = {s: out/f'{s}.parquet' for s in p.splits}
+    preds = {s: out/f'{s}.parquet' for s in splits}
     def work():
         metrics, member_metrics = {}, {m.spec: {} for m in members}
-        for s in p.splits:
+        for s in splits:
             ensemble_files([files[m.spec][s] for m in members], preds[s], p.weights, p.mode, p.k, p.chunk_rows)
             if s == 'train': continue  # the members were fitted on it
             t = read_topk(preds[s])

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
+from .core import (check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
                           atomic_write_json, atomic_write_text, log)
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
@@ -367,7 +367,7 @@ METHODS = ('plain', 'dcl', 'lio')
 @params_section('finegrained')
 @dataclass
 class FinegrainedParams:
-    iteration:int|None=None        # the train stage's model to start from: runs/<exp>/train/<iteration>/; None: [train] iteration
+    iteration:int|str|None=None    # the train stage's model to start from: runs/<exp>/train/<iteration>/; 'kept': the round clean kept; None: [train] iteration
     init:str|None=None             # starting model.pth instead (it must fit [train] arch/head and the dataset's classes)
     methods:list[str]|None=None    # what the comparison runs, from plain | dcl | lio; None: all three
     epochs:int=1                   # finetune epochs (the same for every method)
@@ -385,6 +385,7 @@ class FinegrainedParams:
     lio_structure_channels:int|None=None # None: C/2
     lio_detach_target:bool=False
     def __post_init__(self):
+        if self.iteration is not None: check_iteration(self.iteration, '[finegrained] iteration')
         if self.methods is None: self.methods = list(METHODS)
         bad = [m for m in self.methods if m not in METHODS]
         if bad: raise ParamsError(f"[finegrained] methods: unknown method {bad[0]!r}; valid: {', '.join(METHODS)}")
@@ -435,7 +436,7 @@ def finegrained_finetune(exp:ExperimentParams,
     "Finetune the model at `fp.init` with `method`: the train stage with `init` and the method's callbacks; skipped when up to date"
     fp = fp or FinegrainedParams()
     if method not in METHODS: raise ValueError(f"Unknown fine-grained method {method!r}; valid: {', '.join(METHODS)}")
-    it = iteration if iteration is not None else fp.iteration if fp.iteration is not None else p.iteration
+    it = resolve_iteration(exp, iteration if iteration is not None else fp.iteration if fp.iteration is not None else p.iteration, what='[finegrained] iteration')
     init = Path(fp.init) if fp.init else default_init(exp, it)
     if not init.is_file(): raise FileNotFoundError(f"starting checkpoint {init} not found: run the train stage first, or set [finegrained] init to a model.pth")
     if method == 'lio' and p.mixup: raise ParamsError("[train] mixup: LIO needs hard labels to find same-class images; set mixup: 0 for the LIO finetune")
@@ -512,7 +513,7 @@ def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams,
 def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams, fg:FinegrainedParams)->FinegrainedArtifacts:
     "The finegrained stage: the starting model, each method's finetune from it (same epochs, weights, seed), reports/<exp>/finegrained.{csv,md,png}"
     prepare_data(exp, data)
-    it = fg.iteration if fg.iteration is not None else train.iteration
+    it = resolve_iteration(exp, fg.iteration if fg.iteration is not None else train.iteration, what='[finegrained] iteration')
     train = dataclasses.replace(train, iteration=it)
     index = load_index(exp, it)
     splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]

@@ -8,11 +8,13 @@ import argparse, itertools, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
-                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings)
+                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
+                          project_relative)
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'stage_notebooks',
-           'die_with_parent', 'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'check_data_files', 'main']
+           'die_with_parent', 'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'call_stage',
+           'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
@@ -129,7 +131,10 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     t0 = time.time()
     km, sockets = _kernel_manager()
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(project_root()), log_output=log_output,
+        # the kernel's prints (epoch lines, stage progress) go straight to this terminal as they come; papermill's own
+        # `log_output` sends them to its logger, which nothing configures, so a user saw nothing for minutes
+        pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(project_root()), log_output=False,
+                            stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
                             progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS, km=km)
     except pm.PapermillExecutionError as e:
         line = next((l for l in (e.source or '').splitlines() if l.strip() and not l.startswith('#')), '')[:100]
@@ -140,7 +145,7 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     finally:
         _shutdown(km); shutil.rmtree(sockets, ignore_errors=True)
         if html and out.exists(): render_html(out)
-    log(f"{stage}: done in {time.time()-t0:.0f} s -> {out}")
+    log(f"{stage}: done in {time.time()-t0:.0f} s -> {project_relative(out)}")
     return out
 
 def render_html(nb_path:str|Path)->Path:
@@ -158,15 +163,16 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
                  force:bool=False,             # remove the chosen stages' manifests first, so they run again
                  dry_run:bool=False,           # say what would run and stop
                  nbs_dir:str|Path|None=None,   # where the stage notebooks are (tests point this elsewhere)
-                )->list[Path]:
-    "Validate `params_file`, then for each run of its grid prepare the data and run the stage notebooks in order"
+                 in_process:bool=False,        # call each stage's library function here instead of executing its notebook
+                )->list:
+    "Validate `params_file`, then for each run of its grid prepare the data and run the stage notebooks in order (or their functions)"
     load_params_file(params_file)  # every section checked before any work
     base = resolve_params('experiment', params_file)
     pp = resolve_params('pipeline', params_file)
     present = stage_notebooks(nbs_dir)
     chosen = stages or pp.stages or list(present)
     missing = [s for s in chosen if s not in present]
-    if missing: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
+    if missing and not in_process: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
     runs = grid_runs(base, pp)
     executed = []
     for name, over in runs:
@@ -180,13 +186,59 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
         prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
         nb_out = report_dir(exp)/'notebooks'
         params = {'experiment': name, **over}
-        for s in chosen:
+        t_run, times = time.time(), _stage_times(exp)
+        for k, s in enumerate(chosen, 1):
             before = _manifests(exp)
-            executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
+            left = [times.get(x) for x in chosen[k - 1:]]
+            eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
+                   if s in times and all(left) else '')
+            log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
+            t0 = time.time()
+            if in_process:
+                executed.append(call_stage(s, params_file, name)); log(f"{s}: done in {time.time() - t0:.0f} s")
+            else: executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
             after = _manifests(exp)
             if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(p) for m in after for p in _runs_prefixes(s)):
                 log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
+            elif after != before or not _runs_prefixes(s):   # it computed (the report always does): the next run's ETA
+                times[s] = time.time() - t0; atomic_write_json(experiment_dir(exp)/'stage_times.json', times)
+        log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
+
+def call_stage(stage:str, params_file:str|Path, experiment:str|None=None):
+    "Run one stage in this process as its notebook's run cell does (resolve its sections from `params_file`, call `<stage>_stage`); its artifacts"
+    R = lambda section, **kw: resolve_params(section, params_file, **kw)
+    exp = R('experiment', overrides={'experiment': experiment})
+    if stage == 'train':
+        from aliprod.train import train_stage; return train_stage(exp, R('data'), R('train'), report=True)
+    if stage == 'finegrained':
+        from aliprod.finegrained import finegrained_stage; return finegrained_stage(exp, R('data'), R('train'), R('finegrained'))
+    if stage == 'clean':
+        from aliprod.clean import clean_stage; return clean_stage(exp, R('data'), R('train'), R('clean'))
+    if stage == 'rebalance':
+        from aliprod.rebalance import rebalance_stage
+        return rebalance_stage(exp, R('data'), R('train'), R('rebalance'))
+    if stage == 'tta':
+        from aliprod.tta import tta_stage; return tta_stage(exp, R('data'), R('train'), R('tta'))
+    if stage == 'ensemble':
+        from aliprod.ensemble import ensemble_stage
+        tp, ttp, p = R('train'), R('tta'), R('ensemble')
+        return ensemble_stage(exp, p, p.iteration if p.iteration is not None else ttp.iteration if ttp.iteration is not None else tp.iteration)
+    if stage == 'system':
+        from aliprod.system import system_stage
+        return system_stage(exp, R('data'), R('train'), R('rebalance'), R('tta'), R('system'), hires_tag=R('report').hires_tag)
+    if stage == 'report':
+        from aliprod.report import report_stage; return report_stage(exp, R('report'), params_file)
+    raise ParamsError(f"Unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
+
+def _stage_times(exp:ExperimentParams)->dict:
+    "Seconds each stage took the last time it computed (runs/<exp>/stage_times.json): the per-stage ETA"
+    import json
+    f = experiment_dir(exp)/'stage_times.json'
+    try: return {k: float(v) for k, v in json.loads(f.read_text()).items()} if f.exists() else {}
+    except (ValueError, AttributeError, TypeError): return {}   # a damaged file only loses the estimate
+
+def _stage_writes(stage:str)->str: return next((s.writes for s in STAGES if s.name == stage), '')
 
 def _manifests(exp:ExperimentParams)->dict:
     "Manifest path -> modification time, for every stage of the experiment"
@@ -221,6 +273,7 @@ def main(argv:list[str]|None=None)->int:
     r.add_argument('params'); r.add_argument('--stages', nargs='+', choices=STAGE_ORDER)
     r.add_argument('--force', action='store_true', help="re-run stages even when their manifests are up to date")
     r.add_argument('--dry-run', action='store_true', help='show what would run')
+    r.add_argument('--in-process', action='store_true', help="call each stage's function in this process (no notebooks, no HTML pages of them)")
     c = sub.add_parser('check', help='validate a parameter file'); c.add_argument('params')
     d = sub.add_parser('data', help='prepare the data of a parameter file'); d.add_argument('params')
     d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')
@@ -237,7 +290,7 @@ def main(argv:list[str]|None=None)->int:
             art = prepare_data(exp, resolve_params('data', a.params), force=a.force)
             print(f"index: {art.index}")
         else:
-            run_pipeline(a.params, a.stages, a.force, a.dry_run)
+            run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process)
     except (ParamsError, FileNotFoundError) as e:
         print(f"aliprod: {e}", file=sys.stderr); return 2
     except StageFailed as e:

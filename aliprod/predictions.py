@@ -62,6 +62,11 @@ class TopK:
                    parts[0].num_classes, feats)
 
 # %% ../nbs/01a_predictions.ipynb #e3a4f65d
+def _tensor(a)->torch.Tensor:
+    "A tensor of `a`; a read-only array (pandas' and pyarrow's are) is copied first: torch warns on, and must not write into, memory it may not own"
+    if isinstance(a, np.ndarray) and not a.flags.writeable: a = a.copy()
+    return torch.as_tensor(a)
+
 def topk_from_probs(probs:torch.Tensor|np.ndarray, # (N,K) probabilities
                     labels,                          # (N,) given labels, -1 where unknown
                     rows=None,                       # (N,) index row ids; default 0..N-1
@@ -69,9 +74,9 @@ def topk_from_probs(probs:torch.Tensor|np.ndarray, # (N,K) probabilities
                     feats=None,                      # (N,D) embeddings to keep, optional
                    )->TopK:
     "Keep the top-k of dense probabilities, plus the exact probability of the given label"
-    probs = torch.as_tensor(probs).float()
+    probs = _tensor(probs).float()
     n, K = probs.shape
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    labels = _tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
     if len(labels) != n: raise ValueError(f"probs has {n} rows but labels has {len(labels)}")
     if len(labels) and int(labels.max()) >= K:
         raise ValueError(f"probs has {K} columns but labels contain class {int(labels.max())}; pass K={int(labels.max())+1} or check the class map")
@@ -80,7 +85,7 @@ def topk_from_probs(probs:torch.Tensor|np.ndarray, # (N,K) probabilities
     p_label = torch.full((n,), float('nan'))
     p_label[known] = probs[known].gather(1, labels[known, None]).squeeze(1)
     rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    f = None if feats is None else torch.as_tensor(feats).float().numpy()
+    f = None if feats is None else _tensor(feats).float().numpy()
     return TopK(rows, labels.numpy().astype(np.int32), idx.numpy().astype(np.int32), vals.numpy().astype(np.float32),
                 p_label.numpy().astype(np.float32), K, f)
 

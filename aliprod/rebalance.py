@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .core import (params_section, ParamsError, markdown_table, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+from .core import (check_iteration, resolve_iteration, params_section, ParamsError, markdown_table, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                           atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device)
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
@@ -304,7 +304,7 @@ FINETUNES = ('balanced_subset', 'two_stage', 'acc_loss')  # the methods that can
 @params_section('rebalance')
 @dataclass
 class RebalanceParams:
-    iteration:int=0                  # which train iteration's model to rebalance (0: trained on the data stage's index)
+    iteration:int|str=0              # which train iteration's model to rebalance (0: the data stage's index; 'kept': the round the clean stage kept)
     methods:list[str]=field(default_factory=lambda: list(METHODS)) # rows of the ablation, in order
     tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # τ values swept on validation
     la_tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # logit_adjust: τ values swept on validation
@@ -326,6 +326,7 @@ class RebalanceParams:
     ncm_norm:NCMNorm='cl2n'          # NCM embedding transform: cl2n (centre, L2-normalise), l2n, un
     topk:int=10                      # predictions kept per image
     def __post_init__(self):
+        check_iteration(self.iteration, '[rebalance] iteration')
         bad = [m for m in self.methods if m not in METHODS]
         if bad: raise ParamsError(f"Unknown method {bad[0]!r} in [rebalance] methods; valid: {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods): raise ParamsError(f"[rebalance] methods lists a method twice: {self.methods}")
@@ -625,6 +626,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
     from aliprod.train import train_stage, load_trained_model
     from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts
     prepare_data(exp, data)
+    p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = train_stage(exp, data, t, iteration=p.iteration)

@@ -108,6 +108,10 @@ def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=10
         log(f"report: no paired interval for {r['source']} against {base['source']}: {e}"); return none
     return {'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict}
 
+def _minus(a, b):
+    "a - b; None (an empty cell) when either is missing, e.g. few-shot accuracy where the split has no few-shot class"
+    return None if a is None or b is None or a != a or b != b else a - b
+
 def alone_table(m:pd.DataFrame, p:ReportParams,
                 exp:ExperimentParams|None=None, # the run, to pair the two rows' predictions (None: no intervals)
                )->pd.DataFrame:
@@ -117,7 +121,7 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
         if r is None or base is None: return
         rows.append({'technique': technique, 'compared with': what, 'split': r['split'], 'labels': r['labels'], **{c: r[c] for c in ('top1_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')},
                      'Δ mean class err': r['mean_class_err'] - base['mean_class_err'], **_paired_interval(exp, r, base, p.bootstrap),
-                     'Δ few acc': r['few_acc'] - base['few_acc'], 'images': r.get('n'), 'metrics file': f"{r['metrics_file']} [{r['metrics_key']}]"})
+                     'Δ few acc': _minus(r['few_acc'], base['few_acc']), 'images': r.get('n'), 'metrics file': f"{r['metrics_file']} [{r['metrics_key']}]"})
     t0 = _pick(m, 'train', '', 0)
     for _, r in m[(m['stage'] == 'train') & (m['name'] == '') & (m['iteration'] > 0)].sort_values('iteration').iterrows():
         add(f"cleaning, {r['iteration']} round{'s' if r['iteration'] > 1 else ''}", r, t0, 'iteration-0 model')
@@ -153,8 +157,10 @@ def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
     for _, r in alone.iterrows():
         new, d = float(r['mean_class_err']), float(r['Δ mean class err'])
         where = f"; {r['split']} split, {r['labels']} labels" if 'split' in r and isinstance(r['split'], str) else ''
+        fa = r.get('Δ few acc')
+        few = f"few-shot accuracy {100*float(fa):+.1f} points" if fa is not None and not pd.isna(fa) else 'no few-shot class on this split'
         out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {new - d:.3f} → {new:.3f} ({100*d:+.1f} points), "
-                   f"few-shot accuracy {100*float(r['Δ few acc']):+.1f} points: {_verdict_phrase(r)}.")
+                   f"{few}: {_verdict_phrase(r)}.")
     for _, r in (chain if chain is not None else pd.DataFrame()).iterrows():
         if r['status'] != 'present' or pd.isna(r.get('Δ mean class err')): continue
         out.append(f"Chain, {r['step']} ({r['what']}; {r['split']} split, {r['labels']} labels): mean class error {r['mean_class_err']:.3f} "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
-from .core import (ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
+from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
                           atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table, pick_device, log)
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
@@ -496,6 +496,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                 )->SystemArtifacts:
     "The whole stage: compose the final system chosen on the choosing images, write its artifact and its cumulative chain on the reporting images"
     from aliprod.data import load_index, dataset_info, shot_groups, index_path
+    rp = dataclasses.replace(rp, iteration=resolve_iteration(exp, rp.iteration, what='[rebalance] iteration'))   # 'kept': a number
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     index = load_index(exp, 0)

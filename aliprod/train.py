@@ -34,7 +34,8 @@ from .core import (ExperimentParams, ParamsError, check_name, stage_lock, params
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
-                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
+                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback,
+                               SaveAt)
 from .launch import torchrun_command, launch_torchrun, main
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
@@ -43,10 +44,10 @@ from .data import DataParams, prepare_data, load_index, index_path, shot_counts,
 from .images import ImageIndexDataset
 
 # %% auto #0
-__all__ = ['TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob', 'TrainArtifacts',
-           'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows', 'RecipeSchedule',
-           'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage', 'plot_history',
-           'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
+__all__ = ['MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob',
+           'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows',
+           'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage',
+           'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 @params_section('train')
@@ -223,15 +224,17 @@ class TrainJob:
     init:str|None=None       # start from this model.pth (a trained ProductNet: same arch, head and classes) instead of `p.pretrained`
     rows:str|None=None       # parquet with a `row` column: train only on these labelled train rows of the index
     callbacks:list=field(default_factory=list) # callback specs for `build_callbacks`: what every torchrun worker rebuilds
+    predict_only:bool=False  # no training: `init` as it is, predicted and evaluated (the main-phase twin of `ablate_finetune`)
 
     def to_json(self)->dict:
         return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
                 'fold': self.fold, 'folds': self.folds, 'out_dir': str(self.out_dir), 'key': self.key,
-                'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks}
+                'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks, 'predict_only': self.predict_only}
     @classmethod
     def from_json(cls, d:dict)->TrainJob:
         return cls(ExperimentParams(**d['experiment']), DataParams(**d['data']), TrainParams(**d['train']), d['iteration'], d['fold'], d['folds'],
-                   Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []))
+                   Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []),
+                   bool(d.get('predict_only', False)))
 
 @dataclass
 class TrainArtifacts:
@@ -352,6 +355,13 @@ def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkp
     return learn
 
 # %% ../nbs/02_train.ipynb #051d4e82
+MAIN_PHASE = 'main_phase.pth'   # the model at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
+
+def _job_name(exp:ExperimentParams, out_dir:Path)->str:
+    "train/0, clean/2/..., finegrained/dcl: where a training's lines come from"
+    try: return Path(out_dir).resolve().relative_to(experiment_dir(exp).resolve()).as_posix()
+    except ValueError: return Path(out_dir).name
+
 def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     "Train (resuming from checkpoint.pth when it belongs to this job), then predict; returns the metrics (rank 0)"
     p, exp, out_dir = job.p, job.exp, Path(job.out_dir)
@@ -414,12 +424,14 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
 
     meta = lambda e: {'phase': 'finetune' if e >= p.epochs else 'main', 'img_size': sizes[int(e >= p.epochs)]}
     learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
-                   LogLines(p.total_epochs, start, history), *cbs])
+                   LogLines(p.total_epochs, start, history, what=f'{_job_name(exp, out_dir)}: '), *cbs])
     if p.finetune_size and p.finetune_epochs:
         learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]], [tr_tfms[1], va_tfms[1]]))
+    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and not job.folds:   # the twin without the finetune is this snapshot
+        learn.add_cb(SaveAt(p.epochs, trainable, out_dir/MAIN_PHASE))
     if p.save_seen: learn.add_cb(SeenRows(sampler, train_df['row'].to_numpy(), out_dir/'seen_rows'/f'rank{rank}.parquet', start))
     if rank != 0 and any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.remove_cb(ProgressCallback)
-    if start < p.total_epochs:
+    if start < p.total_epochs and not job.predict_only:
         log(f"training {p.arch} on {len(train_df)} images of {K} classes, {world} process(es) on {device}, "
             f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" + (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
         learn.fit(p.total_epochs, lr=p.peak_lr, start_epoch=start)
@@ -467,6 +479,7 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               out_dir:str|Path|None=None,    # where the run goes; default `train_dir(exp, p, iteration, fold)`
               stage:str='train',             # the manifest's stage name
               extra:dict|None=None,          # more parameters that identify the run (recorded in the manifest)
+              predict_only:bool=False,       # no training: predict and evaluate `init` as it is
              )->tuple[TrainJob, StageRun]:
     "The job of these parameters and its StageRun (which knows whether the outputs are up to date)"
     it = p.iteration if iteration is None else iteration
@@ -484,17 +497,21 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               # a twin trained elsewhere changes nothing here
               'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
               'iteration': it, 'fold': fold, 'folds': folds}
+    if predict_only and init is None: raise ValueError("predict_only needs the model to predict: pass init")
+    if predict_only: params['predict_only'] = True
     if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
         params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
     inputs = [idx, ds, *[Path(f) for f in (init, rows) if f is not None]]
     modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
     run = StageRun(out, stage, params, inputs=inputs, modules=modules)
-    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks)
+    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks, predict_only)
     return job, run
 
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
-    return ['model.pth', 'checkpoint.pth', 'history.csv', 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
+    trained = [] if job.predict_only else ['checkpoint.pth', 'history.csv']
+    snap = [MAIN_PHASE] if job.p.ablate_finetune and job.p.finetune_size and job.p.finetune_epochs and not job.folds else []
+    return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
 
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
@@ -533,7 +550,15 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
     art = _artifacts(job)
     # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
     if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
-        art.lowres = train_stage(exp, data, replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_epochs=0, ablate_finetune=False), it)
+        # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
+        held = [s for s in p.eval_splits if s != 'train']
+        twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_epochs=0, ablate_finetune=False, eval_splits=held or p.eval_splits)
+        snap = art.out_dir/MAIN_PHASE
+        if snap.is_file() and p.sampler != 'progressive':
+            # the same model without the finetune is this run at the end of its main epochs (same seed, schedule, batches):
+            # predicted at the training size, not trained again (a progressive sampler's schedule spans all epochs: trained again)
+            art.lowres = train_stage(exp, data, twin, it, init=snap, predict_only=True, extra={'twin': 'main phase of the finetuned run'})
+        else: art.lowres = train_stage(exp, data, twin, it)
         s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
         if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
     if report: art.figures, art.tables = train_report(exp, p, art)

@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
-from .core import (ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
+from .core import (check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
                           atomic_write_json, StageRun, log)
 from .predictions import TopKWriter, topk_from_probs, read_topk
 
@@ -130,7 +130,7 @@ def variant_name(views:str, enlarge:float, tag:str='')->str:
 @params_section('tta')
 @dataclass
 class TTAParams:
-    iteration:int|None=None # cleaning iteration of the model to test; None: [train] iteration
+    iteration:int|str|None=None # cleaning iteration of the model to test; 'kept': the round the clean stage kept; None: [train] iteration
     tag:str|None=None       # train run tag (runs/<exp>/train-<tag>/); None: [train] tag
     views:Literal['center','flip','five','ten','full']='ten' # main variant: ten-crop (2021 report, 2020 winner)
     enlarge:float=1.5       # main variant: test resize / training size (FixRes; 2021 report: 1.5)
@@ -143,6 +143,7 @@ class TTAParams:
     amp:bool=True           # bf16 autocast on GPU; ignored on CPU
 
     def __post_init__(self):
+        if self.iteration is not None: check_iteration(self.iteration, '[tta] iteration')
         if self.tag: check_name(self.tag, '[tta] tag')  # names runs/<exp>/train-<tag>/ and the variant directories
         parse_variant(f'{self.views}@{self.enlarge}')
         for v in self.compare: parse_variant(v)
@@ -199,7 +200,7 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
     from aliprod.train import train_stage, load_trained_model
     from aliprod.data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
     from aliprod.models import _fixed_input_size
-    it = iteration if iteration is not None else p.iteration if p.iteration is not None else train_p.iteration
+    it = resolve_iteration(exp, iteration if iteration is not None else p.iteration if p.iteration is not None else train_p.iteration, what='[tta] iteration')
     tp = dataclasses.replace(train_p, iteration=it, tag=train_p.tag if p.tag is None else p.tag)
     size = p.size or tp.eval_size
     if _fixed_input_size(tp.arch) and any(v == 'full' and e != 1 for v, e in p.variants):

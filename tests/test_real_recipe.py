@@ -88,14 +88,15 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     _run('check', p)
     # the stages before the ensemble, in the file's order; then the ensemble's other backbones on the last cleaned index
     _run('run', p, '--stages', *order[:order.index('ensemble')])
-    from aliprod.core import resolve_params
+    from aliprod.core import resolve_params, resolve_iteration
     from aliprod.train import train_stage
     import dataclasses
     exp, dp, tp = (resolve_params(s, p) for s in ('experiment', 'data', 'train'))
     for m in cfg['ensemble']['members']:
         kind, *rest = m.split(':')
         if kind == 'train' and rest[0] in MEMBER_ARCHS:
-            train_stage(exp, dp, dataclasses.replace(tp, tag=rest[0], arch=MEMBER_ARCHS[rest[0]], iteration=int(rest[1]),
+            it = resolve_iteration(exp, int(rest[1]) if rest[1].isdigit() else rest[1])   # 'kept': the round the clean stage kept
+            train_stage(exp, dp, dataclasses.replace(tp, tag=rest[0], arch=MEMBER_ARCHS[rest[0]], iteration=it,
                                                      finetune_size=None if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_size,
                                                      finetune_epochs=0 if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_epochs))
     _run('run', p, '--stages', *order[order.index('ensemble'):])
