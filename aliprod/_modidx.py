@@ -638,6 +638,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.report.ReportParams': ('report.html#reportparams', 'aliprod/report.py'),
                                 'aliprod.report.ReportParams.__post_init__': ( 'report.html#reportparams.__post_init__',
                                                                                'aliprod/report.py'),
+                                'aliprod.report._chain_glance': ('report.html#_chain_glance', 'aliprod/report.py'),
                                 'aliprod.report._minus': ('report.html#_minus', 'aliprod/report.py'),
                                 'aliprod.report._paired_interval': ('report.html#_paired_interval', 'aliprod/report.py'),
                                 'aliprod.report._per_class_rows': ('report.html#_per_class_rows', 'aliprod/report.py'),

@@ -424,6 +424,8 @@ def project_relative(path:str|Path)->str:
     try: return str(p.relative_to(project_root()))
     except ValueError: return str(p)
 
+_SAID_UP_TO_DATE = set()   # run directories this process has logged as up to date
+
 class StageRun:
     "One execution of a stage writing into `out_dir`; decides whether it is up to date and writes the manifest last"
     def __init__(self, out_dir:str|Path, # the stage's run directory
@@ -498,9 +500,13 @@ class StageRun:
         with stage_lock(self.out_dir, self.stage):
             if self.up_to_date():
                 self.ran = False
-                log(f"{self.stage}: {self.out_dir} is up to date; skipping")
-                return self.manifest()
-            log(f"{self.stage}: {what + ' ' if what else ''}into {self.out_dir} ({self.why_stale()})")
+                # said once per process: a stage that reads the data and the model it starts from finds them up to date many times
+                man = self.manifest()
+                said = (str(self.out_dir), man.get('finished'))   # the same outputs: a rerun that rewrote them is said again
+                if said not in _SAID_UP_TO_DATE:
+                    _SAID_UP_TO_DATE.add(said); log(f"{self.stage}: {project_relative(self.out_dir)} is up to date; skipping")
+                return man
+            log(f"{self.stage}: {what + ' ' if what else ''}into {project_relative(self.out_dir)} ({self.why_stale()})")
             self.invalidate()
             for stale in self.out_dir.glob('.*.tmp'): stale.unlink()  # temp files of a killed run
             self.started = time.time()

@@ -82,8 +82,8 @@ def topk_from_probs(probs:torch.Tensor|np.ndarray, # (N,K) probabilities
         raise ValueError(f"probs has {K} columns but labels contain class {int(labels.max())}; pass K={int(labels.max())+1} or check the class map")
     vals, idx = probs.topk(min(k, K), dim=1)
     known = labels >= 0
-    p_label = torch.full((n,), float('nan'))
-    p_label[known] = probs[known].gather(1, labels[known, None]).squeeze(1)
+    # gather on every row, then blank the unknown ones: indexing probs[known] first would copy the N×K matrix per batch
+    p_label = probs.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).masked_fill(~known, float('nan'))
     rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     f = None if feats is None else _tensor(feats).float().numpy()
     return TopK(rows, labels.numpy().astype(np.int32), idx.numpy().astype(np.int32), vals.numpy().astype(np.float32),

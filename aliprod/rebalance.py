@@ -627,6 +627,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
     from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
+    t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = train_stage(exp, data, t, iteration=p.iteration)

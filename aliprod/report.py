@@ -270,6 +270,17 @@ STAGE_FIGURES = [('Class distribution', 'class_distribution.png', "Training imag
                   "Left: mean class error of each round's model on the splits its legend names; right: noise left in and found in the train split (ground truth)."),
                  ('τ sweep on validation', 'tau_sweep.png', 'Mean class accuracy against τ on the val split, where τ is chosen.')]
 
+def _chain_glance(chain:pd.DataFrame)->str:
+    "The chain as the page's first table: step, mean class error, Δ with its paired interval, verdict (absent rows say so)"
+    rows = []
+    for _, r in chain.iterrows():
+        if r.get('status') != 'present':
+            rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td colspan='3' style='text-align:left;color:#777'>absent: {html.escape(str(r.get('what', '')))}</td></tr>"); continue
+        d = r.get('Δ mean class err')
+        delta = '' if d is None or pd.isna(d) else f"{100*d:+.1f} [{100*r['Δ lo']:+.1f}, {100*r['Δ hi']:+.1f}]"
+        rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td>{100*r['mean_class_err']:.1f}</td><td>{delta}</td><td>{html.escape(str(r.get('verdict') or ''))}</td></tr>")
+    return ("<table><tr><th>step</th><th>mean class error (%)</th><th>Δ points [95% paired]</th><th>verdict</th></tr>" + ''.join(rows) + '</table>')
+
 def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame],
                  notes:dict[str, str],            # table name -> caption (names the split and labels)
                  figures:list[tuple[str, str, str]], # (title, file, caption); files absent from the report folder are left out
@@ -286,14 +297,24 @@ def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFram
         md += [f"## {name.replace('_', ' ').capitalize()}", '', notes.get(name, ''), '', markdown_table(df, 3), '']
     md += ['## Figures', ''] + [f"### {t}\n\n![{t}]({f})\n\n{c}\n" for t, f, c in figs]
     atomic_write_text(d/'README.md', '\n'.join(md))
-    css = 'body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222} table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3} img{max-width:100%} .summary{font-size:15px;background:#f6f8fa;padding:.6em 1em} figcaption{color:#555;font-size:13px}'
+    css = ('body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 .8em;color:#222} h1{font-size:1.5em;margin:.3em 0} '
+           'table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3} '
+           'img{max-width:100%} .summary{font-size:14px;background:#f6f8fa;padding:.5em .8em;margin:.4em 0} figcaption{color:#555;font-size:13px} '
+           '.wide{display:block;overflow-x:auto;max-width:100%} .glance{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} '
+           '.glance>*{flex:1 1 420px;min-width:0;margin:0} .glance h2{font-size:1.1em;margin:.2em 0} .glance td:first-child{text-align:left}')
     body = [f"<h1>Report: {html.escape(exp.experiment)}</h1>"]
-    if summary: body.append(f"<p class='summary'>{html.escape(summary)}</p>")
+    if summary: body.append(f"<p class='summary' id='final-system'>{html.escape(summary)}</p>")
+    glance = [] if 'chain' not in tables else [f"<section id='chain'><h2>The chain: each row adds one technique</h2>{_chain_glance(tables['chain'])}"
+                                               "<p><a href='#chain-table'>full chain table</a></p></section>"]
+    tail = next(((t, f, c) for t, f, c in figs if f == 'tail_accuracy.png'), None)
+    if tail: glance.append(f"<figure id='tail-accuracy'><img src='{html.escape(tail[1])}' alt='{html.escape(tail[0])}'><figcaption>{html.escape(tail[2])}</figcaption></figure>")
+    if glance: body.append(f"<div class='glance'>{''.join(glance)}</div>")
+    figs = [x for x in figs if x is not tail]
     body.append('<ul>' + ''.join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in header.items()) + '</ul>')
     if findings: body.append('<h2>Findings</h2><ul>' + ''.join(f"<li>{html.escape(x)}</li>" for x in findings) + '</ul>')
     for name, df in tables.items():
-        body.append(f"<h2>{html.escape(name.replace('_', ' ').capitalize())}</h2><p>{html.escape(notes.get(name, ''))}</p>"
-                    + df.to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0)
+        body.append(f"<h2 id='{html.escape(name.replace('_', '-'))}-table'>{html.escape(name.replace('_', ' ').capitalize())}</h2><p>{html.escape(notes.get(name, ''))}</p>"
+                    + f"<div class='wide'>{df.to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0)}</div>"
                     + f"<p><a href='{html.escape(name)}.csv'>{html.escape(name)}.csv</a> · <a href='{html.escape(name)}.md'>{html.escape(name)}.md</a></p>")
     if figs: body.append('<h2>Figures</h2>')
     body += [f"<figure><h3>{html.escape(t)}</h3><img src='{html.escape(f)}' alt='{html.escape(t)}'><figcaption>{html.escape(c)}</figcaption></figure>" for t, f, c in figs]

@@ -560,7 +560,7 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
             art.lowres = train_stage(exp, data, twin, it, init=snap, predict_only=True, extra={'twin': 'main phase of the finetuned run'})
         else: art.lowres = train_stage(exp, data, twin, it)
         s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
-        if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
+        if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
     if report: art.figures, art.tables = train_report(exp, p, art)
     return art
 

@@ -28,3 +28,24 @@ def test_index_scale_rejects_bad_repeats(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'index_scale.py'), '--repeats', '0', '--out', str(tmp_path/'x.json')],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and '--repeats must be >= 1' in r.stderr
+
+
+def test_demo_time_prints_the_per_stage_breakdown(tmp_path):
+    "benchmarks/demo_time.py on a tiny two-stage run: a row per stage, their seconds within the total, the run's first lines"
+    import yaml
+    p = tmp_path/'tiny.yaml'
+    p.write_text(yaml.safe_dump({'experiment': 'tiny', 'device': 'cpu',
+                                 'data': {'n_classes': 4, 'family_size': 2, 'max_per_class': 12, 'min_per_class': 4, 'val_per_class': 2,
+                                          'test_per_class': 2, 'img_size': 32, 'img_size_max': 32, 'gen_workers': 1, 'scan_workers': 1},
+                                 'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': None,
+                                           'finetune_epochs': 0, 'epochs': 2, 'bs': 8, 'workers': 0},
+                                 'report': {'hires_tag': None}, 'pipeline': {'stages': ['train', 'report']}}))
+    out = tmp_path/'demo_time.json'
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'demo_time.py'), '--params', str(p), '--in-process', '--out', str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [s['stage'] for s in res['stages']] == ['data', 'train', 'report']
+    assert all(s['seconds'] is not None and 0 <= s['seconds'] for s in res['stages'])
+    assert sum(s['seconds'] for s in res['stages']) <= res['total_s'] + 1
+    assert '| train |' in r.stdout and '**total**' in r.stdout and res['first_lines'][0].endswith('data, train, report')

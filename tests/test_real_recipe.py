@@ -87,7 +87,13 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     assert order.index('ensemble') > order.index('tta')
     _run('check', p)
     # the stages before the ensemble, in the file's order; then the ensemble's other backbones on the last cleaned index
-    _run('run', p, '--stages', *order[:order.index('ensemble')])
+    r = _run('run', p, '--stages', *order[:order.index('ensemble')])
+    # the terminal shows progress from inside the stage kernels: a line per stage and per epoch, with time left
+    out = r.stdout
+    assert f'stage 1/{order.index("ensemble")} train:' in out and 'train/0: epoch 1/3 [32px main] train loss' in out, out[-3000:]
+    assert 'val mean class error' in out and ' left' in out
+    for noise in ('TCP without encryption', 'IProgress not found', 'torch.jit.script', 'not writable'):
+        assert noise not in r.stdout + r.stderr, f'terminal noise a user cannot act on: {noise!r}'
     from aliprod.core import resolve_params, resolve_iteration
     from aliprod.train import train_stage
     import dataclasses

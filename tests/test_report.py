@@ -132,7 +132,10 @@ def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
     assert list(art.tables)[:2] == ['chain', 'techniques_alone'] and art.missing == ['+ High-resolution finetune']
     assert 'not compared' in art.summary   # the system reports on half of val, the techniques alone on all of it: other images
     page = art.index_html.read_text()
-    assert page.index('Final system') < page.index('<h2>Chain</h2>') < page.index('<h2>Techniques alone</h2>')
+    # the final system, then the chain at a glance and the tail-accuracy figure, then the full tables
+    assert page.index("id='final-system'>Final system") < page.index("<section id='chain'>") < page.index("id='tail-accuracy'") \
+        < page.index("id='chain-table'>Chain</h2>") < page.index(">Techniques alone</h2>")
+    assert page.count("src='tail_accuracy.png'") == 1
     assert any(f.startswith('Chain, + Ensemble') and 'helped (paired 95% interval -9.0 to -1.0 points)' in f for f in art.findings)
     assert {'tail_accuracy', 'shot_groups'} <= set(art.figures)
     local = [r for r in parse(art.index_html).refs if '://' not in r and not r.startswith('#')]
