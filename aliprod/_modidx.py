@@ -783,6 +783,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'aliprod.train.fold_of': ('train.html#fold_of', 'aliprod/train.py'),
                                'aliprod.train.load_init': ('train.html#load_init', 'aliprod/train.py'),
                                'aliprod.train.load_trained_model': ('train.html#load_trained_model', 'aliprod/train.py'),
+                               'aliprod.train.loss_callbacks': ('train.html#loss_callbacks', 'aliprod/train.py'),
                                'aliprod.train.metrics_table': ('train.html#metrics_table', 'aliprod/train.py'),
                                'aliprod.train.per_class_split': ('train.html#per_class_split', 'aliprod/train.py'),
                                'aliprod.train.plot_history': ('train.html#plot_history', 'aliprod/train.py'),

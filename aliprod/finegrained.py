@@ -400,7 +400,7 @@ class FinegrainedParams:
         # `pretrained` stays the base run's: it fixes the input normalisation the transforms use, which must be the starting model's
         return dataclasses.replace(base, epochs=self.epochs, img_size=size, finetune_size=None, finetune_epochs=0, warmup_epochs=0,
                                    schedule='cosine', lr=self.lr if self.lr is not None else 0.1 * base.peak_lr,
-                                   head_cap=self.head_cap, sampler=self.sampler, mixup=0.0)
+                                   head_cap=self.head_cap, sampler=self.sampler, mixup=0.0, loss='ce')
 
 def method_callbacks(method:str, fp:FinegrainedParams)->list:
     "The callbacks that turn a train run into a `method` finetune"

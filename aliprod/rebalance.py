@@ -523,7 +523,8 @@ def network_params(method:str, p:RebalanceParams, t,
     return dataclasses.replace(t, epochs=p.network_epochs, img_size=t.eval_size, finetune_size=None, finetune_epochs=0, warmup_epochs=0,
                                schedule='cosine', milestones=[], lr=p.network_lr if p.network_lr is not None else 0.1 * t.peak_lr, mixup=0.0,
                                sampler='class' if two else 'instance', sampler_samples=p.samples_per_epoch if two else None,
-                               head_cap=p.head_cap if two else None, eval_splits=list(eval_splits), tag='', ablate_finetune=False)
+                               head_cap=p.head_cap if two else None, eval_splits=list(eval_splits), tag='', ablate_finetune=False,
+                               loss='ce')   # the method's own loss and sampler, not the trained model's long-tail loss
 
 def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      method:str,                  # two_stage | balanced_subset | acc_loss

@@ -44,12 +44,15 @@ from .data import DataParams, prepare_data, load_index, index_path, shot_counts,
 from .images import ImageIndexDataset
 
 # %% auto #0
-__all__ = ['MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob',
+__all__ = ['LOSSES', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob',
            'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows',
-           'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'train_job', 'eval_splits', 'train_stage',
-           'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
+           'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
+           'train_stage', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
+# the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
+LOSSES = {'ce': None, 'logit_adjusted': 'aliprod.losses.logit_adjusted_callbacks', 'balanced_softmax': 'aliprod.losses.balanced_softmax_callbacks'}
+
 @params_section('train')
 @dataclass
 class TrainParams:
@@ -80,6 +83,8 @@ class TrainParams:
     min_lr:float=0.0              # cosine schedule floor
     wd:float=0.05                 # weight decay (2021 report, SGD: 2e-4 to 5e-4; DeiT, AdamW: 0.05); never on biases and norm layers
     label_smoothing:float=0.0     # 0, 0.1 or 0.2 in the 2021 report
+    loss:Literal['ce','logit_adjusted','balanced_softmax']='ce' # ce; Menon et al.'s logit-adjusted loss (τ = loss_tau); Ren et al.'s Balanced Softmax
+    loss_tau:float=1.0            # τ of the logit-adjusted loss (1: the paper's default, the same loss as Balanced Softmax)
     mixup:float=0.0               # mixup alpha (Zhang et al. 2018); 0: off
     random_resized_crop:bool=True # RandomResizedCrop to img_size; False: resize to img_size
     crop_scale:float=0.35         # smallest crop area fraction of RandomResizedCrop
@@ -124,6 +129,9 @@ class TrainParams:
         if not 0 < self.gamma <= 1: bad('gamma', f"must be in (0, 1], got {self.gamma}")
         if self.wd < 0: bad('wd', f"must be >= 0, got {self.wd}")
         if not 0 <= self.label_smoothing < 1: bad('label_smoothing', f"must be in [0, 1), got {self.label_smoothing}")
+        if self.loss not in LOSSES: bad('loss', f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        if self.loss != 'ce' and self.label_smoothing: bad('loss', f"{self.loss} is not combined with label smoothing; set label_smoothing: 0")
+        if self.loss_tau < 0: bad('loss_tau', f"must be >= 0, got {self.loss_tau}")
         if self.mixup < 0: bad('mixup', f"is a Beta alpha >= 0 (0: off), got {self.mixup}")
         if not 0 < self.crop_scale <= 1: bad('crop_scale', f"must be in (0, 1], got {self.crop_scale}")
         for k in ('hue_saturation', 'brightness_contrast', 'blur', 'hflip', 'vflip', 'coarse_dropout'):
@@ -471,6 +479,11 @@ def train_dir(exp:ExperimentParams, p:TrainParams, iteration:int, fold:int|None=
     if fold is not None: d = d/f'fold{fold}'; d.mkdir(parents=True, exist_ok=True)
     return d
 
+def loss_callbacks(p:TrainParams)->list[dict]:
+    "The callback specs of `p.loss` (none for cross-entropy): every torchrun worker builds the same loss"
+    if p.loss == 'ce': return []
+    return [{'factory': LOSSES[p.loss], 'kwargs': {'tau': p.loss_tau} if p.loss == 'logit_adjusted' else {}}]
+
 def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
               folds:int|None=None, *,
               init:str|Path|None=None,       # start from this model.pth instead of `p.pretrained`
@@ -487,7 +500,7 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
     if folds is not None and not (folds >= 2 and 0 <= fold < folds): raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
     for what, f in (('init', init), ('rows', rows)):
         if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{what} file {f} not found")
-    callbacks = list(callbacks or [])
+    callbacks = [*loss_callbacks(p), *(callbacks or [])]
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
     idx, ds = index_path(exp, it), data_artifacts(exp).dataset_json

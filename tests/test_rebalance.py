@@ -209,7 +209,7 @@ def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
     import pandas as pd
     exp = ExperimentParams(experiment='noval', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=0, test_per_class=3,
-                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1, val_from_test=False)   # no val split at all
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'test'])
     with pytest.raises(ParamsError, match='tau_norm chooses τ on the val split'): rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm']))
