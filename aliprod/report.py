@@ -309,7 +309,7 @@ def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFram
     tail = next(((t, f, c) for t, f, c in figs if f == 'tail_accuracy.png'), None)
     if tail: glance.append(f"<figure id='tail-accuracy'><img src='{html.escape(tail[1])}' alt='{html.escape(tail[0])}'><figcaption>{html.escape(tail[2])}</figcaption></figure>")
     if glance: body.append(f"<div class='glance'>{''.join(glance)}</div>")
-    figs = [x for x in figs if x is not tail]
+    figs = [x for x in figs if x[1] != 'tail_accuracy.png' or tail is None]   # shown at the top
     body.append('<ul>' + ''.join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in header.items()) + '</ul>')
     if findings: body.append('<h2>Findings</h2><ul>' + ''.join(f"<li>{html.escape(x)}</li>" for x in findings) + '</ul>')
     for name, df in tables.items():
