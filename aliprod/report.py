@@ -278,7 +278,7 @@ def _chain_glance(chain:pd.DataFrame)->str:
             rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td colspan='3' style='text-align:left;color:#777'>absent: {html.escape(str(r.get('what', '')))}</td></tr>"); continue
         d = r.get('Δ mean class err')
         delta = '' if d is None or pd.isna(d) else f"{100*d:+.1f} [{100*r['Δ lo']:+.1f}, {100*r['Δ hi']:+.1f}]"
-        rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td>{100*r['mean_class_err']:.1f}</td><td>{delta}</td><td>{html.escape(str(r.get('verdict') or ''))}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td>{100*r['mean_class_err']:.1f}</td><td>{delta}</td><td>{'' if pd.isna(r.get('verdict')) else html.escape(str(r['verdict']))}</td></tr>")
     return ("<table><tr><th>step</th><th>mean class error (%)</th><th>Δ points [95% paired]</th><th>verdict</th></tr>" + ''.join(rows) + '</table>')
 
 def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame],

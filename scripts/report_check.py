@@ -20,13 +20,24 @@ CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic'
 PROBE = """() => {
   const broken = Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
   const vw = document.documentElement.clientWidth;
-  const wide = Array.from(document.querySelectorAll('table, img, pre')).filter(e => e.getBoundingClientRect().right > vw + 1)
+  // a wide table inside a horizontally scrolling box (the report's .wide) scrolls there: the page itself stays within the screen
+  const scrolls = e => { for (let p = e.parentElement; p; p = p.parentElement) { const o = getComputedStyle(p).overflowX;
+                                                                               if (o === 'auto' || o === 'scroll') return true; } return false; };
+  const wide = Array.from(document.querySelectorAll('table, img, pre')).filter(e => e.getBoundingClientRect().right > vw + 1 && !scrolls(e))
                     .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().width) + 'px');
   const code = document.querySelectorAll('.jp-InputArea, .input_area, div.highlight pre').length;
   const pos = {};
   for (const id of %s) { const e = document.getElementById(id); pos[id] = e ? Math.round(e.getBoundingClientRect().top + window.scrollY) : null; }
   return {broken, wide, code, pos, height: document.documentElement.scrollHeight, page_width: document.documentElement.scrollWidth, vw};
 }""" % json.dumps(list(ABOVE_THE_FOLD))
+
+
+def _shrink(png:Path):
+    "Rewrite a screenshot as a 256-colour PNG (a few times smaller; text and plots stay legible), when Pillow is there"
+    try: from PIL import Image
+    except ImportError: return
+    with Image.open(png) as im: small = im.convert('RGB').quantize(256)
+    small.save(png, optimize=True)
 
 
 def check(report:Path, out:Path, chromium:str)->dict:
@@ -41,9 +52,12 @@ def check(report:Path, out:Path, chromium:str)->dict:
             page = browser.new_page(viewport={'width': w, 'height': h})
             page.goto(page_url, wait_until='load')
             r = page.evaluate(PROBE)
-            shot = out/f'{report.name}_{name}.png'
+            shot, fold = out/f'{report.name}_{name}.png', out/f'{report.name}_{name}_fold.png'
             page.screenshot(path=str(shot), full_page=True)
+            page.screenshot(path=str(fold))   # what a person sees before scrolling
+            for f in (shot, fold): _shrink(f)
             problems = [f'broken image {s}' for s in r['broken']] + [f'wider than the screen: {e}' for e in r['wide']]
+            if r['page_width'] > r['vw'] + 1: problems.append(f"the page is {r['page_width']}px wide on a {r['vw']}px screen")
             if r['code']: problems.append(f"{r['code']} code cells visible")
             if name == 'laptop':
                 for id_, top in r['pos'].items():
