@@ -93,7 +93,8 @@ class ValidMetrics(Callback):
     def after_batch(self):
         y = self.yb[0]
         if self.training:
-            self.train_loss += float(self.loss.detach()) * len(y); self.train_n += len(y)
+            # summed where the loss is: float() here would wait for the GPU after every batch
+            self.train_loss = self.train_loss + self.loss.detach().double() * len(y); self.train_n += len(y)
             return
         logits = self.pred.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -106,7 +107,7 @@ class ValidMetrics(Callback):
         self.loss_sum, self.hit5 = 0., 0.
         self.seen, self.hit1 = torch.zeros(self.K, dtype=torch.float64), torch.zeros(self.K, dtype=torch.float64)
     def after_validate(self):
-        stats = torch.cat([torch.tensor([self.loss_sum, self.hit5, self.train_loss, self.train_n], dtype=torch.float64), self.seen, self.hit1])
+        stats = torch.cat([torch.tensor([self.loss_sum, self.hit5, float(self.train_loss), self.train_n], dtype=torch.float64), self.seen, self.hit1])
         if _rank_world()[1] > 1:
             dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
             stats = stats.to(dev); dist.all_reduce(stats); stats = stats.cpu()

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import (check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
+from .core import (project_relative, check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
                           atomic_write_json, atomic_write_text, log)
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
@@ -441,7 +441,7 @@ def finegrained_finetune(exp:ExperimentParams,
     if not init.is_file(): raise FileNotFoundError(f"starting checkpoint {init} not found: run the train stage first, or set [finegrained] init to a model.pth")
     if method == 'lio' and p.mixup: raise ParamsError("[train] mixup: LIO needs hard labels to find same-class images; set mixup: 0 for the LIO finetune")
     p = dataclasses.replace(p, tag='finegrained-' + method + (f'-{p.tag}' if p.tag else ''), ablate_finetune=False)
-    log(f"finegrained {method}: finetuning {init}")
+    log(f"finegrained {method}: finetuning {project_relative(init)}")
     return T.train_stage(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
 
 # %% ../nbs/02b_finegrained.ipynb #9ca0502f

@@ -28,7 +28,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from .core import (ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
+from .core import (project_relative, ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
                           experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
                           atomic_write_text, atomic_write_parquet, StageRun, log)
 from .predictions import read_topk
@@ -458,7 +458,7 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
     paths, failed = {}, []
     for split, df in todo.items():
         paths[split] = predict(net, df, split, out_dir/'predictions'/f'{split}.parquet', failed=failed, **kw)
-        log(f"predictions of {split}: {paths[split]}")
+        log(f"predictions of {split}: {project_relative(paths[split])}")
     if rank != 0: return {}
     groups = shot_groups(job.exp)  # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
     metrics = {'train_images': int(len(train_df)), 'num_classes': K, **extra, 'predict_failures': len(failed)}
@@ -559,7 +559,7 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
         return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
-    run.ensure(work, what=f"training {p.arch}")
+    run.ensure(work, what=f"predicting with {project_relative(job.init)}" if job.predict_only else f"training {p.arch}")
     art = _artifacts(job)
     # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
     if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
