@@ -104,6 +104,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'aliprod.clean.agreement': ('clean.html#agreement', 'aliprod/clean.py'),
                                'aliprod.clean.agreement_paths': ('clean.html#agreement_paths', 'aliprod/clean.py'),
                                'aliprod.clean.agreement_predictions': ('clean.html#agreement_predictions', 'aliprod/clean.py'),
+                               'aliprod.clean.balanced_low_conf': ('clean.html#balanced_low_conf', 'aliprod/clean.py'),
+                               'aliprod.clean.balanced_scores': ('clean.html#balanced_scores', 'aliprod/clean.py'),
                                'aliprod.clean.check_clean': ('clean.html#check_clean', 'aliprod/clean.py'),
                                'aliprod.clean.class_bands': ('clean.html#class_bands', 'aliprod/clean.py'),
                                'aliprod.clean.class_median': ('clean.html#class_median', 'aliprod/clean.py'),

@@ -15,23 +15,23 @@ from .predictions import TopK, read_topk
 
 # %% auto #0
 __all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
-           'confident_learning', 'agreement', 'class_median', 'robust_outliers', 'class_relative', 'class_prototypes',
-           'prototype_distances', 'prototype_rule', 'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions',
-           'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band',
-           'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
-           'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
-           'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean', 'clean_iteration', 'rounds_table',
-           'detection_table', 'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration',
-           'clean_stage']
+           'confident_learning', 'agreement', 'class_median', 'robust_outliers', 'class_relative', 'balanced_scores',
+           'balanced_low_conf', 'class_prototypes', 'prototype_distances', 'prototype_rule', 'protect_tail',
+           'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy',
+           'detection_scores', 'class_bands', 'detection_by_band', 'model_error', 'round_problems', 'guard_round',
+           'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
+           'train_predictions', 'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
+           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table', 'plot_rounds',
+           'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype')
+RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced')
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype']]=field(default_factory=lambda: ['disagree_low_conf'])
+    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype','balanced']]=field(default_factory=lambda: ['disagree_low_conf'])
     conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
@@ -166,6 +166,28 @@ def class_relative(t:TopK, z:float=3.0)->np.ndarray:
     "(N,) mask: `p_label` is an outlier low for its class (robust z), and the top-1 disagrees"
     return robust_outliers(1 - t.p_label, t.labels, t.num_classes, z, floor=0.02) & (t.top1 != t.labels)
 
+def balanced_scores(t:TopK, counts=None)->tuple[np.ndarray, np.ndarray]:
+    "(N,k) and (N,) the top-k and given-label probabilities as a classifier trained on a balanced prior gives them: p(y|x)/π_y renormalised (post-hoc logit adjustment, τ = 1)"
+    n = np.bincount(t.labels, minlength=t.num_classes) if counts is None else np.asarray(counts)
+    w = 1.0 / np.maximum(n, 1).astype(np.float64)                    # ∝ 1/π_y of the training labels
+    in_k = (t.topk_labels == t.labels[:, None]).any(1)
+    q, ql = t.topk_probs.astype(np.float64) * w[t.topk_labels], t.p_label.astype(np.float64) * w[t.labels]
+    # the mass outside the top-k (and the label) is spread over the other classes at their mean weight: exact when k = K
+    rest = np.clip(1 - t.topk_probs.sum(1) - np.where(in_k, 0, t.p_label), 0, None) * w.mean()
+    z = q.sum(1) + np.where(in_k, 0, ql) + rest
+    return q / z[:, None], ql / z
+
+def balanced_low_conf(t:TopK, conf_threshold:float=0.5, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(N,) flags, balanced top-1 and its probability: `disagree_low_conf` judged on the prior-corrected posterior too (the hard-noise view of H2E)"
+    q, ql = balanced_scores(t, counts)
+    r = np.arange(len(t)); j = q.argmax(1)
+    top, best = t.topk_labels[r, j], q[r, j]
+    label_wins = ql > best                                            # a tail label outside the top-k can win once the prior is removed
+    top, best = np.where(label_wins, t.labels, top), np.where(label_wins, ql, best)
+    # only where the model's own top-1 disagrees too, as every rule: it removes flags of hard tail samples, never adds one on a confirmed label
+    return (t.top1 != t.labels) & (top != t.labels) & (best < conf_threshold), top.astype(np.int32), best.astype(np.float32)
+
+
 # %% ../nbs/03_clean.ipynb #e44bea23
 def _unit(x:np.ndarray)->np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -248,6 +270,9 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
         elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
         elif r == 'agreement': f = agreement(t, list(others), other_names)
         elif r == 'class_relative': f = class_relative(t, p.robust_z)
+        elif r == 'balanced':
+            f, bt, bp = balanced_low_conf(t, p.conf_threshold)
+            suggest, suggest_prob = np.where(f, bt, suggest).astype(np.int32), np.where(f, bp, suggest_prob).astype(np.float32)
         elif r == 'prototype':
             f, near = prototype_rule(t, p.robust_z)
             hit = t.topk_labels == near[:, None]

@@ -632,7 +632,9 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = train_stage(exp, data, t, iteration=p.iteration)
-    out = run_dir(exp, 'rebalance', p.iteration)
+    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
+    sfx = f'-{t.tag}' if t.tag else ''
+    out = run_dir(exp, 'rebalance' + sfx, p.iteration)
     K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])
     groups = shot_groups(exp)
     params = {'rebalance': params_dict(p), 'train': params_dict(t), 'seed': exp.seed, 'many': groups['many'], 'few': groups['few'], 'splits': evals}
@@ -682,7 +684,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             fig = plot_tau_sweep(sweep, tau, f'τ-normalisation, {exp.experiment} iteration {p.iteration} (validation)')
             with atomic_path(fig_path) as f: fig.savefig(f, dpi=120, format='png')
             import matplotlib.pyplot as plt; plt.close(fig)
-            with atomic_path(rep/'tau_sweep.png') as f: shutil.copyfile(fig_path, f)
+            with atomic_path(rep/f'tau_sweep{sfx}.png') as f: shutil.copyfile(fig_path, f)
             outputs += [out/'tau_sweep.csv', fig_path]
         norms = weight_norms(classifier, class_counts(splits['train'].labels, K))
         rho = None
@@ -690,15 +692,15 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             rho = norm_size_correlation(norms)
             atomic_write_parquet(norms, out/'weight_norms.parquet'); outputs.append(out/'weight_norms.parquet')
             fig = plot_weight_norms(norms, f'{exp.experiment} iteration {p.iteration}: classifier row norm vs class size')
-            for f_ in (out/'weight_norms.png', rep/'weight_norms.png'):
+            for f_ in (out/'weight_norms.png', rep/f'weight_norms{sfx}.png'):
                 with atomic_path(f_) as f: fig.savefig(f, dpi=120, format='png')
             import matplotlib.pyplot as plt; plt.close(fig)
             outputs.append(out/'weight_norms.png')
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
-        for d in (out, rep):
-            with atomic_path(d/'rebalance.csv') as f: table.to_csv(f, index=False)
-            atomic_write_text(d/'rebalance.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau)))
+        for d, name in ((out, 'rebalance'), (rep, f'rebalance{sfx}')):
+            with atomic_path(d/f'{name}.csv') as f: table.to_csv(f, index=False)
+            atomic_write_text(d/f'{name}.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau)))
         outputs += [out/'rebalance.csv', out/'rebalance.md']
         split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
         rows = table[table.split == split].set_index('method')

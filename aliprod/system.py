@@ -316,14 +316,14 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
         if run.name.isdigit() and (run/'manifest.json').exists():
             c = train_candidate(exp, run, sets, k, f"{run.parent.name}:{run.name}")
             if c is not None: out.append(c)
-    for reb in sorted(base.glob('rebalance/*/')):
+    for reb in sorted(base.glob('rebalance*/*/')):   # rebalance/ (the pipeline's backbone) and rebalance-<tag>/ (other backbones)
         man = reb/'manifest.json'
         if not (reb.name.isdigit() and man.exists()): continue
         tag = json.loads(man.read_text())['params']['train'].get('tag', '')
         model_run = base/('train' + (f'-{tag}' if tag else ''))/reb.name
         if not (model_run/'model.pth').exists(): continue
         for c in method_candidates(exp, reb, model_run, sets, k, None, ncm_norm):
-            c.name = f"rebalance:{c.info['method']}:{reb.name}"; out.append(c)
+            c.name = f"{reb.parent.name}:{c.info['method']}:{reb.name}"; out.append(c)
     for var in sorted(base.glob('tta/*/*/')):
         man = var/'manifest.json'
         if not man.exists(): continue
@@ -507,7 +507,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     reb = _rebalance_round(exp, data, t, rp, r)
     variants = p.tta_variants if p.tta_variants is not None else [f'{v}@{e:g}' for v, e in tp.variants]
     base = experiment_dir(exp)
-    inputs = [index_path(exp, 0), *sorted(f for pat in ('train*/*/manifest.json', 'rebalance/*/manifest.json', 'rebalance/*/*/train/manifest.json', 'tta/*/*/manifest.json')
+    inputs = [index_path(exp, 0), *sorted(f for pat in ('train*/*/manifest.json', 'rebalance*/*/manifest.json', 'rebalance*/*/*/train/manifest.json', 'tta/*/*/manifest.json')
                                           for f in base.glob(pat))]
     out = run_dir(exp, 'system')
     params = {'system': params_dict(p), 'rebalance': params_dict(rp), 'variants': variants, 'seed': exp.seed, 'hires_tag': hires_tag}

@@ -96,21 +96,29 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
         assert noise not in r.stdout + r.stderr, f'terminal noise a user cannot act on: {noise!r}'
     from aliprod.core import resolve_params, resolve_iteration
     from aliprod.train import train_stage
+    from aliprod.rebalance import rebalance_stage
     import dataclasses
-    exp, dp, tp = (resolve_params(s, p) for s in ('experiment', 'data', 'train'))
+    exp, dp, tp, rp = (resolve_params(s, p) for s in ('experiment', 'data', 'train', 'rebalance'))
     for m in cfg['ensemble']['members']:
         kind, *rest = m.split(':')
         if kind == 'train' and rest[0] in MEMBER_ARCHS:
             it = resolve_iteration(exp, int(rest[1]) if rest[1].isdigit() else rest[1])   # 'kept': the round the clean stage kept
-            train_stage(exp, dp, dataclasses.replace(tp, tag=rest[0], arch=MEMBER_ARCHS[rest[0]], iteration=it,
-                                                     finetune_size=None if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_size,
-                                                     finetune_epochs=0 if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_epochs))
+            mt = dataclasses.replace(tp, tag=rest[0], arch=MEMBER_ARCHS[rest[0]], iteration=it,
+                                     finetune_size=None if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_size,
+                                     finetune_epochs=0 if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_epochs)
+            train_stage(exp, dp, mt)
+            # the 2021 system rebalances every backbone: its heads go to rebalance-<tag>/, candidates of the system's ensemble
+            rebalance_stage(exp, dp, mt, dataclasses.replace(rp, iteration=it, finetune='classifier'))
     _run('run', p, '--stages', *order[order.index('ensemble'):])
     rep = tmp_path/'reports'/cfg['experiment']
     page = (rep/'index.html').read_text()
     assert 'val' in page and 'test' not in json.dumps(sorted(p.name for p in rep.glob('*.csv')))
     runs = tmp_path/'runs'/cfg['experiment']
     assert not list(runs.glob('**/predictions/test.parquet')), 'no test split: nothing may predict one'
+    import pandas as pd
+    cands = pd.read_csv(rep/'system_candidates.csv')['candidate'].astype(str)
+    for tag in MEMBER_ARCHS:   # every backbone's rebalanced heads are candidates of the final system, not only its plain model
+        assert cands.str.startswith(f'rebalance-{tag}:').any() and cands.str.startswith(f'train-{tag}:').any(), sorted(set(cands))
     # a stage run executed the stage only: the executed notebooks' cells above `parameters` produced nothing
     for nb in (rep/'notebooks').glob('*.ipynb'):
         cells = json.loads(nb.read_text())['cells']
