@@ -116,7 +116,7 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     runs = tmp_path/'runs'/cfg['experiment']
     assert not list(runs.glob('**/predictions/test.parquet')), 'no test split: nothing may predict one'
     import pandas as pd
-    cands = pd.read_csv(rep/'system_candidates.csv')['candidate'].astype(str)
+    cands = pd.read_csv(rep/'system_candidates.csv')['candidate'].astype(str).str.removeprefix('+ ')   # '+ x': x added to the ensemble
     for tag in MEMBER_ARCHS:   # every backbone's rebalanced heads are candidates of the final system, not only its plain model
         assert cands.str.startswith(f'rebalance-{tag}:').any() and cands.str.startswith(f'train-{tag}:').any(), sorted(set(cands))
     # a stage run executed the stage only: the executed notebooks' cells above `parameters` produced nothing
