@@ -42,16 +42,18 @@ def create_backbone(arch:str,                  # timm model name
                     drop_path_rate:float=0.,     # stochastic depth (DeiT recipe: 0.1)
                     img_size:int|None=None,      # input size, for archs with a fixed one (ViT/DeiT); ignored by CNNs
                     global_pool:str|None=None,   # timm pooling name; None: the arch's default
+                    factory=None,                # what builds the model; None: timm.create_model (tests pass an offline one)
                    )->nn.Module:
     "timm backbone `arch` without classifier: images (N,3,H,W) -> pooled features (N, num_features)"
     kw = dict(num_classes=0, drop_rate=drop_rate)
     if drop_path_rate: kw['drop_path_rate'] = drop_path_rate
     if global_pool is not None: kw['global_pool'] = global_pool
     if img_size is not None and _fixed_input_size(arch): kw['img_size'] = img_size
+    factory = factory or timm.create_model
     if not pretrained_timm:
-        try: return timm.create_model(check_arch(arch), pretrained=False, **kw)
+        try: return factory(check_arch(arch), pretrained=False, **kw)
         except TypeError as e: raise TypeError(f"timm's {arch!r} does not take one of {', '.join(kw)} ({e}); drop that option for this arch") from e
-    try: return timm.create_model(check_arch(arch), pretrained=True, **kw)
+    try: return factory(check_arch(arch), pretrained=True, **kw)
     except Exception as e:  # hub/network errors come in many types (OSError, HTTP, hub-offline); all mean the same here
         raise RuntimeError(f"Could not get timm's pretrained weights for {arch!r} ({type(e).__name__}: {e}). "
                            f"Without a model hub, pass pretrained=<path to a local state dict> (or 'none')"
@@ -275,6 +277,7 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
                  global_pool:str|None=None, # timm pooling; None: the arch's default
                  mean:tuple|None=None,   # input normalisation of a local weight file, when not the arch's timm default
                  std:tuple|None=None,
+                 backbone_factory=None,  # what builds the timm backbone; None: timm.create_model (tests pass an offline one)
                  **head_options,         # options of the head: linear: bias; cosine: scale, learn_scale
                 )->ProductNet:
     "A `ProductNet` for `num_classes` classes on timm backbone `arch`, with weights from `pretrained`"
@@ -288,7 +291,7 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
         raise ValueError(f"pretrained='package': no package weights for {arch!r}; available for: {', '.join(PACKAGE_WEIGHTS)}. Use 'timm', 'none' or a path")
     if (mean is None) != (std is None): raise ValueError("Give both mean and std, or neither")
     if mean is not None and src in ('package', 'timm'): raise ValueError(f"mean/std are fixed by the weights for pretrained={src!r}; pass them only with a local file or 'none'")
-    backbone = create_backbone(arch, src == 'timm', drop_rate, drop_path_rate, img_size, global_pool)
+    backbone = create_backbone(arch, src == 'timm', drop_rate, drop_path_rate, img_size, global_pool, backbone_factory)
     if src == 'package': backbone.load_state_dict(package_state_dict(arch, backbone), strict=True)
     elif src not in ('none', 'timm'): load_backbone_weights(backbone, src)
     if src == 'package': mean, std = PACKAGE_WEIGHTS[arch].mean, PACKAGE_WEIGHTS[arch].std
