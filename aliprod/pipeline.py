@@ -195,7 +195,7 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
             log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
             t0 = time.time()
             if in_process:
-                executed.append(call_stage(s, params_file, name)); log(f"{s}: done in {time.time() - t0:.0f} s")
+                executed.append(call_stage(s, params_file, name, over)); log(f"{s}: done in {time.time() - t0:.0f} s")
             else: executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
             after = _manifests(exp)
             if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(p) for m in after for p in _runs_prefixes(s)):
@@ -205,9 +205,11 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
         log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
 
-def call_stage(stage:str, params_file:str|Path, experiment:str|None=None):
+def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
+               over:dict|None=None, # {section: values} of a grid run, injected as papermill injects them into the notebook
+              ):
     "Run one stage in this process as its notebook's run cell does (resolve its sections from `params_file`, call `<stage>_stage`); its artifacts"
-    R = lambda section, **kw: resolve_params(section, params_file, **kw)
+    R = lambda section, **kw: resolve_params(section, params_file, injected=(over or {}).get(section), **kw)
     exp = R('experiment', overrides={'experiment': experiment})
     if stage == 'train':
         from aliprod.train import train_stage; return train_stage(exp, R('data'), R('train'), report=True)
