@@ -10,12 +10,24 @@ $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "aliprod needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# uv installs the same pinned packages as pip, with parallel downloads and unpacking: about 30 s instead of
+# about 2 min for torch's 5.5 GB on 2 cores. It is fetched by pip into the venv; INSTALLER=pip falls back to pip.
+INSTALLER ?= uv
+ifeq ($(INSTALLER),uv)
+PIP_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python
+else
+PIP_INSTALL = $(BIN)/pip install -q
+endif
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/pip install -q 'uv>=0.5'
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python $(if $(filter uv,$(INSTALLER)),$(BIN)/uv)
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python $(if $(filter uv,$(INSTALLER)),$(BIN)/uv)
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -47,11 +59,11 @@ pytest: install-dev
 ## make report-check: open reports/demo/index.html in headless Chromium (Debian's chromium), screenshots in docs/screenshots/
 report-check: install
 	@command -v chromium >/dev/null || { echo "report-check needs Chromium: apt-get install chromium"; exit 2; }
-	$(BIN)/pip install -q playwright
+	$(PIP_INSTALL) playwright
 	$(BIN)/python scripts/report_check.py reports/demo --out docs/screenshots
 
 lab: install
-	$(BIN)/pip install -q -e '.[lab]' && $(BIN)/jupyter lab nbs
+	$(PIP_INSTALL) -e '.[lab]' && $(BIN)/jupyter lab nbs
 
 clean-runs:
 	rm -rf runs reports/*/
