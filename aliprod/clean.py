@@ -14,30 +14,34 @@ from .core import (ParamsError, params_section, params_dict, ExperimentParams, r
 from .predictions import TopK, read_topk
 
 # %% auto #0
-__all__ = ['RULES', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf', 'self_confidence', 'confident_thresholds',
-           'confident_learning', 'agreement', 'class_median', 'robust_outliers', 'class_relative', 'balanced_scores',
-           'balanced_low_conf', 'class_prototypes', 'prototype_distances', 'prototype_rule', 'protect_tail',
-           'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy',
-           'detection_scores', 'class_bands', 'detection_by_band', 'model_error', 'round_problems', 'guard_round',
+__all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf',
+           'self_confidence', 'confident_thresholds', 'confident_learning', 'agreement', 'class_median',
+           'robust_outliers', 'class_relative', 'balanced_scores', 'balanced_low_conf', 'class_prototypes',
+           'prototype_distances', 'prototype_rule', 'h2e_scores', 'h2e_rule', 'protect_tail', 'rule_names',
+           'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores',
+           'class_bands', 'detection_by_band', 'rule_detection', 'model_error', 'round_problems', 'guard_round',
            'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
            'train_predictions', 'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
-           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'relabel_table', 'plot_rounds',
-           'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
+           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
+           'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced')
+RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced', 'h2e')
+FEATS_RULES = ('prototype', 'h2e')   # the rules that read the embeddings
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype','balanced']]=field(default_factory=lambda: ['disagree_low_conf'])
+    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype','balanced','h2e']]=field(default_factory=lambda: ['disagree_low_conf'])
     conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
     relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
     relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
+    h2e_epochs:int=2               # h2e: passes of the noise identifier over the training embeddings, per environment
+    h2e_penalty:float=1.0          # h2e: λ of the invariance penalty (risk + λ · IRMv1)
     robust_z:float=3.0             # class_relative / prototype: flag beyond this many robust standard deviations (1.4826·MAD) of the sample's own class
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
@@ -60,6 +64,8 @@ class CleanParams:
             raise ParamsError(f"[clean] drop_fraction must be in (0, 1) or null, got {self.drop_fraction}")
         for k in ('max_change_fraction', 'near_chance'):
             if not 0 < getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in (0, 1], got {getattr(self, k)}")
+        if self.h2e_epochs < 1: raise ParamsError(f"[clean] h2e_epochs must be >= 1, got {self.h2e_epochs}")
+        if self.h2e_penalty < 0: raise ParamsError(f"[clean] h2e_penalty must be >= 0, got {self.h2e_penalty}")
         if self.robust_z <= 0: raise ParamsError(f"[clean] robust_z must be > 0, got {self.robust_z}")
         if self.min_per_class < 0: raise ParamsError(f"[clean] min_per_class must be >= 0, got {self.min_per_class}")
         if self.source == 'k_fold' and self.folds < 2: raise ParamsError(f"[clean] k_fold needs folds >= 2, got {self.folds}")
@@ -220,6 +226,68 @@ def prototype_rule(t:TopK, z:float=3.0)->tuple[np.ndarray, np.ndarray]:
     # the top-1 must disagree too, as in every rule: a sample whose label is its classifier's top-1 is never flagged
     return robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels), nearest
 
+# %% ../nbs/03_clean.ipynb #fd84fec7
+H2E_ENVIRONMENTS = ('instance', 'class', 'reverse')   # class probability ∝ n, 1, 1/n: the data's own, balanced, reversed
+
+def _irm_penalty(logits, target):
+    "IRMv1 (Arjovsky et al. 2019): the squared gradient of the risk with respect to a scale on the logits, at 1"
+    import torch, torch.nn.functional as F
+    s = torch.ones((), dtype=logits.dtype, requires_grad=True)
+    g, = torch.autograd.grad(F.cross_entropy(logits * s, target), [s], create_graph=True)
+    return g * g
+
+def h2e_scores(t:TopK,                 # training predictions with `feats`: the candidate classes are the label and the top-k
+               epochs:int=2,           # passes over the samples, per environment
+               penalty:float=1.0,      # λ: risk + λ · IRMv1 penalty, averaged over the environments
+               lr:float=0.1,           # SGD with momentum 0.9, cosine schedule
+               batch_size:int|None=None, # default: N/100 within [32, 8192], so an epoch has about 100 steps
+               scale:float=16.0,       # logits = scale · unit embedding · w (+ b)
+               seed:int=0,
+              )->tuple[np.ndarray, np.ndarray]:
+    "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
+    import torch, torch.nn.functional as F
+    from aliprod.samplers import LongTailSampler, class_probs
+    if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
+    N, K = len(t), t.num_classes
+    y = t.labels.astype(np.int64)
+    cand = torch.from_numpy(np.concatenate([y[:, None], t.topk_labels.astype(np.int64)], 1))
+    dup = torch.from_numpy(np.concatenate([np.zeros((N, 1), bool), t.topk_labels == y[:, None]], 1))  # the label again in the top-k
+    counts = np.bincount(y, minlength=K)
+    logp = {m: torch.from_numpy(np.log(np.maximum(class_probs(counts, m), 1e-30))).float() for m in H2E_ENVIRONMENTS}
+    bs = batch_size or int(np.clip(N // 100, 32, 8192))
+    steps = -(-N // bs)
+    W = torch.zeros(K, t.feats.shape[1], requires_grad=True); b = torch.zeros(K, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
+    def logits(idx):   # (B,k+1) over the candidates; a repeated label is masked (-1e4, not -inf: the penalty multiplies the logits)
+        x = torch.from_numpy(_unit(np.asarray(t.feats[idx], np.float32))) * scale   # feats may be memory-mapped: read per batch
+        c = cand[idx]
+        return (torch.einsum('bd,bkd->bk', x, W[c]) + b[c]).masked_fill(dup[idx], -1e4), c
+    samplers = [LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)]
+    for ep in range(epochs):
+        draws = []
+        for s in samplers: s.set_epoch(ep); draws.append(np.asarray(s.indices()))
+        for st in range(steps):
+            loss = 0.
+            for m, dr in zip(H2E_ENVIRONMENTS, draws):
+                idx = np.sort(dr[st * bs:(st + 1) * bs])
+                z, c = logits(idx)
+                z = z + logp[m][c]                                   # the environment's class prior in its logits
+                tgt = torch.zeros(len(idx), dtype=torch.int64)       # the label is candidate 0
+                loss = loss + F.cross_entropy(z, tgt) + penalty * _irm_penalty(z, tgt)
+            opt.zero_grad(set_to_none=True); (loss / len(H2E_ENVIRONMENTS)).backward(); opt.step(); sched.step()
+    out = np.empty((N, cand.shape[1]), np.float32)
+    with torch.no_grad():
+        for s in range(0, N, 8192):
+            out[s:s + 8192] = logits(np.arange(s, min(s + 8192, N)))[0].numpy()
+    return out, cand.numpy()
+
+def h2e_rule(t:TopK, epochs:int=2, penalty:float=1.0, seed:int=0)->tuple[np.ndarray, np.ndarray]:
+    "(N,) flags and (N,) the identifier's top class: H2E's invariant identifier does not put the label first (nor does the network's top-1)"
+    scores, cand = h2e_scores(t, epochs, penalty, seed=seed)
+    top = cand[np.arange(len(t)), scores.argmax(1)].astype(np.int32)
+    return (top != t.labels) & (t.top1 != t.labels), top
+
 # %% ../nbs/03_clean.ipynb #b6e8f1ab
 def protect_tail(labels:np.ndarray,   # (N,) given labels of the training samples
                  flags:np.ndarray,    # (N,) samples flagged for removal from their class
@@ -273,6 +341,11 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
         elif r == 'balanced':
             f, bt, bp = balanced_low_conf(t, p.conf_threshold)
             suggest, suggest_prob = np.where(f, bt, suggest).astype(np.int32), np.where(f, bp, suggest_prob).astype(np.float32)
+        elif r == 'h2e':
+            f, top = h2e_rule(t, p.h2e_epochs, p.h2e_penalty)
+            hit = t.topk_labels == top[:, None]
+            hp = np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
+            suggest, suggest_prob = np.where(f, top, suggest).astype(np.int32), np.where(f, hp, suggest_prob).astype(np.float32)
         elif r == 'prototype':
             f, near = prototype_rule(t, p.robust_z)
             hit = t.topk_labels == near[:, None]
@@ -482,6 +555,29 @@ def detection_by_band(train:pd.DataFrame,  # training rows of the input index, w
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'band'])
 
+# %% ../nbs/03_clean.ipynb #731f6213
+def rule_detection(t:TopK,                     # the training predictions a round reads
+                   train:pd.DataFrame,         # training rows of the round's input index, with ground truth
+                   p:CleanParams,              # thresholds; its `rules` are marked `in_use`
+                   bands:np.ndarray|None=None, # (K,) `class_bands`: adds a row per class-size band
+                   others:list[TopK]=(),       # agreement: other models' predictions (the rule is left out without them)
+                   other_names:list[str]|None=None,
+                  )->pd.DataFrame:
+    "Every rule alone on the same predictions and thresholds, its flags (before tail protection) scored against the truth, overall and per band; empty without ground truth"
+    cols = ['rule', 'in_use', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    train = train[train['label'] >= 0]
+    if not is_noisy(train)[1].any(): return pd.DataFrame(columns=cols)
+    parts = []
+    for rule in RULES:
+        if (rule == 'agreement' and not len(others)) or (rule in FEATS_RULES and t.feats is None): continue  # needs other models / embeddings
+        q = dataclasses.replace(p, rules=[rule], action='drop', agreement_tags=list(other_names or p.agreement_tags or [f'model{j}' for j in range(len(others))]))
+        fl = find_noisy(t, q, others, other_names)
+        rows = fl.loc[fl['reasons'].to_numpy() > 0, 'row'].to_numpy()
+        sc = [detection_scores(train, rows).query("kind == 'all'").assign(band='all')]
+        if bands is not None: sc.append(detection_by_band(train, rows, bands))
+        parts.append(pd.concat(sc, ignore_index=True).assign(rule=rule, in_use=rule in p.rules))
+    return pd.concat(parts, ignore_index=True)[cols]
+
 # %% ../nbs/03_clean.ipynb #76254708
 def model_error(t:TopK,            # the training predictions the round reads
                 paths:list[Path],  # their files
@@ -643,7 +739,7 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
-    t = TopK.concat([read_topk(p, feats='prototype' in clean.rules) for p in paths])
+    t = TopK.concat([read_topk(p, feats=any(r in FEATS_RULES for r in clean.rules)) for p in paths])
     t = t.take(np.argsort(t.rows, kind='stable'))
     if len(t) > 1 and (np.diff(t.rows) == 0).any():
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
@@ -680,8 +776,9 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
     if not own_predictions and clean.source == 'in_sample' and train.eval_splits is not None and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
-    if 'prototype' in clean.rules and not own_predictions and not getattr(train, 'save_feats', False):
-        raise ParamsError("[clean] rules: prototype needs the embeddings of the training images; set train: save_feats: true")
+    need = [r for r in clean.rules if r in FEATS_RULES]
+    if need and not own_predictions and not getattr(train, 'save_feats', False):
+        raise ParamsError(f"[clean] rules: {', '.join(need)} needs the embeddings of the training images; set train: save_feats: true")
     if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         # round j needs the other models trained on index j, which the train stage can train only once round j has written it
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
@@ -723,6 +820,11 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
             for a in ('drop', 'relabel'):
                 lab = changes.loc[changes['action'] == a, 'label'].to_numpy(np.int64)
                 summary[f"{'dropped' if a == 'drop' else 'relabelled'}_by_band"] = {b: int((bands[lab] == b).sum()) for b in BANDS}
+        # every rule alone on the same predictions (ground truth only: real data returns an empty table before running any rule)
+        td = t
+        if t.feats is None and is_noisy(train_before)[1].any() and all('feats' in pq.read_schema(f).names for f in pred_paths):
+            td = TopK.concat([read_topk(f, feats=True) for f in pred_paths]); td = td.take(np.argsort(td.rows, kind='stable'))  # the prototype rule too
+        summary['rule_detection'] = rule_detection(td.take(td.labels >= 0), train_before, clean, bands, others, clean.agreement_tags).to_dict('records')
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
         summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
         with atomic_path(out/'changes.parquet') as tmp: changes.to_parquet(tmp, index=False)
@@ -782,6 +884,20 @@ def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
         parts += [pd.DataFrame(s['detection']).assign(iteration=k, band='all'), pd.DataFrame(s.get('detection_by_band', [])).assign(iteration=k)]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+def rules_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
+    "Per round and rule: each rule alone on the round's input predictions (flags before tail protection), precision / recall overall and per band; empty without ground truth"
+    rows = []
+    for k in range(1, rounds + 1):
+        rd = pd.DataFrame(json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()).get('rule_detection', []))
+        for rule, g in (rd.groupby('rule', sort=False) if len(rd) else ()):
+            a = g[g['band'] == 'all'].iloc[0]
+            row = {'iteration': k, 'rule': rule, 'in_use': bool(a['in_use']), 'noisy': int(a['noisy']), 'flagged': int(a['flagged']),
+                   'precision': a['precision'], 'recall': a['recall'], 'f1': a['f1']}
+            for _, b in g[g['band'] != 'all'].iterrows():
+                row[f"precision_{b['band']}"], row[f"recall_{b['band']}"] = b['precision'], b['recall']
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 def relabel_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
     "Per iteration: flagged samples relabelled, and those dropped by the reason they were not relabelled (empty with action 'drop')"
@@ -855,7 +971,7 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
-    "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv and the figures"
+    "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
     from aliprod.core import atomic_write_text, markdown_table
     from aliprod.data import prepare_data, shot_groups
     from aliprod.train import train_stage
@@ -879,7 +995,7 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
         kept = k
     reason = reason or f"every round up to {kept} improved val mean class error"
     rounds = len(models) - 1
-    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
+    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
                  'reason': reason, 'decisions': decisions}
     atomic_write_json(run_dir(exp, 'clean')/'selection.json', selection)
     log(f"clean: kept iteration {kept}: {reason}")
@@ -891,6 +1007,8 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     atomic_write_text(rep/'clean_rounds.csv', table.to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
     atomic_write_text(rep/'clean_detection.csv', det.to_csv(index=False))
     if len(rel): atomic_write_text(rep/'clean_relabel.csv', rel.to_csv(index=False))
+    rules = rules_table(exp, rounds)
+    if len(rules): atomic_write_text(rep/'clean_rules.csv', rules.to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
     figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)

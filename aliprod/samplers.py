@@ -35,8 +35,8 @@ def class_counts(labels,                  # (N,) class ids 0..K-1 (ndarray, list
     return np.bincount(y, minlength=K)
 
 # %% ../nbs/01b_samplers.ipynb #313ac379
-SamplingMode = Literal['instance', 'class', 'sqrt', 'progressive']
-_EXPONENT = {'instance': 1.0, 'class': 0.0, 'sqrt': 0.5}
+SamplingMode = Literal['instance', 'class', 'sqrt', 'reverse', 'progressive']
+_EXPONENT = {'instance': 1.0, 'class': 0.0, 'sqrt': 0.5, 'reverse': -1.0}   # reverse: ∝ 1/n (BBN's reversed sampler, H2E's third environment)
 
 def class_probs(counts,               # (K,) images per class
                 mode:SamplingMode='class',
@@ -48,8 +48,8 @@ def class_probs(counts,               # (K,) images per class
     if mode == 'progressive':
         if not 0 <= progress <= 1: raise ValueError(f"progress must be t/T in [0,1], got {progress}")
         return (1 - progress)*class_probs(n, 'instance') + progress*class_probs(n, 'class')
-    if mode not in _EXPONENT: raise ValueError(f"Unknown sampling mode {mode!r}; valid: instance, class, sqrt, progressive")
-    w = np.where(n > 0, n**_EXPONENT[mode], 0.)  # 0**0 would give an empty class weight 1
+    if mode not in _EXPONENT: raise ValueError(f"Unknown sampling mode {mode!r}; valid: instance, class, sqrt, reverse, progressive")
+    w = np.where(n > 0, np.maximum(n, 1.)**_EXPONENT[mode], 0.)  # an empty class gets 0 (0**0 = 1, 0**-1 = inf)
     return w / w.sum()
 
 def sample_weights(labels, num_classes:int|None=None, mode:SamplingMode='class', progress:float=0.0)->np.ndarray:
@@ -75,7 +75,7 @@ class LongTailSampler(Sampler[int]):
                 ):
         y, K = _as_labels(labels, num_classes)
         if not len(y): raise ValueError("LongTailSampler: labels is empty; there is nothing to sample")
-        if mode not in (*_EXPONENT, 'progressive'): raise ValueError(f"Unknown sampling mode {mode!r}; valid: instance, class, sqrt, progressive")
+        if mode not in (*_EXPONENT, 'progressive'): raise ValueError(f"Unknown sampling mode {mode!r}; valid: instance, class, sqrt, reverse, progressive")
         if mode == 'progressive' and (epochs is None or epochs < 1):
             raise ValueError(f"mode='progressive' needs epochs=T >= 1 (the epoch from which sampling is class-balanced), got {epochs}")
         if mode != 'progressive' and epochs is not None:

@@ -7,32 +7,23 @@ thresholds, and prints precision / recall / F1 overall and for the many-, medium
     python benchmarks/clean_rules.py --params params/demo.yaml --iteration 0 --out benchmarks/results/clean_rules_demo.json
 """
 from __future__ import annotations
-import argparse, dataclasses
+import argparse
 from pathlib import Path
-import pandas as pd
+import pandas as pd, pyarrow.parquet as pq
 
 from aliprod.core import project_root, atomic_write_json, resolve_params, experiment_dir
-from aliprod.clean import RULES, find_noisy, detection_scores, detection_by_band, class_bands
+from aliprod.clean import rule_detection, class_bands
 from aliprod.data import load_index
 from aliprod.predictions import read_topk
 
 
 def rule_table(exp, clean, iteration:int=0)->pd.DataFrame:
-    "One row per rule (and band): flagged, precision, recall, F1 against the ground truth of the index"
-    t = read_topk(experiment_dir(exp)/'train'/str(iteration)/'predictions'/'train.parquet')
+    "One row per rule (and band): flagged, precision, recall, F1 against the ground truth of the index (aliprod.clean.rule_detection)"
+    f = experiment_dir(exp)/'train'/str(iteration)/'predictions'/'train.parquet'
+    t = read_topk(f, feats='feats' in pq.read_schema(f).names)   # with embeddings (train: save_feats), the prototype and h2e rules too
     index = load_index(exp, iteration)
-    train = index[index['split'] == 'train'].set_index('row').loc[t.rows].reset_index()
-    bands = class_bands(exp)
-    rows = []
-    for rule in RULES:
-        if rule == 'agreement' or (rule == 'prototype' and t.feats is None): continue   # needs other models / saved embeddings
-        f = find_noisy(t, dataclasses.replace(clean, rules=[rule]))
-        flagged = f.loc[f['reasons'] != 0, 'row'].to_numpy()
-        parts = [detection_scores(train, flagged).query("kind == 'all'").assign(band='all')]
-        if bands is not None: parts.append(detection_by_band(train, flagged, bands))
-        rows.append(pd.concat(parts, ignore_index=True).assign(rule=rule))
-    out = pd.concat(rows, ignore_index=True)
-    return out[['rule', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']]
+    train = index[index['split'] == 'train']
+    return rule_detection(t.take(t.labels >= 0), train, clean, class_bands(exp)).drop(columns='in_use')
 
 
 def main(argv=None):

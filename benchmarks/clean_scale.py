@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RULE_SETS = [['disagree_low_conf'], ['self_confidence'], ['confident_learning'], ['disagree_low_conf', 'confident_learning'], ['agreement'],
-             ['class_relative'], ['prototype']]
+             ['class_relative'], ['balanced'], ['balanced', 'confident_learning'], ['prototype'], ['h2e']]
 BANDS = ('many', 'medium', 'few')   # by the given label's training count: > 100 many, < 20 few (aliprod.metrics.shot_group's defaults)
 
 
@@ -76,7 +76,7 @@ def worker_ours(args)->dict:
     base = _peak_rss_mb()  # the interpreter with numpy, pandas, pyarrow and torch (aliprod.core) imported
     t0 = time.perf_counter()
     t = read_topk(Path(args.tmp)/'pred0.parquet')
-    if 'prototype' in rules:   # the embeddings, memory-mapped: the rule reads them in chunks
+    if 'prototype' in rules or 'h2e' in rules:   # the embeddings, memory-mapped: the rules read them in chunks
         from aliprod.predictions import TopK
         t = TopK(t.rows, t.labels, t.topk_labels, t.topk_probs, t.p_label, t.num_classes, np.load(Path(args.tmp)/'feats.npy', mmap_mode='r'))
     others = [read_topk(Path(args.tmp)/'pred1.parquet')] if 'agreement' in rules else []
@@ -195,10 +195,11 @@ def main(argv=None)->dict:
     ap.add_argument('--n-images', type=int, default=2_500_000); ap.add_argument('--n-classes', type=int, default=50_030)
     ap.add_argument('--imbalance', type=float, default=1600.); ap.add_argument('--noise', type=float, default=0.1)
     ap.add_argument('--k', type=int, default=10); ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--feat-dim', type=int, default=64, help='embedding size of the simulated feats (prototype rule)')
+    ap.add_argument('--feat-dim', type=int, default=64, help='embedding size of the simulated feats (prototype and h2e rules)')
     ap.add_argument('--repeats', type=int, default=3); ap.add_argument('--min-per-class', type=int, default=5)
     ap.add_argument('--cl-images', type=int, default=100_000, help='images of the dense cleanlab comparison')
     ap.add_argument('--cl-classes', type=int, default=2_000, help='classes of the dense cleanlab comparison')
+    ap.add_argument('--rule-sets', nargs='*', help="only these rule sets (names as in the table, e.g. h2e disagree_low_conf+confident_learning)")
     ap.add_argument('--skip-cleanlab', action='store_true'); ap.add_argument('--max-dense-gb', type=float, default=2.0)
     ap.add_argument('--out', default=str(HERE/'results'/'clean_scale.json'))
     ap.add_argument('--in-process', action='store_true', help='run every rule set in this process (fast start; peak RSS is then cumulative)')
@@ -231,14 +232,16 @@ def main(argv=None)->dict:
         del tr
         print(f"{res['data']['train_images']:,} training images x {args.n_classes:,} classes, top-{args.k}, "
               f"{res['data']['noisy_fraction']:.1%} noisy; setup {res['data']['setup_s']:.0f} s", flush=True)
-        res['ours'] = [_spawn(args, '+'.join(r)) for r in RULE_SETS]
+        sets = [r for r in RULE_SETS if not args.rule_sets or '+'.join(r) in args.rule_sets]
+        if not sets: raise SystemExit(f"--rule-sets {args.rule_sets}: none of {['+'.join(r) for r in RULE_SETS]}")
+        res['ours'] = [_spawn(args, '+'.join(r)) for r in sets]
         print(_table(res['ours'], ['rules', 'n', 'K', 'median_s', 'peak_rss_mb', 'import_rss_mb', 'flagged', 'precision', 'recall', 'f1']), flush=True)
         bands = [{'rules': o['rules'], 'band': b, **o['by_band'][b]} for o in res['ours'] for b in BANDS]
         print('\nby class-size band of the given label (many > 100, few < 20 training images):')
         print(_table(bands, ['rules', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']), flush=True)
-        target = next(r for r in res['ours'] if r['rules'] == 'disagree_low_conf+confident_learning')
-        res['target'].update(met=bool(target['median_s'] <= 30 and target['peak_rss_mb'] <= 3072),
-                             median_s=target['median_s'], peak_rss_mb=target['peak_rss_mb'])
+        target = next((r for r in res['ours'] if r['rules'] == 'disagree_low_conf+confident_learning'), None)
+        if target is not None: res['target'].update(met=bool(target['median_s'] <= 30 and target['peak_rss_mb'] <= 3072),
+                                                    median_s=target['median_s'], peak_rss_mb=target['peak_rss_mb'])
         dense_gb = args.cl_images * args.cl_classes * 4 / 2**30
         if args.skip_cleanlab: res['cleanlab'] = {'skipped': 'by --skip-cleanlab'}
         elif dense_gb > args.max_dense_gb:

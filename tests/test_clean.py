@@ -227,7 +227,8 @@ def test_benchmark_small(tmp_path):
     res = json.loads(out.read_text())
     assert {'config', 'hardware', 'data', 'ours', 'cleanlab', 'target'} <= set(res)
     assert [o['rules'] for o in res['ours']] == ['disagree_low_conf', 'self_confidence', 'confident_learning',
-                                                'disagree_low_conf+confident_learning', 'agreement', 'class_relative', 'prototype']
+                                                'disagree_low_conf+confident_learning', 'agreement', 'class_relative', 'balanced',
+                                                'balanced+confident_learning', 'prototype', 'h2e']
     for o in res['ours']: assert set(o['by_band']) == {'many', 'medium', 'few'}
     for o in res['ours']: assert {'median_s', 'peak_rss_mb', 'flagged', 'precision', 'recall', 'f1'} <= set(o)
     methods = [m['method'] for m in res['cleanlab']['methods']]
