@@ -177,17 +177,20 @@ def fit_head(head:nn.Module,          # trains the parameters that require grad;
              loss='ce',               # 'ce' (cross-entropy), 'acc' (the accuracy loss), or a loss function (logits, target) -> scalar
              weight_decay:float=5e-4,
              momentum:float=0.9,
+             optimizer:Literal['sgd','adamw']='sgd', # SGD with momentum (Kang et al.), or AdamW (decoupled weight decay, as the demo's train stage)
              seed:int=0,
              device='cpu',
             )->pd.DataFrame:
-    "Train `head` on cached features with `mode` sampling, SGD and a cosine schedule; return the per-epoch history"
+    "Train `head` on cached features with `mode` sampling, SGD (or AdamW) and a cosine schedule; return the per-epoch history"
     params = [q for q in head.parameters() if q.requires_grad]
     if not params: raise ValueError(f"fit_head: {type(head).__name__} has no parameter that requires grad; nothing to train")
     if not len(data): raise ValueError("fit_head: the training split is empty")
     head = head.to(device).train()
     sampler = LongTailSampler(data.labels, mode, num_samples=samples_per_epoch, num_classes=num_classes, seed=seed)
     steps = epochs * -(-len(sampler) // batch_size)
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer not in ('sgd', 'adamw'): raise ValueError(f"fit_head: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == 'sgd' else
+           torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     labels = torch.as_tensor(data.labels, dtype=torch.int64, device=device)
     X = torch.tensor(np.asarray(data.feats), device=device)  # once: the (N,D) cache, 5 GB at AliProducts scale, fits a GPU
@@ -481,14 +484,17 @@ def norm_size_correlation(norms:pd.DataFrame)->float:
     if len(n) < 3 or n['train_images'].nunique() < 2: return float('nan')
     return float(n['train_images'].rank().corr(n['weight_norm'].rank()))
 
-def weight_norm_note(rho:float, tau:float|None)->str:
+def weight_norm_note(rho:float, tau:float|None,
+                     how:str|None=None, # how the classifier was trained, e.g. 'AdamW (weight decay 0.05), head cap 60'
+                    )->str:
     "One sentence on what the norm/size correlation says about τ-normalisation"
-    chosen = '' if tau is None else f' (τ chosen on validation: {tau:g})'
+    chosen = ('' if tau is None else f' (τ chosen on validation: {tau:g})') + ('' if how is None else f'; the classifier was trained with {how}')
     if not np.isfinite(rho): return f'Classifier row norms: too few classes with different sizes to relate them to class size{chosen}.'
     if rho > 0.3: return (f'Classifier row norms grow with class size (Spearman ρ = {rho:.2f}): the head classes win close calls by norm, '
                           f'which τ-normalisation divides out{chosen}.')
-    return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}; e.g. weight decay under AdamW keeps them flat): '
-            f'τ-normalisation has little to correct, so it can help little{chosen}.')
+    return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}): τ-normalisation has little to correct, so it can help little{chosen}. '
+            'Head capping (no class drawn more than the cap per epoch) and decoupled weight decay both keep the norms flat; '
+            'benchmarks/tau_norm.py separates the two on the run\'s embeddings.')
 
 def plot_weight_norms(norms:pd.DataFrame, title:str='Classifier row norm against class size'):
     "Per-class ‖w_i‖ against training images (log x), the Spearman correlation in the legend (Kang et al.'s Figure 2)"
@@ -688,6 +694,8 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             outputs += [out/'tau_sweep.csv', fig_path]
         norms = weight_norms(classifier, class_counts(splits['train'].labels, K))
         rho = None
+        how = (f"{t.optimizer.upper() if t.optimizer == 'sgd' else 'AdamW' if t.optimizer == 'adamw' else t.optimizer} (weight decay {t.wd:g})"
+               + (f", head cap {t.head_cap}" if t.head_cap else ', every image') + (f", {t.sampler} sampling" if t.sampler != 'instance' else ''))
         if norms is not None:
             rho = norm_size_correlation(norms)
             atomic_write_parquet(norms, out/'weight_norms.parquet'); outputs.append(out/'weight_norms.parquet')
@@ -696,11 +704,13 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
                 with atomic_path(f_) as f: fig.savefig(f, dpi=120, format='png')
             import matplotlib.pyplot as plt; plt.close(fig)
             outputs.append(out/'weight_norms.png')
+            atomic_write_json(rep/f'weight_norms{sfx}.json', {'iteration': p.iteration, 'spearman': rho, 'tau': tau, 'trained_with': how,
+                                                              'note': weight_norm_note(rho, tau, how)})
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
         for d, name in ((out, 'rebalance'), (rep, f'rebalance{sfx}')):
             with atomic_path(d/f'{name}.csv') as f: table.to_csv(f, index=False)
-            atomic_write_text(d/f'{name}.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau)))
+            atomic_write_text(d/f'{name}.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau, how)))
         outputs += [out/'rebalance.csv', out/'rebalance.md']
         split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
         rows = table[table.split == split].set_index('method')

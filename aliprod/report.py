@@ -17,7 +17,7 @@ from .data import shot_groups
 __all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'collect_metrics', 'system_chain', 'alone_table',
            'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups',
            'labels_phrase', 'run_header', 'write_report', 'stage_tables', 'report_figures', 'system_sentence',
-           'against_single_techniques', 'report_summary', 'ReportArtifacts', 'report_stage']
+           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -329,6 +329,7 @@ def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFram
 OTHER_TABLES = {
     'data_summary': "The data stage's numbers: images per split (train, val, test; real AliProducts data has no test labels), class sizes and shot groups (train split), quarantined and converted images.",
     'clean_rounds': "Per cleaning round: training images kept (train split), what was removed, ground-truth noise rate, noise-detection precision/recall/F1, and the errors of the model trained on that index on the split each column names (val_/test_; _clean: ground-truth labels).",
+    'clean_rules': "Every cleaning rule alone on each round's input predictions (train split; ground truth of the synthetic data): its flags before tail protection, precision / recall overall and per class-size band of the given label; in_use marks the rules the stage ran, the others are there to compare.",
     'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
     'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; no reporting image is among them.",
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
@@ -386,7 +387,11 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
                  for f in sorted(rep.glob('clean_*_gallery.png'))]
     ensembles = [(f"Ensemble '{f.stem.removeprefix('ensemble_')}'", f.name, 'Mean class error of the ensemble and its members, one panel per split and labels.')
                  for f in sorted(rep.glob('ensemble_*.png'))]
-    return figs, own + STAGE_FIGURES + galleries + ensembles
+    norms = [(f"Classifier row norm against class size (τ-normalisation){'' if f.stem == 'weight_norms' else ', ' + f.stem.removeprefix('weight_norms-')}",
+              f.with_suffix('.png').name, "Per-class L2 norm of the classifier row the rebalance stage τ-normalises, against the class's training images "
+              f"(train split; Kang et al. 2020, Figure 2). {json.loads(f.read_text())['note']}")
+             for f in sorted(rep.glob('weight_norms*.json')) if f.with_suffix('.png').exists()]
+    return figs, own + STAGE_FIGURES + norms + galleries + ensembles
 
 # %% ../nbs/07_report.ipynb #f895765f
 def system_sentence(s:dict)->str:
@@ -410,10 +415,19 @@ def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     how = 'at most it' if e <= b['mean_class_err'] else 'above it but within its interval' if lo <= b['mean_class_err'] else 'above it, beyond its interval'
     return f" The best single technique on the same {sp} images, {b['technique']}, has mean class error {b['mean_class_err']:.3f} ({b['labels']} labels): the final system is {how}."
 
-def report_summary(header:dict, rp:ReportParams, system:dict|None, alone:pd.DataFrame|None=None)->str:
+def cleaning_sentence(sel:dict)->str:
+    "Which cleaning rules ran and which round validation kept, and why (the clean stage's clean_selection.json)"
+    rules = ' + '.join(sel.get('rules', [])) or 'the configured rules'
+    return (f"Cleaning: rules {rules} ({sel.get('action', 'drop')}, {sel.get('source', 'in_sample')} predictions), {sel['rounds_run']} round(s) run, "
+            f"iteration {sel['kept_iteration']} kept ({sel.get('select', 'validation')}): {sel['reason']}.")
+
+def report_summary(header:dict, rp:ReportParams, system:dict|None, alone:pd.DataFrame|None=None,
+                   selection:dict|None=None, # the clean stage's clean_selection.json
+                  )->str:
     "The paragraph above the tables: the final system first (and against the best single technique), then data, split and labels, seed"
     s = system_sentence(system) if system is not None else "No final system: the system stage has not run in this experiment, so there is no chain."
     if system is not None and alone is not None: s += against_single_techniques(system, alone)
+    if selection is not None: s += ' ' + cleaning_sentence(selection)
     s += (f" Experiment {header['experiment']}, seed {header['seed']}, on {header['data']}. The techniques-alone numbers are on the {rp.split} split "
           f"against {labels_phrase(rp.target)}; each table row or caption names its split and labels.")
     return s
@@ -462,7 +476,8 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     other, other_notes = stage_tables(exp)
     tables.update(other); notes.update(other_notes)
     found = findings(alone, chain if system is not None else None)
-    summary = report_summary(header, rp, system, alone)
+    sel_file = report_dir(exp)/'clean_selection.json'
+    summary = report_summary(header, rp, system, alone, json.loads(sel_file.read_text()) if sel_file.exists() else None)
     if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
     index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
     log(f"report: {index_html}")

@@ -49,3 +49,29 @@ def test_demo_time_prints_the_per_stage_breakdown(tmp_path):
     assert all(s['seconds'] is not None and 0 <= s['seconds'] for s in res['stages'])
     assert sum(s['seconds'] for s in res['stages']) <= res['total_s'] + 1
     assert '| train |' in r.stdout and '**total**' in r.stdout and res['first_lines'][0].endswith('data, train, report')
+
+
+def test_tau_norm_benchmark_on_a_tiny_run(tmp_path):
+    "benchmarks/tau_norm.py on a tiny train + rebalance run: the network's classifier and the four optimiser x sampling heads, each judged"
+    import yaml
+    p = tmp_path/'tiny.yaml'
+    p.write_text(yaml.safe_dump({'experiment': 'tinytau', 'device': 'cpu', 'runs_dir': str(tmp_path/'runs'), 'reports_dir': str(tmp_path/'reports'),
+                                 'data': {'n_classes': 6, 'family_size': 2, 'max_per_class': 24, 'min_per_class': 3, 'val_per_class': 3,
+                                          'test_per_class': 3, 'img_size': 32, 'img_size_max': 32, 'gen_workers': 1, 'scan_workers': 1},
+                                 'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': None,
+                                           'finetune_epochs': 0, 'epochs': 2, 'bs': 8, 'workers': 0, 'head_cap': 12},
+                                 'rebalance': {'iteration': 0, 'methods': ['tau_norm'], 'finetune': 'classifier'},
+                                 'pipeline': {'stages': ['train', 'rebalance']}}))
+    r = subprocess.run([str(Path(sys.executable).parent/'aliprod'), 'run', str(p), '--in-process'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path/'tau_norm.json'
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'tau_norm.py'), '--params', str(p), '--iteration', '0', '--epochs', '3', '--out', str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    names = [row['classifier'] for row in res['rows']]
+    assert names[0].startswith("the network's classifier") and len(names) == 5 and any('SGD' in n for n in names) and any('AdamW' in n for n in names)
+    for row in res['rows']:
+        assert -1 <= row['spearman_norm_vs_size'] <= 1 and row['lo'] <= row['delta'] <= row['hi'] and row['split'] == 'test'
+        assert row['verdict'] in ('helped', 'hurt', 'no measurable effect') and row['tau'] >= 0
+    assert (tmp_path/'tau_norm.png').stat().st_size > 0 and '| classifier |' in r.stdout
