@@ -37,7 +37,7 @@ def _params(rule, **kw):
 @pytest.mark.parametrize('rule', RULES)
 def test_no_rule_flags_a_confident_top1_label(data, rule):
     _, tr, t = data
-    if rule == 'prototype':   # embeddings near the top-1 class's direction, as a trained model's are
+    if rule in ('prototype', 'h2e'):   # embeddings near the top-1 class's direction, as a trained model's are
         from aliprod.predictions import TopK
         t = TopK(t.rows, t.labels, t.topk_labels, t.topk_probs, t.p_label, t.num_classes,
                  (np.eye(50)[t.top1] + 0.3 * np.random.default_rng(0).normal(size=(len(t), 50))).astype(np.float32))
