@@ -490,6 +490,9 @@ def weight_norm_note(rho:float, tau:float|None,
     "One sentence on what the norm/size correlation says about τ-normalisation"
     chosen = ('' if tau is None else f' (τ chosen on validation: {tau:g})') + ('' if how is None else f'; the classifier was trained with {how}')
     if not np.isfinite(rho): return f'Classifier row norms: too few classes with different sizes to relate them to class size{chosen}.'
+    if rho < -0.3: return (f'Classifier row norms fall with class size (Spearman ρ = {rho:.2f}): the tail classes already have the longer rows, '
+                           f'so dividing the norms out (τ-normalisation) can only move close calls towards the head classes{chosen}. '
+                           'Head capping and decoupled weight decay keep the norms from growing with class size; benchmarks/tau_norm.py separates the two on the run\'s embeddings.')
     if rho > 0.3: return (f'Classifier row norms grow with class size (Spearman ρ = {rho:.2f}): the head classes win close calls by norm, '
                           f'which τ-normalisation divides out{chosen}.')
     return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}): τ-normalisation has little to correct, so it can help little{chosen}. '

@@ -4,7 +4,7 @@ Kang et al. (ICLR 2020, Figure 2) find that a classifier trained jointly on long
 that grow with class size, and τ-normalisation (divide row i by ‖w_i‖^τ) divides that bias out. The demo's model
 is trained with AdamW (decoupled weight decay 0.05) and head capping at 60 images per class, the real recipe
 (params/aliproducts.yaml) with SGD (weight decay 5e-4) on every image. This script separates the two factors on a
-run's own cached embeddings (runs/<exp>/rebalance/<iteration>/features/, written by the rebalance stage): it trains
+run's own cached embeddings (the train stage's predictions with train: save_feats, else runs/<exp>/rebalance/<iteration>/features/): it trains
 a linear classifier (no bias) from scratch on them with each optimiser x sampling, then for every head measures
 the Spearman correlation of row norm with training class size, the τ chosen on val, and τ-norm's effect on test
 mean class error with its class-stratified paired 95% interval (aliprod.metrics.paired_delta). The network's own
@@ -17,7 +17,7 @@ Results: a printed table, benchmarks/results/tau_norm.json and tau_norm.png (--o
 from __future__ import annotations
 import argparse, time
 from pathlib import Path
-import numpy as np, torch
+import numpy as np, torch, pyarrow.parquet as pq
 
 from aliprod.core import project_root, atomic_write_json, resolve_params, run_dir, resolve_iteration
 from aliprod.data import shot_groups
@@ -35,13 +35,18 @@ CONFIGS = [('SGD, all images (the recipe)', 'sgd', 'all', 0.05, 5e-4),
 
 
 def load_features(exp, iteration:int)->dict[str, Features]:
+    "Split -> cached embeddings of the model of `iteration`: the train stage's predictions when they carry them (train: save_feats), else the rebalance stage's features/"
+    tr = run_dir(exp, 'train', iteration)/'predictions'
     d = run_dir(exp, 'rebalance', iteration)/'features'
-    if not (d/'train.parquet').exists():
-        raise SystemExit(f"{d}/train.parquet not found: run the rebalance stage first (make demo, or aliprod run {exp.experiment} --stages rebalance)")
+    has = lambda f: f.exists() and 'feats' in pq.read_schema(f).names
+    src = tr if has(tr/'train.parquet') else d
+    if not has(src/'train.parquet'):
+        raise SystemExit(f"no embeddings of iteration {iteration}: neither {tr}/train.parquet (train: save_feats) nor {d}/train.parquet; "
+                         f"run the rebalance stage first (make demo, or aliprod run <params> --stages rebalance)")
     out = {}
     for s in ('train', 'val', 'test'):
-        if (d/f'{s}.parquet').exists():
-            t = read_topk(d/f'{s}.parquet', feats=True)
+        if has(src/f'{s}.parquet'):
+            t = read_topk(src/f'{s}.parquet', feats=True)
             out[s] = Features(t.rows.astype(np.int64), t.labels.astype(np.int64), np.asarray(t.feats, np.float32))
     return out
 
