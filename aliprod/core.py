@@ -394,11 +394,14 @@ def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (th
     import aliprod
     pkg = _package_dir()
     files = sorted(pkg.glob('*.py')) if modules is None else [pkg/f'{m}.py' for m in module_closure(modules)]
-    h = hashlib.sha256()
-    for f in files: h.update(f.name.encode() + b'\0' + source_for_hash(f.read_bytes()))
+    h, per = hashlib.sha256(), {}
+    for f in files:
+        src = source_for_hash(f.read_bytes())
+        h.update(f.name.encode() + b'\0' + src); per[f.stem] = hashlib.sha256(src).hexdigest()[:16]
     try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, FileNotFoundError): git = None
-    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git, 'modules': [f.stem for f in files]}
+    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git, 'modules': [f.stem for f in files],
+            'module_sha256': per}   # per module: what a stale manifest names as changed
 
 # %% ../nbs/00_core.ipynb #25e19cfd
 MANIFEST = 'manifest.json'
@@ -469,8 +472,12 @@ class StageRun:
             return f"parameters changed: {', '.join(diff)}"
         if m.get('inputs') != self.inputs: return 'inputs changed'
         if m.get('code', {}).get('source_sha256') != self.code['source_sha256']:
-            changed = sorted(set(m.get('code', {}).get('modules', [])) ^ set(self.code['modules']))
-            return f"code changed (modules {', '.join(self.code['modules'])}{'; added/removed: ' + ', '.join(changed) if changed else ''})"
+            old, new = m.get('code', {}).get('module_sha256'), self.code['module_sha256']
+            if old is None: return f"code changed (modules {', '.join(self.code['modules'])})"   # a manifest from before per-module hashes
+            edited = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            return 'code changed: ' + '; '.join(x for x in (f"edited {', '.join(edited)}" if edited else '', f"added {', '.join(added)}" if added else '',
+                                                            f"removed {', '.join(gone)}" if gone else '') if x)
         if m.get('numerics', {}) != self.numerics: return f"numerics changed: {m.get('numerics')} -> {self.numerics}"
         if m.get('key') != self.key: return 'stage changed'
         return 'outputs missing or changed'
