@@ -21,9 +21,9 @@ __all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BAND
            'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores',
            'class_bands', 'detection_by_band', 'rule_detection', 'model_error', 'round_problems', 'guard_round',
            'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
-           'train_predictions', 'training_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
-           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
-           'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
+           'train_predictions', 'training_predictions', 'read_predictions', 'agreement_paths', 'agreement_predictions',
+           'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table',
+           'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced', 'h2e')
@@ -324,6 +324,11 @@ def rule_names(bits:np.ndarray)->np.ndarray:
         out[has] = np.where(out[has] == '', r, out[has] + '+' + r)
     return out
 
+def _topk_prob(t:TopK, cls:np.ndarray)->np.ndarray:
+    "(N,) the probability of class `cls[i]` among sample i's top-k, 0 where it is not there"
+    hit = t.topk_labels == cls[:, None]
+    return np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
+
 def find_noisy(t:TopK,                 # predictions of the training samples (one per sample)
                p:CleanParams,          # rules and thresholds
                others:list[TopK]=(),   # agreement: other models' predictions of the same samples
@@ -334,29 +339,18 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
     bits = np.zeros(len(t), np.int64)
     suggest, suggest_prob = t.top1.astype(np.int32), t.conf.astype(np.float32)
     for r in p.rules:
+        cls = prob = None   # a rule that names the class the sample belongs to instead (and, optionally, its probability)
         if r == 'disagree_low_conf': f = disagree_low_conf(t, p.conf_threshold, p.drop_fraction)
         elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
         elif r == 'agreement': f = agreement(t, list(others), other_names)
         elif r == 'class_relative': f = class_relative(t, p.robust_z)
-        elif r == 'balanced':
-            f, bt, bp = balanced_low_conf(t, p.conf_threshold)
-            suggest, suggest_prob = np.where(f, bt, suggest).astype(np.int32), np.where(f, bp, suggest_prob).astype(np.float32)
-        elif r == 'h2e':
-            f, top = h2e_rule(t, p.h2e_epochs, p.h2e_penalty)
-            hit = t.topk_labels == top[:, None]
-            hp = np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
-            suggest, suggest_prob = np.where(f, top, suggest).astype(np.int32), np.where(f, hp, suggest_prob).astype(np.float32)
-        elif r == 'prototype':
-            f, near = prototype_rule(t, p.robust_z)
-            hit = t.topk_labels == near[:, None]
-            np_ = np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
-            suggest, suggest_prob = np.where(f, near, suggest).astype(np.int32), np.where(f, np_, suggest_prob).astype(np.float32)
-        elif r == 'confident_learning':
-            f, guess = confident_learning(t)
-            # the confident-learning guess is the class that clears its threshold, not necessarily the top-1
-            in_topk = t.topk_labels == guess[:, None]
-            gp = np.where(in_topk.any(1), t.topk_probs[np.arange(len(t)), in_topk.argmax(1)], 0).astype(np.float32)
-            suggest, suggest_prob = np.where(f, guess, suggest).astype(np.int32), np.where(f, gp, suggest_prob).astype(np.float32)
+        elif r == 'balanced': f, cls, prob = balanced_low_conf(t, p.conf_threshold)
+        elif r == 'h2e': f, cls = h2e_rule(t, p.h2e_epochs, p.h2e_penalty)
+        elif r == 'prototype': f, cls = prototype_rule(t, p.robust_z)
+        elif r == 'confident_learning': f, cls = confident_learning(t)   # the class that clears its threshold, not necessarily the top-1
+        if cls is not None:
+            prob = _topk_prob(t, cls) if prob is None else prob
+            suggest, suggest_prob = np.where(f, cls, suggest).astype(np.int32), np.where(f, prob, suggest_prob).astype(np.float32)
         bits |= np.where(f, _RULE_BIT[r], 0)
     return pd.DataFrame({'row': t.rows, 'label': t.labels, 'reasons': bits, 'suggest': suggest, 'suggest_prob': suggest_prob,
                          'top1': t.top1.astype(np.int32), 'conf': t.conf, 'p_label': t.p_label})
@@ -739,11 +733,15 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
-    t = TopK.concat([read_topk(p, feats=any(r in FEATS_RULES for r in clean.rules)) for p in paths])
+    return read_predictions(paths, feats=any(r in FEATS_RULES for r in clean.rules)), paths
+
+def read_predictions(paths:list[Path], feats:bool=False)->TopK:
+    "The predictions files of one index's training rows (one, or one per fold) as one TopK sorted by row; folds must not overlap"
+    t = TopK.concat([read_topk(p, feats=feats) for p in paths])
     t = t.take(np.argsort(t.rows, kind='stable'))
     if len(t) > 1 and (np.diff(t.rows) == 0).any():
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
-    return t, paths
+    return t
 
 def agreement_paths(exp:ExperimentParams, clean:CleanParams, iteration:int)->list[Path]:
     "Training predictions files of the other models named by `agreement_tags`, trained on index `iteration`"
@@ -823,7 +821,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
         # every rule alone on the same predictions (ground truth only: real data returns an empty table before running any rule)
         td = t
         if t.feats is None and is_noisy(train_before)[1].any() and all('feats' in pq.read_schema(f).names for f in pred_paths):
-            td = TopK.concat([read_topk(f, feats=True) for f in pred_paths]); td = td.take(np.argsort(td.rows, kind='stable'))  # the prototype rule too
+            td = read_predictions(pred_paths, feats=True)   # with the embeddings: the prototype and h2e rules too
         summary['rule_detection'] = rule_detection(td.take(td.labels >= 0), train_before, clean, bands, others, clean.agreement_tags).to_dict('records')
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
         summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
