@@ -17,7 +17,7 @@ from .predict import rank_world as _rank_world
 
 # %% auto #0
 __all__ = ['epoch_seed', 'EpochSeed', 'SeededDraws', 'SeededAugment', 'TimmSchedule', 'MixupCallback', 'ProgressiveResize',
-           'ValidMetrics', 'rng_state', 'set_rng_state', 'canonical', 'Checkpoint', 'fmt_seconds', 'LogLines', 'SaveAt',
+           'ValidMetrics', 'rng_state', 'set_rng_state', 'canonical', 'Checkpoint', 'fmt_seconds', 'LogLines',
            'SeenRows', 'SimulatedKill', 'KillAfterEpoch', 'DDPCallback']
 
 # %% ../nbs/02d_callbacks.ipynb #f800689f
@@ -155,16 +155,21 @@ def canonical(obj):
 class Checkpoint(Callback):
     "After every epoch (rank 0): history.csv and checkpoint.pth (model, optimiser, scheduler, epoch, RNG), atomically"
     order = 65
-    def __init__(self, out_dir:Path, net:nn.Module, opt, scheduler, key:str, history:list, meta:dict, first_epoch:int=0):
+    def __init__(self, out_dir:Path, net:nn.Module, opt, scheduler, key:str, history:list, meta:dict, first_epoch:int=0,
+                 keep:dict|None=None, # {epoch (1-based): path}: the checkpoint of that epoch also kept there (the main phase's end)
+                ):
         self.out_dir, self.net, self.opt, self.scheduler, self.key, self.history, self.meta, self.first = Path(out_dir), net, opt, scheduler, key, history, meta, first_epoch
+        self.keep = dict(keep or {})
     def after_epoch(self):
         if self.epoch < self.first: return  # skipped on resume: fastai still calls after_epoch
         m = getattr(self.learn, 'epoch_metrics', {})
         self.history.append({'epoch': self.epoch + 1, **self.meta(self.epoch), 'lr': self.opt.param_groups[0]['lr'], **m})
         if _rank_world()[0] != 0: return
         atomic_write_text(self.out_dir/'history.csv', pd.DataFrame(self.history).to_csv(index=False))
-        atomic_torch_save(canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
-                                     'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()}), self.out_dir/'checkpoint.pth')
+        state = canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
+                           'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()})
+        atomic_torch_save(state, self.out_dir/'checkpoint.pth')
+        if self.epoch + 1 in self.keep: atomic_torch_save(state, self.keep[self.epoch + 1])
 
 def fmt_seconds(s:float)->str:
     "12 s, 3 min 05 s, 2 h 14 min: a duration as a person reads it"
@@ -195,13 +200,6 @@ class LogLines(Callback):
         val = f"val mean class error {err:.4f} (top-1 {top1:.4f})" if err == err else 'no val images to evaluate'
         log(f"{self.what}epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] train loss {h.get('train_loss', float('nan')):.4f}, "
             f"{val}, lr {h['lr']:.2e}, {fmt_seconds(dt)}, {eta}")
-
-class SaveAt(Callback):
-    "After epoch `epoch` (1-based; rank 0), the net's weights into `path`: the main phase's model, before a high-res finetune"
-    order = 66
-    def __init__(self, epoch:int, net:nn.Module, path:Path): self.at, self.net, self.path = epoch, net, Path(path)
-    def after_epoch(self):
-        if self.epoch + 1 == self.at and _rank_world()[0] == 0: atomic_torch_save(canonical(self.net.state_dict()), self.path)
 
 class SeenRows(Callback):
     "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"

@@ -25,7 +25,7 @@ __all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'c
 class ReportParams:
     split:str='test'              # split the techniques-alone table reports (never used to choose anything)
     target:str='clean'            # clean: the ground-truth labels where the index has them; given: the given labels
-    hires_tag:str|None='lowres'   # train tag of the same model trained without the high-res finetune; the techniques-alone row compares them
+    hires_tag:str|None='lowres'   # train tag of the high-res finetune's control (its epochs at the training size); the techniques-alone row compares them
     bootstrap:int=1000            # draws of each paired bootstrap interval
     def __post_init__(self):
         if self.split not in ('val', 'test'): raise ParamsError(f"[report] split must be 'val' or 'test', got {self.split!r}")
@@ -139,7 +139,7 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
     for _, r in m[(m['stage'] == 'train') & (m['name'] != '') & ~m['name'].str.startswith('finegrained-')].iterrows():
         main = _pick(m, 'train', '', r['iteration'])
         if main is not None and r['name'] == p.hires_tag:
-            add('high-resolution finetune', main, r, f"tag {r['name']!r}: same model without the finetune")
+            add('high-resolution finetune', main, r, f"tag {r['name']!r}: the same epochs, the finetune ones at the training size")
     for _, r in m[m['stage'] == 'ensemble'].iterrows():
         add(f"ensemble {r['name']}", r, t0, 'iteration-0 model')
     return pd.DataFrame(rows)

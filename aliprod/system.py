@@ -492,7 +492,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                  rp,                   # RebalanceParams: methods, τ grid, τ bias
                  tp,                   # TTAParams: the variants to choose among (unless [system] tta_variants)
                  p:SystemParams,
-                 hires_tag:str|None=None, # train tag of the twin without the high-res finetune (the chain says where its effect is measured)
+                 hires_tag:str|None=None, # train tag of the high-res finetune's control (the chain says where its effect is measured)
                 )->SystemArtifacts:
     "The whole stage: compose the final system chosen on the choosing images, write its artifact and its cumulative chain on the reporting images"
     from aliprod.data import load_index, dataset_info, shot_groups, index_path
@@ -551,8 +551,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         tau = chosen['τ'].recipe['members'][0]['tau']
         tta = chosen['TTA'].recipe['members'][0].get('tta')
         hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at {t.finetune_size} px); its effect is measured "
-                 f"in techniques alone against the twin tag {hires_tag!r} trained without it" if t.finetune_size and hires_tag else
-                 f"part of the trained model (train: finetune_size {t.finetune_size}); no twin without it was trained ([report] hires_tag), so its effect is not measured"
+                 f"in techniques alone against the control tag {hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)" if t.finetune_size and hires_tag else
+                 f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained ([report] hires_tag), so its effect is not measured"
                  if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
         rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
                 ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),

@@ -34,8 +34,7 @@ from .core import (project_relative, ExperimentParams, ParamsError, check_name, 
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
-                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback,
-                               SaveAt)
+                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
 from .launch import torchrun_command, launch_torchrun, main
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
@@ -110,7 +109,7 @@ class TrainParams:
     eval_splits:list[str]|None=None # splits to predict after training; None: every split the index has (real data has no test split)
     eval_bs:int|None=None         # inference batch per process; None: 2×bs/processes
     save_seen:bool=False          # write the rows each rank drew per epoch to seen_rows/ (sampler diagnostics)
-    ablate_finetune:bool=False    # the stage also trains a twin without the high-res finetune (tag '<tag>-lowres'), the report's high-res row
+    ablate_finetune:bool=False    # the stage also trains the high-res finetune's control (tag '<tag>-lowres': its epochs at img_size), the report's high-res row
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"[train] {key}: {msg}")
@@ -232,17 +231,17 @@ class TrainJob:
     init:str|None=None       # start from this model.pth (a trained ProductNet: same arch, head and classes) instead of `p.pretrained`
     rows:str|None=None       # parquet with a `row` column: train only on these labelled train rows of the index
     callbacks:list=field(default_factory=list) # callback specs for `build_callbacks`: what every torchrun worker rebuilds
-    predict_only:bool=False  # no training: `init` as it is, predicted and evaluated (the main-phase twin of `ablate_finetune`)
+    resume_from:str|None=None # continue this checkpoint of another run (model, optimiser, scheduler, RNG, history, epoch): the high-res control
 
     def to_json(self)->dict:
         return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
                 'fold': self.fold, 'folds': self.folds, 'out_dir': str(self.out_dir), 'key': self.key,
-                'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks, 'predict_only': self.predict_only}
+                'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks, 'resume_from': self.resume_from}
     @classmethod
     def from_json(cls, d:dict)->TrainJob:
         return cls(ExperimentParams(**d['experiment']), DataParams(**d['data']), TrainParams(**d['train']), d['iteration'], d['fold'], d['folds'],
                    Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []),
-                   bool(d.get('predict_only', False)))
+                   d.get('resume_from'))
 
 @dataclass
 class TrainArtifacts:
@@ -252,7 +251,7 @@ class TrainArtifacts:
     predictions:dict    # split -> predictions parquet
     metrics:dict
     history_path:Path
-    lowres:TrainArtifacts|None=None # the twin without the high-res finetune (`ablate_finetune`)
+    lowres:TrainArtifacts|None=None # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
     figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
@@ -363,7 +362,7 @@ def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkp
     return learn
 
 # %% ../nbs/02_train.ipynb #051d4e82
-MAIN_PHASE = 'main_phase.pth'   # the model at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
+MAIN_PHASE = 'main_phase_checkpoint.pth'   # the training state at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
 
 def _job_name(exp:ExperimentParams, out_dir:Path)->str:
     "train/0, clean/2/..., finegrained/dcl: where a training's lines come from"
@@ -387,9 +386,12 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
         raise ParamsError(f"[train] finetune_size: {p.arch} has a fixed input size (position embeddings for {p.img_size}px), so it cannot "
                           f"finetune at {p.finetune_size}px in the same run; set finetune_epochs: 0 (or train a second tag at img_size: {p.finetune_size})")
     seed_everything(exp.seed, deterministic=device.type != 'cuda')
-    net = create_model(p.arch, K, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck, pretrained='none' if job.init else p.pretrained,
+    net = create_model(p.arch, K, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck,
+                       pretrained='none' if job.init or job.resume_from else p.pretrained,
                        drop_rate=p.drop_rate, drop_path_rate=p.drop_path_rate, img_size=p.img_size)
     if job.init: load_init(net, job.init)  # its normalisation buffers too: the transforms below follow the starting model
+    cont = torch.load(job.resume_from, map_location='cpu', weights_only=True) if job.resume_from else None
+    if cont is not None: net.load_state_dict(cont['model'])  # before data_config, as init: the normalisation buffers travel
     net = net.to(device)
     cfg = data_config(net)
     sizes = (p.img_size, p.eval_size)
@@ -428,18 +430,23 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
             set_rng_state(ck['rng']); history, start = list(ck['history']), int(ck['epoch'])
             log(f"resuming {out_dir} after epoch {start}/{p.total_epochs}")
         else: log(f"ignoring {ck_path}: it belongs to other parameters, data or code")
+    if cont is not None and start == 0:
+        # the other run's state at the end of its main phase: the same weights, optimiser moments, schedule and RNG
+        opt.load_state_dict(cont['optimizer']); sched.load_state_dict(cont['scheduler'])
+        set_rng_state(cont['rng']); history, start = list(cont['history']), int(cont['epoch'])
+        log(f"continuing {project_relative(job.resume_from)} after epoch {start}/{p.total_epochs}")
     if ddp is not None: learn.add_cb(DDPCallback(ddp))  # after loading: DDP broadcasts rank 0's weights when it wraps, ranks agree anyway
 
     meta = lambda e: {'phase': 'finetune' if e >= p.epochs else 'main', 'img_size': sizes[int(e >= p.epochs)]}
-    learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start),
+    # with ablate_finetune, the checkpoint at the end of the main phase is kept: the control continues it at the training size
+    keep = {p.epochs: out_dir/MAIN_PHASE} if p.ablate_finetune and p.finetune_size and p.finetune_epochs and not job.folds else {}
+    learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start, keep=keep),
                    LogLines(p.total_epochs, start, history, what=f'{_job_name(exp, out_dir)}: '), *cbs])
     if p.finetune_size and p.finetune_epochs:
         learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]], [tr_tfms[1], va_tfms[1]]))
-    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and not job.folds:   # the twin without the finetune is this snapshot
-        learn.add_cb(SaveAt(p.epochs, trainable, out_dir/MAIN_PHASE))
     if p.save_seen: learn.add_cb(SeenRows(sampler, train_df['row'].to_numpy(), out_dir/'seen_rows'/f'rank{rank}.parquet', start))
     if rank != 0 and any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.remove_cb(ProgressCallback)
-    if start < p.total_epochs and not job.predict_only:
+    if start < p.total_epochs:
         log(f"training {p.arch} on {len(train_df)} images of {K} classes, {world} process(es) on {device}, "
             f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" + (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
         learn.fit(p.total_epochs, lr=p.peak_lr, start_epoch=start)
@@ -492,13 +499,13 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               out_dir:str|Path|None=None,    # where the run goes; default `train_dir(exp, p, iteration, fold)`
               stage:str='train',             # the manifest's stage name
               extra:dict|None=None,          # more parameters that identify the run (recorded in the manifest)
-              predict_only:bool=False,       # no training: predict and evaluate `init` as it is
+              resume_from:str|Path|None=None, # continue this checkpoint of another run (its epoch, optimiser, schedule, RNG)
              )->tuple[TrainJob, StageRun]:
     "The job of these parameters and its StageRun (which knows whether the outputs are up to date)"
     it = p.iteration if iteration is None else iteration
     if (fold is None) != (folds is None): raise ValueError(f"Pass both fold and folds, or neither (got fold={fold}, folds={folds})")
     if folds is not None and not (folds >= 2 and 0 <= fold < folds): raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
-    for what, f in (('init', init), ('rows', rows)):
+    for what, f in (('init', init), ('rows', rows), ('resume_from', resume_from)):
         if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{what} file {f} not found")
     callbacks = [*loss_callbacks(p), *(callbacks or [])]
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
@@ -510,19 +517,19 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               # a twin trained elsewhere changes nothing here
               'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
               'iteration': it, 'fold': fold, 'folds': folds}
-    if predict_only and init is None: raise ValueError("predict_only needs the model to predict: pass init")
-    if predict_only: params['predict_only'] = True
+    if resume_from is not None: params['resume_from'] = True
     if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
         params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
-    inputs = [idx, ds, *[Path(f) for f in (init, rows) if f is not None]]
+    inputs = [idx, ds, *[Path(f) for f in (init, rows, resume_from) if f is not None]]
     modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
     run = StageRun(out, stage, params, inputs=inputs, modules=modules)
-    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks, predict_only)
+    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks,
+                   None if resume_from is None else str(resume_from))
     return job, run
 
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
-    trained = [] if job.predict_only else ['checkpoint.pth', 'history.csv']
+    trained = ['checkpoint.pth', 'history.csv']
     snap = [MAIN_PHASE] if job.p.ablate_finetune and job.p.finetune_size and job.p.finetune_epochs and not job.folds else []
     return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
 
@@ -559,21 +566,23 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
         return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
-    run.ensure(work, what=f"predicting with {project_relative(job.init)}" if job.predict_only else f"training {p.arch}")
+    run.ensure(work, what=f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else ''))
     art = _artifacts(job)
     # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
     if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
         # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
         held = [s for s in p.eval_splits if s != 'train']
-        twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_epochs=0, ablate_finetune=False, eval_splits=held or p.eval_splits)
-        snap = art.out_dir/MAIN_PHASE
-        if snap.is_file() and p.sampler != 'progressive':
-            # the same model without the finetune is this run at the end of its main epochs (same seed, schedule, batches):
-            # predicted at the training size, not trained again (a progressive sampler's schedule spans all epochs: trained again)
-            art.lowres = train_stage(exp, data, twin, it, init=snap, predict_only=True, extra={'twin': 'main phase of the finetuned run'})
+        # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
+        # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
+        twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_size=p.img_size, ablate_finetune=False,
+                       eval_splits=held or p.eval_splits)
+        state = art.out_dir/MAIN_PHASE
+        if state.is_file():   # continue this run's main phase: only the finetune epochs are trained again
+            art.lowres = train_stage(exp, data, twin, it, resume_from=state, extra={'control': 'finetune epochs at the training size'})
         else: art.lowres = train_stage(exp, data, twin, it)
         s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
-        if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} with, {art.lowres.metrics[s]['mean_class_err']:.3f} without")
+        if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
+                             f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
     if report: art.figures, art.tables = train_report(exp, p, art)
     return art
 
