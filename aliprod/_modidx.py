@@ -92,6 +92,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'aliprod.clean.CleanParams': ('clean.html#cleanparams', 'aliprod/clean.py'),
                                'aliprod.clean.CleanParams.__post_init__': ('clean.html#cleanparams.__post_init__', 'aliprod/clean.py'),
                                'aliprod.clean._align': ('clean.html#_align', 'aliprod/clean.py'),
+                               'aliprod.clean._balanced_parts': ('clean.html#_balanced_parts', 'aliprod/clean.py'),
                                'aliprod.clean._check_topk': ('clean.html#_check_topk', 'aliprod/clean.py'),
                                'aliprod.clean._class_table': ('clean.html#_class_table', 'aliprod/clean.py'),
                                'aliprod.clean._err': ('clean.html#_err', 'aliprod/clean.py'),
