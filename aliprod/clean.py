@@ -173,7 +173,7 @@ def class_relative(t:TopK, z:float=3.0)->np.ndarray:
     return robust_outliers(1 - t.p_label, t.labels, t.num_classes, z, floor=0.02) & (t.top1 != t.labels)
 
 def _balanced_parts(t:TopK, counts=None):
-    "Balanced scores p·w (w ∝ 1/π) of the top-k and the label, their sum, bounds on the normaliser, and on one class outside"
+    "Balanced scores p·w (w ∝ 1/π) of the top-k and label, their sum, bounds on the normaliser and one class outside"
     n = np.bincount(t.labels, minlength=t.num_classes) if counts is None else np.asarray(counts)
     w = 1.0 / np.maximum(n, 1).astype(np.float64)                    # ∝ 1/π_y of the training labels
     in_k = (t.topk_labels == t.labels[:, None]).any(1)
@@ -194,22 +194,22 @@ def _balanced_parts(t:TopK, counts=None):
     return q, ql, known, known + fill(s), known + fill(s[::-1]), one
 
 def balanced_scores(t:TopK, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    "(N,k) lower, upper bounds of the top-k probabilities with the training prior removed (p(y|x)/π_y renormalised), (N,) those of the label"
+    "(N,k) lower, upper bounds of the top-k probabilities without the prior, p(y|x)/π_y renormalised; (N,) the label's"
     q, ql, _, z_lo, z_hi, _ = _balanced_parts(t, counts)
     return q / z_hi[:, None], q / z_lo[:, None], ql / z_hi, ql / z_lo
 
 def balanced_low_conf(t:TopK, conf_threshold:float=0.5, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(N,) flags, balanced top-1 of the top-k and label, and its least probability: `disagree_low_conf` on the prior-corrected posterior, where sure"
+    "(N,) flags, balanced top-1 of top-k and label, its least probability: `disagree_low_conf` without the prior"
     q, ql, known, z_lo, z_hi, one = _balanced_parts(t, counts)
     r = np.arange(len(t))
     other = np.where(t.topk_labels == t.labels[:, None], -np.inf, q)  # the top-k classes that are not the label
     j = other.argmax(1); rival = other[r, j]
-    label_wins = ql >= rival                                          # a tail label outside the top-k can win once the prior is removed
+    label_wins = ql >= rival                                          # a tail label can win once the prior is removed
     top, best = np.where(label_wins, t.labels, t.topk_labels[r, j]), np.maximum(ql, rival)
     # the dense balanced top-1 may be a class outside the top-k: its probability is at most `one` over `known` + `one`
     most = np.maximum(best / z_lo, one / (known + one))
-    # flagged only where every posterior the top-k allows is flagged: a class beats the label, and even the largest top-1
-    # probability is low; the model's own top-1 disagrees too, as in every rule
+    # flagged only where every posterior the top-k allows is flagged: a class beats the label, and even the largest
+    # top-1 probability is low; the model's own top-1 disagrees too, as in every rule
     flags = (t.top1 != t.labels) & ~label_wins & (most < conf_threshold)
     return flags, top.astype(np.int32), (best / z_hi).astype(np.float32)
 
