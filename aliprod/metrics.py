@@ -222,15 +222,18 @@ def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
     fixed = (weight > 0) & (m == 0)            # one image: its class's value, no spread
     base = float((weight[fixed] * (only_b[fixed] - only_a[fixed]) / n[fixed]).sum())
     vary = (weight > 0) & (m > 0) & (only_b + only_a > 0)
-    m, w, n, only_b, only_a = m[vary], weight[vary], n[vary], only_b[vary], only_a[vary]
+    # classes alike in (m, n, only_b, only_a, weight) add binomials of one p: each group's sums are one binomial pair of
+    # G·m trials, exactly; at AliProducts' 50,030 classes of about 3 images that is some tens of groups, not 50,030
+    key, size = np.unique(np.stack([m, n, only_b, only_a, weight], 1)[vary], axis=0, return_counts=True)
+    m, n, only_b, only_a, w = key[:, 0].astype(np.int64), key[:, 1], key[:, 2], key[:, 3], key[:, 4]
     p_b = only_b / n
     # given the draws where only b is right, those where only a is right are binomial among the rest (exact ratio of counts: <= 1)
     rest = n - only_b
     q_a = np.divide(only_a, rest, out=np.zeros(len(n)), where=rest > 0)
     out, step = np.empty(B), max(1, max_cells // max(len(m), 1))
     for s in range(0, B, step):
-        n_b = rng.binomial(m, p_b, size=(min(step, B - s), len(m)))
-        out[s:s + len(n_b)] = base + ((n_b - rng.binomial(m - n_b, q_a)) / m) @ w
+        n_b = rng.binomial(size * m, p_b, size=(min(step, B - s), len(m)))
+        out[s:s + len(n_b)] = base + ((n_b - rng.binomial(size * m - n_b, q_a)) / m) @ w
     return out
 
 # %% ../nbs/01c_metrics.ipynb #879e7839
