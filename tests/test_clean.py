@@ -321,3 +321,38 @@ def test_prototype_rule_flags_a_planted_tail_sample_and_keeps_its_siblings():
     flags, near = prototype_rule(t)
     assert flags[-3:].tolist() == [False, False, True] and near[-1] == 2
     assert flags[:-3].sum() <= 2
+
+
+def _long_tail_probs(seed, spread, K=200, N=2000):
+    "Dense probabilities of a model on a 300 -> 3 long tail whose top-10 holds about half to nine tenths of the mass"
+    r = np.random.default_rng(seed)
+    n = np.round(300 * 0.01 ** (np.arange(K) / (K - 1))).astype(int)
+    y = r.choice(K, N, p=n / n.sum())
+    logits = r.normal(0, spread, (N, K)) + np.log(n)
+    logits[np.arange(N), y] += r.uniform(0, 4, N)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), y, n
+
+
+@pytest.mark.parametrize('seed,spread', [(0, 2.0), (1, 2.0), (2, 3.0)])
+def test_balanced_rule_against_the_dense_posterior(seed, spread):
+    from aliprod.clean import balanced_low_conf, balanced_scores
+    p, y, n = _long_tail_probs(seed, spread)
+    q = p / n; q /= q.sum(1, keepdims=True)                           # the dense prior-corrected posterior
+    dense = (p.argmax(1) != y) & (q.argmax(1) != y) & (q.max(1) < 0.5)
+    t = topk_from_probs(p, y, k=10)
+    assert np.median(1 - t.topk_probs.sum(1)) > 0.1                  # much of the mass lies outside the top-10
+    lo, hi, label_lo, label_hi = balanced_scores(t, n)
+    qk = np.take_along_axis(q, t.topk_labels.astype(np.int64), 1)
+    assert (lo <= qk * (1 + 1e-5)).all() and (qk <= hi * (1 + 1e-5)).all()
+    ql = q[np.arange(len(y)), y]
+    assert (label_lo <= ql * (1 + 1e-5)).all() and (ql <= label_hi * (1 + 1e-5)).all()
+    flags, top, least = balanced_low_conf(t, 0.5, n)
+    assert not (flags & ~dense).any(), f"{int((flags & ~dense).sum())} flags the dense rule does not make"
+    assert flags.sum() > 0.3 * dense.sum()                            # sound, and not by flagging nothing
+    assert (least <= q.max(1) * (1 + 1e-5)).all()
+    # with the whole posterior (k = K) the bounds meet and the decision is the dense one, row by row
+    full = topk_from_probs(p, y, k=len(n))
+    lo, hi, _, _ = balanced_scores(full, n)
+    np.testing.assert_allclose(lo, hi, rtol=1e-5)
+    np.testing.assert_array_equal(balanced_low_conf(full, 0.5, n)[0], dense)

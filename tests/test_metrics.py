@@ -118,3 +118,71 @@ def test_choose_then_report():
     assert evaluate(a.take(choose))['n_classes_evaluated'] == (n_c >= 1).sum()
     d = paired_delta(a.take(~choose), b.take(~choose))
     assert d.n == (~choose).sum() and d.n_classes == (n_c >= 2).sum()
+
+
+def test_every_paired_interval_draws_at_least_ten_thousand_times():
+    import inspect
+    from aliprod.metrics import BOOTSTRAP_DRAWS
+    assert BOOTSTRAP_DRAWS >= 10_000
+    for f in (paired_bootstrap, paired_delta):
+        assert inspect.signature(f).parameters['B'].default == BOOTSTRAP_DRAWS, f.__name__
+    a, b, _ = two_systems(n=768, K=64)
+    assert paired_delta(a, b).B == BOOTSTRAP_DRAWS
+
+
+def test_a_missing_interval_is_not_measured_never_no_effect():
+    from aliprod.metrics import verdict
+    a, b, counts = two_systems(n=500, K=20)
+    d = paired_delta(a, b, 'few_acc', train_counts=np.full(20, 500), few=20)   # no few-shot class: no interval
+    assert np.isnan(d.lo) and np.isnan(d.p)
+    assert d.verdict == 'not measured' and d.to_dict()['verdict'] == 'not measured'
+    assert verdict(None) == 'not measured'
+
+
+@pytest.mark.parametrize('shift', [0.0, 0.02, 0.04, 0.08])
+def test_p_value_comes_from_the_interval_draws(shift):
+    "p < 1 - level exactly where the interval at that level excludes 0, at every level, from the same seeded draws"
+    r = np.random.default_rng(int(shift * 100))
+    acc = r.uniform(.3, .9, 64)
+    for s in range(4):
+        h = simulate_paired_hits(np.full(64, 12), acc, np.clip(acc + shift, 0, 1), .5, s)
+        for level in (.8, .9, .95, .99):
+            d = paired_bootstrap(h, B=4000, seed=s, level=level)
+            assert 2 / 4001 <= d.p <= 1
+            side = d.p * 4001 / 2 - 1                                   # draws on the smaller side of 0
+            near = abs(side - (1 - level) / 2 * 4000) <= 3               # within a few draws of the interval's end
+            assert (d.p < 1 - level) == (d.verdict != 'no measurable effect') or near, (level, d)
+
+
+def _holm_by_definition(p):
+    "max over j <= i of (m - j + 1) p_(j), capped at 1: Holm's adjusted p-values by loops"
+    order = sorted(range(len(p)), key=lambda i: p[i]); m = len(p); out = [0.0] * m
+    for i, oi in enumerate(order): out[oi] = min(1.0, max((m - j) * p[order[j]] for j in range(i + 1)))
+    return out
+
+
+def _bh_by_definition(p):
+    "min over j >= i of m p_(j) / j, capped at 1: Benjamini-Hochberg's adjusted p-values by loops"
+    order = sorted(range(len(p)), key=lambda i: p[i]); m = len(p); out = [0.0] * m
+    for i, oi in enumerate(order): out[oi] = min(1.0, min(m * p[order[j]] / (j + 1) for j in range(i, m)))
+    return out
+
+
+def test_multiplicity_adjustments():
+    from aliprod.metrics import benjamini_hochberg, holm
+    p = [0.01, 0.04, 0.03, 0.005]
+    np.testing.assert_allclose(holm(p), [0.03, 0.06, 0.06, 0.02])              # by hand
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
+    r = np.random.default_rng(0)
+    for m in (1, 2, 7, 40):
+        q = np.where(r.random(m) < .5, r.random(m) * .05, r.random(m))
+        np.testing.assert_allclose(holm(q), _holm_by_definition(list(q)), rtol=1e-12)
+        np.testing.assert_allclose(benjamini_hochberg(q), _bh_by_definition(list(q)), rtol=1e-12)
+    # the p-values of a report's Δs, one not measured: it stays nan and the others are adjusted among themselves
+    a, b, counts = two_systems(n=2000, K=40)
+    ds = [paired_delta(a, b, m, train_counts=counts, many=200, few=20)
+          for m in ("mean_class_err", "top1_err", "few_acc")]
+    ps = np.array([d.p for d in ds])
+    adj = holm(ps)
+    assert np.isnan(adj).tolist() == np.isnan(ps).tolist() and (adj[~np.isnan(ps)] >= ps[~np.isnan(ps)]).all()
+    with pytest.raises(ValueError, match='position 1 is outside'): holm([0.1, -0.2])
