@@ -741,6 +741,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.system.calibrated_ncm': ('system.html#calibrated_ncm', 'aliprod/system.py'),
                                 'aliprod.system.chain_table': ('system.html#chain_table', 'aliprod/system.py'),
                                 'aliprod.system.choice_step': ('system.html#choice_step', 'aliprod/system.py'),
+                                'aliprod.system.choose_delta': ('system.html#choose_delta', 'aliprod/system.py'),
                                 'aliprod.system.choose_error': ('system.html#choose_error', 'aliprod/system.py'),
                                 'aliprod.system.classifier_tensors': ('system.html#classifier_tensors', 'aliprod/system.py'),
                                 'aliprod.system.combine': ('system.html#combine', 'aliprod/system.py'),

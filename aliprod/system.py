@@ -16,12 +16,12 @@ from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosi
 from .ensemble import combine_topk
 
 # %% auto #0
-__all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate', 'choose_error', 'pick',
-           'single', 'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target', 'metric_interval',
-           'chain_table', 'against_single_technique', 'head_tensors', 'classifier_tensors', 'build_head', 'tau_head',
-           'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate', 'calibrated_ncm', 'method_candidates',
-           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
-           'system_stage']
+__all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate', 'choose_error',
+           'choose_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target',
+           'metric_interval', 'chain_table', 'against_single_technique', 'head_tensors', 'classifier_tensors',
+           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
+           'calibrated_ncm', 'method_candidates', 'pool_candidates', 'member_topk', 'predict_recipe', 'load_system',
+           'predict_system', 'SystemArtifacts', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -63,14 +63,29 @@ def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
     return evaluate(c.choose, topk=(1,))['mean_class_err']
 
-def pick(cands:list[Candidate], step:str)->tuple[Candidate, pd.DataFrame]:
-    "The candidate with the lowest mean class error on the choosing images (the first among ties) and the numbers behind the choice"
+def choose_delta(a:Candidate, b:Candidate, seed:int=0):
+    "Δ mean class error from `a` to `b` on the choosing images, with its class-stratified paired 95% interval"
+    return paired_bootstrap(paired_hits(a.choose, b.choose, names=(a.name, b.name)), seed=seed)
+
+def pick(cands:list[Candidate], step:str,
+         default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
+        )->tuple[Candidate, pd.DataFrame]:
+    "The default unless others lower mean class error on the choosing images with a paired 95% interval excluding 0 (then the lowest of those)"
     if not cands: raise ValueError(f"{step}: no candidate to choose from")
+    # The clean stage's rule for every choice: with 3-4 choosing images per class, the lowest point estimate among many
+    # candidates is mostly noise (the winner's curse), and a choice made so did not carry over to the reporting images.
     errs = [round(choose_error(c), 12) for c in cands]   # rounded: a tie in counts is a tie, whatever the float noise of the mean
-    best = int(np.argmin(errs))
+    deltas = [None] + [choose_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
+    if default:
+        helped = [i for i in range(1, len(cands)) if deltas[i].verdict == 'helped']
+        best = min(helped, key=lambda i: (errs[i], i)) if helped else 0
+    else: best = int(np.argmin(errs))
+    col = lambda f: [np.nan if d is None else f(d) for d in deltas]
     t = pd.DataFrame({'step': step, 'candidate': [c.name for c in cands], 'choose_mean_class_err': errs,
                       'choose_top1_err': [evaluate(c.choose, topk=(1,))['top1_err'] for c in cands],
-                      'choose_images': [len(c.choose) for c in cands], 'chosen': [i == best for i in range(len(cands))]})
+                      'choose_images': [len(c.choose) for c in cands],
+                      'choose_Δ_vs_default': col(lambda d: d.delta), 'choose_Δ_lo': col(lambda d: d.lo), 'choose_Δ_hi': col(lambda d: d.hi),
+                      'chosen': [i == best for i in range(len(cands))]})
     return cands[best], t
 
 # %% ../nbs/06b_system.ipynb #50d12922
@@ -93,7 +108,7 @@ def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|No
 # %% ../nbs/06b_system.ipynb #751698f6
 def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mode:str='mean', k:int|None=None,
                     step:str='ensemble')->tuple[Candidate, pd.DataFrame]:
-    "Forward selection from `base`: add the pool member that lowers the choosing error most, while one does"
+    "Forward selection from `base`: add the pool member that lowers the choosing error most, while that gain's paired 95% interval excludes 0"
     chosen, cur, err, rows = [base], base, round(choose_error(base), 12), []
     rows.append({'step': step, 'round': 0, 'candidate': base.name, 'choose_mean_class_err': err, 'chosen': True})
     left = list(pool)
@@ -103,7 +118,10 @@ def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mod
         i = int(np.argmin(errs))
         for c, e in zip(left, errs): rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e, 'chosen': False})
         if errs[i] >= err: break
-        rows[-len(left) + i]['chosen'] = True
+        d = choose_delta(cur, trials[i])   # only the best member is tested: one comparison per round
+        r = rows[-len(left) + i]; r.update({'choose_Δ_vs_default': d.delta, 'choose_Δ_lo': d.lo, 'choose_Δ_hi': d.hi})
+        if d.verdict != 'helped': break
+        r['chosen'] = True
         chosen.append(left.pop(i)); cur, err = trials[i], errs[i]
     return cur, pd.DataFrame(rows)
 
@@ -161,8 +179,11 @@ def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or 
             delta = r['mean_class_err'] - prev[2]['mean_class_err']
             if abs(delta - d.delta) > 1e-12: raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
             r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict})
+            # the same step on the images that chose it: a choice that transferred shows the same sign on both
+            dc = paired_bootstrap(paired_hits(prev[0].choose, c.choose, names=(prev[1], step)), B=B, seed=seed)
+            r.update({'choose Δ': dc.delta, 'choose Δ lo': dc.lo, 'choose Δ hi': dc.hi})
         out.append(r); prev = (c, step, r)
-    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict']
+    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
     return pd.DataFrame(out).reindex(columns=cols)
 
 # %% ../nbs/06b_system.ipynb #07622243
@@ -172,7 +193,7 @@ def against_single_technique(final:Candidate,          # the system
                              B:int=1000, seed:int=0)->dict|None:
     "The single technique chosen on the choosing images; the paired Δ (system − technique) on the reporting images"
     if not singles: return None
-    best, t = pick(singles, 'single technique')
+    best, t = pick(singles, 'single technique', default=False)   # no default among them: the lowest on the choosing images
     d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')), B=B, seed=seed)
     said = 'the system ' + d.verdict if d.verdict != 'no measurable effect' else 'no measurable difference'
     sentence = (f"Against the best single technique, chosen on the choosing images among {len(singles)} ({best.name}): "
@@ -522,7 +543,7 @@ def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, 
         ch, rep = (head_predict(mod, feats[w], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
                    for w, r in (('choose', sets.choose_rows), ('report', sets.report_rows)))
         cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau, tau_bias=rp.tau_bias))
-    return pick(cands, 'τ')
+    return pick(cands, 'τ', default=p.plain)
 
 TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the TTA stage's rows average the views' probabilities
 
@@ -542,7 +563,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         spec = specs[name] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
         log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images ({views} views of {t.eval_size}px)")
         cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
-    best, table = pick(cands, 'TTA')
+    best, table = pick(cands, 'TTA', default=bool(p.plain or not variants))
     if best is not prev:   # the reporting images are embedded for the chosen variant only
         log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
         best.report = embed(sets.report_rows, specs[best.name])
@@ -605,7 +626,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                                            f"add it to [rebalance] methods (a -network method: [rebalance] finetune network or both); written: {sorted(have)}")
             cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + methods
             if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
-            return pick(cands, 'classifier method')
+            return pick(cands, 'classifier method', default=cands[0] is prev)
         def tau_step(prev):
             if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
             m = prev.recipe['members'][0]
