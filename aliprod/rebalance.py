@@ -19,12 +19,13 @@ from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['TauBias', 'Loss', 'NCMNorm', 'METHODS', 'FINETUNES', 'Features', 'synthetic_features', 'linear_head', 'head_logits',
-           'head_top1', 'head_topk', 'tau_normalize', 'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss',
-           'fit_head', 'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'balanced_subset',
-           'sweep_logit_adjust', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
-           'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms',
-           'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
+__all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHODS', 'FINETUNES', 'Features', 'synthetic_features',
+           'linear_head', 'head_logits', 'head_top1', 'head_topk', 'tau_normalize', 'tau_bias', 'tau_normalized_head',
+           'sweep_tau', 'choose_tau', 'accuracy_loss', 'fit_head', 'crt_head', 'LearnableWeightScaling',
+           'NearestClassMean', 'class_means', 'ncm_temperature', 'balanced_subset', 'sweep_logit_adjust',
+           'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table', 'plot_tau_sweep',
+           'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms', 'AccuracyLoss',
+           'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
            'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
            'rebalance_stage']
 
@@ -111,16 +112,24 @@ def tau_normalize(w:Tensor,      # (K,D) classifier weights
 # %% ../nbs/04_rebalance.ipynb #80ef3cbc
 TauBias = Literal['drop', 'keep', 'none']
 
+def tau_bias(bias:Tensor|None,         # (K,) trained bias or None
+             bias_mode:TauBias='drop', # drop it (classifier-balancing), keep it, or 'none': the head has none
+            )->Tensor|None:
+    "The bias of a τ-normalised head: one rule at every τ, τ = 0 included (the stage's sweep, the system's τ step)"
+    if bias_mode not in ('drop', 'keep', 'none'):
+        raise ValueError(f"tau_bias must be 'drop', 'keep' or 'none', got {bias_mode!r}")
+    if bias_mode == 'none' and bias is not None:
+        raise ValueError("tau_bias='none' but the classifier has a bias; "
+                         "use tau_bias='drop' (as classifier-balancing) or 'keep'")
+    return bias if bias_mode == 'keep' else None
+
 def tau_normalized_head(weight:Tensor,        # (K,D) trained classifier weights
                         bias:Tensor|None,     # (K,) trained bias or None
                         tau:float,            # exponent of the norm
-                        bias_mode:TauBias='drop', # drop it (classifier-balancing), keep it, or 'none': the head has none
+                        bias_mode:TauBias='drop', # `tau_bias`: drop it, keep it, or 'none': the head has none
                        )->nn.Linear:
-    "A linear head with τ-normalised weights; the bias dropped, kept, or absent"
-    if bias_mode not in ('drop', 'keep', 'none'): raise ValueError(f"tau_bias must be 'drop', 'keep' or 'none', got {bias_mode!r}")
-    if bias_mode == 'none' and bias is not None:
-        raise ValueError("tau_bias='none' but the classifier has a bias; use tau_bias='drop' (as classifier-balancing) or 'keep'")
-    return linear_head(tau_normalize(weight, tau), bias if bias_mode == 'keep' else None)
+    "A linear head with τ-normalised weights; the bias dropped, kept, or absent (`tau_bias`, the same at every τ)"
+    return linear_head(tau_normalize(weight, tau), tau_bias(bias, bias_mode))
 
 # %% ../nbs/04_rebalance.ipynb #7ea1ab8d
 def _top1_predictions(pred:np.ndarray, data:Features, num_classes:int)->TopK:
@@ -242,18 +251,22 @@ def _ncm_transform(x:Tensor, mean:Tensor, norm:str)->Tensor:
     return x
 
 class NearestClassMean(nn.Module):
-    "Logits -‖t(x) - c_i‖² to class centroids c_i, t the `norm` transform (NCM, Kang et al. 2020)"
-    def __init__(self, centroids:Tensor, mean:Tensor, norm:NCMNorm='cl2n', present:Tensor|None=None):
+    "Logits -‖t(x) - c_i‖² / T to class centroids c_i, t the `norm` transform, T the temperature (NCM, Kang et al.)"
+    def __init__(self, centroids:Tensor, mean:Tensor, norm:NCMNorm='cl2n', present:Tensor|None=None,
+                 temperature:float=1.0, # divides the logits: the arg-max does not change, the probabilities do
+                ):
         super().__init__()
         if norm not in ('cl2n', 'l2n', 'un'): raise ValueError(f"ncm_norm must be 'cl2n', 'l2n' or 'un', got {norm!r}")
+        if not float(temperature) > 0: raise ValueError(f"NCM temperature must be > 0, got {float(temperature)}")
         self.norm = norm
         self.register_buffer('centroids', centroids.float())
         self.register_buffer('mean', mean.float())
         self.register_buffer('present', torch.ones(len(centroids), dtype=torch.bool) if present is None else present.bool())
+        self.register_buffer('temperature', torch.tensor(float(temperature)))
     def forward(self, x:Tensor)->Tensor:
         x = _ncm_transform(x.float(), self.mean, self.norm)
         d = (x*x).sum(1, keepdim=True) + (self.centroids**2).sum(1) - 2 * x @ self.centroids.T
-        return (-d).masked_fill(~self.present, float('-inf'))
+        return (-d / self.temperature).masked_fill(~self.present, float('-inf'))
 
 def class_means(data:Features, num_classes:int, norm:NCMNorm='cl2n', batch_size:int=65536)->NearestClassMean:
     "The NCM classifier of a training split: centroids of the `norm`-transformed embeddings"
@@ -267,6 +280,25 @@ def class_means(data:Features, num_classes:int, norm:NCMNorm='cl2n', batch_size:
         y = torch.as_tensor(data.labels[s:s+batch_size], dtype=torch.int64)
         sums.index_add_(0, y, x.double()); n.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
     return NearestClassMean((sums / n.clamp_min(1)[:, None]).float(), mean, norm, n > 0)
+
+# %% ../nbs/04_rebalance.ipynb #b6edca7f
+NCM_TEMPERATURES = tuple(float(2.0**-e) for e in np.arange(-2, 10.5, 0.5))   # 4 … 1/1024 in factors of √2: declared
+
+@torch.no_grad()
+def ncm_temperature(ncm:NearestClassMean,
+                    feats,                  # (N,D) embeddings of the images T is chosen on (the choosing images)
+                    labels,                 # (N,) their given labels
+                    grid=NCM_TEMPERATURES,  # temperatures to choose among
+                   )->float:
+    "The temperature of `grid` with the lowest NLL of `labels` under softmax(NCM logits / T) (the largest among ties)"
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if not len(y): raise ValueError("ncm_temperature: no image to choose the temperature on")
+    d = head_logits(ncm, feats) * ncm.temperature   # the logits at T = 1
+    ok = torch.isfinite(d.gather(1, y[:, None]))[:, 0]   # a class without centroid: likelihood 0 at every T
+    if not ok.any(): raise ValueError("ncm_temperature: no label has a centroid (its class has no training image)")
+    d, y = d[ok], y[ok]
+    nll = [float(F.cross_entropy(d / t, y)) for t in grid]
+    return float(max(t for t, n in zip(grid, nll) if np.isclose(n, min(nll))))
 
 # %% ../nbs/04_rebalance.ipynb #56f936a8
 def balanced_subset(labels,             # (N,) given labels

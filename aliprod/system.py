@@ -16,11 +16,12 @@ from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosi
 from .ensemble import combine_topk
 
 # %% auto #0
-__all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'EvalSets', 'evaluation_sets', 'Candidate', 'choose_error', 'pick', 'single',
-           'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target', 'metric_interval', 'chain_table',
-           'head_tensors', 'classifier_tensors', 'build_head', 'tau_head', 'view_embeddings', 'head_predict',
-           'SystemParams', 'train_candidate', 'method_candidates', 'pool_candidates', 'member_topk', 'predict_recipe',
-           'load_system', 'predict_system', 'SystemArtifacts', 'system_stage']
+__all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate', 'choose_error',
+           'choose_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target',
+           'metric_interval', 'chain_table', 'against_single_technique', 'head_tensors', 'classifier_tensors',
+           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
+           'calibrated_ncm', 'method_candidates', 'pool_candidates', 'member_topk', 'predict_recipe', 'load_system',
+           'predict_system', 'SystemArtifacts', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -62,14 +63,29 @@ def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
     return evaluate(c.choose, topk=(1,))['mean_class_err']
 
-def pick(cands:list[Candidate], step:str)->tuple[Candidate, pd.DataFrame]:
-    "The candidate with the lowest mean class error on the choosing images (the first among ties) and the numbers behind the choice"
+def choose_delta(a:Candidate, b:Candidate, seed:int=0):
+    "Δ mean class error from `a` to `b` on the choosing images, with its class-stratified paired 95% interval"
+    return paired_bootstrap(paired_hits(a.choose, b.choose, names=(a.name, b.name)), seed=seed)
+
+def pick(cands:list[Candidate], step:str,
+         default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
+        )->tuple[Candidate, pd.DataFrame]:
+    "The default unless others lower mean class error on the choosing images with a paired 95% interval excluding 0 (then the lowest of those)"
     if not cands: raise ValueError(f"{step}: no candidate to choose from")
+    # The clean stage's rule for every choice: with 3-4 choosing images per class, the lowest point estimate among many
+    # candidates is mostly noise (the winner's curse), and a choice made so did not carry over to the reporting images.
     errs = [round(choose_error(c), 12) for c in cands]   # rounded: a tie in counts is a tie, whatever the float noise of the mean
-    best = int(np.argmin(errs))
+    deltas = [None] + [choose_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
+    if default:
+        helped = [i for i in range(1, len(cands)) if deltas[i].verdict == 'helped']
+        best = min(helped, key=lambda i: (errs[i], i)) if helped else 0
+    else: best = int(np.argmin(errs))
+    col = lambda f: [np.nan if d is None else f(d) for d in deltas]
     t = pd.DataFrame({'step': step, 'candidate': [c.name for c in cands], 'choose_mean_class_err': errs,
                       'choose_top1_err': [evaluate(c.choose, topk=(1,))['top1_err'] for c in cands],
-                      'choose_images': [len(c.choose) for c in cands], 'chosen': [i == best for i in range(len(cands))]})
+                      'choose_images': [len(c.choose) for c in cands],
+                      'choose_Δ_vs_default': col(lambda d: d.delta), 'choose_Δ_lo': col(lambda d: d.lo), 'choose_Δ_hi': col(lambda d: d.hi),
+                      'chosen': [i == best for i in range(len(cands))]})
     return cands[best], t
 
 # %% ../nbs/06b_system.ipynb #50d12922
@@ -92,7 +108,7 @@ def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|No
 # %% ../nbs/06b_system.ipynb #751698f6
 def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mode:str='mean', k:int|None=None,
                     step:str='ensemble')->tuple[Candidate, pd.DataFrame]:
-    "Forward selection from `base`: add the pool member that lowers the choosing error most, while one does"
+    "Forward selection from `base`: add the pool member that lowers the choosing error most, while that gain's paired 95% interval excludes 0"
     chosen, cur, err, rows = [base], base, round(choose_error(base), 12), []
     rows.append({'step': step, 'round': 0, 'candidate': base.name, 'choose_mean_class_err': err, 'chosen': True})
     left = list(pool)
@@ -102,7 +118,10 @@ def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mod
         i = int(np.argmin(errs))
         for c, e in zip(left, errs): rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e, 'chosen': False})
         if errs[i] >= err: break
-        rows[-len(left) + i]['chosen'] = True
+        d = choose_delta(cur, trials[i])   # only the best member is tested: one comparison per round
+        r = rows[-len(left) + i]; r.update({'choose_Δ_vs_default': d.delta, 'choose_Δ_lo': d.lo, 'choose_Δ_hi': d.hi})
+        if d.verdict != 'helped': break
+        r['chosen'] = True
         chosen.append(left.pop(i)); cur, err = trials[i], errs[i]
     return cur, pd.DataFrame(rows)
 
@@ -160,19 +179,53 @@ def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or 
             delta = r['mean_class_err'] - prev[2]['mean_class_err']
             if abs(delta - d.delta) > 1e-12: raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
             r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict})
+            # the same step on the images that chose it: a choice that transferred shows the same sign on both
+            dc = paired_bootstrap(paired_hits(prev[0].choose, c.choose, names=(prev[1], step)), B=B, seed=seed)
+            r.update({'choose Δ': dc.delta, 'choose Δ lo': dc.lo, 'choose Δ hi': dc.hi})
         out.append(r); prev = (c, step, r)
-    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict']
+    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
     return pd.DataFrame(out).reindex(columns=cols)
 
+# %% ../nbs/06b_system.ipynb #07622243
+def against_single_technique(final:Candidate,          # the system
+                             singles:list[Candidate],  # single-technique candidates (`pool_candidates`)
+                             y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
+                             B:int=1000, seed:int=0)->dict|None:
+    "The single technique chosen on the choosing images; the paired Δ (system − technique) on the reporting images"
+    if not singles: return None
+    best, t = pick(singles, 'single technique', default=False)   # no default among them: the lowest on the choosing images
+    d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')), B=B, seed=seed)
+    said = 'the system ' + d.verdict if d.verdict != 'no measurable effect' else 'no measurable difference'
+    sentence = (f"Against the best single technique, chosen on the choosing images among {len(singles)} ({best.name}): "
+                f"Δ mean class error (system − technique) {100*d.delta:+.1f} points on the reporting images "
+                f"(paired 95% interval {100*d.lo:+.1f} to {100*d.hi:+.1f}): {said}.")
+    return {'technique': best.name, 'choose_mean_class_err': float(t.loc[t['chosen'], 'choose_mean_class_err'].item()),
+            'candidates': len(singles), **d.to_dict(), 'sentence': sentence}
+
 # %% ../nbs/06b_system.ipynb #932595ff
+def _wrapped(method:str, classifier:nn.Module, state:dict)->nn.Module:
+    "The rebalance method's module around a copy of `classifier`, its buffers and parameters sized from `state`"
+    from aliprod.rebalance import LearnableWeightScaling
+    from aliprod.losses import LogitAdjustedHead
+    c = copy.deepcopy(classifier)
+    if method == 'lws': return LearnableWeightScaling(c, len(state['scales']))
+    if method == 'logit_adjust': return LogitAdjustedHead(c, state['log_prior'], float(state['tau']))
+    raise ValueError(f"No wrapper for method {method!r}; valid: lws, logit_adjust")
+
 def head_tensors(method:str, state:dict, ncm_norm:str='cl2n')->dict:
-    "A rebalance method's head.pth as a system head: {'kind': 'linear', weight, bias} (LWS folded in) or {'kind': 'ncm', ...}"
-    if method == 'ncm':
-        return {'kind': 'ncm', 'centroids': state['centroids'], 'mean': state['mean'], 'present': state['present'], 'norm': ncm_norm}
-    if method == 'lws':
-        s = state['scales']
-        b = state.get('classifier.bias')
-        return {'kind': 'linear', 'weight': state['classifier.weight'] * s[:, None], 'bias': None if b is None else b * s}
+    "A rebalance method's head.pth as a system head: 'linear' (LWS, logit adjustment folded in), 'ncm' or 'module'"
+    if method == 'ncm':   # head.pth files written before the temperature: T = 1
+        return {'kind': 'ncm', 'centroids': state['centroids'], 'mean': state['mean'], 'present': state['present'],
+                'norm': ncm_norm, 'temperature': float(state.get('temperature', 1.0))}
+    if method in ('lws', 'logit_adjust'):   # a trained classifier inside, post-hoc changes on top
+        inner = head_tensors('classifier', {k.removeprefix('classifier.'): v for k, v in state.items() if k.startswith('classifier.')})
+        if inner['kind'] != 'linear': return {'kind': 'module', 'state': state, 'wrap': method}   # cosine: nothing to fold into
+        w, b = inner['weight'], inner['bias']
+        if method == 'lws':   # s_i·(w_i·x + b_i)
+            s = state['scales']
+            return {'kind': 'linear', 'weight': w * s[:, None], 'bias': None if b is None else b * s}
+        adj = -float(state['tau']) * state['log_prior'].float()   # w_i·x + b_i - τ·log π_i: the adjustment is a bias
+        return {'kind': 'linear', 'weight': w, 'bias': adj if b is None else b.float() + adj}
     if set(state) - {'weight', 'bias'}: return {'kind': 'module', 'state': state}   # e.g. a cosine classifier: no τ
     return {'kind': 'linear', 'weight': state['weight'], 'bias': state.get('bias')}
 
@@ -186,17 +239,20 @@ def build_head(head:dict, classifier:nn.Module|None=None)->nn.Module:
     kind = head['kind']
     if kind == 'classifier': return classifier
     if kind == 'linear': return linear_head(head['weight'].float(), None if head.get('bias') is None else head['bias'].float())
-    if kind == 'ncm': return NearestClassMean(head['centroids'], head['mean'], head['norm'], head['present'])
+    if kind == 'ncm':
+        return NearestClassMean(head['centroids'], head['mean'], head['norm'], head['present'], head.get('temperature', 1.0))
     if kind == 'module':
-        m = copy.deepcopy(classifier); m.load_state_dict(head['state']); return m
+        m = _wrapped(head['wrap'], classifier, head['state']) if head.get('wrap') else copy.deepcopy(classifier)
+        m.load_state_dict(head['state']); return m
     raise ValueError(f"Unknown head kind {kind!r}; valid: classifier, linear, ncm, module")
 
 def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
-    "The linear head τ-normalised (τ = 0: unchanged, bias kept)"
-    from aliprod.rebalance import tau_normalize
-    if tau == 0: return head
+    "The linear head τ-normalised, its bias by `rebalance.tau_bias` (the rebalance stage's sweep's rule, at every τ)"
+    from aliprod.rebalance import tau_normalized_head
     if head['kind'] != 'linear': raise ValueError(f"τ-normalisation needs a linear head, got {head['kind']!r}")
-    return {'kind': 'linear', 'weight': tau_normalize(head['weight'].float(), tau), 'bias': head.get('bias') if bias_mode == 'keep' else None}
+    b = head.get('bias')
+    h = tau_normalized_head(head['weight'].float(), None if b is None else b.float(), float(tau), bias_mode)
+    return {'kind': 'linear', 'weight': h.weight.detach(), 'bias': None if h.bias is None else h.bias.detach()}
 
 # %% ../nbs/06b_system.ipynb #094812db
 def _embed(model:nn.Module, x:torch.Tensor)->torch.Tensor:
@@ -243,8 +299,10 @@ def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:
 @dataclass
 class SystemParams:
     rounds:list[int]|None=None        # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
-    methods:list[str]|None=None       # classifier methods to choose among (plain always); None: every one the rebalance stage wrote at that round
-    tau:bool=True                     # choose τ on top of a linear head ([rebalance] tau_grid; τ = 0: none)
+    methods:list[str]|None=None       # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    plain:bool=True                   # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
+    tau:bool=True                     # choose τ on top of a linear head
+    tau_grid:list[float]|None=None    # τ values of the τ step (bias: [rebalance] tau_bias); None: [rebalance] tau_grid
     tta_variants:list[str]|None=None  # 'views@enlarge' variants to choose among (none always); None: [tta] views@enlarge and compare
     ensemble:bool=True                # greedy top-k averaging with the other predictions of the run
     max_members:int=5                 # ensemble size at most (the system itself counts)
@@ -263,6 +321,8 @@ class SystemParams:
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
         if self.k < 1 or self.bootstrap < 1: raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
         if any(r < 0 for r in self.rounds or []): raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
+        if self.tau_grid is not None and (not self.tau_grid or min(self.tau_grid) < 0):
+            raise ParamsError(f"[system] tau_grid must be null or non-empty and >= 0, got {self.tau_grid}")
 
 # %% ../nbs/06b_system.ipynb #95236868
 def _sets_of(files:dict, sets:EvalSets)->tuple[TopK, TopK]|None:
@@ -290,6 +350,31 @@ def train_candidate(exp:ExperimentParams, run:Path, sets:EvalSets, k:int, name:s
     return single(name, _member_recipe(_rel(exp, Path(run)/'model.pth'), _train_params_of(exp, run)), *s, k=k, run=_rel(exp, run))
 
 # %% ../nbs/06b_system.ipynb #ebbf3d8b
+def _features_file(reb_dir:Path, model_run:Path, split:str)->Path|None:
+    "The embeddings of `split` the rebalance stage fitted on: the train stage's predictions if they carry them, else its cache"
+    import pyarrow.parquet as pq
+    for f in (Path(model_run)/'predictions'/f'{split}.parquet', Path(reb_dir)/'features'/f'{split}.parquet'):
+        if f.is_file() and 'feats' in pq.read_schema(f).names: return f
+    return None
+
+def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int)->tuple[dict, TopK, TopK]|None:
+    "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its choosing and reporting top-k"
+    from aliprod.rebalance import ncm_temperature
+    out, cache = [], {}
+    for split, rows in ((sets.choose_split, sets.choose_rows), (sets.report_split, sets.report_rows)):
+        f = _features_file(reb_dir, model_run, split)
+        if f is None: return None
+        if f not in cache: cache[f] = read_topk(f, feats=True)
+        pos = pd.Series(np.arange(len(cache[f])), index=cache[f].rows).reindex(rows)
+        if pos.isna().any(): return None
+        t = cache[f].take(pos.to_numpy(np.int64))
+        out.append((torch.as_tensor(np.asarray(t.feats, dtype=np.float32)), t.rows, t.labels.astype(np.int64)))
+    (fc, rc, yc), (fr, rr, yr) = out
+    T = ncm_temperature(build_head({**head, 'temperature': 1.0}), fc, yc)   # the reporting images play no part
+    head = {**head, 'temperature': T}
+    mod = build_head(head)
+    return head, head_predict(mod, fc, rc, yc, k), head_predict(mod, fr, rr, yr, k)
+
 def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:EvalSets, k:int,
                       methods:list[str]|None=None, ncm_norm:str='cl2n')->list[Candidate]:
     "One candidate per classifier method the rebalance stage wrote in `reb_dir` (heads on the model of `model_run`; -network: their own model)"
@@ -305,7 +390,14 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
             out.append(single(f'{m} (iteration {it})', _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run)), *s, k=k, method=m, iteration=int(it)))
         elif (d/'head.pth').exists():
             head = head_tensors(m, torch.load(d/'head.pth', map_location='cpu', weights_only=True), ncm_norm)
-            out.append(single(f'{m} (iteration {it})', _member_recipe(_rel(exp, model_run/'model.pth'), _train_params_of(exp, model_run), head), *s, k=k, method=m, iteration=int(it)))
+            info = {}
+            if m == 'ncm':   # nearly uniform probabilities at T = 1: calibrated on the choosing images, predicted again
+                cal = calibrated_ncm(head, reb_dir, model_run, sets, k)
+                if cal is None: log(f"system: {d}: no embeddings of the choosing and reporting images; NCM keeps T = {head['temperature']:g}")
+                else: head, *s = cal
+                info['temperature'] = head['temperature']
+            recipe = _member_recipe(_rel(exp, model_run/'model.pth'), _train_params_of(exp, model_run), head)
+            out.append(single(f'{m} (iteration {it})', recipe, *s, k=k, method=m, iteration=int(it), **info))
     return out
 
 # %% ../nbs/06b_system.ipynb #55138013
@@ -435,37 +527,44 @@ def _rebalance_round(exp, data, t, rp, r:int):
 
 # %% ../nbs/06b_system.ipynb #c4128474
 def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, pd.DataFrame]:
-    "τ on top of the chosen linear head, τ = 0 (the previous system) first; other heads: τ does not apply"
+    "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first unless not [system] plain); other heads: none"
+    if not p.tau: c, t = pick([prev], 'τ'); return c, t.assign(note='τ off ([system] tau: false)')
     m = prev.recipe['members'][0]
     head = m['head'] if m['head']['kind'] != 'classifier' else feats['classifier']
-    if not p.tau or head['kind'] != 'linear':
-        why = 'τ off ([system] tau: false)' if not p.tau else f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}"
-        c, t = pick([prev], 'τ'); return c, t.assign(note=why)
-    cands = [prev]
-    for tau in sorted(x for x in rp.tau_grid if x > 0):
-        h = tau_head(head, float(tau), rp.tau_bias)
+    why = (f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}" if head['kind'] != 'linear' else
+           "[rebalance] tau_bias is 'none' (bias-free heads only) and the chosen head has a bias"
+           if rp.tau_bias == 'none' and head.get('bias') is not None else None)
+    if why: c, t = pick([prev], 'τ'); return c, t.assign(note=why)
+    cands = [prev] if p.plain else []
+    for tau in sorted({float(x) for x in (p.tau_grid if p.tau_grid is not None else rp.tau_grid)}):
+        h = tau_head(head, tau, rp.tau_bias)
+        if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue   # the previous system itself
         mod = build_head(h)
         ch, rep = (head_predict(mod, feats[w], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
                    for w, r in (('choose', sets.choose_rows), ('report', sets.report_rows)))
-        cands.append(single(f'τ = {tau:g}', {**m, 'head': h, 'tau': float(tau)}, ch, rep, k=p.k, tau=float(tau)))
-    return pick(cands, 'τ')
+        cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau, tau_bias=rp.tau_bias))
+    return pick(cands, 'τ', default=p.plain)
+
+TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the TTA stage's rows average the views' probabilities
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
-    "The TTA variant with the chosen head (view-averaged embeddings through it; no TTA, the previous system, first); the reporting images are embedded for the chosen variant only"
+    "The TTA variant with the chosen head: view-averaged embeddings through it (no TTA first unless not [system] plain)"
     from aliprod.tta import parse_variant
     m = prev.recipe['members'][0]
     head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
     def embed(rows, spec):
         df = _rows_df(index, rows)
-        return head_predict(head, view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device), rows, df['label'].to_numpy(np.int64), p.k)
-    cands, specs = [prev], {}
+        f = view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device)
+        return head_predict(head, f, rows, df['label'].to_numpy(np.int64), p.k)
+    cands, specs = [prev] if p.plain or not variants else [], {}
     for v in variants:
         views, enlarge = parse_variant(v)
-        spec = specs[f'TTA {v}'] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
+        name = f'TTA {v}, {TTA_AVERAGE}'
+        spec = specs[name] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
         log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images ({views} views of {t.eval_size}px)")
-        cands.append(Candidate(f'TTA {v}', {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
-    best, table = pick(cands, 'TTA')
-    if best is not prev:   # the one variant whose reporting numbers are needed
+        cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
+    best, table = pick(cands, 'TTA', default=bool(p.plain or not variants))
+    if best is not prev:   # the reporting images are embedded for the chosen variant only
         log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
@@ -518,11 +617,18 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         shot = shot_groups(exp)
         r_dir = base/'train'/str(r)
         methods = method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm)
-        state = {}
+        state, pool = {}, []
         def method_step(prev):
-            c, tb = pick([prev, *methods], 'classifier method'); return c, tb
+            if not p.plain:   # a fixed method: every one asked for must be there
+                have = {c.info['method'] for c in methods}
+                miss = [m for m in p.methods or [] if m not in ('baseline', 'tau_norm', *have)]
+                if miss: raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and [system] plain is false; "
+                                           f"add it to [rebalance] methods (a -network method: [rebalance] finetune network or both); written: {sorted(have)}")
+            cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + methods
+            if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
+            return pick(cands, 'classifier method', default=cands[0] is prev)
         def tau_step(prev):
-            from aliprod.train import TrainParams, load_trained_model
+            if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
             m = prev.recipe['members'][0]
             model, tt = _load_member_model(base, m, K, device, state)
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
@@ -535,8 +641,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
             model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
             return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
         def ensemble_step(prev):
+            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm))   # also the single techniques the system is compared with
             if not p.ensemble or p.max_members < 2: return pick([prev], 'ensemble')
-            pool = pool_candidates(exp, sets, p.k, rp.ncm_norm)
             log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
             return greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
         steps = [('classifier method', method_step), ('τ', tau_step), ('TTA', tta_step), ('ensemble', ensemble_step)]
@@ -547,6 +653,9 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         y = report_target(index, sets.report_rows, p.target)
         notes = cand_table.loc[cand_table['step'] == 'τ', 'note'].dropna() if 'note' in cand_table else []
         tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
+        tau_chosen = chosen['τ'] is not chosen['classifier method']
+        tta_what = (f"{chosen['TTA'].info['variant']} chosen: the chosen head on the {TTA_AVERAGE} (the TTA stage's rows average the views' probabilities)"
+                    if 'variant' in chosen['TTA'].info else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing images")
         m0 = chosen['classifier method'].recipe['members'][0]
         tau = chosen['τ'].recipe['members'][0]['tau']
         tta = chosen['TTA'].recipe['members'][0].get('tta')
@@ -557,8 +666,9 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
                 ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
                 ('+ Rebalanced classifier', chosen['classifier method'], f"{chosen['classifier method'].info.get('method', 'plain')} chosen at round {r}"),
-                ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen" + (' (none: τ = 0 did best on validation)' if tau == 0 else ''))),
-                ('+ TTA (enlarge + crops)', chosen['TTA'], f"{chosen['TTA'].info.get('variant', 'none')} chosen, with the chosen head"),
+                ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)" if tau_chosen else
+                                                               'none: the head as the method step chose it did best on the choosing images')),
+                ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
                 ('+ Ensemble', final, f"{len(final.recipe['members'])} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}")]
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
@@ -566,10 +676,12 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         first = ch[ch['status'] == 'present'].iloc[0]
         d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report, final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
         choices = {'round': r, 'rounds': rounds, 'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
-                   'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tta': tta,
+                   'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
+                   'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
                    'members': final.info.get('members', [final.name]), 'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
         numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap of the metric itself',
-                   'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target, 'report_images': int(len(y))}
+                   'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target, 'report_images': int(len(y)),
+                   'vs_single_technique': against_single_technique(final, pool, y, p.bootstrap, exp.seed)}
         extra = {'sets': {'how': sets.how, 'choose_split': sets.choose_split, 'report_split': sets.report_split,
                           'choose_images': int(len(sets.choose_rows)), 'report_images': int(len(sets.report_rows))},
                  'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K, 'data_root': str(root), 'experiment': exp.experiment}

@@ -1,7 +1,7 @@
 "The system stage (aliprod.system): choices never read the reporting images, the chain's Δs and verdicts, the artifact reloaded in a fresh process"
-import json, subprocess, sys
+import dataclasses, json, subprocess, sys
 from pathlib import Path
-import numpy as np, pandas as pd, pytest
+import numpy as np, pandas as pd, pytest, torch
 from aliprod.core import ExperimentParams, experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, read_topk
 from aliprod.metrics import evaluate, choosing_half
@@ -146,3 +146,80 @@ def test_rerun_is_a_skip(tiny):
     before = json.loads((art.out_dir/'manifest.json').read_text())
     again = system_stage(*args)
     assert json.loads((art.out_dir/'manifest.json').read_text())['finished'] == before['finished'] and again.system == art.system
+
+
+# ---------------------------------------------------------------- every rebalance method can win, and the system still predicts
+
+@pytest.fixture(scope='module')
+def every_method(tmp_path_factory):
+    "A tiny run (5 classes, no test split) rebalanced once with every method of `METHODS`, the finetunes also on the whole network"
+    import aliprod.train as T
+    from aliprod.data import DataParams
+    from aliprod.rebalance import RebalanceParams, METHODS
+    from aliprod.tta import TTAParams
+    tmp = tmp_path_factory.mktemp('every')
+    exp = ExperimentParams(experiment='every', seed=2, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=12, min_per_class=6, val_per_class=6, test_per_class=0,
+                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
+    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
+                      warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    T.train_stage(exp, data, t)
+    rp = RebalanceParams(methods=list(METHODS), finetune='both', crt_epochs=1, lws_epochs=1, finetune_epochs=1, network_epochs=1,
+                         tau_grid=[0.0, 0.5, 1.0], la_tau_grid=[0.5, 1.0])   # la τ > 0: the logit-adjusted head differs from the plain one
+    return exp, (exp, data, t, rp, TTAParams())
+
+
+def test_every_method_can_win_and_the_system_still_predicts(every_method):
+    "Each method (and -network variant) forced to win in turn ([system] plain: false): the stage composes it through TTA and the artifact predicts"
+    from aliprod.data import load_index
+    from aliprod.rebalance import METHODS, FINETUNES, NCM_TEMPERATURES
+    from aliprod.system import load_system, pool_candidates, predict_recipe
+    exp, args = every_method
+    idx = load_index(exp, 0)
+    winners = [*METHODS, *(f'{m}-network' for m in FINETUNES)]
+    for m in winners:
+        fixed = dict(methods=['tau_norm'], tau_grid=[0.5]) if m == 'tau_norm' else dict(methods=[m], tau=False)
+        art = system_stage(*args, SystemParams(plain=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50, **fixed))
+        c, s = art.system['choices'], load_system(art.out_dir)
+        assert c['method'] == ('plain' if m == 'tau_norm' else m), (m, c['method'])
+        assert c['tta']['views'] == 'flip' and c['tta']['average'] == 'embedding'    # the TTA step ran with the method's head
+        if m == 'tau_norm': assert c['tau'] == 0.5 and c['tau_chosen']
+        head = s['recipe']['members'][0]['head']
+        if m == 'logit_adjust': assert head['kind'] == 'linear' and head['bias'] is not None   # folded: b - τ·log π
+        if m == 'ncm':   # calibrated on the choosing images: other reporting images leave the temperature where it is
+            from aliprod.system import calibrated_ncm, head_tensors
+            reb, sets = experiment_dir(exp)/'rebalance'/'0', evaluation_sets(idx, exp.seed)
+            raw = head_tensors('ncm', torch.load(reb/'ncm'/'head.pth', weights_only=True))
+            assert raw['temperature'] == 1.0 and head['temperature'] in NCM_TEMPERATURES
+            for other in (sets.choose_rows, sets.report_rows[:3]):
+                assert calibrated_ncm(raw, reb, experiment_dir(exp)/'train'/'0', dataclasses.replace(sets, report_rows=other), 4)[0]['temperature'] == head['temperature']
+        rep = read_topk(art.predictions['report'])
+        df = idx.set_index('row').loc[rep.rows[:8]].reset_index()[['row', 'path', 'label']]
+        new = predict_system(art.out_dir, df)
+        assert np.array_equal(new.topk_labels, rep.topk_labels[:8]), m
+        np.testing.assert_allclose(new.topk_probs, rep.topk_probs[:8], atol=1e-4)
+    # every head of the run as an ensemble member: the recipe of their top-k average predicts too
+    pool = pool_candidates(exp, evaluation_sets(idx, exp.seed), 4)
+    heads = {c.info.get('method') for c in pool}
+    assert set(winners) - {'tau_norm'} <= heads, heads
+    recipe = {'members': [mm for c in pool for mm in c.recipe['members']], 'mode': 'mean', 'k': 4}
+    out = predict_recipe(recipe, experiment_dir(exp), df, s['data_root'], s['num_classes'])
+    assert len(out) == len(df) and np.isfinite(out.topk_probs).all()
+
+
+def test_system_rows_name_their_tta_and_compare_with_a_single_technique_chosen_on_choosing_images(every_method):
+    "The TTA row says it averages embeddings; the single technique is chosen on the choosing images, Δ paired on the reporting images"
+    exp, args = every_method
+    art = system_stage(*args, SystemParams(plain=False, methods=['crt'], tau=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50))
+    tta = art.chain.set_index('step').loc['+ TTA (enlarge + crops)', 'what']
+    assert 'view-averaged embeddings' in tta and "TTA stage's rows average the views' probabilities" in tta
+    assert art.candidates.loc[art.candidates['step'] == 'TTA', 'candidate'].str.endswith('view-averaged embeddings').all()
+    n = art.system['numbers']
+    v = n['vs_single_technique']
+    from aliprod.data import load_index
+    from aliprod.system import pool_candidates, choose_error
+    pool = pool_candidates(exp, evaluation_sets(load_index(exp, 0), exp.seed), 10)
+    errs = [round(choose_error(c), 12) for c in pool]
+    assert v['technique'] == pool[int(np.argmin(errs))].name and v['choose_mean_class_err'] == min(errs)   # chosen on the choosing images
+    assert v is not None and v['candidates'] >= 10 and v['b'] == n['mean_class_err']   # b: the system on the reporting images
+    assert v['delta'] == v['b'] - v['a'] and v['lo'] <= v['delta'] <= v['hi'] and 'chosen on the choosing images' in v['sentence']
