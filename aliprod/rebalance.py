@@ -19,13 +19,13 @@ from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHODS', 'FINETUNES', 'Features', 'synthetic_features',
-           'linear_head', 'head_logits', 'head_top1', 'head_topk', 'tau_normalize', 'tau_bias', 'tau_normalized_head',
-           'sweep_tau', 'choose_tau', 'accuracy_loss', 'fit_head', 'crt_head', 'LearnableWeightScaling',
-           'NearestClassMean', 'class_means', 'ncm_temperature', 'balanced_subset', 'sweep_logit_adjust',
-           'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table', 'plot_tau_sweep',
-           'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms', 'AccuracyLoss',
-           'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
+__all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHODS', 'FINETUNES', 'NETWORK_CONTROL', 'Features',
+           'synthetic_features', 'linear_head', 'head_logits', 'head_top1', 'head_topk', 'tau_normalize', 'tau_bias',
+           'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss', 'fit_head', 'crt_head',
+           'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'ncm_temperature', 'balanced_subset',
+           'sweep_logit_adjust', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
+           'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms',
+           'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
            'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
            'rebalance_stage']
 
@@ -335,6 +335,9 @@ def sweep_logit_adjust(classifier:nn.Module,
 # %% ../nbs/04_rebalance.ipynb #9ea2c138
 METHODS = ('crt', 'tau_norm', 'lws', 'ncm', 'logit_adjust', 'balanced_softmax', 'balanced_subset', 'two_stage', 'acc_loss')
 FINETUNES = ('balanced_subset', 'two_stage', 'acc_loss')  # the methods that can finetune the classifier or the whole network
+# the whole-network finetunes' control: the same length and lr, instance sampling, cross-entropy, every training image, so a
+# '<method>-network' row measures its sampling, subset or loss, not the extra epoch every finetune adds to the model
+NETWORK_CONTROL = 'instance'
 
 @params_section('rebalance')
 @dataclass
@@ -382,7 +385,8 @@ class RebalanceParams:
         return [m for m in self.methods if not (m in FINETUNES and self.finetune == 'network')]
     def network_methods(self)->list[str]:
         "The finetunes that also (or only) run on the whole network, through the train stage"
-        return [m for m in self.methods if m in FINETUNES and self.finetune in ('network', 'both')]
+        ms = [m for m in self.methods if m in FINETUNES and self.finetune in ('network', 'both')]
+        return [NETWORK_CONTROL, *ms] if ms else []
 
 # %% ../nbs/04_rebalance.ipynb #57022290
 def _linear_parts(classifier:nn.Module)->tuple[Tensor, Tensor|None]:
@@ -568,7 +572,7 @@ def network_params(method:str, p:RebalanceParams, t,
                                loss='ce')   # the method's own loss and sampler, not the trained model's long-tail loss
 
 def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
-                     method:str,                  # two_stage | balanced_subset | acc_loss
+                     method:str,                  # two_stage | balanced_subset | acc_loss | instance (their control)
                      model_path:Path,             # the trained model.pth to start from
                      subset_rows:np.ndarray|None, # index rows of the balanced subset (balanced_subset, acc_loss)
                      out:Path,                    # the rebalance run directory
@@ -576,10 +580,11 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                     ):
     "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
     from aliprod.train import train_stage
-    if method not in FINETUNES: raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join(FINETUNES)}")
+    if method not in (*FINETUNES, NETWORK_CONTROL):
+        raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'
     rows = None
-    if method != 'two_stage':
+    if method not in ('two_stage', NETWORK_CONTROL):
         if subset_rows is None: raise ValueError(f"{method} needs the balanced subset's rows")
         rows = d/'rows.parquet'
         atomic_write_parquet(pd.DataFrame({'row': np.sort(np.asarray(subset_rows, dtype=np.int64))}), rows)
@@ -657,10 +662,14 @@ def _check_cached(classifier:nn.Module, feats:Features, reference:Path, device)-
     if agree < 0.99: raise RuntimeError(f"Cached features do not reproduce {reference} ({100*agree:.1f}% top-1 agreement): delete the features/ directory and rerun")
 
 def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
-    "`table` with each row's change against the baseline of the same split: mean_class_err_change, few_acc_gain"
-    base = table[table['method'] == 'baseline'].set_index('split')
-    return table.assign(mean_class_err_change=table['mean_class_err'] - table['split'].map(base['mean_class_err']),
-                        few_acc_gain=table['few_acc'] - table['split'].map(base['few_acc']))
+    "`table` with each row's change against its control on the same split (the baseline; for whole-network finetunes, theirs)"
+    ctl = f'{NETWORK_CONTROL}-network'
+    against = np.where(table['method'].str.endswith('-network') & (table['method'] != ctl) & (table['method'] == ctl).any(), ctl, 'baseline')
+    ref = table.set_index(['method', 'split'])
+    key = pd.MultiIndex.from_arrays([against, table['split']])
+    return table.assign(compared_with=against,
+                        mean_class_err_change=table['mean_class_err'].to_numpy() - ref['mean_class_err'].reindex(key).to_numpy(),
+                        few_acc_gain=table['few_acc'].to_numpy() - ref['few_acc'].reindex(key).to_numpy())
 
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
@@ -700,7 +709,8 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
         results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device, groups=groups)
         for m in p.network_methods():
-            sub = None if m == 'two_stage' else splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)]
+            sub = (None if m in ('two_stage', NETWORK_CONTROL) else
+                   splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)])
             na = network_finetune(exp, data, t, p, m, art.model_path, sub, out, eval_splits=evals)
             preds = {s: read_topk(na.predictions[s]) for s in evals}
             mets = {s: evaluate(tk, **groups, topk=(1, min(5, K))) for s, tk in preds.items()}
