@@ -550,26 +550,29 @@ def _manifest_or_why(out_dir:Path)->tuple[dict|None, str]:
     f = Path(out_dir)/MANIFEST
     if not f.is_file(): return None, 'no manifest (failed or unfinished run)'
     try: m = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: return None, f'manifest unreadable ({type(e).__name__}: a truncated or damaged file)'
-    if not isinstance(m, dict) or not isinstance(m.get('outputs', {}), dict): return None, 'manifest unreadable (not a manifest object)'
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f'manifest unreadable ({type(e).__name__}: a truncated or damaged file)'
+    if not isinstance(m, dict) or not isinstance(m.get('outputs', {}), dict):
+        return None, 'manifest unreadable (not a manifest object)'
     return m, ''
 
 def manifest_status(out_dir:str|Path, # a stage's run directory
                     inputs:bool=False, # also require every input the manifest names to still have its fingerprint
                    )->tuple[dict|None, str]:
-    "(manifest, '') when the manifest parses and every output it lists (and, with `inputs`, every input) is unchanged; else (None, why not)"
+    "(manifest, '') if the manifest parses and its outputs (with `inputs`, inputs too) are unchanged; else (None, why)"
     m, why = _manifest_or_why(Path(out_dir))
     if m is None: return None, why
     for o, fp in m.get('outputs', {}).items():
         now = fingerprint(Path(out_dir)/o)
-        if now != fp: return None, f"output {o} {'missing' if now == 'missing' else 'changed'} since its manifest was written"
+        if now != fp:
+            return None, f"output {o} {'missing' if now == 'missing' else 'changed'} since its manifest was written"
     for i, fp in (m.get('inputs', {}).items() if inputs else ()):
         p = Path(i) if Path(i).is_absolute() else project_root()/i   # manifests key inputs relative to the project root
         if fingerprint(p) != fp: return None, f"input {i} changed since the run (made from other data or another model)"
     return m, ''
 
 def current_manifest(out_dir:str|Path, inputs:bool=False)->dict|None:
-    "The manifest of `out_dir` when it parses and every output it lists still matches its fingerprint (`manifest_status`); else None"
+    "The manifest of `out_dir` when it parses and every output it lists is unchanged (`manifest_status`); else None"
     return manifest_status(out_dir, inputs)[0]
 
 # %% ../nbs/00_core.ipynb #1ea273c3

@@ -35,14 +35,17 @@ class ReportParams:
 
 # %% ../nbs/07_report.ipynb #4eaac760
 class CurrentRuns:
-    "Which run directories of runs/<experiment>/ the report may read (`manifest_status` with inputs, once per directory), and what it left out and why"
+    "Which runs the report may read (`manifest_status` with inputs, once per run directory); what it left out and why"
     def __init__(self, exp:ExperimentParams):
-        self.base, self.status, self.skipped = experiment_dir(exp), {}, {}   # skipped: run or file (relative) -> why it is not reported
-    def rel(self, p:Path)->str: return str(Path(p).relative_to(self.base)) if Path(p).is_relative_to(self.base) else str(p)
+        self.base, self.status = experiment_dir(exp), {}
+        self.skipped = {}   # run or file (relative) -> why it is not reported
+    def rel(self, p:Path)->str:
+        return str(Path(p).relative_to(self.base)) if Path(p).is_relative_to(self.base) else str(p)
     def manifest(self, run:Path)->dict|None:
         "The manifest of `run` when current, else None (and the reason is kept for the page)"
         run = Path(run)
-        if run not in self.status: self.status[run] = manifest_status(run, inputs=True)   # numbers of an earlier model or index do not hold either
+        # inputs too: numbers of an earlier model or index do not hold either
+        if run not in self.status: self.status[run] = manifest_status(run, inputs=True)
         m, why = self.status[run]
         if m is None: self.skipped.setdefault(self.rel(run), why)
         return m
@@ -52,7 +55,8 @@ class CurrentRuns:
         if m is None: return False
         r = Path(f).relative_to(run)
         if any(r == Path(o) or Path(o) in r.parents for o in m.get('outputs', {})): return True
-        self.skipped.setdefault(self.rel(f), f"not an output of {self.rel(Path(run)/'manifest.json')} (left from an earlier run)")
+        why = f"not an output of {self.rel(Path(run)/'manifest.json')} (left from an earlier run)"
+        self.skipped.setdefault(self.rel(f), why)
         return False
     def lines(self)->list[str]:
         "One line per run or file left out: '<run>: <why>; not reported'"
@@ -68,13 +72,17 @@ def _source_of(rel:Path)->dict|None:
     if any(x.startswith('fold') for x in p): return None          # out-of-fold models of k-fold cleaning
     if p[0].startswith('train') and len(p) == 2:
         tag = p[0][len('train-'):] if p[0] != 'train' else ''
-        return {'stage': 'train', 'name': tag, 'iteration': int(p[1]), 'source': f"train:{tag}:{p[1]}", 'pred_dir': 'predictions', 'run': Path(*p)}
+        return {'stage': 'train', 'name': tag, 'iteration': int(p[1]), 'source': f"train:{tag}:{p[1]}",
+                'pred_dir': 'predictions', 'run': Path(*p)}
     if p[0] == 'rebalance' and len(p) == 3:
-        return {'stage': 'rebalance', 'name': p[2], 'iteration': int(p[1]), 'source': f"rebalance:{p[2]}:{p[1]}", 'pred_dir': 'predictions', 'run': Path(*p[:2])}
+        return {'stage': 'rebalance', 'name': p[2], 'iteration': int(p[1]), 'source': f"rebalance:{p[2]}:{p[1]}",
+                'pred_dir': 'predictions', 'run': Path(*p[:2])}
     if p[0] == 'tta' and len(p) == 3:
-        return {'stage': 'tta', 'name': p[2], 'iteration': int(p[1]), 'source': f"tta:{p[2]}:{p[1]}", 'pred_dir': '', 'run': Path(*p)}
+        return {'stage': 'tta', 'name': p[2], 'iteration': int(p[1]), 'source': f"tta:{p[2]}:{p[1]}", 'pred_dir': '',
+                'run': Path(*p)}
     if p[0] == 'ensemble' and len(p) == 2:
-        return {'stage': 'ensemble', 'name': p[1], 'iteration': None, 'source': f"ensemble:{p[1]}", 'pred_dir': '', 'run': Path(*p)}
+        return {'stage': 'ensemble', 'name': p[1], 'iteration': None, 'source': f"ensemble:{p[1]}", 'pred_dir': '',
+                'run': Path(*p)}
     return None
 
 def collect_metrics(exp:ExperimentParams, # the experiment whose runs/<experiment>/ is read
@@ -96,9 +104,11 @@ def collect_metrics(exp:ExperimentParams, # the experiment whose runs/<experimen
         key = f'{split}_clean' if target == 'clean' and f'{split}_clean' in m else split
         if key not in m: continue
         pred = f.parent/src.pop('pred_dir')/f'{split}.parquet'
+        pred = pred if pred.exists() and runs.lists(run, pred) else None
         rows.append({**src, 'split': split, 'labels': 'clean' if key.endswith('_clean') else 'given', 'target': m[key].get('target', key),
                      **{c: m[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': m[key].get('n'),
-                     'metrics_file': str(rel), 'metrics_key': key, 'predictions': str(pred.relative_to(base)) if pred.exists() and runs.lists(run, pred) else None})
+                     'metrics_file': str(rel), 'metrics_key': key,
+                     'predictions': None if pred is None else str(pred.relative_to(base))})
     if not rows and found:
         raise ParamsError(f"[report] split: no metrics file of {base} has {split!r} numbers (they have {', '.join(sorted(found))}); "
                           f"set report: {{split: {'val' if 'val' in found else sorted(found)[0]}}} (real AliProducts data has no test split)")
@@ -113,9 +123,11 @@ def _pick(m:pd.DataFrame, stage:str, name:str|None=None, iteration:int|None=None
     return None if sel.empty else sel.iloc[0]
 
 def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.DataFrame, dict|None]:
-    "The system stage's chain (with the split and labels it is on) and its system.json; empty and None when the stage has not run or its run is not current"
+    "The system stage's chain (with its split and labels) and system.json; empty and None if not run or not current"
     d, runs = experiment_dir(exp)/'system', runs or CurrentRuns(exp)
-    if not d.is_dir() or not all(runs.lists(d, d/f) for f in ('system.json', 'chain.csv', 'predictions/report.parquet')): return pd.DataFrame(), None
+    read = ('system.json', 'chain.csv', 'predictions/report.parquet')
+    if not d.is_dir() or not all(runs.lists(d, d/f) for f in read):
+        return pd.DataFrame(), None
     s = json.loads((d/'system.json').read_text())
     chain = pd.read_csv(d/'chain.csv')
     chain.insert(1, 'split', s['sets']['report_split'])
@@ -367,7 +379,7 @@ OTHER_TABLES = {
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
 
 def _clean_runs(exp:ExperimentParams)->list[Path]:
-    "runs/<experiment>/clean/<k>/ of the rounds the clean stage's last run ran (clean_selection.json), else every round there"
+    "runs/<experiment>/clean/<k>/ of the rounds the clean stage's last run ran (clean_selection.json), else all"
     base, rep = experiment_dir(exp)/'clean', report_dir(exp)/'clean_selection.json'
     try: n = int(json.loads(rep.read_text())['rounds_run'])
     except (OSError, ValueError, KeyError, TypeError): n = None   # missing or damaged: judged by the rounds on disk
@@ -376,7 +388,7 @@ def _clean_runs(exp:ExperimentParams)->list[Path]:
 
 def from_current_run(exp:ExperimentParams, file:str, # a table or figure another stage left in reports/<experiment>/
                      runs:CurrentRuns)->bool:
-    "Whether a file of reports/<experiment>/ comes from a run whose manifest is current (a copy: the same bytes as the run's output); else why is kept in `runs`"
+    "Whether a file of reports/<experiment>/ comes from a current run (a copy: its output's bytes); why not: in `runs`"
     base, f = experiment_dir(exp), report_dir(exp)/file
     stem = f.stem.removesuffix('_gallery')
     kind, _, tag = stem.partition('-')
@@ -389,7 +401,8 @@ def from_current_run(exp:ExperimentParams, file:str, # a table or figure another
     elif stem.startswith('clean'):   # the clean stage's tables and figures summarise every round it ran: all must hold
         rounds = _clean_runs(exp)
         ok = bool(rounds) and all(runs.manifest(d) is not None for d in rounds)
-        if not ok: runs.skipped.setdefault(f'reports: {file}', 'no current run of the clean stage' if not rounds else 'a cleaning round it summarises is not current')
+        if not ok: runs.skipped.setdefault(f'reports: {file}', 'a cleaning round it summarises is not current' if rounds
+                                           else 'no current run of the clean stage')
         return ok
     else: return True   # a file no stage run stands behind (nothing to check)
     if copy is None:
@@ -397,14 +410,15 @@ def from_current_run(exp:ExperimentParams, file:str, # a table or figure another
     elif f.exists():
         fp = fingerprint(f)
         if any((m := runs.manifest(d)) is not None and m.get('outputs', {}).get(copy) == fp for d in cands): return True
-    runs.skipped.setdefault(f'reports: {file}', 'no current run of the stage that wrote it has this file (left from an earlier run)')
+    runs.skipped.setdefault(f'reports: {file}', 'no current run of the stage that wrote it has it (an earlier run)')
     return False
 
 def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, dict]:
-    "The tables other stages left in reports/<experiment>/ (ensembles included) and their captions; only those a current run stands behind"
+    "The tables other stages left in reports/<experiment>/ (ensembles too) a current run stands behind; their captions"
     rep, tables, notes, runs = report_dir(exp), {}, {}, runs or CurrentRuns(exp)
     for name, note in OTHER_TABLES.items():
-        if (rep/f'{name}.csv').exists() and from_current_run(exp, f'{name}.csv', runs): tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
+        if (rep/f'{name}.csv').exists() and from_current_run(exp, f'{name}.csv', runs):
+            tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
     for f in sorted(rep.glob('ensemble_*.csv')):
         if not from_current_run(exp, f.name, runs): continue
         tables[f.stem] = pd.read_csv(f)
@@ -423,7 +437,7 @@ def _per_class_rows(exp:ExperimentParams, t, labels:str)->pd.DataFrame:
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
 def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, system:dict|None, alone:pd.DataFrame,
-                   runs:CurrentRuns|None=None, # figures of other stages are shown only when a current run stands behind them
+                   runs:CurrentRuns|None=None, # other stages' figures: only those a current run stands behind
                   )->tuple[dict, list]:
     "Draw and save the report's own figures; return them and the (title, file, caption) of every figure the page shows"
     from aliprod.predictions import read_topk
@@ -458,8 +472,10 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
     norms = [(f"Classifier row norm against class size (τ-normalisation){'' if f.stem == 'weight_norms' else ', ' + f.stem.removeprefix('weight_norms-')}",
               f.with_suffix('.png').name, "Per-class L2 norm of the classifier row the rebalance stage τ-normalises, against the class's training images "
               f"(train split; Kang et al. 2020, Figure 2). {json.loads(f.read_text())['note']}")
-             for f in sorted(rep.glob('weight_norms*.json')) if f.with_suffix('.png').exists() and from_current_run(exp, f.with_suffix('.png').name, runs)]
-    others = [x for x in STAGE_FIGURES + norms + galleries + ensembles if (rep/x[1]).exists() and from_current_run(exp, x[1], runs)]
+             for f in sorted(rep.glob('weight_norms*.json'))
+             if f.with_suffix('.png').exists() and from_current_run(exp, f.with_suffix('.png').name, runs)]
+    others = [x for x in STAGE_FIGURES + norms + galleries + ensembles
+              if (rep/x[1]).exists() and from_current_run(exp, x[1], runs)]
     return figs, own + others
 
 # %% ../nbs/07_report.ipynb #f895765f
@@ -516,7 +532,7 @@ class ReportArtifacts:
     missing:list        # chain rows the experiment did not run (each says why)
     findings:list
     n_checked:int       # numbers re-read from the metrics files they name
-    not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported': what did not hold (no, truncated or stale manifest)
+    not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported' (no or stale manifest)
 
 def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
@@ -556,4 +572,5 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
     index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
     log(f"report: {index_html}")
-    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs, figure_files, missing, found, n_checked, skipped)
+    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs,
+                           figure_files, missing, found, n_checked, skipped)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
 from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
-                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table, pick_device, log,
-                          manifest_status, current_manifest, project_relative)
+                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table,
+                          pick_device, log, manifest_status, current_manifest, project_relative)
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
 from .ensemble import combine_topk
@@ -312,15 +312,16 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
 
 # %% ../nbs/06b_system.ipynb #109116b7
 def cleaning_rounds_run(exp:ExperimentParams)->int:
-    "How many cleaning rounds the clean stage's last run ran (runs/<experiment>/clean/selection.json); 0 when it has not run"
+    "How many cleaning rounds the clean stage's last run ran (runs/<experiment>/clean/selection.json); 0 if it has not"
     f = experiment_dir(exp)/'clean'/'selection.json'
     if not f.exists(): return 0
     try: return int(json.loads(f.read_text())['rounds_run'])
     except (OSError, ValueError, KeyError, TypeError):
-        log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until the clean stage runs again"); return 0
+        log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until clean runs")
+        return 0
 
 def round_status(exp:ExperimentParams, data, t, r:int)->str:
-    "'' when train/<r> is what the current train parameters produce on round r's index, its outputs unchanged; else why not"
+    "'' when train/<r> is what the current train parameters produce on round r's index, outputs unchanged; else why not"
     from aliprod.train import train_job, eval_splits
     from aliprod.data import load_index, index_path
     d = experiment_dir(exp)/'train'/str(r)
@@ -328,15 +329,16 @@ def round_status(exp:ExperimentParams, data, t, r:int)->str:
     if r > 0 and (why := manifest_status(experiment_dir(exp)/'clean'/str(r))[1]): return f'its index, clean/{r}: {why}'
     m, why = manifest_status(d)
     if m is None: return why
-    q = dataclasses.replace(t, iteration=r, tag='')   # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at)
-    q = dataclasses.replace(q, eval_splits=eval_splits(q, load_index(exp, r), index_path(exp, r)))   # as train_stage resolves them
+    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved as train_stage
+    q = dataclasses.replace(t, iteration=r, tag='')
+    q = dataclasses.replace(q, eval_splits=eval_splits(q, load_index(exp, r), index_path(exp, r)))
     run = train_job(exp, data, q, r)[1]
     return '' if m.get('key') == run.key else f'trained with other parameters or code ({run.why_stale()})'
 
 def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the current parameters produce
               t, tp, # TrainParams of the pipeline's model (its high-res twin), TTAParams (the variants)
              )->dict[str, list[Path]]:
-    "Run directories the ensemble may take members from: what the current parameters produce on `rounds`, with current manifests and inputs"
+    "Runs the ensemble may take members from: what the current parameters produce on `rounds`, manifests current"
     base, out, left = experiment_dir(exp), {'train': [], 'rebalance': [], 'tta': []}, []
     twin, variants = '-'.join(filter(None, [t.tag, 'lowres'])), {(v, float(e)) for v, e in tp.variants}
     def current(run:Path)->dict|None:
@@ -348,13 +350,13 @@ def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the 
         return set(m['params']['finegrained']['methods']) if m else set()
     for run in sorted(base.glob('train*/*/')):
         if not run.name.isdigit(): continue
-        tag, it = run.parent.name.removeprefix('train').removeprefix('-'), int(run.name)
-        if it not in rounds: left.append(f'{_rel(exp, run)}: iteration {it} is not a cleaning round of the current parameters (rounds {rounds})')
-        elif tag == twin and not t.ablate_finetune: left.append(f'{_rel(exp, run)}: a high-res twin, and [train] ablate_finetune is off')
+        tag, it, where = run.parent.name.removeprefix('train').removeprefix('-'), int(run.name), _rel(exp, run)
+        if it not in rounds: left.append(f'{where}: iteration {it} is not a cleaning round of the parameters {rounds}')
+        elif tag == twin and not t.ablate_finetune: left.append(f'{where}: a high-res twin; ablate_finetune is off')
         elif tag.startswith('finegrained-') and tag.removeprefix('finegrained-') not in finetunes(it):
-            left.append(f"{_rel(exp, run)}: not a method of a current finegrained run at iteration {it} ([finegrained] methods)")
+            left.append(f"{where}: not a method of a current finegrained run at iteration {it} ([finegrained] methods)")
         elif current(run) is not None: out['train'].append(run)
-    for reb in sorted(base.glob('rebalance*/*/')):   # rebalance/ (the pipeline's backbone) and rebalance-<tag>/ (other backbones)
+    for reb in sorted(base.glob('rebalance*/*/')):   # rebalance/ (the pipeline's backbone), rebalance-<tag>/ (others)
         if not reb.name.isdigit() or (m := current(reb)) is None: continue
         tag = m['params']['train'].get('tag', '')
         model_run = base/('train' + (f'-{tag}' if tag else ''))/reb.name
@@ -364,27 +366,30 @@ def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the 
         if (m := current(var)) is None: continue
         mp = m['params']
         run = base/('train' + (f"-{mp['tag']}" if mp.get('tag') else ''))/str(mp['iteration'])
-        if (mp['views'], float(mp['enlarge'])) not in variants: left.append(f"{_rel(exp, var)}: not a variant of [tta] views/enlarge/compare")
+        if (mp['views'], float(mp['enlarge'])) not in variants: left.append(f"{_rel(exp, var)}: not a variant of [tta]")
         elif run not in out['train']: left.append(f'{_rel(exp, var)}: its model {_rel(exp, run)} is not a candidate')
         else: out['tta'].append(var)
     for line in left: log(f'system: {line}; not a candidate')
     return out
 
 def listed_methods(reb_dir:Path, cands:list[Candidate])->list[Candidate]:
-    "The method candidates whose files the rebalance run's current manifest lists (a method dir of an earlier configuration is not); -network: their model current"
+    "The method candidates the rebalance run's current manifest lists (not a method of an earlier configuration)"
     m = current_manifest(reb_dir)
     outs = m.get('outputs', {}) if m else {}
-    keep = [c for c in cands if f"{c.info['method']}/metrics.json" in outs
-            and (not c.info['method'].endswith('-network') or current_manifest(Path(reb_dir)/c.info['method']/'train', inputs=True) is not None)]
+    def current(method:str)->bool:   # -network: its finetuned model's own run must be current too
+        net = not method.endswith('-network') or current_manifest(Path(reb_dir)/method/'train', inputs=True) is not None
+        return f'{method}/metrics.json' in outs and net
+    keep = [c for c in cands if current(c.info['method'])]
     for c in cands:
-        if not any(c is x for x in keep): log(f"system: {Path(reb_dir).name}/{c.info['method']}: not an output of the current rebalance run; not a candidate")
+        if not any(c is x for x in keep):
+            log(f"system: {Path(reb_dir).name}/{c.info['method']}: not an output of the rebalance run; not a candidate")
     return keep
 
 # %% ../nbs/06b_system.ipynb #55138013
 def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl2n',
-                    runs:dict[str, list[Path]]|None=None, # `pool_runs`: the runs the current parameters produce; None: every run with a current manifest
+                    runs:dict[str, list[Path]]|None=None, # `pool_runs`; None: every run with a current manifest
                    )->list[Candidate]:
-    "Every other prediction of the run an ensemble can take, with its recipe: train runs (tags, rounds), rebalance heads, TTA variants"
+    "Every other prediction an ensemble can take, with its recipe: train runs (tags, rounds), rebalance heads, TTA"
     base, out = experiment_dir(exp), []
     if runs is None:
         pats = {'train': 'train*/[0-9]*/', 'rebalance': 'rebalance*/[0-9]*/', 'tta': 'tta/*/*/'}
@@ -392,7 +397,7 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
     for run in sorted(runs['train']):
         c = train_candidate(exp, run, sets, k, f"{run.parent.name}:{run.name}")
         if c is not None: out.append(c)
-    for reb in sorted(runs['rebalance']):   # rebalance/ (the pipeline's backbone) and rebalance-<tag>/ (other backbones)
+    for reb in sorted(runs['rebalance']):   # rebalance/ (the pipeline's backbone), rebalance-<tag>/ (other backbones)
         tag = json.loads((reb/'manifest.json').read_text())['params']['train'].get('tag', '')
         model_run = base/('train' + (f'-{tag}' if tag else ''))/reb.name
         if not (model_run/'model.pth').exists(): continue
@@ -479,21 +484,27 @@ def _rows_df(index:pd.DataFrame, rows:np.ndarray)->pd.DataFrame:
     return index.set_index('row').loc[rows].reset_index()
 
 def _discover_rounds(exp:ExperimentParams, p:SystemParams, data, t)->list[int]:
-    "The rounds to choose among: those the clean stage's last run ran ([system] rounds: a subset), each train/<r> current (`round_status`)"
+    "The rounds to choose: those the clean stage's last run ran ([system] rounds: some), each current (`round_status`)"
     base = experiment_dir(exp)/'train'
-    if not (base/'0'/'model.pth').exists(): raise ParamsError(f"[system] no trained model under {base}: run the train stage (and clean) first")
+    if not (base/'0'/'model.pth').exists():
+        raise ParamsError(f"[system] no trained model under {base}: run the train stage (and clean) first")
     n = cleaning_rounds_run(exp)
     produced = list(range(n + 1))
     extra = [r for r in (p.rounds or []) if r not in produced]
-    if extra: raise ParamsError(f"[system] rounds: iteration {extra[0]} is not a round the clean stage ran with the current parameters "
-                                f"(runs/{exp.experiment}/clean/selection.json: rounds 0..{n}); leave it out, or run the clean stage with [clean] iteration >= {extra[0]}")
+    if extra:
+        sel = f'runs/{exp.experiment}/clean/selection.json'
+        raise ParamsError(f"[system] rounds: iteration {extra[0]} is not a round the clean stage ran with the current "
+                          f"parameters ({sel}: rounds 0..{n}); leave it out, or run the clean stage with [clean] "
+                          f"iteration >= {extra[0]}")
     rounds = list(p.rounds) if p.rounds is not None else produced
     for r in rounds:
         if why := round_status(exp, data, t, r):
-            raise ParamsError(f"[system] iteration {r}: {project_relative(base/str(r))} is not what the current parameters produce ({why}); "
-                              f"run the train{' and clean stages' if r else ' stage'} again (aliprod run <params> --stages train{' clean' if r else ''}), then the system")
+            stages = 'train clean' if r else 'train'
+            raise ParamsError(f"[system] iteration {r}: {project_relative(base/str(r))} is not what the current "
+                              f"parameters produce ({why}); run the {stages} stage(s) again "
+                              f"(aliprod run <params> --stages {stages}), then the system")
     left = sorted(int(d.name) for d in base.glob('*') if d.name.isdigit() and int(d.name) not in produced)
-    if left: log(f"system: train/{', train/'.join(map(str, left))}: not a cleaning round of the current parameters (rounds 0..{n}); not a candidate")
+    for r in left: log(f"system: train/{r}: not a cleaning round of the current parameters (0..{n}); not a candidate")
     return rounds
 
 # %% ../nbs/06b_system.ipynb #e65b5ae4
@@ -587,10 +598,12 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     reb = _rebalance_round(exp, data, t, rp, r)
     variants = p.tta_variants if p.tta_variants is not None else [f'{v}@{e:g}' for v, e in tp.variants]
     base = experiment_dir(exp)
-    pool_dirs = pool_runs(exp, list(range(cleaning_rounds_run(exp) + 1)), t, tp)   # what the current parameters produce, current
-    # the manifests of exactly the runs it may read: one edited, removed or rerun since changes the key, so the stage runs again
-    runs_read = {base/'train'/str(x) for x in rounds} | {*pool_dirs['train'], *pool_dirs['rebalance'], *pool_dirs['tta']}
-    runs_read |= {d.parent for reb in pool_dirs['rebalance'] for d in reb.glob('*/train/manifest.json') if current_manifest(d.parent, inputs=True) is not None}
+    pool_dirs = pool_runs(exp, list(range(cleaning_rounds_run(exp) + 1)), t, tp)   # what the current parameters produce
+    # the manifests of exactly the runs it may read: one edited, removed or rerun since changes the key (it runs again)
+    runs_read = {base/'train'/str(x) for x in rounds} | {*pool_dirs['train'], *pool_dirs['rebalance'],
+                                                          *pool_dirs['tta']}
+    runs_read |= {d.parent for reb in pool_dirs['rebalance'] for d in reb.glob('*/train/manifest.json')
+                  if current_manifest(d.parent, inputs=True) is not None}
     inputs = [index_path(exp, 0), *sorted(d/'manifest.json' for d in runs_read)]
     out = run_dir(exp, 'system')
     params = {'system': params_dict(p), 'rebalance': params_dict(rp), 'variants': variants, 'seed': exp.seed, 'hires_tag': hires_tag}
@@ -600,7 +613,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         device = pick_device(exp.device)
         shot = shot_groups(exp)
         r_dir = base/'train'/str(r)
-        methods = listed_methods(reb.out_dir, method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm))
+        methods = method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm)
+        methods = listed_methods(reb.out_dir, methods)   # not a method dir of an earlier configuration
         state = {}
         def method_step(prev):
             c, tb = pick([prev, *methods], 'classifier method'); return c, tb
