@@ -18,8 +18,8 @@ __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'THIRD_PARTY_WARNINGS', 'STAGE
            'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json',
            'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules',
            'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
-           'stage_lock', 'hardware', 'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run',
-           'markdown_table']
+           'stage_lock', 'hardware', 'manifest_status', 'current_manifest', 'quiet_third_party_warnings',
+           'in_stage_run', 'skip_to_stage_run', 'markdown_table']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -543,6 +543,37 @@ def hardware()->dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
             'gpu': gpu, 'gpus': torch.cuda.device_count()}
+
+# %% ../nbs/00_core.ipynb #f50ab609
+def _manifest_or_why(out_dir:Path)->tuple[dict|None, str]:
+    "The parsed manifest of `out_dir`, or None and why there is none"
+    f = Path(out_dir)/MANIFEST
+    if not f.is_file(): return None, 'no manifest (failed or unfinished run)'
+    try: m = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f'manifest unreadable ({type(e).__name__}: a truncated or damaged file)'
+    if not isinstance(m, dict) or not isinstance(m.get('outputs', {}), dict):
+        return None, 'manifest unreadable (not a manifest object)'
+    return m, ''
+
+def manifest_status(out_dir:str|Path, # a stage's run directory
+                    inputs:bool=False, # also require every input the manifest names to still have its fingerprint
+                   )->tuple[dict|None, str]:
+    "(manifest, '') if the manifest parses and its outputs (with `inputs`, inputs too) are unchanged; else (None, why)"
+    m, why = _manifest_or_why(Path(out_dir))
+    if m is None: return None, why
+    for o, fp in m.get('outputs', {}).items():
+        now = fingerprint(Path(out_dir)/o)
+        if now != fp:
+            return None, f"output {o} {'missing' if now == 'missing' else 'changed'} since its manifest was written"
+    for i, fp in (m.get('inputs', {}).items() if inputs else ()):
+        p = Path(i) if Path(i).is_absolute() else project_root()/i   # manifests key inputs relative to the project root
+        if fingerprint(p) != fp: return None, f"input {i} changed since the run (made from other data or another model)"
+    return m, ''
+
+def current_manifest(out_dir:str|Path, inputs:bool=False)->dict|None:
+    "The manifest of `out_dir` when it parses and every output it lists is unchanged (`manifest_status`); else None"
+    return manifest_status(out_dir, inputs)[0]
 
 # %% ../nbs/00_core.ipynb #1ea273c3
 THIRD_PARTY_WARNINGS = (  # (message regex, category, regex of the module the warning is attributed to)

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, markdown_table)
+                          atomic_path, code_version, hardware, log, markdown_table, manifest_status, fingerprint)
 from .data import shot_groups
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'collect_metrics', 'system_chain', 'alone_table',
-           'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups',
-           'labels_phrase', 'run_header', 'write_report', 'stage_tables', 'report_figures', 'system_sentence',
-           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
+__all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain',
+           'alone_table', 'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy',
+           'plot_shot_groups', 'labels_phrase', 'run_header', 'write_report', 'from_current_run', 'stage_tables',
+           'report_figures', 'system_sentence', 'against_single_techniques', 'cleaning_sentence', 'report_summary',
+           'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -32,6 +33,35 @@ class ReportParams:
         if self.target not in ('clean', 'given'): raise ParamsError(f"[report] target must be 'clean' or 'given', got {self.target!r}")
         if self.bootstrap < 1: raise ParamsError(f"[report] bootstrap must be >= 1 draws, got {self.bootstrap}")
 
+# %% ../nbs/07_report.ipynb #4eaac760
+class CurrentRuns:
+    "Which runs the report may read (`manifest_status` with inputs, once per run directory); what it left out and why"
+    def __init__(self, exp:ExperimentParams):
+        self.base, self.status = experiment_dir(exp), {}
+        self.skipped = {}   # run or file (relative) -> why it is not reported
+    def rel(self, p:Path)->str:
+        return str(Path(p).relative_to(self.base)) if Path(p).is_relative_to(self.base) else str(p)
+    def manifest(self, run:Path)->dict|None:
+        "The manifest of `run` when current, else None (and the reason is kept for the page)"
+        run = Path(run)
+        # inputs too: numbers of an earlier model or index do not hold either
+        if run not in self.status: self.status[run] = manifest_status(run, inputs=True)
+        m, why = self.status[run]
+        if m is None: self.skipped.setdefault(self.rel(run), why)
+        return m
+    def lists(self, run:Path, f:Path)->bool:
+        "Whether `f` is an output (or lies in an output folder) of `run`'s current manifest"
+        m = self.manifest(run)
+        if m is None: return False
+        r = Path(f).relative_to(run)
+        if any(r == Path(o) or Path(o) in r.parents for o in m.get('outputs', {})): return True
+        why = f"not an output of {self.rel(Path(run)/'manifest.json')} (left from an earlier run)"
+        self.skipped.setdefault(self.rel(f), why)
+        return False
+    def lines(self)->list[str]:
+        "One line per run or file left out: '<run>: <why>; not reported'"
+        return [f"{k}: {v}; not reported" for k, v in sorted(self.skipped.items())]
+
 # %% ../nbs/07_report.ipynb #e11b6c31
 METRIC_COLUMNS = ['top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
 
@@ -42,33 +72,43 @@ def _source_of(rel:Path)->dict|None:
     if any(x.startswith('fold') for x in p): return None          # out-of-fold models of k-fold cleaning
     if p[0].startswith('train') and len(p) == 2:
         tag = p[0][len('train-'):] if p[0] != 'train' else ''
-        return {'stage': 'train', 'name': tag, 'iteration': int(p[1]), 'source': f"train:{tag}:{p[1]}", 'pred_dir': 'predictions'}
+        return {'stage': 'train', 'name': tag, 'iteration': int(p[1]), 'source': f"train:{tag}:{p[1]}",
+                'pred_dir': 'predictions', 'run': Path(*p)}
     if p[0] == 'rebalance' and len(p) == 3:
-        return {'stage': 'rebalance', 'name': p[2], 'iteration': int(p[1]), 'source': f"rebalance:{p[2]}:{p[1]}", 'pred_dir': 'predictions'}
+        return {'stage': 'rebalance', 'name': p[2], 'iteration': int(p[1]), 'source': f"rebalance:{p[2]}:{p[1]}",
+                'pred_dir': 'predictions', 'run': Path(*p[:2])}
     if p[0] == 'tta' and len(p) == 3:
-        return {'stage': 'tta', 'name': p[2], 'iteration': int(p[1]), 'source': f"tta:{p[2]}:{p[1]}", 'pred_dir': ''}
+        return {'stage': 'tta', 'name': p[2], 'iteration': int(p[1]), 'source': f"tta:{p[2]}:{p[1]}", 'pred_dir': '',
+                'run': Path(*p)}
     if p[0] == 'ensemble' and len(p) == 2:
-        return {'stage': 'ensemble', 'name': p[1], 'iteration': None, 'source': f"ensemble:{p[1]}", 'pred_dir': ''}
+        return {'stage': 'ensemble', 'name': p[1], 'iteration': None, 'source': f"ensemble:{p[1]}", 'pred_dir': '',
+                'run': Path(*p)}
     return None
 
 def collect_metrics(exp:ExperimentParams, # the experiment whose runs/<experiment>/ is read
-                    split:str, target:str='clean')->pd.DataFrame:
+                    split:str, target:str='clean',
+                    runs:CurrentRuns|None=None, # which runs are current; what is left out is kept there
+                   )->pd.DataFrame:
     "One row per run that wrote metrics: its source, the split and labels, the metrics of `split` (against clean labels where known and asked), and the file"
-    base = experiment_dir(exp)
+    base, runs = experiment_dir(exp), runs or CurrentRuns(exp)
     rows, found = [], set()  # found: the splits the run's metrics files have
     for f in sorted(base.glob('**/metrics.json')):
         rel = f.relative_to(base)
         src = _source_of(rel)
         if src is None: continue
+        run = base/src.pop('run')
+        if not runs.lists(run, f): continue   # a failed, unfinished or edited run, or a file from an earlier one
         m = json.loads(f.read_text())
         if src['stage'] == 'ensemble': m = m.get('ensemble', {})
         found |= {k.removesuffix('_clean') for k, v in m.items() if isinstance(v, dict) and 'top1_err' in v}
         key = f'{split}_clean' if target == 'clean' and f'{split}_clean' in m else split
         if key not in m: continue
         pred = f.parent/src.pop('pred_dir')/f'{split}.parquet'
+        pred = pred if pred.exists() and runs.lists(run, pred) else None
         rows.append({**src, 'split': split, 'labels': 'clean' if key.endswith('_clean') else 'given', 'target': m[key].get('target', key),
                      **{c: m[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': m[key].get('n'),
-                     'metrics_file': str(rel), 'metrics_key': key, 'predictions': str(pred.relative_to(base)) if pred.exists() else None})
+                     'metrics_file': str(rel), 'metrics_key': key,
+                     'predictions': None if pred is None else str(pred.relative_to(base))})
     if not rows and found:
         raise ParamsError(f"[report] split: no metrics file of {base} has {split!r} numbers (they have {', '.join(sorted(found))}); "
                           f"set report: {{split: {'val' if 'val' in found else sorted(found)[0]}}} (real AliProducts data has no test split)")
@@ -82,10 +122,12 @@ def _pick(m:pd.DataFrame, stage:str, name:str|None=None, iteration:int|None=None
     if iteration is not None: sel = sel[sel['iteration'] == iteration]
     return None if sel.empty else sel.iloc[0]
 
-def system_chain(exp:ExperimentParams)->tuple[pd.DataFrame, dict|None]:
-    "The system stage's chain (with the split and labels it is on) and its system.json; empty and None when the stage has not run"
-    d = experiment_dir(exp)/'system'
-    if not ((d/'system.json').exists() and (d/'chain.csv').exists()): return pd.DataFrame(), None
+def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.DataFrame, dict|None]:
+    "The system stage's chain (with its split and labels) and system.json; empty and None if not run or not current"
+    d, runs = experiment_dir(exp)/'system', runs or CurrentRuns(exp)
+    read = ('system.json', 'chain.csv', 'predictions/report.parquet')
+    if not d.is_dir() or not all(runs.lists(d, d/f) for f in read):
+        return pd.DataFrame(), None
     s = json.loads((d/'system.json').read_text())
     chain = pd.read_csv(d/'chain.csv')
     chain.insert(1, 'split', s['sets']['report_split'])
@@ -242,13 +284,15 @@ def labels_phrase(target:str)->str:
 
 def run_header(exp:ExperimentParams, params_file:str|None=None,
                rp:ReportParams|None=None, # names the split and labels every number comes from
+               runs:CurrentRuns|None=None, # the runs whose manifests are current: only their wall times count
               )->dict:
     "Data, split and labels, shot groups, seed, parameters file, code version, hardware and wall time per stage of the run"
-    base = experiment_dir(exp)
+    base, runs = experiment_dir(exp), runs or CurrentRuns(exp)
     info = json.loads((base/'data'/'dataset.json').read_text()) if (base/'data'/'dataset.json').exists() else {}
     walls, hw = {}, None
     for f in sorted(base.glob('**/manifest.json')):
-        man = json.loads(f.read_text())
+        man = runs.manifest(f.parent)
+        if man is None: continue   # truncated, or its outputs changed: said with what the report leaves out
         stage = f.relative_to(base).parts[0]
         walls[stage] = walls.get(stage, 0.0) + float(man.get('wall_s', 0.0))
         hw = hw or man.get('hardware')
@@ -334,12 +378,49 @@ OTHER_TABLES = {
     'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; no reporting image is among them.",
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
 
-def stage_tables(exp:ExperimentParams)->tuple[dict, dict]:
-    "The tables other stages left in reports/<experiment>/ (ensembles included) and their captions"
-    rep, tables, notes = report_dir(exp), {}, {}
+def _clean_runs(exp:ExperimentParams)->list[Path]:
+    "runs/<experiment>/clean/<k>/ of the rounds the clean stage's last run ran (clean_selection.json), else all"
+    base, rep = experiment_dir(exp)/'clean', report_dir(exp)/'clean_selection.json'
+    try: n = int(json.loads(rep.read_text())['rounds_run'])
+    except (OSError, ValueError, KeyError, TypeError): n = None   # missing or damaged: judged by the rounds on disk
+    if n is not None: return [base/str(k) for k in range(1, n + 1)]
+    return sorted((d for d in base.glob('*') if d.name.isdigit()), key=lambda d: int(d.name)) if base.is_dir() else []
+
+def from_current_run(exp:ExperimentParams, file:str, # a table or figure another stage left in reports/<experiment>/
+                     runs:CurrentRuns)->bool:
+    "Whether a file of reports/<experiment>/ comes from a current run (a copy: its output's bytes); why not: in `runs`"
+    base, f = experiment_dir(exp), report_dir(exp)/file
+    stem = f.stem.removesuffix('_gallery')
+    kind, _, tag = stem.partition('-')
+    if kind in ('rebalance', 'tau_sweep', 'weight_norms'):   # copies of the rebalance stage's outputs, per backbone tag
+        cands, copy = sorted(base.glob(f"rebalance{'-' + tag if tag else ''}/*/")), f"{kind}{f.suffix}"
+    elif stem in ('system_candidates', 'chain'): cands, copy = [base/'system'], f.name
+    elif stem == 'finegrained': cands, copy = sorted(base.glob('finegrained/*/')), f.name
+    elif stem.startswith('ensemble_'): cands, copy = [base/'ensemble'/stem.removeprefix('ensemble_')], None
+    elif stem in ('data_summary', 'class_distribution', 'quarantine'): cands, copy = [base/'data'], None
+    elif stem.startswith('clean'):   # the clean stage's tables and figures summarise every round it ran: all must hold
+        rounds = _clean_runs(exp)
+        ok = bool(rounds) and all(runs.manifest(d) is not None for d in rounds)
+        if not ok: runs.skipped.setdefault(f'reports: {file}', 'a cleaning round it summarises is not current' if rounds
+                                           else 'no current run of the clean stage')
+        return ok
+    else: return True   # a file no stage run stands behind (nothing to check)
+    if copy is None:
+        if any(runs.manifest(d) is not None for d in cands): return True
+    elif f.exists():
+        fp = fingerprint(f)
+        if any((m := runs.manifest(d)) is not None and m.get('outputs', {}).get(copy) == fp for d in cands): return True
+    runs.skipped.setdefault(f'reports: {file}', 'no current run of the stage that wrote it has it (an earlier run)')
+    return False
+
+def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, dict]:
+    "The tables other stages left in reports/<experiment>/ (ensembles too) a current run stands behind; their captions"
+    rep, tables, notes, runs = report_dir(exp), {}, {}, runs or CurrentRuns(exp)
     for name, note in OTHER_TABLES.items():
-        if (rep/f'{name}.csv').exists(): tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
+        if (rep/f'{name}.csv').exists() and from_current_run(exp, f'{name}.csv', runs):
+            tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
     for f in sorted(rep.glob('ensemble_*.csv')):
+        if not from_current_run(exp, f.name, runs): continue
         tables[f.stem] = pd.read_csv(f)
         notes[f.stem] = f"Ensemble '{f.stem.removeprefix('ensemble_')}' against its members; each row on the split and labels its columns name."
     return tables, notes
@@ -356,18 +437,19 @@ def _per_class_rows(exp:ExperimentParams, t, labels:str)->pd.DataFrame:
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
 def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, system:dict|None, alone:pd.DataFrame,
+                   runs:CurrentRuns|None=None, # other stages' figures: only those a current run stands behind
                   )->tuple[dict, list]:
     "Draw and save the report's own figures; return them and the (title, file, caption) of every figure the page shows"
     from aliprod.predictions import read_topk
     rep, where = report_dir(exp), f"the {rp.split} split, {labels_phrase(rp.target)}"
-    figs, own = {}, []
+    figs, own, runs = {}, [], runs or CurrentRuns(exp)
     present = chain[chain['status'] == 'present'] if len(chain) else chain
     if system is not None and len(present):
         sd = experiment_dir(exp)/'system'
         final = read_topk(sd/'predictions'/'report.parquet')
         base_file = experiment_dir(exp)/'train'/'0'/'predictions'/f"{system['sets']['report_split']}.parquet"
         frames = {}
-        if base_file.exists():
+        if base_file.exists() and runs.lists(base_file.parents[1], base_file):
             b = read_topk(base_file)
             pos = pd.Series(np.arange(len(b)), index=b.rows).reindex(final.rows)
             if not pos.isna().any(): frames['Baseline (iteration 0)'] = _per_class_rows(exp, b.take(pos.to_numpy(np.int64)), system['numbers']['target'])
@@ -390,8 +472,11 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
     norms = [(f"Classifier row norm against class size (τ-normalisation){'' if f.stem == 'weight_norms' else ', ' + f.stem.removeprefix('weight_norms-')}",
               f.with_suffix('.png').name, "Per-class L2 norm of the classifier row the rebalance stage τ-normalises, against the class's training images "
               f"(train split; Kang et al. 2020, Figure 2). {json.loads(f.read_text())['note']}")
-             for f in sorted(rep.glob('weight_norms*.json')) if f.with_suffix('.png').exists()]
-    return figs, own + STAGE_FIGURES + norms + galleries + ensembles
+             for f in sorted(rep.glob('weight_norms*.json'))
+             if f.with_suffix('.png').exists() and from_current_run(exp, f.with_suffix('.png').name, runs)]
+    others = [x for x in STAGE_FIGURES + norms + galleries + ensembles
+              if (rep/x[1]).exists() and from_current_run(exp, x[1], runs)]
+    return figs, own + others
 
 # %% ../nbs/07_report.ipynb #f895765f
 def system_sentence(s:dict)->str:
@@ -447,21 +532,23 @@ class ReportArtifacts:
     missing:list        # chain rows the experiment did not run (each says why)
     findings:list
     n_checked:int       # numbers re-read from the metrics files they name
+    not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported' (no or stale manifest)
 
 def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
                  params_file:str|None=None,     # named in the header
                 )->ReportArtifacts:
     "The whole report stage: collect the run's metrics, build and check the tables, draw the figures, write index.html and README.md"
-    header = run_header(exp, params_file, rp)
-    metrics = collect_metrics(exp, rp.split, rp.target)
-    chain, system = system_chain(exp)
+    runs = CurrentRuns(exp)   # every reader below reads only runs whose manifest is current
+    header = run_header(exp, params_file, rp, runs)
+    metrics = collect_metrics(exp, rp.split, rp.target, runs)
+    chain, system = system_chain(exp, runs)
     alone = alone_table(metrics, rp, exp)
     n_checked = check_traceable(alone, exp)
     missing = list(chain.loc[chain['status'] == 'absent', 'step']) if len(chain) else []
     if len(metrics) == 0 and system is None: log(f"report: no stage of this run has written {rp.split} metrics yet")
     log(f"report: {len(metrics)} runs with {rp.split} metrics; {n_checked} numbers checked against their metrics files; chain rows absent: {missing or 'none'}")
-    figs, figure_files = report_figures(exp, rp, chain, system, alone)
+    figs, figure_files = report_figures(exp, rp, chain, system, alone, runs)
     where = f"{rp.split} split, {labels_phrase(rp.target)} (the split and labels columns say which, per row)"
     tables, notes = {}, {}
     if system is not None:
@@ -473,12 +560,17 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     tables['techniques_alone'] = alone
     notes['techniques_alone'] = (f"{where}. Each technique against the run it modifies (same model, one change); Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
-    other, other_notes = stage_tables(exp)
+    other, other_notes = stage_tables(exp, runs)
     tables.update(other); notes.update(other_notes)
     found = findings(alone, chain if system is not None else None)
     sel_file = report_dir(exp)/'clean_selection.json'
-    summary = report_summary(header, rp, system, alone, json.loads(sel_file.read_text()) if sel_file.exists() else None)
+    sel = json.loads(sel_file.read_text()) if sel_file.exists() and from_current_run(exp, sel_file.name, runs) else None
+    summary = report_summary(header, rp, system, alone, sel)
+    skipped = runs.lines()
+    for line in skipped: log(f"report: {line}")
+    if skipped: header['not reported'] = '; '.join(skipped)   # on the page: what was left out and why
     if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
     index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
     log(f"report: {index_html}")
-    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs, figure_files, missing, found, n_checked)
+    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs,
+                           figure_files, missing, found, n_checked, skipped)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
 from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
-                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table, pick_device, log)
+                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table,
+                          pick_device, log, manifest_status, current_manifest, project_relative)
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
 from .ensemble import combine_topk
@@ -20,8 +21,9 @@ __all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluatio
            'choose_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target',
            'metric_interval', 'chain_table', 'against_single_technique', 'head_tensors', 'classifier_tensors',
            'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
-           'calibrated_ncm', 'method_candidates', 'pool_candidates', 'member_topk', 'predict_recipe', 'load_system',
-           'predict_system', 'SystemArtifacts', 'system_stage']
+           'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
+           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
+           'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -400,26 +402,101 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
             out.append(single(f'{m} (iteration {it})', recipe, *s, k=k, method=m, iteration=int(it), **info))
     return out
 
-# %% ../nbs/06b_system.ipynb #55138013
-def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl2n')->list[Candidate]:
-    "Every other prediction of the run an ensemble can take, with its recipe: train runs (any tag, any iteration), rebalance heads, TTA variants"
-    base, out = experiment_dir(exp), []
+# %% ../nbs/06b_system.ipynb #109116b7
+def cleaning_rounds_run(exp:ExperimentParams)->int:
+    "How many cleaning rounds the clean stage's last run ran (runs/<experiment>/clean/selection.json); 0 if it has not"
+    f = experiment_dir(exp)/'clean'/'selection.json'
+    if not f.exists(): return 0
+    try: return int(json.loads(f.read_text())['rounds_run'])
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until clean runs")
+        return 0
+
+def round_status(exp:ExperimentParams, data, t, r:int)->str:
+    "'' when train/<r> is what the current train parameters produce on round r's index, outputs unchanged; else why not"
+    from aliprod.train import train_job, eval_splits
+    from aliprod.data import load_index, index_path
+    d = experiment_dir(exp)/'train'/str(r)
+    if not (d/'model.pth').exists(): return 'no trained model'
+    if r > 0 and (why := manifest_status(experiment_dir(exp)/'clean'/str(r))[1]): return f'its index, clean/{r}: {why}'
+    m, why = manifest_status(d)
+    if m is None: return why
+    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved as train_stage
+    q = dataclasses.replace(t, iteration=r, tag='')
+    q = dataclasses.replace(q, eval_splits=eval_splits(q, load_index(exp, r), index_path(exp, r)))
+    run = train_job(exp, data, q, r)[1]
+    return '' if m.get('key') == run.key else f'trained with other parameters or code ({run.why_stale()})'
+
+def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the current parameters produce
+              t, tp, # TrainParams of the pipeline's model (its high-res twin), TTAParams (the variants)
+             )->dict[str, list[Path]]:
+    "Runs the ensemble may take members from: what the current parameters produce on `rounds`, manifests current"
+    base, out, left = experiment_dir(exp), {'train': [], 'rebalance': [], 'tta': []}, []
+    twin, variants = '-'.join(filter(None, [t.tag, 'lowres'])), {(v, float(e)) for v, e in tp.variants}
+    def current(run:Path)->dict|None:
+        m, why = manifest_status(run, inputs=True)   # inputs too: a finetune of an earlier model is not this run's
+        if m is None: left.append(f'{_rel(exp, run)}: {why}')
+        return m
+    def finetunes(it:int)->set:
+        m = current_manifest(base/'finegrained'/str(it))
+        return set(m['params']['finegrained']['methods']) if m else set()
     for run in sorted(base.glob('train*/*/')):
-        if run.name.isdigit() and (run/'manifest.json').exists():
-            c = train_candidate(exp, run, sets, k, f"{run.parent.name}:{run.name}")
-            if c is not None: out.append(c)
-    for reb in sorted(base.glob('rebalance*/*/')):   # rebalance/ (the pipeline's backbone) and rebalance-<tag>/ (other backbones)
-        man = reb/'manifest.json'
-        if not (reb.name.isdigit() and man.exists()): continue
-        tag = json.loads(man.read_text())['params']['train'].get('tag', '')
+        if not run.name.isdigit(): continue
+        tag, it, where = run.parent.name.removeprefix('train').removeprefix('-'), int(run.name), _rel(exp, run)
+        if it not in rounds: left.append(f'{where}: iteration {it} is not a cleaning round of the parameters {rounds}')
+        elif tag == twin and not t.ablate_finetune: left.append(f'{where}: a high-res twin; ablate_finetune is off')
+        elif tag.startswith('finegrained-') and tag.removeprefix('finegrained-') not in finetunes(it):
+            left.append(f"{where}: not a method of a current finegrained run at iteration {it} ([finegrained] methods)")
+        elif current(run) is not None: out['train'].append(run)
+    for reb in sorted(base.glob('rebalance*/*/')):   # rebalance/ (the pipeline's backbone), rebalance-<tag>/ (others)
+        if not reb.name.isdigit() or (m := current(reb)) is None: continue
+        tag = m['params']['train'].get('tag', '')
+        model_run = base/('train' + (f'-{tag}' if tag else ''))/reb.name
+        if model_run in out['train']: out['rebalance'].append(reb)
+        else: left.append(f'{_rel(exp, reb)}: its model {_rel(exp, model_run)} is not a candidate')
+    for var in sorted(base.glob('tta/*/*/')):
+        if (m := current(var)) is None: continue
+        mp = m['params']
+        run = base/('train' + (f"-{mp['tag']}" if mp.get('tag') else ''))/str(mp['iteration'])
+        if (mp['views'], float(mp['enlarge'])) not in variants: left.append(f"{_rel(exp, var)}: not a variant of [tta]")
+        elif run not in out['train']: left.append(f'{_rel(exp, var)}: its model {_rel(exp, run)} is not a candidate')
+        else: out['tta'].append(var)
+    for line in left: log(f'system: {line}; not a candidate')
+    return out
+
+def listed_methods(reb_dir:Path, cands:list[Candidate])->list[Candidate]:
+    "The method candidates the rebalance run's current manifest lists (not a method of an earlier configuration)"
+    m = current_manifest(reb_dir)
+    outs = m.get('outputs', {}) if m else {}
+    def current(method:str)->bool:   # -network: its finetuned model's own run must be current too
+        net = not method.endswith('-network') or current_manifest(Path(reb_dir)/method/'train', inputs=True) is not None
+        return f'{method}/metrics.json' in outs and net
+    keep = [c for c in cands if current(c.info['method'])]
+    for c in cands:
+        if not any(c is x for x in keep):
+            log(f"system: {Path(reb_dir).name}/{c.info['method']}: not an output of the rebalance run; not a candidate")
+    return keep
+
+# %% ../nbs/06b_system.ipynb #55138013
+def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl2n',
+                    runs:dict[str, list[Path]]|None=None, # `pool_runs`; None: every run with a current manifest
+                   )->list[Candidate]:
+    "Every other prediction an ensemble can take, with its recipe: train runs (tags, rounds), rebalance heads, TTA"
+    base, out = experiment_dir(exp), []
+    if runs is None:
+        pats = {'train': 'train*/[0-9]*/', 'rebalance': 'rebalance*/[0-9]*/', 'tta': 'tta/*/*/'}
+        runs = {key: [d for d in base.glob(pat) if current_manifest(d) is not None] for key, pat in pats.items()}
+    for run in sorted(runs['train']):
+        c = train_candidate(exp, run, sets, k, f"{run.parent.name}:{run.name}")
+        if c is not None: out.append(c)
+    for reb in sorted(runs['rebalance']):   # rebalance/ (the pipeline's backbone), rebalance-<tag>/ (other backbones)
+        tag = json.loads((reb/'manifest.json').read_text())['params']['train'].get('tag', '')
         model_run = base/('train' + (f'-{tag}' if tag else ''))/reb.name
         if not (model_run/'model.pth').exists(): continue
-        for c in method_candidates(exp, reb, model_run, sets, k, None, ncm_norm):
+        for c in listed_methods(reb, method_candidates(exp, reb, model_run, sets, k, None, ncm_norm)):
             c.name = f"{reb.parent.name}:{c.info['method']}:{reb.name}"; out.append(c)
-    for var in sorted(base.glob('tta/*/*/')):
-        man = var/'manifest.json'
-        if not man.exists(): continue
-        mp = json.loads(man.read_text())['params']
+    for var in sorted(runs['tta']):
+        mp = json.loads((var/'manifest.json').read_text())['params']
         run = base/('train' + (f"-{mp['tag']}" if mp.get('tag') else ''))/str(mp['iteration'])
         s = _sets_of({sp: var/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
         if s is None or not (run/'model.pth').exists(): continue
@@ -498,15 +575,29 @@ CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced clas
 def _rows_df(index:pd.DataFrame, rows:np.ndarray)->pd.DataFrame:
     return index.set_index('row').loc[rows].reset_index()
 
-def _discover_rounds(exp:ExperimentParams, p:SystemParams)->list[int]:
+def _discover_rounds(exp:ExperimentParams, p:SystemParams, data, t)->list[int]:
+    "The rounds to choose: those the clean stage's last run ran ([system] rounds: some), each current (`round_status`)"
     base = experiment_dir(exp)/'train'
-    found = sorted(int(d.name) for d in base.glob('*') if d.name.isdigit() and (d/'model.pth').exists() and (d/'manifest.json').exists()) if base.is_dir() else []
-    if p.rounds is not None:
-        miss = [r for r in p.rounds if r not in found]
-        if miss: raise ParamsError(f"[system] rounds: iteration {miss[0]} has no trained model under {base}; trained: {found}")
-        return list(p.rounds)
-    if not found: raise ParamsError(f"[system] no trained model under {base}: run the train stage (and clean) first")
-    return found
+    if not (base/'0'/'model.pth').exists():
+        raise ParamsError(f"[system] no trained model under {base}: run the train stage (and clean) first")
+    n = cleaning_rounds_run(exp)
+    produced = list(range(n + 1))
+    extra = [r for r in (p.rounds or []) if r not in produced]
+    if extra:
+        sel = f'runs/{exp.experiment}/clean/selection.json'
+        raise ParamsError(f"[system] rounds: iteration {extra[0]} is not a round the clean stage ran with the current "
+                          f"parameters ({sel}: rounds 0..{n}); leave it out, or run the clean stage with [clean] "
+                          f"iteration >= {extra[0]}")
+    rounds = list(p.rounds) if p.rounds is not None else produced
+    for r in rounds:
+        if why := round_status(exp, data, t, r):
+            stages = 'train clean' if r else 'train'
+            raise ParamsError(f"[system] iteration {r}: {project_relative(base/str(r))} is not what the current "
+                              f"parameters produce ({why}); run the {stages} stage(s) again "
+                              f"(aliprod run <params> --stages {stages}), then the system")
+    left = sorted(int(d.name) for d in base.glob('*') if d.name.isdigit() and int(d.name) not in produced)
+    for r in left: log(f"system: train/{r}: not a cleaning round of the current parameters (0..{n}); not a candidate")
+    return rounds
 
 # %% ../nbs/06b_system.ipynb #e65b5ae4
 def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
@@ -600,14 +691,19 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     K, root = int(info['num_classes']), info['root']
     index = load_index(exp, 0)
     sets = evaluation_sets(index, exp.seed)
-    rounds = _discover_rounds(exp, p)
+    rounds = _discover_rounds(exp, p, data, t)
     round_cands, (chosen_round, round_table) = _choose_round(exp, p, sets, rounds)   # cheap: the train stage's predictions
     r = int(chosen_round.info['run'].split('/')[-1])
     reb = _rebalance_round(exp, data, t, rp, r)
     variants = p.tta_variants if p.tta_variants is not None else [f'{v}@{e:g}' for v, e in tp.variants]
     base = experiment_dir(exp)
-    inputs = [index_path(exp, 0), *sorted(f for pat in ('train*/*/manifest.json', 'rebalance*/*/manifest.json', 'rebalance*/*/*/train/manifest.json', 'tta/*/*/manifest.json')
-                                          for f in base.glob(pat))]
+    pool_dirs = pool_runs(exp, list(range(cleaning_rounds_run(exp) + 1)), t, tp)   # what the current parameters produce
+    # the manifests of exactly the runs it may read: one edited, removed or rerun since changes the key (it runs again)
+    runs_read = {base/'train'/str(x) for x in rounds} | {*pool_dirs['train'], *pool_dirs['rebalance'],
+                                                          *pool_dirs['tta']}
+    runs_read |= {d.parent for reb in pool_dirs['rebalance'] for d in reb.glob('*/train/manifest.json')
+                  if current_manifest(d.parent, inputs=True) is not None}
+    inputs = [index_path(exp, 0), *sorted(d/'manifest.json' for d in runs_read)]
     out = run_dir(exp, 'system')
     params = {'system': params_dict(p), 'rebalance': params_dict(rp), 'variants': variants, 'seed': exp.seed, 'hires_tag': hires_tag}
     run = StageRun(out, 'system', params, inputs=inputs, modules=['system'])
@@ -617,6 +713,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         shot = shot_groups(exp)
         r_dir = base/'train'/str(r)
         methods = method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm)
+        methods = listed_methods(reb.out_dir, methods)   # not a method dir of an earlier configuration
         state, pool = {}, []
         def method_step(prev):
             if not p.plain:   # a fixed method: every one asked for must be there
@@ -641,7 +738,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
             model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
             return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
         def ensemble_step(prev):
-            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm))   # also the single techniques the system is compared with
+            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm, runs=pool_dirs))   # also the single techniques the system is compared with
             if not p.ensemble or p.max_members < 2: return pick([prev], 'ensemble')
             log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
             return greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)

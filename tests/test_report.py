@@ -2,16 +2,21 @@
 import json, re
 from html.parser import HTMLParser
 import nbformat, pandas as pd, pytest
-from aliprod.core import ParamsError, experiment_dir, report_dir
+from aliprod.core import ParamsError, StageRun, experiment_dir, report_dir
 from aliprod.ensemble import EnsembleParams, ensemble_stage
 from aliprod.report import ReportParams, report_stage
 from test_ensemble import fake_run   # the data stage's files and two members' train/val predictions
 
+def finish(d, stage='fake'):
+    "The manifest a stage writes last, every file of its run directory an output: the report reads only runs whose manifest is current"
+    StageRun(d, stage, {}, threads=False).finish([f for f in d.rglob('*') if f.is_file() and f.name != 'manifest.json'])
+
 def put_metrics(exp, rel, mce, few):
-    "A metrics file as the train and TTA stages write it: val only, given and clean labels"
+    "A metrics file as the train and TTA stages write it: val only, given and clean labels; then the run's manifest"
     block = {'top1_err': mce + 0.01, 'top5_err': mce / 2, 'mean_class_err': mce, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': few, 'n': 30}
     f = experiment_dir(exp)/rel/'metrics.json'
     f.write_text(json.dumps({'val': dict(block, target='label'), 'val_clean': dict(block, target='clean_label')}))
+    finish(f.parent)
 
 class Page(HTMLParser):
     "Every src/href of a page, and whether it holds code"
@@ -100,6 +105,7 @@ def test_a_run_without_val_split(tmp_path):
     exp = fake_run(tmp_path, splits=('train', 'test'))
     block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
+    finish(experiment_dir(exp)/'train/0')
     art = report_stage(exp, ReportParams(split='test'))
     assert 'on the test split' in art.summary and not len(art.tables['techniques_alone'])
     with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
@@ -121,6 +127,7 @@ def put_system(exp, report_split='val'):
                   {'step': '+ High-resolution finetune', 'status': 'absent', 'system': '', 'what': 'part of the trained model'},
                   {'step': '+ Ensemble', 'status': 'present', 'system': 'e', 'what': 'greedy', 'mean_class_err': 0.3, 'many_acc': 0.6, 'medium_acc': 0.5, 'few_acc': 0.6,
                    'Δ mean class err': -0.05, 'Δ lo': -0.09, 'Δ hi': -0.01, 'verdict': 'helped'}]).to_csv(d/'chain.csv', index=False)
+    finish(d, 'system')
 
 def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
     import shutil
