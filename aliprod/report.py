@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, markdown_table)
+                          atomic_path, code_version, hardware, log)
+from .escape import csv_safe, markdown_table
 from .data import shot_groups
 
 # %% auto #0
@@ -288,7 +289,7 @@ def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFram
     "Write index.html and README.md into reports/<experiment>/ (tables also as CSV and Markdown); return index.html"
     d = report_dir(exp)
     for name, df in tables.items():
-        with atomic_path(d/f'{name}.csv') as t: df.to_csv(t, index=False)
+        with atomic_path(d/f'{name}.csv') as t: csv_safe(df).to_csv(t, index=False)
         atomic_write_text(d/f'{name}.md', markdown_table(df, 3))
     figs = [(t, f, c) for t, f, c in figures if (d/f).exists()]
     md = [f"# Report: {exp.experiment}", '', *([summary, ''] if summary else []), *[f"- **{k}**: {v}" for k, v in header.items()], '']
