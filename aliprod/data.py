@@ -112,7 +112,7 @@ REASON_MEANING = {'bad_label': 'label not an integer class of the dataset', 'bad
                   'bad_path': 'path no file can have: a NUL byte, a lone surrogate, or longer than the system allows',
                   'duplicate_path': 'path listed again (the first listing is kept)', 'unsupported_extension': 'file type is not an image',
                   'outside_root': 'path or symlink leads outside the data root', 'missing': 'file not found', 'zero_byte': 'empty file',
-                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels'}
+                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels, or more decoded bytes than 4 per pixel of it'}
 
 def _typed(df:pd.DataFrame, columns:dict)->pd.DataFrame:
     "`df` with exactly `columns`, in order, cast to their dtypes"

@@ -10,7 +10,8 @@ import html, re
 import numpy as np, pandas as pd
 
 # %% auto #0
-__all__ = ['PLAIN_TEXT', 'markdown_text', 'markdown_table', 'csv_text', 'csv_safe', 'visible_text']
+__all__ = ['PLAIN_TEXT', 'markdown_text', 'markdown_table', 'csv_text', 'csv_safe', 'csv_unescape', 'read_csv_safe',
+           'visible_text']
 
 # %% ../nbs/00a_escape.ipynb #e20984bd
 _CONTROL = re.compile(r'[\x00-\x1f\x7f\u2028\u2029]')
@@ -40,7 +41,8 @@ def csv_text(v):
     if not isinstance(v, str): return v
     # pandas quotes a cell holding '\n' but not one holding a lone '\r', which readers take for a row end ('a\r=1' would start a row)
     if '\r' in v: v = v.replace('\r\n', '\n').replace('\r', '\n')
-    return "'" + v if v.startswith(_FORMULA_START) else v
+    # text that already starts with quotes before a formula gets one more, so that `read_csv_safe` removes exactly one
+    return "'" + v if v.lstrip("'").startswith(_FORMULA_START) else v
 
 def _csv_column(s:pd.Series)->pd.Series:
     if isinstance(s.dtype, pd.CategoricalDtype): s = s.astype(object)
@@ -54,6 +56,18 @@ def csv_safe(df:pd.DataFrame)->pd.DataFrame:
     out.columns = [csv_text(c) for c in out.columns]
     if out.index.dtype == object or pd.api.types.is_string_dtype(out.index): out.index = out.index.map(csv_text)
     return out
+
+def csv_unescape(v):
+    "`v` without the `'` that `csv_text` put in front (a CR it wrote as LF stays LF)"
+    return v[1:] if isinstance(v, str) and v.startswith("'") and v.lstrip("'").startswith(_FORMULA_START) else v
+
+def read_csv_safe(path, **kwargs)->pd.DataFrame:
+    "A CSV that `csv_safe` wrote, as the table it was: `pd.read_csv(path, **kwargs)` with the formula prefixes removed"
+    df = pd.read_csv(path, **kwargs)
+    for c in df.columns:
+        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]): df[c] = df[c].map(csv_unescape, na_action='ignore')
+    df.columns = [csv_unescape(c) for c in df.columns]
+    return df
 
 # %% ../nbs/00a_escape.ipynb #3438ef36
 PLAIN_TEXT = {'parse_math': False}  # Text property: draw `$...$` literally (matplotlib >= 3.5)

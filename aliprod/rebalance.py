@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, 
 from torch import Tensor
 from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                           atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device)
-from .escape import csv_safe, markdown_table
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
@@ -722,5 +722,5 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
                    **{f'{m}_{c}': float(rows.loc[m, c]) for m in rows.index for c in ('mean_class_err', 'few_acc')}}
         return outputs, metrics
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')
-    table = pd.read_csv(out/'rebalance.csv')
+    table = read_csv_safe(out/'rebalance.csv')
     return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, man.get('metrics', {}).get('tau'), evals)

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
                           atomic_path, code_version, hardware, log)
-from .escape import csv_safe, markdown_table
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import shot_groups
 
 # %% auto #0
@@ -88,7 +88,7 @@ def system_chain(exp:ExperimentParams)->tuple[pd.DataFrame, dict|None]:
     d = experiment_dir(exp)/'system'
     if not ((d/'system.json').exists() and (d/'chain.csv').exists()): return pd.DataFrame(), None
     s = json.loads((d/'system.json').read_text())
-    chain = pd.read_csv(d/'chain.csv')
+    chain = read_csv_safe(d/'chain.csv')
     chain.insert(1, 'split', s['sets']['report_split'])
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
@@ -339,9 +339,9 @@ def stage_tables(exp:ExperimentParams)->tuple[dict, dict]:
     "The tables other stages left in reports/<experiment>/ (ensembles included) and their captions"
     rep, tables, notes = report_dir(exp), {}, {}
     for name, note in OTHER_TABLES.items():
-        if (rep/f'{name}.csv').exists(): tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
+        if (rep/f'{name}.csv').exists(): tables[name], notes[name] = read_csv_safe(rep/f'{name}.csv'), note
     for f in sorted(rep.glob('ensemble_*.csv')):
-        tables[f.stem] = pd.read_csv(f)
+        tables[f.stem] = read_csv_safe(f)
         notes[f.stem] = f"Ensemble '{f.stem.removeprefix('ensemble_')}' against its members; each row on the split and labels its columns name."
     return tables, notes
 

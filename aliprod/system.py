@@ -11,7 +11,7 @@ from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
 from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
                           atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, pick_device, log)
-from .escape import csv_safe, markdown_table
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
 from .ensemble import combine_topk
@@ -587,5 +587,5 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     for name in ('chain.csv', 'chain.md', 'system_candidates.csv'):   # the report reads them from reports/<experiment>/
         with atomic_path(rep/name) as f: shutil.copyfile(out/name, f)
     s = json.loads((out/'system.json').read_text())
-    return SystemArtifacts(out, s, pd.read_csv(out/'chain.csv'), pd.read_csv(out/'system_candidates.csv'),
+    return SystemArtifacts(out, s, read_csv_safe(out/'chain.csv'), read_csv_safe(out/'system_candidates.csv'),
                            {'choose': out/'predictions'/'choose.parquet', 'report': out/'predictions'/'report.parquet'})
