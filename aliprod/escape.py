@@ -51,9 +51,8 @@ def _csv_column(s:pd.Series)->pd.Series:
 
 def csv_safe(df:pd.DataFrame)->pd.DataFrame:
     "`df` with every text cell, column name and index label a spreadsheet would run as a formula prefixed with `'`"
-    out = df.copy()
-    for c in out.columns: out[c] = _csv_column(out[c])
-    out.columns = [csv_text(c) for c in out.columns]
+    out = pd.concat([_csv_column(df.iloc[:, i]) for i in range(df.shape[1])], axis=1) if df.shape[1] else df.copy()  # by position: names may repeat
+    out.columns = df.columns if isinstance(df.columns, pd.MultiIndex) else [csv_text(c) for c in df.columns]
     if out.index.dtype == object or pd.api.types.is_string_dtype(out.index): out.index = out.index.map(csv_text)
     return out
 
