@@ -13,6 +13,7 @@ import torch.distributed as dist
 from fastai.callback.core import Callback
 from timm.data import Mixup
 from .core import atomic_torch_save, atomic_write_text, atomic_write_parquet, log
+from .escape import csv_safe
 from .predict import rank_world as _rank_world
 
 # %% auto #0
@@ -165,7 +166,7 @@ class Checkpoint(Callback):
         m = getattr(self.learn, 'epoch_metrics', {})
         self.history.append({'epoch': self.epoch + 1, **self.meta(self.epoch), 'lr': self.opt.param_groups[0]['lr'], **m})
         if _rank_world()[0] != 0: return
-        atomic_write_text(self.out_dir/'history.csv', pd.DataFrame(self.history).to_csv(index=False))
+        atomic_write_text(self.out_dir/'history.csv', csv_safe(pd.DataFrame(self.history)).to_csv(index=False))
         state = canonical({'key': self.key, 'epoch': self.epoch + 1, 'model': self.net.state_dict(), 'optimizer': self.opt.state_dict(),
                            'scheduler': self.scheduler.state_dict(), 'history': self.history, 'rng': rng_state()})
         atomic_torch_save(state, self.out_dir/'checkpoint.pth')

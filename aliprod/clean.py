@@ -716,7 +716,7 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
         try: ax.imshow(load_rgb(Path(root)/s['path'], draft=128) if root is not None else np.full((8, 8, 3), 200, np.uint8))
         except (OSError, ValueError): ax.text(0.5, 0.5, 'image\nmissing', ha='center', va='center', transform=ax.transAxes)
         ax.set_title(f"given {name(int(s['label']))} {s['p_label']:.2f}\npred {name(int(s['top1']))} {s['conf']:.2f}"
-                     + (f"\n→ {name(int(s['new_label']))}" if s.get('action') == 'relabel' else ''), fontsize=7)
+                     + (f"\n→ {name(int(s['new_label']))}" if s.get('action') == 'relabel' else ''), fontsize=7, parse_math=False)
     fig.suptitle(title, fontsize=10); fig.tight_layout(); plt.close(fig)
     return fig
 
@@ -990,7 +990,8 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
-    from aliprod.core import atomic_write_text, markdown_table
+    from aliprod.core import atomic_write_text
+    from aliprod.escape import csv_safe, markdown_table
     from aliprod.data import prepare_data, shot_groups
     from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
@@ -1022,11 +1023,11 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     table['kept'] = table['iteration'] == kept
     table['verdict'] = table['iteration'].map({dd['iteration']: dd['verdict'] for dd in decisions})
     atomic_write_json(rep/'clean_selection.json', selection)
-    atomic_write_text(rep/'clean_rounds.csv', table.to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
-    atomic_write_text(rep/'clean_detection.csv', det.to_csv(index=False))
-    if len(rel): atomic_write_text(rep/'clean_relabel.csv', rel.to_csv(index=False))
+    atomic_write_text(rep/'clean_rounds.csv', csv_safe(table).to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
+    atomic_write_text(rep/'clean_detection.csv', csv_safe(det).to_csv(index=False))
+    if len(rel): atomic_write_text(rep/'clean_relabel.csv', csv_safe(rel).to_csv(index=False))
     rules = rules_table(exp, rounds)
-    if len(rules): atomic_write_text(rep/'clean_rules.csv', rules.to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
+    if len(rules): atomic_write_text(rep/'clean_rules.csv', csv_safe(rules).to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
     figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)

@@ -19,7 +19,7 @@ __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'THIRD_PARTY_WARNINGS', 'STAGE
            'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules',
            'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
            'stage_lock', 'hardware', 'manifest_status', 'current_manifest', 'quiet_third_party_warnings',
-           'in_stage_run', 'skip_to_stage_run', 'markdown_table']
+           'in_stage_run', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -612,16 +612,3 @@ def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
         if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False
         return ['pass\n'] if state['skipping'] else lines
     ip.input_transformers_cleanup.append(_skip_until_parameters)
-
-# %% ../nbs/00_core.ipynb #0eb41e4a
-def markdown_table(df, # a pandas DataFrame
-                   digits:int=4, # decimals of float cells
-                  )->str:
-    "`df` as a GitHub Markdown pipe table: floats rounded to `digits`, missing values blank, pipes escaped"
-    def cell(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)): return ''
-        if isinstance(v, (float, np.floating)): return f'{v:.{digits}f}'
-        return str(v).replace('|', '\\|').replace('\n', ' ')
-    lines = ['| ' + ' | '.join(cell(c) for c in df.columns) + ' |', '|' + '|'.join(['---'] * len(df.columns)) + '|']
-    lines += ['| ' + ' | '.join(cell(v) for v in r) + ' |' for r in df.itertuples(index=False)]
-    return '\n'.join(lines) + '\n'

@@ -4,20 +4,22 @@
 
 # %% ../nbs/01_data.ipynb #c0052bee
 from __future__ import annotations
-import difflib, io, json, os, time
+import codecs, difflib, io, json, os, re, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 import numpy as np, pandas as pd
-from .core import (ExperimentParams, ParamsError, StageRun, markdown_table, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
+from .core import (ExperimentParams, ParamsError, StageRun, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
                           atomic_write_text, log, params_dict, params_section, project_relative, project_root, report_dir, run_dir)
+from .escape import csv_safe, markdown_table, visible_text
 from .images import SCAN_REASONS, check_images
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'REASON_MEANING',
            'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult',
-           'class_counts', 'classes_table', 'path_problems', 'read_aliproducts', 'read_csv_index', 'read_list_files',
-           'read_imagefolder', 'read_source', 'scan_images', 'keep_seen_classes', 'DataArtifacts', 'data_root',
+           'class_counts', 'classes_table', 'path_problems', 'path_limits', 'path_unusable', 'unusable_paths',
+           'json_array_items', 'read_aliproducts', 'read_csv_index', 'read_list_files', 'read_imagefolder',
+           'read_source', 'scan_images', 'keep_seen_classes', 'DataArtifacts', 'read_dataset_json', 'data_root',
            'data_artifacts', 'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index',
            'quarantine_reasons', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
 
@@ -105,11 +107,12 @@ INDEX_COLUMNS = {'row':'int64', 'path':'str', 'label':'int32', 'split':'str', 'c
 QUARANTINE_COLUMNS = {'path':'str', 'label':'Int64', 'class_name':'str', 'split':'str', 'reason':'str', 'detail':'str'}
 CLASSES_COLUMNS = ['label', 'class_name', 'coarse_label', 'n_train', 'n_val', 'n_test']
 # the readers' reasons, then the image check's (aliprod.images)
-QUARANTINE_REASONS = ('bad_label', 'bad_record', 'duplicate_path', 'unsupported_extension') + SCAN_REASONS
+QUARANTINE_REASONS = ('bad_label', 'bad_record', 'bad_path', 'duplicate_path', 'unsupported_extension') + SCAN_REASONS
 REASON_MEANING = {'bad_label': 'label not an integer class of the dataset', 'bad_record': 'record without a path or label, or with an unknown split',
+                  'bad_path': 'path no file can have: a NUL byte, a lone surrogate, or longer than the system allows',
                   'duplicate_path': 'path listed again (the first listing is kept)', 'unsupported_extension': 'file type is not an image',
                   'outside_root': 'path or symlink leads outside the data root', 'missing': 'file not found', 'zero_byte': 'empty file',
-                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels'}
+                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels, or more decoded bytes than 4 per pixel of it'}
 
 def _typed(df:pd.DataFrame, columns:dict)->pd.DataFrame:
     "`df` with exactly `columns`, in order, cast to their dtypes"
@@ -121,9 +124,12 @@ def empty_quarantine()->pd.DataFrame:
 
 def _quarantine(df:pd.DataFrame, reason:str, detail)->pd.DataFrame:
     "Quarantine rows of `df` (needs path, split; label if known) with `reason` and per-row or single `detail`"
-    q = pd.DataFrame({'path': df['path'].astype(str).to_numpy(), 'split': df['split'].astype(str).to_numpy(),
+    # a quarantined path may hold what made it fail (NUL, lone surrogate, a megabyte): tables get its visible, encodable form
+    vis = lambda s: np.array([visible_text(v, 4096) for v in s.astype(object)], dtype=object)
+    q = pd.DataFrame({'path': vis(df['path']), 'split': df['split'].astype(str).to_numpy(),
                       'label': pd.to_numeric(df['label'], errors='coerce').to_numpy() if 'label' in df else np.nan,
-                      'class_name': df['class_name'].astype(str).to_numpy() if 'class_name' in df else '', 'reason': reason, 'detail': detail})
+                      'class_name': vis(df['class_name']) if 'class_name' in df else '', 'reason': reason,
+                      'detail': vis(pd.Series(detail, index=df.index, dtype=object)) if len(df) else detail})
     q['label'] = q['label'].where(q['label'] == np.floor(q['label']))  # 3.5 is not a label
     return _typed(q, QUARANTINE_COLUMNS)
 
@@ -155,9 +161,11 @@ def classes_table(index:pd.DataFrame, classes:pd.DataFrame)->pd.DataFrame:
     return out.astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32', 'n_train':'int64', 'n_val':'int64', 'n_test':'int64'})
 
 # %% ../nbs/01_data.ipynb #f127bb6e
-def _normalise_paths(paths:pd.Series)->pd.Series:
+def _normalise_paths(paths:pd.Series,
+                     backslash_separates:bool=True, # False where a backslash is part of a name (AliProducts ids, folder names on POSIX)
+                    )->pd.Series:
     "POSIX separators, no './' segments, no repeated slashes"
-    s = paths.astype(str).str.replace('\\', '/', regex=False)
+    s = paths.astype(str).str.replace('\\', '/', regex=False) if backslash_separates else paths.astype(str)
     s = s.str.replace(r'/+', '/', regex=True).str.replace(r'(^|/)\./', r'\1', regex=True)
     return s.str.replace(r'(^|/)\./', r'\1', regex=True)  # twice: './././a' overlaps
 
@@ -170,6 +178,43 @@ def path_problems(paths:pd.Series)->pd.Series:
     out[s.str.strip() == ''] = 'empty path'
     return out
 
+def path_limits(root:str|Path)->tuple[int, int]:
+    "(PC_PATH_MAX, PC_NAME_MAX) in bytes of the file system holding `root`; (4096, 255) where the system does not say"
+    r = Path(root)
+    while not r.exists() and r != r.parent: r = r.parent
+    def limit(name, default):
+        try: return int(os.pathconf(r, name))
+        except (OSError, ValueError, AttributeError): return default
+    return limit('PC_PATH_MAX', 4096), limit('PC_NAME_MAX', 255)
+
+def path_unusable(p:str,            # a relative path or one part of it (a class id, an image id)
+                  room:int=4096,    # bytes the whole may take (PC_PATH_MAX less the data root)
+                  name_max:int=255, # bytes one name may take (PC_NAME_MAX)
+                 )->str:
+    "'' when `p` can name a file, else why not: a NUL byte, a lone surrogate, or too many bytes for the system"
+    if '\x00' in p: return 'holds a NUL byte'
+    if p.isascii(): n = len(p)
+    else:
+        try: n = len(p.encode('utf-8'))
+        except UnicodeEncodeError: return 'holds a lone surrogate (not UTF-8 encodable)'
+    if n > room: return f'is {n:,} bytes long; a path under the data root stops at {room:,} (PC_PATH_MAX)'
+    if n > name_max:  # os.path.realpath of a megabyte path takes a minute: refused here, before any file call
+        part = max(len(x.encode('utf-8')) for x in p.split('/'))
+        if part > name_max: return f'has a {part:,}-byte name; a file name stops at {name_max} bytes (PC_NAME_MAX)'
+    return ''
+
+def unusable_paths(paths:pd.Series, # relative paths, as the readers build them
+                   root:str|Path,   # their data root (its length counts; its file system sets the limits)
+                  )->pd.Series:
+    "Per path: '' when the system can open it, else why not (`path_unusable`); only paths that may be too long are encoded"
+    path_max, name_max = path_limits(root)
+    room = path_max - len(os.fsencode(str(Path(root).absolute()))) - 1
+    s = paths.astype(str)
+    out = pd.Series('', index=paths.index, dtype='str')
+    cand = s.str.contains('\x00', regex=False) | (s.str.len() > min(room, name_max) // 4)  # UTF-8 takes at most 4 bytes a character
+    if cand.any(): out[cand] = [path_unusable(p, room, name_max) for p in s[cand]]
+    return out
+
 # %% ../nbs/01_data.ipynb #19af590b
 def _int_or_nan(s:pd.Series)->pd.Series:
     "Integer-valued entries as float, everything else NaN"
@@ -179,11 +224,16 @@ def _int_or_nan(s:pd.Series)->pd.Series:
 def _finish_records(rec:pd.DataFrame,          # path, label, split, source[, class_name, coarse_label]
                     classes:pd.DataFrame|None,  # label, class_name, coarse_label; None: K = 1 + largest valid label
                     quarantine:list[pd.DataFrame]|None=None, # rows already quarantined by the reader
+                    root:str|Path|None=None,    # the data root: paths longer than its file system allows are quarantined
+                    backslash_separates:bool=True, # False: a backslash is part of a name (AliProducts ids, POSIX folder names)
                    )->ReadResult:
     "Check paths, labels and duplicates; return the canonical index, classes and quarantine"
     qs = list(quarantine or [])
     rec = rec.reset_index(drop=True).copy()
-    rec['path'] = _normalise_paths(rec['path']) if len(rec) else rec['path'].astype(str)
+    rec['path'] = _normalise_paths(rec['path'], backslash_separates) if len(rec) else rec['path'].astype(str)
+    if root is not None:
+        why = unusable_paths(rec['path'], root); bad = why != ''
+        qs.append(_quarantine(rec[bad], 'bad_path', ('path ' + why[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy())); rec = rec[~bad]
     prob = path_problems(rec['path'])
     bad = prob != ''
     qs.append(_quarantine(rec[bad], 'outside_root', (prob[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy())); rec = rec[~bad]
@@ -243,43 +293,163 @@ def _read_data_text(f:Path, key:str, expected:str)->str:
     if not text.strip(): raise ParamsError(f"data.{key}: {f} is empty; expected {expected}")
     return text
 
+# %% ../nbs/01_data.ipynb #e7173fa1
+_blanks = re.compile(r'[ \t\n\r]*').match
+
+class _JSONStream:
+    "A UTF-8 JSON file read in chunks and consumed from the front: `value()` decodes the next value with `json.JSONDecoder.raw_decode`"
+    def __init__(self, fh, f:Path, key:str, expected:str, chunk:int=1 << 20):
+        self.fh, self.f, self.key, self.expected, self.chunk = fh, f, key, expected, chunk
+        self.dec, self.raw = codecs.getincrementaldecoder('utf-8-sig')(), json.JSONDecoder().raw_decode
+        self.buf, self.pos, self.eof, self.nbytes = '', 0, False, 0
+        self.lines, self.col0 = 0, 0  # newlines, and characters of the current line, in the consumed text dropped so far (for messages)
+
+    def _more(self)->bool:
+        "Read the next chunk (dropping what was consumed); False at the end of the file"
+        if self.eof: return False
+        b = self.fh.read(self.chunk)
+        try: s = self.dec.decode(b, final=not b)
+        except UnicodeDecodeError as e:
+            raise ParamsError(f"data.{self.key}: {self.f} is not UTF-8 text (byte {self.nbytes + e.start}: {e.reason}); expected {self.expected}") from None
+        self.nbytes += len(b); self.eof = not b
+        if self.pos > self.chunk:  # the buffer stays about one chunk long, whatever the file's size
+            head = self.buf[:self.pos]; nl = head.count('\n')
+            self.lines, self.col0 = self.lines + nl, len(head) - head.rfind('\n') - 1 if nl else self.col0 + len(head)
+            self.buf, self.pos = self.buf[self.pos:], 0
+        self.buf += s
+        return True
+
+    def fail(self, msg:str):
+        "A ParamsError saying where the file stops being JSON"
+        p = self.pos; nl = self.buf.count('\n', 0, p)
+        col = p - self.buf.rfind('\n', 0, p) if nl else self.col0 + p + 1
+        raise ParamsError(f"data.{self.key}: {self.f} is not valid JSON ({msg} at line {self.lines + nl + 1}, column {col}); expected {self.expected}")
+
+    def peek(self)->str:
+        "The next character after blanks ('' at the end of the file); the blanks are consumed"
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in ' \t\n\r': self.pos += 1
+            if self.pos < len(self.buf) or not self._more(): return self.buf[self.pos:self.pos + 1]
+
+    def take(self, chars:str, what:str)->str:
+        "Consume the next character, one of `chars`, or fail with json's message `what`"
+        c = self.peek()
+        if not c or c not in chars: self.fail(what)
+        self.pos += 1
+        return c
+
+    def value(self):
+        "Decode and consume the next JSON value"
+        self.peek()
+        while True:
+            try:
+                v, end = self.raw(self.buf, self.pos)
+                # a number ends at the first character that cannot go on it: '1.' at the buffer's end may be '1.5'
+                if self.eof or (end < len(self.buf) and not (isinstance(v, (int, float)) and self.buf[end] in '0123456789.eE+-')):
+                    self.pos = end; return v
+            except json.JSONDecodeError as e:
+                # a value cut by the chunk's end fails at (or, for a string, from) there; one that fails well inside is not JSON
+                cut = e.pos >= len(self.buf) - 8 or e.msg.startswith('Unterminated string')
+                if self.eof or not cut: self.pos = e.pos; self.fail(e.msg)
+            self._more()
+
+def json_array_items(f:Path,        # a JSON file holding an object with an array under `array_key`
+                     array_key:str, # e.g. 'images'
+                     key:str,       # the parameter naming the file, for messages
+                     expected:str,  # the shape it should have, for messages
+                     chunk:int=1 << 20, # characters read at a time
+                    ):
+    "Yield the items of `f`'s top-level `array_key` array one by one: memory is one chunk and one item, not the file"
+    with open(f, 'rb') as fh:
+        s = _JSONStream(fh, f, key, expected, chunk)
+        c = s.peek()
+        if not c: raise ParamsError(f"data.{key}: {f} is empty; expected {expected}")
+        if c != '{':  # a list is named without being read (it may be the whole file); anything else is small
+            kind = 'list' if c == '[' else type(s.value()).__name__
+            raise ParamsError(f"data.{key}: {f} holds a JSON {kind} at the top; expected an object {expected}")
+        s.pos += 1; keys = []
+        if s.peek() == '}': s.pos += 1
+        else:
+            while True:
+                if s.peek() != '"': s.fail('Expecting property name enclosed in double quotes')
+                k = s.value(); s.take(':', "Expecting ':' delimiter")
+                if k == array_key:
+                    if array_key in keys: raise ParamsError(f"data.{key}: {f} has the key {array_key!r} twice; expected {expected}")
+                    if s.peek() != '[':
+                        v = s.value(); raise ParamsError(f"data.{key}: {f}: {array_key!r} is a JSON {type(v).__name__}; expected a list {expected}")
+                    s.pos += 1
+                    if s.peek() == ']': s.pos += 1
+                    else:
+                        while True:
+                            # fast path: a value followed by its ',' or ']' inside the buffer is whole (a number too: a delimiter ends it)
+                            buf = s.buf
+                            try:
+                                v, end = s.raw(buf, _blanks(buf, s.pos).end())
+                                q = _blanks(buf, end).end()
+                                c = buf[q] if q < len(buf) else ''
+                            except json.JSONDecodeError: c = ''
+                            if c == ',' or c == ']': s.pos = q + 1
+                            else:  # slow path at the buffer's end or at an error: read on, or fail saying where
+                                v = s.value(); c = s.take(',]', "Expecting ',' delimiter")
+                            yield v
+                            if c == ']': break
+                else: s.value()  # another key's value: read and dropped
+                keys.append(k)
+                if s.take(',}', "Expecting ',' delimiter") == '}': break
+        if s.peek(): s.fail('Extra data')
+        if array_key not in keys:
+            raise ParamsError(f"data.{key}: {f} has no {array_key!r} key (found {', '.join(map(repr, keys[:5])) or 'no keys'}); expected {expected}")
+
 # %% ../nbs/01_data.ipynb #78714167
+def _screen_aliproducts(items, name:str, split:str, room:int, name_max:int)->tuple[pd.DataFrame, list]:
+    "(records that can name a file, quarantine rows (path, class_name, split, reason, detail)) of one file's `images` items"
+    parts, cls, img, src, bad = [], [], [], [], []
+    def flush():  # into Arrow strings every 64K records: a Python str per id would cost about 4x the file's size
+        parts.append(pd.DataFrame({'class_id': pd.Series(cls, dtype='str'), 'image_id': pd.Series(img, dtype='str'), 'row': np.array(src, np.int64)}))
+        cls.clear(); img.clear(); src.clear()
+    for i, r in enumerate(items):
+        c, m = (r.get('class_id'), r.get('image_id')) if isinstance(r, dict) else (None, None)
+        c, m = ('' if c is None else str(c)), ('' if m is None else str(m))
+        if c == '' or m == '': bad.append((m, c, split, 'bad_record', f'record without class_id or image_id ({name}:{i})')); continue
+        # checked before pandas sees them: a lone surrogate cannot even be stored, a NUL or a megabyte breaks every file call
+        if '\x00' in m or '\x00' in c or len(m) > name_max or len(c) > name_max or not (m.isascii() and c.isascii()):
+            why = next((f'{what} {w}' for what, v in (('image_id', m), ('class_id', c)) if (w := path_unusable(v, room, name_max))), '')
+            if why: bad.append((m, c, split, 'bad_path', f'{why} ({name}:{i})')); continue
+        cls.append(c); img.append(m); src.append(i)
+        if len(src) == 1 << 16: flush()
+    flush()
+    rec = pd.concat(parts, ignore_index=True)
+    rec['source'] = f'{name}:' + rec.pop('row').astype('str')
+    return rec.assign(split=split), bad
+
 def read_aliproducts(root:str|Path,   # data root
                      files:dict,      # split -> JSON file (relative to root unless absolute)
                     )->ReadResult:
-    "Index the AliProducts challenge JSON files"
+    "Index the AliProducts challenge JSON files (streamed: memory does not grow with the file)"
     root = Path(root); recs, qs = [], []
+    path_max, name_max = path_limits(root)
+    room = path_max - len(os.fsencode(str(root.absolute()))) - 1
     for split, f in files.items():
         key, shape = f'{split}_file', '{"images": [{"class_id": ..., "image_id": ...}, ...]}'
         f = _need_file(_under(root, f), f'AliProducts {split} JSON', key)
-        try: data = json.loads(_read_data_text(f, key, shape))
-        except json.JSONDecodeError as e: raise ParamsError(f"data.{key}: {f} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {shape}") from None
-        if not isinstance(data, dict): raise ParamsError(f"data.{key}: {f} holds a JSON {type(data).__name__} at the top; expected an object {shape}")
-        if 'images' not in data: raise ParamsError(f"data.{key}: {f} has no 'images' key (found {', '.join(map(repr, list(data)[:5])) or 'no keys'}); expected {shape}")
-        if not isinstance(data['images'], list): raise ParamsError(f"data.{key}: {f}: 'images' is a JSON {type(data['images']).__name__}; expected a list {shape}")
-        im = pd.DataFrame([r if isinstance(r, dict) else {} for r in data['images']], columns=None)
-        for c in ('class_id', 'image_id'):
-            if c not in im: im[c] = None
-        im['source'] = f'{f.name}:' + pd.Series(np.arange(len(im)), dtype='str') if len(im) else pd.Series([], dtype='str')
-        im['split'] = split
-        ok = im['class_id'].notna() & im['image_id'].notna() & (im['class_id'].astype(str) != '') & (im['image_id'].astype(str) != '')
-        qs.append(_quarantine(im[~ok].assign(path=im.loc[~ok, 'image_id'].astype(str), label=np.nan, class_name=im.loc[~ok, 'class_id'].fillna('').astype(str)), 'bad_record',
-                              ('record without class_id or image_id (' + im.loc[~ok, 'source'] + ')').to_numpy()))
-        im = im[ok]
-        im['class_id'] = im['class_id'].astype(str)
+        im, bad = _screen_aliproducts(json_array_items(f, 'images', key, shape), f.name, split, room, name_max)
+        if bad:
+            bq = pd.DataFrame(bad, columns=['path', 'class_name', 'split', 'reason', 'detail'], dtype=object).assign(label=np.nan)
+            qs.append(_quarantine(bq, bq['reason'].to_numpy(), bq['detail'].to_numpy()))
         # each part on its own: '/abs.jpg' or '../x' in an id must not hide inside split/class_id/image_id
-        prob = path_problems(im['image_id'].astype(str)).where(lambda s: s != '', path_problems(im['class_id']))
+        prob = path_problems(im['image_id']).where(lambda s: s != '', path_problems(im['class_id']))
         far = prob != ''
-        qs.append(_quarantine(im[far].assign(path=im.loc[far, 'image_id'].astype(str), label=np.nan, class_name=im.loc[far, 'class_id']), 'outside_root',
+        qs.append(_quarantine(im[far].assign(path=im.loc[far, 'image_id'], label=np.nan, class_name=im.loc[far, 'class_id']), 'outside_root',
                               (prob[far] + ' in image_id or class_id (' + im.loc[far, 'source'] + ')').to_numpy()))
         im = im[~far]
-        im['path'] = split + '/' + im['class_id'] + '/' + im['image_id'].astype(str)
+        # the class id is a name, never a path: a backslash in it stays (it is part of the folder's name)
+        im['path'] = split + '/' + im['class_id'] + '/' + im['image_id']
         recs.append(im[['path', 'class_id', 'split', 'source']].assign(class_name=im['class_id']))
     rec = pd.concat(recs, ignore_index=True)
     ids = np.array(sorted(rec['class_id'].unique()), dtype=object)
     rec['label'] = np.searchsorted(ids, rec['class_id'].to_numpy()) if len(ids) else []
     classes = pd.DataFrame({'label': np.arange(len(ids)), 'class_name': ids, 'coarse_label': -1})
-    return _finish_records(rec, classes, qs)
+    return _finish_records(rec, classes, qs, root, backslash_separates=False)
 
 # %% ../nbs/01_data.ipynb #ddcb7ea7
 def _read_classes_file(root:Path, classes_file)->pd.DataFrame|None:
@@ -305,7 +475,7 @@ def read_csv_index(root:str|Path, files:dict, classes_file:str|Path|None=None)->
         qs.append(_quarantine(df[bad], 'bad_record', ('split ' + df.loc[bad, 'split'].map(repr) + " is not train, val or test" + df.loc[bad, 'split'].map(_split_hint) +
                                                       " (" + df.loc[bad, 'source'] + ')').to_numpy()))
         recs.append(df[~bad])
-    return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs)
+    return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs, root)
 
 def read_list_files(root:str|Path, files:dict, classes_file:str|Path|None=None)->ReadResult:
     "Index list files of `path label [coarse]` lines (`files`: split -> list file)"
@@ -324,7 +494,7 @@ def read_list_files(root:str|Path, files:dict, classes_file:str|Path|None=None)-
                               (f'expected "path label [coarse]", got ' + s[bad].map(repr) + ' (' + src[bad] + ')').to_numpy()))
         tok, src = tok[~bad], src[~bad]
         recs.append(pd.DataFrame({'path': tok.str[0], 'label': tok.str[1], 'coarse_label': tok.str[2].astype(object).where(tok.str.len() > 2, ''), 'split': split, 'source': src}))
-    return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs)
+    return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs, root)
 
 # %% ../nbs/01_data.ipynb #9a10e62d
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
@@ -359,7 +529,7 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     q['label'] = np.nan
     q['class_name'] = [p.split('/')[1] if p.count('/') >= 2 else '' for p in q['path']]  # the class folder a stray file sits in
     classes = pd.DataFrame({'label': np.arange(len(names)), 'class_name': names, 'coarse_label': -1})
-    return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)])
+    return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)], root, backslash_separates=False)  # os.walk's names, verbatim
 
 def read_source(p:DataParams)->ReadResult:
     "Index the real data source that `p` describes"
@@ -448,6 +618,13 @@ class DataArtifacts:
     dataset_json:Path
     manifest:Path
 
+def read_dataset_json(f:Path)->dict:
+    "The data stage's dataset.json; a file cut short (a killed run, a full disk) is an error naming it and the fix, not a JSON traceback"
+    try: return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # FileNotFoundError: the usable file is missing, which the command line reports in one line (exit 2)
+        raise FileNotFoundError(f"{f} is cut short or corrupt ({e}); re-run the data stage: aliprod data <params.yaml> --force") from None
+
 def _stored_root(root:Path, data_dir:Path)->dict:
     "How dataset.json names the data root: relative to the data stage's directory (synthetic images), to the project root, or absolute"
     root = Path(root).absolute()
@@ -464,7 +641,7 @@ def _resolve_root(info:dict, data_dir:Path)->Path:
 def data_root(exp:ExperimentParams)->Path:
     "The absolute data root of `exp`'s index paths (dataset.json stores it relative to the project, so a moved project still finds its images)"
     d = run_dir(exp, 'data')
-    return _resolve_root(json.loads((d/'dataset.json').read_text()), d) if (d/'dataset.json').exists() else d/'images'
+    return _resolve_root(read_dataset_json(d/'dataset.json'), d) if (d/'dataset.json').exists() else d/'images'
 
 def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     "Where the data stage of `exp` writes (the root is read from dataset.json when it exists)"
@@ -476,7 +653,7 @@ def dataset_info(exp:ExperimentParams)->dict:
     "The data stage's dataset.json (num_classes, source, counts), its `root` resolved to an absolute path"
     f = run_dir(exp, 'data')/'dataset.json'
     if not f.exists(): raise FileNotFoundError(f"{f} not found: run the data stage first (aliprod.data.prepare_data, or `aliprod run`)")
-    info = json.loads(f.read_text())
+    info = read_dataset_json(f)
     return {**info, 'root': str(_resolve_root(info, f.parent))}
 
 def index_path(exp:ExperimentParams, iteration:int=0)->Path:
@@ -570,19 +747,19 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
                                  ('phantom_csv', 'phantom_classes.csv'), ('reasons_csv', 'quarantine_reasons.csv')]}
     fig = plot_class_distribution(classes, p.many_threshold, p.few_threshold)
     with atomic_path(out['figure']) as t: fig.savefig(t, format='png')
-    moved = json.loads(arts.dataset_json.read_text()).get('val_from_test', 0) if arts.dataset_json.exists() else 0
+    moved = read_dataset_json(arts.dataset_json).get('val_from_test', 0) if arts.dataset_json.exists() else 0
     summ = data_summary(index, classes, quarantine, conversions, p, phantoms, moved)
-    atomic_write_text(out['summary_csv'], summ.to_csv(index=False))
+    atomic_write_text(out['summary_csv'], csv_safe(summ).to_csv(index=False))
     atomic_write_text(out['summary_md'], f'## Data: {exp.experiment}\n\n' + markdown_table(summ))
     reasons = quarantine_reasons(quarantine)
-    atomic_write_text(out['reasons_csv'], reasons.to_csv(index=False))
+    atomic_write_text(out['reasons_csv'], csv_safe(reasons).to_csv(index=False))
     # one row per quarantined record, grouped by reason, each saying how many share it
     per_row = quarantine.assign(reason_count=quarantine['reason'].map(reasons.set_index('reason')['count'])).sort_values(['reason', 'path'], kind='stable')
-    atomic_write_text(out['quarantine_csv'], per_row.to_csv(index=False))
+    atomic_write_text(out['quarantine_csv'], csv_safe(per_row).to_csv(index=False))
     qmd = markdown_table(quarantine) if len(quarantine) else markdown_table(quarantine) + '\nNo image was quarantined.\n'
     pmd = ('' if not len(phantoms) else f'\n## Class ids seen only on quarantined records ({len(phantoms)})\n\n' + markdown_table(phantoms))
     atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + markdown_table(reasons) + '\n' + qmd + pmd)
-    atomic_write_text(out['phantom_csv'], phantoms.to_csv(index=False))
+    atomic_write_text(out['phantom_csv'], csv_safe(phantoms).to_csv(index=False))
     return out
 
 # %% ../nbs/01_data.ipynb #05916dec
@@ -594,6 +771,9 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
     params = {**params_dict(p), **({'seed': exp.seed} if p.source == 'synthetic' else {})}
     # no torch reductions here: the thread count does not change the outputs
     run = StageRun(out, 'data', params, inputs=_source_inputs(p), modules=['data'], threads=False)
+    try: read_dataset_json(out/'dataset.json') if (out/'dataset.json').exists() else None
+    except FileNotFoundError as e:  # its own output cut short: stale, so rebuilt (the root it names cannot be trusted)
+        log(f'data: {e}: indexing again'); (out/'dataset.json').unlink(); force = True
     if force: run.invalidate()  # no manifest: ensure runs the stage and says so
     run.ensure(lambda: _prepare_data(exp, p, out), what=f'indexing {p.source} data')
     arts = data_artifacts(exp)

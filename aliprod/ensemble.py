@@ -11,6 +11,7 @@ from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
 from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
                           atomic_write_json, report_dir, log, check_name)
+from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 
 # %% auto #0
@@ -337,7 +338,7 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     m = json.loads((out/'metrics.json').read_text())
     table = ensemble_table(f'ensemble {p.name} ({p.mode})', m['ensemble'], m['members'])
     rep = report_dir(exp)
-    table.to_csv(rep/f'ensemble_{p.name}.csv', index=False)
+    csv_safe(table).to_csv(rep/f'ensemble_{p.name}.csv', index=False)
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
     fig.savefig(rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice

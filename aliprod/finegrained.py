@@ -11,8 +11,9 @@ import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import (project_relative, check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, markdown_table, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
+from .core import (project_relative, check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
                           atomic_write_json, atomic_write_text, log)
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
 
@@ -472,7 +473,7 @@ def comparison_table(runs:dict,      # name -> TrainArtifacts (or anything with 
 def write_comparison(df:pd.DataFrame, exp:ExperimentParams, note:str='', out_dir:Path|None=None)->tuple[Path, Path]:
     "reports/<experiment>/finegrained.csv and finegrained.md (the table, under `note`), also in `out_dir` when given"
     for d in ([out_dir] if out_dir is not None else []) + [report_dir(exp)]:
-        atomic_write_text(d/'finegrained.csv', df.to_csv(index=False))
+        atomic_write_text(d/'finegrained.csv', csv_safe(df).to_csv(index=False))
         atomic_write_text(d/'finegrained.md', (note + '\n\n' if note else '') + markdown_table(df))
     return report_dir(exp)/'finegrained.csv', report_dir(exp)/'finegrained.md'
 
@@ -540,4 +541,4 @@ def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams
     run.ensure(work, what=f"comparison of {', '.join(fg.methods)} (iteration {it}, on {', '.join(splits)})")
     if not (rep/'finegrained.csv').exists():   # up to date here, but the reports directory was cleared
         for f in ('finegrained.csv', 'finegrained.md', 'finegrained.png'): shutil.copyfile(out/f, rep/f)
-    return FinegrainedArtifacts(out, start, runs, pd.read_csv(out/'finegrained.csv'), rep/'finegrained.csv', rep/'finegrained.png', splits)
+    return FinegrainedArtifacts(out, start, runs, read_csv_safe(out/'finegrained.csv'), rep/'finegrained.csv', rep/'finegrained.png', splits)

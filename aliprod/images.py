@@ -12,43 +12,71 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .core import log
 
 # %% auto #0
-__all__ = ['SCAN_REASONS', 'SCAN_COLUMNS', 'open_image', 'to_rgb', 'load_rgb', 'check_image', 'available_cpus', 'process_pool',
-           'check_images', 'write_bad_images', 'ImageIndexDataset']
+__all__ = ['IMAGE_FORMATS', 'SCAN_REASONS', 'SCAN_COLUMNS', 'decoded_bytes', 'open_image', 'to_rgb', 'load_rgb', 'check_image',
+           'available_cpus', 'process_pool', 'check_images', 'write_bad_images', 'ImageIndexDataset']
 
 # %% ../nbs/01d_images.ipynb #0613cb7c
+# the formats the suite reads; others (EPS, PDF, ...) can make PIL run external programs such as Ghostscript on a web file
+IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF', 'PPM')
+
 def _open_unguarded(path:Path)->Image.Image:
-    "What `Image.open` does, less its check of the size against the process-wide `Image.MAX_IMAGE_PIXELS` (the caller checks its own limit)"
+    "What `Image.open(path, formats=IMAGE_FORMATS)` does, less its size check against the process-wide `Image.MAX_IMAGE_PIXELS`"
     with open(path, 'rb') as f: prefix = f.read(16)
     for loader in (Image.preinit, Image.init):
         loader()
-        for fmt in list(Image.ID):
+        for fmt in [f for f in Image.ID if f in IMAGE_FORMATS]:
             factory, accept = Image.OPEN[fmt]
             ok = not accept or accept(prefix)
             if not ok or isinstance(ok, str): continue  # a str: recognised, but this build cannot read it
             try: return factory(str(path), str(path))  # the plugin opens (and later closes) the file itself
             except (SyntaxError, IndexError, TypeError, struct.error): continue
-    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r} as one of {', '.join(IMAGE_FORMATS)}")
+
+def decoded_bytes(im:Image.Image)->int:
+    "Bytes PIL allocates to decode `im`: 1 per pixel for 1/L/P, 2 for 16-bit grey, 4 for every other mode (RGB is stored in 4)"
+    w, h = im.size
+    return w * h * (1 if im.mode in ('1', 'L', 'P') else 2 if im.mode.startswith('I;16') else 4)
 
 def open_image(path:str|Path,            # image file
                max_pixels:int|None=None, # refuse (DecompressionBombError) above width*height; None: PIL's own limit
+               max_bytes:int|None=None,  # refuse above this many decoded bytes (`decoded_bytes`); None: 4 * max_pixels, an RGB(A) image at the pixel limit
               )->Image.Image:
-    "`Image.open` with a decompression-bomb limit of this call only: PIL's global `MAX_IMAGE_PIXELS` neither pre-empts nor is changed"
-    if max_pixels is None: return Image.open(path)
+    "`Image.open` of the suite's formats with decompression-bomb limits of this call only: PIL's global `MAX_IMAGE_PIXELS` is not used nor changed"
+    if max_pixels is None and max_bytes is None: return Image.open(path, formats=IMAGE_FORMATS)
     im = _open_unguarded(Path(path))
     w, h = im.size
-    if w * h > max_pixels:
+    if max_pixels is not None and w * h > max_pixels:
         im.close(); raise Image.DecompressionBombError(f'{w}x{h} = {w * h:,} pixels > max_pixels={max_pixels:,}')
+    limit = max_bytes if max_bytes is not None else 4 * max_pixels
+    if decoded_bytes(im) > limit:
+        n = decoded_bytes(im); im.close()
+        raise Image.DecompressionBombError(f'{w}x{h} {im.mode} decodes to {n:,} bytes > max_bytes={limit:,}')
     return im
+
+_RAW_DTYPE = {'I;16': '<u2', 'I;16L': '<u2', 'I;16B': '>u2', 'I;16N': '=u2', 'I': '=i4', 'F': '=f4'}  # PIL's storage of each mode
+
+def _grey_to_uint8(im:Image.Image)->np.ndarray:
+    "(H,W) uint8 of a 16/32-bit or float grey image: 16-bit values / 257, floats in [0,1] * 255, rounded and clipped"
+    raw = _RAW_DTYPE.get(im.mode)  # np.asarray of an I;16 image is 4x slower than its bytes (2.6 s against 0.6 s at 8000x8000)
+    a = np.frombuffer(im.tobytes(), raw).reshape(im.size[1], im.size[0]) if raw else np.asarray(im)
+    hi, lo = a.max(initial=0), a.min(initial=0)
+    div = im.mode.startswith('I;16') or (im.mode == 'I' and hi <= 65535 and lo >= 0 and hi > 255)
+    mul = not div and im.mode == 'F' and hi <= 1.0
+    out = np.empty(a.shape, np.uint8)
+    # about 256K pixels at a time: float64 temporaries of 2 MB, not 8 bytes per pixel of the image, several times (1.6 GB at 8000x8000)
+    rows = max(1, (1 << 18) // max(a.shape[1] if a.ndim == 2 else 1, 1))
+    for i in range(0, a.shape[0], rows):
+        b = a[i:i + rows].astype(np.float64)
+        if div: b /= 257.0
+        elif mul: b *= 255.0
+        np.clip(np.rint(b, out=b), 0, 255, out=b)
+        out[i:i + rows] = b
+    return out
 
 def to_rgb(im:Image.Image)->Image.Image:
     "`im` as 8-bit RGB: alpha composited on white, 16/32-bit grey scaled to 8 bits, CMYK/L/P/YCbCr converted"
     if im.mode == 'RGB': return im
-    if im.mode.startswith('I') or im.mode == 'F':
-        a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith('I;16') or (im.mode == 'I' and a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 and a.max(initial=0) > 255): a = a / 257.0
-        elif im.mode == 'F' and a.max(initial=0) <= 1.0: a = a * 255.0
-        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), 'RGB')
+    if im.mode.startswith('I') or im.mode == 'F': return Image.fromarray(_grey_to_uint8(im)).convert('RGB')
     if im.mode == 'P' and ('transparency' in im.info or (im.palette is not None and im.palette.mode == 'RGBA')): im = im.convert('RGBA')
     elif im.mode in ('L', '1') and 'transparency' in im.info: im = im.convert('LA')
     elif im.mode == 'RGB' and 'transparency' in im.info: im = im.convert('RGBA')
@@ -61,9 +89,10 @@ def to_rgb(im:Image.Image)->Image.Image:
 def load_rgb(path:str|Path,          # image file
              draft:int|None=None,    # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while staying >= this size (much faster for big images)
              max_pixels:int|None=None, # decompression-bomb limit (width*height) instead of PIL's global one; None: PIL's
+             max_bytes:int|None=None,  # decoded-bytes limit (`open_image`)
             )->Image.Image:
     "Open `path` and return it as an 8-bit RGB PIL image, EXIF orientation applied"
-    with open_image(path, max_pixels) as im:
+    with open_image(path, max_pixels, max_bytes) as im:
         if draft and im.format == 'JPEG': im.draft('RGB', (draft, draft))
         im.load()
         im = ImageOps.exif_transpose(im)
@@ -89,6 +118,7 @@ def check_image(path:str|Path,            # the image file
                 root:str|Path|None=None,   # when given, a path resolving outside it (symlink) is refused
                 max_pixels:int=64_000_000, # width*height above which the image is not decoded
                 jpeg_draft:bool=True,      # JPEG: decode at 1/8 scale; every coefficient is still entropy-decoded, so truncated and corrupt data still fail
+                max_bytes:int|None=None,   # decoded bytes above which the image is not decoded; None: 4 * max_pixels
                )->tuple:
     "(reason, detail, mode, conversion) of one image; reason is None when it decodes"
     path = Path(path)
@@ -100,7 +130,7 @@ def check_image(path:str|Path,            # the image file
         except FileNotFoundError: return 'missing', 'file not found', '', ''
         if not stat.S_ISREG(st.st_mode): return 'missing', 'not a regular file', '', ''
         if st.st_size == 0: return 'zero_byte', 'empty file', '', ''
-        try: im = open_image(path, max_pixels)  # our limit, not PIL's global one
+        try: im = open_image(path, max_pixels, max_bytes)  # our limits, not PIL's global one
         except Image.DecompressionBombError as e: return 'too_large', str(e)[:300], '', ''
         except Exception as e:  # the header does not parse: whatever follows, this is no image (not a truncated one)
             return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
@@ -114,7 +144,7 @@ def check_image(path:str|Path,            # the image file
                 # a valid header whose pixel data ends early is truncated; data that does not decode is not
                 return ('truncated' if 'truncated' in msg.lower() else 'undecodable'), msg, '', ''
         return None, '', mode, conv
-    except OSError as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
+    except (OSError, ValueError) as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''  # ValueError: a NUL in the path
 
 def _check_chunk(paths:list, root:str, max_pixels:int, jpeg_draft:bool=True)->list:
     return [check_image(Path(root)/p, root, max_pixels, jpeg_draft) for p in paths]

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .core import (check_iteration, resolve_iteration, params_section, ParamsError, markdown_table, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                           atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device)
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
@@ -731,7 +732,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
         rep = report_dir(exp)
         if tau is not None:
             sweep = results['tau_norm'].info['sweep']
-            with atomic_path(out/'tau_sweep.csv') as f: sweep.to_csv(f, index=False)
+            with atomic_path(out/'tau_sweep.csv') as f: csv_safe(sweep).to_csv(f, index=False)
             fig = plot_tau_sweep(sweep, tau, f'τ-normalisation, {exp.experiment} iteration {p.iteration} (validation)')
             with atomic_path(fig_path) as f: fig.savefig(f, dpi=120, format='png')
             import matplotlib.pyplot as plt; plt.close(fig)
@@ -754,7 +755,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
         for d, name in ((out, 'rebalance'), (rep, f'rebalance{sfx}')):
-            with atomic_path(d/f'{name}.csv') as f: table.to_csv(f, index=False)
+            with atomic_path(d/f'{name}.csv') as f: csv_safe(table).to_csv(f, index=False)
             atomic_write_text(d/f'{name}.md', markdown_table(table) + ('' if rho is None else '\n\n' + weight_norm_note(rho, tau, how)))
         outputs += [out/'rebalance.csv', out/'rebalance.md']
         split = evals[-1]   # test when there is one; real AliProducts data has no test labels: val
@@ -763,5 +764,5 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
                    **{f'{m}_{c}': float(rows.loc[m, c]) for m in rows.index for c in ('mean_class_err', 'few_acc')}}
         return outputs, metrics
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')
-    table = pd.read_csv(out/'rebalance.csv')
+    table = read_csv_safe(out/'rebalance.csv')
     return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, man.get('metrics', {}).get('tau'), evals)

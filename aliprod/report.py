@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, markdown_table, manifest_status, fingerprint)
+                          atomic_path, code_version, hardware, log, manifest_status, fingerprint)
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import shot_groups
 
 # %% auto #0
@@ -129,7 +130,7 @@ def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.Dat
     if not d.is_dir() or not all(runs.lists(d, d/f) for f in read):
         return pd.DataFrame(), None
     s = json.loads((d/'system.json').read_text())
-    chain = pd.read_csv(d/'chain.csv')
+    chain = read_csv_safe(d/'chain.csv')
     chain.insert(1, 'split', s['sets']['report_split'])
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
@@ -332,7 +333,7 @@ def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFram
     "Write index.html and README.md into reports/<experiment>/ (tables also as CSV and Markdown); return index.html"
     d = report_dir(exp)
     for name, df in tables.items():
-        with atomic_path(d/f'{name}.csv') as t: df.to_csv(t, index=False)
+        with atomic_path(d/f'{name}.csv') as t: csv_safe(df).to_csv(t, index=False)
         atomic_write_text(d/f'{name}.md', markdown_table(df, 3))
     figs = [(t, f, c) for t, f, c in figures if (d/f).exists()]
     md = [f"# Report: {exp.experiment}", '', *([summary, ''] if summary else []), *[f"- **{k}**: {v}" for k, v in header.items()], '']
@@ -418,10 +419,10 @@ def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, 
     rep, tables, notes, runs = report_dir(exp), {}, {}, runs or CurrentRuns(exp)
     for name, note in OTHER_TABLES.items():
         if (rep/f'{name}.csv').exists() and from_current_run(exp, f'{name}.csv', runs):
-            tables[name], notes[name] = pd.read_csv(rep/f'{name}.csv'), note
+            tables[name], notes[name] = read_csv_safe(rep/f'{name}.csv'), note
     for f in sorted(rep.glob('ensemble_*.csv')):
         if not from_current_run(exp, f.name, runs): continue
-        tables[f.stem] = pd.read_csv(f)
+        tables[f.stem] = read_csv_safe(f)
         notes[f.stem] = f"Ensemble '{f.stem.removeprefix('ensemble_')}' against its members; each row on the split and labels its columns name."
     return tables, notes
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
 from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
-                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save, markdown_table,
+                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save,
                           pick_device, log, manifest_status, current_manifest, project_relative)
+from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
 from .ensemble import combine_topk
@@ -784,9 +785,9 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                  'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K, 'data_root': str(root), 'experiment': exp.experiment}
         s = _write_artifact(out, final, choices, extra)
         preds = {'choose': write_topk(out/'predictions'/'choose.parquet', final.choose), 'report': write_topk(out/'predictions'/'report.parquet', final.report)}
-        with atomic_path(out/'chain.csv') as f: ch.to_csv(f, index=False)
+        with atomic_path(out/'chain.csv') as f: csv_safe(ch).to_csv(f, index=False)
         atomic_write_text(out/'chain.md', markdown_table(ch))
-        with atomic_path(out/'system_candidates.csv') as f: cand_table.to_csv(f, index=False)
+        with atomic_path(out/'system_candidates.csv') as f: csv_safe(cand_table).to_csv(f, index=False)
         heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members']) if m['head']['kind'] != 'classifier']
         return (['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'predictions/choose.parquet', 'predictions/report.parquet', *heads],
                 {'mean_class_err': e, 'lo': lo, 'hi': hi, 'round': r, 'method': choices['method'], 'tau': tau})
@@ -795,5 +796,5 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     for name in ('chain.csv', 'chain.md', 'system_candidates.csv'):   # the report reads them from reports/<experiment>/
         with atomic_path(rep/name) as f: shutil.copyfile(out/name, f)
     s = json.loads((out/'system.json').read_text())
-    return SystemArtifacts(out, s, pd.read_csv(out/'chain.csv'), pd.read_csv(out/'system_candidates.csv'),
+    return SystemArtifacts(out, s, read_csv_safe(out/'chain.csv'), read_csv_safe(out/'system_candidates.csv'),
                            {'choose': out/'predictions'/'choose.parquet', 'report': out/'predictions'/'report.parquet'})

@@ -648,5 +648,6 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
         tables['per_class'] = pc
     figs['history'].savefig(out/f'{name}.png', dpi=100)
     if 'per_class' in figs: figs['per_class'].savefig(out/f'{name}_per_class.png', dpi=100)
-    atomic_write_text(out/f'{name}_metrics.csv', tables['metrics'].to_csv())
+    from aliprod.escape import csv_safe
+    atomic_write_text(out/f'{name}_metrics.csv', csv_safe(tables['metrics']).to_csv())
     return figs, tables

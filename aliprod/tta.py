@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from .core import (check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
                           atomic_write_json, StageRun, log)
+from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
 
 # %% auto #0
@@ -260,7 +261,7 @@ def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
     from aliprod.core import report_dir
     table = metrics_table({'train (no TTA)': art.train_metrics, **art.metrics})
     out = report_dir(exp)
-    table.to_csv(out/f'tta_{art.out_dir.name}.csv', index=False)
+    csv_safe(table).to_csv(out/f'tta_{art.out_dir.name}.csv', index=False)
     figs, s = {}, figure_split(table)
     if s is not None:
         sel = table[table['split'] == s]

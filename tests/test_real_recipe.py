@@ -115,8 +115,8 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     assert 'val' in page and 'test' not in json.dumps(sorted(p.name for p in rep.glob('*.csv')))
     runs = tmp_path/'runs'/cfg['experiment']
     assert not list(runs.glob('**/predictions/test.parquet')), 'no test split: nothing may predict one'
-    import pandas as pd
-    cands = pd.read_csv(rep/'system_candidates.csv')['candidate'].astype(str).str.removeprefix('+ ')   # '+ x': x added to the ensemble
+    from aliprod.escape import read_csv_safe   # the CSV escapes cells a spreadsheet would run: '+ x' is written "'+ x"
+    cands = read_csv_safe(rep/'system_candidates.csv')['candidate'].astype(str).str.removeprefix('+ ')   # '+ x': x added to the ensemble
     for tag in MEMBER_ARCHS:   # every backbone's rebalanced heads are candidates of the final system, not only its plain model
         assert cands.str.startswith(f'rebalance-{tag}:').any() and cands.str.startswith(f'train-{tag}:').any(), sorted(set(cands))
     # a stage run executed the stage only: the executed notebooks' cells above `parameters` produced nothing
