@@ -584,7 +584,8 @@ def model_error(t:TopK,            # the training predictions the round reads
         return (float((t.top1[lab] != t.labels[lab]).mean()), 'out_of_fold') if lab.any() else (None, 'unknown')
     val = [Path(p).with_name('val.parquet') for p in paths if Path(p).name == 'train.parquet']
     if val and all(v.exists() for v in val):
-        v = TopK.concat([read_topk(f) for f in val]); v = v.take((v.labels >= 0) & (True if rows is None else np.isin(v.rows, rows)))
+        v = TopK.concat([read_topk(f) for f in val])
+        v = v.take((v.labels >= 0) & (True if rows is None else np.isin(v.rows, rows)))
         if len(v): return float((v.top1 != v.labels).mean()), 'val'
     return None, 'unknown'
 
@@ -807,7 +808,8 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     def work():
         index = load_index(exp, k - 1)
         new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
-        err, err_from = model_error(t, pred_paths, clean.source, choosing_rows(index, exp.seed))   # the guard chooses too
+        # the guard chooses too: on the choosing images only
+        err, err_from = model_error(t, pred_paths, clean.source, choosing_rows(index, exp.seed))
         summary['model_error'], summary['model_error_from'] = err, err_from
         summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
         train_before = index[index['split'] == 'train']
@@ -952,7 +954,7 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
     return figs
 
 # %% ../nbs/03_clean.ipynb #aa0cf921
-def round_verdict(prev, new,            # TopK predictions of the choosing images by the model kept so far and by the one retrained on the new round
+def round_verdict(prev, new,            # TopK predictions of the choosing images: the kept model's, the new round's
                   groups:dict,          # `aliprod.data.shot_groups(exp)`
                   seed:int=0,
                  )->dict:
@@ -981,13 +983,14 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
                                      'no models trained: rounds not chosen on validation' if not train_model else
                                      'no val predictions: rounds not chosen on validation' if not choose else '')
-    rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: the reporting images of val never choose a round
+    rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
     for k in range(1, clean.iteration + 1):
         art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
         models.append(art.model)
         if not choose: kept = k; continue
-        v = round_verdict(on_choosing(models[kept].predictions['val']), on_choosing(art.model.predictions['val']), shot_groups(exp), exp.seed)
+        v = round_verdict(on_choosing(models[kept].predictions['val']), on_choosing(art.model.predictions['val']),
+                          shot_groups(exp), exp.seed)
         decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
         log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
         if v['verdict'] != 'helped':

@@ -540,8 +540,8 @@ ROLES = ('fit', 'choose', 'report')
 def assign_roles(index:pd.DataFrame, # the index (row, label, split)
                  seed:int=0,         # the experiment's seed (`choosing_half` without a labelled test split)
                 )->pd.Series:
-    "(N,) categorical role of each row: train fits; val chooses and a labelled test split reports, else half of val chooses"
-    from aliprod.metrics import choosing_half   # imported here: metrics imports torch, which the data stage does not need
+    "(N,) categorical role of each row: train fits; val chooses, a labelled test reports, else half of val each"
+    from aliprod.metrics import choosing_half   # here: metrics imports torch, which the data stage does not need
     split, label = index['split'].to_numpy(), index['label'].to_numpy(np.int64)
     role = np.where(split == 'train', 'fit', 'report').astype(object)
     val = np.flatnonzero((split == 'val') & (label >= 0))
@@ -678,7 +678,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
     index, n_moved = _val_from_test(index, exp.seed) if p.val_from_test else (index, 0)
-    index = index.assign(role=assign_roles(index, exp.seed))   # once, here: every stage reads them (choosing_rows, reporting_rows)
+    index = index.assign(role=assign_roles(index, exp.seed))   # once: every stage reads them (choosing_rows, reporting_rows)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")

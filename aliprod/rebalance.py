@@ -433,7 +433,7 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
                        train_p_label=None,     # p_label of the train predictions (balanced subset, acc_loss)
                        seed:int=0, device='cpu',
                        groups:dict|None=None,  # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: the train features' counts, evaluate's thresholds
-                       choose_rows=None,       # the val rows every τ is chosen on (`aliprod.data.choosing_rows`); None: all of val
+                       choose_rows=None,       # val rows every τ is chosen on (`aliprod.data.choosing_rows`); None: all
                       )->dict[str, MethodResult]:
     "Baseline plus each classifier-only method: heads, val/test predictions and metrics"
     groups = groups or {'train_counts': class_counts(splits['train'].labels, num_classes)}
@@ -669,7 +669,8 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
         p_label = pd.Series(train_p.p_label, index=train_p.rows).reindex(splits['train'].rows).to_numpy() if train_p is not None else None
         if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability from the cached features
             p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
-        results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device, groups=groups,
+        results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device,
+                                     groups=groups,
                                      choose_rows=choosing_rows(load_index(exp, p.iteration), exp.seed))
         for m in p.network_methods():
             sub = None if m == 'two_stage' else splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)]

@@ -24,7 +24,7 @@ __all__ = ['METRIC_COLUMNS', 'REPORTING_METRICS', 'STAGE_FIGURES', 'OTHER_TABLES
 @params_section('report')
 @dataclass
 class ReportParams:
-    split:str='test'              # split the techniques-alone table reports: its reporting images only (val: the half that chose nothing)
+    split:str='test'              # split the techniques-alone table reports, its reporting images only (val: half)
     target:str='clean'            # clean: the ground-truth labels where the index has them; given: the given labels
     hires_tag:str|None='lowres'   # train tag of the same model trained without the high-res finetune; the techniques-alone row compares them
     bootstrap:int=1000            # draws of each paired bootstrap interval
@@ -150,13 +150,13 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_report.ipynb #e2a5c4b6
-REPORTING_METRICS = 'report/reporting_metrics.json'   # relative to runs/<experiment>/: the numbers `on_reporting_rows` computed
+REPORTING_METRICS = 'report/reporting_metrics.json'   # in runs/<experiment>/: the numbers `on_reporting_rows` computed
 
 def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `split`
                       exp:ExperimentParams,
                       split:str,              # `ReportParams.split`
                      )->tuple[pd.DataFrame, str]:
-    "Rows of a split that also chose, evaluated again on its reporting images only; and a sentence saying which images chose and which report"
+    "Rows of a split that also chose, evaluated on its reporting images only; and which images chose and which report"
     from aliprod.core import atomic_write_json
     from aliprod.data import load_index, choosing_rows, reporting_rows, shot_groups
     from aliprod.metrics import evaluate
@@ -168,12 +168,13 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
     in_split = np.isin(choose, index.loc[index['split'] == split, 'row'].to_numpy())
     chose = f"Chosen on the {len(choose)} choosing images of val (the data stage's role 'choose')"
     if not in_split.any(): return m, f"{chose}; reported on the {split} split, whose images made no choice"
-    if not len(report): return m, f"{chose}, which are every labelled image of the {split} split: these numbers are in-sample (set [report] split: test)"
+    if not len(report):
+        return m, f"{chose}, every labelled image of the {split} split: these numbers are in-sample (set [report] split: test)"
     base, groups, store, rows = experiment_dir(exp), shot_groups(exp), {}, []
     labels = index.set_index('row')['clean_label'] if 'clean_label' in index.columns else None
     for _, r in m.iterrows():
         if not isinstance(r['predictions'], str):
-            log(f"report: {r['metrics_file']} has no predictions file to restrict to the reporting images; left out"); continue
+            log(f"report: {r['metrics_file']} has no predictions to restrict to the reporting images; left out"); continue
         t = read_topk(base/r['predictions']); t = t.take(np.isin(t.rows, report))
         clean = labels.loc[t.rows].to_numpy() if r['labels'] == 'clean' and labels is not None else None
         key = f"{r['metrics_file']}:{r['metrics_key']}"
@@ -182,8 +183,8 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
                      'metrics_file': REPORTING_METRICS, 'metrics_key': key})
     atomic_write_json(base/REPORTING_METRICS, store)
     return (pd.DataFrame(rows, columns=m.columns).astype({'iteration': 'Int64'}),
-            f"{chose}; reported on the other {len(report)} images of the {split} split (role 'report'), each run evaluated again from its "
-            f"predictions on them alone ({REPORTING_METRICS})")
+            f"{chose}; reported on the other {len(report)} images of the {split} split (role 'report'), each run "
+            f"evaluated again from its predictions on them alone ({REPORTING_METRICS})")
 
 # %% ../nbs/07_report.ipynb #853a0153
 def _verdict_phrase(r)->str:
@@ -198,7 +199,7 @@ def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
     for _, r in alone.iterrows():
         new, d = float(r['mean_class_err']), float(r['Δ mean class err'])
         on = 'reporting images of the ' if str(r.get('metrics file', '')).startswith(REPORTING_METRICS) else ''
-        where = f"; {on}{r['split']} split, {r['labels']} labels" if 'split' in r and isinstance(r['split'], str) else ''
+        where = f"; {on}{r['split']} split, {r['labels']} labels" if isinstance(r.get('split'), str) else ''
         fa = r.get('Δ few acc')
         few = f"few-shot accuracy {100*float(fa):+.1f} points" if fa is not None and not pd.isna(fa) else 'no few-shot class on this split'
         out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {new - d:.3f} → {new:.3f} ({100*d:+.1f} points), "
@@ -498,7 +499,8 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
                 )->ReportArtifacts:
     "The whole report stage: collect the run's metrics, build and check the tables, draw the figures, write index.html and README.md"
     header = run_header(exp, params_file, rp)
-    metrics, roles = on_reporting_rows(collect_metrics(exp, rp.split, rp.target), exp, rp.split)   # a split that also chose: its reporting images
+    # a split that also chose: its reporting images only
+    metrics, roles = on_reporting_rows(collect_metrics(exp, rp.split, rp.target), exp, rp.split)
     header['roles'] = roles
     chain, system = system_chain(exp)
     alone = alone_table(metrics, rp, exp)
@@ -516,11 +518,13 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
                           f"Δ is to the previous present row, exactly, with its class-stratified paired 95% bootstrap interval [Δ lo, Δ hi]; 'helped'/'hurt' only "
                           f"when the interval excludes 0. Rows not run say why: {', '.join(missing) or 'none'}.")
     tables['techniques_alone'] = alone
-    notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); Δ with its paired 95% interval "
+    notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); "
+                                 f"Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
     other, other_notes = stage_tables(exp)
-    tables.update(other); notes.update({k: f"{v} Chosen on the choosing images of val; these rows are on every image of the split each names, "
-                                           f"so val rows include the images that chose (in-sample there)." for k, v in other_notes.items()})
+    stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
+                   "so val rows include the images that chose (in-sample there).")
+    tables.update(other); notes.update({k: f"{v} {stage_roles}" for k, v in other_notes.items()})
     found = findings(alone, chain if system is not None else None)
     sel_file = report_dir(exp)/'clean_selection.json'
     summary = report_summary(header, rp, system, alone, json.loads(sel_file.read_text()) if sel_file.exists() else None)
