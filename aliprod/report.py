@@ -454,7 +454,7 @@ def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     same = (alone[(alone['split'] == sp) & ((sp == 'test') | alone['metrics file'].str.startswith(REPORTING_METRICS))]
             if len(alone) else alone.iloc[:0])
     if not len(same): return (" The techniques-alone rows are on other images (the system reports on the half of val that made no choice), "
-                              "so the two are not compared." if sp == 'val' else '')
+                              "so the two are not compared." if sp == 'val' and len(alone) else '')
     b = same.loc[same['mean_class_err'].idxmin()]
     e, lo = n['mean_class_err'], n['lo']
     how = 'at most it' if e <= b['mean_class_err'] else 'above it but within its interval' if lo <= b['mean_class_err'] else 'above it, beyond its interval'
