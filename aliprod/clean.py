@@ -596,6 +596,7 @@ def rule_detection(t:TopK,                     # the training predictions a roun
 def model_error(t:TopK,            # the training predictions the round reads
                 paths:list[Path],  # their files
                 source:str,        # CleanParams.source
+                rows=None,         # the val rows a choice may read (`aliprod.data.choosing_rows`); None: all of them
                )->tuple[float|None, str]:
     "Top-1 error (given labels) of the model a round trusts, and where it comes from: 'val', 'out_of_fold' or 'unknown'"
     if source == 'k_fold':
@@ -603,7 +604,8 @@ def model_error(t:TopK,            # the training predictions the round reads
         return (float((t.top1[lab] != t.labels[lab]).mean()), 'out_of_fold') if lab.any() else (None, 'unknown')
     val = [Path(p).with_name('val.parquet') for p in paths if Path(p).name == 'train.parquet']
     if val and all(v.exists() for v in val):
-        v = TopK.concat([read_topk(f) for f in val]); v = v.take(v.labels >= 0)
+        v = TopK.concat([read_topk(f) for f in val])
+        v = v.take((v.labels >= 0) & (True if rows is None else np.isin(v.rows, rows)))
         if len(v): return float((v.top1 != v.labels).mean()), 'val'
     return None, 'unknown'
 
@@ -809,7 +811,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
                    )->CleanArtifacts:
     "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its summary; skipped when up to date"
     import dataclasses
-    from aliprod.data import prepare_data, data_artifacts, load_index, index_path
+    from aliprod.data import prepare_data, data_artifacts, load_index, index_path, choosing_rows
     from aliprod.train import train_stage
     k = clean.iteration
     if data is not None: prepare_data(exp, data)   # None: the data stage's outputs are there already
@@ -826,7 +828,8 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     def work():
         index = load_index(exp, k - 1)
         new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
-        err, err_from = model_error(t, pred_paths, clean.source)
+        # the guard chooses too: on the choosing images only
+        err, err_from = model_error(t, pred_paths, clean.source, choosing_rows(index, exp.seed))
         summary['model_error'], summary['model_error_from'] = err, err_from
         summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
         train_before = index[index['split'] == 'train']
@@ -971,7 +974,7 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
     return figs
 
 # %% ../nbs/03_clean.ipynb #aa0cf921
-def round_verdict(prev, new,            # TopK val predictions of the model kept so far and of the model retrained on the new round
+def round_verdict(prev, new,            # TopK predictions of the choosing images: the kept model's, the new round's
                   groups:dict,          # `aliprod.data.shot_groups(exp)`
                   seed:int=0,
                  )->dict:
@@ -992,7 +995,7 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
     from aliprod.core import atomic_write_text
     from aliprod.escape import csv_safe, markdown_table
-    from aliprod.data import prepare_data, shot_groups
+    from aliprod.data import prepare_data, shot_groups, load_index, choosing_rows
     from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
@@ -1001,11 +1004,14 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
                                      'no models trained: rounds not chosen on validation' if not train_model else
                                      'no val predictions: rounds not chosen on validation' if not choose else '')
+    rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
+    def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
     for k in range(1, clean.iteration + 1):
         art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
         models.append(art.model)
         if not choose: kept = k; continue
-        v = round_verdict(read_topk(models[kept].predictions['val']), read_topk(art.model.predictions['val']), shot_groups(exp), exp.seed)
+        v = round_verdict(on_choosing(models[kept].predictions['val']), on_choosing(art.model.predictions['val']),
+                          shot_groups(exp), exp.seed)
         decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
         log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
         if v['verdict'] != 'helped':
@@ -1015,6 +1021,7 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     reason = reason or f"every round up to {kept} improved val mean class error"
     rounds = len(models) - 1
     selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
+                 'chosen_on': f"the choosing images of val (the index's role 'choose', {len(rows)} images)",
                  'reason': reason, 'decisions': decisions}
     atomic_write_json(run_dir(exp, 'clean')/'selection.json', selection)
     log(f"clean: kept iteration {kept}: {reason}")

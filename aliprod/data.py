@@ -16,12 +16,13 @@ from .images import SCAN_REASONS, check_images
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'QUARANTINE_REASONS', 'REASON_MEANING',
-           'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult',
+           'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'ROLES', 'check_splits', 'DataParams', 'empty_quarantine', 'ReadResult',
            'class_counts', 'classes_table', 'path_problems', 'path_limits', 'path_unusable', 'unusable_paths',
            'json_array_items', 'read_aliproducts', 'read_csv_index', 'read_list_files', 'read_imagefolder',
            'read_source', 'scan_images', 'keep_seen_classes', 'DataArtifacts', 'read_dataset_json', 'data_root',
            'data_artifacts', 'dataset_info', 'index_path', 'shot_counts', 'shot_groups', 'load_index',
-           'quarantine_reasons', 'data_summary', 'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'quarantine_reasons', 'data_summary', 'assign_roles', 'choosing_rows', 'reporting_rows',
+           'plot_class_distribution', 'write_data_report', 'prepare_data']
 
 # %% ../nbs/01_data.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -710,6 +711,38 @@ def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFra
     rows += [('converted to RGB', len(conversions))] + [(f'converted: {m}', int(n)) for m, n in conversions['mode'].value_counts().sort_index().items()]
     return pd.DataFrame(rows, columns=['metric', 'value']).astype({'value': 'str'})
 
+# %% ../nbs/01_data.ipynb #b8d2f1e3
+ROLES = ('fit', 'choose', 'report')
+
+def assign_roles(index:pd.DataFrame, # the index (row, label, split)
+                 seed:int=0,         # the experiment's seed (`choosing_half` without a labelled test split)
+                )->pd.Series:
+    "(N,) categorical role of each row: train fits; val chooses, a labelled test reports, else half of val each"
+    from aliprod.metrics import choosing_half   # here: metrics imports torch, which the data stage does not need
+    split, label = index['split'].to_numpy(), index['label'].to_numpy(np.int64)
+    role = np.where(split == 'train', 'fit', 'report').astype(object)
+    val = np.flatnonzero((split == 'val') & (label >= 0))
+    if ((split == 'test') & (label >= 0)).any(): role[val] = 'choose'
+    elif len(val): role[val[choosing_half(index['row'].to_numpy(np.int64)[val], label[val], seed)]] = 'choose'
+    return pd.Series(pd.Categorical(role, categories=ROLES), index=index.index, name='role')
+
+def _roles(index:pd.DataFrame, seed:int)->pd.Series:
+    "The index's `role` column; an index written before roles existed gets them computed as the data stage would"
+    return index['role'] if 'role' in index.columns else assign_roles(index, seed)
+
+def choosing_rows(index:pd.DataFrame, seed:int=0)->np.ndarray:
+    "Sorted row ids of the images every choice is made on (role 'choose'); `seed` only for an index without roles"
+    return np.sort(index.loc[(_roles(index, seed) == 'choose').to_numpy(), 'row'].to_numpy(np.int64))
+
+def reporting_rows(index:pd.DataFrame,
+                   split:str|None=None, # only this split's (None: all)
+                   seed:int=0,          # only for an index without roles
+                  )->np.ndarray:
+    "Sorted row ids of the labelled images the numbers are reported on (role 'report'): none of them chose anything"
+    keep = (_roles(index, seed) == 'report').to_numpy() & (index['label'].to_numpy() >= 0)
+    if split is not None: keep &= (index['split'] == split).to_numpy()
+    return np.sort(index.loc[keep, 'row'].to_numpy(np.int64))
+
 # %% ../nbs/01_data.ipynb #4d770239
 def plot_class_distribution(classes:pd.DataFrame,  # the classes table (n_train per class)
                             many:int=100, few:int=20, # band thresholds in training images
@@ -825,6 +858,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
     index, n_moved = _val_from_test(index, exp.seed) if p.val_from_test else (index, 0)
+    index = index.assign(role=assign_roles(index, exp.seed))   # once: every stage reads them (choosing_rows, reporting_rows)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
@@ -835,7 +869,7 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     atomic_write_parquet(phantoms, arts.phantom_classes)
     info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
             **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
-            'val_from_test': n_moved,
+            'val_from_test': n_moved, **{f'n_{r}': int((index['role'] == r).sum()) for r in ('choose', 'report')},
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
             'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold, 'max_pixels': p.max_pixels}
     atomic_write_json(arts.dataset_json, info)

@@ -470,6 +470,7 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
                        train_p_label=None,     # p_label of the train predictions (balanced subset, acc_loss)
                        seed:int=0, device='cpu',
                        groups:dict|None=None,  # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: the train features' counts, evaluate's thresholds
+                       choose_rows=None,       # val rows every τ is chosen on (`aliprod.data.choosing_rows`); None: all
                       )->dict[str, MethodResult]:
     "Baseline plus each classifier-only method: heads, val/test predictions and metrics"
     groups = groups or {'train_counts': class_counts(splits['train'].labels, num_classes)}
@@ -479,9 +480,11 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
         return preds, {s: evaluate(t, **groups, topk=(1, min(5, num_classes))) for s, t in preds.items()}
     base = copy.deepcopy(classifier).eval()
     out = {'baseline': MethodResult('baseline', base, *_predict(base), {'images': len(splits['train'])})}
+    val = splits.get('val')   # predicted whole; its reporting images never choose a τ
+    if val is not None and choose_rows is not None: val = val.take(np.flatnonzero(np.isin(val.rows, choose_rows)))
     for m in (p.classifier_methods() if methods is None else methods):
         t0 = time.time()
-        head, info = fit_method(m, classifier, splits['train'], splits.get('val'), num_classes, p, train_p_label, seed, device, groups)
+        head, info = fit_method(m, classifier, splits['train'], val, num_classes, p, train_p_label, seed, device, groups)
         info['seconds'] = round(time.time() - t0, 3)
         out[m] = MethodResult(m, head, *_predict(head), info)
         log(f"rebalance {m}: {evals[0]} mean class err {out[m].metrics[evals[0]]['mean_class_err']:.4f} ({info['seconds']} s)")
@@ -676,7 +679,7 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
     from aliprod.train import train_stage, load_trained_model
-    from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts
+    from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts, choosing_rows
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with
@@ -708,7 +711,9 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
         p_label = pd.Series(train_p.p_label, index=train_p.rows).reindex(splits['train'].rows).to_numpy() if train_p is not None else None
         if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability from the cached features
             p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
-        results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device, groups=groups)
+        results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device,
+                                     groups=groups,
+                                     choose_rows=choosing_rows(load_index(exp, p.iteration), exp.seed))
         for m in p.network_methods():
             sub = (None if m in ('two_stage', NETWORK_CONTROL) else
                    splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)])

@@ -15,17 +15,17 @@ from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import shot_groups
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain',
-           'alone_table', 'findings', 'check_traceable', 'per_class_frame', 'predictions_of', 'plot_tail_accuracy',
-           'plot_shot_groups', 'labels_phrase', 'run_header', 'write_report', 'from_current_run', 'stage_tables',
-           'report_figures', 'system_sentence', 'against_single_techniques', 'cleaning_sentence', 'report_summary',
-           'ReportArtifacts', 'report_stage']
+__all__ = ['METRIC_COLUMNS', 'REPORTING_METRICS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'CurrentRuns',
+           'collect_metrics', 'system_chain', 'alone_table', 'on_reporting_rows', 'findings', 'check_traceable',
+           'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header',
+           'write_report', 'from_current_run', 'stage_tables', 'report_figures', 'system_sentence',
+           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
 @dataclass
 class ReportParams:
-    split:str='test'              # split the techniques-alone table reports (never used to choose anything)
+    split:str='test'              # split the techniques-alone table reports, its reporting images only (val: half)
     target:str='clean'            # clean: the ground-truth labels where the index has them; given: the given labels
     hires_tag:str|None='lowres'   # train tag of the high-res finetune's control (its epochs at the training size); the techniques-alone row compares them
     bootstrap:int=1000            # draws of each paired bootstrap interval
@@ -142,6 +142,10 @@ def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=10
     none = {'Δ lo': np.nan, 'Δ hi': np.nan, 'verdict': None}
     if exp is None or not all(isinstance(x.get('predictions'), str) for x in (r, base)): return none   # a missing file reads as nan
     b, a = (read_topk(experiment_dir(exp)/x['predictions']) for x in (r, base))
+    if r.get('metrics_file') == REPORTING_METRICS:   # the row's numbers are on the reporting images: so is its interval
+        from aliprod.data import load_index, reporting_rows
+        keep = reporting_rows(load_index(exp, 0), r['split'], exp.seed)
+        a, b = a.take(np.isin(a.rows, keep)), b.take(np.isin(b.rows, keep))
     clean = None
     if r['labels'] == 'clean':
         from aliprod.data import load_index
@@ -187,6 +191,43 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
         add(f"ensemble {r['name']}", r, t0, 'iteration-0 model')
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_report.ipynb #e2a5c4b6
+REPORTING_METRICS = 'report/reporting_metrics.json'   # in runs/<experiment>/: the numbers `on_reporting_rows` computed
+
+def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `split`
+                      exp:ExperimentParams,
+                      split:str,              # `ReportParams.split`
+                     )->tuple[pd.DataFrame, str]:
+    "Rows of a split that also chose, evaluated on its reporting images only; and which images chose and which report"
+    from aliprod.core import atomic_write_json
+    from aliprod.data import load_index, choosing_rows, reporting_rows, shot_groups
+    from aliprod.metrics import evaluate
+    from aliprod.predictions import read_topk
+    if not len(m): return m, f"No run has {split} metrics yet: no number to say the roles of"
+    index = load_index(exp, 0)
+    choose = choosing_rows(index, exp.seed)
+    report = reporting_rows(index, split, exp.seed)
+    in_split = np.isin(choose, index.loc[index['split'] == split, 'row'].to_numpy())
+    chose = f"Chosen on the {len(choose)} choosing images of val (the data stage's role 'choose')"
+    if not in_split.any(): return m, f"{chose}; reported on the {split} split, whose images made no choice"
+    if not len(report):
+        return m, f"{chose}, every labelled image of the {split} split: these numbers are in-sample (set [report] split: test)"
+    base, groups, store, rows = experiment_dir(exp), shot_groups(exp), {}, []
+    labels = index.set_index('row')['clean_label'] if 'clean_label' in index.columns else None
+    for _, r in m.iterrows():
+        if not isinstance(r['predictions'], str):
+            log(f"report: {r['metrics_file']} has no predictions to restrict to the reporting images; left out"); continue
+        t = read_topk(base/r['predictions']); t = t.take(np.isin(t.rows, report))
+        clean = labels.loc[t.rows].to_numpy() if r['labels'] == 'clean' and labels is not None else None
+        key = f"{r['metrics_file']}:{r['metrics_key']}"
+        store[key] = evaluate(t, clean_label=clean, topk=(1, min(5, t.k, t.num_classes)), **groups)
+        rows.append({**r.to_dict(), **{c: store[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': store[key]['n'],
+                     'metrics_file': REPORTING_METRICS, 'metrics_key': key})
+    atomic_write_json(base/REPORTING_METRICS, store)
+    return (pd.DataFrame(rows, columns=m.columns).astype({'iteration': 'Int64'}),
+            f"{chose}; reported on the other {len(report)} images of the {split} split (role 'report'), each run "
+            f"evaluated again from its predictions on them alone ({REPORTING_METRICS})")
+
 # %% ../nbs/07_report.ipynb #853a0153
 def _verdict_phrase(r)->str:
     lo, hi, v = r.get('Δ lo'), r.get('Δ hi'), r.get('verdict')
@@ -199,7 +240,8 @@ def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
     out = []
     for _, r in alone.iterrows():
         new, d = float(r['mean_class_err']), float(r['Δ mean class err'])
-        where = f"; {r['split']} split, {r['labels']} labels" if 'split' in r and isinstance(r['split'], str) else ''
+        on = 'reporting images of the ' if str(r.get('metrics file', '')).startswith(REPORTING_METRICS) else ''
+        where = f"; {on}{r['split']} split, {r['labels']} labels" if isinstance(r.get('split'), str) else ''
         fa = r.get('Δ few acc')
         few = f"few-shot accuracy {100*float(fa):+.1f} points" if fa is not None and not pd.isna(fa) else 'no few-shot class on this split'
         out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {new - d:.3f} → {new:.3f} ({100*d:+.1f} points), "
@@ -313,7 +355,7 @@ STAGE_FIGURES = [('Class distribution', 'class_distribution.png', "Training imag
                  ('Class sizes by cleaning round', 'clean_class_sizes.png', 'Training images per class kept by each cleaning round (train split).'),
                  ('Cleaning rounds: error and noise detection', 'clean_rounds.png',
                   "Left: mean class error of each round's model on the splits its legend names; right: noise left in and found in the train split (ground truth)."),
-                 ('τ sweep on validation', 'tau_sweep.png', 'Mean class accuracy against τ on the val split, where τ is chosen.')]
+                 ('τ sweep on validation', 'tau_sweep.png', 'Mean class accuracy against τ on the choosing images of the val split, where τ is chosen.')]
 
 def _chain_glance(chain:pd.DataFrame)->str:
     "The chain as the page's first table: step, mean class error, Δ with its paired interval, verdict (absent rows say so)"
@@ -375,7 +417,7 @@ OTHER_TABLES = {
     'data_summary': "The data stage's numbers: images per split (train, val, test; real AliProducts data has no test labels), class sizes and shot groups (train split), quarantined and converted images.",
     'clean_rounds': "Per cleaning round: training images kept (train split), what was removed, ground-truth noise rate, noise-detection precision/recall/F1, and the errors of the model trained on that index on the split each column names (val_/test_; _clean: ground-truth labels).",
     'clean_rules': "Every cleaning rule alone on each round's input predictions (train split; ground truth of the synthetic data): its flags before tail protection, precision / recall overall and per class-size band of the given label; in_use marks the rules the stage ran, the others are there to compare.",
-    'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
+    'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the choosing images of the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
     'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; no reporting image is among them.",
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
 
@@ -493,9 +535,11 @@ def system_sentence(s:dict)->str:
 def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     "Whether the final system is at most the best single technique, when both are on the same images"
     n, sp = system['numbers'], system['sets']['report_split']
-    same = alone[alone['split'] == sp] if len(alone) and sp == 'test' else alone.iloc[:0]   # the whole test split: the system's reporting images
+    # the whole test split, or val's reporting images (`on_reporting_rows`): the system's reporting images either way
+    same = (alone[(alone['split'] == sp) & ((sp == 'test') | alone['metrics file'].str.startswith(REPORTING_METRICS))]
+            if len(alone) else alone.iloc[:0])
     if not len(same): return (" The techniques-alone rows are on other images (the system reports on the half of val that made no choice), "
-                              "so the two are not compared." if sp == 'val' else '')
+                              "so the two are not compared." if sp == 'val' and len(alone) else '')
     b = same.loc[same['mean_class_err'].idxmin()]
     e, lo = n['mean_class_err'], n['lo']
     how = 'at most it' if e <= b['mean_class_err'] else 'above it but within its interval' if lo <= b['mean_class_err'] else 'above it, beyond its interval'
@@ -542,7 +586,9 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     "The whole report stage: collect the run's metrics, build and check the tables, draw the figures, write index.html and README.md"
     runs = CurrentRuns(exp)   # every reader below reads only runs whose manifest is current
     header = run_header(exp, params_file, rp, runs)
-    metrics = collect_metrics(exp, rp.split, rp.target, runs)
+    # a split that also chose: its reporting images only
+    metrics, roles = on_reporting_rows(collect_metrics(exp, rp.split, rp.target, runs), exp, rp.split)
+    header['roles'] = roles
     chain, system = system_chain(exp, runs)
     alone = alone_table(metrics, rp, exp)
     n_checked = check_traceable(alone, exp)
@@ -559,10 +605,13 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
                           f"Δ is to the previous present row, exactly, with its class-stratified paired 95% bootstrap interval [Δ lo, Δ hi]; 'helped'/'hurt' only "
                           f"when the interval excludes 0. Rows not run say why: {', '.join(missing) or 'none'}.")
     tables['techniques_alone'] = alone
-    notes['techniques_alone'] = (f"{where}. Each technique against the run it modifies (same model, one change); Δ with its paired 95% interval "
+    notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); "
+                                 f"Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
     other, other_notes = stage_tables(exp, runs)
-    tables.update(other); notes.update(other_notes)
+    stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
+                   "so val rows include the images that chose (in-sample there).")
+    tables.update(other); notes.update({k: f"{v} {stage_roles}" for k, v in other_notes.items()})
     found = findings(alone, chain if system is not None else None)
     sel_file = report_dir(exp)/'clean_selection.json'
     sel = json.loads(sel_file.read_text()) if sel_file.exists() and from_current_run(exp, sel_file.name, runs) else None

@@ -39,18 +39,20 @@ class EvalSets:
 def evaluation_sets(index:pd.DataFrame, # the index (row, label, split)
                     seed:int=0,         # seed of `choosing_half` (no test split)
                    )->EvalSets:
-    "Val chooses and test reports; without labelled test rows, the choosing half of val chooses and the other half reports"
-    lab = index[index['label'] >= 0]
-    val, test = lab[lab['split'] == 'val'], lab[lab['split'] == 'test']
-    if not len(val): raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on validation")
+    "The data stage's roles (`aliprod.data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
+    from aliprod.data import choosing_rows, reporting_rows
+    choose = choosing_rows(index, seed)
+    if not len(choose):
+        raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on validation")
+    test = reporting_rows(index, 'test', seed)
     if len(test):
-        return EvalSets('val', np.sort(val['row'].to_numpy(np.int64)), 'test', np.sort(test['row'].to_numpy(np.int64)),
-                        f"chosen on the val split ({len(val)} images), reported on the test split ({len(test)} images)")
-    ch = choosing_half(val['row'].to_numpy(), val['label'].to_numpy(), seed)
-    r = val['row'].to_numpy(np.int64)
-    return EvalSets('val', np.sort(r[ch]), 'val', np.sort(r[~ch]),
-                    f"no test split: the choosing half of val ({int(ch.sum())} images, half of every class, choosing_half seed {seed}) "
-                    f"chose, the other half ({int((~ch).sum())} images) reports")
+        return EvalSets('val', choose, 'test', test,
+                        f"chosen on the val split ({len(choose)} images), reported on the test split ({len(test)} images)")
+    report = reporting_rows(index, 'val', seed)
+    return EvalSets('val', choose, 'val', report,
+                    f"no test split: the choosing half of val ({len(choose)} images, half of every class, "
+                    f"choosing_half seed {seed}) "
+                    f"chose, the other half ({len(report)} images) reports")
 
 # %% ../nbs/06b_system.ipynb #d0edcacf
 @dataclass

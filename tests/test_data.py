@@ -99,7 +99,7 @@ def test_imagefolder_end_to_end_every_row_accounted(tmp_path):
     arts = prepare_data(exp, DataParams(source='imagefolder', root=str(root), max_pixels=10_000_000, scan_workers=2))
     idx, q, conv = load_index(exp), pd.read_parquet(arts.quarantine), pd.read_parquet(arts.conversions)
     assert len(idx) + len(q) == n_in, 'every input file ends in the index or the quarantine'
-    assert idx.columns.tolist() == list(INDEX_COLUMNS) and q.columns.tolist() == list(QUARANTINE_COLUMNS)
+    assert idx.columns.tolist() == [*INDEX_COLUMNS, 'role'] and q.columns.tolist() == list(QUARANTINE_COLUMNS)   # role: the data stage's
     assert idx.row.tolist() == list(range(len(idx)))
     reasons = {Path(p).name: r for p, r in zip(q.path, q.reason)}
     bad = {k: v for k, v in expected.items() if v in ('truncated', 'zero_byte', 'undecodable', 'too_large', 'outside_root', 'unsupported_extension')}
