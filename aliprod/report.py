@@ -12,6 +12,7 @@ import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
                           atomic_path, code_version, hardware, log, manifest_status, fingerprint)
 from .escape import csv_safe, markdown_table, read_csv_safe
+from .metrics import BOOTSTRAP_DRAWS, holm
 from .data import shot_groups
 
 # %% auto #0
@@ -28,7 +29,7 @@ class ReportParams:
     split:str='test'              # split the techniques-alone table reports, its reporting images only (val: half)
     target:str='clean'            # clean: the ground-truth labels where the index has them; given: the given labels
     hires_tag:str|None='lowres'   # train tag of the high-res finetune's control (its epochs at the training size); the techniques-alone row compares them
-    bootstrap:int=1000            # draws of each paired bootstrap interval
+    bootstrap:int=BOOTSTRAP_DRAWS # draws of each paired bootstrap interval (10,000: an interval end moves by ~3% of Δ's SE)
     def __post_init__(self):
         if self.split not in ('val', 'test'): raise ParamsError(f"[report] split must be 'val' or 'test', got {self.split!r}")
         if self.target not in ('clean', 'given'): raise ParamsError(f"[report] target must be 'clean' or 'given', got {self.target!r}")
@@ -135,11 +136,11 @@ def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.Dat
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
 
-def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=1000)->dict:
+def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BOOTSTRAP_DRAWS)->dict:
     "Δ lo, Δ hi and verdict of r against base from their predictions (same images, the row's labels); nan without both predictions"
     from aliprod.metrics import paired_delta
     from aliprod.predictions import read_topk
-    none = {'Δ lo': np.nan, 'Δ hi': np.nan, 'verdict': None}
+    none = {'Δ lo': np.nan, 'Δ hi': np.nan, 'verdict': None, 'p': np.nan}
     if exp is None or not all(isinstance(x.get('predictions'), str) for x in (r, base)): return none   # a missing file reads as nan
     b, a = (read_topk(experiment_dir(exp)/x['predictions']) for x in (r, base))
     if r.get('metrics_file') == REPORTING_METRICS:   # the row's numbers are on the reporting images: so is its interval
@@ -153,7 +154,7 @@ def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=10
     try: d = paired_delta(a, b, clean_label=clean, B=B, names=(base['source'], r['source']))
     except ValueError as e:
         log(f"report: no paired interval for {r['source']} against {base['source']}: {e}"); return none
-    return {'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict}
+    return {'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict, 'p': d.p}
 
 def _minus(a, b):
     "a - b; None (an empty cell) when either is missing, e.g. few-shot accuracy where the split has no few-shot class"
@@ -173,9 +174,11 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
     for _, r in m[(m['stage'] == 'train') & (m['name'] == '') & (m['iteration'] > 0)].sort_values('iteration').iterrows():
         add(f"cleaning, {r['iteration']} round{'s' if r['iteration'] > 1 else ''}", r, t0, 'iteration-0 model')
     for it in sorted(m.loc[m['stage'] == 'rebalance', 'iteration'].unique()):
-        base = _pick(m, 'rebalance', 'baseline', it)
+        base, ctl = _pick(m, 'rebalance', 'baseline', it), _pick(m, 'rebalance', 'instance-network', it)
         for _, r in m[(m['stage'] == 'rebalance') & (m['iteration'] == it) & (m['name'] != 'baseline')].iterrows():
-            add(f"{r['name']}", r, base, f'instance-balanced classifier of the iteration-{it} model')
+            if r['name'].endswith('-network') and r['name'] != 'instance-network' and ctl is not None:   # same length, its own sampling
+                add(f"{r['name']}", r, ctl, f'instance-sampled whole-network finetune of the same length, iteration {it}')
+            else: add(f"{r['name']}", r, base, f'instance-balanced classifier of the iteration-{it} model')
     for it in sorted(m.loc[m['stage'] == 'tta', 'iteration'].unique()):
         base = _pick(m, 'tta', 'center-x1', it)
         for _, r in m[(m['stage'] == 'tta') & (m['iteration'] == it) & (m['name'] != 'center-x1')].iterrows():
@@ -229,27 +232,35 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
             f"evaluated again from its predictions on them alone ({REPORTING_METRICS})")
 
 # %% ../nbs/07_report.ipynb #853a0153
-def _verdict_phrase(r)->str:
+def _verdict_phrase(r, p_adj:float=np.nan, m:int=0)->str:
+    "The row's verdict; with a multiplicity-adjusted p-value (`p_adj` among `m` comparisons), helped/hurt only when it is < 0.05"
     lo, hi, v = r.get('Δ lo'), r.get('Δ hi'), r.get('verdict')
-    if lo is None or pd.isna(lo) or not isinstance(v, str): return 'no measurable effect (no predictions of both runs to pair, so no interval)'
+    if lo is None or pd.isna(lo) or not isinstance(v, str): return 'not measured (no predictions of both runs to pair, so no interval)'
     if lo == hi == 0 and r.get('Δ mean class err') == 0: return 'no change (the same top-1 on every image: e.g. validation kept the previous system)'
-    return f"{v} (paired 95% interval {100*lo:+.1f} to {100*hi:+.1f} points)"
+    ci = f"paired 95% interval {100*lo:+.1f} to {100*hi:+.1f} points"
+    if pd.isna(p_adj): return f"{v} ({ci})"
+    if v in ('helped', 'hurt') and p_adj >= 0.05: return f"no measurable effect after Holm's correction for {m} comparisons ({v} alone: {ci}, adjusted p {p_adj:.2g})"
+    return f"{v} ({ci}; Holm-adjusted p {p_adj:.2g})"
 
 def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
-    "One sentence per technique of `alone_table` and per step of the chain, its verdict from the paired interval of its Δ"
-    out = []
-    for _, r in alone.iterrows():
+    "One sentence per technique of `alone_table` and per step of the chain; helped/hurt only when Holm's correction over all of them keeps it"
+    chain = chain[(chain['status'] == 'present') & chain['Δ mean class err'].notna()] if chain is not None and len(chain) else pd.DataFrame()
+    # every row is one more 95% call: the family-wise error over all of them is held at 5% (Holm's step-down)
+    p = np.concatenate([np.asarray(t['p'], float) if 'p' in t else np.full(len(t), np.nan) for t in (alone, chain)])
+    adj, m = holm(p), int(np.isfinite(p).sum())
+    out = [f"{m} comparison{'s' if m != 1 else ''} with a paired interval below; a verdict of helped or hurt needs Holm's adjusted p-value under 0.05 "
+           f"(family-wise error 5%), so an interval that excludes 0 on its own may read 'no measurable effect'."] if m else []
+    for i, (_, r) in enumerate(alone.iterrows()):
         new, d = float(r['mean_class_err']), float(r['Δ mean class err'])
         on = 'reporting images of the ' if str(r.get('metrics file', '')).startswith(REPORTING_METRICS) else ''
         where = f"; {on}{r['split']} split, {r['labels']} labels" if isinstance(r.get('split'), str) else ''
         fa = r.get('Δ few acc')
         few = f"few-shot accuracy {100*float(fa):+.1f} points" if fa is not None and not pd.isna(fa) else 'no few-shot class on this split'
         out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {new - d:.3f} → {new:.3f} ({100*d:+.1f} points), "
-                   f"{few}: {_verdict_phrase(r)}.")
-    for _, r in (chain if chain is not None else pd.DataFrame()).iterrows():
-        if r['status'] != 'present' or pd.isna(r.get('Δ mean class err')): continue
+                   f"{few}: {_verdict_phrase(r, adj[i], m)}.")
+    for i, (_, r) in enumerate(chain.iterrows(), len(alone)):
         out.append(f"Chain, {r['step']} ({r['what']}; {r['split']} split, {r['labels']} labels): mean class error {r['mean_class_err']:.3f} "
-                   f"({100*r['Δ mean class err']:+.1f} points on the row above): {_verdict_phrase(r)}.")
+                   f"({100*r['Δ mean class err']:+.1f} points on the row above): {_verdict_phrase(r, adj[i], m)}.")
     return out
 
 # %% ../nbs/07_report.ipynb #93024b5c
@@ -533,8 +544,9 @@ def system_sentence(s:dict)->str:
             f"TTA {tta['views'] + '@' + format(tta['enlarge'], 'g') if tta else 'none'}, ensemble of {len(c['members'])}: {', '.join(c['members'])}.")
 
 def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
-    "Whether the final system is at most the best single technique, when both are on the same images"
+    "The system against the best single technique: the system stage's paired Δ (technique chosen on the choosing images), else point estimates"
     n, sp = system['numbers'], system['sets']['report_split']
+    if n.get('vs_single_technique'): return ' ' + n['vs_single_technique']['sentence']
     # the whole test split, or val's reporting images (`on_reporting_rows`): the system's reporting images either way
     same = (alone[(alone['split'] == sp) & ((sp == 'test') | alone['metrics file'].str.startswith(REPORTING_METRICS))]
             if len(alone) else alone.iloc[:0])

@@ -14,7 +14,7 @@ from .core import (resolve_iteration, ExperimentParams, ParamsError, params_sect
                           pick_device, log, manifest_status, current_manifest, project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
-from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, choosing_half
+from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS
 from .ensemble import combine_topk
 
 # %% auto #0
@@ -157,7 +157,7 @@ def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
         y = np.where(c >= 0, c, y)
     return y
 
-def metric_interval(t:TopK, y:np.ndarray, B:int=1000, seed:int=0, level:float=0.95)->tuple[float, float, float]:
+def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0, level:float=0.95)->tuple[float, float, float]:
     "(mean class error, lo, hi): the class-stratified bootstrap interval of the metric itself"
     known = y >= 0
     hit = (np.asarray(t.top1) == y)[known]
@@ -169,7 +169,7 @@ def metric_interval(t:TopK, y:np.ndarray, B:int=1000, seed:int=0, level:float=0.
 def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what it is / why absent)
                 y:np.ndarray,                  # (N,) targets of the reporting rows (sorted row ids), e.g. `report_target`
                 shot:dict|None=None,           # `shot_groups(exp)`: train_counts, many, few
-                B:int=1000, seed:int=0)->pd.DataFrame:
+                B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
     "One row per step: the system's metrics on the reporting images, Δ mean class error to the previous present row with its paired 95% interval and verdict"
     shot = shot or {}
     out, prev = [], None
@@ -183,19 +183,19 @@ def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or 
             d = paired_bootstrap(paired_hits(prev[0].report, c.report, clean_label=y, names=(prev[1], step)), B=B, seed=seed)
             delta = r['mean_class_err'] - prev[2]['mean_class_err']
             if abs(delta - d.delta) > 1e-12: raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
-            r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict})
+            r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict, 'p': d.p})
             # the same step on the images that chose it: a choice that transferred shows the same sign on both
             dc = paired_bootstrap(paired_hits(prev[0].choose, c.choose, names=(prev[1], step)), B=B, seed=seed)
             r.update({'choose Δ': dc.delta, 'choose Δ lo': dc.lo, 'choose Δ hi': dc.hi})
         out.append(r); prev = (c, step, r)
-    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
+    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'p', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
     return pd.DataFrame(out).reindex(columns=cols)
 
 # %% ../nbs/06b_system.ipynb #07622243
 def against_single_technique(final:Candidate,          # the system
                              singles:list[Candidate],  # single-technique candidates (`pool_candidates`)
                              y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
-                             B:int=1000, seed:int=0)->dict|None:
+                             B:int=BOOTSTRAP_DRAWS, seed:int=0)->dict|None:
     "The single technique chosen on the choosing images; the paired Δ (system − technique) on the reporting images"
     if not singles: return None
     best, t = pick(singles, 'single technique', default=False)   # no default among them: the lowest on the choosing images
@@ -314,7 +314,7 @@ class SystemParams:
     mode:Literal['mean','sum']='mean' # top-k average (2021 report) or sum (2020 winner)
     k:int=10                          # predictions kept per image
     target:Literal['clean','given']='clean' # labels of the reporting images: ground truth where the index has it, else given
-    bootstrap:int=1000                # bootstrap draws of each interval
+    bootstrap:int=BOOTSTRAP_DRAWS     # bootstrap draws of each interval
     bs:int=64                         # images per forward when embedding
     workers:int=0                     # DataLoader workers
     def __post_init__(self):
