@@ -127,7 +127,7 @@ def available_cpus()->int:
 def process_pool(workers:int):
     "A process pool whose workers die with this process; fork where available (fast start, the package is already imported)"
     import multiprocessing as mp
-    from .core import die_with_parent
+    from aliprod.core import die_with_parent
     ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
     # a killed run's workers would otherwise live on, still writing into its folders
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
