@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #1570bd00
 from __future__ import annotations
-import ast, dataclasses, difflib, errno, hashlib, importlib, io, json, math, os, platform, random, re, shutil, socket, stat, subprocess, sys, tempfile, time, types
+import ast, dataclasses, difflib, errno, hashlib, importlib, io, json, math, os, platform, random, re, shutil, socket
+import stat, subprocess, sys, tempfile, time, types
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
@@ -292,14 +293,15 @@ def report_dir(exp:ExperimentParams)->Path:
     return d
 
 class LinkRefused(OSError):
-    "A write aimed at a symbolic link: aliprod writes its own files and never through a link (it could truncate the target)"
+    "A write aimed at a symbolic link: aliprod never writes through a link (it could truncate the target)"
 
 def refuse_link(path:str|Path)->Path:
     "`path`, or `LinkRefused` naming it and its target when it is a symbolic link"
     path = Path(path)
     if path.is_symlink():
-        raise LinkRefused(errno.ELOOP, f"{path} is a symbolic link (to {os.readlink(path)}); aliprod does not write through links, "
-                                       f"which could overwrite the target: remove the link (rm '{path}') and run again")
+        raise LinkRefused(errno.ELOOP, f"{path} is a symbolic link (to {os.readlink(path)}); aliprod does not "
+                                       f"write through links, which could overwrite the target: remove the link "
+                                       f"(rm '{path}') and run again")
     return path
 
 def _umask()->int:
@@ -324,16 +326,17 @@ def _fsync(path:str|Path, directory:bool=False):
 
 @contextmanager
 def atomic_path(path:str|Path):
-    "Yield a temporary path beside `path`; fsync and rename it onto `path` when the block succeeds, delete it when it fails"
+    "Yield a temporary path beside `path`; fsync and rename it onto `path` when the block succeeds, else delete it"
     path = refuse_link(path); path.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name: a cleanup can tell a killed run's leftover from a file another process is writing
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.pid{os.getpid()}.', suffix='.tmp', dir=path.parent)
-    try: os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; outputs are read by the group and web servers, as figures are
+    # mkstemp makes 0600: the umask decides, as for any file (the group and web servers read reports and models)
+    try: os.fchmod(fd, 0o666 & ~_umask())
     finally: os.close(fd)
     try:
         yield Path(tmp)
-        _fsync(tmp)               # the data on disk before the name: a crash after the rename never leaves an empty file
-        refuse_link(path)         # a link made while we wrote: os.replace would replace the link, but say so rather than guess
+        _fsync(tmp)         # the data on disk before the name: a crash after the rename never leaves an empty file
+        refuse_link(path)   # a link made while we wrote: os.replace would replace the link; say so rather than guess
         os.replace(tmp, path)
         _fsync(path.parent, directory=True)
     finally:
@@ -350,7 +353,7 @@ def _alive(pid:int)->bool:
 
 def remove_stale_temp_files(folder:str|Path, # searched recursively
                            )->list[Path]:
-    "Remove the `.*.tmp` files and folders under `folder` that killed runs left (their writer's pid is gone); the removed paths"
+    "Remove the `.*.tmp` files and folders under `folder` that killed runs left (their writer is gone); return them"
     removed = []
     for p in sorted(Path(folder).rglob('.*.tmp'), key=lambda q: len(q.parts)):   # a folder before what it holds
         if not (p.exists() or p.is_symlink()): continue                          # inside a folder removed above
@@ -392,8 +395,8 @@ def atomic_write_parquet(df, path:str|Path, **kwargs):
 
 def atomic_torch_save(obj, path:str|Path):
     "torch.save `obj` to `path` atomically, streamed to disk; the same tensors give the same bytes"
-    # torch.save names the zip's records after the file name it is given (here a random temp name); given an open file it
-    # writes through the handle, as it does to memory, and names them 'archive': identical runs write identical bytes
+    # torch.save names the zip's records after the file name it is given (here a random temp name); given an open
+    # file it writes through the handle, as to memory, and names them 'archive': identical runs write identical bytes
     with atomic_path(path) as t, open(t, 'wb') as f: torch.save(obj, f)
 
 def atomic_savefig(fig, # a matplotlib Figure
@@ -516,7 +519,8 @@ class StageRun:
         "Fingerprint the inputs as they are now and derive the key from them; the key"
         # keyed by path relative to the project root: a moved or copied project is the same run
         self.inputs = {project_relative(i): fingerprint(i) for i in self.input_paths}
-        key_src = json.dumps({'stage': self.stage, 'params': self.params, 'inputs': self.inputs, 'code': self.code['source_sha256'],
+        key_src = json.dumps({'stage': self.stage, 'params': self.params, 'inputs': self.inputs,
+                              'code': self.code['source_sha256'],
                               **({'numerics': self.numerics} if self.numerics else {})}, sort_keys=True)
         self.key = hashlib.sha256(key_src.encode()).hexdigest()
         return self.key
@@ -556,12 +560,13 @@ class StageRun:
 
     def invalidate(self):
         "Forget the stage: remove the outputs its manifest lists, then the manifest (call before rewriting outputs)"
-        # an old configuration's outputs that the new one does not write must not lie there as if current; the manifest goes
-        # last, so a run killed in between removes the rest next time
+        # an old configuration's outputs that the new one does not write must not lie there as if current; the
+        # manifest goes last, so a run killed in between removes the rest next time
         base = self.out_dir.resolve()
         for o in (self.manifest() or {}).get('outputs', {}):
             f = self.out_dir/o
-            if Path(o).is_absolute() or '..' in Path(o).parts or not f.resolve().is_relative_to(base): continue  # not ours
+            if Path(o).is_absolute() or '..' in Path(o).parts or not f.resolve().is_relative_to(base):
+                continue   # not a file of this folder: a manifest from elsewhere does not make us delete it
             if f.is_dir() and not f.is_symlink(): shutil.rmtree(f)
             elif f.is_file() or f.is_symlink(): f.unlink()
         if self.manifest_path.exists(): self.manifest_path.unlink()
@@ -587,7 +592,8 @@ class StageRun:
         with stage_lock(self.out_dir, self.stage):
             # the inputs as they are under the lock: a process we waited for may have rewritten them since __init__
             before = self.key
-            if self.fingerprint_inputs() != before: log(f"{self.stage}: inputs of {project_relative(self.out_dir)} changed while it waited for them")
+            if self.fingerprint_inputs() != before:
+                log(f"{self.stage}: inputs of {project_relative(self.out_dir)} changed while it waited for them")
             if self.up_to_date():
                 self.ran = False
                 # said once per process: a stage that reads the data and the model it starts from finds them up to date many times
@@ -611,14 +617,15 @@ class LockBusy(RuntimeError):
     "A lock asked for without waiting is held by another process; the message names the folder and the holder"
 
 def _open_lock(path:Path)->int:
-    "Open (create) the lock file `path` read-write: never through a link, never truncated, not inherited by exec'd children"
+    "Open (create) the lock file `path` read-write: never through a link, never truncated, closed on exec"
     try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP: refuse_link(path)
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise LinkRefused(errno.EINVAL, f"{path} is not a regular file; aliprod keeps its lock there: remove it and run again")
+        raise LinkRefused(errno.EINVAL, f"{path} is not a regular file; aliprod keeps its lock there: remove it "
+                                        f"and run again")
     return fd
 
 def _holder(fd:int)->dict|None:
@@ -638,14 +645,16 @@ def stage_lock(out_dir:str|Path, # the stage's run directory
               ):
     "Hold an exclusive lock on `out_dir`: a second process running the same stage waits, then finds it up to date"
     import fcntl  # POSIX; stages run on Linux/macOS machines
-    # POSIX record locks (lockf) belong to the process: a forked worker does not inherit one, and the kernel drops it when
-    # the process dies, so a killed run never blocks the next (flock's belong to the open file, which workers share)
+    # POSIX record locks (lockf) belong to the process: a forked worker does not inherit one, and the kernel drops
+    # it when the process dies, so a killed run never blocks the next (flock's belong to the open file, which workers
+    # share)
     d = Path(out_dir); d.mkdir(parents=True, exist_ok=True)
     path = d/LOCK
     try: st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError: st = None
     held = _HELD.get((os.getpid(), st.st_dev, st.st_ino)) if st is not None else None
-    if held:  # held here already (a stage making sure of one it reads): opening the file again and closing it would drop it
+    # held here already (a stage making sure of one it reads): opening the file again and closing it would drop it
+    if held:
         held[1] += 1
         try: yield
         finally: held[1] -= 1
@@ -661,7 +670,9 @@ def stage_lock(out_dir:str|Path, # the stage's run directory
             log(f"{stage}: {who} is running {project_relative(d)}; waiting for it")
             fcntl.lockf(fd, fcntl.LOCK_EX)
         prev = _holder(fd)   # a clean release empties the file: a name left in it is a run that was killed
-        if prev: log(f"{stage}: stale lock on {project_relative(d)} left by {_holder_text(prev)} (a killed run); taking it over")
+        if prev:
+            log(f"{stage}: stale lock on {project_relative(d)} left by {_holder_text(prev)} (a killed run); "
+                f"taking it over")
         os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {_iso(time.time())}\n".encode(), 0)
         st = os.fstat(fd); key = (os.getpid(), st.st_dev, st.st_ino)
         _HELD[key] = [fd, 0]
@@ -671,9 +682,9 @@ def stage_lock(out_dir:str|Path, # the stage's run directory
             os.ftruncate(fd, 0)
     finally: os.close(fd)   # closing releases the lock
 
-def die_with_parent(parent:int|None=None, # the parent's pid, when known: a parent that died before this call is caught too
+def die_with_parent(parent:int|None=None, # the parent's pid, when known: a parent dead before this call is caught too
                    ):
-    "Ask Linux to SIGKILL this process the moment its parent dies (no-op elsewhere): a worker or kernel must not outlive its run"
+    "Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere): workers and kernels die with their run"
     if not sys.platform.startswith('linux'): return
     import ctypes, signal
     PR_SET_PDEATHSIG = 1

@@ -125,7 +125,7 @@ def available_cpus()->int:
     except AttributeError: return os.cpu_count() or 1
 
 def process_pool(workers:int):
-    "A process pool whose workers die with this process; fork where available (fast start, the package is already imported)"
+    "A process pool whose workers die with this process; fork where available (fast start, the package is imported)"
     import multiprocessing as mp
     from aliprod.core import die_with_parent
     ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
                           atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
-                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, die_with_parent)
+                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files,
+                          die_with_parent)
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'check_grid', 'stage_notebooks',
@@ -69,7 +70,7 @@ def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
     return runs
 
 def check_grid(params_file:str|Path)->list[tuple[str, dict]]:
-    "`grid_runs` of `params_file`, each run's experiment name and sections resolved as `run_pipeline` resolves them (ParamsError first)"
+    "`grid_runs` of `params_file`, each run's name and sections resolved as `run_pipeline` does (or ParamsError)"
     runs = grid_runs(resolve_params('experiment', params_file), resolve_params('pipeline', params_file))
     for name, over in runs:
         try:
@@ -147,7 +148,8 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
                             stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
                             progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS, km=km)
     except pm.PapermillExecutionError as e:
-        if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None   # Ctrl-C reached the kernel too: `main` says it once
+        # Ctrl-C reached the kernel too: `main` says it once
+        if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None
         line = next((l for l in (e.source or '').splitlines() if l.strip() and not l.startswith('#')), '')[:100]
         raise StageFailed(f"Stage '{stage}' failed in cell {e.cell_index} `{line}`: {e.ename}: {e.evalue}\n"
                           f"Executed notebook: {out}") from None
@@ -201,9 +203,9 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
 
 @contextmanager
 def experiment_lock(exp:ExperimentParams):
-    "Hold runs/<experiment>/.lock for one `aliprod run`, or raise `LockBusy` at once; then remove what killed runs left half-written"
-    # stage locks are per folder: two runs of one experiment with different parameters would interleave their stages, so a
-    # second run is refused with the first one's pid (not queued behind a run that may take hours)
+    "Hold runs/<experiment>/.lock for one `aliprod run` (else `LockBusy` at once); remove killed runs' temp files"
+    # stage locks are per folder: two runs of one experiment with different parameters would interleave their stages,
+    # so a second run is refused with the first one's pid (not queued behind a run that may take hours)
     try:
         with stage_lock(experiment_dir(exp), 'run', wait=False):
             for d in (experiment_dir(exp), report_dir(exp)): remove_stale_temp_files(d)
@@ -236,7 +238,8 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
             log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
         elif after != before or not _runs_prefixes(s):   # it computed (the report always does): the next run's ETA
             times[s] = time.time() - t0; atomic_write_json(experiment_dir(exp)/'stage_times.json', times)
-    log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; report: {project_relative(report_dir(exp)/'index.html')}")
+    log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; "
+        f"report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
 
 def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
@@ -284,10 +287,11 @@ def _runs_prefixes(stage:str)->tuple:
     return next((s.runs for s in STAGES if s.name == stage), (stage,))
 
 def stage_of_run_dir(name:str)->str|None:
-    "The stage a folder under runs/<experiment>/ belongs to: its longest matching prefix (`train-finegrained-x` is finegrained's)"
+    "The stage a folder under runs/<experiment>/ belongs to: its longest matching prefix (`train-finegrained-x`)"
     # 'train' also matches train-lowres (the train stage's twin) and train-finegrained-* (finegrained's finetunes): the
     # longer prefix decides
-    hits = [(len(p), s.name) for s in STAGES for p in s.runs if name == p or name.startswith(p if p.endswith('-') else p + '-')]
+    hits = [(len(p), s.name) for s in STAGES for p in s.runs
+            if name == p or name.startswith(p if p.endswith('-') else p + '-')]
     return max(hits)[1] if hits else None
 
 def _forget(exp:ExperimentParams, stages:list[str]):
@@ -326,7 +330,8 @@ def main(argv:list[str]|None=None)->int:
         if a.cmd == 'check':
             cfg = load_params_file(a.params)
             runs = check_grid(a.params)   # what `run` checks: every run of the grid, its name and sections
-            print(f"{a.params}: OK (sections: {', '.join(cfg)}{f'; {len(runs)} runs in the grid' if len(runs) > 1 else ''})")
+            grid = f'; {len(runs)} runs in the grid' if len(runs) > 1 else ''
+            print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid})")
             print(check_data_files(resolve_params('data', a.params)))
         elif a.cmd == 'data':
             from aliprod.data import prepare_data

@@ -104,7 +104,8 @@ def _trigger(point:str, proc:subprocess.Popen, log:Path, scratch:Path, rng:rando
              'clean': rng.uniform(0, ref.get('clean_s', 5)), 'checkpoint': 0.0}[point]
     while proc.poll() is None:
         if point == 'data-pool':
-            if any(_cmdline(c) == parent for c in descendants(proc.pid)): break   # a forked worker: the same command line
+            # a forked worker: the same command line
+            if any(_cmdline(c) == parent for c in descendants(proc.pid)): break
             time.sleep(0.005)
         elif point == 'checkpoint':
             try:
@@ -141,17 +142,19 @@ def trial(point:str, cmd:list[str], scratch:Path, rng:random.Random, ref:dict, t
     left = temp_files(scratch)
     diff = sorted(k for k in set(hashes) | set(ref['hashes']) if hashes.get(k) != ref['hashes'].get(k))
     ok = missed is None and rerun['rc'] == 0 and not rerun['waited_on_lock'] and not orphans and not left and not diff
-    return {'point': point, 'killed_at_s': killed_at, 'missed': missed, 'processes_below': len(below), 'orphans': len(orphans),
-            **{f'rerun_{k}': v for k, v in rerun.items()}, 'temp_files_left': left, 'outputs_differing': diff, 'ok': ok}
+    return {'point': point, 'killed_at_s': killed_at, 'missed': missed, 'processes_below': len(below),
+            'orphans': len(orphans), **{f'rerun_{k}': v for k, v in rerun.items()}, 'temp_files_left': left,
+            'outputs_differing': diff, 'ok': ok}
 
 
 def reference(cmd:list[str], scratch:Path, timeout:float)->dict:
-    "The uninterrupted run: output hashes, wall time, and how long training and the clean stage took (for the kill delays)"
+    "The uninterrupted run: output hashes, wall time, how long training and the clean stage took (for the kill delays)"
     wipe(scratch)
     r = run_to_end(cmd, scratch/'reference.log', timeout)
     if r['rc'] != 0: raise SystemExit(f"the uninterrupted run failed (rc {r['rc']}); see {scratch/'reference.log'}")
     text = (scratch/'reference.log').read_text()
-    t = lambda pat: [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in re.findall(r'^(\d\d):(\d\d):(\d\d) ' + pat, text, re.M)]
+    t = lambda pat: [int(h) * 3600 + int(m) * 60 + int(s)
+                     for h, m, s in re.findall(r'^(\d\d):(\d\d):(\d\d) ' + pat, text, re.M)]
     start, epochs, clean = t(r'training \S+ on '), t(r'train/0: epoch '), t(r'clean: ')
     out = {**r, 'hashes': output_hashes(scratch), 'temp_files_left': temp_files(scratch)}
     if start and epochs: out['epoch_s'] = max(1, epochs[-1] - start[0])
@@ -184,16 +187,21 @@ def main(argv=None)->int:
     trials = []
     for i, point in enumerate(order, 1):
         r = trial(point, cmd, scratch, rng, ref, a.timeout); trials.append(r)
-        print(f"{i:>3} {point:<11} {r['killed_at_s']:>8}s {r['processes_below']:>5} {r['orphans']:>7} {str(r['rerun_rc']):>8} "
-              f"{r['rerun_wall_s']:>7} {str(r['rerun_said_stale']):>5} {str(r['rerun_waited_on_lock']):>6} {len(r['temp_files_left']):>3} "
-              f"{len(r['outputs_differing']):>6}  {'yes' if r['ok'] else 'NO: ' + (r['missed'] or 'see JSON')}", flush=True)
+        verdict = 'yes' if r['ok'] else 'NO: ' + (r['missed'] or 'see JSON')
+        print(f"{i:>3} {point:<11} {r['killed_at_s']:>8}s {r['processes_below']:>5} {r['orphans']:>7} "
+              f"{str(r['rerun_rc']):>8} {r['rerun_wall_s']:>7} {str(r['rerun_said_stale']):>5} "
+              f"{str(r['rerun_waited_on_lock']):>6} {len(r['temp_files_left']):>3} {len(r['outputs_differing']):>6}  "
+              f"{verdict}",
+              flush=True)
     ok = sum(r['ok'] for r in trials)
-    res = {'config': {'params': a.params, 'kills': a.kills, 'points': a.points, 'stages': a.stages, 'in_process': a.in_process,
-                      'seed': a.seed, 'command': cmd}, 'reference': ref, 'trials': trials, 'ok': ok, 'total_s': round(time.time() - t0, 1),
+    res = {'config': {'params': a.params, 'kills': a.kills, 'points': a.points, 'stages': a.stages,
+                      'in_process': a.in_process, 'seed': a.seed, 'command': cmd},
+           'reference': ref, 'trials': trials, 'ok': ok, 'total_s': round(time.time() - t0, 1),
            'hardware': {'cpus': os.cpu_count(), 'load_average': os.getloadavg()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
-    print(f"{ok}/{len(trials)} kills resumed to byte-identical outputs without waiting or leftovers; {res['total_s']} s; {a.out}")
+    print(f"{ok}/{len(trials)} kills resumed to byte-identical outputs without waiting or leftovers; "
+          f"{res['total_s']} s; {a.out}")
     if not a.scratch: shutil.rmtree(scratch, ignore_errors=True)
     return 0 if ok == len(trials) else 1
 
