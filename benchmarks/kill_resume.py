@@ -99,9 +99,11 @@ def _trigger(point:str, proc:subprocess.Popen, log:Path, scratch:Path, rng:rando
     "Wait for `point` in the running `proc`; None once it has been reached (then kill), else why it was missed"
     parent = _cmdline(proc.pid)
     train_dir = scratch/'runs'/EXPERIMENT/'train'/'0'
-    line = {'epoch': re.compile(r'training \S+ on '), 'clean': re.compile(r'\bclean: ')}.get(point)
-    delay = {'data-pool': rng.uniform(0, 0.2), 'epoch': rng.uniform(0, ref.get('epoch_s', 5)),
-             'clean': rng.uniform(0, ref.get('clean_s', 5)), 'checkpoint': 0.0}[point]
+    # training has begun (the first epoch ended) / the clean stage works; then a random moment within half of the time
+    # that phase took in the uninterrupted run, so that a run a little faster than it is still killed
+    line = {'epoch': re.compile(r'train/0: epoch 1/'), 'clean': re.compile(r'\bclean: iteration ')}.get(point)
+    delay = {'data-pool': rng.uniform(0, 0.2), 'epoch': rng.uniform(0, ref.get('epoch_s', 5) / 2),
+             'clean': rng.uniform(0, ref.get('clean_s', 5) / 2), 'checkpoint': 0.0}[point]
     while proc.poll() is None:
         if point == 'data-pool':
             # a forked worker: the same command line
@@ -155,9 +157,9 @@ def reference(cmd:list[str], scratch:Path, timeout:float)->dict:
     text = (scratch/'reference.log').read_text()
     t = lambda pat: [int(h) * 3600 + int(m) * 60 + int(s)
                      for h, m, s in re.findall(r'^(\d\d):(\d\d):(\d\d) ' + pat, text, re.M)]
-    start, epochs, clean = t(r'training \S+ on '), t(r'train/0: epoch '), t(r'clean: ')
+    epochs, clean = t(r'train/0: epoch '), t(r'clean: iteration ')
     out = {**r, 'hashes': output_hashes(scratch), 'temp_files_left': temp_files(scratch)}
-    if start and epochs: out['epoch_s'] = max(1, epochs[-1] - start[0])
+    if len(epochs) > 1: out['epoch_s'] = max(1, epochs[-1] - epochs[0])   # from the end of epoch 1 to the last
     if clean: out['clean_s'] = max(1, t(r'clean: done')[-1] - clean[0]) if t(r'clean: done') else 5
     return out
 
