@@ -970,7 +970,8 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         rows = gallery_rows(ch, clean.gallery_size, class_sizes=sizes)
         figs[f'clean_{k}_gallery'] = plot_gallery(rows, arts.root, names, title=f'Round {k}: flagged training samples (most confident disagreements first, then the tail)')
     if save:
-        for name, f in figs.items(): f.savefig(report_dir(exp)/f'{name}.png', dpi=100)
+        from aliprod.core import atomic_savefig
+        for name, f in figs.items(): atomic_savefig(f, report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
 # %% ../nbs/03_clean.ipynb #aa0cf921
@@ -1037,6 +1038,6 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     if len(rules): atomic_write_text(rep/'clean_rules.csv', csv_safe(rules).to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
-    figs['clean_rounds'].savefig(rep/'clean_rounds.png', dpi=100)
+    from aliprod.core import atomic_savefig; atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
     art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art

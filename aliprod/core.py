@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #1570bd00
 from __future__ import annotations
-import ast, dataclasses, difflib, hashlib, importlib, io, json, math, os, platform, random, re, socket, subprocess, tempfile, time, types
+import ast, dataclasses, difflib, errno, hashlib, importlib, io, json, math, os, platform, random, re, shutil, socket
+import stat, subprocess, sys, tempfile, time, types
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
@@ -12,14 +13,15 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root', 'ParamsError',
-           'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section', 'load_params_file',
-           'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir',
-           'run_dir', 'report_dir', 'atomic_path', 'atomic_write_text', 'json_safe', 'atomic_write_json',
-           'atomic_write_parquet', 'atomic_torch_save', 'fingerprint', 'source_for_hash', 'imported_modules',
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root',
+           'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section',
+           'load_params_file', 'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log',
+           'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path',
+           'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
+           'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules',
            'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
-           'stage_lock', 'hardware', 'manifest_status', 'current_manifest', 'quiet_third_party_warnings',
-           'in_stage_run', 'skip_to_stage_run']
+           'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status', 'current_manifest',
+           'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -290,17 +292,78 @@ def report_dir(exp:ExperimentParams)->Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+class LinkRefused(OSError):
+    "A write aimed at a symbolic link: aliprod never writes through a link (it could truncate the target)"
+
+def refuse_link(path:str|Path)->Path:
+    "`path`, or `LinkRefused` naming it and its target when it is a symbolic link"
+    path = Path(path)
+    if path.is_symlink():
+        raise LinkRefused(errno.ELOOP, f"{path} is a symbolic link (to {os.readlink(path)}); aliprod does not "
+                                       f"write through links, which could overwrite the target: remove the link "
+                                       f"(rm '{path}') and run again")
+    return path
+
+def _umask()->int:
+    "This process's umask, read without changing it where Linux shows it (os.umask can only read it by setting it)"
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+def _fsync(path:str|Path, directory:bool=False):
+    "Flush `path` (a file, or a folder's entries) to disk; a file system that cannot sync a folder is left as it is"
+    try: fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        if directory: return
+        raise
+    try: os.fsync(fd)
+    except OSError:
+        if not directory: raise
+    finally: os.close(fd)
+
 @contextmanager
 def atomic_path(path:str|Path):
-    "Yield a temporary path beside `path`; rename it onto `path` when the block succeeds, delete it when it fails"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    "Yield a temporary path beside `path`; fsync and rename it onto `path` when the block succeeds, else delete it"
+    path = refuse_link(path); path.parent.mkdir(parents=True, exist_ok=True)
+    # the writer's pid in the name: a cleanup can tell a killed run's leftover from a file another process is writing
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.pid{os.getpid()}.', suffix='.tmp', dir=path.parent)
+    # mkstemp makes 0600: the umask decides, as for any file (the group and web servers read reports and models)
+    try: os.fchmod(fd, 0o666 & ~_umask())
+    finally: os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)         # the data on disk before the name: a crash after the rename never leaves an empty file
+        refuse_link(path)   # a link made while we wrote: os.replace would replace the link; say so rather than guess
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
+
+_TEMP_PID = re.compile(r'\.pid(\d+)\.')
+
+def _alive(pid:int)->bool:
+    "True when process `pid` exists on this machine"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True   # someone else's process
+    return True
+
+def remove_stale_temp_files(folder:str|Path, # searched recursively
+                           )->list[Path]:
+    "Remove the `.*.tmp` files and folders under `folder` that killed runs left (their writer is gone); return them"
+    removed = []
+    for p in sorted(Path(folder).rglob('.*.tmp'), key=lambda q: len(q.parts)):   # a folder before what it holds
+        if not (p.exists() or p.is_symlink()): continue                          # inside a folder removed above
+        m = _TEMP_PID.findall(p.name)
+        # a name without a pid was written by an older version: only callers holding the folder's lock ask for this
+        if m and (int(m[-1]) == os.getpid() or _alive(int(m[-1]))): continue
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+        else: p.unlink()
+        removed.append(p)
+    return removed
 
 def atomic_write_text(path:str|Path, text:str):
     "Write `text` to `path` atomically"
@@ -331,11 +394,17 @@ def atomic_write_parquet(df, path:str|Path, **kwargs):
     with atomic_path(path) as t: df.to_parquet(t, index=False, **kwargs)
 
 def atomic_torch_save(obj, path:str|Path):
-    "torch.save `obj` to `path` atomically; the same tensors give the same bytes"
-    # torch.save names the zip's records after the file it writes to (here a random temp name); saving to memory names
-    # them 'archive', so two identical runs write byte-identical files
-    buf = io.BytesIO(); torch.save(obj, buf)
-    with atomic_path(path) as t: Path(t).write_bytes(buf.getvalue())
+    "torch.save `obj` to `path` atomically, streamed to disk; the same tensors give the same bytes"
+    # torch.save names the zip's records after the file name it is given (here a random temp name); given an open
+    # file it writes through the handle, as to memory, and names them 'archive': identical runs write identical bytes
+    with atomic_path(path) as t, open(t, 'wb') as f: torch.save(obj, f)
+
+def atomic_savefig(fig, # a matplotlib Figure
+                   path:str|Path, **kwargs):
+    "`fig.savefig(path, **kwargs)` atomically (the format from the suffix unless given)"
+    path = Path(path)
+    kwargs.setdefault('format', path.suffix.lstrip('.') or 'png')   # the temp name's suffix is .tmp
+    with atomic_path(path) as t: fig.savefig(t, **kwargs)
 
 # %% ../nbs/00_core.ipynb #39ec7f3c
 def fingerprint(path:str|Path)->str:
@@ -440,14 +509,21 @@ class StageRun:
                 ):
         self.out_dir, self.stage = Path(out_dir), stage
         self.params = json.loads(json.dumps(params, sort_keys=True, default=_json_default))
-        # keyed by path relative to the project root: a moved or copied project is the same run
-        self.inputs = {project_relative(i): fingerprint(i) for i in inputs}
+        self.input_paths = list(inputs)
         self.code = code_version(modules)
         self.numerics = {'torch_threads': torch.get_num_threads()} if threads else {}
-        key_src = json.dumps({'stage': stage, 'params': self.params, 'inputs': self.inputs, 'code': self.code['source_sha256'],
-                              **({'numerics': self.numerics} if threads else {})}, sort_keys=True)
-        self.key = hashlib.sha256(key_src.encode()).hexdigest()
+        self.fingerprint_inputs()
         self.started = time.time()
+
+    def fingerprint_inputs(self)->str:
+        "Fingerprint the inputs as they are now and derive the key from them; the key"
+        # keyed by path relative to the project root: a moved or copied project is the same run
+        self.inputs = {project_relative(i): fingerprint(i) for i in self.input_paths}
+        key_src = json.dumps({'stage': self.stage, 'params': self.params, 'inputs': self.inputs,
+                              'code': self.code['source_sha256'],
+                              **({'numerics': self.numerics} if self.numerics else {})}, sort_keys=True)
+        self.key = hashlib.sha256(key_src.encode()).hexdigest()
+        return self.key
 
     @property
     def manifest_path(self)->Path: return self.out_dir/MANIFEST
@@ -483,7 +559,16 @@ class StageRun:
         return 'outputs missing or changed'
 
     def invalidate(self):
-        "Remove the manifest so the stage is seen as not done (call before rewriting outputs)"
+        "Forget the stage: remove the outputs its manifest lists, then the manifest (call before rewriting outputs)"
+        # an old configuration's outputs that the new one does not write must not lie there as if current; the
+        # manifest goes last, so a run killed in between removes the rest next time
+        base = self.out_dir.resolve()
+        for o in (self.manifest() or {}).get('outputs', {}):
+            f = self.out_dir/o
+            if Path(o).is_absolute() or '..' in Path(o).parts or not f.resolve().is_relative_to(base):
+                continue   # not a file of this folder: a manifest from elsewhere does not make us delete it
+            if f.is_dir() and not f.is_symlink(): shutil.rmtree(f)
+            elif f.is_file() or f.is_symlink(): f.unlink()
         if self.manifest_path.exists(): self.manifest_path.unlink()
 
     def finish(self, outputs:list|tuple=(), # files written, relative to out_dir or absolute inside it
@@ -505,6 +590,10 @@ class StageRun:
               )->dict:
         "Every stage's one mechanism: under `stage_lock`, skip when up to date; else say why, forget the old manifest, run `work`, write the manifest"
         with stage_lock(self.out_dir, self.stage):
+            # the inputs as they are under the lock: a process we waited for may have rewritten them since __init__
+            before = self.key
+            if self.fingerprint_inputs() != before:
+                log(f"{self.stage}: inputs of {project_relative(self.out_dir)} changed while it waited for them")
             if self.up_to_date():
                 self.ran = False
                 # said once per process: a stage that reads the data and the model it starts from finds them up to date many times
@@ -515,26 +604,92 @@ class StageRun:
                 return man
             log(f"{self.stage}: {what + ' ' if what else ''}into {project_relative(self.out_dir)} ({self.why_stale()})")
             self.invalidate()
-            for stale in self.out_dir.glob('.*.tmp'): stale.unlink()  # temp files of a killed run
+            remove_stale_temp_files(self.out_dir)   # what a killed run was writing, in subfolders too
             self.started = time.time()
             outputs, metrics = work()
             self.ran = True
             return self.finish(outputs, metrics)
 
+LOCK = '.lock'   # the lock file of a stage folder (and of runs/<experiment>/ for `aliprod run`)
+_HELD:dict = {}  # (pid, device, inode) of a lock file -> [fd, depth]: the locks this process holds
+
+class LockBusy(RuntimeError):
+    "A lock asked for without waiting is held by another process; the message names the folder and the holder"
+
+def _open_lock(path:Path)->int:
+    "Open (create) the lock file `path` read-write: never through a link, never truncated, closed on exec"
+    try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP: refuse_link(path)
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LinkRefused(errno.EINVAL, f"{path} is not a regular file; aliprod keeps its lock there: remove it "
+                                        f"and run again")
+    return fd
+
+def _holder(fd:int)->dict|None:
+    "Who the lock file says holds it: {'pid', 'host', 'since'}, or None when it is empty (released cleanly)"
+    parts = os.pread(fd, 512, 0).decode(errors='replace').split()
+    try: return {'pid': int(parts[0]), 'host': parts[1], 'since': parts[2]}
+    except (IndexError, ValueError): return None
+
+def _holder_text(h:dict)->str:
+    gone = h['host'] == socket.gethostname() and not _alive(h['pid'])
+    return f"pid {h['pid']} on {h['host']} since {h['since']}" + (', which is gone' if gone else '')
+
 @contextmanager
 def stage_lock(out_dir:str|Path, # the stage's run directory
-               stage:str='stage', # for the waiting message
+               stage:str='stage', # for the log lines
+               wait:bool=True,    # False: raise `LockBusy` instead of waiting for another process
               ):
     "Hold an exclusive lock on `out_dir`: a second process running the same stage waits, then finds it up to date"
     import fcntl  # POSIX; stages run on Linux/macOS machines
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(out_dir)/'.lock', 'w') as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"{stage}: another process is running {out_dir}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
+    # POSIX record locks (lockf) belong to the process: a forked worker does not inherit one, and the kernel drops
+    # it when the process dies, so a killed run never blocks the next (flock's belong to the open file, which workers
+    # share)
+    d = Path(out_dir); d.mkdir(parents=True, exist_ok=True)
+    path = d/LOCK
+    try: st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError: st = None
+    held = _HELD.get((os.getpid(), st.st_dev, st.st_ino)) if st is not None else None
+    # held here already (a stage making sure of one it reads): opening the file again and closing it would drop it
+    if held:
+        held[1] += 1
         try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        finally: held[1] -= 1
+        return
+    fd = _open_lock(path)
+    try:
+        try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN): raise
+            h = _holder(fd)
+            who = f"another process ({_holder_text(h)})" if h else 'another process'
+            if not wait: raise LockBusy(f"{who} is running {project_relative(d)}; wait for it to finish") from None
+            log(f"{stage}: {who} is running {project_relative(d)}; waiting for it")
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        prev = _holder(fd)   # a clean release empties the file: a name left in it is a run that was killed
+        if prev:
+            log(f"{stage}: stale lock on {project_relative(d)} left by {_holder_text(prev)} (a killed run); "
+                f"taking it over")
+        os.ftruncate(fd, 0); os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {_iso(time.time())}\n".encode(), 0)
+        st = os.fstat(fd); key = (os.getpid(), st.st_dev, st.st_ino)
+        _HELD[key] = [fd, 0]
+        try: yield
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+    finally: os.close(fd)   # closing releases the lock
+
+def die_with_parent(parent:int|None=None, # the parent's pid, when known: a parent dead before this call is caught too
+                   ):
+    "Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere): workers and kernels die with their run"
+    if not sys.platform.startswith('linux'): return
+    import ctypes, signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent: os._exit(1)   # orphaned already: the signal will never come
 
 def _iso(t): return time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(t))
 

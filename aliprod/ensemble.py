@@ -338,8 +338,9 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     m = json.loads((out/'metrics.json').read_text())
     table = ensemble_table(f'ensemble {p.name} ({p.mode})', m['ensemble'], m['members'])
     rep = report_dir(exp)
-    csv_safe(table).to_csv(rep/f'ensemble_{p.name}.csv', index=False)
+    from aliprod.core import atomic_savefig, atomic_write_text
+    atomic_write_text(rep/f'ensemble_{p.name}.csv', csv_safe(table).to_csv(index=False))
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
-    fig.savefig(rep/f'ensemble_{p.name}.png', dpi=120)
+    atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
     return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': fig}, run.ran)

@@ -155,10 +155,12 @@ def available_cpus()->int:
     except AttributeError: return os.cpu_count() or 1
 
 def process_pool(workers:int):
-    "A process pool; fork where available (fast start, the package is already imported)"
+    "A process pool whose workers die with this process; fork where available (fast start, the package is imported)"
     import multiprocessing as mp
+    from aliprod.core import die_with_parent
     ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    # a killed run's workers would otherwise live on, still writing into its folders
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
 
 SCAN_REASONS = ('outside_root', 'missing', 'zero_byte', 'truncated', 'undecodable', 'too_large')
 SCAN_COLUMNS = ['path', 'reason', 'detail', 'mode', 'conversion']

@@ -4,17 +4,19 @@
 
 # %% ../nbs/08_pipeline.ipynb #14ed39e5
 from __future__ import annotations
-import argparse, itertools, re, shutil, sys, time
+import argparse, itertools, os, re, shutil, sys, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
                           atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
-                          project_relative)
+                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files,
+                          die_with_parent)
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'stage_notebooks',
-           'die_with_parent', 'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'call_stage',
-           'check_data_files', 'main']
+__all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'check_grid', 'stage_notebooks',
+           'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'experiment_lock', 'call_stage',
+           'stage_of_run_dir', 'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
@@ -67,6 +69,17 @@ def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
         runs.append((exp.experiment + ''.join(f"-{n.partition('.')[2]}{v}" for n, v in zip(names, combo)), over))
     return runs
 
+def check_grid(params_file:str|Path)->list[tuple[str, dict]]:
+    "`grid_runs` of `params_file`, each run's name and sections resolved as `run_pipeline` does (or ParamsError)"
+    runs = grid_runs(resolve_params('experiment', params_file), resolve_params('pipeline', params_file))
+    for name, over in runs:
+        try:
+            resolve_params('experiment', params_file, overrides={'experiment': name})
+            for sec, values in over.items(): resolve_params(sec, params_file, injected=values)
+        except ParamsError as e:
+            raise ParamsError(f"{params_file} [pipeline] grid: the run {name!r} ({over}) is refused: {e}") from None
+    return runs
+
 # %% ../nbs/08_pipeline.ipynb #20fbf7d4
 def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; default: <project root>/nbs
                    )->dict[str, Path]:
@@ -75,16 +88,10 @@ def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; defau
     return {s.name: d/s.notebook for s in STAGES if (d/s.notebook).is_file()}
 
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
-def die_with_parent():
-    "Ask Linux to SIGKILL this process the moment its parent dies (no-op elsewhere): a stage's kernel must not outlive `aliprod run`"
-    if not sys.platform.startswith('linux'): return
-    import ctypes, signal
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
 # ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
-# its parent poller notices (about a second) and can still write a stage's files
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.pipeline import die_with_parent as _d; _d(); del _d"]']
+# its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core: the data
+# stage's worker pools use it too)
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d"]']
 
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
@@ -130,13 +137,19 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     params = {'params_file': str(Path(params_file).resolve()), **(parameters or {})}
     t0 = time.time()
     km, sockets = _kernel_manager()
+    # papermill rewrites its output after every cell: it writes into a temp folder (removed by `remove_stale_temp_files`
+    # when this process is killed), whose notebook replaces `out` when the run ends, failed or not
+    part_dir = Path(out.parent/f'.{out.name}.pid{os.getpid()}.tmp'); part_dir.mkdir(exist_ok=True)
+    part = part_dir/out.name
     try:
         # the kernel's prints (epoch lines, stage progress) go straight to this terminal as they come; papermill's own
         # `log_output` sends them to its logger, which nothing configures, so a user saw nothing for minutes
-        pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(project_root()), log_output=False,
+        pm.execute_notebook(str(nb), str(part), parameters=params, cwd=str(project_root()), log_output=False,
                             stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
                             progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS, km=km)
     except pm.PapermillExecutionError as e:
+        # Ctrl-C reached the kernel too: `main` says it once
+        if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None
         line = next((l for l in (e.source or '').splitlines() if l.strip() and not l.startswith('#')), '')[:100]
         raise StageFailed(f"Stage '{stage}' failed in cell {e.cell_index} `{line}`: {e.ename}: {e.evalue}\n"
                           f"Executed notebook: {out}") from None
@@ -144,6 +157,9 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
         raise StageFailed(f"Stage '{stage}' failed: {type(e).__name__}: {e} ({_failed_cell(out)}).\nExecuted notebook: {out}") from None
     finally:
         _shutdown(km); shutil.rmtree(sockets, ignore_errors=True)
+        if part.exists():
+            refuse_link(out); os.replace(part, out)
+        shutil.rmtree(part_dir, ignore_errors=True)
         if html and out.exists(): render_html(out)
     log(f"{stage}: done in {time.time()-t0:.0f} s -> {project_relative(out)}")
     return out
@@ -173,7 +189,7 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
     chosen = stages or pp.stages or list(present)
     missing = [s for s in chosen if s not in present]
     if missing and not in_process: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
-    runs = grid_runs(base, pp)
+    runs = check_grid(params_file)   # every run of the grid checked before the first starts
     executed = []
     for name, over in runs:
         exp = resolve_params('experiment', params_file, overrides={'experiment': name})
@@ -181,28 +197,49 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
         if dry_run:
             for s in chosen: log(f"would run {present[s]}")
             continue
-        if force: _forget(exp, chosen)
-        from aliprod.data import prepare_data
-        prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
-        nb_out = report_dir(exp)/'notebooks'
-        params = {'experiment': name, **over}
-        t_run, times = time.time(), _stage_times(exp)
-        for k, s in enumerate(chosen, 1):
-            before = _manifests(exp)
-            left = [times.get(x) for x in chosen[k - 1:]]
-            eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
-                   if s in times and all(left) else '')
-            log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
-            t0 = time.time()
-            if in_process:
-                executed.append(call_stage(s, params_file, name, over)); log(f"{s}: done in {time.time() - t0:.0f} s")
-            else: executed.append(run_stage(s, present[s], params_file, nb_out, params, html=pp.html))
-            after = _manifests(exp)
-            if after == before and any(m.relative_to(experiment_dir(exp)).parts[0].startswith(p) for m in after for p in _runs_prefixes(s)):
-                log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
-            elif after != before or not _runs_prefixes(s):   # it computed (the report always does): the next run's ETA
-                times[s] = time.time() - t0; atomic_write_json(experiment_dir(exp)/'stage_times.json', times)
-        log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; report: {project_relative(report_dir(exp)/'index.html')}")
+        with experiment_lock(exp):
+            executed += _run_experiment(exp, params_file, over, chosen, present, force, in_process, pp.html)
+    return executed
+
+@contextmanager
+def experiment_lock(exp:ExperimentParams):
+    "Hold runs/<experiment>/.lock for one `aliprod run` (else `LockBusy` at once); remove killed runs' temp files"
+    # stage locks are per folder: two runs of one experiment with different parameters would interleave their stages,
+    # so a second run is refused with the first one's pid (not queued behind a run that may take hours)
+    try:
+        with stage_lock(experiment_dir(exp), 'run', wait=False):
+            for d in (experiment_dir(exp), report_dir(exp)): remove_stale_temp_files(d)
+            yield
+    except LockBusy as e:
+        if 'is running' not in str(e): raise
+        raise LockBusy(f"experiment '{exp.experiment}' is being run already: {e}") from None
+
+def _run_experiment(exp, params_file, over, chosen, present, force, in_process, html)->list:
+    "One run of the grid, under its experiment lock: the data, then the chosen stages in order"
+    name, executed = exp.experiment, []
+    if force: _forget(exp, chosen)
+    from aliprod.data import prepare_data
+    prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
+    nb_out = report_dir(exp)/'notebooks'
+    params = {'experiment': name, **over}
+    t_run, times = time.time(), _stage_times(exp)
+    for k, s in enumerate(chosen, 1):
+        before = _manifests(exp)
+        left = [times.get(x) for x in chosen[k - 1:]]
+        eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
+               if s in times and all(left) else '')
+        log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
+        t0 = time.time()
+        if in_process:
+            executed.append(call_stage(s, params_file, name, over)); log(f"{s}: done in {time.time() - t0:.0f} s")
+        else: executed.append(run_stage(s, present[s], params_file, nb_out, params, html=html))
+        after = _manifests(exp)
+        if after == before and any(stage_of_run_dir(m.relative_to(experiment_dir(exp)).parts[0]) == s for m in after):
+            log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
+        elif after != before or not _runs_prefixes(s):   # it computed (the report always does): the next run's ETA
+            times[s] = time.time() - t0; atomic_write_json(experiment_dir(exp)/'stage_times.json', times)
+    log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; "
+        f"report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
 
 def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
@@ -249,12 +286,21 @@ def _manifests(exp:ExperimentParams)->dict:
 def _runs_prefixes(stage:str)->tuple:
     return next((s.runs for s in STAGES if s.name == stage), (stage,))
 
+def stage_of_run_dir(name:str)->str|None:
+    "The stage a folder under runs/<experiment>/ belongs to: its longest matching prefix (`train-finegrained-x`)"
+    # 'train' also matches train-lowres (the train stage's twin) and train-finegrained-* (finegrained's finetunes): the
+    # longer prefix decides
+    hits = [(len(p), s.name) for s in STAGES for p in s.runs
+            if name == p or name.startswith(p if p.endswith('-') else p + '-')]
+    return max(hits)[1] if hits else None
+
 def _forget(exp:ExperimentParams, stages:list[str]):
     "Delete the manifests of `stages` so they are seen as not done (their outputs stay until rewritten)"
     base = experiment_dir(exp)
-    for s in stages:
-        for prefix in _runs_prefixes(s):   # none for the report: it is rewritten every run
-            for m in base.glob(f'{prefix}*/**/manifest.json'): m.unlink()
+    if not base.is_dir(): return
+    for d in base.iterdir():   # none for the report: it is rewritten every run
+        if d.is_dir() and stage_of_run_dir(d.name) in stages:
+            for m in d.glob('**/manifest.json'): m.unlink()
 
 # %% ../nbs/08_pipeline.ipynb #1ec20e9f
 def check_data_files(p:'aliprod.data.DataParams')->str:
@@ -283,7 +329,9 @@ def main(argv:list[str]|None=None)->int:
     try:
         if a.cmd == 'check':
             cfg = load_params_file(a.params)
-            print(f"{a.params}: OK (sections: {', '.join(cfg)})")
+            runs = check_grid(a.params)   # what `run` checks: every run of the grid, its name and sections
+            grid = f'; {len(runs)} runs in the grid' if len(runs) > 1 else ''
+            print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid})")
             print(check_data_files(resolve_params('data', a.params)))
         elif a.cmd == 'data':
             from aliprod.data import prepare_data
@@ -295,6 +343,9 @@ def main(argv:list[str]|None=None)->int:
             run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process)
     except (ParamsError, FileNotFoundError) as e:
         print(f"aliprod: {e}", file=sys.stderr); return 2
-    except StageFailed as e:
+    except (StageFailed, LockBusy, LinkRefused) as e:
         print(f"aliprod: {e}", file=sys.stderr); return 1
+    except KeyboardInterrupt:   # one line, not a traceback: the run resumes where it stopped
+        print("aliprod: interrupted; finished stages are kept, run the same command again to resume", file=sys.stderr)
+        return 130
     return 0

@@ -517,8 +517,9 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
     if len(alone):
         figs['shot_groups_alone'] = plot_shot_groups(alone, 'technique', f'{exp.experiment}: each technique alone ({rp.split} split)')
         own.append(('Shot groups, each technique alone', 'shot_groups_alone.png', f'Many/medium/few-shot accuracy of each technique alone on {where}.'))
+    from aliprod.core import atomic_savefig
     for name, fig in figs.items():
-        fig.savefig(rep/f'{name}.png', dpi=110); plt.close(fig)  # closed: the notebook shows them where it asks
+        atomic_savefig(fig, rep/f'{name}.png', dpi=110); plt.close(fig)  # closed: the notebook shows them where it asks
     galleries = [(f'Flagged samples, cleaning round {f.stem.split("_")[1]}', f.name, 'Training samples (train split) the round flagged as noisy.')
                  for f in sorted(rep.glob('clean_*_gallery.png'))]
     ensembles = [(f"Ensemble '{f.stem.removeprefix('ensemble_')}'", f.name, 'Mean class error of the ensemble and its members, one panel per split and labels.')

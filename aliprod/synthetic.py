@@ -4,7 +4,7 @@
 
 # %% ../nbs/01e_synthetic.ipynb #2e2cb382
 from __future__ import annotations
-import colorsys, functools, io, math, shutil
+import colorsys, functools, io, math, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
@@ -166,7 +166,8 @@ def _render_chunk(out_dir:str, seed:int, size:tuple, designs:list, items:list)->
 def generate_synthetic(p:DataParams, out_dir:str|Path, seed:int=0, workers:int|None=None)->ReadResult:
     "Render the synthetic AliProducts images under `out_dir` (replaced atomically) and return its index"
     index, classes = synthetic_plan(p, seed)
-    out_dir = Path(out_dir); tmp_dir = out_dir.with_name(f'.{out_dir.name}.tmp')
+    # the pid in the name: `remove_stale_temp_files` tells a killed run's leftover from a folder being written
+    out_dir = Path(out_dir); tmp_dir = out_dir.with_name(f'.{out_dir.name}.pid{os.getpid()}.tmp')
     if tmp_dir.exists(): shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     designs = list(zip(classes['shape'], classes['body'], classes['accent'], classes['emblem']))

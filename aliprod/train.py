@@ -646,8 +646,9 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
         pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
         figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
         tables['per_class'] = pc
-    figs['history'].savefig(out/f'{name}.png', dpi=100)
-    if 'per_class' in figs: figs['per_class'].savefig(out/f'{name}_per_class.png', dpi=100)
+    from aliprod.core import atomic_savefig
     from aliprod.escape import csv_safe
+    atomic_savefig(figs['history'], out/f'{name}.png', dpi=100)
+    if 'per_class' in figs: atomic_savefig(figs['per_class'], out/f'{name}_per_class.png', dpi=100)
     atomic_write_text(out/f'{name}_metrics.csv', csv_safe(tables['metrics']).to_csv())
     return figs, tables

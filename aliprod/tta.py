@@ -258,16 +258,16 @@ def figure_split(table:pd.DataFrame)->str|None:
 def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
     "The error table of every variant (and the train stage's own) and a bar chart of mean class error, written into the report directory"
     import matplotlib.pyplot as plt
-    from aliprod.core import report_dir
+    from aliprod.core import report_dir, atomic_savefig, atomic_write_text
     table = metrics_table({'train (no TTA)': art.train_metrics, **art.metrics})
     out = report_dir(exp)
-    csv_safe(table).to_csv(out/f'tta_{art.out_dir.name}.csv', index=False)
+    atomic_write_text(out/f'tta_{art.out_dir.name}.csv', csv_safe(table).to_csv(index=False))
     figs, s = {}, figure_split(table)
     if s is not None:
         sel = table[table['split'] == s]
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(sel) + 1))
         ax.barh(sel['variant'], 100 * sel['mean_class_err']); ax.invert_yaxis()
         ax.set_xlabel(f'mean class error on {s} (%)'); ax.set_title(f"TTA variants, {exp.experiment}, iteration {art.out_dir.name}")
-        fig.tight_layout(); fig.savefig(out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
+        fig.tight_layout(); atomic_savefig(fig, out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
         figs['variants'] = fig
     return figs, {'variants': table}

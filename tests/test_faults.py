@@ -1,0 +1,113 @@
+"Killed and interrupted runs: locks die with their run, no write goes through a link, resumes end as whole runs end"
+import importlib.util, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, yaml
+from aliprod.core import project_root
+
+ROOT = project_root()
+ALIPROD = str(Path(sys.executable).parent/'aliprod')
+_spec = importlib.util.spec_from_file_location('kill_resume', ROOT/'benchmarks'/'kill_resume.py')
+kr = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(kr)
+
+# enough images (about 1,000, five chunks of the generator, four of the scan) that the data stage runs worker pools
+POOL_DATA = {'n_classes': 24, 'family_size': 4, 'max_per_class': 80, 'min_per_class': 3, 'val_per_class': 3,
+             'test_per_class': 3, 'img_size': 32, 'img_size_max': 48, 'gen_workers': 2, 'scan_workers': 2}
+# a run that trains in seconds: 12 classes at 32 px, a tiny timm test network, 2 epochs
+TINY = {'data': {'n_classes': 12, 'family_size': 3, 'max_per_class': 30, 'min_per_class': 6, 'val_per_class': 3,
+                 'test_per_class': 3, 'img_size': 32, 'img_size_max': 40, 'gen_workers': 2, 'scan_workers': 2},
+        'train': {'arch': 'test_efficientnet_ln', 'pretrained': 'none', 'optimizer': 'sgd', 'wd': 0.0005,
+                  'img_size': 32, 'finetune_size': None, 'finetune_epochs': 0, 'epochs': 2, 'bs': 32, 'lr': 0.05,
+                  'warmup_epochs': 1, 'milestones': [2], 'eval_splits': ['val']},
+        'pipeline': {'html': False, 'stages': ['train']}}
+
+
+def _params(tmp_path:Path, name:str, **sections)->Path:
+    f = tmp_path/f'{name}.yaml'
+    f.write_text(yaml.safe_dump({'experiment': name, 'runs_dir': str(tmp_path/'runs'),
+                                 'reports_dir': str(tmp_path/'reports'), **sections}, sort_keys=False))
+    return f
+
+
+def _wait_for_worker(proc:subprocess.Popen, timeout:float=120)->list[int]:
+    "Block until `proc` has forked a worker (a child with its command line); the processes below it"
+    me, t0 = kr._cmdline(proc.pid), time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, f'the run ended (rc {proc.returncode}) before its worker pool started'
+        below = kr.descendants(proc.pid)
+        if any(kr._cmdline(c) == me for c in below): return below
+        time.sleep(0.01)
+    pytest.fail(f'no worker process in {timeout} s')
+
+
+def _kill_all(pids):
+    for p in pids:
+        try: os.kill(p, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+
+def test_killed_data_stage_leaves_no_lock_and_no_workers(tmp_path):
+    "kill -9 during the data stage's pool: its workers die with it; the next run takes the lock at once, calls it stale"
+    f = _params(tmp_path, 'killed', data=POOL_DATA)
+    run = subprocess.Popen([ALIPROD, 'data', str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    below = _wait_for_worker(run)
+    time.sleep(0.5)
+    run.kill(); run.wait()
+    t0 = time.time()
+    while kr.alive(below) and time.time() - t0 < 10: time.sleep(0.1)
+    left = kr.alive(below); _kill_all(left)
+    assert not left, f'{len(left)} worker(s) outlived the killed run'
+    try: r = subprocess.run([ALIPROD, 'data', str(f)], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    except subprocess.TimeoutExpired: pytest.fail('the next run waited for the killed run\'s lock')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'waiting for it' not in r.stdout, r.stdout
+    assert f'stale lock on {tmp_path}/runs/killed/data left by pid {run.pid}' in r.stdout, r.stdout
+    assert not list((tmp_path/'runs').rglob('*.tmp'))
+
+
+def test_symlinked_lock_is_refused_and_its_target_kept(tmp_path):
+    "A runs/ tree from elsewhere with `.lock -> a file of ours`: the run stops naming the link, the file is intact"
+    victim = tmp_path/'victim.txt'; victim.write_text('precious\n')
+    (tmp_path/'runs'/'lk'/'data').mkdir(parents=True)
+    os.symlink(victim, tmp_path/'runs'/'lk'/'data'/'.lock')
+    r = subprocess.run([ALIPROD, 'data', str(_params(tmp_path, 'lk'))], capture_output=True, text=True, cwd=ROOT,
+                       timeout=240)
+    assert victim.read_text() == 'precious\n'
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{tmp_path}/runs/lk/data/.lock is a symbolic link (to {victim})" in r.stderr, r.stderr[-2000:]
+
+
+def test_second_run_of_an_experiment_is_refused_and_ctrl_c_is_one_line(tmp_path):
+    "While `aliprod run` holds an experiment a second one fails at once, naming it; Ctrl-C ends the first: rc 130"
+    # 40 epochs: the first run is still training when the second has imported torch, however loaded the machine
+    f = _params(tmp_path, 'busy', **{**TINY, 'data': POOL_DATA, 'train': {**TINY['train'], 'epochs': 40}})
+    first = subprocess.Popen([ALIPROD, 'run', str(f), '--in-process'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    below = []
+    try:
+        below = _wait_for_worker(first)   # inside the run: the data stage's pool
+        try: second = subprocess.run([ALIPROD, 'run', str(f), '--in-process'], capture_output=True, text=True, cwd=ROOT,
+                                     timeout=300)
+        except subprocess.TimeoutExpired: pytest.fail('the second run did not fail fast')
+        assert first.poll() is None, 'the first run ended before the second was refused'
+        assert second.returncode == 1, second.stderr[-2000:]
+        said = f"experiment 'busy' is being run already: another process (pid {first.pid} on "
+        assert said in second.stderr, second.stderr[-2000:]
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None: first.kill(); first.wait()
+        _kill_all(kr.alive(below))
+    assert first.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aliprod: interrupted'), err[-3000:]
+
+
+def test_killed_runs_resume_to_identical_outputs(tmp_path):
+    "Killed in the data stage's pool, then in training: each rerun ends with an uninterrupted run's bytes, no temp file"
+    cmd = kr.command(_params(tmp_path, kr.EXPERIMENT, **TINY), in_process=True)
+    ref = kr.reference(cmd, tmp_path, timeout=600)
+    assert ref['hashes'] and not ref['temp_files_left']
+    rng = kr.random.Random(0)
+    for point in ('data-pool', 'epoch'):
+        r = kr.trial(point, cmd, tmp_path, rng, ref, timeout=600)
+        assert r['ok'], r
+    assert r['rerun_said_stale']   # the rerun saw the killed run's name in the lock file and said so
