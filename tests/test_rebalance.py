@@ -144,7 +144,14 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
                         head_cap=10, samples_per_epoch=48, network_lr=0.01)
     art = rebalance_stage(exp, data, t, p)
     nets = ['balanced_subset-network', 'two_stage-network', 'acc_loss-network']
-    assert list(art.table[art.table.split == 'test'].method) == ['baseline', 'crt', 'balanced_subset', 'two_stage', 'acc_loss', *nets]
+    assert list(art.table[art.table.split == 'test'].method) == ['baseline', 'crt', 'balanced_subset', 'two_stage', 'acc_loss',
+                                                                 'instance-network', *nets]
+    # each whole-network finetune is measured against the control of the same length: instance sampling, every image
+    tt = art.table[art.table.split == 'test'].set_index('method')
+    assert (tt.loc[nets, 'compared_with'] == 'instance-network').all() and tt.loc['instance-network', 'compared_with'] == 'baseline'
+    assert ((tt.loc[nets, 'mean_class_err'] - tt.loc['instance-network', 'mean_class_err']) == tt.loc[nets, 'mean_class_err_change']).all()
+    n_train = int((T.load_index(exp)['split'] == 'train').sum())
+    assert json.loads((art.out_dir/'instance-network'/'metrics.json').read_text())['images'] == n_train
     start = torch.load(art.out_dir.parent.parent/'train'/'0'/'model.pth', weights_only=True)
     w = {m: torch.load(art.out_dir/m/'train'/'model.pth', weights_only=True) for m in nets}
     for m in nets:  # the backbone moved: the whole network was finetuned, starting from the trained model
@@ -196,7 +203,7 @@ def test_stages_run_without_a_test_split(tmp_path):
     assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'
     # the whole-network finetunes predict the splits that exist (they used to ask for val and test)
     nt = rebalance_stage(exp, data, t, RebalanceParams(methods=['two_stage'], finetune='network', samples_per_epoch=32, head_cap=10))
-    assert list(nt.table.method) == ['baseline', 'two_stage-network'] and set(nt.table.split) == {'val'}
+    assert list(nt.table.method) == ['baseline', 'instance-network', 'two_stage-network'] and set(nt.table.split) == {'val'}
     assert not (nt.out_dir/'two_stage-network'/'train'/'predictions'/'test.parquet').exists()
 
 
