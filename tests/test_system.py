@@ -79,20 +79,24 @@ def test_ties_keep_the_first_candidate():
 
 # ---------------------------------------------------------------- the stage on a tiny run without a test split
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    "Data (5 classes, no test split), a model trained 1 epoch, its rebalance (cRT, τ-norm), then the system stage"
+def _tiny_trained(tmp, experiment:str, seed:int, max_per_class:int):
+    "A run of 5 classes without a test split and its model trained 1 epoch: (exp, data, train params)"
     import aliprod.train as T
     from aliprod.data import DataParams
-    from aliprod.rebalance import RebalanceParams
-    from aliprod.tta import TTAParams
-    tmp = tmp_path_factory.mktemp('system')
-    exp = ExperimentParams(experiment='sys', seed=1, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
-    data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=6, test_per_class=0,
+    exp = ExperimentParams(experiment=experiment, seed=seed, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
+    data = DataParams(n_classes=5, family_size=5, max_per_class=max_per_class, min_per_class=6, val_per_class=6, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
     T.train_stage(exp, data, t)
+    return exp, data, t
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    "Data (5 classes, no test split), a model trained 1 epoch, its rebalance (cRT, τ-norm), then the system stage"
+    from aliprod.rebalance import RebalanceParams
+    from aliprod.tta import TTAParams
+    exp, data, t = _tiny_trained(tmp_path_factory.mktemp('system'), 'sys', seed=1, max_per_class=30)
     rp = RebalanceParams(methods=['crt', 'tau_norm', 'ncm'], crt_epochs=1, tau_grid=[0.0, 0.5, 1.0])
     p = SystemParams(tta_variants=['five@1.5'], max_members=3, bootstrap=200)
     args = (exp, data, t, rp, TTAParams(), p)
@@ -153,17 +157,9 @@ def test_rerun_is_a_skip(tiny):
 @pytest.fixture(scope='module')
 def every_method(tmp_path_factory):
     "A tiny run (5 classes, no test split) rebalanced once with every method of `METHODS`, the finetunes also on the whole network"
-    import aliprod.train as T
-    from aliprod.data import DataParams
     from aliprod.rebalance import RebalanceParams, METHODS
     from aliprod.tta import TTAParams
-    tmp = tmp_path_factory.mktemp('every')
-    exp = ExperimentParams(experiment='every', seed=2, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
-    data = DataParams(n_classes=5, family_size=5, max_per_class=12, min_per_class=6, val_per_class=6, test_per_class=0,
-                      img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
-    t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
-                      warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
-    T.train_stage(exp, data, t)
+    exp, data, t = _tiny_trained(tmp_path_factory.mktemp('every'), 'every', seed=2, max_per_class=12)
     rp = RebalanceParams(methods=list(METHODS), finetune='both', crt_epochs=1, lws_epochs=1, finetune_epochs=1, network_epochs=1,
                          tau_grid=[0.0, 0.5, 1.0], la_tau_grid=[0.5, 1.0])   # la τ > 0: the logit-adjusted head differs from the plain one
     return exp, (exp, data, t, rp, TTAParams())
