@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
-                          atomic_write_json, StageRun, fingerprint, log, project_relative)
+                          atomic_write_json, StageRun, fingerprint, log, project_relative,
+                          project_root, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
+from .samplers import LongTailSampler, class_probs
+from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
+from .metrics import shot_group, paired_delta
+from .images import load_rgb
+from .train import train_stage
+from .escape import csv_safe, markdown_table
 
 # %% auto #0
 __all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf',
@@ -266,7 +273,6 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
               )->tuple[np.ndarray, np.ndarray]:
     "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
     import torch, torch.nn.functional as F
-    from aliprod.samplers import LongTailSampler, class_probs
     if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
     N, K = len(t), t.num_classes
     y = t.labels.astype(np.int64)
@@ -553,8 +559,6 @@ BANDS = ('many', 'medium', 'few')
 
 def class_bands(exp:ExperimentParams)->np.ndarray|None:
     "(K,) 'many' | 'medium' | 'few' of every class by `aliprod.data.shot_groups(exp)`; None when the data stage recorded no class sizes"
-    from aliprod.data import shot_groups
-    from aliprod.metrics import shot_group
     try: g = shot_groups(exp)
     except (KeyError, FileNotFoundError): return None
     return shot_group(g['train_counts'], g['many'], g['few'])
@@ -709,7 +713,6 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
                  cols:int=6, title:str='Flagged training samples'):
     "Thumbnail grid of flagged samples: image, given class and its probability, predicted class and its probability"
     import matplotlib.pyplot as plt
-    from aliprod.images import load_rgb
     n = max(len(rows), 1); r = -(-n // cols)
     fig, axes = plt.subplots(r, cols, figsize=(1.9 * cols, 2.2 * r), squeeze=False)
     name = (lambda j: str(class_names[j])) if class_names is not None else (lambda j: str(j))
@@ -744,7 +747,6 @@ def _train_at(train, iteration:int):
 
 def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
-    from aliprod.train import train_stage
     return Path(train_stage(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
 
 # %% ../nbs/03_clean.ipynb #b7cb4db3
@@ -790,7 +792,6 @@ def write_index(new:pd.DataFrame, path:Path, like:Path):
 # %% ../nbs/03_clean.ipynb #f75dd7dc
 def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:bool=False):
     "Refuse, before any training, a clean stage that cannot run: no labelled training rows, no training predictions, missing agreement models"
-    from aliprod.data import load_index
     index = load_index(exp, 0)
     if not ((index['split'] == 'train') & (index['label'] >= 0)).any():
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
@@ -811,8 +812,6 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
                    )->CleanArtifacts:
     "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its summary; skipped when up to date"
     import dataclasses
-    from aliprod.data import prepare_data, data_artifacts, load_index, index_path, choosing_rows
-    from aliprod.train import train_stage
     k = clean.iteration
     if data is not None: prepare_data(exp, data)   # None: the data stage's outputs are there already
     check_clean(exp, train, clean, predictions_of is not None)
@@ -872,7 +871,6 @@ def _err(m:dict, split:str, key:str='mean_class_err'):
 
 def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:int)->pd.DataFrame:
     "The per-round table from the iterations' summaries and the models' metrics (models[k] trained on index k, or None); columns name their split"
-    from aliprod.data import load_index
     out = []
     for k in range(rounds + 1):
         s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()) if k else {}
@@ -951,8 +949,6 @@ def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
 
 def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool=True)->dict:
     "The confidence histograms, class sizes and per-round galleries of iterations 1..`rounds`, saved in reports/<exp>/ as PNG"
-    from aliprod.core import project_root
-    from aliprod.data import data_artifacts, load_index
     arts = data_artifacts(exp)
     classes = pd.read_parquet(arts.classes)
     names = classes.set_index('label')['class_name'].reindex(range(len(classes))).to_numpy()
@@ -970,7 +966,6 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         rows = gallery_rows(ch, clean.gallery_size, class_sizes=sizes)
         figs[f'clean_{k}_gallery'] = plot_gallery(rows, arts.root, names, title=f'Round {k}: flagged training samples (most confident disagreements first, then the tail)')
     if save:
-        from aliprod.core import atomic_savefig
         for name, f in figs.items(): atomic_savefig(f, report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
@@ -980,7 +975,6 @@ def round_verdict(prev, new,            # TopK predictions of the choosing image
                   seed:int=0,
                  )->dict:
     "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
-    from aliprod.metrics import paired_delta
     return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
 
 def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
@@ -994,10 +988,6 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
-    from aliprod.core import atomic_write_text
-    from aliprod.escape import csv_safe, markdown_table
-    from aliprod.data import prepare_data, shot_groups, load_index, choosing_rows
-    from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
@@ -1038,6 +1028,6 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     if len(rules): atomic_write_text(rep/'clean_rules.csv', csv_safe(rules).to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
-    from aliprod.core import atomic_savefig; atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
+    atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
     art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art

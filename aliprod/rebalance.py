@@ -11,12 +11,15 @@ from typing import Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
-                          atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device)
+                          atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device,
+                          fingerprint)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
 from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
+from .train import train_stage, predict, load_trained_model
+from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
 
 # %% auto #0
@@ -583,7 +586,6 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
     "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
-    from aliprod.train import train_stage
     if method not in (*FINETUNES, NETWORK_CONTROL):
         raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'
@@ -628,8 +630,6 @@ def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str
 # %% ../nbs/04_rebalance.ipynb #bfff1a7c
 def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int, out_dir:Path, splits=('train', 'val', 'test'))->dict[str, Path]:
     "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted once into out_dir/features/"
-    from aliprod.core import fingerprint
-    from aliprod.data import load_index, data_root
     have = {s: Path(art.predictions[s]) for s in splits if s in art.predictions}
     if len(have) == len(splits) and all('feats' in pq.read_schema(f).names for f in have.values()):
         return have
@@ -638,11 +638,9 @@ def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int,
     stamp = d/'source.json'
     paths = {s: d/f'{s}.parquet' for s in splits}
     if stamp.exists() and json.loads(stamp.read_text()) == src and all(p.exists() for p in paths.values()): return paths
-    from aliprod.train import predict
     index = load_index(exp, iteration)
     root = data_root(exp)
     device = pick_device(exp.device)
-    from aliprod.train import load_trained_model
     net = load_trained_model(art.model_path, t, num_classes, device)
     for s, f in paths.items():
         log(f"rebalance: caching {s} embeddings of {art.model_path} at {t.eval_size} px")
@@ -678,8 +676,6 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
-    from aliprod.train import train_stage, load_trained_model
-    from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts, choosing_rows
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with

@@ -13,9 +13,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from .core import (check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
-                          atomic_write_json, StageRun, log)
+                          atomic_write_json, StageRun, log, report_dir, atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
+from .predict import stream_predictions, eval_transform
+from .models import data_config, _fixed_input_size
+from .metrics import evaluate
+from .train import train_stage, load_trained_model
+from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
 
 # %% auto #0
 __all__ = ['VIEWS', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs', 'enlarged_size', 'predict_tta', 'split_metrics',
@@ -89,8 +94,6 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
                 failed:list|None=None, # appended with (row, path, error) of images that failed to load: they get no prediction
                )->Path:
     "Write top-k predictions of `split` averaged over the TTA views to `out`, streaming, through the guarded loop of `aliprod.predict`"
-    from aliprod.predict import stream_predictions, eval_transform
-    from aliprod.models import data_config
     df = index if split is None else index[index['split'] == split]
     if not len(df): raise ValueError(f"No rows of split {split!r} in the index; choose [tta] splits among {sorted(index['split'].unique())}")
     cfg = data_config(model)
@@ -105,7 +108,6 @@ def split_metrics(t,                       # TopK predictions of one split
                   train_counts:np.ndarray, # (K,) training images per class of the model
                   split:str, **kwargs)->dict:
     "{split: evaluate(given labels), split_clean: evaluate(clean labels) where any are known}, as the train stage reports them"
-    from aliprod.metrics import evaluate
     topk = (1, min(5, t.num_classes, t.k))
     out = {split: evaluate(t, train_counts=train_counts, topk=topk, **kwargs)}
     if 'clean_label' in index.columns:
@@ -198,9 +200,6 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
               iteration:int|None=None,  # overrides p.iteration
              )->TTAArtifacts:
     "Predict the chosen splits with every TTA variant of `p` and evaluate them (variants up to date are skipped); write the table and figure"
-    from aliprod.train import train_stage, load_trained_model
-    from aliprod.data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
-    from aliprod.models import _fixed_input_size
     it = resolve_iteration(exp, iteration if iteration is not None else p.iteration if p.iteration is not None else train_p.iteration, what='[tta] iteration')
     tp = dataclasses.replace(train_p, iteration=it, tag=train_p.tag if p.tag is None else p.tag)
     size = p.size or tp.eval_size
@@ -258,7 +257,6 @@ def figure_split(table:pd.DataFrame)->str|None:
 def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
     "The error table of every variant (and the train stage's own) and a bar chart of mean class error, written into the report directory"
     import matplotlib.pyplot as plt
-    from aliprod.core import report_dir, atomic_savefig, atomic_write_text
     table = metrics_table({'train (no TTA)': art.train_metrics, **art.metrics})
     out = report_dir(exp)
     atomic_write_text(out/f'tta_{art.out_dir.name}.csv', csv_safe(table).to_csv(index=False))
