@@ -658,9 +658,17 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
     if len(runs) == 1:
         header['seeds'] = ONE_SEED
         return ''
+    from aliprod.data import load_index
     chains, alones, systems = {exp.seed: chain if system is not None else None}, {exp.seed: alone}, {exp.seed: system}
+    cols, apart = ['row', 'path', 'label', 'split', 'role'], []
+    try: mine = load_index(exp, 0)[cols]
+    except FileNotFoundError: mine = None   # this seed's data stage has not run: nothing to pair with, nothing to check
     for e in runs[1:]:   # each other seed's tables as its own report makes them, from its own run tree
         cur = CurrentRuns(e)
+        try: other = load_index(e, 0)[cols]
+        except FileNotFoundError: other = None   # not run yet: its columns stay empty
+        if other is not None and mine is not None and not other.equals(mine):   # e.g. its params.yaml edited by hand: nothing pairs
+            apart.append(e.seed); chains[e.seed] = alones[e.seed] = systems[e.seed] = None; continue
         c, systems[e.seed] = system_chain(e, cur)
         chains[e.seed] = c if systems[e.seed] is not None else None
         try: m, _ = on_reporting_rows(collect_metrics(e, rp.split, rp.target, cur), e, rp.split)
@@ -670,7 +678,8 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
     trees = ', '.join(f"seed {e.seed} in {e.experiment}/" for e in runs)
     header['seeds'] = (f"{len(runs)} training seeds ({trees} under runs/ and reports/), each on the same images with the same "
                        f"choosing/reporting roles (the first seed's data); the seeds tables give per row the mean and each seed's "
-                       f"value; {SEEDS_RULE}")
+                       f"value; {SEEDS_RULE}" + (f"; left out: seed(s) {', '.join(map(str, apart))}, whose index differs from the "
+                                                  f"first seed's (other images or roles: nothing pairs)" if apart else ''))
     where = f"each seed's numbers on its reporting images ({labels_phrase(rp.target)} for techniques alone; the chain on the system's)"
     new = {'seeds_system': seeds_system(systems), 'seeds_chain': aggregate_seeds(chains, ['step']),
            'seeds_alone': aggregate_seeds(alones, ['technique', 'compared with'])}
