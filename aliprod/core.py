@@ -14,14 +14,14 @@ import numpy as np, yaml, torch
 
 # %% auto #0
 __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root',
-           'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section',
-           'load_params_file', 'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log',
-           'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path',
-           'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
-           'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules',
-           'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
-           'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status', 'current_manifest',
-           'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run']
+           'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams', 'images_seed',
+           'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything',
+           'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link',
+           'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json',
+           'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash',
+           'imported_modules', 'module_closure', 'code_version', 'resolve_iteration', 'check_iteration',
+           'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status',
+           'current_manifest', 'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -88,6 +88,8 @@ def check_name(name:str, # a value that becomes one directory name under runs/ o
 class ExperimentParams:
     experiment:str='smoke' # names runs/<experiment>/ and reports/<experiment>/
     seed:int=0             # one seed for data generation, sampling, initialisation and augmentation
+    seeds:list[int]|None=None # training seeds, one run tree each (`aliprod run`); seed is then seeds[0]; None: [seed]
+    data_seed:int|None=None   # seed of the synthetic images and the choosing/reporting roles; None: seed (set per seed by a seeds run)
     device:str='auto'      # auto | cpu | cuda | mps
     runs_dir:str='runs'    # relative to the project root unless absolute
     reports_dir:str='reports'
@@ -95,6 +97,22 @@ class ExperimentParams:
         check_name(self.experiment, 'experiment')
         if self.device not in ('auto','cpu','cuda','mps') and not self.device.startswith('cuda:'):
             raise ParamsError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.seeds is not None:
+            if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+                raise ParamsError(f"seeds must be a non-empty list of distinct seeds >= 0, e.g. [0, 1, 2], got {self.seeds}")
+
+def images_seed(exp:ExperimentParams)->int:
+    "The seed of the data stage (synthetic images, choosing/reporting roles): `data_seed`, else `seed`"
+    return exp.seed if exp.data_seed is None else exp.data_seed
+
+def seed_runs(exp:ExperimentParams)->list[ExperimentParams]:
+    "One experiment per training seed of `exp.seeds`: the first is runs/<experiment>/, each other <experiment>-seed<k>/"
+    # the first seed keeps today's tree, so a one-seed run grows into a seeds run without redoing anything; the others
+    # are sibling experiments (as grid runs are) whose data stage indexes the first seed's images with its roles
+    first, *rest = exp.seeds or [exp.seed]
+    head = dataclasses.replace(exp, seed=first)
+    return [head, *(dataclasses.replace(exp, experiment=f'{exp.experiment}-seed{s}', seed=s, seeds=None, data_seed=images_seed(head))
+                    for s in rest)]
 
 # %% ../nbs/00_core.ipynb #869f063b
 def _type_name(tp)->str:
@@ -197,7 +215,12 @@ def load_params_file(path:str|Path, # YAML file, relative to the project root un
     if not isinstance(raw, dict): raise ParamsError(f"{path} must hold a mapping of keys and sections, got {type(raw).__name__}")
     exp_keys = {f.name for f in fields(ExperimentParams)}
     top = {k: v for k, v in raw.items() if k in exp_keys}
+    if 'seed' in top and 'seeds' in top:
+        raise ParamsError(f"{path} gives both seed: and seeds:; keep one (seeds: [{top['seed']}] is the same run as seed: {top['seed']})")
     out = {'experiment': check_section(ExperimentParams, top, str(path))}
+    # `seed` is the first of `seeds`: a stage notebook run by hand on this file is that seed's run (runs/<experiment>/)
+    if isinstance(out['experiment'].get('seeds'), list) and out['experiment']['seeds']:
+        out['experiment']['seed'] = out['experiment']['seeds'][0]
     for k, v in raw.items():
         if k in exp_keys: continue
         try: cls = section_class(k)

@@ -801,7 +801,9 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
                 )->DataArtifacts:
     "The data stage: index the source (or generate the synthetic dataset), scan it, write tables and report; no-op when up to date"
     out = run_dir(exp, 'data')
-    params = {**params_dict(p), **({'seed': exp.seed} if p.source == 'synthetic' else {})}
+    from aliprod.core import images_seed   # imported here, as the stage's other late imports
+    # images_seed: every seed of a `seeds` run indexes the same images with the same roles (only training varies)
+    params = {**params_dict(p), **({'seed': images_seed(exp)} if p.source == 'synthetic' else {})}
     # no torch reductions here: the thread count does not change the outputs
     run = StageRun(out, 'data', params, inputs=_source_inputs(p), modules=['data'], threads=False)
     try: read_dataset_json(out/'dataset.json') if (out/'dataset.json').exists() else None
@@ -828,14 +830,15 @@ def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
 
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     "The data stage's work: write every output into `out`; return (outputs, metrics) for the manifest"
-    arts = data_artifacts(exp)
+    from aliprod.core import images_seed
+    arts, seed = data_artifacts(exp), images_seed(exp)
     t0 = time.time()
     if p.source == 'synthetic':
         from aliprod.synthetic import generate_synthetic  # imported here: aliprod.synthetic builds on this module's index schema
         ignored = [k for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file') if getattr(p, k) is not None]
         if ignored: log(f"data: warning: source='synthetic' ignores {', '.join(ignored)}; set data.source to read real data")
         root = out/'images'
-        rr = generate_synthetic(p, root, exp.seed)
+        rr = generate_synthetic(p, root, seed)
         log(f'data: generated {len(rr.index):,} synthetic images in {time.time() - t0:.1f}s')
     else:
         root = _root_of(p)
@@ -857,8 +860,8 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes, _typed(quarantine, QUARANTINE_COLUMNS), numbering)
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
-    index, n_moved = _val_from_test(index, exp.seed) if p.val_from_test else (index, 0)
-    index = index.assign(role=assign_roles(index, exp.seed))   # once: every stage reads them (choosing_rows, reporting_rows)
+    index, n_moved = _val_from_test(index, seed) if p.val_from_test else (index, 0)
+    index = index.assign(role=assign_roles(index, seed))   # once: every stage reads them (choosing_rows, reporting_rows)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
