@@ -350,8 +350,9 @@ def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`trai
     return Path(out_dir)/TRAINED_ROWS
 
 def trained_rows_path(path:str|Path)->Path:
-    "The trained-rows file of a train run, given its directory or one of its predictions files (<run>/predictions/<split>.parquet)"
+    "The trained-rows file of a train run, given the file, the run's directory or one of its predictions files (<run>/predictions/<split>.parquet)"
     p = Path(path)
+    if p.name == TRAINED_ROWS: return p
     return (p.parent.parent if p.parent.name == 'predictions' and p.suffix == '.parquet' else p)/TRAINED_ROWS
 
 def read_trained_rows(path:str|Path)->pd.DataFrame:
