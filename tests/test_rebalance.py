@@ -187,13 +187,21 @@ def test_stages_run_without_a_test_split(tmp_path):
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
-                      warmup_epochs=0, milestones=[1])
+                      warmup_epochs=0, milestones=[1], head_cap=12)   # classes of 30 down to 6 images: the head is capped
     named = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val', 'test']})   # naming a split the index lacks
     with pytest.raises(ParamsError, match="no 'test' rows"): T.train_stage(exp, data, named)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
     art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
     assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
+    # the prior is the one the classifier learned: logit adjustment and the weight-norm figure count the rows it trained on
+    import pandas as pd
+    from aliprod.losses import log_prior
+    trained = T.trained_counts(art.out_dir.parent.parent/'train'/'0', 5)
+    split = np.bincount(T.load_index(exp).query("split == 'train'")['label'], minlength=5)
+    assert trained.max() == 12 and (trained < split).any(), (trained, split)
+    torch.testing.assert_close(torch.load(art.out_dir/'logit_adjust'/'head.pth', weights_only=True)['log_prior'], log_prior(trained))
+    assert pd.read_parquet(art.out_dir/'weight_norms.parquet')['train_images'].tolist() == trained.tolist()
     # the new methods are laid out like the others (what the composed system reads), and the weight-norm figure and note are written
     for m in ('logit_adjust', 'balanced_softmax'):
         assert all((art.out_dir/m/f).is_file() for f in ('head.pth', 'predictions/val.parquet', 'metrics.json'))

@@ -155,6 +155,7 @@ def test_kfold_trains_without_the_fold_and_predicts_it(exp):
     np.testing.assert_array_equal(np.sort(t.rows), np.sort(held))
     seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
     assert not set(seen['row']) & set(held), 'the model of fold j must not see fold j'
+    assert set(T.read_trained_rows(art.out_dir)['row']) == set(train['row']) - set(held), 'the rows its prior counts: all but fold j'
     with pytest.raises(ValueError, match='fold'): train_stage(exp, DATA, p, fold=2, folds=2)
 
 
@@ -198,6 +199,7 @@ def test_init_starts_from_the_model_and_rows_restrict_training(exp, tmp_path):
     assert (fresh['classifier.weight'] - a['classifier.weight']).abs().max() > 1e-3, 'without init the run starts elsewhere'
     seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
     assert set(seen['row']) <= set(sub) and art.metrics['train_images'] == len(sub)
+    assert set(T.read_trained_rows(art.trained_rows)['row']) == set(sub)   # what every prior of this model counts
     # the subset's content is an input of the manifest: the same rows skip, other rows rerun
     assert train_job(exp, DATA, ft, init=base.model_path, rows=rows)[1].up_to_date()
     pd.DataFrame({'row': sub[:-1]}).to_parquet(rows)
