@@ -94,6 +94,7 @@ def test_every_stage_on_each_layout(tmp_path, layout):
     system = json.loads((runs/'system'/'manifest.json').read_text())
     page = (rep/'index.html').read_text()
     where = 'test' if 'test' in splits else 'val'
-    assert where in page and 'Final system' in page, f'{layout}: the report must open with the final system on {where}'
+    assert 'Final system: mean class error' in page and f'reporting images of the {where} split' in page, \
+        f'{layout}: the report must open with the final system on {where}'
     # the per-epoch progress lines a user watches
     assert 'epoch 1/3' in r.stdout and ('val mean class error' in r.stdout) == ('val' in splits), r.stdout[-3000:]
