@@ -24,7 +24,7 @@ __all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BAND
            'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions', 'trained_prior',
            'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
            'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table', 'plot_rounds',
-           'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
+           'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced', 'h2e')
@@ -1062,6 +1062,28 @@ def round_verdict(prev, new,            # TopK predictions of the choosing image
     from aliprod.metrics import paired_delta
     return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
 
+def select_rounds(run_round,    # k -> the choosing images' val predictions of round k's model (runs round k)
+                  baseline,     # the choosing images' val predictions of the model of index 0
+                  rounds:int,   # the last round that may run (`clean.iteration`)
+                  groups:dict,  # `aliprod.data.shot_groups(exp)`
+                  seed:int=0,
+                 )->tuple[int, list[dict], str]:
+    "Run round 1..`rounds`, each against the one kept so far; keep it if it 'helped', else stop: (kept, decisions, why)"
+    kept, best, decisions = 0, baseline, []
+    for k in range(1, rounds + 1):
+        new = run_round(k)
+        v = round_verdict(best, new, groups, seed)
+        decisions.append({'iteration': k, 'against': kept,
+                          **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
+        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} "
+            f"(Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        if v['verdict'] != 'helped':
+            return kept, decisions, (f"round {k} did not improve val mean class error ({v['verdict']}, "
+                                     f"Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): "
+                                     f"stopped, rounds after {k} not run")
+        kept, best = k, new
+    return kept, decisions, f"every round up to {kept} improved val mean class error"
+
 def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
     "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
     f = run_dir(exp, 'clean')/'selection.json'
@@ -1081,24 +1103,24 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
     choose = clean.select == 'validation' and train_model and 'val' in models[0].predictions
-    kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
-                                     'no models trained: rounds not chosen on validation' if not train_model else
-                                     'no val predictions: rounds not chosen on validation' if not choose else '')
     rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
-    for k in range(1, clean.iteration + 1):
-        art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
-        models.append(art.model)
-        if not choose: kept = k; continue
-        v = round_verdict(on_choosing(models[kept].predictions['val']), on_choosing(art.model.predictions['val']),
-                          shot_groups(exp), exp.seed)
-        decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
-        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
-        if v['verdict'] != 'helped':
-            reason = f"round {k} did not improve val mean class error ({v['verdict']}, Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): stopped, rounds after {k} not run"
-            break
-        kept = k
-    reason = reason or f"every round up to {kept} improved val mean class error"
+    arts = []
+    def run_round(k):
+        arts.append(clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model,
+                                    predictions_of=predictions_of))
+        models.append(arts[-1].model)
+        return on_choosing(arts[-1].model.predictions['val']) if choose else None
+    if choose:
+        kept, decisions, reason = select_rounds(run_round, on_choosing(models[0].predictions['val']), clean.iteration,
+                                                shot_groups(exp), exp.seed)
+    else:
+        for k in range(1, clean.iteration + 1): run_round(k)
+        kept, decisions = clean.iteration, []
+        reason = ('every round run (select: all)' if clean.select == 'all' else
+                  'no models trained: rounds not chosen on validation' if not train_model else
+                  'no val predictions: rounds not chosen on validation')
+    art = arts[-1]
     rounds = len(models) - 1
     selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
                  'chosen_on': f"the choosing images of val (the index's role 'choose', {len(rows)} images)",

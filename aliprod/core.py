@@ -13,15 +13,16 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root',
-           'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams', 'images_seed',
-           'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict', 'seed_everything',
-           'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link',
-           'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json',
-           'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash',
-           'imported_modules', 'module_closure', 'code_version', 'resolve_iteration', 'check_iteration',
-           'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status',
-           'current_manifest', 'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run']
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV',
+           'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams',
+           'images_seed', 'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
+           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
+           'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe',
+           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint',
+           'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
+           'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware',
+           'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'notebook_run_kind', 'in_stage_run',
+           'stage_cell_filter', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -768,25 +769,45 @@ def quiet_third_party_warnings():
 
 # %% ../nbs/00_core.ipynb #a7bc940c
 STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
+STAGE_RUN_ENV = 'ALIPROD_STAGE_RUN' # '1': this kernel runs a stage (`aliprod run` sets it); '0': it runs the tests
+
+def notebook_run_kind()->Literal['stage', 'test', 'interactive']:
+    "What the runner says this run is: 'stage' (aliprod run, papermill, nbclient), 'test' (nbdev-test), 'interactive'"
+    try: from IPython import get_ipython
+    except ImportError: return 'interactive'
+    kernel = getattr(get_ipython(), 'kernel', None)
+    # no Jupyter kernel: nbdev-test's in-process shell (it sets IN_TEST), or IPython in a terminal; no runner starts
+    # a stage run there, so a stray ALIPROD_STAGE_RUN=1 cannot make nbdev-test skip every test and pass
+    if kernel is None: return 'test' if os.environ.get('IN_TEST') else 'interactive'
+    said = os.environ.get(STAGE_RUN_ENV)
+    if said is not None:
+        if said not in ('0', '1'):
+            raise ValueError(f"{STAGE_RUN_ENV}={said!r}: use 1 (a stage run) or 0 (a test run), or unset it")
+        return 'stage' if said == '1' else 'test'
+    # the execute request says whether anyone can answer input(): nbclient (papermill, jupyter execute) says no
+    request = kernel.get_parent() if hasattr(kernel, 'get_parent') else {}
+    unattended = request.get('msg_type') == 'execute_request' and request.get('content', {}).get('allow_stdin') is False
+    return 'stage' if unattended else 'interactive'
 
 def in_stage_run()->bool:
-    "True in a kernel executing a notebook in batch (papermill / nbclient: in-memory IPython history) outside `nbdev-test`"
-    if os.environ.get('IN_TEST'): return False
-    try: from IPython import get_ipython
-    except ImportError: return False
-    ip = get_ipython()
-    return (ip is not None and type(ip).__name__ == 'ZMQInteractiveShell'
-            and str(getattr(getattr(ip, 'history_manager', None), 'hist_file', '')) == ':memory:')
+    "True when the runner says this is a stage run (`notebook_run_kind() == 'stage'`)"
+    return notebook_run_kind() == 'stage'
 
-def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
+def stage_cell_filter(kind:Literal['stage', 'test'], # 'stage': run from `parameters` on; 'test': run up to it
                      ):
-    "In a stage run, make every following cell a no-op until the `parameters` cell (returns nothing: the guard cell prints nothing)"
+    "An IPython input transformer that turns the cells `kind` does not run into `pass`"
+    state = {'before': True}
+    def _filter(lines:list[str])->list[str]:
+        if state['before'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['before'] = False
+        return ['pass\n'] if state['before'] == (kind == 'stage') else lines
+    return _filter
+
+def skip_to_stage_run(kind:str|None=None, # 'stage' | 'test' | 'interactive'; None: `notebook_run_kind()`
+                     ):
+    "Stage run: the cells up to `parameters` become `pass`; test run: the cells from `parameters` on; interactive: none"
     from IPython import get_ipython
     ip = get_ipython()
-    if ip is None or not (in_stage_run() if active is None else active): return
-    quiet_third_party_warnings()
-    state = {'skipping': True}
-    def _skip_until_parameters(lines:list[str])->list[str]:
-        if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False
-        return ['pass\n'] if state['skipping'] else lines
-    ip.input_transformers_cleanup.append(_skip_until_parameters)
+    kind = notebook_run_kind() if kind is None else kind
+    if ip is None or kind == 'interactive': return
+    if kind == 'stage': quiet_third_party_warnings()
+    ip.input_transformers_cleanup.append(stage_cell_filter(kind))

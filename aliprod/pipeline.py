@@ -90,8 +90,10 @@ def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; defau
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
 # ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
 # its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core: the data
-# stage's worker pools use it too)
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d"]']
+# stage's worker pools use it too); and they say "this is a stage run" (`aliprod.core.notebook_run_kind`), so the
+# notebook's tests never run inside a user's run, whatever the kernel
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d", '
+                    '"__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
 
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
