@@ -5,7 +5,8 @@ the halves (data.choose_half: 1). For each order it prints and writes:
 - per step of the chain (cleaning round, classifier method, τ, TTA, ensemble): the chosen system's Δ mean class error
   on the choosing images and on the reporting images, each with its paired 95% interval, and whether it transferred;
 - per step, the candidate a point estimate would have picked (the lowest choosing error) beside the one the rule
-  picked (a candidate replaces the default only with a paired interval excluding 0): their Δ on both sets;
+  picked (a candidate replaces the default only with a paired interval excluding 0): their Δ on both sets; and the
+  same two rules applied to the other half (earlier steps held fixed), from the candidates' recorded Δ on both halves;
 - the composed system against every single technique on the reporting images (Δ, paired interval, Holm's p).
 
 Then both orders together (cross-fitting): every val image reports once, judged by the system chosen on the other
@@ -39,6 +40,18 @@ def rule_rows(cands:pd.DataFrame)->pd.DataFrame:
             rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c),
                          **{k: float(r.get(k, np.nan)) for k in ('choose_Δ_vs_default', 'choose_Δ_lo', 'choose_Δ_hi',
                                                                   'report_Δ_vs_default', 'report_Δ_lo', 'report_Δ_hi')}})
+        # the same step with the halves' roles exchanged, the earlier steps held at this order's choices: every
+        # candidate has both halves' Δ against the same default, so the rule can be applied to the other half
+        rep = c['report_Δ_vs_default'].to_numpy(float) if 'report_Δ_vs_default' in c else np.full(len(c), np.nan)
+        if len(c) < 2 or np.isnan(rep[1:]).any(): continue   # a candidate never predicted on the reporting half (TTA)
+        err = c['report_mean_class_err'].to_numpy(float)
+        helped = [i for i in range(1, len(c)) if c.loc[i, 'report_Δ_hi'] < 0]
+        for rule, i in (('interval, halves swapped', min(helped, key=lambda i: (err[i], i)) if helped else 0),
+                        ('point estimate, halves swapped', int(err.argmin()))):
+            r = c.loc[i]
+            rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c),
+                         **{f'{to}_Δ{x}': float(r[f'{fr}_Δ{x}']) for to, fr in (('choose', 'report'), ('report', 'choose'))
+                            for x in ('_vs_default', '_lo', '_hi')}})
     return pd.DataFrame(rows)
 
 
@@ -123,6 +136,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--params', nargs='+', default=PARAMS, help='parameter files, one per order of the halves')
     ap.add_argument('--no-run', action='store_true', help='read the runs as they are (no aliprod run)')
+    ap.add_argument('--bootstrap', type=int, default=10_000, help='draws of the both-orders intervals')
     ap.add_argument('--out', default=str(project_root()/'benchmarks'/'results'/'transfer.json'))
     a = ap.parse_args(argv)
     if not a.no_run:
@@ -132,7 +146,7 @@ def main(argv=None):
     for o in orders: show(o)
     same = [k for k in ('round', 'method', 'tau', 'tta', 'members') if len({json.dumps(o['choices'][k]) for o in orders}) == 1]
     print(f"\nchoices equal in every order: {', '.join(same) or 'none'}")
-    both = pooled(a.params) if len(a.params) > 1 else pd.DataFrame()
+    both = pooled(a.params, a.bootstrap) if len(a.params) > 1 else pd.DataFrame()
     if len(both):
         d, hi = both['Δ (system − technique)'].to_numpy(float), both['Δ hi'].to_numpy(float)
         print(f"\n## both orders: every val image reports once ({int(both['images'].iloc[0])} images), {len(both)} techniques in both")
