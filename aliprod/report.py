@@ -637,20 +637,22 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
                           f"{labels_phrase(system['numbers']['target'])}; {system['sets']['how']}. Each row is the previous row's system plus one technique; "
                           f"Δ is to the previous present row, exactly, with its class-stratified paired 95% bootstrap interval [Δ lo, Δ hi]; 'helped'/'hurt' only "
                           f"when the interval excludes 0. Rows not run say why: {', '.join(missing) or 'none'}.")
-        tables['choices_transfer'] = transfer_table(chain)
-        notes['choices_transfer'] = ("Did the choices transfer? Each step of the chain: its Δ mean class error on the images that chose it "
-                                     "(choose Δ, given labels) and on the reporting images (report Δ, the chain's), each with its paired 95% "
-                                     "interval; a choice transferred when both have the same sign.")
-        vs = experiment_dir(exp)/'system'/'system_vs_techniques.csv'
-        if vs.is_file() and runs.lists(vs.parent, vs):   # absent from a system run of before it was written
-            tables['system_vs_techniques'] = read_csv_safe(vs)
-            notes['system_vs_techniques'] = ("The final system against every single technique on the reporting images (the choosing error is "
-                                             "what the system could see): Δ (system − technique) with its class-stratified paired 95% interval "
-                                             "and Holm's adjusted p over all of them; below every single technique only where every Δ hi < 0.")
     tables['techniques_alone'] = alone
     notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); "
                                  f"Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
+    transfer = transfer_table(chain) if system is not None else pd.DataFrame()
+    if len(transfer):
+        tables['choices_transfer'] = transfer
+        notes['choices_transfer'] = ("Did the choices transfer? Each step of the chain: its Δ mean class error on the images that chose it "
+                                     "(choose Δ, given labels) and on the reporting images (report Δ, the chain's), each with its paired "
+                                     "95% interval; a choice transferred when both have the same sign.")
+    vs = experiment_dir(exp)/'system'/'system_vs_techniques.csv'
+    if system is not None and vs.is_file() and runs.lists(vs.parent, vs):   # absent from a system run of before it was written
+        tables['system_vs_techniques'] = read_csv_safe(vs)
+        notes['system_vs_techniques'] = ("The final system against every single technique on the reporting images (the choosing error is "
+                                         "what the system could see): Δ (system − technique) with its class-stratified paired 95% interval "
+                                         "and Holm's adjusted p over all of them; below every single technique only where every Δ hi < 0.")
     other, other_notes = stage_tables(exp, runs)
     stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
                    "so val rows include the images that chose (in-sample there).")

@@ -245,3 +245,7 @@ def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, t
     both = res['both_orders_vs_techniques']   # the same run twice: every technique, twice the reporting images
     assert len(both) == len(vs) and {b['images'] for b in both} == {2 * art.system['sets']['report_images']}
     assert '| step | system | Δ choosing' in r.stdout and 'below every one with an interval' in r.stdout
+    from aliprod.report import report_stage, ReportParams   # the report shows both: did the choices transfer, and against whom
+    rep = report_stage(exp, ReportParams(split='val', hires_tag=None, bootstrap=50))
+    assert rep.tables['choices_transfer']['step'].tolist() == [t['step'] for t in o['transfer']]
+    assert len(rep.tables['system_vs_techniques']) == len(vs) and '>Choices transfer</h2>' in rep.index_html.read_text()
