@@ -37,7 +37,7 @@ def rule_rows(cands:pd.DataFrame)->pd.DataFrame:
         for rule, i in (('interval (the system)', int(np.flatnonzero(c['chosen'].astype(bool))[0])),
                         ('point estimate', int(c['choose_mean_class_err'].to_numpy(float).argmin()))):
             r = c.loc[i]
-            rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c),
+            rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c), 'default': i == 0,
                          **{k: float(r.get(k, np.nan)) for k in ('choose_Δ_vs_default', 'choose_Δ_lo', 'choose_Δ_hi',
                                                                   'report_Δ_vs_default', 'report_Δ_lo', 'report_Δ_hi')}})
         # the same step with the halves' roles exchanged, the earlier steps held at this order's choices: every
@@ -49,7 +49,7 @@ def rule_rows(cands:pd.DataFrame)->pd.DataFrame:
         for rule, i in (('interval, halves swapped', min(helped, key=lambda i: (err[i], i)) if helped else 0),
                         ('point estimate, halves swapped', int(err.argmin()))):
             r = c.loc[i]
-            rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c),
+            rows.append({'step': step, 'rule': rule, 'candidate': r['candidate'], 'candidates': len(c), 'default': i == 0,
                          **{f'{to}_Δ{x}': float(r[f'{fr}_Δ{x}']) for to, fr in (('choose', 'report'), ('report', 'choose'))
                             for x in ('_vs_default', '_lo', '_hi')}})
     return pd.DataFrame(rows)
@@ -120,8 +120,9 @@ def show(o:dict):
         print(f"| {r.step} | {r.system} | {_iv(r[2], r[3], r[4])} | {_iv(r[5], r[6], r[7])} | {r.transferred} |")
     print('\n| step | rule | candidate (of n) | Δ choosing vs default | Δ reporting vs default |\n|---|---|---|---:|---:|')
     for r in o['rules'].itertuples(index=False):
-        print(f"| {r.step} | {r.rule} | {r.candidate} ({r.candidates}) | {_iv(r.choose_Δ_vs_default, r.choose_Δ_lo, r.choose_Δ_hi) or 'default'} "
-              f"| {_iv(r.report_Δ_vs_default, r.report_Δ_lo, r.report_Δ_hi) or ('default' if r.rule.startswith('interval') else 'not predicted')} |")
+        dc, dr = _iv(r.choose_Δ_vs_default, r.choose_Δ_lo, r.choose_Δ_hi), _iv(r.report_Δ_vs_default, r.report_Δ_lo, r.report_Δ_hi)
+        print(f"| {r.step} | {r.rule} | {r.candidate} ({r.candidates}) | {'default' if r.default else dc or 'no default'} "
+              f"| {'default' if r.default else dr or 'not predicted'} |")
     v = o['vs_techniques']
     d, hi = v['Δ (system − technique)'].to_numpy(float), v['Δ hi'].to_numpy(float)
     print(f"\nsystem − technique on the reporting images, {len(v)} single techniques: below {int((d < 0).sum())} (point), "
