@@ -12,7 +12,7 @@ the halves (data.choose_half: 1). For each order it prints and writes:
 Then both orders together (cross-fitting): every val image reports once, judged by the system chosen on the other
 half; the system against every single technique present in both orders on all of val, each Δ with its paired interval.
 
-    python benchmarks/transfer.py              # runs both parameter files (aliprod run, skipped when up to date), then reads them
+    python benchmarks/transfer.py           # aliprod run of both parameter files (skipped when up to date), then reads them
     python benchmarks/transfer.py --no-run     # reads runs/demo_3val*/ as they are
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from aliprod.escape import read_csv_safe
 from aliprod.report import transfer_table
 
 PARAMS = ['params/demo_3val.yaml', 'params/demo_3val_swap.yaml']
-RULE_STEPS = ['cleaning round', 'classifier method', 'τ', 'TTA']   # the steps `pick` makes (the ensemble: greedy_ensemble)
+# the steps `pick` makes (the ensemble's members: greedy_ensemble)
+RULE_STEPS = ['cleaning round', 'classifier method', 'τ', 'TTA']
 
 
 def rule_rows(cands:pd.DataFrame)->pd.DataFrame:
@@ -108,29 +109,48 @@ def pooled(params:list[str], B:int=10_000)->pd.DataFrame:
 def _iv(d, lo, hi)->str: return '' if d != d else f"{100*d:+.1f} [{100*lo:+.1f}, {100*hi:+.1f}]"
 
 
+def _counts(t:pd.DataFrame)->str:
+    "How many techniques the system is below: by the point estimate, with an interval, after Holm"
+    d, hi = t['Δ (system − technique)'].to_numpy(float), t['Δ hi'].to_numpy(float)
+    holm_below = int(((t['p (Holm)'] < 0.05) & (d < 0)).sum())
+    return (f"below {int((d < 0).sum())} (point), with an interval excluding 0 {int((hi < 0).sum())}, Holm p < 0.05 "
+            f"and below {holm_below}; below every one with an interval: {bool(len(t)) and bool((hi < 0).all())}")
+
+
+def _table(header:list[str], rows:list[list])->None:
+    "Print a Markdown table (text columns left, numbers right)"
+    print('\n| ' + ' | '.join(header) + ' |\n|' + '|'.join('---' if i < 2 else '---:' for i in range(len(header))) + '|')
+    for r in rows: print('| ' + ' | '.join(str(x) for x in r) + ' |')
+
+
+def _vs_rows(t:pd.DataFrame, first:str)->list[list]:
+    "Rows of a system-vs-techniques table, the lowest technique error first"
+    second = 'system_mean_class_err' if first == 'technique_mean_class_err' else 'technique_mean_class_err'
+    return [[r.technique, f"{100*getattr(r, first):.1f}", f"{100*getattr(r, second):.1f}", _iv(r[4], r[5], r[6]), f"{r[9]:.3f}"]
+            for r in t.sort_values('technique_mean_class_err').itertuples(index=False)]
+
+
 def show(o:dict):
     "Print one order's tables (points of mean class error)"
-    s = o['sets']
+    s, c, m = o['sets'], o['choices'], o['system']
     print(f"\n## {o['experiment']} ({o['params']}): {s['choose_images']} choosing, {s['report_images']} reporting images")
-    print(f"system: mean class error {100*o['system']['mean_class_err']:.1f} [{100*o['system']['lo']:.1f}, {100*o['system']['hi']:.1f}] "
-          f"on the reporting images; choices: round {o['choices']['round']}, method {o['choices']['method']}, τ {o['choices']['tau']:g}, "
-          f"TTA {'yes' if o['choices']['tta'] else 'no'}, {len(o['choices']['members'])} member(s)")
-    print('\n| step | system | Δ choosing [95%] | Δ reporting [95%] | transferred |\n|---|---|---:|---:|---|')
-    for r in o['transfer'].itertuples(index=False):
-        print(f"| {r.step} | {r.system} | {_iv(r[2], r[3], r[4])} | {_iv(r[5], r[6], r[7])} | {r.transferred} |")
-    print('\n| step | rule | candidate (of n) | Δ choosing vs default | Δ reporting vs default |\n|---|---|---|---:|---:|')
+    print(f"system: mean class error {100*m['mean_class_err']:.1f} [{100*m['lo']:.1f}, {100*m['hi']:.1f}] on the reporting "
+          f"images; choices: round {c['round']}, method {c['method']}, τ {c['tau']:g}, TTA {'yes' if c['tta'] else 'no'}, "
+          f"{len(c['members'])} member(s)")
+    _table(['step', 'system', 'Δ choosing [95%]', 'Δ reporting [95%]', 'transferred'],
+           [[r.step, r.system, _iv(r[2], r[3], r[4]), _iv(r[5], r[6], r[7]), r.transferred]
+            for r in o['transfer'].itertuples(index=False)])
+    rows = []
     for r in o['rules'].itertuples(index=False):
-        dc, dr = _iv(r.choose_Δ_vs_default, r.choose_Δ_lo, r.choose_Δ_hi), _iv(r.report_Δ_vs_default, r.report_Δ_lo, r.report_Δ_hi)
-        print(f"| {r.step} | {r.rule} | {r.candidate} ({r.candidates}) | {'default' if r.default else dc or 'no default'} "
-              f"| {'default' if r.default else dr or 'not predicted'} |")
+        dc = _iv(r.choose_Δ_vs_default, r.choose_Δ_lo, r.choose_Δ_hi)
+        dr = _iv(r.report_Δ_vs_default, r.report_Δ_lo, r.report_Δ_hi)
+        rows.append([r.step, r.rule, f"{r.candidate} ({r.candidates})", 'default' if r.default else dc or 'no default',
+                     'default' if r.default else dr or 'not predicted'])
+    _table(['step', 'rule', 'candidate (of n)', 'Δ choosing vs default', 'Δ reporting vs default'], rows)
     v = o['vs_techniques']
-    d, hi = v['Δ (system − technique)'].to_numpy(float), v['Δ hi'].to_numpy(float)
-    print(f"\nsystem − technique on the reporting images, {len(v)} single techniques: below {int((d < 0).sum())} (point), "
-          f"below with an interval excluding 0 {int((hi < 0).sum())}, Holm p < 0.05 and below {int(((v['p (Holm)'] < 0.05) & (d < 0)).sum())}; "
-          f"below every one with an interval: {bool(len(v)) and bool((hi < 0).all())}")
-    print('\n| technique | its error (choosing) | its error (reporting) | Δ system − technique [95%] | Holm p |\n|---|---:|---:|---:|---:|')
-    for r in v.sort_values('technique_mean_class_err').itertuples(index=False):
-        print(f"| {r.technique} | {100*r.choose_mean_class_err:.1f} | {100*r.technique_mean_class_err:.1f} | {_iv(r[4], r[5], r[6])} | {r[9]:.3f} |")
+    print(f"\nsystem − technique on the reporting images, {len(v)} single techniques: {_counts(v)}")
+    _table(['technique', 'its error (choosing)', 'its error (reporting)', 'Δ system − technique [95%]', 'Holm p'],
+           _vs_rows(v, 'choose_mean_class_err'))
 
 
 def main(argv=None):
@@ -145,20 +165,19 @@ def main(argv=None):
         for f in a.params: run_pipeline(f, in_process=True)
     orders = [read_order(f) for f in a.params]
     for o in orders: show(o)
-    same = [k for k in ('round', 'method', 'tau', 'tta', 'members') if len({json.dumps(o['choices'][k]) for o in orders}) == 1]
+    same = [k for k in ('round', 'method', 'tau', 'tta', 'members')
+            if len({json.dumps(o['choices'][k]) for o in orders}) == 1]
     print(f"\nchoices equal in every order: {', '.join(same) or 'none'}")
     both = pooled(a.params, a.bootstrap) if len(a.params) > 1 else pd.DataFrame()
     if len(both):
-        d, hi = both['Δ (system − technique)'].to_numpy(float), both['Δ hi'].to_numpy(float)
-        print(f"\n## both orders: every val image reports once ({int(both['images'].iloc[0])} images), {len(both)} techniques in both")
-        print(f"system below {int((d < 0).sum())} (point), with an interval excluding 0 {int((hi < 0).sum())}, "
-              f"Holm p < 0.05 and below {int(((both['p (Holm)'] < 0.05) & (d < 0)).sum())}; below every one with an interval: {bool((hi < 0).all())}")
-        print('\n| technique | its error | system error | Δ system − technique [95%] | Holm p |\n|---|---:|---:|---:|---:|')
-        for r in both.sort_values('technique_mean_class_err').itertuples(index=False):
-            print(f"| {r.technique} | {100*r.technique_mean_class_err:.1f} | {100*r.system_mean_class_err:.1f} | {_iv(r[4], r[5], r[6])} | {r[9]:.3f} |")
-    atomic_write_json(a.out, {'params': a.params, 'orders': [{k: (v.to_dict('records') if isinstance(v, pd.DataFrame) else v)
-                                                             for k, v in o.items()} for o in orders], 'same_choices': same,
-                           'both_orders_vs_techniques': both.to_dict('records')})
+        print(f"\n## both orders: every val image reports once ({int(both['images'].iloc[0])} images), "
+              f"{len(both)} techniques in both")
+        print(f"system {_counts(both)}")
+        _table(['technique', 'its error', 'system error', 'Δ system − technique [95%]', 'Holm p'],
+               _vs_rows(both, 'technique_mean_class_err'))
+    records = lambda v: v.to_dict('records') if isinstance(v, pd.DataFrame) else v
+    atomic_write_json(a.out, {'params': a.params, 'orders': [{k: records(v) for k, v in o.items()} for o in orders],
+                              'same_choices': same, 'both_orders_vs_techniques': both.to_dict('records')})
     print(f"\nwrote {a.out}")
 
 
