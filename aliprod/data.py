@@ -70,6 +70,7 @@ class DataParams:
     many_threshold:int=100     # report bands: many-shot > this many train images
     few_threshold:int=20       # few-shot < this many
     val_from_test:bool=True    # no val split but a labelled test split: half of every class of test becomes val (choices need one)
+    choose_half:int=0          # no labelled test split: which half of every class of val chooses (1 swaps the halves, to check transfer)
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"data.{key}: {msg}")
@@ -87,6 +88,7 @@ class DataParams:
         for k in ('n_classes', 'family_size', 'min_per_class', 'max_per_class', 'img_size', 'gen_workers', 'max_pixels', 'many_threshold'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
         if self.scan_workers is not None and self.scan_workers < 1: bad('scan_workers', f"must be >= 1 or null (one per CPU), got {self.scan_workers}")
+        if self.choose_half not in (0, 1): bad('choose_half', f"must be 0 or 1 (which half of every class of val chooses), got {self.choose_half!r}")
         for k in ('val_per_class', 'test_per_class', 'few_threshold'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.min_per_class > self.max_per_class: bad('min_per_class', f"min_per_class={self.min_per_class} > max_per_class={self.max_per_class}")
@@ -716,6 +718,7 @@ ROLES = ('fit', 'choose', 'report')
 
 def assign_roles(index:pd.DataFrame, # the index (row, label, split)
                  seed:int=0,         # the experiment's seed (`choosing_half` without a labelled test split)
+                 choose_half:int=0,  # without a labelled test split: 0 `choosing_half`'s half chooses, 1 the other half
                 )->pd.Series:
     "(N,) categorical role of each row: train fits; val chooses, a labelled test reports, else half of val each"
     from aliprod.metrics import choosing_half   # here: metrics imports torch, which the data stage does not need
@@ -723,7 +726,12 @@ def assign_roles(index:pd.DataFrame, # the index (row, label, split)
     role = np.where(split == 'train', 'fit', 'report').astype(object)
     val = np.flatnonzero((split == 'val') & (label >= 0))
     if ((split == 'test') & (label >= 0)).any(): role[val] = 'choose'
-    elif len(val): role[val[choosing_half(index['row'].to_numpy(np.int64)[val], label[val], seed)]] = 'choose'
+    elif len(val):
+        ch = choosing_half(index['row'].to_numpy(np.int64)[val], label[val], seed)
+        if choose_half:   # the swap: each class's halves trade places; a class of one val image still only chooses
+            _, inv, size = np.unique(label[val], return_inverse=True, return_counts=True)
+            ch = ~ch | (size[inv] == 1)
+        role[val[ch]] = 'choose'
     return pd.Series(pd.Categorical(role, categories=ROLES), index=index.index, name='role')
 
 def _roles(index:pd.DataFrame, seed:int)->pd.Series:
@@ -861,7 +869,9 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
     index, n_moved = _val_from_test(index, seed) if p.val_from_test else (index, 0)
-    index = index.assign(role=assign_roles(index, seed))   # once: every stage reads them (choosing_rows, reporting_rows)
+    if p.choose_half and (index['split'] == 'test').any():
+        log(f"data: warning: choose_half={p.choose_half} is ignored: with a test split, val chooses and test reports")
+    index = index.assign(role=assign_roles(index, seed, p.choose_half))   # once: every stage reads them (choosing_rows, reporting_rows)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")

@@ -16,12 +16,12 @@ from .metrics import BOOTSTRAP_DRAWS, holm
 from .data import shot_groups
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams',
-           'CurrentRuns', 'collect_metrics', 'system_chain', 'alone_table', 'on_reporting_rows', 'findings',
-           'seeds_verdict', 'aggregate_seeds', 'seeds_system', 'check_traceable', 'per_class_frame', 'predictions_of',
-           'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header', 'write_report', 'from_current_run',
-           'stage_tables', 'report_figures', 'system_sentence', 'against_single_techniques', 'cleaning_sentence',
-           'report_summary', 'ReportArtifacts', 'report_stage']
+__all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES',
+           'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain', 'transfer_table', 'alone_table',
+           'on_reporting_rows', 'findings', 'seeds_verdict', 'aggregate_seeds', 'seeds_system', 'check_traceable',
+           'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header',
+           'write_report', 'from_current_run', 'stage_tables', 'report_figures', 'system_sentence',
+           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -136,6 +136,25 @@ def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.Dat
     chain.insert(1, 'split', s['sets']['report_split'])
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
+
+TRANSFER_COLUMNS = ['step', 'system', 'choose Δ', 'choose Δ lo', 'choose Δ hi', 'report Δ', 'report Δ lo', 'report Δ hi',
+                    'transferred']
+
+def _transferred(c:float, r:float, r_lo:float, r_hi:float)->str:
+    "Whether a choice's Δ on the choosing images (c) held on the reporting images (r, its interval)"
+    if abs(c) < 1e-12 and abs(r) < 1e-12: return 'no change (the default was kept)'
+    if c * r > 0: return 'yes, interval excludes 0' if r_hi < 0 or r_lo > 0 else 'same sign, interval includes 0'
+    if c * r < 0: return 'no: opposite sign'
+    return 'no: no change on the reporting images' if abs(r) < 1e-12 else 'no: no change when choosing'
+
+def transfer_table(chain:pd.DataFrame)->pd.DataFrame:
+    "Did the choices transfer? Each chain step's Δ on the images that chose it beside its Δ on the reporting images"
+    if not len(chain) or 'choose Δ' not in chain: return pd.DataFrame(columns=TRANSFER_COLUMNS)
+    c = chain[(chain['status'] == 'present') & chain['Δ mean class err'].notna()]
+    t = c[['step', 'system', 'choose Δ', 'choose Δ lo', 'choose Δ hi']].assign(
+        **{'report Δ': c['Δ mean class err'], 'report Δ lo': c['Δ lo'], 'report Δ hi': c['Δ hi']})
+    t['transferred'] = [_transferred(*x) for x in t[['choose Δ', 'report Δ', 'report Δ lo', 'report Δ hi']].to_numpy(float)]
+    return t.reset_index(drop=True).reindex(columns=TRANSFER_COLUMNS)
 
 def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BOOTSTRAP_DRAWS)->dict:
     "Δ lo, Δ hi and verdict of r against base from their predictions (same images, the row's labels); nan without both predictions"
@@ -488,7 +507,7 @@ OTHER_TABLES = {
     'clean_rounds': "Per cleaning round: training images kept (train split), what was removed, ground-truth noise rate, noise-detection precision/recall/F1, and the errors of the model trained on that index on the split each column names (val_/test_; _clean: ground-truth labels).",
     'clean_rules': "Every cleaning rule alone on each round's input predictions (train split; ground truth of the synthetic data): its flags before tail protection, precision / recall overall and per class-size band of the given label; in_use marks the rules the stage ran, the others are there to compare.",
     'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the choosing images of the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
-    'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; no reporting image is among them.",
+    'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; the report_ columns (the same Δ on the reporting images, where the candidate was predicted there) are recorded after the choice and never read by it.",
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
 
 def _clean_runs(exp:ExperimentParams)->list[Path]:
@@ -507,7 +526,7 @@ def from_current_run(exp:ExperimentParams, file:str, # a table or figure another
     kind, _, tag = stem.partition('-')
     if kind in ('rebalance', 'tau_sweep', 'weight_norms'):   # copies of the rebalance stage's outputs, per backbone tag
         cands, copy = sorted(base.glob(f"rebalance{'-' + tag if tag else ''}/*/")), f"{kind}{f.suffix}"
-    elif stem in ('system_candidates', 'chain'): cands, copy = [base/'system'], f.name
+    elif stem in ('system_candidates', 'system_vs_techniques', 'chain'): cands, copy = [base/'system'], f.name
     elif stem == 'finegrained': cands, copy = sorted(base.glob('finegrained/*/')), f.name
     elif stem.startswith('ensemble_'): cands, copy = [base/'ensemble'/stem.removeprefix('ensemble_')], None
     elif stem in ('data_summary', 'class_distribution', 'quarantine'): cands, copy = [base/'data'], None
@@ -724,6 +743,18 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); "
                                  f"Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
+    transfer = transfer_table(chain) if system is not None else pd.DataFrame()
+    if len(transfer):
+        tables['choices_transfer'] = transfer
+        notes['choices_transfer'] = ("Did the choices transfer? Each step of the chain: its Δ mean class error on the images that chose it "
+                                     "(choose Δ, given labels) and on the reporting images (report Δ, the chain's), each with its paired "
+                                     "95% interval; a choice transferred when both have the same sign.")
+    vs = experiment_dir(exp)/'system'/'system_vs_techniques.csv'
+    if system is not None and vs.is_file() and runs.lists(vs.parent, vs):   # absent from a system run of before it was written
+        tables['system_vs_techniques'] = read_csv_safe(vs)
+        notes['system_vs_techniques'] = ("The final system against every single technique on the reporting images (the choosing error is "
+                                         "what the system could see): Δ (system − technique) with its class-stratified paired 95% interval "
+                                         "and Holm's adjusted p over all of them; below every single technique only where every Δ hi < 0.")
     other, other_notes = stage_tables(exp, runs)
     stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
                    "so val rows include the images that chose (in-sample there).")
