@@ -55,8 +55,10 @@ check-sync: install-dev
 nbtest: install-dev
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
+# Two pytest workers, one file each at a time (module fixtures are built once), one torch thread each: the end-to-end
+# tests train tiny models, where a second intra-op thread gains little and two workers oversubscribing two cores lose.
 pytest: install-dev
-	$(BIN)/pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile tests
 
 ## make report-check: open reports/demo/index.html in headless Chromium (Debian's chromium), screenshots in docs/screenshots/
 report-check: install

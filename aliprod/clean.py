@@ -17,20 +17,21 @@ from .samplers import LongTailSampler, class_probs
 from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
 from .metrics import shot_group, paired_delta
 from .images import load_rgb
-from .train import train_stage
+from .train import train_stage, trained_rows_path, read_trained_rows
 from .escape import csv_safe, markdown_table
 
 # %% auto #0
-__all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BANDS', 'CleanParams', 'disagree_low_conf',
+__all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN', 'CleanParams', 'disagree_low_conf',
            'self_confidence', 'confident_thresholds', 'confident_learning', 'agreement', 'class_median',
            'robust_outliers', 'class_relative', 'balanced_scores', 'balanced_low_conf', 'class_prototypes',
-           'prototype_distances', 'prototype_rule', 'h2e_scores', 'h2e_rule', 'protect_tail', 'rule_names',
-           'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy', 'detection_scores',
-           'class_bands', 'detection_by_band', 'rule_detection', 'model_error', 'round_problems', 'guard_round',
-           'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
-           'train_predictions', 'training_predictions', 'read_predictions', 'agreement_paths', 'agreement_predictions',
-           'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table',
-           'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'kept_iteration', 'clean_stage']
+           'prototype_distances', 'prototype_rule', 'environment_probs', 'h2e_scores', 'h2e_rule', 'protect_tail',
+           'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy',
+           'detection_scores', 'class_bands', 'detection_by_band', 'detection_by_seen', 'rule_detection', 'model_error',
+           'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows',
+           'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions', 'trained_prior',
+           'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
+           'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table', 'plot_rounds',
+           'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced', 'h2e')
@@ -263,6 +264,25 @@ def _irm_penalty(logits, target):
     g, = torch.autograd.grad(F.cross_entropy(logits * s, target), [s], create_graph=True)
     return g * g
 
+def environment_probs(labels:np.ndarray,   # (N,) given labels of the samples the identifier draws from
+                      num_classes:int,       # K
+                      counts=None,           # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: `labels`' own
+                     )->dict[str, np.ndarray]:
+    "Environment -> (K,) class probability of H2E's environments (∝ n, 1, 1/n); only classes with samples here are drawn"
+    own = np.bincount(labels, minlength=num_classes)
+    # a class with samples here that the network never trained on counts as one image: drawable, and a finite log prior
+    n = own if counts is None else np.where(own > 0, np.maximum(np.asarray(counts, np.int64), 1), 0)
+    return {m: class_probs(n, m) for m in H2E_ENVIRONMENTS}
+
+def _class_draws(labels:np.ndarray, probs:np.ndarray, total:int, rng)->np.ndarray:
+    "(total,) positions of `labels`: a class drawn with `probs`, then one of its samples uniformly"
+    n = np.bincount(labels, minlength=len(probs))
+    order, starts = np.argsort(labels, kind='stable'), np.concatenate([[0], np.cumsum(n)[:-1]])
+    cls = np.repeat(np.arange(len(probs)), rng.multinomial(total, probs))
+    idx = order[starts[cls] + rng.integers(0, n[cls])]
+    rng.shuffle(idx)
+    return idx
+
 def h2e_scores(t:TopK,                 # training predictions with `feats`: the candidate classes are the label and the top-k
                epochs:int=2,           # passes over the samples, per environment
                penalty:float=1.0,      # λ: risk + λ · IRMv1 penalty, averaged over the environments
@@ -270,6 +290,7 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
                batch_size:int|None=None, # default: N/100 within [32, 8192], so an epoch has about 100 steps
                scale:float=16.0,       # logits = scale · unit embedding · w (+ b)
                seed:int=0,
+               counts=None,            # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: t's labels
               )->tuple[np.ndarray, np.ndarray]:
     "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
     import torch, torch.nn.functional as F
@@ -278,8 +299,11 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
     y = t.labels.astype(np.int64)
     cand = torch.from_numpy(np.concatenate([y[:, None], t.topk_labels.astype(np.int64)], 1))
     dup = torch.from_numpy(np.concatenate([np.zeros((N, 1), bool), t.topk_labels == y[:, None]], 1))  # the label again in the top-k
-    counts = np.bincount(y, minlength=K)
-    logp = {m: torch.from_numpy(np.log(np.maximum(class_probs(counts, m), 1e-30))).float() for m in H2E_ENVIRONMENTS}
+    env = environment_probs(y, K, counts)
+    logp = {m: torch.from_numpy(np.log(np.maximum(env[m], 1e-30))).float() for m in H2E_ENVIRONMENTS}
+    own = np.bincount(y, minlength=K)
+    # class sizes proportional to the samples' own (no head cap; k-fold sums): the samplers' draws, as before
+    same = counts is None or np.array_equal(np.asarray(counts, np.int64) * own.sum(), own * int(np.sum(counts)))
     bs = batch_size or int(np.clip(N // 100, 32, 8192))
     steps = -(-N // bs)
     W = torch.zeros(K, t.feats.shape[1], requires_grad=True); b = torch.zeros(K, requires_grad=True)
@@ -289,10 +313,12 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
         x = torch.from_numpy(_unit(np.asarray(t.feats[idx], np.float32))) * scale   # feats may be memory-mapped: read per batch
         c = cand[idx]
         return (torch.einsum('bd,bkd->bk', x, W[c]) + b[c]).masked_fill(dup[idx], -1e4), c
-    samplers = [LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)]
+    samplers = [LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)] if same else []
     for ep in range(epochs):
         draws = []
         for s in samplers: s.set_epoch(ep); draws.append(np.asarray(s.indices()))
+        if not same:   # the network trained on other class sizes (a capped head): each environment draws classes by those
+            draws = [_class_draws(y, env[m], N, np.random.default_rng([seed + j, ep])) for j, m in enumerate(H2E_ENVIRONMENTS)]
         for st in range(steps):
             loss = 0.
             for m, dr in zip(H2E_ENVIRONMENTS, draws):
@@ -308,9 +334,9 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
             out[s:s + 8192] = logits(np.arange(s, min(s + 8192, N)))[0].numpy()
     return out, cand.numpy()
 
-def h2e_rule(t:TopK, epochs:int=2, penalty:float=1.0, seed:int=0)->tuple[np.ndarray, np.ndarray]:
+def h2e_rule(t:TopK, epochs:int=2, penalty:float=1.0, seed:int=0, counts=None)->tuple[np.ndarray, np.ndarray]:
     "(N,) flags and (N,) the identifier's top class: H2E's invariant identifier does not put the label first (nor does the network's top-1)"
-    scores, cand = h2e_scores(t, epochs, penalty, seed=seed)
+    scores, cand = h2e_scores(t, epochs, penalty, seed=seed, counts=counts)
     top = cand[np.arange(len(t)), scores.argmax(1)].astype(np.int32)
     return (top != t.labels) & (t.top1 != t.labels), top
 
@@ -359,6 +385,7 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
                p:CleanParams,          # rules and thresholds
                others:list[TopK]=(),   # agreement: other models' predictions of the same samples
                other_names:list[str]|None=None,
+               counts=None,            # (K,) class sizes the model trained on (`aliprod.train.trained_counts`): the balanced and h2e priors; None: t's labels
               )->pd.DataFrame:
     "Per training sample: `reasons` bitmask of the rules that flag it, the suggested class and its probability"
     _check_topk(t)
@@ -370,8 +397,8 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
         elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
         elif r == 'agreement': f = agreement(t, list(others), other_names)
         elif r == 'class_relative': f = class_relative(t, p.robust_z)
-        elif r == 'balanced': f, cls, prob = balanced_low_conf(t, p.conf_threshold)
-        elif r == 'h2e': f, cls = h2e_rule(t, p.h2e_epochs, p.h2e_penalty)
+        elif r == 'balanced': f, cls, prob = balanced_low_conf(t, p.conf_threshold, counts)
+        elif r == 'h2e': f, cls = h2e_rule(t, p.h2e_epochs, p.h2e_penalty, counts=counts)
         elif r == 'prototype': f, cls = prototype_rule(t, p.robust_z)
         elif r == 'confident_learning': f, cls = confident_learning(t)   # the class that clears its threshold, not necessarily the top-1
         if cls is not None:
@@ -473,6 +500,7 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
                 classes:pd.DataFrame|None=None, # classes.parquet (label, class_name, coarse_label); default: from `index`
                 others:list[TopK]=(),     # agreement: other models' predictions
                 other_names:list[str]|None=None,
+                counts=None,              # (K,) class sizes the model trained on (`aliprod.train.trained_counts`); None: t's labels
                )->tuple[pd.DataFrame, pd.DataFrame, dict]:
     "The index of iteration k, the table of changed samples (with reasons and probabilities), and a summary"
     K = t.num_classes
@@ -487,7 +515,7 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
     if (t.labels != index['label'].to_numpy(np.int32)[train_pos]).any():
         bad = int(t.rows[t.labels != index['label'].to_numpy(np.int32)[train_pos]][0])
         raise ValueError(f"Row {bad}: the predictions' label differs from the index's; predict the index of the same iteration")
-    fl = find_noisy(t, p, others, other_names)
+    fl = find_noisy(t, p, others, other_names, counts)
     flagged = fl['reasons'].to_numpy() > 0
     kept_flags = protect_tail(t.labels, flagged, t.p_label, p.min_per_class, K, t.rows)
     protected = flagged & ~kept_flags
@@ -573,6 +601,23 @@ def detection_by_band(train:pd.DataFrame,  # training rows of the input index, w
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'band'])
 
+SEEN = ('seen', 'unseen')
+
+def detection_by_seen(train:pd.DataFrame,          # training rows of the input index, with ground truth
+                      flagged_rows,                # rows removed or relabelled
+                      seen_rows,                   # rows the predicting model trained on (`trained_prior`)
+                      bands:np.ndarray|None=None,  # (K,) `class_bands`: adds a row per band
+                     )->pd.DataFrame:
+    "Precision, recall, F1 of noise detection on the rows the model trained on ('seen') and on the others ('unseen'), overall and per band"
+    cols = ['seen', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    saw = np.isin(train['row'].to_numpy(np.int64), np.asarray(seen_rows, np.int64))
+    parts = []
+    for s, m in zip(SEEN, (saw, ~saw)):
+        parts.append(detection_scores(train[m], flagged_rows).query("kind == 'all'").assign(band='all', seen=s))
+        if bands is not None: parts.append(detection_by_band(train[m], flagged_rows, bands).assign(seen=s))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
 # %% ../nbs/03_clean.ipynb #731f6213
 def rule_detection(t:TopK,                     # the training predictions a round reads
                    train:pd.DataFrame,         # training rows of the round's input index, with ground truth
@@ -580,19 +625,22 @@ def rule_detection(t:TopK,                     # the training predictions a roun
                    bands:np.ndarray|None=None, # (K,) `class_bands`: adds a row per class-size band
                    others:list[TopK]=(),       # agreement: other models' predictions (the rule is left out without them)
                    other_names:list[str]|None=None,
+                   counts=None,                # (K,) class sizes the model trained on: the balanced and h2e priors (`find_noisy`)
+                   seen_rows=None,             # rows the model trained on: adds rows per seen / unseen (`detection_by_seen`)
                   )->pd.DataFrame:
     "Every rule alone on the same predictions and thresholds, its flags (before tail protection) scored against the truth, overall and per band; empty without ground truth"
-    cols = ['rule', 'in_use', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    cols = ['rule', 'in_use', 'seen', 'band', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
     train = train[train['label'] >= 0]
     if not is_noisy(train)[1].any(): return pd.DataFrame(columns=cols)
     parts = []
     for rule in RULES:
         if (rule == 'agreement' and not len(others)) or (rule in FEATS_RULES and t.feats is None): continue  # needs other models / embeddings
         q = dataclasses.replace(p, rules=[rule], action='drop', agreement_tags=list(other_names or p.agreement_tags or [f'model{j}' for j in range(len(others))]))
-        fl = find_noisy(t, q, others, other_names)
+        fl = find_noisy(t, q, others, other_names, counts)
         rows = fl.loc[fl['reasons'].to_numpy() > 0, 'row'].to_numpy()
-        sc = [detection_scores(train, rows).query("kind == 'all'").assign(band='all')]
-        if bands is not None: sc.append(detection_by_band(train, rows, bands))
+        sc = [detection_scores(train, rows).query("kind == 'all'").assign(band='all', seen='all')]
+        if bands is not None: sc.append(detection_by_band(train, rows, bands).assign(seen='all'))
+        if seen_rows is not None: sc.append(detection_by_seen(train, rows, seen_rows, bands))
         parts.append(pd.concat(sc, ignore_index=True).assign(rule=rule, in_use=rule in p.rules))
     return pd.concat(parts, ignore_index=True)[cols]
 
@@ -759,6 +807,23 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
     return read_predictions(paths, feats=any(r in FEATS_RULES for r in clean.rules)), paths
 
+def trained_prior(paths:list[Path],    # training predictions files of train runs (one, or one per fold)
+                  num_classes:int,      # K
+                  required:bool=True,   # False: predictions made elsewhere (`predictions_of`) may have no trained_rows.parquet
+                 )->tuple[np.ndarray|None, np.ndarray|None]:
+    "(K,) class sizes the models behind `paths` trained on (summed over folds) and the predicted rows each trained on; (None, None) when not known"
+    if not required and not all(trained_rows_path(p).is_file() for p in paths): return None, None
+    counts, seen = np.zeros(num_classes, np.int64), []
+    for p in paths:
+        tr = read_trained_rows(p)   # names the missing file and the fix
+        y = tr['label'].to_numpy(np.int64)
+        if len(y) and y.max() >= num_classes:
+            raise ValueError(f"{trained_rows_path(p)} holds label {y.max()} but the predictions have K={num_classes}; they come from different datasets")
+        counts += np.bincount(y, minlength=num_classes)
+        # a row predicted by a model that trained on it (in-sample); capped-out head rows and held-out folds are out-of-sample
+        seen.append(np.intersect1d(pq.read_table(p, columns=['row']).column('row').to_numpy(), tr['row'].to_numpy(np.int64)))
+    return counts, np.concatenate(seen).astype(np.int64)
+
 def read_predictions(paths:list[Path], feats:bool=False)->TopK:
     "The predictions files of one index's training rows (one, or one per fold) as one TopK sorted by row; folds must not overlap"
     t = TopK.concat([read_topk(p, feats=feats) for p in paths])
@@ -821,12 +886,16 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])
     out = run_dir(exp, 'clean', k)
     prev, classes_file = index_path(exp, k - 1), data_artifacts(exp).classes
-    run = StageRun(out, 'clean', {'clean': _stage_params(clean), 'seed': exp.seed}, inputs=[prev, classes_file, *pred_paths, *other_paths],
+    trained = [f for f in map(trained_rows_path, pred_paths) if f.is_file()]   # the rows the models trained on: their prior
+    run = StageRun(out, 'clean', {'clean': _stage_params(clean), 'seed': exp.seed}, inputs=[prev, classes_file, *pred_paths, *trained, *other_paths],
                    modules=['clean'])
 
     def work():
         index = load_index(exp, k - 1)
-        new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags)
+        # the prior-aware rules (balanced, h2e) read the class sizes the model trained on, not the split's (head_cap, folds)
+        counts, seen = trained_prior(pred_paths, t.num_classes, required=predictions_of is None)
+        new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags, counts)
+        summary['prior'] = "the model's trained rows" if counts is not None else "the predictions' labels (no trained_rows.parquet)"
         # the guard chooses too: on the choosing images only
         err, err_from = model_error(t, pred_paths, clean.source, choosing_rows(index, exp.seed))
         summary['model_error'], summary['model_error_from'] = err, err_from
@@ -840,11 +909,15 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
             for a in ('drop', 'relabel'):
                 lab = changes.loc[changes['action'] == a, 'label'].to_numpy(np.int64)
                 summary[f"{'dropped' if a == 'drop' else 'relabelled'}_by_band"] = {b: int((bands[lab] == b).sum()) for b in BANDS}
+        if seen is not None:   # out-of-sample rows (capped-out head rows, held-out folds) are scored apart from the trained ones
+            summary['seen_rows'] = int(np.isin(train_before['row'].to_numpy(np.int64), seen).sum())
+            summary['detection_by_seen'] = detection_by_seen(train_before[train_before['label'] >= 0], flagged_rows, seen, bands).to_dict('records')
         # every rule alone on the same predictions (ground truth only: real data returns an empty table before running any rule)
         td = t
         if t.feats is None and is_noisy(train_before)[1].any() and all('feats' in pq.read_schema(f).names for f in pred_paths):
             td = read_predictions(pred_paths, feats=True)   # with the embeddings: the prototype and h2e rules too
-        summary['rule_detection'] = rule_detection(td.take(td.labels >= 0), train_before, clean, bands, others, clean.agreement_tags).to_dict('records')
+        summary['rule_detection'] = rule_detection(td.take(td.labels >= 0), train_before, clean, bands, others, clean.agreement_tags,
+                                                  counts, seen).to_dict('records')
         summary['noise_rate_before'], summary['noise_rate_after'] = (_noise_rate(train_before), _noise_rate(new[new['split'] == 'train']))
         summary['iteration'], summary['predictions'] = k, [project_relative(p) for p in pred_paths]
         with atomic_path(out/'changes.parquet') as tmp: changes.to_parquet(tmp, index=False)
@@ -895,26 +968,30 @@ def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:in
     return pd.DataFrame(out)
 
 def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
-    "Noise detection of iterations 1..`rounds` against the ground truth, overall, per noise kind and per class-size band (empty without ground truth)"
-    cols = ['iteration', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
+    "Noise detection of iterations 1..`rounds` against the ground truth, overall, per noise kind, per class-size band and on the rows the model trained on or not (`seen`); empty without ground truth"
+    cols = ['iteration', 'seen', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
     parts = []
     for k in range(1, rounds + 1):
         s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text())
-        parts += [pd.DataFrame(s['detection']).assign(iteration=k, band='all'), pd.DataFrame(s.get('detection_by_band', [])).assign(iteration=k)]
+        parts += [pd.DataFrame(s['detection']).assign(iteration=k, band='all', seen='all'), pd.DataFrame(s.get('detection_by_band', [])).assign(iteration=k, seen='all'),
+                  pd.DataFrame(s.get('detection_by_seen', [])).assign(iteration=k)]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 def rules_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
-    "Per round and rule: each rule alone on the round's input predictions (flags before tail protection), precision / recall overall and per band; empty without ground truth"
+    "Per round and rule: each rule alone on the round's input predictions (flags before tail protection), precision / recall overall, per band and on seen / unseen rows; empty without ground truth"
     rows = []
     for k in range(1, rounds + 1):
         rd = pd.DataFrame(json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()).get('rule_detection', []))
+        if len(rd) and 'seen' not in rd: rd['seen'] = 'all'   # a summary from before the seen / unseen split
         for rule, g in (rd.groupby('rule', sort=False) if len(rd) else ()):
-            a = g[g['band'] == 'all'].iloc[0]
+            a = g[(g['band'] == 'all') & (g['seen'] == 'all')].iloc[0]
             row = {'iteration': k, 'rule': rule, 'in_use': bool(a['in_use']), 'noisy': int(a['noisy']), 'flagged': int(a['flagged']),
                    'precision': a['precision'], 'recall': a['recall'], 'f1': a['f1']}
-            for _, b in g[g['band'] != 'all'].iterrows():
+            for _, b in g[(g['band'] != 'all') & (g['seen'] == 'all')].iterrows():
                 row[f"precision_{b['band']}"], row[f"recall_{b['band']}"] = b['precision'], b['recall']
+            for _, b in g[(g['band'] == 'all') & (g['seen'] != 'all')].iterrows():   # in-sample vs out-of-sample predictions
+                row[f"precision_{b['seen']}"], row[f"recall_{b['seen']}"] = b['precision'], b['recall']
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -977,6 +1054,28 @@ def round_verdict(prev, new,            # TopK predictions of the choosing image
     "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
     return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
 
+def select_rounds(run_round,    # k -> the choosing images' val predictions of round k's model (runs round k)
+                  baseline,     # the choosing images' val predictions of the model of index 0
+                  rounds:int,   # the last round that may run (`clean.iteration`)
+                  groups:dict,  # `aliprod.data.shot_groups(exp)`
+                  seed:int=0,
+                 )->tuple[int, list[dict], str]:
+    "Run round 1..`rounds`, each against the one kept so far; keep it if it 'helped', else stop: (kept, decisions, why)"
+    kept, best, decisions = 0, baseline, []
+    for k in range(1, rounds + 1):
+        new = run_round(k)
+        v = round_verdict(best, new, groups, seed)
+        decisions.append({'iteration': k, 'against': kept,
+                          **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
+        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} "
+            f"(Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        if v['verdict'] != 'helped':
+            return kept, decisions, (f"round {k} did not improve val mean class error ({v['verdict']}, "
+                                     f"Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): "
+                                     f"stopped, rounds after {k} not run")
+        kept, best = k, new
+    return kept, decisions, f"every round up to {kept} improved val mean class error"
+
 def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
     "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
     f = run_dir(exp, 'clean')/'selection.json'
@@ -992,24 +1091,24 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
     choose = clean.select == 'validation' and train_model and 'val' in models[0].predictions
-    kept, decisions, reason = 0, [], ('every round run (select: all)' if clean.select == 'all' else
-                                     'no models trained: rounds not chosen on validation' if not train_model else
-                                     'no val predictions: rounds not chosen on validation' if not choose else '')
     rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
-    for k in range(1, clean.iteration + 1):
-        art = clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model, predictions_of=predictions_of)
-        models.append(art.model)
-        if not choose: kept = k; continue
-        v = round_verdict(on_choosing(models[kept].predictions['val']), on_choosing(art.model.predictions['val']),
-                          shot_groups(exp), exp.seed)
-        decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
-        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
-        if v['verdict'] != 'helped':
-            reason = f"round {k} did not improve val mean class error ({v['verdict']}, Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): stopped, rounds after {k} not run"
-            break
-        kept = k
-    reason = reason or f"every round up to {kept} improved val mean class error"
+    arts = []
+    def run_round(k):
+        arts.append(clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model,
+                                    predictions_of=predictions_of))
+        models.append(arts[-1].model)
+        return on_choosing(arts[-1].model.predictions['val']) if choose else None
+    if choose:
+        kept, decisions, reason = select_rounds(run_round, on_choosing(models[0].predictions['val']), clean.iteration,
+                                                shot_groups(exp), exp.seed)
+    else:
+        for k in range(1, clean.iteration + 1): run_round(k)
+        kept, decisions = clean.iteration, []
+        reason = ('every round run (select: all)' if clean.select == 'all' else
+                  'no models trained: rounds not chosen on validation' if not train_model else
+                  'no val predictions: rounds not chosen on validation')
+    art = arts[-1]
     rounds = len(models) - 1
     selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
                  'chosen_on': f"the choosing images of val (the index's role 'choose', {len(rows)} images)",

@@ -13,15 +13,16 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np, yaml, torch
 
 # %% auto #0
-__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'project_root',
-           'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams', 'check_section',
-           'load_params_file', 'resolve_params', 'params_dict', 'seed_everything', 'seed_worker', 'pick_device', 'log',
-           'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path',
-           'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
-           'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules',
-           'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
-           'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status', 'current_manifest',
-           'quiet_third_party_warnings', 'in_stage_run', 'skip_to_stage_run']
+__all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV',
+           'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams',
+           'images_seed', 'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
+           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
+           'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe',
+           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint',
+           'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
+           'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware',
+           'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'notebook_run_kind', 'in_stage_run',
+           'stage_cell_filter', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -88,6 +89,8 @@ def check_name(name:str, # a value that becomes one directory name under runs/ o
 class ExperimentParams:
     experiment:str='smoke' # names runs/<experiment>/ and reports/<experiment>/
     seed:int=0             # one seed for data generation, sampling, initialisation and augmentation
+    seeds:list[int]|None=None # training seeds, one run tree each (`aliprod run`); seed is then seeds[0]; None: [seed]
+    data_seed:int|None=None   # seed of the synthetic images and the choosing/reporting roles; None: seed (set per seed by a seeds run)
     device:str='auto'      # auto | cpu | cuda | mps
     runs_dir:str='runs'    # relative to the project root unless absolute
     reports_dir:str='reports'
@@ -95,6 +98,22 @@ class ExperimentParams:
         check_name(self.experiment, 'experiment')
         if self.device not in ('auto','cpu','cuda','mps') and not self.device.startswith('cuda:'):
             raise ParamsError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.seeds is not None:
+            if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+                raise ParamsError(f"seeds must be a non-empty list of distinct seeds >= 0, e.g. [0, 1, 2], got {self.seeds}")
+
+def images_seed(exp:ExperimentParams)->int:
+    "The seed of the data stage (synthetic images, choosing/reporting roles): `data_seed`, else `seed`"
+    return exp.seed if exp.data_seed is None else exp.data_seed
+
+def seed_runs(exp:ExperimentParams)->list[ExperimentParams]:
+    "One experiment per training seed of `exp.seeds`: the first is runs/<experiment>/, each other <experiment>-seed<k>/"
+    # the first seed keeps today's tree, so a one-seed run grows into a seeds run without redoing anything; the others
+    # are sibling experiments (as grid runs are) whose data stage indexes the first seed's images with its roles
+    first, *rest = exp.seeds or [exp.seed]
+    head = dataclasses.replace(exp, seed=first)
+    return [head, *(dataclasses.replace(exp, experiment=f'{exp.experiment}-seed{s}', seed=s, seeds=None, data_seed=images_seed(head))
+                    for s in rest)]
 
 # %% ../nbs/00_core.ipynb #869f063b
 def _type_name(tp)->str:
@@ -197,7 +216,12 @@ def load_params_file(path:str|Path, # YAML file, relative to the project root un
     if not isinstance(raw, dict): raise ParamsError(f"{path} must hold a mapping of keys and sections, got {type(raw).__name__}")
     exp_keys = {f.name for f in fields(ExperimentParams)}
     top = {k: v for k, v in raw.items() if k in exp_keys}
+    if 'seed' in top and 'seeds' in top:
+        raise ParamsError(f"{path} gives both seed: and seeds:; keep one (seeds: [{top['seed']}] is the same run as seed: {top['seed']})")
     out = {'experiment': check_section(ExperimentParams, top, str(path))}
+    # `seed` is the first of `seeds`: a stage notebook run by hand on this file is that seed's run (runs/<experiment>/)
+    if isinstance(out['experiment'].get('seeds'), list) and out['experiment']['seeds']:
+        out['experiment']['seed'] = out['experiment']['seeds'][0]
     for k, v in raw.items():
         if k in exp_keys: continue
         try: cls = section_class(k)
@@ -745,25 +769,45 @@ def quiet_third_party_warnings():
 
 # %% ../nbs/00_core.ipynb #a7bc940c
 STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
+STAGE_RUN_ENV = 'ALIPROD_STAGE_RUN' # '1': this kernel runs a stage (`aliprod run` sets it); '0': it runs the tests
+
+def notebook_run_kind()->Literal['stage', 'test', 'interactive']:
+    "What the runner says this run is: 'stage' (aliprod run, papermill, nbclient), 'test' (nbdev-test), 'interactive'"
+    try: from IPython import get_ipython
+    except ImportError: return 'interactive'
+    kernel = getattr(get_ipython(), 'kernel', None)
+    # no Jupyter kernel: nbdev-test's in-process shell (it sets IN_TEST), or IPython in a terminal; no runner starts
+    # a stage run there, so a stray ALIPROD_STAGE_RUN=1 cannot make nbdev-test skip every test and pass
+    if kernel is None: return 'test' if os.environ.get('IN_TEST') else 'interactive'
+    said = os.environ.get(STAGE_RUN_ENV)
+    if said is not None:
+        if said not in ('0', '1'):
+            raise ValueError(f"{STAGE_RUN_ENV}={said!r}: use 1 (a stage run) or 0 (a test run), or unset it")
+        return 'stage' if said == '1' else 'test'
+    # the execute request says whether anyone can answer input(): nbclient (papermill, jupyter execute) says no
+    request = kernel.get_parent() if hasattr(kernel, 'get_parent') else {}
+    unattended = request.get('msg_type') == 'execute_request' and request.get('content', {}).get('allow_stdin') is False
+    return 'stage' if unattended else 'interactive'
 
 def in_stage_run()->bool:
-    "True in a kernel executing a notebook in batch (papermill / nbclient: in-memory IPython history) outside `nbdev-test`"
-    if os.environ.get('IN_TEST'): return False
-    try: from IPython import get_ipython
-    except ImportError: return False
-    ip = get_ipython()
-    return (ip is not None and type(ip).__name__ == 'ZMQInteractiveShell'
-            and str(getattr(getattr(ip, 'history_manager', None), 'hist_file', '')) == ':memory:')
+    "True when the runner says this is a stage run (`notebook_run_kind() == 'stage'`)"
+    return notebook_run_kind() == 'stage'
 
-def skip_to_stage_run(active:bool|None=None, # None: `in_stage_run()`
+def stage_cell_filter(kind:Literal['stage', 'test'], # 'stage': run from `parameters` on; 'test': run up to it
                      ):
-    "In a stage run, make every following cell a no-op until the `parameters` cell (returns nothing: the guard cell prints nothing)"
+    "An IPython input transformer that turns the cells `kind` does not run into `pass`"
+    state = {'before': True}
+    def _filter(lines:list[str])->list[str]:
+        if state['before'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['before'] = False
+        return ['pass\n'] if state['before'] == (kind == 'stage') else lines
+    return _filter
+
+def skip_to_stage_run(kind:str|None=None, # 'stage' | 'test' | 'interactive'; None: `notebook_run_kind()`
+                     ):
+    "Stage run: the cells up to `parameters` become `pass`; test run: the cells from `parameters` on; interactive: none"
     from IPython import get_ipython
     ip = get_ipython()
-    if ip is None or not (in_stage_run() if active is None else active): return
-    quiet_third_party_warnings()
-    state = {'skipping': True}
-    def _skip_until_parameters(lines:list[str])->list[str]:
-        if state['skipping'] and lines and lines[0].lstrip().startswith(STAGE_RUN_MARKER): state['skipping'] = False
-        return ['pass\n'] if state['skipping'] else lines
-    ip.input_transformers_cleanup.append(_skip_until_parameters)
+    kind = notebook_run_kind() if kind is None else kind
+    if ip is None or kind == 'interactive': return
+    if kind == 'stage': quiet_third_party_warnings()
+    ip.input_transformers_cleanup.append(stage_cell_filter(kind))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 import numpy as np, pandas as pd
 from .core import (ExperimentParams, ParamsError, StageRun, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
-                          atomic_write_text, log, params_dict, params_section, project_relative, project_root, report_dir, run_dir)
+                          atomic_write_text, log, params_dict, params_section, project_relative, project_root, report_dir, run_dir,
+                          images_seed)
 from .escape import csv_safe, markdown_table, visible_text
 from .images import SCAN_REASONS, check_images
 from .schema import (SOURCES, SPLITS, _split_hint, check_splits, DataParams, INDEX_COLUMNS, QUARANTINE_COLUMNS,
@@ -622,13 +623,19 @@ ROLES = ('fit', 'choose', 'report')
 
 def assign_roles(index:pd.DataFrame, # the index (row, label, split)
                  seed:int=0,         # the experiment's seed (`choosing_half` without a labelled test split)
+                 choose_half:int=0,  # without a labelled test split: 0 `choosing_half`'s half chooses, 1 the other half
                 )->pd.Series:
     "(N,) categorical role of each row: train fits; val chooses, a labelled test reports, else half of val each"
     split, label = index['split'].to_numpy(), index['label'].to_numpy(np.int64)
     role = np.where(split == 'train', 'fit', 'report').astype(object)
     val = np.flatnonzero((split == 'val') & (label >= 0))
     if ((split == 'test') & (label >= 0)).any(): role[val] = 'choose'
-    elif len(val): role[val[choosing_half(index['row'].to_numpy(np.int64)[val], label[val], seed)]] = 'choose'
+    elif len(val):
+        ch = choosing_half(index['row'].to_numpy(np.int64)[val], label[val], seed)
+        if choose_half:   # the swap: each class's halves trade places; a class of one val image still only chooses
+            _, inv, size = np.unique(label[val], return_inverse=True, return_counts=True)
+            ch = ~ch | (size[inv] == 1)
+        role[val[ch]] = 'choose'
     return pd.Series(pd.Categorical(role, categories=ROLES), index=index.index, name='role')
 
 def _roles(index:pd.DataFrame, seed:int)->pd.Series:
@@ -706,7 +713,8 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
                 )->DataArtifacts:
     "The data stage: index the source (or generate the synthetic dataset), scan it, write tables and report; no-op when up to date"
     out = run_dir(exp, 'data')
-    params = {**params_dict(p), **({'seed': exp.seed} if p.source == 'synthetic' else {})}
+    # images_seed: every seed of a `seeds` run indexes the same images with the same roles (only training varies)
+    params = {**params_dict(p), **({'seed': images_seed(exp)} if p.source == 'synthetic' else {})}
     # no torch reductions here: the thread count does not change the outputs
     run = StageRun(out, 'data', params, inputs=_source_inputs(p), modules=['data'], threads=False)
     try: read_dataset_json(out/'dataset.json') if (out/'dataset.json').exists() else None
@@ -732,13 +740,13 @@ def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
 
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     "The data stage's work: write every output into `out`; return (outputs, metrics) for the manifest"
-    arts = data_artifacts(exp)
+    arts, seed = data_artifacts(exp), images_seed(exp)
     t0 = time.time()
     if p.source == 'synthetic':
         ignored = [k for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file') if getattr(p, k) is not None]
         if ignored: log(f"data: warning: source='synthetic' ignores {', '.join(ignored)}; set data.source to read real data")
         root = out/'images'
-        rr = generate_synthetic(p, root, exp.seed)
+        rr = generate_synthetic(p, root, seed)
         log(f'data: generated {len(rr.index):,} synthetic images in {time.time() - t0:.1f}s')
     else:
         root = _root_of(p)
@@ -760,8 +768,10 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes, _typed(quarantine, QUARANTINE_COLUMNS), numbering)
     if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
-    index, n_moved = _val_from_test(index, exp.seed) if p.val_from_test else (index, 0)
-    index = index.assign(role=assign_roles(index, exp.seed))   # once: every stage reads them (choosing_rows, reporting_rows)
+    index, n_moved = _val_from_test(index, seed) if p.val_from_test else (index, 0)
+    if p.choose_half and (index['split'] == 'test').any():
+        log(f"data: warning: choose_half={p.choose_half} is ignored: with a test split, val chooses and test reports")
+    index = index.assign(role=assign_roles(index, seed, p.choose_half))   # once: every stage reads them (choosing_rows, reporting_rows)
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
         log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")

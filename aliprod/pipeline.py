@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
-                          atomic_write_json, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
-                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files,
+                          atomic_write_json, atomic_write_text, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
+                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
                           die_with_parent)
 from .data import prepare_data, read_source
 from .train import train_stage
@@ -24,8 +24,8 @@ from .report import report_stage
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'check_grid', 'stage_notebooks',
-           'StageFailed', 'run_stage', 'render_html', 'run_pipeline', 'experiment_lock', 'call_stage',
-           'stage_of_run_dir', 'check_data_files', 'main']
+           'StageFailed', 'run_stage', 'render_html', 'parse_seeds', 'run_seeds', 'seed_params_file', 'run_pipeline',
+           'experiment_lock', 'call_stage', 'stage_of_run_dir', 'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
@@ -99,8 +99,10 @@ def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; defau
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
 # ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
 # its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core: the data
-# stage's worker pools use it too)
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d"]']
+# stage's worker pools use it too); and they say "this is a stage run" (`aliprod.core.notebook_run_kind`), so the
+# notebook's tests never run inside a user's run, whatever the kernel
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d", '
+                    '"__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
 
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
@@ -183,14 +185,47 @@ def render_html(nb_path:str|Path)->Path:
     return html
 
 # %% ../nbs/08_pipeline.ipynb #5a9d712f
+def parse_seeds(text:str)->list[int]:
+    "`--seeds 0,1,2` as [0, 1, 2], or ParamsError naming the option"
+    try: seeds = [int(s) for s in text.replace(',', ' ').split()]
+    except ValueError: seeds = None
+    if not seeds: raise ParamsError(f"--seeds must list seeds separated by commas, e.g. --seeds 0,1,2; got {text!r}")
+    return seeds
+
+def run_seeds(params_file:str|Path, seeds:list[int]|None=None)->list[int]|None:
+    "The training seeds of a run, checked: `seeds` (--seeds), else the file's seeds:, else None (one run of its seed:)"
+    file_seeds = resolve_params('experiment', params_file).seeds
+    if seeds is None: return file_seeds
+    check_section(ExperimentParams, {'seeds': seeds}, '--seeds')
+    try: ExperimentParams(seeds=list(seeds))
+    except ParamsError as e: raise ParamsError(f"--seeds: {e}") from None
+    return list(seeds)
+
+def seed_params_file(params_file:str|Path, exp:ExperimentParams)->Path:
+    "Write runs/<experiment>-seed<k>/params.yaml: `params_file` with that seed's experiment, seed and data_seed"
+    import yaml
+    # the stage notebooks read their experiment from the file: its own file names this seed's run tree, its seed and
+    # the first seed's images, so a stage run by hand on it is this seed's run too
+    p = Path(params_file)
+    if not p.is_absolute() and not p.exists(): p = project_root()/p
+    raw = {k: v for k, v in (yaml.safe_load(p.read_text()) or {}).items() if k not in ('seeds', 'seed', 'data_seed')}
+    raw.update(experiment=exp.experiment, seed=exp.seed, data_seed=exp.data_seed)
+    text = f"# seed {exp.seed} of a seeds run of {project_relative(p)} (written by aliprod run; edit that file instead)\n"
+    text += yaml.safe_dump(raw, sort_keys=False)
+    out = experiment_dir(exp)/'params.yaml'
+    if not out.exists() or out.read_text() != text: atomic_write_text(out, text)
+    load_params_file(out)
+    return out
+
 def run_pipeline(params_file:str|Path,        # YAML parameter file
                  stages:list[str]|None=None,   # subset of stages; default: the file's [pipeline] stages, else all present
                  force:bool=False,             # remove the chosen stages' manifests first, so they run again
                  dry_run:bool=False,           # say what would run and stop
                  nbs_dir:str|Path|None=None,   # where the stage notebooks are (tests point this elsewhere)
                  in_process:bool=False,        # call each stage's library function here instead of executing its notebook
+                 seeds:list[int]|None=None,    # training seeds (--seeds); default: the file's seeds:, else its seed:
                 )->list:
-    "Validate `params_file`, then for each run of its grid prepare the data and run the stage notebooks in order (or their functions)"
+    "Validate `params_file`, then for each run of its grid and each seed prepare the data and run the stages in order (or their functions)"
     load_params_file(params_file)  # every section checked before any work
     base = resolve_params('experiment', params_file)
     pp = resolve_params('pipeline', params_file)
@@ -199,15 +234,23 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
     missing = [s for s in chosen if s not in present]
     if missing and not in_process: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
     runs = check_grid(params_file)   # every run of the grid checked before the first starts
+    seeds = run_seeds(params_file, seeds)
     executed = []
     for name, over in runs:
-        exp = resolve_params('experiment', params_file, overrides={'experiment': name})
-        log(f"experiment '{name}' from {params_file}{' with ' + str(over) if over else ''}: data, {', '.join(chosen) or 'no stage notebooks'}")
-        if dry_run:
-            for s in chosen: log(f"would run {present[s]}")
-            continue
-        with experiment_lock(exp):
-            executed += _run_experiment(exp, params_file, over, chosen, present, force, in_process, pp.html)
+        exp = resolve_params('experiment', params_file, overrides={'experiment': name, 'seeds': seeds})
+        # seeds one after another (each stage uses every core), the first last: its report reads every seed's runs
+        per_seed = seed_runs(exp)
+        for k, e in enumerate(per_seed[1:] + per_seed[:1]):
+            if seeds is None: extra, report_extra = {}, {}   # one seed: exactly the run before seeds existed
+            else: extra, report_extra = {'seed': e.seed}, ({'seeds': seeds} if e.experiment == name else {})
+            log(f"experiment '{e.experiment}' from {params_file}{' with ' + str(over) if over else ''}"
+                f"{f', seed {e.seed} ({k + 1} of {len(per_seed)})' if len(per_seed) > 1 else ''}: data, {', '.join(chosen) or 'no stage notebooks'}")
+            if dry_run:
+                for s in chosen: log(f"would run {present[s]}")
+                continue
+            with experiment_lock(e):
+                pf = params_file if e.experiment == name else seed_params_file(params_file, e)
+                executed += _run_experiment(e, pf, over, chosen, present, force, in_process, pp.html, extra, report_extra)
     return executed
 
 @contextmanager
@@ -223,13 +266,16 @@ def experiment_lock(exp:ExperimentParams):
         if 'is running' not in str(e): raise
         raise LockBusy(f"experiment '{exp.experiment}' is being run already: {e}") from None
 
-def _run_experiment(exp, params_file, over, chosen, present, force, in_process, html)->list:
-    "One run of the grid, under its experiment lock: the data, then the chosen stages in order"
+def _run_experiment(exp, params_file, over, chosen, present, force, in_process, html,
+                    extra:dict|None=None,        # experiment keys every stage gets (a seeds run: its seed)
+                    report_extra:dict|None=None, # and the report only (the first seed: every seed, to aggregate)
+                   )->list:
+    "One run of the grid (and seed), under its experiment lock: the data, then the chosen stages in order"
     name, executed = exp.experiment, []
     if force: _forget(exp, chosen)
     prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
     nb_out = report_dir(exp)/'notebooks'
-    params = {'experiment': name, **over}
+    params = {'experiment': name, **(extra or {}), **over}
     t_run, times = time.time(), _stage_times(exp)
     for k, s in enumerate(chosen, 1):
         before = _manifests(exp)
@@ -239,8 +285,9 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
         t0 = time.time()
         if in_process:
-            executed.append(call_stage(s, params_file, name, over)); log(f"{s}: done in {time.time() - t0:.0f} s")
-        else: executed.append(run_stage(s, present[s], params_file, nb_out, params, html=html))
+            executed.append(call_stage(s, params_file, name, over, {**(extra or {}), **((report_extra or {}) if s == 'report' else {})}))
+            log(f"{s}: done in {time.time() - t0:.0f} s")
+        else: executed.append(run_stage(s, present[s], params_file, nb_out, {**params, **((report_extra or {}) if s == 'report' else {})}, html=html))
         after = _manifests(exp)
         if after == before and any(stage_of_run_dir(m.relative_to(experiment_dir(exp)).parts[0]) == s for m in after):
             log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
@@ -252,10 +299,11 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
 
 def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
                over:dict|None=None, # {section: values} of a grid run, injected as papermill injects them into the notebook
+               experiment_overrides:dict|None=None, # experiment keys as papermill -p gives them (a seeds run: seed, seeds)
               ):
     "Run one stage in this process as its notebook's run cell does (resolve its sections from `params_file`, call `<stage>_stage`); its artifacts"
     R = lambda section, **kw: resolve_params(section, params_file, injected=(over or {}).get(section), **kw)
-    exp = R('experiment', overrides={'experiment': experiment})
+    exp = R('experiment', overrides={'experiment': experiment, **(experiment_overrides or {})})
     if stage == 'train':
         return train_stage(exp, R('data'), R('train'), report=True)
     if stage == 'finegrained':
@@ -326,7 +374,9 @@ def main(argv:list[str]|None=None)->int:
     r.add_argument('--force', action='store_true', help="re-run stages even when their manifests are up to date")
     r.add_argument('--dry-run', action='store_true', help='show what would run')
     r.add_argument('--in-process', action='store_true', help="call each stage's function in this process (no notebooks, no HTML pages of them)")
-    c = sub.add_parser('check', help='validate a parameter file'); c.add_argument('params')
+    seeds_help = "training seeds, e.g. 0,1,2 (overrides the file's seed:/seeds:): one run tree each, the report aggregates them"
+    r.add_argument('--seeds', help=seeds_help)
+    c = sub.add_parser('check', help='validate a parameter file'); c.add_argument('params'); c.add_argument('--seeds', help=seeds_help)
     d = sub.add_parser('data', help='prepare the data of a parameter file'); d.add_argument('params')
     d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')
     a = ap.parse_args(argv)
@@ -335,7 +385,12 @@ def main(argv:list[str]|None=None)->int:
             cfg = load_params_file(a.params)
             runs = check_grid(a.params)   # what `run` checks: every run of the grid, its name and sections
             grid = f'; {len(runs)} runs in the grid' if len(runs) > 1 else ''
-            print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid})")
+            seeds = run_seeds(a.params, parse_seeds(a.seeds) if a.seeds else None)
+            # each seed's run tree is a name too: checked as `run` makes them
+            trees = [e.experiment for name, _ in runs for e in seed_runs(resolve_params(
+                'experiment', a.params, overrides={'experiment': name, 'seeds': seeds}))]
+            sd = f"; seeds {', '.join(map(str, seeds))}: runs/{', runs/'.join(trees)}" if seeds and len(seeds) > 1 else ''
+            print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid}{sd})")
             print(check_data_files(resolve_params('data', a.params)))
         elif a.cmd == 'data':
             load_params_file(a.params)
@@ -343,7 +398,7 @@ def main(argv:list[str]|None=None)->int:
             art = prepare_data(exp, resolve_params('data', a.params), force=a.force)
             print(f"index: {art.index}")
         else:
-            run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process)
+            run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process, seeds=parse_seeds(a.seeds) if a.seeds else None)
     except (ParamsError, FileNotFoundError) as e:
         print(f"aliprod: {e}", file=sys.stderr); return 2
     except (StageFailed, LockBusy, LinkRefused) as e:

@@ -18,7 +18,7 @@ from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
 from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
-from .train import train_stage, predict, load_trained_model
+from .train import train_stage, predict, load_trained_model, trained_counts
 from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
 
@@ -409,6 +409,7 @@ def fit_method(method:str,
                seed:int=0,
                device='cpu',
                groups:dict|None=None,      # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: train.labels' counts, evaluate's thresholds
+               prior_counts=None,          # (K,) images per class the classifier trained on (`aliprod.train.trained_counts`); None: train.labels' counts
               )->tuple[nn.Module, dict]:
     "The head of classifier-only `method` and what to record about it (history, τ, images used)"
     K = num_classes
@@ -421,8 +422,8 @@ def fit_method(method:str,
         tau = choose_tau(sweep)
         return tau_normalized_head(w, b, tau, p.tau_bias), {'tau': tau, 'sweep': sweep}
     if method == 'ncm': return class_means(train, K, p.ncm_norm), {'images': len(train)}
-    if method == 'logit_adjust':   # the prior of the split the classifier was trained on: this iteration's training split
-        prior = log_prior(class_counts(train.labels, K))
+    if method == 'logit_adjust':   # the prior the classifier learned: the rows it trained on (head-capped: not the whole split)
+        prior = log_prior(class_counts(train.labels, K) if prior_counts is None else prior_counts)   # a class it never saw counts as one image
         sweep = sweep_logit_adjust(classifier, prior, val, groups, p.la_tau_grid, device=device)
         tau = choose_tau(sweep)
         return LogitAdjustedHead(copy.deepcopy(classifier).eval(), prior, tau), {'tau': tau, 'sweep': sweep}
@@ -474,6 +475,7 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
                        seed:int=0, device='cpu',
                        groups:dict|None=None,  # evaluate's shot groups (`aliprod.data.shot_groups(exp)`); None: the train features' counts, evaluate's thresholds
                        choose_rows=None,       # val rows every τ is chosen on (`aliprod.data.choosing_rows`); None: all
+                       prior_counts=None,      # (K,) images per class the classifier trained on (`aliprod.train.trained_counts`); None: the train features' counts
                       )->dict[str, MethodResult]:
     "Baseline plus each classifier-only method: heads, val/test predictions and metrics"
     groups = groups or {'train_counts': class_counts(splits['train'].labels, num_classes)}
@@ -487,7 +489,7 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
     if val is not None and choose_rows is not None: val = val.take(np.flatnonzero(np.isin(val.rows, choose_rows)))
     for m in (p.classifier_methods() if methods is None else methods):
         t0 = time.time()
-        head, info = fit_method(m, classifier, splits['train'], val, num_classes, p, train_p_label, seed, device, groups)
+        head, info = fit_method(m, classifier, splits['train'], val, num_classes, p, train_p_label, seed, device, groups, prior_counts)
         info['seconds'] = round(time.time() - t0, 3)
         out[m] = MethodResult(m, head, *_predict(head), info)
         log(f"rebalance {m}: {evals[0]} mean class err {out[m].metrics[evals[0]]['mean_class_err']:.4f} ({info['seconds']} s)")
@@ -688,7 +690,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
     K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])
     groups = shot_groups(exp)
     params = {'rebalance': params_dict(p), 'train': params_dict(t), 'seed': exp.seed, 'many': groups['many'], 'few': groups['few'], 'splits': evals}
-    inputs = [where, data_artifacts(exp).classes, art.model_path, *[art.predictions[s] for s in ('train', 'val', 'test') if s in art.predictions]]
+    inputs = [where, data_artifacts(exp).classes, art.model_path, art.trained_rows, *[art.predictions[s] for s in ('train', 'val', 'test') if s in art.predictions]]
     run = StageRun(out, 'rebalance', params, inputs=inputs, modules=['rebalance'])
     methods_dirs = {m: out/m for m in ['baseline', *p.methods]}
     fig_path = out/'tau_sweep.png' if 'tau_norm' in p.methods else None
@@ -699,6 +701,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
         device = pick_device(exp.device)
         classifier = load_trained_model(art.model_path, t, K).classifier
         splits = {s: _load_split(f)[0] for s, f in feat_paths.items()}
+        prior = trained_counts(art.trained_rows, K)   # the classifier's prior: the rows it trained on (head_cap leaves out head rows)
         # the cached features must be what the classifier saw when the train stage predicted
         ref = next((s for s in evals if s in art.predictions), None)
         if ref is not None: _check_cached(classifier, splits[ref], Path(art.predictions[ref]), device)
@@ -709,7 +712,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
         results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device,
                                      groups=groups,
-                                     choose_rows=choosing_rows(load_index(exp, p.iteration), exp.seed))
+                                     choose_rows=choosing_rows(load_index(exp, p.iteration), exp.seed), prior_counts=prior)
         for m in p.network_methods():
             sub = (None if m in ('two_stage', NETWORK_CONTROL) else
                    splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)])
@@ -739,7 +742,7 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
             import matplotlib.pyplot as plt; plt.close(fig)
             with atomic_path(rep/f'tau_sweep{sfx}.png') as f: shutil.copyfile(fig_path, f)
             outputs += [out/'tau_sweep.csv', fig_path]
-        norms = weight_norms(classifier, class_counts(splits['train'].labels, K))
+        norms = weight_norms(classifier, prior)   # its row norms against the images it trained on
         rho = None
         how = (f"{t.optimizer.upper() if t.optimizer == 'sgd' else 'AdamW' if t.optimizer == 'adamw' else t.optimizer} (weight decay {t.wd:g})"
                + (f", head cap {t.head_cap}" if t.head_cap else ', every image') + (f", {t.sampler} sampling" if t.sampler != 'instance' else ''))

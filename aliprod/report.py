@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, manifest_status, fingerprint,
+                          atomic_path, code_version, hardware, log, manifest_status, fingerprint, seed_runs,
                           atomic_write_json, atomic_savefig)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
@@ -18,8 +18,9 @@ from .data import shot_groups, load_index, reporting_rows, choosing_rows
 from .predictions import read_topk
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'REPORTING_METRICS', 'STAGE_FIGURES', 'OTHER_TABLES', 'ReportParams', 'CurrentRuns',
-           'collect_metrics', 'system_chain', 'alone_table', 'on_reporting_rows', 'findings', 'check_traceable',
+__all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES',
+           'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain', 'transfer_table', 'alone_table',
+           'on_reporting_rows', 'findings', 'seeds_verdict', 'aggregate_seeds', 'seeds_system', 'check_traceable',
            'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header',
            'write_report', 'from_current_run', 'stage_tables', 'report_figures', 'system_sentence',
            'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
@@ -137,6 +138,25 @@ def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.Dat
     chain.insert(1, 'split', s['sets']['report_split'])
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
+
+TRANSFER_COLUMNS = ['step', 'system', 'choose Δ', 'choose Δ lo', 'choose Δ hi', 'report Δ', 'report Δ lo', 'report Δ hi',
+                    'transferred']
+
+def _transferred(c:float, r:float, r_lo:float, r_hi:float)->str:
+    "Whether a choice's Δ on the choosing images (c) held on the reporting images (r, its interval)"
+    if abs(c) < 1e-12 and abs(r) < 1e-12: return 'no change (the default was kept)'
+    if c * r > 0: return 'yes, interval excludes 0' if r_hi < 0 or r_lo > 0 else 'same sign, interval includes 0'
+    if c * r < 0: return 'no: opposite sign'
+    return 'no: no change on the reporting images' if abs(r) < 1e-12 else 'no: no change when choosing'
+
+def transfer_table(chain:pd.DataFrame)->pd.DataFrame:
+    "Did the choices transfer? Each chain step's Δ on the images that chose it beside its Δ on the reporting images"
+    if not len(chain) or 'choose Δ' not in chain: return pd.DataFrame(columns=TRANSFER_COLUMNS)
+    c = chain[(chain['status'] == 'present') & chain['Δ mean class err'].notna()]
+    t = c[['step', 'system', 'choose Δ', 'choose Δ lo', 'choose Δ hi']].assign(
+        **{'report Δ': c['Δ mean class err'], 'report Δ lo': c['Δ lo'], 'report Δ hi': c['Δ hi']})
+    t['transferred'] = [_transferred(*x) for x in t[['choose Δ', 'report Δ', 'report Δ lo', 'report Δ hi']].to_numpy(float)]
+    return t.reset_index(drop=True).reindex(columns=TRANSFER_COLUMNS)
 
 def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BOOTSTRAP_DRAWS)->dict:
     "Δ lo, Δ hi and verdict of r against base from their predictions (same images, the row's labels); nan without both predictions"
@@ -256,6 +276,64 @@ def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
         out.append(f"Chain, {r['step']} ({r['what']}; {r['split']} split, {r['labels']} labels): mean class error {r['mean_class_err']:.3f} "
                    f"({100*r['Δ mean class err']:+.1f} points on the row above): {_verdict_phrase(r, adj[i], m)}.")
     return out
+
+# %% ../nbs/07_report.ipynb #a4666f84
+ONE_SEED = 'one training seed: intervals cover image variance only'   # what a one-seed report says, word for word
+SEEDS_RULE = ("a verdict over seeds needs every seed's paired 95% interval to exclude 0 on the same side; an interval "
+              "that excludes 0 in some seeds only is no verdict")
+
+def seeds_verdict(lo:list, hi:list, # each seed's paired 95% interval of Δ mean class error (nan: not measured)
+                 )->str|None:
+    "helped / hurt only when every seed's interval excludes 0 on the same side; else what each did (None: no seed has a Δ)"
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    n, measured = len(lo), np.isfinite(lo) & np.isfinite(hi)
+    if not measured.any(): return None   # the chain's first row: nothing to compare with
+    if not measured.all(): return f"not measured in every seed ({int(measured.sum())} of {n} have an interval)"
+    helped, hurt = int((hi < 0).sum()), int((lo > 0).sum())   # an error: lower is better
+    if helped == n: return f"helped in every seed ({n} of {n})"
+    if hurt == n: return f"hurt in every seed ({n} of {n})"
+    return f"no consistent effect (helped in {helped}, hurt in {hurt}, no measurable effect in {n - helped - hurt} of {n} seeds)"
+
+def _mean(v:list)->float:
+    v = [x for x in v if np.isfinite(x)]
+    return float(np.mean(v)) if v else np.nan
+
+def aggregate_seeds(tables:dict, # seed -> its chain or techniques-alone table (None or empty: the seed has none)
+                    keys:list[str], # the columns that name a row: ['step'], or ['technique', 'compared with']
+                   )->pd.DataFrame:
+    "Per row: the mean over seeds and each seed's mean class error and Δ with its paired interval; the verdict over seeds"
+    seeds = list(tables)
+    def rows_of(t):
+        if t is None or not len(t): return {}
+        if 'status' in t: t = t[t['status'] == 'present']   # a chain row a seed did not run has no number
+        return {tuple(r[k] for k in keys): r for _, r in t.iterrows()}
+    per = {s: rows_of(t) for s, t in tables.items()}
+    num = lambda r, c: float(r[c]) if r is not None and c in r and pd.notna(r[c]) else np.nan
+    out = []
+    for key in dict.fromkeys(k for s in seeds for k in per[s]):   # the first seed's order, then rows others add
+        rs = {s: per[s].get(key) for s in seeds}
+        e, d = ({s: num(r, c) for s, r in rs.items()} for c in ('mean_class_err', 'Δ mean class err'))
+        lo, hi = ({s: num(r, c) for s, r in rs.items()} for c in ('Δ lo', 'Δ hi'))
+        row = {**dict(zip(keys, key)), 'seeds': sum(r is not None for r in rs.values()),
+               'mean_class_err mean': _mean(list(e.values())), **{f'mean_class_err seed {s}': e[s] for s in seeds},
+               'Δ mean class err mean': _mean(list(d.values()))}
+        for s in seeds: row.update({f'Δ seed {s}': d[s], f'Δ lo seed {s}': lo[s], f'Δ hi seed {s}': hi[s]})
+        out.append({**row, 'verdict over seeds': seeds_verdict(list(lo.values()), list(hi.values()))})
+    return pd.DataFrame(out)
+
+def seeds_system(systems:dict, # seed -> its system.json (None: the seed has no current system)
+                )->pd.DataFrame:
+    "The final system per seed (mean class error with its interval, Δ on the baseline with its paired interval) and their mean"
+    rows = []
+    for s, sy in systems.items():
+        n = (sy or {}).get('numbers', {}); v = n.get('vs_baseline', {})
+        rows.append({'seed': str(s), 'mean_class_err': n.get('mean_class_err', np.nan), 'lo': n.get('lo', np.nan), 'hi': n.get('hi', np.nan),
+                     'Δ on baseline': v.get('delta', np.nan), 'Δ lo': v.get('lo', np.nan), 'Δ hi': v.get('hi', np.nan),
+                     'verdict': v.get('verdict') if sy else 'no current system stage in this seed'})
+    t = pd.DataFrame(rows).astype({c: float for c in ('mean_class_err', 'lo', 'hi', 'Δ on baseline', 'Δ lo', 'Δ hi')})
+    mean = {'seed': 'mean', 'mean_class_err': _mean(list(t['mean_class_err'])), 'Δ on baseline': _mean(list(t['Δ on baseline'])),
+            'verdict': seeds_verdict(list(t['Δ lo']), list(t['Δ hi']))}
+    return pd.concat([t, pd.DataFrame([mean])], ignore_index=True)
 
 # %% ../nbs/07_report.ipynb #93024b5c
 def check_traceable(table:pd.DataFrame, exp:ExperimentParams)->int:
@@ -420,7 +498,7 @@ OTHER_TABLES = {
     'clean_rounds': "Per cleaning round: training images kept (train split), what was removed, ground-truth noise rate, noise-detection precision/recall/F1, and the errors of the model trained on that index on the split each column names (val_/test_; _clean: ground-truth labels).",
     'clean_rules': "Every cleaning rule alone on each round's input predictions (train split; ground truth of the synthetic data): its flags before tail protection, precision / recall overall and per class-size band of the given label; in_use marks the rules the stage ran, the others are there to compare.",
     'rebalance': "Decoupled classifier methods on the cached embeddings of one model (τ chosen on the choosing images of the val split); each row on the split its `split` column names, given labels; rows <method>-network finetune the whole network from that model on images.",
-    'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; no reporting image is among them.",
+    'system_candidates': "Every candidate of every choice of the system stage, with its mean class error on the choosing images (val, or its choosing half): the numbers behind each choice; the report_ columns (the same Δ on the reporting images, where the candidate was predicted there) are recorded after the choice and never read by it.",
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each number's split is in its column name (val_/test_), given labels."}
 
 def _clean_runs(exp:ExperimentParams)->list[Path]:
@@ -439,7 +517,7 @@ def from_current_run(exp:ExperimentParams, file:str, # a table or figure another
     kind, _, tag = stem.partition('-')
     if kind in ('rebalance', 'tau_sweep', 'weight_norms'):   # copies of the rebalance stage's outputs, per backbone tag
         cands, copy = sorted(base.glob(f"rebalance{'-' + tag if tag else ''}/*/")), f"{kind}{f.suffix}"
-    elif stem in ('system_candidates', 'chain'): cands, copy = [base/'system'], f.name
+    elif stem in ('system_candidates', 'system_vs_techniques', 'chain'): cands, copy = [base/'system'], f.name
     elif stem == 'finegrained': cands, copy = sorted(base.glob('finegrained/*/')), f.name
     elif stem.startswith('ensemble_'): cands, copy = [base/'ensemble'/stem.removeprefix('ensemble_')], None
     elif stem in ('data_summary', 'class_distribution', 'quarantine'): cands, copy = [base/'data'], None
@@ -579,6 +657,48 @@ class ReportArtifacts:
     n_checked:int       # numbers re-read from the metrics files they name
     not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported' (no or stale manifest)
 
+def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict, notes:dict,
+                chain:pd.DataFrame, system:dict|None, alone:pd.DataFrame)->str:
+    "With several training seeds, add the seeds tables (first) and the rule to the header; else say it is one seed. The summary's sentence"
+    runs = seed_runs(exp)
+    if len(runs) == 1:
+        header['seeds'] = ONE_SEED
+        return ''
+    chains, alones, systems = {exp.seed: chain if system is not None else None}, {exp.seed: alone}, {exp.seed: system}
+    cols, apart = ['row', 'path', 'label', 'split', 'role'], []
+    try: mine = load_index(exp, 0)[cols]
+    except FileNotFoundError: mine = None   # this seed's data stage has not run: nothing to pair with, nothing to check
+    for e in runs[1:]:   # each other seed's tables as its own report makes them, from its own run tree
+        cur = CurrentRuns(e)
+        try: other = load_index(e, 0)[cols]
+        except FileNotFoundError: other = None   # not run yet: its columns stay empty
+        if other is not None and mine is not None and not other.equals(mine):   # e.g. its params.yaml edited by hand: nothing pairs
+            apart.append(e.seed); chains[e.seed] = alones[e.seed] = systems[e.seed] = None; continue
+        c, systems[e.seed] = system_chain(e, cur)
+        chains[e.seed] = c if systems[e.seed] is not None else None
+        try: m, _ = on_reporting_rows(collect_metrics(e, rp.split, rp.target, cur), e, rp.split)
+        except FileNotFoundError as err:   # the seed has not run yet (its data stage wrote nothing)
+            log(f"report: seed {e.seed} ({experiment_dir(e)}) has no run to report: {err}"); m = pd.DataFrame()
+        alones[e.seed] = alone_table(m, rp, e) if len(m) else pd.DataFrame()
+    trees = ', '.join(f"seed {e.seed} in {e.experiment}/" for e in runs)
+    header['seeds'] = (f"{len(runs)} training seeds ({trees} under runs/ and reports/), each on the same images with the same "
+                       f"choosing/reporting roles (the first seed's data); the seeds tables give per row the mean and each seed's "
+                       f"value; {SEEDS_RULE}" + (f"; left out: seed(s) {', '.join(map(str, apart))}, whose index differs from the "
+                                                  f"first seed's (other images or roles: nothing pairs)" if apart else ''))
+    where = f"each seed's numbers on its reporting images ({labels_phrase(rp.target)} for techniques alone; the chain on the system's)"
+    new = {'seeds_system': seeds_system(systems), 'seeds_chain': aggregate_seeds(chains, ['step']),
+           'seeds_alone': aggregate_seeds(alones, ['technique', 'compared with'])}
+    new_notes = {'seeds_system': f"The final system of each training seed (mean class error, its 95% interval, Δ on its baseline with the paired interval) and their mean; {SEEDS_RULE}.",
+                 'seeds_chain': f"Every row of the chain: mean over seeds, each seed's value, each seed's Δ on the row above with its paired 95% interval; {where}; {SEEDS_RULE}.",
+                 'seeds_alone': f"Every technique alone: mean over seeds, each seed's value and Δ with its paired 95% interval; {where}; {SEEDS_RULE}."}
+    keep = {**new, **tables}; tables.clear(); tables.update(keep)   # first on the page: with several seeds they are the result
+    notes.update(new_notes)
+    e = [x for x in (((systems[s] or {}).get('numbers') or {}).get('mean_class_err') for s in systems) if x is not None]
+    per = ', '.join(f"seed {s}: {systems[s]['numbers']['mean_class_err']:.3f}" for s in systems if systems[s] is not None)
+    sentence = (f" Over {len(runs)} training seeds the final system's mean class error is {np.mean(e):.3f} ({per}); "
+                f"{SEEDS_RULE} (tables seeds_system, seeds_chain, seeds_alone).") if e else f" {len(runs)} training seeds; {SEEDS_RULE}."
+    return sentence
+
 def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
                  params_file:str|None=None,     # named in the header
@@ -605,9 +725,22 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
                           f"Δ is to the previous present row, exactly, with its class-stratified paired 95% bootstrap interval [Δ lo, Δ hi]; 'helped'/'hurt' only "
                           f"when the interval excludes 0. Rows not run say why: {', '.join(missing) or 'none'}.")
     tables['techniques_alone'] = alone
+    seed_sentence = _over_seeds(exp, rp, header, tables, notes, chain, system, alone)
     notes['techniques_alone'] = (f"{roles}. {where}. Each technique against the run it modifies (same model, one change); "
                                  f"Δ with its paired 95% interval "
                                  f"[Δ lo, Δ hi] on the same images where both runs' predictions exist; Δ few acc > 0 means the tail gained.")
+    transfer = transfer_table(chain) if system is not None else pd.DataFrame()
+    if len(transfer):
+        tables['choices_transfer'] = transfer
+        notes['choices_transfer'] = ("Did the choices transfer? Each step of the chain: its Δ mean class error on the images that chose it "
+                                     "(choose Δ, given labels) and on the reporting images (report Δ, the chain's), each with its paired "
+                                     "95% interval; a choice transferred when both have the same sign.")
+    vs = experiment_dir(exp)/'system'/'system_vs_techniques.csv'
+    if system is not None and vs.is_file() and runs.lists(vs.parent, vs):   # absent from a system run of before it was written
+        tables['system_vs_techniques'] = read_csv_safe(vs)
+        notes['system_vs_techniques'] = ("The final system against every single technique on the reporting images (the choosing error is "
+                                         "what the system could see): Δ (system − technique) with its class-stratified paired 95% interval "
+                                         "and Holm's adjusted p over all of them; below every single technique only where every Δ hi < 0.")
     other, other_notes = stage_tables(exp, runs)
     stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
                    "so val rows include the images that chose (in-sample there).")
@@ -615,7 +748,7 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     found = findings(alone, chain if system is not None else None)
     sel_file = report_dir(exp)/'clean_selection.json'
     sel = json.loads(sel_file.read_text()) if sel_file.exists() and from_current_run(exp, sel_file.name, runs) else None
-    summary = report_summary(header, rp, system, alone, sel)
+    summary = report_summary(header, rp, system, alone, sel) + seed_sentence
     skipped = runs.lines()
     for line in skipped: log(f"report: {line}")
     if skipped: header['not reported'] = '; '.join(skipped)   # on the page: what was left out and why

@@ -60,6 +60,7 @@ class DataParams:
     many_threshold:int=100     # report bands: many-shot > this many train images
     few_threshold:int=20       # few-shot < this many
     val_from_test:bool=True    # no val split but a labelled test split: half of every class of test becomes val (choices need one)
+    choose_half:int=0          # no labelled test split: which half of every class of val chooses (1 swaps the halves, to check transfer)
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"data.{key}: {msg}")
@@ -77,6 +78,7 @@ class DataParams:
         for k in ('n_classes', 'family_size', 'min_per_class', 'max_per_class', 'img_size', 'gen_workers', 'max_pixels', 'many_threshold'):
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
         if self.scan_workers is not None and self.scan_workers < 1: bad('scan_workers', f"must be >= 1 or null (one per CPU), got {self.scan_workers}")
+        if self.choose_half not in (0, 1): bad('choose_half', f"must be 0 or 1 (which half of every class of val chooses), got {self.choose_half!r}")
         for k in ('val_per_class', 'test_per_class', 'few_threshold'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
         if self.min_per_class > self.max_per_class: bad('min_per_class', f"min_per_class={self.min_per_class} > max_per_class={self.max_per_class}")

@@ -14,7 +14,7 @@ from .core import (resolve_iteration, ExperimentParams, ParamsError, params_sect
                           pick_device, log, manifest_status, current_manifest, project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
-from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS
+from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
 from .rebalance import (LearnableWeightScaling, linear_head, NearestClassMean, tau_normalized_head, ncm_temperature,
@@ -26,13 +26,13 @@ from .images import ImageIndexDataset
 from .tta import tta_views, enlarged_size, predict_tta, parse_variant
 
 # %% auto #0
-__all__ = ['CHAIN_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate', 'choose_error',
-           'choose_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose', 'choice_step', 'report_target',
-           'metric_interval', 'chain_table', 'against_single_technique', 'head_tensors', 'classifier_tensors',
-           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
-           'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
-           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
-           'system_stage']
+__all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
+           'choose_error', 'choose_delta', 'report_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose',
+           'choice_step', 'report_target', 'metric_interval', 'chain_table', 'against_single_technique',
+           'against_each_single_technique', 'head_tensors', 'classifier_tensors', 'build_head', 'tau_head',
+           'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate', 'calibrated_ncm', 'method_candidates',
+           'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods', 'pool_candidates', 'member_topk',
+           'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ def choose_delta(a:Candidate, b:Candidate, seed:int=0):
     "Δ mean class error from `a` to `b` on the choosing images, with its class-stratified paired 95% interval"
     return paired_bootstrap(paired_hits(a.choose, b.choose, names=(a.name, b.name)), seed=seed)
 
+def report_delta(a:Candidate, b:Candidate, seed:int=0):
+    "The same Δ on the reporting images (their given labels): recorded beside the choice, never read by it; None without both"
+    if a.report is None or b.report is None: return None
+    return paired_bootstrap(paired_hits(a.report, b.report, names=(a.name, b.name)), seed=seed)
+
 def pick(cands:list[Candidate], step:str,
          default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
         )->tuple[Candidate, pd.DataFrame]:
@@ -92,11 +97,18 @@ def pick(cands:list[Candidate], step:str,
         helped = [i for i in range(1, len(cands)) if deltas[i].verdict == 'helped']
         best = min(helped, key=lambda i: (errs[i], i)) if helped else 0
     else: best = int(np.argmin(errs))
-    col = lambda f: [np.nan if d is None else f(d) for d in deltas]
+    # every candidate's Δ on the reporting images too, after the choice: does the rule's (or a point estimate's) choice transfer?
+    rdeltas = [None] + [report_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
+    col = lambda ds, f: [np.nan if d is None else f(d) for d in ds]
     t = pd.DataFrame({'step': step, 'candidate': [c.name for c in cands], 'choose_mean_class_err': errs,
                       'choose_top1_err': [evaluate(c.choose, topk=(1,))['top1_err'] for c in cands],
                       'choose_images': [len(c.choose) for c in cands],
-                      'choose_Δ_vs_default': col(lambda d: d.delta), 'choose_Δ_lo': col(lambda d: d.lo), 'choose_Δ_hi': col(lambda d: d.hi),
+                      'choose_Δ_vs_default': col(deltas, lambda d: d.delta), 'choose_Δ_lo': col(deltas, lambda d: d.lo),
+                      'choose_Δ_hi': col(deltas, lambda d: d.hi),
+                      'report_mean_class_err': [np.nan if c.report is None else evaluate(c.report, topk=(1,))['mean_class_err']
+                                                for c in cands],
+                      'report_Δ_vs_default': col(rdeltas, lambda d: d.delta), 'report_Δ_lo': col(rdeltas, lambda d: d.lo),
+                      'report_Δ_hi': col(rdeltas, lambda d: d.hi),
                       'chosen': [i == best for i in range(len(cands))]})
     return cands[best], t
 
@@ -132,6 +144,8 @@ def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mod
         if errs[i] >= err: break
         d = choose_delta(cur, trials[i])   # only the best member is tested: one comparison per round
         r = rows[-len(left) + i]; r.update({'choose_Δ_vs_default': d.delta, 'choose_Δ_lo': d.lo, 'choose_Δ_hi': d.hi})
+        rd = report_delta(cur, trials[i])   # recorded beside the choice, never read by it: did this member's gain transfer?
+        if rd is not None: r.update({'report_Δ_vs_default': rd.delta, 'report_Δ_lo': rd.lo, 'report_Δ_hi': rd.hi})
         if d.verdict != 'helped': break
         r['chosen'] = True
         chosen.append(left.pop(i)); cur, err = trials[i], errs[i]
@@ -213,6 +227,25 @@ def against_single_technique(final:Candidate,          # the system
                 f"(paired 95% interval {100*d.lo:+.1f} to {100*d.hi:+.1f}): {said}.")
     return {'technique': best.name, 'choose_mean_class_err': float(t.loc[t['chosen'], 'choose_mean_class_err'].item()),
             'candidates': len(singles), **d.to_dict(), 'sentence': sentence}
+
+VS_TECHNIQUE_COLUMNS = ['technique', 'choose_mean_class_err', 'technique_mean_class_err', 'system_mean_class_err',
+                        'Δ (system − technique)', 'Δ lo', 'Δ hi', 'verdict', 'p', 'p (Holm)']
+
+def against_each_single_technique(final:Candidate,          # the system
+                                  singles:list[Candidate],  # single-technique candidates (`pool_candidates`)
+                                  y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
+                                  B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
+    "The system against every single technique on the reporting images: paired Δ (system − technique), interval, Holm's p"
+    rows = []
+    for c in singles:
+        d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')), B=B, seed=seed)
+        rows.append({'technique': c.name, 'choose_mean_class_err': choose_error(c), 'technique_mean_class_err': d.a,
+                     'system_mean_class_err': d.b, 'Δ (system − technique)': d.delta, 'Δ lo': d.lo, 'Δ hi': d.hi,
+                     'verdict': d.verdict, 'p': d.p})
+    t = pd.DataFrame(rows).reindex(columns=VS_TECHNIQUE_COLUMNS)
+    # one comparison per technique: "below every one" is a claim about all of them at once
+    if len(t): t['p (Holm)'] = holm(t['p'].to_numpy(float))
+    return t
 
 # %% ../nbs/06b_system.ipynb #932595ff
 def _wrapped(method:str, classifier:nn.Module, state:dict)->nn.Module:
@@ -771,6 +804,7 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap of the metric itself',
                    'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target, 'report_images': int(len(y)),
                    'vs_single_technique': against_single_technique(final, pool, y, p.bootstrap, exp.seed)}
+        vs_each = against_each_single_technique(final, pool, y, p.bootstrap, exp.seed)
         extra = {'sets': {'how': sets.how, 'choose_split': sets.choose_split, 'report_split': sets.report_split,
                           'choose_images': int(len(sets.choose_rows)), 'report_images': int(len(sets.report_rows))},
                  'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K, 'data_root': str(root), 'experiment': exp.experiment}
@@ -779,12 +813,15 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         with atomic_path(out/'chain.csv') as f: csv_safe(ch).to_csv(f, index=False)
         atomic_write_text(out/'chain.md', markdown_table(ch))
         with atomic_path(out/'system_candidates.csv') as f: csv_safe(cand_table).to_csv(f, index=False)
+        with atomic_path(out/'system_vs_techniques.csv') as f: csv_safe(vs_each).to_csv(f, index=False)
         heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members']) if m['head']['kind'] != 'classifier']
-        return (['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'predictions/choose.parquet', 'predictions/report.parquet', *heads],
+        return (['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'system_vs_techniques.csv',
+                 'predictions/choose.parquet', 'predictions/report.parquet', *heads],
                 {'mean_class_err': e, 'lo': lo, 'hi': hi, 'round': r, 'method': choices['method'], 'tau': tau})
     run.ensure(work, what='composing the system')
     rep = report_dir(exp)
-    for name in ('chain.csv', 'chain.md', 'system_candidates.csv'):   # the report reads them from reports/<experiment>/
+    # the report reads them from reports/<experiment>/
+    for name in ('chain.csv', 'chain.md', 'system_candidates.csv', 'system_vs_techniques.csv'):
         with atomic_path(rep/name) as f: shutil.copyfile(out/name, f)
     s = json.loads((out/'system.json').read_text())
     return SystemArtifacts(out, s, read_csv_safe(out/'chain.csv'), read_csv_safe(out/'system_candidates.csv'),

@@ -44,9 +44,10 @@ from .images import ImageIndexDataset
 from .escape import csv_safe
 
 # %% auto #0
-__all__ = ['LOSSES', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss', 'load_trained_model', 'TrainJob',
-           'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules', 'load_init', 'train_rows',
-           'RecipeSchedule', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
+__all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
+           'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
+           'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
+           'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
            'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split',
            'train_report']
 
@@ -256,6 +257,7 @@ class TrainArtifacts:
     lowres:TrainArtifacts|None=None # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
     figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
+    trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
 
 def read_rows(path:str|Path)->np.ndarray:
     "Sorted unique row ids of a subset file (parquet with a `row` column)"
@@ -337,6 +339,39 @@ class RecipeSchedule:
 def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
     "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
     return RecipeSchedule(opt, p, updates_per_epoch)
+
+# %% ../nbs/02_train.ipynb #9d078117
+TRAINED_ROWS = 'trained_rows.parquet'   # in a train run's directory: the index rows (row, label) its model trained on
+
+def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`train_rows`'s first frame): `row`, `label`
+                       out_dir:str|Path,   # the run's directory
+                      )->Path:
+    "Write `train`'s `row` and `label`, sorted by row, to out_dir/trained_rows.parquet"
+    df = pd.DataFrame({'row': train['row'].to_numpy(np.int64), 'label': train['label'].to_numpy(np.int64)}).sort_values('row', kind='stable')
+    atomic_write_parquet(df, Path(out_dir)/TRAINED_ROWS)
+    return Path(out_dir)/TRAINED_ROWS
+
+def trained_rows_path(path:str|Path)->Path:
+    "The trained-rows file of a train run, given the file, the run's directory or one of its predictions files (<run>/predictions/<split>.parquet)"
+    p = Path(path)
+    if p.name == TRAINED_ROWS: return p
+    return (p.parent.parent if p.parent.name == 'predictions' and p.suffix == '.parquet' else p)/TRAINED_ROWS
+
+def read_trained_rows(path:str|Path)->pd.DataFrame:
+    "The rows (`row`, `label`) the model of a train run trained on (`trained_rows_path` finds the file)"
+    f = trained_rows_path(path)
+    if not f.is_file(): raise FileNotFoundError(f"{f} not found: the train run in {f.parent} does not say which rows its model trained on "
+                                                "(a run from before trained-rows records); rerun its train stage")
+    return pd.read_parquet(f)
+
+def trained_counts(path:str|Path, # a train run's directory or one of its predictions files
+                   num_classes:int, # K
+                  )->np.ndarray:
+    "(K,) int64 images per class among the rows the run's model trained on: the class prior it learned (0 for a class it never saw)"
+    y = read_trained_rows(path)['label'].to_numpy(np.int64)
+    if len(y) and y.max() >= num_classes:
+        raise ValueError(f"{trained_rows_path(path)} holds label {y.max()} but num_classes={num_classes}; it belongs to another dataset")
+    return np.bincount(y, minlength=num_classes).astype(np.int64)
 
 # %% ../nbs/02_train.ipynb #62440de1
 def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkpoints see this one)
@@ -469,6 +504,7 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
         paths[split] = predict(net, df, split, out_dir/'predictions'/f'{split}.parquet', failed=failed, **kw)
         log(f"predictions of {split}: {project_relative(paths[split])}")
     if rank != 0: return {}
+    write_trained_rows(train_df, out_dir)   # what every prior of this model counts (`trained_counts`)
     groups = shot_groups(job.exp)  # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
     metrics = {'train_images': int(len(train_df)), 'num_classes': K, **extra, 'predict_failures': len(failed)}
     for split in ('val', 'test'):
@@ -533,13 +569,13 @@ def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
     trained = ['checkpoint.pth', 'history.csv']
     snap = [MAIN_PHASE] if job.p.ablate_finetune and job.p.finetune_size and job.p.finetune_epochs and not job.folds else []
-    return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', *[f'predictions/{s}.parquet' for s in splits]]
+    return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', TRAINED_ROWS, *[f'predictions/{s}.parquet' for s in splits]]
 
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
     splits = ['train'] if job.folds else job.p.eval_splits
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
-                          json.loads((d/'metrics.json').read_text()), d/'history.csv')
+                          json.loads((d/'metrics.json').read_text()), d/'history.csv', trained_rows=d/TRAINED_ROWS)
 
 def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
     "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"

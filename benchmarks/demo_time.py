@@ -14,7 +14,8 @@ from aliprod.core import project_root, atomic_write_json, hardware
 
 STAGE = re.compile(r'^(\d\d:\d\d:\d\d) stage (\d+)/(\d+) (\w+):')
 DONE = re.compile(r'^(\d\d:\d\d:\d\d) (\w+): done in (\d+) s')
-DATA = re.compile(r'^(\d\d:\d\d:\d\d) data: .* in ([\d.]+)s$')
+# the data stage's closing line (its total); 'data: generated ... in Xs' before it times the generation alone
+DATA = re.compile(r'^(\d\d:\d\d:\d\d) data: [\d,]+ images, \d+ classes, .* in ([\d.]+)s$')
 
 
 def run(params:Path, work:Path, in_process:bool=False)->tuple[list[dict], float, list[str]]:

@@ -262,7 +262,12 @@ def test_clean_stage_without_a_test_split(tmp_path):
     assert art.model is not None and 'test' not in art.model.predictions
     # the round is chosen on validation: selection.json says which round was kept and why
     sel = json.loads((tmp_path/'runs'/'notest'/'clean'/'selection.json').read_text())
-    assert sel['kept_iteration'] in (0, 1) and len(sel['decisions']) == 1 and sel['decisions'][0]['verdict'] in ('helped', 'hurt', 'no measurable effect')
+    # (the stop-and-keep rule itself is tested with hand-built predictions in 03_clean: `select_rounds`)
+    (d,) = sel['decisions']
+    assert (d['iteration'], d['against']) == (1, 0) and d['verdict'] in ('helped', 'hurt', 'no measurable effect')
+    assert sel['kept_iteration'] == (1 if d['verdict'] == 'helped' else 0) and sel['rounds_run'] == 1, sel
+    from aliprod.core import resolve_iteration
+    assert resolve_iteration(exp, 'kept') == sel['kept_iteration']   # what the later stages read as 'kept'
     assert art.rounds.kept.sum() == 1 and {'dropped_many', 'dropped_medium', 'dropped_few'} <= set(art.rounds.columns)
 
 

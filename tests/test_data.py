@@ -78,7 +78,10 @@ def test_prepare_data_skips_only_when_current(tmp_path, capsys):
     assert 'data: indexing synthetic data' in capsys.readouterr().out and victim.exists()
     shutil.rmtree(tmp_path/'reports')                                        # reports deleted: rewritten without rerunning
     prepare_data(_exp(tmp_path, seed=5), DataParams(uniform_noise=0.1))
-    assert 'up to date' in capsys.readouterr().out and (tmp_path/'reports'/'t'/'class_distribution.png').is_file()
+    assert 'up to date' in capsys.readouterr().out
+    assert (tmp_path/'reports'/'t'/'class_distribution.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
+    assert int(summ['train images']) == int((load_index(_exp(tmp_path, seed=5)).split == 'train').sum())
 
 def _imagefolder_with_bad_files(root:Path):
     "An ImageFolder tree holding good images, every broken kind and every fixable kind; return (n input files, expected reasons)"
@@ -212,7 +215,9 @@ def test_phantom_classes_do_not_shift_labels(tmp_path):
     assert q.label.isna().sum() == 3                                      # quarantined phantom records carry no label
     summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
     assert int(summ['class ids seen only on quarantined records (not classes)']) == 3
-    assert (tmp_path/'reports'/'t'/'phantom_classes.csv').is_file()
+    from aliprod.escape import read_csv_safe
+    phc = read_csv_safe(tmp_path/'reports'/'t'/'phantom_classes.csv', dtype={'class_name': str})
+    assert sorted(phc['class_name']) == ['/abs', '00002', '3'] and (phc['action'] == 'not a class (no kept image)').all()
 
 def test_failure_log_survives_newline_and_tab_in_names(tmp_path):
     "a valid image named new\\nline.jpg (and one with a tab) that breaks after the scan: failures come back intact from DataLoader workers"

@@ -87,13 +87,16 @@ def test_every_stage_on_each_layout(tmp_path, layout):
         assert (idx[idx.split == 'val'].groupby('label').size() == HELD // 2).all()
         assert 'become val' in r.stdout
     # every stage wrote its outputs: the index of round 1, the heads, the system, the report
-    assert (runs/'clean'/'1'/'index.parquet').exists(), 'clean wrote no index'
-    assert (runs/'system'/'manifest.json').exists() and (rep/'index.html').exists()
+    clean1 = pd.read_parquet(runs/'clean'/'1'/'index.parquet')   # round 1 cleans training rows only, never adds one
+    assert set(clean1.row) <= set(idx.row), 'clean invented rows'
+    assert set(clean1.loc[clean1.split != 'train', 'row']) == set(idx.loc[idx.split != 'train', 'row']), 'clean touched val/test'
+    assert json.loads((runs/'system'/'manifest.json').read_text())['stage'] == 'system'
     for s in {'val', 'test'} - splits:
         assert not list(runs.glob(f'**/predictions/{s}.parquet')), f'no {s} split: nothing may predict one'
     system = json.loads((runs/'system'/'manifest.json').read_text())
     page = (rep/'index.html').read_text()
     where = 'test' if 'test' in splits else 'val'
-    assert where in page and 'Final system' in page, f'{layout}: the report must open with the final system on {where}'
+    assert 'Final system: mean class error' in page and f'reporting images of the {where} split' in page, \
+        f'{layout}: the report must open with the final system on {where}'
     # the per-epoch progress lines a user watches
     assert 'epoch 1/3' in r.stdout and ('val mean class error' in r.stdout) == ('val' in splits), r.stdout[-3000:]

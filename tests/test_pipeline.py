@@ -1,5 +1,5 @@
 "The `aliprod` command, the parameter files and the stage notebooks' papermill contract"
-import json, subprocess, sys, tomllib
+import ast, json, subprocess, sys, tomllib
 from pathlib import Path
 import nbformat, pytest
 from aliprod.core import project_root, load_params_file, STAGE_RUN_MARKER
@@ -108,19 +108,68 @@ def _split_at_parameters(nb_path):
     return cells[:i], cells[i], cells[i + 1:]
 
 
+# What may stand below `parameters`, the cells a stage run executes: imports of the stage function, `resolve_params`
+# and IPython's display helpers; assignments of their results to plain names; `if`/`for` over what they return; and
+# expressions that show it. Every call is one of these names or a read-only method; nothing else (no assert, no thread
+# or environment setting, no writing, no deleting) can run inside a user's run.
+BELOW_CALLS = {'resolve_params', 'display', 'Image', 'Markdown', 'print', 'str', 'dict'}
+BELOW_METHODS = {'get', 'round', 'values', 'items', 'keys', 'join'}
+BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.core': {'resolve_params'}}
+BELOW_STATEMENTS = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr, ast.If, ast.For, ast.Pass)
+
+
+def below_parameters_violations(source:str, stage_function:str)->list[str]:
+    "What in `source` (a cell below `parameters`) a stage run must not execute, one line each; [] if all is allowed"
+    import ast
+    out, calls = [], BELOW_CALLS | {stage_function}
+    imports = {**BELOW_IMPORTS, f'aliprod.{stage_function.removesuffix("_stage")}': {stage_function}}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.stmt) and not isinstance(node, BELOW_STATEMENTS):
+            out.append(f'{type(node).__name__} statement')
+        if isinstance(node, ast.Import): out.append('import ' + ', '.join(a.name for a in node.names))
+        if isinstance(node, ast.ImportFrom) and not {a.name for a in node.names} <= imports.get(node.module, set()):
+            out.append(f'from {node.module} import ' + ', '.join(a.name for a in node.names))
+        if isinstance(node, (ast.Assign, ast.For)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if not all(isinstance(n, (ast.Name, ast.Tuple, ast.expr_context)) for n in ast.walk(t)):
+                    out.append(f'assignment to {ast.unparse(t)}')
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else None
+            if not (name in calls or isinstance(f, ast.Attribute) and f.attr in BELOW_METHODS):
+                out.append(f'call {ast.unparse(f)}()')
+        if isinstance(node, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
+            out.append(type(node).__name__)
+    return out
+
+
+def test_below_parameters_allowlist_refuses():
+    "The allowlist passes a stage's run cells and refuses each kind of thing a stage run must not execute"
+    ok = ("from aliprod.core import resolve_params\nfrom aliprod.clean import clean_stage\n"
+          "exp = resolve_params('experiment', params_file)\nart = clean_stage(exp)\nart.tables.get('x').round(4)\n"
+          "for f in art.figures.values(): display(f)\nif art.tau is not None: print('τ', art.tau)")
+    assert below_parameters_violations(ok, 'clean_stage') == []
+    for bad in ('assert art.ok', "import os; os.environ['X'] = '1'", 'torch.set_num_threads(1)', 'test_eq(art, 1)',
+                'from aliprod.train import train_stage', "art.x = 1", "d['k'] = 1", 'del art', 'x += 1',
+                "shutil.rmtree('runs')", 'def f(): pass', 'with open(p) as f: pass', "open('x', 'w')",
+                'while True: pass'):
+        assert below_parameters_violations(bad, 'clean_stage'), f'the allowlist let through: {bad}'
+
+
 @pytest.mark.parametrize('stage', [s.name for s in STAGES])
 def test_stage_notebook_layout(stage):
-    "The guard comes before any code that does work, the parameters cell carries the marker, nothing below it tests or changes state"
+    "The guard comes before any code that does work, the parameters cell carries the marker, below it the allowlist"
     above, params, below = _split_at_parameters(stage_notebooks()[stage])
     code = [c for c in above if c.cell_type == 'code' and c.source.strip()]
     assert code[0].source.startswith('#| default_exp'), f'{stage}: first code cell should name the module'
     assert GUARD in code[1].source, f'{stage}: the second code cell must call {GUARD}'
     assert params.source.startswith(STAGE_RUN_MARKER), f'{stage}: the parameters cell must start with {STAGE_RUN_MARKER!r}'
     assert not any(c.source.lstrip().startswith(STAGE_RUN_MARKER) for c in code[2:]), f'{stage}: a cell above parameters starts with the marker'
-    for c in below:
+    stage_function = f"{code[0].source.split()[2]}_stage"
+    for c in [params, *below]:
         if c.cell_type != 'code': continue
-        for bad in ('test_eq(', 'test_fail(', 'assert ', 'set_num_threads', 'os.environ[', 'skip_to_stage_run'):
-            assert bad not in c.source, f'{stage}: {bad!r} in a cell a stage run executes: {c.source[:80]}'
+        bad = below_parameters_violations(c.source, stage_function)
+        assert not bad, f'{stage}: a cell a stage run executes has {bad}: {c.source[:80]}'
 
 
 def _marker_nb(tmp_path):
@@ -144,11 +193,70 @@ def test_papermill_runs_only_the_stage(tmp_path, with_parameters):
     assert (tmp_path/'stage_cell').exists() and not (tmp_path/'test_cell').exists()
 
 
-def test_nbdev_test_runs_every_cell(tmp_path):
+def test_nbdev_test_runs_the_tests_not_the_stage(tmp_path):
+    "nbdev-test runs every cell above `parameters` (the tests) and none from it on (the stage, which writes runs/)"
     _marker_nb(tmp_path)
     r = subprocess.run([str(Path(sys.executable).parent/'nbdev-test'), str(tmp_path/'x.ipynb')], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (tmp_path/'test_cell').exists() and (tmp_path/'stage_cell').exists()
+    assert (tmp_path/'test_cell').exists() and not (tmp_path/'stage_cell').exists()
+
+
+def _probe_stage_notebook(stage, tmp_path):
+    "A copy of a real stage notebook with one cell after `parameters` that lists the kernel's names and stops the run"
+    nb_path = stage_notebooks()[stage]
+    nb = nbformat.read(nb_path, as_version=4)
+    i = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.get('metadata', {}).get('tags', []))
+    names = tmp_path/f'{stage}.names'
+    nb.cells.insert(i + 1, nbformat.v4.new_code_cell(
+        f"open({str(names)!r}, 'w').write('\\n'.join(globals())); raise RuntimeError('probe: the stage is not run')"))
+    python = lambda src: '\n'.join(l for l in src.splitlines() if not l.startswith(('%', '!')))   # no magics
+    defined = {n.name for c in nb.cells[:i] if c.cell_type == 'code' for n in ast.parse(python(c.source)).body
+               if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert f'{stage}_stage' in defined, f'{stage}: the stage function is not defined above parameters'
+    nbformat.write(nb, tmp_path/nb_path.name)
+    return tmp_path/nb_path.name, names, defined
+
+
+# the two ways the old switch (nbclient's in-memory history, outside IN_TEST) ran a user's run's tests, each on a real
+# stage notebook (one kernel each, ~5 s; the layout test checks every stage notebook calls the same guard)
+@pytest.mark.parametrize('stage, kernel_name, in_test', [('clean', 'python3', '1'), ('tta', 'aliprod-venv', None)])
+def test_stage_run_skips_tests_whatever_the_kernel_and_environment(tmp_path, monkeypatch, stage, kernel_name, in_test):
+    "papermill with IN_TEST=1 in the environment, or with a venv's kernel (not named python3), runs none of the tests"
+    import papermill as pm
+    kernel = tmp_path/'jupyter'/'kernels'/'aliprod-venv'; kernel.mkdir(parents=True)
+    argv = [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}']
+    (kernel/'kernel.json').write_text(json.dumps({'argv': argv, 'display_name': 'aliprod', 'language': 'python'}))
+    monkeypatch.setenv('JUPYTER_PATH', str(tmp_path/'jupyter')); monkeypatch.delenv('ALIPROD_STAGE_RUN', raising=False)
+    if in_test: monkeypatch.setenv('IN_TEST', in_test)
+    else: monkeypatch.delenv('IN_TEST', raising=False)
+    nb, names, defined = _probe_stage_notebook(stage, tmp_path)
+    with pytest.raises(pm.PapermillExecutionError, match='probe: the stage is not run'):
+        pm.execute_notebook(str(nb), str(tmp_path/'out.ipynb'), parameters={'params_file': 'p.yaml'},
+                            kernel_name=kernel_name, progress_bar=False, cwd=str(ROOT))
+    seen = set(names.read_text().split('\n'))
+    assert 'skip_to_stage_run' in seen and 'params_file' in seen, f'{stage}: the guard or the parameters did not run'
+    assert not defined & seen, f'{stage}: cells above parameters ran in a stage run: {sorted(defined & seen)[:5]}'
+
+
+def test_run_kind_in_a_kernel():
+    "A kernel whose requests allow stdin (a person at JupyterLab) runs every cell, unless aliprod run said: a stage run"
+    from jupyter_client.manager import start_new_kernel
+    from aliprod.pipeline import KERNEL_ARGUMENTS
+    def kind(kc):
+        kc.execute("from aliprod.core import notebook_run_kind; print(notebook_run_kind(), end='')", allow_stdin=True)
+        out = []
+        while True:
+            m = kc.get_iopub_msg(timeout=60)
+            if m['msg_type'] == 'stream': out.append(m['content']['text'])
+            if m['msg_type'] == 'error': raise AssertionError(m['content'])
+            if m['msg_type'] == 'status' and m['content']['execution_state'] == 'idle' and out: return ''.join(out)
+    km, kc = start_new_kernel(kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS)
+    try:
+        assert kind(kc) == 'stage', "aliprod run's kernel does not say it runs a stage"
+        kc.execute("import os; del os.environ['ALIPROD_STAGE_RUN']")
+        assert kind(kc) == 'interactive'
+    finally:
+        kc.stop_channels(); km.shutdown_kernel(now=True)
 
 
 def test_stage_list_is_declared_once():

@@ -131,6 +131,7 @@ def test_balanced_subset_and_params():
 
 def test_network_finetunes_run_through_the_train_stage(tmp_path):
     import json, pandas as pd
+    from aliprod.predictions import read_topk
     import aliprod.train as T
     from aliprod.core import ExperimentParams
     from aliprod.data import DataParams
@@ -158,7 +159,9 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
         moved = max((w[m][k].float() - start[k].float()).abs().max().item() for k in start if k.startswith('backbone.') and start[k].is_floating_point())
         assert moved > 0, m
         met = json.loads((art.out_dir/m/'metrics.json').read_text())
-        assert {'val', 'test', 'images', 'model'} <= set(met) and (art.out_dir/m/'predictions'/'test.parquet').is_file()
+        assert {'val', 'test', 'images', 'model'} <= set(met)
+        test_rows = T.load_index(exp).query("split == 'test'")['row']   # predictions of every test image, read back
+        assert sorted(read_topk(art.out_dir/m/'predictions'/'test.parquet').rows) == sorted(test_rows), m
     rows = pd.read_parquet(art.out_dir/'balanced_subset-network'/'rows.parquet')['row']
     labels = T.load_index(exp).set_index('row').loc[rows, 'label']
     assert labels.value_counts().max() <= 5 and labels.nunique() == 6, 'at most subset_per_class per class, no class emptied'
@@ -180,6 +183,7 @@ def test_stages_run_without_a_test_split(tmp_path):
     "AliProducts' test labels are not public: train refuses to predict a split with no rows before training, rebalance uses train and val"
     import json
     import aliprod.train as T
+    from aliprod.predictions import read_topk
     from aliprod.core import ExperimentParams
     from aliprod.data import DataParams
     from aliprod.rebalance import rebalance_stage
@@ -187,17 +191,28 @@ def test_stages_run_without_a_test_split(tmp_path):
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
-                      warmup_epochs=0, milestones=[1])
+                      warmup_epochs=0, milestones=[1], head_cap=12)   # classes of 30 down to 6 images: the head is capped
     named = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val', 'test']})   # naming a split the index lacks
     with pytest.raises(ParamsError, match="no 'test' rows"): T.train_stage(exp, data, named)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
     art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
     assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
+    # the prior is the one the classifier learned: logit adjustment and the weight-norm figure count the rows it trained on
+    import pandas as pd
+    from aliprod.losses import log_prior
+    trained = T.trained_counts(art.out_dir.parent.parent/'train'/'0', 5)
+    split = np.bincount(T.load_index(exp).query("split == 'train'")['label'], minlength=5)
+    assert trained.max() == 12 and (trained < split).any(), (trained, split)
+    torch.testing.assert_close(torch.load(art.out_dir/'logit_adjust'/'head.pth', weights_only=True)['log_prior'], log_prior(trained))
+    assert pd.read_parquet(art.out_dir/'weight_norms.parquet')['train_images'].tolist() == trained.tolist()
     # the new methods are laid out like the others (what the composed system reads), and the weight-norm figure and note are written
-    for m in ('logit_adjust', 'balanced_softmax'):
-        assert all((art.out_dir/m/f).is_file() for f in ('head.pth', 'predictions/val.parquet', 'metrics.json'))
-    assert (tmp_path/'reports'/'notest'/'weight_norms.png').is_file() and 'Classifier row norms' in (art.out_dir/'rebalance.md').read_text()
+    val_rows = sorted(T.load_index(exp).query("split == 'val'")['row'])
+    for m in ('logit_adjust', 'balanced_softmax'):   # read back: a head, predictions of every val image, their metrics
+        assert (art.out_dir/m/'head.pth').stat().st_size > 0 and 'val' in json.loads((art.out_dir/m/'metrics.json').read_text())
+        assert sorted(read_topk(art.out_dir/m/'predictions'/'val.parquet').rows) == val_rows, m
+    assert (tmp_path/'reports'/'notest'/'weight_norms.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'Classifier row norms' in (art.out_dir/'rebalance.md').read_text()
     assert art.splits == ['val'] and (art.table.loc[art.table.method == 'baseline', 'mean_class_err_change'] == 0).all()
     metrics = json.loads((art.out_dir/'manifest.json').read_text())['metrics']
     assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'

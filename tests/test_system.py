@@ -114,8 +114,12 @@ def test_halves_are_disjoint_and_the_reporting_half_made_no_choice(tiny):
     val = idx[idx['split'] == 'val']
     half = choosing_half(val['row'].to_numpy(), val['label'].to_numpy(), exp.seed)
     assert set(ch.rows) == set(val['row'][half]) and set(rep.rows) == set(val['row'][~half])
-    assert set(art.candidates['choose_images'].dropna()) <= {len(ch)}   # every candidate's number is on the choosing half
-    assert (report_dir(exp)/'chain.csv').exists() and (art.out_dir/'chain.md').exists()
+    # every candidate of the head, τ and TTA choices has its number on the choosing half (a NaN column fails)
+    imgs = art.candidates.loc[art.candidates['step'].isin(['classifier method', 'τ', 'TTA']), 'choose_images']
+    assert len(imgs) and (imgs == len(ch)).all(), imgs
+    from aliprod.escape import read_csv_safe
+    assert read_csv_safe(report_dir(exp)/'chain.csv')['step'].tolist() == art.chain['step'].tolist()
+    assert all(step in (art.out_dir/'chain.md').read_text() for step in art.chain['step'])
 
 
 def test_chain_lists_every_row_and_the_high_res_row_says_where(tiny):
@@ -219,3 +223,33 @@ def test_system_rows_name_their_tta_and_compare_with_a_single_technique_chosen_o
     assert v['technique'] == pool[int(np.argmin(errs))].name and v['choose_mean_class_err'] == min(errs)   # chosen on the choosing images
     assert v is not None and v['candidates'] >= 10 and v['b'] == n['mean_class_err']   # b: the system on the reporting images
     assert v['delta'] == v['b'] - v['a'] and v['lo'] <= v['delta'] <= v['hi'] and 'chosen on the choosing images' in v['sentence']
+
+
+def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, tmp_path):
+    "Each candidate's Δ on both halves, the system against every single technique, and benchmarks/transfer.py reading them"
+    import yaml
+    from aliprod.escape import read_csv_safe
+    exp, art, _ = tiny
+    c = art.candidates
+    picked = c[c['step'].isin(['cleaning round', 'classifier method', 'τ']) & c['report_mean_class_err'].notna()]
+    assert len(picked) and (picked['report_mean_class_err'].between(0, 1)).all()   # recorded on the reporting half too
+    vs, v = read_csv_safe(art.out_dir/'system_vs_techniques.csv'), art.system['numbers']['vs_single_technique']
+    assert len(vs) == v['candidates'] and (vs['Δ lo'] <= vs['Δ (system − technique)']).all() and (vs['p (Holm)'] >= vs['p']).all()
+    assert np.isclose(vs.set_index('technique').loc[v['technique'], 'Δ (system − technique)'], v['delta'])
+    p = tmp_path/'sys.yaml'
+    p.write_text(yaml.safe_dump({'experiment': exp.experiment, 'seed': exp.seed, 'runs_dir': exp.runs_dir, 'reports_dir': exp.reports_dir}))
+    out = tmp_path/'transfer.json'
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1]/'benchmarks'/'transfer.py'), '--no-run', '--params', str(p), str(p),
+                        '--bootstrap', '50', '--out', str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    o = res['orders'][0]
+    assert [t['step'] for t in o['transfer']] == list(art.chain.loc[art.chain['status'] == 'present', 'step'].iloc[1:])
+    assert all(t['transferred'] for t in o['transfer']) and {'interval (the system)', 'point estimate'} <= {x['rule'] for x in o['rules']}
+    both = res['both_orders_vs_techniques']   # the same run twice: every technique, twice the reporting images
+    assert len(both) == len(vs) and {b['images'] for b in both} == {2 * art.system['sets']['report_images']}
+    assert '| step | system | Δ choosing' in r.stdout and 'below every one with an interval' in r.stdout
+    from aliprod.report import report_stage, ReportParams   # the report shows both: did the choices transfer, and against whom
+    rep = report_stage(exp, ReportParams(split='val', hires_tag=None, bootstrap=50))
+    assert rep.tables['choices_transfer']['step'].tolist() == [t['step'] for t in o['transfer']]
+    assert len(rep.tables['system_vs_techniques']) == len(vs) and '>Choices transfer</h2>' in rep.index_html.read_text()
