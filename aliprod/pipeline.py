@@ -11,8 +11,8 @@ from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
                           atomic_write_json, atomic_write_text, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
                           project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
-                          die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status, fingerprint,
-                          source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict)
+                          die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
+                          fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict)
 from .data import prepare_data, read_source
 from .train import train_stage
 from .finegrained import finegrained_stage
@@ -388,8 +388,10 @@ def param_changes(stage:str, recorded:dict, current:dict[str, dict])->list[str]:
     # stage leaves out of its key (workers, runs_dir, ...) are not in the manifest, so changing them is no change
     norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=_json_default))
     nested = {k: v for k, v in recorded.items() if k in current and isinstance(v, dict)}
-    pairs = ([(f'{sec}.{k}', v, current[sec][k]) for sec, d in nested.items() for k, v in d.items() if k in current[sec]]
-             if nested else [(f'{stage}.{k}', v, current.get(stage, {})[k]) for k, v in recorded.items() if k in current.get(stage, {})])
+    flat = current.get(stage, {})
+    pairs = ([(f'{sec}.{k}', v, current[sec][k]) for sec, d in nested.items() for k, v in d.items()
+              if k in current[sec]]
+             if nested else [(f'{stage}.{k}', v, flat[k]) for k, v in recorded.items() if k in flat])
     # None in the file is a default the stage fills in when it runs (eval_splits: every split), and a key the manifest
     # also keeps at its top level is the run's own value (the iteration a cleaning round trained): neither is a change
     return [f"{name}: {_short(old)} -> {_short(norm(new))}" for name, old, new in pairs
@@ -415,7 +417,7 @@ def run_status(stage:str, d:Path, current:dict[str, dict])->StatusRow:
         if fingerprint(p) != fp: reasons.append(f"input {i} {'missing' if not p.exists() else 'changed'}")
     old = (m.get('code') or {}).get('module_sha256') or {}
     edited = sorted(k for k, h in old.items() if _module_hash(k) != h)
-    if edited: reasons.append(f"code changed: {', '.join(edited)}")   # the modules (aliprod/<name>.py) it ran and imports
+    if edited: reasons.append(f"code changed: {', '.join(edited)}")   # modules (aliprod/<name>.py) it ran or imports
     return StatusRow(stage, rel, 'stale' if reasons else 'up to date', '; '.join(reasons), dur, fin)
 
 def _stage_folders(exp:ExperimentParams, stage:str)->list[Path]:
@@ -427,13 +429,14 @@ def _stage_folders(exp:ExperimentParams, stage:str)->list[Path]:
     return sorted({f.parent for t in tops for pat in (MANIFEST, LOCK) for f in [*t.glob(pat), *t.glob(f'**/{pat}')]},
                   key=lambda p: [(int(s) if s.isdigit() else -1, s) for s in p.relative_to(base).parts])
 
-def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[str], over:dict|None=None)->list[StatusRow]:
+def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[str],
+                      over:dict|None=None)->list[StatusRow]:
     "A row per run folder of the data stage and of each of `stages` (a 'missing' row for a stage never run)"
     over = over or {}
     current = {'experiment': params_dict(exp)}
     for sec in SECTION_MODULES:
         if sec != 'pipeline': current[sec] = params_dict(resolve_params(sec, params_file, injected=over.get(sec)))
-    current['data']['seed'] = images_seed(exp)   # the data stage keys the images' seed, the same for every training seed
+    current['data']['seed'] = images_seed(exp)   # the data stage keys the images' seed, the same for every seed
     rows = []
     for s in ['data', *[s for s in stages if s != 'report']]:
         dirs = _stage_folders(exp, s)
@@ -453,7 +456,7 @@ def format_status(rows:list[StatusRow])->str:
     head = ('stage', 'run dir', 'state', 'last', 'finished', 'why')
     cells = [head, *[(r.stage, r.run_dir, r.state, r.duration, r.finished, r.why) for r in rows]]
     w = [max(len(c[i]) for c in cells) for i in range(5)]
-    return '\n'.join('  '.join(c[i].ljust(w[i]) for i in range(5)) + '  ' + c[5] for c in cells).rstrip()
+    return '\n'.join(('  '.join(c[i].ljust(w[i]) for i in range(5)) + '  ' + c[5]).rstrip() for c in cells)
 
 def status(params_file:str|Path, stages:list[str]|None=None, seeds:list[int]|None=None)->str:
     "What `aliprod status` prints: per experiment (grid run, seed) a table of its stages' run folders; writes nothing"
@@ -486,36 +489,41 @@ def main(argv:list[str]|None=None)->int:
     quiet_third_party_warnings()
     fmt = argparse.RawDescriptionHelpFormatter
     sections = ', '.join(s for s in SECTION_MODULES if s != 'pipeline')
-    params_help = ("a YAML parameter file, e.g. params/demo.yaml (params/smoke.yaml: the tiny CPU run); top-level keys name "
-                   "the experiment (experiment, seed, seeds, device, runs_dir, reports_dir), then one section per stage "
+    params_help = ("a YAML parameter file, e.g. params/demo.yaml (params/smoke.yaml: the tiny CPU run); "
+                   "top-level keys name the experiment (experiment, seed, seeds, device, runs_dir, reports_dir), "
+                   "then one section per stage "
                    f"({sections}) and pipeline (stages, html, grid); a key left out takes its typed default")
     examples = ("examples:\n"
-                "  aliprod check params/demo.yaml                  # validate the file (every section, every grid run)\n"
-                "  aliprod run params/demo.yaml                    # data, then every stage; up-to-date stages are skipped\n"
+                "  aliprod check params/demo.yaml               # validate the file (every section, every grid run)\n"
+                "  aliprod run params/demo.yaml                 # data, then every stage; up-to-date ones are skipped\n"
                 "  aliprod run params/demo.yaml --stages train clean --dry-run\n"
-                "  aliprod run params/demo.yaml --seeds 0,1,2      # one run tree per seed, the report aggregates them\n"
-                "  aliprod status params/demo.yaml                 # per stage: up to date / stale (why) / missing\n"
+                "  aliprod run params/demo.yaml --seeds 0,1,2   # one run tree per seed, the report aggregates them\n"
+                "  aliprod status params/demo.yaml              # per stage: up to date / stale (why) / missing\n"
                 "  papermill nbs/03_clean.ipynb out.ipynb -f params/demo.yaml -p iteration 2   # one stage by hand")
     ap = argparse.ArgumentParser(prog='aliprod', description='Long-tailed, noisy-label product recognition pipeline',
                                  epilog=examples, formatter_class=fmt)
     sub = ap.add_subparsers(dest='cmd', required=True)
     r = sub.add_parser('run', help='run the pipeline on a parameter file', epilog=examples, formatter_class=fmt,
-                       description='Prepare the data and run the stages in order; a stage whose manifest is up to date is skipped.')
-    r.add_argument('params', help=params_help); r.add_argument('--stages', nargs='+', choices=STAGE_ORDER,
-                                                                help="only these stages (default: the file's pipeline.stages, else all)")
+                       description='Prepare the data and run the stages in order; a stage whose manifest is up to '
+                                   'date is skipped.')
+    r.add_argument('params', help=params_help)
+    r.add_argument('--stages', nargs='+', choices=STAGE_ORDER,
+                   help="only these stages (default: the file's pipeline.stages, else all)")
     r.add_argument('--force', action='store_true', help="re-run stages even when their manifests are up to date")
     r.add_argument('--dry-run', action='store_true', help='show what would run')
     r.add_argument('--in-process', action='store_true', help="call each stage's function in this process (no notebooks, no HTML pages of them)")
     seeds_help = "training seeds, e.g. 0,1,2 (overrides the file's seed:/seeds:): one run tree each, the report aggregates them"
     r.add_argument('--seeds', help=seeds_help)
     c = sub.add_parser('check', help='validate a parameter file', epilog=examples, formatter_class=fmt,
-                       description='Validate every section of a parameter file (and every run of its grid); read its data files.')
+                       description='Validate every section of a parameter file (and every run of its grid); read its '
+                                   'data files.')
     c.add_argument('params', help=params_help); c.add_argument('--seeds', help=seeds_help)
     st = sub.add_parser('status', help='per stage: up to date / stale (why) / missing; writes nothing', epilog=examples,
-                        formatter_class=fmt, description=("Per run folder of each stage: up to date, stale (which parameter "
-                        "old -> new, input or module changed), missing, failed or unfinished, running; its last duration."))
+                        formatter_class=fmt, description=("Per run folder of each stage: up to date, stale (which "
+                        "parameter old -> new, input or module changed), missing, failed or unfinished, running; "
+                        "its last duration. Reads manifests and lock files; writes nothing."))
     st.add_argument('params', help=params_help); st.add_argument('--seeds', help=seeds_help)
-    st.add_argument('--stages', nargs='+', choices=STAGE_ORDER, help="only these stages (default: as `run` chooses them)")
+    st.add_argument('--stages', nargs='+', choices=STAGE_ORDER, help="only these stages (default: as `run` chooses)")
     d = sub.add_parser('data', help='prepare the data of a parameter file', epilog=examples, formatter_class=fmt)
     d.add_argument('params', help=params_help)
     d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')

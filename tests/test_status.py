@@ -1,4 +1,4 @@
-"Issue #23 item 2: `aliprod status` (per run folder: up to date / stale and why / missing / ...) and `aliprod run --help`"
+"Issue #23 item 2: `aliprod status` (per run folder: up to date / stale and why / missing / ...) and `--help`"
 import re, subprocess, sys
 from pathlib import Path
 import pytest, yaml
@@ -15,8 +15,9 @@ TINY = {'data': {'n_classes': 5, 'family_size': 5, 'max_per_class': 30, 'min_per
 
 def write_params(tmp:Path, **train)->Path:
     f = tmp/'st.yaml'
-    f.write_text(yaml.safe_dump({'experiment': 'st', 'seed': 0, 'runs_dir': str(tmp/'runs'), 'reports_dir': str(tmp/'reports'),
-                                 **TINY, 'train': {**TINY['train'], **train}}, sort_keys=False))
+    f.write_text(yaml.safe_dump({'experiment': 'st', 'seed': 0, 'runs_dir': str(tmp/'runs'),
+                                 'reports_dir': str(tmp/'reports'), **TINY, 'train': {**TINY['train'], **train}},
+                                sort_keys=False))
     return f
 
 
@@ -46,7 +47,8 @@ def test_status_before_after_run_and_after_edits(tmp_path, capsys):
     before = tree(tmp_path)
     rows = status_rows(f, capsys)
     assert list(rows) == [data, train + '/0']
-    for l in rows.values(): assert re.search(r' up to date +\d+ s +20\d\d-\d\d-\d\dT', l), l   # last duration, finished at
+    for l in rows.values():   # and the last duration, the time it finished
+        assert re.search(r' up to date +\d+ s +20\d\d-\d\d-\d\dT', l), l
     assert tree(tmp_path) == before, 'status wrote something'
 
     write_params(tmp_path, lr=0.1)   # one parameter edited
@@ -67,9 +69,10 @@ def test_status_before_after_run_and_after_edits(tmp_path, capsys):
 
     # another process holds the train folder's stage lock (as a running stage does): 'running', with its pid
     lock = tmp_path/'runs'/'st'/'train'/'0'/'.lock'
-    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\n'
-                               'fcntl.lockf(fd, fcntl.LOCK_EX); os.pwrite(fd, f"{os.getpid()} host 2026-01-01T00:00:00\\n".encode(), 0)\n'
-                               'print("locked", flush=True); time.sleep(60)', str(lock)], stdout=subprocess.PIPE, text=True)
+    code = ('import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.lockf(fd, fcntl.LOCK_EX)\n'
+            'os.pwrite(fd, f"{os.getpid()} host 2026-01-01T00:00:00\\n".encode(), 0)\n'
+            'print("locked", flush=True); time.sleep(60)')
+    holder = subprocess.Popen([sys.executable, '-c', code, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
         before = tree(tmp_path)
@@ -85,5 +88,6 @@ def test_help_documents_params_and_examples(cmd, capsys):
     with pytest.raises(SystemExit) as e: main([*cmd, '--help'])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert 'examples:' in out and 'aliprod status params/demo.yaml' in out and 'aliprod run params/demo.yaml' in out, out
+    assert 'examples:' in out and 'aliprod status params/demo.yaml' in out, out
+    assert 'aliprod run params/demo.yaml' in out, out
     if cmd: assert 'a YAML parameter file, e.g. params/demo.yaml' in ' '.join(out.split()), out
