@@ -408,6 +408,8 @@ def run_status(stage:str, d:Path, current:dict[str, dict])->StatusRow:
     if holder: return StatusRow(stage, rel, 'running', f'lock held by {holder}')
     m, why = _manifest_or_why(d)
     if m is None: return StatusRow(stage, rel, 'failed or unfinished', why)
+    if not all(isinstance(m.get(k) or {}, dict) for k in ('params', 'inputs', 'code')):   # damaged: say so, never crash
+        return StatusRow(stage, rel, 'failed or unfinished', 'manifest unreadable (not a manifest object)')
     dur, fin = (f"{m['wall_s']:.0f} s" if isinstance(m.get('wall_s'), (int, float)) else ''), str(m.get('finished', ''))
     reasons = param_changes(stage, m.get('params') or {}, current)
     _, why = manifest_status(d)   # outputs: missing or edited since the run
