@@ -12,14 +12,14 @@ def named_variants_block()->str:
     from aliprod.clean import RULE_REGISTRY
     from aliprod.rebalance import METHOD_REGISTRY
     from aliprod.schema import SOURCES
-    from aliprod.tta import VIEWS
+    from aliprod.tta import VIEW_REGISTRY
     def names(d, note=lambda k: ''): return ', '.join(f'`{k}`{note(k)}' for k in d)
     need = lambda k: f" ({', '.join(RULE_REGISTRY[k].needs)})" if RULE_REGISTRY[k].needs else ''
     ft = lambda k: ' (finetune)' if METHOD_REGISTRY[k].finetune else ''
     rows = [('cleaning rules', '`clean: rules`', '`aliprod.clean.register_rule`', names(RULE_REGISTRY, need)),
             ('rebalance methods', '`rebalance: methods`', '`aliprod.rebalance.register_method`', names(METHOD_REGISTRY, ft)),
             ('data sources', '`data: source`', '`aliprod.schema.SOURCES`', names(SOURCES)),
-            ('TTA views', '`tta: views`, `compare` (`<views>@<enlarge>`)', '`aliprod.tta.VIEWS`', names(VIEWS))]
+            ('TTA views', '`tta: views`, `compare` (`<views>@<enlarge>`)', '`aliprod.tta.register_view`', names(VIEW_REGISTRY))]
     return '\n'.join([MARK, '| variant | parameter | registry | names |', '|---|---|---|---|',
                       *(f'| {a} | {b} | {c} | {d} |' for a, b, c, d in rows)])
 
