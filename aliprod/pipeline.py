@@ -13,6 +13,9 @@ from .core import (ParamsError, project_root, check_section, section_class, load
                           project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
                           die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
                           fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict)
+# the stage modules below import timm and fastai, whose import-time deprecation warnings (`THIRD_PARTY_WARNINGS`)
+# are not the user's to act on: quiet exactly those first, as `main` does
+quiet_third_party_warnings()
 from .data import prepare_data, read_source
 from .train import train_stage
 from .finegrained import finegrained_stage
