@@ -7,34 +7,93 @@ from __future__ import annotations
 import dataclasses, json, math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from contextlib import contextmanager
+from typing import Callable, Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
-                          atomic_write_json, StageRun, fingerprint, log, project_relative)
+                          atomic_write_json, StageRun, fingerprint, log, project_relative,
+                          project_root, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
+from .samplers import LongTailSampler, class_probs
+from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
+from .metrics import shot_group, paired_delta
+from .images import load_rgb
+from .train import train_stage, trained_rows_path, read_trained_rows
+from .escape import csv_safe, markdown_table
 
 # %% auto #0
-__all__ = ['RULES', 'FEATS_RULES', 'H2E_ENVIRONMENTS', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN', 'CleanParams', 'disagree_low_conf',
-           'self_confidence', 'confident_thresholds', 'confident_learning', 'agreement', 'class_median',
-           'robust_outliers', 'class_relative', 'balanced_scores', 'balanced_low_conf', 'class_prototypes',
-           'prototype_distances', 'prototype_rule', 'environment_probs', 'h2e_scores', 'h2e_rule', 'protect_tail',
-           'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index', 'is_noisy',
-           'detection_scores', 'class_bands', 'detection_by_band', 'detection_by_seen', 'rule_detection', 'model_error',
-           'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows',
-           'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions', 'trained_prior',
-           'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index', 'check_clean',
-           'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table', 'plot_rounds',
-           'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'clean_stage']
+__all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RULES', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN',
+           'RuleResult', 'RuleContext', 'Rule', 'register_rule', 'rule_scope', 'rules_needing', 'CleanParams',
+           'disagree_low_conf', 'self_confidence', 'confident_thresholds', 'confident_learning', 'agreement',
+           'class_median', 'robust_outliers', 'class_relative', 'balanced_scores', 'balanced_low_conf',
+           'class_prototypes', 'prototype_distances', 'prototype_rule', 'environment_probs', 'h2e_scores', 'h2e_rule',
+           'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index',
+           'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band', 'detection_by_seen', 'rule_detection',
+           'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
+           'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
+           'trained_prior', 'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
+           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
+           'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULES = ('disagree_low_conf', 'self_confidence', 'confident_learning', 'agreement', 'class_relative', 'prototype', 'balanced', 'h2e')
-FEATS_RULES = ('prototype', 'h2e')   # the rules that read the embeddings
+RULE_NEEDS = {'embeddings': 'the training predictions carry feats (train with save_feats: true)',
+              'others': "other models' predictions of the same samples (agreement_tags)"}
+
+@dataclass(frozen=True)
+class RuleResult:
+    "What every cleaning rule returns: the samples it flags and, optionally, the class they belong to instead"
+    flags:np.ndarray                # (N,) bool: the samples the rule flags
+    suggest:np.ndarray|None=None    # (N,) the class a flagged sample belongs to instead; None: the top-1
+    prob:np.ndarray|None=None       # (N,) that class's probability; None: looked up in the top-k (0 outside it)
+
+@dataclass(frozen=True)
+class RuleContext:
+    "What a rule may read besides the training predictions and the params"
+    others:list=field(default_factory=list)   # other models' predictions of the same samples (needs 'others')
+    other_names:list[str]|None=None
+    counts:np.ndarray|None=None                # (K,) class sizes the model trained on; None: the predictions' labels
+
+@dataclass(frozen=True)
+class Rule:
+    "A registered cleaning rule: `fn(t, p, ctx) -> RuleResult`, what it needs, its bit in `find_noisy`'s `reasons`"
+    name:str
+    fn:Callable
+    needs:tuple[str, ...]
+    bit:int
+
+RULE_REGISTRY:dict[str, Rule] = {}   # name -> Rule, in registration order (the order fixes the `reasons` bits)
+
+def register_rule(name:str, needs:tuple[str, ...]=()):
+    "Decorator: register `fn(t:TopK, p:CleanParams, ctx:RuleContext)->RuleResult` as the cleaning rule `name`"
+    bad = [n for n in needs if n not in RULE_NEEDS]
+    if bad: raise ValueError(f"register_rule({name!r}): unknown need {bad[0]!r}; valid: {', '.join(RULE_NEEDS)}")
+    def deco(fn):
+        if name in RULE_REGISTRY:
+            raise ValueError(f"register_rule: cleaning rule {name!r} is already registered "
+                             f"({RULE_REGISTRY[name].fn.__qualname__}); choose another name")
+        # bits are stored in changes.parquet: a rule's bit is its registration position, so the order must not change
+        if len(RULE_REGISTRY) >= 62:
+            raise ValueError(f"register_rule({name!r}): the int64 `reasons` bitmask holds 62 rules; retire one first")
+        RULE_REGISTRY[name] = Rule(name, fn, tuple(needs), 1 << len(RULE_REGISTRY))
+        return fn
+    return deco
+
+@contextmanager
+def rule_scope():
+    "Rules registered inside the `with` are unregistered on exit (tests, trying a rule in a notebook)"
+    saved = dict(RULE_REGISTRY)
+    try: yield RULE_REGISTRY
+    finally: RULE_REGISTRY.clear(); RULE_REGISTRY.update(saved)
+
+def rules_needing(rules, need:str)->list[str]:
+    "The rules among `rules` that need `need` (a key of `RULE_NEEDS`)"
+    return [r for r in rules if r in RULE_REGISTRY and need in RULE_REGISTRY[r].needs]
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[Literal['disagree_low_conf','self_confidence','confident_learning','agreement','class_relative','prototype','balanced','h2e']]=field(default_factory=lambda: ['disagree_low_conf'])
+    rules:list[str]=field(default_factory=lambda: ['disagree_low_conf']) # RULE_REGISTRY names (README "Named variants")
     conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
     drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
     self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
@@ -56,9 +115,9 @@ class CleanParams:
 
     def __post_init__(self):
         if self.iteration < 1: raise ParamsError(f"[clean] iteration must be >= 1 (0 is the data stage's index), got {self.iteration}")
-        if not self.rules: raise ParamsError(f"[clean] rules is empty; choose from {', '.join(RULES)}")
-        bad = [r for r in self.rules if r not in RULES]
-        if bad: raise ParamsError(f"Unknown rule {bad[0]!r} in [clean] rules; valid: {', '.join(RULES)}")
+        if not self.rules: raise ParamsError(f"[clean] rules is empty; choose from {', '.join(RULE_REGISTRY)}")
+        bad = [r for r in self.rules if r not in RULE_REGISTRY]
+        if bad: raise ParamsError(f"Unknown rule {bad[0]!r} in [clean] rules; valid: {', '.join(RULE_REGISTRY)}")
         for k in ('conf_threshold', 'self_conf_threshold', 'relabel_threshold'):
             if not 0 <= getattr(self, k) <= 1: raise ParamsError(f"[clean] {k} must be in [0, 1], got {getattr(self, k)}")
         if self.drop_fraction is not None and not 0 < self.drop_fraction < 1:
@@ -77,8 +136,9 @@ class CleanParams:
                               "use relabel_evidence: confident_learning, or action: drop")
         if self.action == 'relabel' and self.relabel_evidence == 'models' and not self.agreement_tags:
             raise ParamsError("[clean] relabel_evidence 'models' needs agreement_tags: the train run tags of the other models whose top-1 must confirm the new class")
-        if 'agreement' in self.rules and not self.agreement_tags:
-            raise ParamsError("[clean] rule 'agreement' needs agreement_tags: the train run tags of the other models (runs/<exp>/train-<tag>/)")
+        if rules_needing(self.rules, 'others') and not self.agreement_tags:
+            raise ParamsError(f"[clean] rule {rules_needing(self.rules, 'others')[0]!r} needs agreement_tags: "
+                              "the train run tags of the other models (runs/<exp>/train-<tag>/)")
 
 # %% ../nbs/03_clean.ipynb #8e76c49f
 def _check_topk(t:TopK):
@@ -262,7 +322,6 @@ def environment_probs(labels:np.ndarray,   # (N,) given labels of the samples th
                       counts=None,           # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: `labels`' own
                      )->dict[str, np.ndarray]:
     "Environment -> (K,) class probability of H2E's environments (∝ n, 1, 1/n); only classes with samples here are drawn"
-    from aliprod.samplers import class_probs
     own = np.bincount(labels, minlength=num_classes)
     # a class with samples here that the network never trained on counts as one image: drawable, and a finite log prior
     n = own if counts is None else np.where(own > 0, np.maximum(np.asarray(counts, np.int64), 1), 0)
@@ -288,7 +347,6 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
               )->tuple[np.ndarray, np.ndarray]:
     "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
     import torch, torch.nn.functional as F
-    from aliprod.samplers import LongTailSampler
     if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
     N, K = len(t), t.num_classes
     y = t.labels.astype(np.int64)
@@ -360,13 +418,40 @@ def protect_tail(labels:np.ndarray,   # (N,) given labels of the training sample
     return flags
 
 # %% ../nbs/03_clean.ipynb #e7c3d67c
-_RULE_BIT = {r: 1 << i for i, r in enumerate(RULES)}
+# every rule is one decorated function; the registration order below is the `reasons` bit order (keep it)
+@register_rule('disagree_low_conf')
+def _disagree_low_conf(t, p, ctx): return RuleResult(disagree_low_conf(t, p.conf_threshold, p.drop_fraction))
+
+@register_rule('self_confidence')
+def _self_confidence(t, p, ctx): return RuleResult(self_confidence(t, p.self_conf_threshold))
+
+@register_rule('confident_learning')
+def _confident_learning(t, p, ctx): return RuleResult(*confident_learning(t))   # the class that clears its threshold
+
+@register_rule('agreement', needs=('others',))
+def _agreement(t, p, ctx): return RuleResult(agreement(t, list(ctx.others), ctx.other_names))
+
+@register_rule('class_relative')
+def _class_relative(t, p, ctx): return RuleResult(class_relative(t, p.robust_z))
+
+@register_rule('prototype', needs=('embeddings',))
+def _prototype(t, p, ctx): return RuleResult(*prototype_rule(t, p.robust_z))
+
+@register_rule('balanced')
+def _balanced(t, p, ctx): return RuleResult(*balanced_low_conf(t, p.conf_threshold, ctx.counts))
+
+@register_rule('h2e', needs=('embeddings',))
+def _h2e(t, p, ctx): return RuleResult(*h2e_rule(t, p.h2e_epochs, p.h2e_penalty, counts=ctx.counts))
+
+# the built-in rules, fixed at import; code that must see rules registered later reads RULE_REGISTRY
+RULES = tuple(RULE_REGISTRY)
+FEATS_RULES = tuple(rules_needing(RULES, 'embeddings'))
 
 def rule_names(bits:np.ndarray)->np.ndarray:
     "Reason strings ('disagree_low_conf+confident_learning') of rule bitmasks"
     bits = np.asarray(bits)
     out = np.full(len(bits), '', dtype=object)
-    for r, b in _RULE_BIT.items():
+    for r, b in ((r.name, r.bit) for r in RULE_REGISTRY.values()):
         has = (bits & b) > 0
         out[has] = np.where(out[has] == '', r, out[has] + '+' + r)
     return out
@@ -386,20 +471,23 @@ def find_noisy(t:TopK,                 # predictions of the training samples (on
     _check_topk(t)
     bits = np.zeros(len(t), np.int64)
     suggest, suggest_prob = t.top1.astype(np.int32), t.conf.astype(np.float32)
+    ctx = RuleContext(list(others), other_names, counts)
     for r in p.rules:
-        cls = prob = None   # a rule that names the class the sample belongs to instead (and, optionally, its probability)
-        if r == 'disagree_low_conf': f = disagree_low_conf(t, p.conf_threshold, p.drop_fraction)
-        elif r == 'self_confidence': f = self_confidence(t, p.self_conf_threshold)
-        elif r == 'agreement': f = agreement(t, list(others), other_names)
-        elif r == 'class_relative': f = class_relative(t, p.robust_z)
-        elif r == 'balanced': f, cls, prob = balanced_low_conf(t, p.conf_threshold, counts)
-        elif r == 'h2e': f, cls = h2e_rule(t, p.h2e_epochs, p.h2e_penalty, counts=counts)
-        elif r == 'prototype': f, cls = prototype_rule(t, p.robust_z)
-        elif r == 'confident_learning': f, cls = confident_learning(t)   # the class that clears its threshold, not necessarily the top-1
-        if cls is not None:
-            prob = _topk_prob(t, cls) if prob is None else prob
-            suggest, suggest_prob = np.where(f, cls, suggest).astype(np.int32), np.where(f, prob, suggest_prob).astype(np.float32)
-        bits |= np.where(f, _RULE_BIT[r], 0)
+        if r not in RULE_REGISTRY:   # registered in a scope that has ended since the params were checked
+            raise ParamsError(f"Unknown rule {r!r} in [clean] rules; valid: {', '.join(RULE_REGISTRY)}")
+        rule = RULE_REGISTRY[r]
+        res = rule.fn(t, p, ctx)
+        if not isinstance(res, RuleResult):
+            raise TypeError(f"cleaning rule {r!r} ({rule.fn.__qualname__}) returned {type(res).__name__}; "
+                            "a rule returns RuleResult(flags, suggest, prob)")
+        f = np.asarray(res.flags)
+        if f.shape != (len(t),):
+            raise ValueError(f"cleaning rule {r!r} returned flags of shape {f.shape}; it must return one per sample ({len(t)},)")
+        if res.suggest is not None:
+            prob = _topk_prob(t, res.suggest) if res.prob is None else res.prob
+            suggest = np.where(f, res.suggest, suggest).astype(np.int32)
+            suggest_prob = np.where(f, prob, suggest_prob).astype(np.float32)
+        bits |= np.where(f, rule.bit, 0)
     return pd.DataFrame({'row': t.rows, 'label': t.labels, 'reasons': bits, 'suggest': suggest, 'suggest_prob': suggest_prob,
                          'top1': t.top1.astype(np.int32), 'conf': t.conf, 'p_label': t.p_label})
 
@@ -540,7 +628,7 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
         if col in gt: ch[col] = gt[col].to_numpy()
     summary = {'train_before': int(len(t)), 'train_after': int(len(t) - drop.sum()), 'flagged': int(flagged.sum()),
                'dropped': int(drop.sum()), 'relabelled': int(relabel.sum()), 'kept_by_tail_protection': int(protected.sum()),
-               'by_rule': {r: int((fl['reasons'].to_numpy() & b > 0).sum()) for r, b in _RULE_BIT.items() if r in p.rules},
+               'by_rule': {r: int((fl['reasons'].to_numpy() & b > 0).sum()) for r, b in ((r.name, r.bit) for r in RULE_REGISTRY.values()) if r in p.rules},
                'relabel_outcomes': ({o: int((outcome[kept_flags] == o).sum()) for o in RELABEL_OUTCOMES} if p.action == 'relabel' else {}),
                'relabels_recover_clean_label': _recovered(gt, ch),
                'classes_before': int((np.bincount(t.labels, minlength=K) > 0).sum()),
@@ -582,8 +670,6 @@ BANDS = ('many', 'medium', 'few')
 
 def class_bands(exp:ExperimentParams)->np.ndarray|None:
     "(K,) 'many' | 'medium' | 'few' of every class by `aliprod.data.shot_groups(exp)`; None when the data stage recorded no class sizes"
-    from aliprod.data import shot_groups
-    from aliprod.metrics import shot_group
     try: g = shot_groups(exp)
     except (KeyError, FileNotFoundError): return None
     return shot_group(g['train_counts'], g['many'], g['few'])
@@ -630,8 +716,9 @@ def rule_detection(t:TopK,                     # the training predictions a roun
     train = train[train['label'] >= 0]
     if not is_noisy(train)[1].any(): return pd.DataFrame(columns=cols)
     parts = []
-    for rule in RULES:
-        if (rule == 'agreement' and not len(others)) or (rule in FEATS_RULES and t.feats is None): continue  # needs other models / embeddings
+    for rule, spec in RULE_REGISTRY.items():
+        # left out without what it needs: other models' predictions, embeddings
+        if ('others' in spec.needs and not len(others)) or ('embeddings' in spec.needs and t.feats is None): continue
         q = dataclasses.replace(p, rules=[rule], action='drop', agreement_tags=list(other_names or p.agreement_tags or [f'model{j}' for j in range(len(others))]))
         fl = find_noisy(t, q, others, other_names, counts)
         rows = fl.loc[fl['reasons'].to_numpy() > 0, 'row'].to_numpy()
@@ -758,7 +845,6 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
                  cols:int=6, title:str='Flagged training samples'):
     "Thumbnail grid of flagged samples: image, given class and its probability, predicted class and its probability"
     import matplotlib.pyplot as plt
-    from aliprod.images import load_rgb
     n = max(len(rows), 1); r = -(-n // cols)
     fig, axes = plt.subplots(r, cols, figsize=(1.9 * cols, 2.2 * r), squeeze=False)
     name = (lambda j: str(class_names[j])) if class_names is not None else (lambda j: str(j))
@@ -793,7 +879,6 @@ def _train_at(train, iteration:int):
 
 def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
-    from aliprod.train import train_stage
     return Path(train_stage(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
 
 # %% ../nbs/03_clean.ipynb #b7cb4db3
@@ -804,14 +889,13 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
-    return read_predictions(paths, feats=any(r in FEATS_RULES for r in clean.rules)), paths
+    return read_predictions(paths, feats=bool(rules_needing(clean.rules, 'embeddings'))), paths
 
 def trained_prior(paths:list[Path],    # training predictions files of train runs (one, or one per fold)
                   num_classes:int,      # K
                   required:bool=True,   # False: predictions made elsewhere (`predictions_of`) may have no trained_rows.parquet
                  )->tuple[np.ndarray|None, np.ndarray|None]:
     "(K,) class sizes the models behind `paths` trained on (summed over folds) and the predicted rows each trained on; (None, None) when not known"
-    from aliprod.train import trained_rows_path, read_trained_rows
     if not required and not all(trained_rows_path(p).is_file() for p in paths): return None, None
     counts, seen = np.zeros(num_classes, np.int64), []
     for p in paths:
@@ -857,16 +941,15 @@ def write_index(new:pd.DataFrame, path:Path, like:Path):
 # %% ../nbs/03_clean.ipynb #f75dd7dc
 def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:bool=False):
     "Refuse, before any training, a clean stage that cannot run: no labelled training rows, no training predictions, missing agreement models"
-    from aliprod.data import load_index
     index = load_index(exp, 0)
     if not ((index['split'] == 'train') & (index['label'] >= 0)).any():
         raise ParamsError(f"[clean] the data stage's index has no labelled training rows (splits: {sorted(set(index['split']))}): nothing to clean")
     if not own_predictions and clean.source == 'in_sample' and train.eval_splits is not None and 'train' not in train.eval_splits:
         raise ParamsError(f"[train] eval_splits is {train.eval_splits}: the clean stage needs the predictions of the training split; add 'train'")
-    need = [r for r in clean.rules if r in FEATS_RULES]
+    need = rules_needing(clean.rules, 'embeddings')
     if need and not own_predictions and not getattr(train, 'save_feats', False):
         raise ParamsError(f"[clean] rules: {', '.join(need)} needs the embeddings of the training images; set train: save_feats: true")
-    if 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
+    if rules_needing(clean.rules, 'others') or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
         # round j needs the other models trained on index j, which the train stage can train only once round j has written it
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
         if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models on each index first "
@@ -878,14 +961,13 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
                    )->CleanArtifacts:
     "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its summary; skipped when up to date"
     import dataclasses
-    from aliprod.data import prepare_data, data_artifacts, load_index, index_path, choosing_rows
-    from aliprod.train import train_stage, trained_rows_path
     k = clean.iteration
     if data is not None: prepare_data(exp, data)   # None: the data stage's outputs are there already
     check_clean(exp, train, clean, predictions_of is not None)
     if k > 1: clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False, predictions_of=predictions_of)
     t, pred_paths = training_predictions(exp, data, train, clean, k - 1, predictions_of)
-    uses_others = 'agreement' in clean.rules or (clean.action == 'relabel' and clean.relabel_evidence == 'models')
+    uses_others = bool(rules_needing(clean.rules, 'others')) or (clean.action == 'relabel'
+                                                                  and clean.relabel_evidence == 'models')
     others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])
     out = run_dir(exp, 'clean', k)
     prev, classes_file = index_path(exp, k - 1), data_artifacts(exp).classes
@@ -947,7 +1029,6 @@ def _err(m:dict, split:str, key:str='mean_class_err'):
 
 def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:int)->pd.DataFrame:
     "The per-round table from the iterations' summaries and the models' metrics (models[k] trained on index k, or None); columns name their split"
-    from aliprod.data import load_index
     out = []
     for k in range(rounds + 1):
         s = json.loads((run_dir(exp, 'clean', k)/'summary.json').read_text()) if k else {}
@@ -1030,8 +1111,6 @@ def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
 
 def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool=True)->dict:
     "The confidence histograms, class sizes and per-round galleries of iterations 1..`rounds`, saved in reports/<exp>/ as PNG"
-    from aliprod.core import project_root
-    from aliprod.data import data_artifacts, load_index
     arts = data_artifacts(exp)
     classes = pd.read_parquet(arts.classes)
     names = classes.set_index('label')['class_name'].reindex(range(len(classes))).to_numpy()
@@ -1049,7 +1128,6 @@ def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool
         rows = gallery_rows(ch, clean.gallery_size, class_sizes=sizes)
         figs[f'clean_{k}_gallery'] = plot_gallery(rows, arts.root, names, title=f'Round {k}: flagged training samples (most confident disagreements first, then the tail)')
     if save:
-        from aliprod.core import atomic_savefig
         for name, f in figs.items(): atomic_savefig(f, report_dir(exp)/f'{name}.png', dpi=100)
     return figs
 
@@ -1059,7 +1137,6 @@ def round_verdict(prev, new,            # TopK predictions of the choosing image
                   seed:int=0,
                  )->dict:
     "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
-    from aliprod.metrics import paired_delta
     return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
 
 def select_rounds(run_round,    # k -> the choosing images' val predictions of round k's model (runs round k)
@@ -1095,10 +1172,6 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
-    from aliprod.core import atomic_write_text
-    from aliprod.escape import csv_safe, markdown_table
-    from aliprod.data import prepare_data, shot_groups, load_index, choosing_rows
-    from aliprod.train import train_stage
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
@@ -1139,6 +1212,6 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     if len(rules): atomic_write_text(rep/'clean_rules.csv', csv_safe(rules).to_csv(index=False)); atomic_write_text(rep/'clean_rules.md', markdown_table(rules))
     figs = clean_figures(exp, clean, rounds)
     figs['clean_rounds'] = plot_rounds(table, f'{exp.experiment}: iterative cleaning ({"+".join(clean.rules)}, {clean.action}, {clean.source})')
-    from aliprod.core import atomic_savefig; atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
+    atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
     art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art

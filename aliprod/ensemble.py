@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
 from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
-                          atomic_write_json, report_dir, log, check_name)
+                          atomic_write_json, report_dir, log, check_name, atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
+from .data import load_index, index_path, data_artifacts, shot_groups
 
 # %% auto #0
 __all__ = ['MEMBER_STAGES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file', 'EnsembleParams',
@@ -278,6 +279,7 @@ def ensemble_table(name:str,           # the ensemble's row label
                    member_metrics:dict, # member -> the same
                   )->pd.DataFrame:
     "Ensemble and members, one row per (model, split, labels): the split and the labels every number comes from"
+    # local import: aliprod.tta imports aliprod.train (timm, fastai), which the ensemble stage's kernel never needs
     from aliprod.tta import metrics_table
     t = metrics_table({name: metrics, **member_metrics}).rename(columns={'variant': 'model'})
     if t.empty: return t
@@ -305,7 +307,7 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
                    iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
                   )->EnsembleArtifacts:
     "The whole ensemble stage: combine the members' predictions of each split, evaluate ensemble and members, write the table and figure"
-    from aliprod.data import load_index, index_path, data_artifacts, shot_groups
+    # local import: aliprod.tta imports aliprod.train (timm, fastai), which the ensemble stage's kernel never needs
     from aliprod.tta import split_metrics  # the metrics the train and TTA stages report
     it = p.iteration if p.iteration is not None else iteration
     index_it = it if isinstance(it, int) else 0
@@ -338,7 +340,6 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     m = json.loads((out/'metrics.json').read_text())
     table = ensemble_table(f'ensemble {p.name} ({p.mode})', m['ensemble'], m['members'])
     rep = report_dir(exp)
-    from aliprod.core import atomic_savefig, atomic_write_text
     atomic_write_text(rep/f'ensemble_{p.name}.csv', csv_safe(table).to_csv(index=False))
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
     atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)

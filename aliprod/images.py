@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from .core import log
+from .core import log, die_with_parent
 
 # %% auto #0
 __all__ = ['IMAGE_FORMATS', 'SCAN_REASONS', 'SCAN_COLUMNS', 'decoded_bytes', 'open_image', 'to_rgb', 'load_rgb', 'check_image',
@@ -157,7 +157,6 @@ def available_cpus()->int:
 def process_pool(workers:int):
     "A process pool whose workers die with this process; fork where available (fast start, the package is imported)"
     import multiprocessing as mp
-    from aliprod.core import die_with_parent
     ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
     # a killed run's workers would otherwise live on, still writing into its folders
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))

@@ -4,19 +4,33 @@
 
 # %% ../nbs/08_pipeline.ipynb #14ed39e5
 from __future__ import annotations
-import argparse, itertools, os, re, shutil, sys, time
+import argparse, errno, hashlib, itertools, json, os, re, shutil, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
                           atomic_write_json, atomic_write_text, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
                           project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
-                          die_with_parent)
+                          die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
+                          fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict)
+# the stage modules below import timm and fastai, whose import-time deprecation warnings (`THIRD_PARTY_WARNINGS`)
+# are not the user's to act on: quiet exactly those first, as `main` does
+quiet_third_party_warnings()
+from .data import prepare_data, read_source
+from .train import train_stage
+from .finegrained import finegrained_stage
+from .clean import clean_stage
+from .rebalance import rebalance_stage
+from .tta import tta_stage
+from .ensemble import ensemble_stage
+from .system import system_stage
+from .report import report_stage
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'check_grid', 'stage_notebooks',
            'StageFailed', 'run_stage', 'render_html', 'parse_seeds', 'run_seeds', 'seed_params_file', 'run_pipeline',
-           'experiment_lock', 'call_stage', 'stage_of_run_dir', 'check_data_files', 'main']
+           'experiment_lock', 'call_stage', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'run_status',
+           'experiment_status', 'format_status', 'status', 'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
@@ -264,7 +278,6 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
     "One run of the grid (and seed), under its experiment lock: the data, then the chosen stages in order"
     name, executed = exp.experiment, []
     if force: _forget(exp, chosen)
-    from aliprod.data import prepare_data
     prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
     nb_out = report_dir(exp)/'notebooks'
     params = {'experiment': name, **(extra or {}), **over}
@@ -297,25 +310,22 @@ def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
     R = lambda section, **kw: resolve_params(section, params_file, injected=(over or {}).get(section), **kw)
     exp = R('experiment', overrides={'experiment': experiment, **(experiment_overrides or {})})
     if stage == 'train':
-        from aliprod.train import train_stage; return train_stage(exp, R('data'), R('train'), report=True)
+        return train_stage(exp, R('data'), R('train'), report=True)
     if stage == 'finegrained':
-        from aliprod.finegrained import finegrained_stage; return finegrained_stage(exp, R('data'), R('train'), R('finegrained'))
+        return finegrained_stage(exp, R('data'), R('train'), R('finegrained'))
     if stage == 'clean':
-        from aliprod.clean import clean_stage; return clean_stage(exp, R('data'), R('train'), R('clean'))
+        return clean_stage(exp, R('data'), R('train'), R('clean'))
     if stage == 'rebalance':
-        from aliprod.rebalance import rebalance_stage
         return rebalance_stage(exp, R('data'), R('train'), R('rebalance'))
     if stage == 'tta':
-        from aliprod.tta import tta_stage; return tta_stage(exp, R('data'), R('train'), R('tta'))
+        return tta_stage(exp, R('data'), R('train'), R('tta'))
     if stage == 'ensemble':
-        from aliprod.ensemble import ensemble_stage
         tp, ttp, p = R('train'), R('tta'), R('ensemble')
         return ensemble_stage(exp, p, p.iteration if p.iteration is not None else ttp.iteration if ttp.iteration is not None else tp.iteration)
     if stage == 'system':
-        from aliprod.system import system_stage
         return system_stage(exp, R('data'), R('train'), R('rebalance'), R('tta'), R('system'), hires_tag=R('report').hires_tag)
     if stage == 'report':
-        from aliprod.report import report_stage; return report_stage(exp, R('report'), params_file)
+        return report_stage(exp, R('report'), params_file)
     raise ParamsError(f"Unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
 
 def _stage_times(exp:ExperimentParams)->dict:
@@ -350,10 +360,129 @@ def _forget(exp:ExperimentParams, stages:list[str]):
         if d.is_dir() and stage_of_run_dir(d.name) in stages:
             for m in d.glob('**/manifest.json'): m.unlink()
 
+# %% ../nbs/08_pipeline.ipynb #b2c3d4e5
+@dataclass
+class StatusRow:
+    "One run folder of a stage as `aliprod status` shows it"
+    stage:str; run_dir:str; state:str; why:str=''; duration:str=''; finished:str=''
+
+def _lock_holder(d:Path)->str|None:
+    "Who holds the lock of folder `d` ('pid ... since ...'), or None when no live process holds it; takes no lock"
+    f = d/LOCK
+    if not f.is_file() or f.is_symlink(): return None
+    # a read-only descriptor and lockf's F_TEST: a question about the lock that never takes it nor writes the file
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try: os.lockf(fd, os.F_TEST, 0); return None
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN): raise
+        parts = os.pread(fd, 512, 0).decode(errors='replace').split()
+        return f"pid {parts[0]} since {parts[2]}" if len(parts) >= 3 else 'another process'
+    finally: os.close(fd)
+
+def _short(v)->str:
+    "A parameter value on one terminal line"
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 40 else s[:37] + '...'
+
+def param_changes(stage:str, recorded:dict, current:dict[str, dict])->list[str]:
+    "'section.key: old -> new' for each parameter of a manifest (`recorded`) whose value the parameter file now changes"
+    # a manifest keeps the sections its stage read as {section: {...}}; the data stage keeps its section flat. Keys the
+    # stage leaves out of its key (workers, runs_dir, ...) are not in the manifest, so changing them is no change
+    norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=_json_default))
+    nested = {k: v for k, v in recorded.items() if k in current and isinstance(v, dict)}
+    flat = current.get(stage, {})
+    pairs = ([(f'{sec}.{k}', v, current[sec][k]) for sec, d in nested.items() for k, v in d.items()
+              if k in current[sec]]
+             if nested else [(f'{stage}.{k}', v, flat[k]) for k, v in recorded.items() if k in flat])
+    # None in the file is a default the stage fills in when it runs (eval_splits: every split), and a key the manifest
+    # also keeps at its top level is the run's own value (the iteration a cleaning round trained): neither is a change
+    return [f"{name}: {_short(old)} -> {_short(norm(new))}" for name, old, new in pairs
+            if new is not None and not (nested and name.partition('.')[2] in recorded) and norm(new) != old]
+
+def _module_hash(m:str)->str|None:
+    f = _package_dir()/f'{m}.py'   # the installed package's modules, hashed as `code_version` hashes them
+    return hashlib.sha256(source_for_hash(f.read_bytes())).hexdigest()[:16] if f.is_file() else None
+
+def run_status(stage:str, d:Path, current:dict[str, dict])->StatusRow:
+    "The state of one run folder `d` of `stage`: up to date, stale (and why), failed or unfinished, running; reads only"
+    rel = project_relative(d)
+    holder = _lock_holder(d)
+    if holder: return StatusRow(stage, rel, 'running', f'lock held by {holder}')
+    m, why = _manifest_or_why(d)
+    if m is None: return StatusRow(stage, rel, 'failed or unfinished', why)
+    if not all(isinstance(m.get(k) or {}, dict) for k in ('params', 'inputs', 'code')):   # damaged: say so, never crash
+        return StatusRow(stage, rel, 'failed or unfinished', 'manifest unreadable (not a manifest object)')
+    dur, fin = (f"{m['wall_s']:.0f} s" if isinstance(m.get('wall_s'), (int, float)) else ''), str(m.get('finished', ''))
+    reasons = param_changes(stage, m.get('params') or {}, current)
+    _, why = manifest_status(d)   # outputs: missing or edited since the run
+    if why: reasons.append(why.replace(' since its manifest was written', ''))
+    for i, fp in (m.get('inputs') or {}).items():
+        p = Path(i) if Path(i).is_absolute() else project_root()/i
+        if fingerprint(p) != fp: reasons.append(f"input {i} {'missing' if not p.exists() else 'changed'}")
+    old = (m.get('code') or {}).get('module_sha256') or {}
+    edited = sorted(k for k, h in old.items() if _module_hash(k) != h)
+    if edited: reasons.append(f"code changed: {', '.join(edited)}")   # modules (aliprod/<name>.py) it ran or imports
+    return StatusRow(stage, rel, 'stale' if reasons else 'up to date', '; '.join(reasons), dur, fin)
+
+def _stage_folders(exp:ExperimentParams, stage:str)->list[Path]:
+    "The run folders of `stage` under runs/<experiment>/: every folder with a manifest or a stage lock, sorted"
+    base = experiment_dir(exp)
+    if not base.is_dir(): return []
+    tops = [d for d in sorted(base.iterdir()) if d.is_dir() and not d.is_symlink()
+            and ((d.name == 'data') if stage == 'data' else stage_of_run_dir(d.name) == stage)]
+    return sorted({f.parent for t in tops for pat in (MANIFEST, LOCK) for f in [*t.glob(pat), *t.glob(f'**/{pat}')]},
+                  key=lambda p: [(int(s) if s.isdigit() else -1, s) for s in p.relative_to(base).parts])
+
+def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[str],
+                      over:dict|None=None)->list[StatusRow]:
+    "A row per run folder of the data stage and of each of `stages` (a 'missing' row for a stage never run)"
+    over = over or {}
+    current = {'experiment': params_dict(exp)}
+    for sec in SECTION_MODULES:
+        if sec != 'pipeline': current[sec] = params_dict(resolve_params(sec, params_file, injected=over.get(sec)))
+    current['data']['seed'] = images_seed(exp)   # the data stage keys the images' seed, the same for every seed
+    rows = []
+    for s in ['data', *[s for s in stages if s != 'report']]:
+        dirs = _stage_folders(exp, s)
+        if not dirs:
+            prefix = 'data' if s == 'data' else _runs_prefixes(s)[0].rstrip('-')
+            rows.append(StatusRow(s, project_relative(experiment_dir(exp)/prefix), 'missing', 'not run'))
+        rows += [run_status(s, d, current) for d in dirs]
+    if 'report' in stages:   # no manifest: the report is written again by every run
+        idx = report_dir(exp)/'index.html'
+        rows.append(StatusRow('report', project_relative(idx), 'written' if idx.is_file() else 'missing',
+                              'rewritten by every run' if idx.is_file() else 'not run', '',
+                              _iso(idx.stat().st_mtime) if idx.is_file() else ''))
+    return rows
+
+def format_status(rows:list[StatusRow])->str:
+    "The rows as an aligned plain-text table"
+    head = ('stage', 'run dir', 'state', 'last', 'finished', 'why')
+    cells = [head, *[(r.stage, r.run_dir, r.state, r.duration, r.finished, r.why) for r in rows]]
+    w = [max(len(c[i]) for c in cells) for i in range(5)]
+    return '\n'.join(('  '.join(c[i].ljust(w[i]) for i in range(5)) + '  ' + c[5]).rstrip() for c in cells)
+
+def status(params_file:str|Path, stages:list[str]|None=None, seeds:list[int]|None=None)->str:
+    "What `aliprod status` prints: per experiment (grid run, seed) a table of its stages' run folders; writes nothing"
+    load_params_file(params_file)
+    pp = resolve_params('pipeline', params_file)
+    chosen = stages or pp.stages or list(STAGE_ORDER)
+    seeds = run_seeds(params_file, seeds)
+    out = []
+    for name, over in check_grid(params_file):
+        exp = resolve_params('experiment', params_file, overrides={'experiment': name, 'seeds': seeds})
+        for e in seed_runs(exp):
+            holder = _lock_holder(experiment_dir(e))
+            head = f"experiment '{e.experiment}' ({project_relative(experiment_dir(e))}) from {params_file}"
+            head += f"{' with ' + str(over) if over else ''}{f', seed {e.seed}' if seeds else ''}"
+            out += [head + (f": being run now ({holder})" if holder else ''),
+                    format_status(experiment_status(e, params_file, chosen, over)), '']
+    return '\n'.join(out).rstrip() + '\n'
+
 # %% ../nbs/08_pipeline.ipynb #1ec20e9f
 def check_data_files(p:'aliprod.data.DataParams')->str:
     "Read the data section's files (not the images) when its root is here: a malformed file is a ParamsError naming it; one line on what was read"
-    from aliprod.data import read_source
     if p.source == 'synthetic': return 'data: synthetic (generated by the data stage)'
     if p.root is None or not Path(p.root).expanduser().exists(): return f'data: root {p.root} not found on this machine; its files were not read'
     rr = read_source(p)
@@ -363,17 +492,45 @@ def check_data_files(p:'aliprod.data.DataParams')->str:
 def main(argv:list[str]|None=None)->int:
     "Entry point of the `aliprod` command"
     quiet_third_party_warnings()
-    ap = argparse.ArgumentParser(prog='aliprod', description='Long-tailed, noisy-label product recognition pipeline')
+    fmt = argparse.RawDescriptionHelpFormatter
+    sections = ', '.join(s for s in SECTION_MODULES if s != 'pipeline')
+    params_help = ("a YAML parameter file, e.g. params/demo.yaml (params/smoke.yaml: the tiny CPU run); "
+                   "top-level keys name the experiment (experiment, seed, seeds, device, runs_dir, reports_dir), "
+                   "then one section per stage "
+                   f"({sections}) and pipeline (stages, html, grid); a key left out takes its typed default")
+    examples = ("examples:\n"
+                "  aliprod check params/demo.yaml               # validate the file (every section, every grid run)\n"
+                "  aliprod run params/demo.yaml                 # data, then every stage; up-to-date ones are skipped\n"
+                "  aliprod run params/demo.yaml --stages train clean --dry-run\n"
+                "  aliprod run params/demo.yaml --seeds 0,1,2   # one run tree per seed, the report aggregates them\n"
+                "  aliprod status params/demo.yaml              # per stage: up to date / stale (why) / missing\n"
+                "  papermill nbs/03_clean.ipynb out.ipynb -f params/demo.yaml -p iteration 2   # one stage by hand")
+    ap = argparse.ArgumentParser(prog='aliprod', description='Long-tailed, noisy-label product recognition pipeline',
+                                 epilog=examples, formatter_class=fmt)
     sub = ap.add_subparsers(dest='cmd', required=True)
-    r = sub.add_parser('run', help='run the pipeline on a parameter file')
-    r.add_argument('params'); r.add_argument('--stages', nargs='+', choices=STAGE_ORDER)
+    r = sub.add_parser('run', help='run the pipeline on a parameter file', epilog=examples, formatter_class=fmt,
+                       description='Prepare the data and run the stages in order; a stage whose manifest is up to '
+                                   'date is skipped.')
+    r.add_argument('params', help=params_help)
+    r.add_argument('--stages', nargs='+', choices=STAGE_ORDER,
+                   help="only these stages (default: the file's pipeline.stages, else all)")
     r.add_argument('--force', action='store_true', help="re-run stages even when their manifests are up to date")
     r.add_argument('--dry-run', action='store_true', help='show what would run')
     r.add_argument('--in-process', action='store_true', help="call each stage's function in this process (no notebooks, no HTML pages of them)")
     seeds_help = "training seeds, e.g. 0,1,2 (overrides the file's seed:/seeds:): one run tree each, the report aggregates them"
     r.add_argument('--seeds', help=seeds_help)
-    c = sub.add_parser('check', help='validate a parameter file'); c.add_argument('params'); c.add_argument('--seeds', help=seeds_help)
-    d = sub.add_parser('data', help='prepare the data of a parameter file'); d.add_argument('params')
+    c = sub.add_parser('check', help='validate a parameter file', epilog=examples, formatter_class=fmt,
+                       description='Validate every section of a parameter file (and every run of its grid); read its '
+                                   'data files.')
+    c.add_argument('params', help=params_help); c.add_argument('--seeds', help=seeds_help)
+    st = sub.add_parser('status', help='per stage: up to date / stale (why) / missing; writes nothing', epilog=examples,
+                        formatter_class=fmt, description=("Per run folder of each stage: up to date, stale (which "
+                        "parameter old -> new, input or module changed), missing, failed or unfinished, running; "
+                        "its last duration. Reads manifests and lock files; writes nothing."))
+    st.add_argument('params', help=params_help); st.add_argument('--seeds', help=seeds_help)
+    st.add_argument('--stages', nargs='+', choices=STAGE_ORDER, help="only these stages (default: as `run` chooses)")
+    d = sub.add_parser('data', help='prepare the data of a parameter file', epilog=examples, formatter_class=fmt)
+    d.add_argument('params', help=params_help)
     d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')
     a = ap.parse_args(argv)
     try:
@@ -388,8 +545,9 @@ def main(argv:list[str]|None=None)->int:
             sd = f"; seeds {', '.join(map(str, seeds))}: runs/{', runs/'.join(trees)}" if seeds and len(seeds) > 1 else ''
             print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid}{sd})")
             print(check_data_files(resolve_params('data', a.params)))
+        elif a.cmd == 'status':
+            print(status(a.params, a.stages, parse_seeds(a.seeds) if a.seeds else None), end='')
         elif a.cmd == 'data':
-            from aliprod.data import prepare_data
             load_params_file(a.params)
             exp = resolve_params('experiment', a.params)
             art = prepare_data(exp, resolve_params('data', a.params), force=a.force)

@@ -5,28 +5,33 @@
 # %% ../nbs/04_rebalance.ipynb #1d94ed19
 from __future__ import annotations
 import copy, dataclasses, json, math, shutil, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
-                          atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device)
+                          atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device,
+                          fingerprint)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
 from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
+from .train import train_stage, predict, load_trained_model, trained_counts
+from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHODS', 'FINETUNES', 'NETWORK_CONTROL', 'Features',
-           'synthetic_features', 'linear_head', 'head_logits', 'head_top1', 'head_topk', 'tau_normalize', 'tau_bias',
-           'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss', 'fit_head', 'crt_head',
-           'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'ncm_temperature', 'balanced_subset',
-           'sweep_logit_adjust', 'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table',
-           'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms',
-           'AccuracyLoss', 'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
+__all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHOD_NEEDS', 'METHOD_REGISTRY', 'METHODS', 'FINETUNES',
+           'NETWORK_CONTROL', 'Features', 'synthetic_features', 'linear_head', 'head_logits', 'head_top1', 'head_topk',
+           'tau_normalize', 'tau_bias', 'tau_normalized_head', 'sweep_tau', 'choose_tau', 'accuracy_loss', 'fit_head',
+           'crt_head', 'LearnableWeightScaling', 'NearestClassMean', 'class_means', 'ncm_temperature',
+           'balanced_subset', 'sweep_logit_adjust', 'MethodInputs', 'Method', 'register_method', 'method_scope',
+           'RebalanceParams', 'fit_method', 'MethodResult', 'rebalance_features', 'results_table', 'plot_tau_sweep',
+           'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms', 'AccuracyLoss',
+           'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
            'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
            'rebalance_stage']
 
@@ -334,17 +339,142 @@ def sweep_logit_adjust(classifier:nn.Module,
     return pd.DataFrame(rows)
 
 # %% ../nbs/04_rebalance.ipynb #9ea2c138
-METHODS = ('crt', 'tau_norm', 'lws', 'ncm', 'logit_adjust', 'balanced_softmax', 'balanced_subset', 'two_stage', 'acc_loss')
-FINETUNES = ('balanced_subset', 'two_stage', 'acc_loss')  # the methods that can finetune the classifier or the whole network
+@dataclass
+class MethodInputs:
+    "What a rebalance method's fit function reads (`fit_method` builds it)"
+    classifier:nn.Module         # the trained classifier (not modified)
+    train:Features               # training split, given labels
+    val:Features|None            # validation split (τ is chosen on it); None without one
+    num_classes:int
+    p:RebalanceParams
+    train_p_label:np.ndarray|None  # (len(train),) p_label of the train predictions (needs 'train_p_label')
+    seed:int
+    device:str
+    groups:dict                  # evaluate's shot groups
+    prior_counts:np.ndarray|None # (K,) images per class the classifier trained on; None: train.labels' counts
+    capped:Features              # train, capped at p.head_cap per class when set
+    fit:dict                     # fit_head's shared keyword arguments (lr left to the method)
+
+@dataclass(frozen=True)
+class Method:
+    "A registered rebalance method: `fn(x:MethodInputs) -> (head, info)`, what it needs, whether it is a finetune"
+    name:str
+    fn:Callable
+    needs:tuple[str, ...]
+    finetune:bool
+
+METHOD_NEEDS = {'train_p_label': "the train predictions' p_label (to pick the confident images)"}
+METHOD_REGISTRY:dict[str, Method] = {}   # name -> Method, in registration order (the default rows of the ablation)
+
+def register_method(name:str, needs:tuple[str, ...]=(), finetune:bool=False):
+    "Decorator: register `fn(x:MethodInputs)->(head, info)` as rebalance method `name` (finetune: also on the network)"
+    bad = [n for n in needs if n not in METHOD_NEEDS]
+    if bad: raise ValueError(f"register_method({name!r}): unknown need {bad[0]!r}; valid: {', '.join(METHOD_NEEDS)}")
+    def deco(fn):
+        if name in METHOD_REGISTRY:
+            raise ValueError(f"register_method: rebalance method {name!r} is already registered "
+                             f"({METHOD_REGISTRY[name].fn.__qualname__}); choose another name")
+        METHOD_REGISTRY[name] = Method(name, fn, tuple(needs), finetune)
+        return fn
+    return deco
+
+@contextmanager
+def method_scope():
+    "Methods registered inside the `with` are unregistered on exit (tests, trying a method in a notebook)"
+    saved = dict(METHOD_REGISTRY)
+    try: yield METHOD_REGISTRY
+    finally: METHOD_REGISTRY.clear(); METHOD_REGISTRY.update(saved)
+
+# every method is one decorated function; the registration order is the ablation's default row order (keep it)
+@register_method('crt')
+def _crt(x):
+    "cRT: a re-initialised head of the same type, trained with class-balanced sampling"
+    head = copy.deepcopy(x.classifier)
+    for m in head.modules():  # re-initialise, keep the head type (linear, cosine) and its bias or lack of one
+        if hasattr(m, 'reset_parameters'):
+            with torch.random.fork_rng(devices=[]): torch.manual_seed(x.seed); m.reset_parameters()
+    head.requires_grad_(True)
+    hist = fit_head(head, x.capped, x.num_classes, x.p.crt_epochs, **{**x.fit, 'lr': x.p.crt_peak_lr})
+    return head, {'history': hist, 'images': len(x.capped)}
+
+@register_method('tau_norm')
+def _tau_norm(x):
+    "τ-normalisation of the classifier's rows, τ chosen on validation"
+    w, b = _linear_parts(x.classifier)
+    sweep = sweep_tau(w, b, x.val, x.groups, x.p.tau_grid, x.p.tau_bias, device=x.device)
+    tau = choose_tau(sweep)
+    return tau_normalized_head(w, b, tau, x.p.tau_bias), {'tau': tau, 'sweep': sweep}
+
+@register_method('lws')
+def _lws(x):
+    "LWS: the frozen classifier's logits times learned per-class scales"
+    head = LearnableWeightScaling(x.classifier, x.num_classes)
+    hist = fit_head(head, x.capped, x.num_classes, x.p.lws_epochs, **{**x.fit, 'lr': x.p.lws_lr})
+    return head, {'history': hist, 'images': len(x.capped)}
+
+@register_method('ncm')
+def _ncm(x):
+    "NCM: nearest class mean of the training embeddings"
+    return class_means(x.train, x.num_classes, x.p.ncm_norm), {'images': len(x.train)}
+
+@register_method('logit_adjust')
+def _logit_adjust(x):
+    "post-hoc logit adjustment by τ·log prior, τ chosen on validation"
+    # the prior the classifier learned: the rows it trained on (head-capped: not the whole split); a class it never saw
+    # counts as one image
+    prior = log_prior(class_counts(x.train.labels, x.num_classes) if x.prior_counts is None else x.prior_counts)
+    sweep = sweep_logit_adjust(x.classifier, prior, x.val, x.groups, x.p.la_tau_grid, device=x.device)
+    tau = choose_tau(sweep)
+    return LogitAdjustedHead(copy.deepcopy(x.classifier).eval(), prior, tau), {'tau': tau, 'sweep': sweep}
+
+@register_method('balanced_softmax')
+def _balanced_softmax(x):
+    "the classifier finetuned with Balanced Softmax under instance sampling"
+    prior = log_prior(class_counts(x.capped.labels, x.num_classes))   # the data it trains on, instance by instance
+    head = copy.deepcopy(x.classifier).requires_grad_(True)
+    bs = lambda z, y: balanced_softmax_loss(z, y, prior.to(z.device))
+    hist = fit_head(head, x.capped, x.num_classes, x.p.crt_epochs, **{**x.fit, 'lr': x.p.crt_peak_lr}, mode='instance',
+                    loss=bs)
+    return head, {'history': hist, 'images': len(x.capped)}
+
+def _finetune(x, data, loss='ce'):
+    "The classifier finetuned on `data` with class-balanced sampling at the finetune lr"
+    head = copy.deepcopy(x.classifier).requires_grad_(True)
+    hist = fit_head(head, data, x.num_classes, x.p.finetune_epochs, loss=loss, **{**x.fit, 'lr': x.p.finetune_lr})
+    return head, {'history': hist, 'images': len(data)}
+
+@register_method('balanced_subset', needs=('train_p_label',), finetune=True)
+def _balanced_subset(x):
+    "finetuned on the most confident `subset_per_class` images of each class"
+    subset = balanced_subset(x.train.labels, x.train_p_label, x.p.subset_per_class)
+    return _finetune(x, x.train.take(subset))
+
+@register_method('two_stage', finetune=True)
+def _two_stage(x):
+    "finetuned with class-balanced sampling at a lower lr (2020 7th place)"
+    return _finetune(x, x.capped)
+
+@register_method('acc_loss', needs=('train_p_label',), finetune=True)
+def _acc_loss(x):
+    "finetuned on the balanced subset with the accuracy loss (2020 winner)"
+    subset = balanced_subset(x.train.labels, x.train_p_label, x.p.subset_per_class)
+    return _finetune(x, x.train.take(subset), loss='acc')
+
+# the built-in methods, fixed at import; code that must see methods registered later reads METHOD_REGISTRY
+METHODS = tuple(METHOD_REGISTRY)
+# the methods that can finetune the classifier or the whole network
+FINETUNES = tuple(m for m, s in METHOD_REGISTRY.items() if s.finetune)
 # the whole-network finetunes' control: the same length and lr, instance sampling, cross-entropy, every training image, so a
 # '<method>-network' row measures its sampling, subset or loss, not the extra epoch every finetune adds to the model
 NETWORK_CONTROL = 'instance'
+
+def _is_finetune(m:str)->bool: return m in METHOD_REGISTRY and METHOD_REGISTRY[m].finetune
 
 @params_section('rebalance')
 @dataclass
 class RebalanceParams:
     iteration:int|str=0              # which train iteration's model to rebalance (0: the data stage's index; 'kept': the round the clean stage kept)
-    methods:list[str]=field(default_factory=lambda: list(METHODS)) # rows of the ablation, in order
+    methods:list[str]=field(default_factory=lambda: list(METHOD_REGISTRY)) # rows of the ablation, in order
     tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # τ values swept on validation
     la_tau_grid:list[float]=field(default_factory=lambda: [round(0.1*i, 1) for i in range(21)]) # logit_adjust: τ values swept on validation
     tau_bias:TauBias='drop'          # the classifier's bias under τ-norm: drop (classifier-balancing), keep, none (bias-free head)
@@ -366,8 +496,9 @@ class RebalanceParams:
     topk:int=10                      # predictions kept per image
     def __post_init__(self):
         check_iteration(self.iteration, '[rebalance] iteration')
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad: raise ParamsError(f"Unknown method {bad[0]!r} in [rebalance] methods; valid: {', '.join(METHODS)}")
+        bad = [m for m in self.methods if m not in METHOD_REGISTRY]
+        if bad:
+            raise ParamsError(f"Unknown method {bad[0]!r} in [rebalance] methods; valid: {', '.join(METHOD_REGISTRY)}")
         if len(set(self.methods)) != len(self.methods): raise ParamsError(f"[rebalance] methods lists a method twice: {self.methods}")
         if not self.tau_grid or min(self.tau_grid) < 0: raise ParamsError(f"[rebalance] tau_grid must be non-empty and >= 0, got {self.tau_grid}")
         if not self.la_tau_grid or min(self.la_tau_grid) < 0: raise ParamsError(f"[rebalance] la_tau_grid must be non-empty and >= 0, got {self.la_tau_grid}")
@@ -383,10 +514,10 @@ class RebalanceParams:
 
     def classifier_methods(self)->list[str]:
         "The methods fitted on cached features (all but the finetunes when `finetune` is 'network')"
-        return [m for m in self.methods if not (m in FINETUNES and self.finetune == 'network')]
+        return [m for m in self.methods if not (_is_finetune(m) and self.finetune == 'network')]
     def network_methods(self)->list[str]:
         "The finetunes that also (or only) run on the whole network, through the train stage"
-        ms = [m for m in self.methods if m in FINETUNES and self.finetune in ('network', 'both')]
+        ms = [m for m in self.methods if _is_finetune(m) and self.finetune in ('network', 'both')]
         return [NETWORK_CONTROL, *ms] if ms else []
 
 # %% ../nbs/04_rebalance.ipynb #57022290
@@ -409,49 +540,20 @@ def fit_method(method:str,
                prior_counts=None,          # (K,) images per class the classifier trained on (`aliprod.train.trained_counts`); None: train.labels' counts
               )->tuple[nn.Module, dict]:
     "The head of classifier-only `method` and what to record about it (history, τ, images used)"
-    K = num_classes
-    groups = groups or {'train_counts': class_counts(train.labels, K)}
+    if method not in METHOD_REGISTRY:
+        raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHOD_REGISTRY)}")
+    spec = METHOD_REGISTRY[method]
+    if spec.finetune and p.finetune == 'network':
+        raise ValueError(f"{method} with finetune='network' finetunes the backbone on images, not cached features: "
+                         "the stage runs it through train_stage")
+    if 'train_p_label' in spec.needs and train_p_label is None:
+        raise ValueError(f"{method} needs train_p_label (the train predictions' p_label) to pick the confident images")
+    groups = groups or {'train_counts': class_counts(train.labels, num_classes)}
     capped = train.take(head_cap(train.labels, p.head_cap, seed)) if p.head_cap else train
     fit = dict(lr=None, samples_per_epoch=p.samples_per_epoch, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=seed, device=device)
-    if method == 'tau_norm':
-        w, b = _linear_parts(classifier)
-        sweep = sweep_tau(w, b, val, groups, p.tau_grid, p.tau_bias, device=device)
-        tau = choose_tau(sweep)
-        return tau_normalized_head(w, b, tau, p.tau_bias), {'tau': tau, 'sweep': sweep}
-    if method == 'ncm': return class_means(train, K, p.ncm_norm), {'images': len(train)}
-    if method == 'logit_adjust':   # the prior the classifier learned: the rows it trained on (head-capped: not the whole split)
-        prior = log_prior(class_counts(train.labels, K) if prior_counts is None else prior_counts)   # a class it never saw counts as one image
-        sweep = sweep_logit_adjust(classifier, prior, val, groups, p.la_tau_grid, device=device)
-        tau = choose_tau(sweep)
-        return LogitAdjustedHead(copy.deepcopy(classifier).eval(), prior, tau), {'tau': tau, 'sweep': sweep}
-    if method == 'balanced_softmax':
-        prior = log_prior(class_counts(capped.labels, K))   # the data it trains on, drawn instance by instance
-        head = copy.deepcopy(classifier).requires_grad_(True)
-        bs = lambda z, y: balanced_softmax_loss(z, y, prior.to(z.device))
-        hist = fit_head(head, capped, K, p.crt_epochs, **{**fit, 'lr': p.crt_peak_lr}, mode='instance', loss=bs)
-        return head, {'history': hist, 'images': len(capped)}
-    if method == 'crt':
-        head = copy.deepcopy(classifier)
-        for m in head.modules():  # re-initialise, keep the head type (linear, cosine) and its bias or lack of one
-            if hasattr(m, 'reset_parameters'):
-                with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); m.reset_parameters()
-        head.requires_grad_(True)
-        hist = fit_head(head, capped, K, p.crt_epochs, **{**fit, 'lr': p.crt_peak_lr})
-        return head, {'history': hist, 'images': len(capped)}
-    if method == 'lws':
-        head = LearnableWeightScaling(classifier, K)
-        return head, {'history': fit_head(head, capped, K, p.lws_epochs, **{**fit, 'lr': p.lws_lr}), 'images': len(capped)}
-    if method in ('two_stage', 'balanced_subset', 'acc_loss'):
-        if p.finetune == 'network':
-            raise ValueError(f"{method} with finetune='network' finetunes the backbone on images, not cached features: the stage runs it through train_stage")
-        data = capped
-        if method in ('balanced_subset', 'acc_loss'):
-            if train_p_label is None: raise ValueError(f"{method} needs train_p_label (the train predictions' p_label) to pick the confident images")
-            data = train.take(balanced_subset(train.labels, train_p_label, p.subset_per_class))
-        head = copy.deepcopy(classifier).requires_grad_(True)
-        hist = fit_head(head, data, K, p.finetune_epochs, loss='acc' if method == 'acc_loss' else 'ce', **{**fit, 'lr': p.finetune_lr})
-        return head, {'history': hist, 'images': len(data)}
-    raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return spec.fn(MethodInputs(classifier, train, val, num_classes, p, train_p_label, seed, device, groups,
+                                prior_counts, capped, fit))
+
 
 # %% ../nbs/04_rebalance.ipynb #d5a38a3c
 @dataclass
@@ -585,7 +687,6 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
     "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
-    from aliprod.train import train_stage
     if method not in (*FINETUNES, NETWORK_CONTROL):
         raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'
@@ -630,8 +731,6 @@ def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str
 # %% ../nbs/04_rebalance.ipynb #bfff1a7c
 def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int, out_dir:Path, splits=('train', 'val', 'test'))->dict[str, Path]:
     "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted once into out_dir/features/"
-    from aliprod.core import fingerprint
-    from aliprod.data import load_index, data_root
     have = {s: Path(art.predictions[s]) for s in splits if s in art.predictions}
     if len(have) == len(splits) and all('feats' in pq.read_schema(f).names for f in have.values()):
         return have
@@ -640,11 +739,9 @@ def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int,
     stamp = d/'source.json'
     paths = {s: d/f'{s}.parquet' for s in splits}
     if stamp.exists() and json.loads(stamp.read_text()) == src and all(p.exists() for p in paths.values()): return paths
-    from aliprod.train import predict
     index = load_index(exp, iteration)
     root = data_root(exp)
     device = pick_device(exp.device)
-    from aliprod.train import load_trained_model
     net = load_trained_model(art.model_path, t, num_classes, device)
     for s, f in paths.items():
         log(f"rebalance: caching {s} embeddings of {art.model_path} at {t.eval_size} px")
@@ -680,8 +777,6 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
-    from aliprod.train import train_stage, load_trained_model, trained_counts
-    from aliprod.data import prepare_data, load_index, index_path, shot_groups, data_artifacts, choosing_rows
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with

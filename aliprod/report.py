@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, manifest_status, fingerprint, seed_runs)
+                          atomic_path, code_version, hardware, log, manifest_status, fingerprint, seed_runs,
+                          atomic_write_json, atomic_savefig)
 from .escape import csv_safe, markdown_table, read_csv_safe
-from .metrics import BOOTSTRAP_DRAWS, holm
-from .data import shot_groups
+from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
+from .data import shot_groups, load_index, reporting_rows, choosing_rows
+from .predictions import read_topk
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES',
@@ -158,18 +160,14 @@ def transfer_table(chain:pd.DataFrame)->pd.DataFrame:
 
 def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BOOTSTRAP_DRAWS)->dict:
     "Δ lo, Δ hi and verdict of r against base from their predictions (same images, the row's labels); nan without both predictions"
-    from aliprod.metrics import paired_delta
-    from aliprod.predictions import read_topk
     none = {'Δ lo': np.nan, 'Δ hi': np.nan, 'verdict': None, 'p': np.nan}
     if exp is None or not all(isinstance(x.get('predictions'), str) for x in (r, base)): return none   # a missing file reads as nan
     b, a = (read_topk(experiment_dir(exp)/x['predictions']) for x in (r, base))
     if r.get('metrics_file') == REPORTING_METRICS:   # the row's numbers are on the reporting images: so is its interval
-        from aliprod.data import load_index, reporting_rows
         keep = reporting_rows(load_index(exp, 0), r['split'], exp.seed)
         a, b = a.take(np.isin(a.rows, keep)), b.take(np.isin(b.rows, keep))
     clean = None
     if r['labels'] == 'clean':
-        from aliprod.data import load_index
         clean = load_index(exp, 0).set_index('row').loc[a.rows, 'clean_label'].to_numpy()
     try: d = paired_delta(a, b, clean_label=clean, B=B, names=(base['source'], r['source']))
     except ValueError as e:
@@ -222,10 +220,6 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
                       split:str,              # `ReportParams.split`
                      )->tuple[pd.DataFrame, str]:
     "Rows of a split that also chose, evaluated on its reporting images only; and which images chose and which report"
-    from aliprod.core import atomic_write_json
-    from aliprod.data import load_index, choosing_rows, reporting_rows, shot_groups
-    from aliprod.metrics import evaluate
-    from aliprod.predictions import read_topk
     if not len(m): return m, f"No run has {split} metrics yet: no number to say the roles of"
     index = load_index(exp, 0)
     choose = choosing_rows(index, exp.seed)
@@ -362,9 +356,6 @@ def per_class_frame(exp:ExperimentParams,
                     labels:str='clean',   # 'clean': the index's ground truth (where known); 'given': the labels the stage evaluated against
                    )->pd.DataFrame:
     "Per-class accuracy of a predictions file of the run, with the data stage's class sizes and shot groups (`shot_groups(exp)`)"
-    from aliprod.data import load_index
-    from aliprod.predictions import read_topk
-    from aliprod.metrics import per_class_accuracy
     t = read_topk(experiment_dir(exp)/predictions)
     clean = None
     if labels == 'clean':
@@ -560,8 +551,6 @@ def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, 
 # %% ../nbs/07_report.ipynb #d50d7fa3
 def _per_class_rows(exp:ExperimentParams, t, labels:str)->pd.DataFrame:
     "per_class_frame of in-memory predictions"
-    from aliprod.metrics import per_class_accuracy
-    from aliprod.data import load_index
     clean = None
     if labels == 'clean':
         index = load_index(exp, 0).set_index('row')
@@ -572,7 +561,6 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
                    runs:CurrentRuns|None=None, # other stages' figures: only those a current run stands behind
                   )->tuple[dict, list]:
     "Draw and save the report's own figures; return them and the (title, file, caption) of every figure the page shows"
-    from aliprod.predictions import read_topk
     rep, where = report_dir(exp), f"the {rp.split} split, {labels_phrase(rp.target)}"
     figs, own, runs = {}, [], runs or CurrentRuns(exp)
     present = chain[chain['status'] == 'present'] if len(chain) else chain
@@ -595,7 +583,6 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
     if len(alone):
         figs['shot_groups_alone'] = plot_shot_groups(alone, 'technique', f'{exp.experiment}: each technique alone ({rp.split} split)')
         own.append(('Shot groups, each technique alone', 'shot_groups_alone.png', f'Many/medium/few-shot accuracy of each technique alone on {where}.'))
-    from aliprod.core import atomic_savefig
     for name, fig in figs.items():
         atomic_savefig(fig, rep/f'{name}.png', dpi=110); plt.close(fig)  # closed: the notebook shows them where it asks
     galleries = [(f'Flagged samples, cleaning round {f.stem.split("_")[1]}', f.name, 'Training samples (train split) the round flagged as noisy.')
@@ -677,7 +664,6 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
     if len(runs) == 1:
         header['seeds'] = ONE_SEED
         return ''
-    from aliprod.data import load_index
     chains, alones, systems = {exp.seed: chain if system is not None else None}, {exp.seed: alone}, {exp.seed: system}
     cols, apart = ['row', 'path', 'label', 'split', 'role'], []
     try: mine = load_index(exp, 0)[cols]

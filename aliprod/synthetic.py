@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from .core import ParamsError
-from .data import INDEX_COLUMNS, DataParams, ReadResult, _typed, empty_quarantine
+from .schema import INDEX_COLUMNS, DataParams, ReadResult, _typed, empty_quarantine
 from .images import process_pool
 
 # %% auto #0

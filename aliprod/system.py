@@ -14,8 +14,16 @@ from .core import (resolve_iteration, ExperimentParams, ParamsError, params_sect
                           pick_device, log, manifest_status, current_manifest, project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk, topk_from_probs
-from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS
+from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
+from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
+from .rebalance import (LearnableWeightScaling, linear_head, NearestClassMean, tau_normalized_head, ncm_temperature,
+                               rebalance_stage, METHODS)
+from .losses import LogitAdjustedHead
+from .train import eval_transform, train_job, eval_splits, TrainParams, load_trained_model
+from .models import data_config
+from .images import ImageIndexDataset
+from .tta import tta_views, enlarged_size, predict_tta, parse_variant
 
 # %% auto #0
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
@@ -40,7 +48,6 @@ def evaluation_sets(index:pd.DataFrame, # the index (row, label, split)
                     seed:int=0,         # seed of `choosing_half` (no test split)
                    )->EvalSets:
     "The data stage's roles (`aliprod.data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
-    from aliprod.data import choosing_rows, reporting_rows
     choose = choosing_rows(index, seed)
     if not len(choose):
         raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on validation")
@@ -229,7 +236,6 @@ def against_each_single_technique(final:Candidate,          # the system
                                   y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
                                   B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
     "The system against every single technique on the reporting images: paired Δ (system − technique), interval, Holm's p"
-    from aliprod.metrics import holm
     rows = []
     for c in singles:
         d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')), B=B, seed=seed)
@@ -244,8 +250,6 @@ def against_each_single_technique(final:Candidate,          # the system
 # %% ../nbs/06b_system.ipynb #932595ff
 def _wrapped(method:str, classifier:nn.Module, state:dict)->nn.Module:
     "The rebalance method's module around a copy of `classifier`, its buffers and parameters sized from `state`"
-    from aliprod.rebalance import LearnableWeightScaling
-    from aliprod.losses import LogitAdjustedHead
     c = copy.deepcopy(classifier)
     if method == 'lws': return LearnableWeightScaling(c, len(state['scales']))
     if method == 'logit_adjust': return LogitAdjustedHead(c, state['log_prior'], float(state['tau']))
@@ -274,7 +278,6 @@ def classifier_tensors(classifier:nn.Module)->dict:
 
 def build_head(head:dict, classifier:nn.Module|None=None)->nn.Module:
     "The nn.Module of a system head (`classifier`: the model's own, needed for 'classifier' and 'module')"
-    from aliprod.rebalance import linear_head, NearestClassMean
     kind = head['kind']
     if kind == 'classifier': return classifier
     if kind == 'linear': return linear_head(head['weight'].float(), None if head.get('bias') is None else head['bias'].float())
@@ -287,7 +290,6 @@ def build_head(head:dict, classifier:nn.Module|None=None)->nn.Module:
 
 def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
     "The linear head τ-normalised, its bias by `rebalance.tau_bias` (the rebalance stage's sweep's rule, at every τ)"
-    from aliprod.rebalance import tau_normalized_head
     if head['kind'] != 'linear': raise ValueError(f"τ-normalisation needs a linear head, got {head['kind']!r}")
     b = head.get('bias')
     h = tau_normalized_head(head['weight'].float(), None if b is None else b.float(), float(tau), bias_mode)
@@ -308,10 +310,6 @@ def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
                    )->torch.Tensor:
     "(N,D) float32 embeddings of `df`'s images, averaged over the TTA views (one forward per batch of views)"
     from torch.utils.data import DataLoader
-    from aliprod.train import eval_transform
-    from aliprod.models import data_config
-    from aliprod.images import ImageIndexDataset
-    from aliprod.tta import tta_views, enlarged_size
     cfg = data_config(model)
     px = size if tta is None else enlarged_size(size, tta['enlarge'])
     ds = ImageIndexDataset(df, root, transform=eval_transform(px, cfg['mean'], cfg['std']))
@@ -352,8 +350,6 @@ class SystemParams:
     bs:int=64                         # images per forward when embedding
     workers:int=0                     # DataLoader workers
     def __post_init__(self):
-        from aliprod.rebalance import METHODS
-        from aliprod.tta import parse_variant
         bad = [m for m in (self.methods or []) if m.removesuffix('-network') not in ('baseline', *METHODS)]
         if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} (and '<method>-network')")
         for v in self.tta_variants or []: parse_variant(v)
@@ -398,7 +394,6 @@ def _features_file(reb_dir:Path, model_run:Path, split:str)->Path|None:
 
 def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int)->tuple[dict, TopK, TopK]|None:
     "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its choosing and reporting top-k"
-    from aliprod.rebalance import ncm_temperature
     out, cache = [], {}
     for split, rows in ((sets.choose_split, sets.choose_rows), (sets.report_split, sets.report_rows)):
         f = _features_file(reb_dir, model_run, split)
@@ -451,8 +446,6 @@ def cleaning_rounds_run(exp:ExperimentParams)->int:
 
 def round_status(exp:ExperimentParams, data, t, r:int)->str:
     "'' when train/<r> is what the current train parameters produce on round r's index, outputs unchanged; else why not"
-    from aliprod.train import train_job, eval_splits
-    from aliprod.data import load_index, index_path
     d = experiment_dir(exp)/'train'/str(r)
     if not (d/'model.pth').exists(): return 'no trained model'
     if r > 0 and (why := manifest_status(experiment_dir(exp)/'clean'/str(r))[1]): return f'its index, clean/{r}: {why}'
@@ -543,7 +536,6 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
 
 # %% ../nbs/06b_system.ipynb #9977deee
 def _load_member_model(exp_dir:Path, member:dict, num_classes:int, device, cache:dict):
-    from aliprod.train import TrainParams, load_trained_model
     key = member['model']
     if key not in cache:
         t = TrainParams(**member['train'])
@@ -558,7 +550,6 @@ def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10
     size = (member.get('tta') or {}).get('size') or t.eval_size
     tta = member.get('tta')
     if tta and tta.get('average') == 'probs':   # as the TTA stage: each view through the whole model, probabilities averaged
-        from aliprod.tta import predict_tta
         import tempfile as _tf
         with _tf.TemporaryDirectory() as d:
             return read_topk(predict_tta(model, df.assign(split='x'), 'x', Path(d)/'p.parquet', root, size, tta['views'], tta['enlarge'], k, bs, workers, device))
@@ -648,7 +639,6 @@ def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
 
 def _rebalance_round(exp, data, t, rp, r:int):
     "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
-    from aliprod.rebalance import rebalance_stage
     q = dataclasses.replace(rp, iteration=r)
     if r != rp.iteration and rp.finetune != 'classifier': q = dataclasses.replace(q, finetune='classifier')
     return rebalance_stage(exp, data, dataclasses.replace(t, iteration=r), q)
@@ -677,7 +667,6 @@ TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
     "The TTA variant with the chosen head: view-averaged embeddings through it (no TTA first unless not [system] plain)"
-    from aliprod.tta import parse_variant
     m = prev.recipe['members'][0]
     head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
     def embed(rows, spec):
@@ -722,7 +711,6 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                  hires_tag:str|None=None, # train tag of the high-res finetune's control (the chain says where its effect is measured)
                 )->SystemArtifacts:
     "The whole stage: compose the final system chosen on the choosing images, write its artifact and its cumulative chain on the reporting images"
-    from aliprod.data import load_index, dataset_info, shot_groups, index_path
     rp = dataclasses.replace(rp, iteration=resolve_iteration(exp, rp.iteration, what='[rebalance] iteration'))   # 'kept': a number
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']

@@ -30,24 +30,26 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from .core import (project_relative, ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
                           experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
-                          atomic_write_text, atomic_write_parquet, StageRun, log)
+                          atomic_write_text, atomic_write_parquet, StageRun, log, atomic_savefig)
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
                                rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
-from .launch import torchrun_command, launch_torchrun, main
+from .launch import launch_torchrun
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
 from .metrics import evaluate, per_class_accuracy
 from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
+from .escape import csv_safe
 
 # %% auto #0
 __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
            'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
            'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
            'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
-           'train_stage', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split', 'train_report']
+           'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split',
+           'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 # the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
@@ -598,7 +600,7 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
     job, run = train_job(exp, data, p, it, fold, folds, **kw)
     def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
-        if p.world_size > 1: launch_torchrun(job)
+        if p.world_size > 1: launch_job(job)
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
         return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
@@ -624,8 +626,12 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
 
 
 # %% ../nbs/02_train.ipynb #0421e1ca
-# `python -m aliprod.train --params job.json` starts a worker too (the entry point before aliprod.launch); a notebook kernel has no __file__
-if __name__ == '__main__' and '__file__' in globals(): main()
+def launch_job(job:TrainJob)->None:
+    "Write `job` to job.json and run it under torchrun in `gpus × nodes` processes, each `python -m aliprod.worker`"
+    path = Path(job.out_dir)/'job.json'
+    atomic_write_json(path, job.to_json())
+    # the worker module is named, not imported: aliprod.worker imports this module
+    launch_torchrun('aliprod.worker', path, job.p.gpus, job.p.nodes, job.p.rdzv_endpoint, key='[train] rdzv_endpoint')
 
 # %% ../nbs/02_train.ipynb #66d8f0cf
 def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
@@ -682,8 +688,6 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
         pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
         figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
         tables['per_class'] = pc
-    from aliprod.core import atomic_savefig
-    from aliprod.escape import csv_safe
     atomic_savefig(figs['history'], out/f'{name}.png', dpi=100)
     if 'per_class' in figs: atomic_savefig(figs['per_class'], out/f'{name}_per_class.png', dpi=100)
     atomic_write_text(out/f'{name}_metrics.csv', csv_safe(tables['metrics']).to_csv())

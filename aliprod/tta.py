@@ -5,44 +5,94 @@
 # %% ../nbs/05_tta.ipynb #1a6544e2
 from __future__ import annotations
 import dataclasses, json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from .core import (check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
-                          atomic_write_json, StageRun, log)
+                          atomic_write_json, StageRun, log, report_dir, atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
+from .predict import stream_predictions, eval_transform
+from .models import data_config, _fixed_input_size
+from .metrics import evaluate
+from .train import train_stage, load_trained_model
+from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
 
 # %% auto #0
-__all__ = ['VIEWS', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs', 'enlarged_size', 'predict_tta', 'split_metrics',
-           'parse_variant', 'variant_name', 'TTAParams', 'TTAArtifacts', 'tta_stage', 'metrics_table', 'figure_split',
-           'tta_report']
+__all__ = ['VIEW_REGISTRY', 'VIEWS', 'View', 'register_view', 'view_scope', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs',
+           'enlarged_size', 'predict_tta', 'split_metrics', 'parse_variant', 'variant_name', 'TTAParams',
+           'TTAArtifacts', 'tta_stage', 'metrics_table', 'figure_split', 'tta_report']
 
 # %% ../nbs/05_tta.ipynb #109a4059
-VIEWS = {'center': 1, 'flip': 2, 'five': 5, 'ten': 10, 'full': 1}
+@dataclass(frozen=True)
+class View:
+    "A registered TTA view set: `fn(x, [s, s]) -> list of (B,C,·,·)` views, how many, whether they are crops"
+    name:str
+    fn:Callable
+    n:int         # views per image
+    crops:bool    # crops at the training size (so enlarge >= 1); False: the whole image
+
+VIEW_REGISTRY:dict[str, View] = {}   # name -> View
+
+def register_view(name:str, n:int, crops:bool=True):
+    "Decorator: register `fn(x:(B,C,H,W), size:[s, s]) -> n tensors` as the TTA views `name`"
+    def deco(fn):
+        if name in VIEW_REGISTRY:
+            raise ValueError(f"register_view: TTA views {name!r} are already registered "
+                             f"({VIEW_REGISTRY[name].fn.__qualname__}); choose another name")
+        if '@' in name or '-' in name:   # they separate the views from the enlarge in variants and their directories
+            raise ValueError(f"register_view({name!r}): a views name holds no '@' or '-'")
+        VIEW_REGISTRY[name] = View(name, fn, n, crops)
+        return fn
+    return deco
+
+@contextmanager
+def view_scope():
+    "Views registered inside the `with` are unregistered on exit (tests, trying views in a notebook)"
+    saved = dict(VIEW_REGISTRY)
+    try: yield VIEW_REGISTRY
+    finally: VIEW_REGISTRY.clear(); VIEW_REGISTRY.update(saved)
+
+@register_view('center', 1)
+def _center(x, s): return [TF.center_crop(x, s)]
+
+@register_view('flip', 2)
+def _flip(x, s):
+    c = TF.center_crop(x, s)
+    return [c, TF.horizontal_flip(c)]
+
+@register_view('five', 5)
+def _five(x, s): return TF.five_crop(x, s)
+
+@register_view('ten', 10)
+def _ten(x, s): return TF.ten_crop(x, s)
+
+@register_view('full', 1, crops=False)
+def _full(x, s): return [x]
+
+VIEWS = {k: v.n for k, v in VIEW_REGISTRY.items()}   # the built-in views and their counts, fixed at import
 
 def tta_views(x:Tensor,        # (B,C,H,W) test images, already resized (enlarged)
               size:int,        # crop size: the training resolution
-              views:str='ten', # 'center' | 'flip' | 'five' | 'ten' | 'full'
+              views:str='ten', # a name in VIEW_REGISTRY: 'center' | 'flip' | 'five' | 'ten' | 'full'
              )->Tensor:
     "(B,V,C,size,size) crops of a batch (`full`: (B,1,C,H,W), the images themselves)"
-    if views not in VIEWS: raise ValueError(f"Unknown views {views!r}; valid: {', '.join(VIEWS)}")
+    if views not in VIEW_REGISTRY: raise ValueError(f"Unknown views {views!r}; valid: {', '.join(VIEW_REGISTRY)}")
     if x.ndim != 4: raise ValueError(f"tta_views wants a (B,C,H,W) batch, got shape {tuple(x.shape)}")
-    if views == 'full': return x[:, None]
+    spec = VIEW_REGISTRY[views]
+    if not spec.crops: return torch.stack(list(spec.fn(x, None)), dim=1)
     H, W = x.shape[-2:]
-    if size > min(H, W): raise ValueError(f"Cannot crop {size}px views from {H}×{W} images: the test resize must be at least the training size (enlarge >= 1)")
-    s = [size, size]
-    if views == 'center': v = [TF.center_crop(x, s)]
-    elif views == 'flip':
-        c = TF.center_crop(x, s)
-        v = [c, TF.horizontal_flip(c)]
-    elif views == 'five': v = TF.five_crop(x, s)
-    else: v = TF.ten_crop(x, s)
-    return torch.stack(list(v), dim=1)
+    if size > min(H, W):
+        raise ValueError(f"Cannot crop {size}px views from {H}×{W} images: the test resize must be at least the training size (enlarge >= 1)")
+    out = torch.stack(list(spec.fn(x, [size, size])), dim=1)
+    if out.shape[1] != spec.n:
+        raise ValueError(f"TTA views {views!r} gave {out.shape[1]} views per image, registered as {spec.n}")
+    return out
 
 def ten_crop(x:Tensor, size:int)->Tensor:
     "(B,10,C,size,size): corners and centre of each image, then of its horizontal flip"
@@ -89,8 +139,6 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
                 failed:list|None=None, # appended with (row, path, error) of images that failed to load: they get no prediction
                )->Path:
     "Write top-k predictions of `split` averaged over the TTA views to `out`, streaming, through the guarded loop of `aliprod.predict`"
-    from aliprod.predict import stream_predictions, eval_transform
-    from aliprod.models import data_config
     df = index if split is None else index[index['split'] == split]
     if not len(df): raise ValueError(f"No rows of split {split!r} in the index; choose [tta] splits among {sorted(index['split'].unique())}")
     cfg = data_config(model)
@@ -105,7 +153,6 @@ def split_metrics(t,                       # TopK predictions of one split
                   train_counts:np.ndarray, # (K,) training images per class of the model
                   split:str, **kwargs)->dict:
     "{split: evaluate(given labels), split_clean: evaluate(clean labels) where any are known}, as the train stage reports them"
-    from aliprod.metrics import evaluate
     topk = (1, min(5, t.num_classes, t.k))
     out = {split: evaluate(t, train_counts=train_counts, topk=topk, **kwargs)}
     if 'clean_label' in index.columns:
@@ -119,9 +166,9 @@ def parse_variant(v:str)->tuple[str, float]:
     views, sep, enlarge = str(v).partition('@')
     try: e = float(enlarge) if sep else 1.0
     except ValueError: e = None
-    if views not in VIEWS or e is None or e <= 0:
-        raise ParamsError(f"TTA variant {v!r} must be '<views>@<enlarge>' with views in {', '.join(VIEWS)} and enlarge > 0, e.g. 'ten@1.5'")
-    if views != 'full' and e < 1: raise ParamsError(f"TTA variant {v!r}: crops need enlarge >= 1 (the test image at least the training size)")
+    if views not in VIEW_REGISTRY or e is None or e <= 0:
+        raise ParamsError(f"TTA variant {v!r} must be '<views>@<enlarge>' with views in {', '.join(VIEW_REGISTRY)} and enlarge > 0, e.g. 'ten@1.5'")
+    if VIEW_REGISTRY[views].crops and e < 1: raise ParamsError(f"TTA variant {v!r}: crops need enlarge >= 1 (the test image at least the training size)")
     return views, e
 
 def variant_name(views:str, enlarge:float, tag:str='')->str:
@@ -133,7 +180,7 @@ def variant_name(views:str, enlarge:float, tag:str='')->str:
 class TTAParams:
     iteration:int|str|None=None # cleaning iteration of the model to test; 'kept': the round the clean stage kept; None: [train] iteration
     tag:str|None=None       # train run tag (runs/<exp>/train-<tag>/); None: [train] tag
-    views:Literal['center','flip','five','ten','full']='ten' # main variant: ten-crop (2021 report, 2020 winner)
+    views:str='ten'         # main variant (a VIEW_REGISTRY name): ten-crop (2021 report, 2020 winner)
     enlarge:float=1.5       # main variant: test resize / training size (FixRes; 2021 report: 1.5)
     compare:list[str]=field(default_factory=lambda: ['center@1']) # more variants 'views@enlarge' for the ablation table
     size:int|None=None      # training size the views are cropped to; None: the train stage's eval size (finetune_size or img_size)
@@ -146,6 +193,8 @@ class TTAParams:
     def __post_init__(self):
         if self.iteration is not None: check_iteration(self.iteration, '[tta] iteration')
         if self.tag: check_name(self.tag, '[tta] tag')  # names runs/<exp>/train-<tag>/ and the variant directories
+        if self.views not in VIEW_REGISTRY:   # the views are registered (`register_view`), not a fixed Literal
+            raise ParamsError(f"Key 'views' in [tta] must be one of {', '.join(VIEW_REGISTRY)}, got {self.views!r}")
         parse_variant(f'{self.views}@{self.enlarge}')
         for v in self.compare: parse_variant(v)
         if self.splits is not None:
@@ -198,13 +247,10 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
               iteration:int|None=None,  # overrides p.iteration
              )->TTAArtifacts:
     "Predict the chosen splits with every TTA variant of `p` and evaluate them (variants up to date are skipped); write the table and figure"
-    from aliprod.train import train_stage, load_trained_model
-    from aliprod.data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
-    from aliprod.models import _fixed_input_size
     it = resolve_iteration(exp, iteration if iteration is not None else p.iteration if p.iteration is not None else train_p.iteration, what='[tta] iteration')
     tp = dataclasses.replace(train_p, iteration=it, tag=train_p.tag if p.tag is None else p.tag)
     size = p.size or tp.eval_size
-    if _fixed_input_size(tp.arch) and any(v == 'full' and e != 1 for v, e in p.variants):
+    if _fixed_input_size(tp.arch) and any(not VIEW_REGISTRY[v].crops and e != 1 for v, e in p.variants):
         raise ParamsError(f"[tta] 'full' views at enlarge != 1 need a backbone that takes any input size; {tp.arch} takes {size}px only: use crops (ten/five/center)")
     prepare_data(exp, data)
     index_file = index_path(exp, it)
@@ -258,7 +304,6 @@ def figure_split(table:pd.DataFrame)->str|None:
 def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
     "The error table of every variant (and the train stage's own) and a bar chart of mean class error, written into the report directory"
     import matplotlib.pyplot as plt
-    from aliprod.core import report_dir, atomic_savefig, atomic_write_text
     table = metrics_table({'train (no TTA)': art.train_metrics, **art.metrics})
     out = report_dir(exp)
     atomic_write_text(out/f'tta_{art.out_dir.name}.csv', csv_safe(table).to_csv(index=False))
