@@ -76,12 +76,27 @@ def test_symlinked_lock_is_refused_and_its_target_kept(tmp_path):
     assert f"{tmp_path}/runs/lk/data/.lock is a symbolic link (to {victim})" in r.stderr, r.stderr[-2000:]
 
 
+def _as_from_a_terminal():
+    "In the child before exec: SIGINT at its default disposition and not blocked, as a shell's foreground job has it"
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _sigint_state(pid:int)->str:
+    "The SigBlk/SigIgn/SigCgt lines of a process: why a SIGINT was not acted on"
+    try: lines = Path(f'/proc/{pid}/status').read_text().splitlines()
+    except OSError: return 'gone'
+    return ' '.join(l for l in lines if l.startswith(('SigBlk', 'SigIgn', 'SigCgt')))
+
+
 def test_second_run_of_an_experiment_is_refused_and_ctrl_c_is_one_line(tmp_path):
     "While `aliprod run` holds an experiment a second one fails at once, naming it; Ctrl-C ends the first: rc 130"
     # 40 epochs: the first run is still training when the second has imported torch, however loaded the machine
     f = _params(tmp_path, 'busy', **{**TINY, 'data': POOL_DATA, 'train': {**TINY['train'], 'epochs': 40}})
+    # as from a terminal: SIGINT handled and unblocked in the run, whatever an earlier test left in this (xdist) worker
+    # process (an ignored or blocked SIGINT is inherited across exec, and Python then never raises KeyboardInterrupt)
     first = subprocess.Popen([ALIPROD, 'run', str(f), '--in-process'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT)
+                             text=True, cwd=ROOT, preexec_fn=_as_from_a_terminal)
     below = []
     try:
         below = _wait_for_worker(first)   # inside the run: the data stage's pool
@@ -92,12 +107,13 @@ def test_second_run_of_an_experiment_is_refused_and_ctrl_c_is_one_line(tmp_path)
         assert second.returncode == 1, second.stderr[-2000:]
         said = f"experiment 'busy' is being run already: another process (pid {first.pid} on "
         assert said in second.stderr, second.stderr[-2000:]
+        state = _sigint_state(first.pid)
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=300)   # generous: CI shares 2 cores with a second pytest worker
     finally:
         if first.poll() is None: first.kill(); first.wait()
         _kill_all(kr.alive(below))
-    assert first.returncode == 130, err[-3000:]
+    assert first.returncode == 130, f'{state}\n{err[-3000:]}'
     assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith('aliprod: interrupted'), err[-3000:]
 
 
