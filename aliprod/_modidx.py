@@ -235,6 +235,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'aliprod.core.project_root': ('core.html#project_root', 'aliprod/core.py'),
                               'aliprod.core.quiet_third_party_warnings': ('core.html#quiet_third_party_warnings', 'aliprod/core.py'),
                               'aliprod.core.refuse_link': ('core.html#refuse_link', 'aliprod/core.py'),
+                              'aliprod.core.registry_scope': ('core.html#registry_scope', 'aliprod/core.py'),
                               'aliprod.core.remove_stale_temp_files': ('core.html#remove_stale_temp_files', 'aliprod/core.py'),
                               'aliprod.core.report_dir': ('core.html#report_dir', 'aliprod/core.py'),
                               'aliprod.core.resolve_iteration': ('core.html#resolve_iteration', 'aliprod/core.py'),

@@ -10,7 +10,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
-from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
+from .core import (registry_scope, ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
                           atomic_write_json, StageRun, fingerprint, log, project_relative,
                           project_root, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
@@ -78,12 +78,9 @@ def register_rule(name:str, needs:tuple[str, ...]=()):
         return fn
     return deco
 
-@contextmanager
 def rule_scope():
-    "Rules registered inside the `with` are unregistered on exit (tests, trying a rule in a notebook)"
-    saved = dict(RULE_REGISTRY)
-    try: yield RULE_REGISTRY
-    finally: RULE_REGISTRY.clear(); RULE_REGISTRY.update(saved)
+    "Rules registered inside the `with` are unregistered on exit (tests, trying one in a notebook)"
+    return registry_scope(RULE_REGISTRY)
 
 def rules_needing(rules, need:str)->list[str]:
     "The rules among `rules` that need `need` (a key of `RULE_NEEDS`)"

@@ -21,8 +21,8 @@ __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS'
            'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint',
            'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
            'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware',
-           'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'notebook_run_kind', 'in_stage_run',
-           'stage_cell_filter', 'skip_to_stage_run']
+           'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'registry_scope', 'notebook_run_kind',
+           'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -766,6 +766,13 @@ def quiet_third_party_warnings():
     import warnings
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings('ignore', message=message, category=category, module=module)
+
+@contextmanager
+def registry_scope(registry:dict):
+    "Names registered in `registry` inside the `with` are unregistered on exit (tests, trying a variant in a notebook)"
+    saved = dict(registry)
+    try: yield registry
+    finally: registry.clear(); registry.update(saved)
 
 # %% ../nbs/00_core.ipynb #a7bc940c
 STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+from .core import (registry_scope, check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                           atomic_write_parquet, run_dir, report_dir, StageRun, params_dict, ExperimentParams, pick_device,
                           fingerprint)
 from .escape import csv_safe, markdown_table, read_csv_safe
@@ -378,12 +378,9 @@ def register_method(name:str, needs:tuple[str, ...]=(), finetune:bool=False):
         return fn
     return deco
 
-@contextmanager
 def method_scope():
-    "Methods registered inside the `with` are unregistered on exit (tests, trying a method in a notebook)"
-    saved = dict(METHOD_REGISTRY)
-    try: yield METHOD_REGISTRY
-    finally: METHOD_REGISTRY.clear(); METHOD_REGISTRY.update(saved)
+    "Methods registered inside the `with` are unregistered on exit (tests, trying one in a notebook)"
+    return registry_scope(METHOD_REGISTRY)
 
 # every method is one decorated function; the registration order is the ablation's default row order (keep it)
 @register_method('crt')

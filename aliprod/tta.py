@@ -13,7 +13,7 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
-from .core import (check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
+from .core import (registry_scope, check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
                           atomic_write_json, StageRun, log, report_dir, atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
@@ -51,12 +51,9 @@ def register_view(name:str, n:int, crops:bool=True):
         return fn
     return deco
 
-@contextmanager
 def view_scope():
-    "Views registered inside the `with` are unregistered on exit (tests, trying views in a notebook)"
-    saved = dict(VIEW_REGISTRY)
-    try: yield VIEW_REGISTRY
-    finally: VIEW_REGISTRY.clear(); VIEW_REGISTRY.update(saved)
+    "Views registered inside the `with` are unregistered on exit (tests, trying one in a notebook)"
+    return registry_scope(VIEW_REGISTRY)
 
 @register_view('center', 1)
 def _center(x, s): return [TF.center_crop(x, s)]
