@@ -4,26 +4,29 @@
 
 # %% ../nbs/07_report.ipynb #1760d8c6
 from __future__ import annotations
-import html, json, math, time
+import html, json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
 from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
                           atomic_path, code_version, hardware, log, manifest_status, fingerprint, seed_runs,
-                          atomic_write_json, atomic_savefig)
-from .escape import csv_safe, markdown_table, read_csv_safe
+                          atomic_write_json, atomic_savefig, project_relative)
+from .escape import csv_safe, markdown_table, markdown_text, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
 from .data import shot_groups, load_index, reporting_rows, choosing_rows
 from .predictions import read_topk
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES',
+__all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'FINDING_GROUPS', 'SHOWN_PER_GROUP', 'ONE_SEED',
+           'SEEDS_RULE', 'STAGE_FIGURES', 'CHAIN_GLANCE_COLUMNS', 'FACTS', 'RUN_TABLES', 'CSS', 'OTHER_TABLES',
            'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain', 'transfer_table', 'alone_table',
-           'on_reporting_rows', 'findings', 'seeds_verdict', 'aggregate_seeds', 'seeds_system', 'check_traceable',
-           'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header',
-           'write_report', 'from_current_run', 'stage_tables', 'report_figures', 'system_sentence',
-           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
+           'on_reporting_rows', 'Finding', 'findings', 'findings_note', 'findings_groups', 'seeds_verdict',
+           'aggregate_seeds', 'seeds_system', 'check_traceable', 'per_class_frame', 'predictions_of',
+           'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header', 'display_frame', 'system_choices',
+           'chain_glance', 'header_facts', 'run_tables', 'write_report', 'from_current_run', 'stage_tables',
+           'report_figures', 'headline', 'against_single_techniques', 'cleaning_sentence', 'report_summary',
+           'ReportArtifacts', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -183,33 +186,36 @@ def alone_table(m:pd.DataFrame, p:ReportParams,
                )->pd.DataFrame:
     "Each technique against the baseline it modifies: same model, one change; Δ with its paired 95% interval where both predictions exist"
     rows = []
-    def add(technique, r, base, what):
+    def add(technique, r, base, what, stage):
         if r is None or base is None: return
-        rows.append({'technique': technique, 'compared with': what, 'split': r['split'], 'labels': r['labels'], **{c: r[c] for c in ('top1_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')},
+        rows.append({'technique': technique, 'stage': stage, 'compared with': what, 'split': r['split'], 'labels': r['labels'], **{c: r[c] for c in ('top1_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')},
                      'Δ mean class err': r['mean_class_err'] - base['mean_class_err'], **_paired_interval(exp, r, base, p.bootstrap),
                      'Δ few acc': _minus(r['few_acc'], base['few_acc']), 'images': r.get('n'), 'metrics file': f"{r['metrics_file']} [{r['metrics_key']}]"})
     t0 = _pick(m, 'train', '', 0)
     for _, r in m[(m['stage'] == 'train') & (m['name'] == '') & (m['iteration'] > 0)].sort_values('iteration').iterrows():
-        add(f"cleaning, {r['iteration']} round{'s' if r['iteration'] > 1 else ''}", r, t0, 'iteration-0 model')
+        add(f"cleaning, {r['iteration']} round{'s' if r['iteration'] > 1 else ''}", r, t0, 'iteration-0 model', 'cleaning')
     for it in sorted(m.loc[m['stage'] == 'rebalance', 'iteration'].unique()):
         base, ctl = _pick(m, 'rebalance', 'baseline', it), _pick(m, 'rebalance', 'instance-network', it)
         for _, r in m[(m['stage'] == 'rebalance') & (m['iteration'] == it) & (m['name'] != 'baseline')].iterrows():
             if r['name'].endswith('-network') and r['name'] != 'instance-network' and ctl is not None:   # same length, its own sampling
-                add(f"{r['name']}", r, ctl, f'instance-sampled whole-network finetune of the same length, iteration {it}')
-            else: add(f"{r['name']}", r, base, f'instance-balanced classifier of the iteration-{it} model')
+                add(f"{r['name']}", r, ctl, f'instance-sampled whole-network finetune of the same length, iteration {it}',
+                    'rebalance')
+            else: add(f"{r['name']}", r, base, f'instance-balanced classifier of the iteration-{it} model', 'rebalance')
     for it in sorted(m.loc[m['stage'] == 'tta', 'iteration'].unique()):
         base = _pick(m, 'tta', 'center-x1', it)
         for _, r in m[(m['stage'] == 'tta') & (m['iteration'] == it) & (m['name'] != 'center-x1')].iterrows():
-            add(f"TTA {r['name']}", r, base, f'centre crop of the iteration-{it} model')
+            add(f"TTA {r['name']}", r, base, f'centre crop of the iteration-{it} model', 'tta')
     for _, r in m[(m['stage'] == 'train') & m['name'].str.startswith('finegrained-') & (m['name'] != 'finegrained-plain')].iterrows():
         add(r['name'].replace('finegrained-', '').upper() + ' finetune', r, _pick(m, 'train', 'finegrained-plain', r['iteration']),
-            'plain finetune of the same length')
+            'plain finetune of the same length', 'finegrained')
     for _, r in m[(m['stage'] == 'train') & (m['name'] != '') & ~m['name'].str.startswith('finegrained-')].iterrows():
         main = _pick(m, 'train', '', r['iteration'])
         if main is not None and r['name'] == p.hires_tag:
-            add('high-resolution finetune', main, r, f"tag {r['name']!r}: the same epochs, the finetune ones at the training size")
+            # one row per trained iteration: the iteration in its name tells them apart (and pairs them across seeds)
+            add(f"high-resolution finetune, iteration {r['iteration']}", main, r,
+                f"tag {r['name']!r}: the same epochs, the finetune ones at the training size", 'high-resolution')
     for _, r in m[m['stage'] == 'ensemble'].iterrows():
-        add(f"ensemble {r['name']}", r, t0, 'iteration-0 model')
+        add(f"ensemble {r['name']}", r, t0, 'iteration-0 model', 'ensemble')
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_report.ipynb #e2a5c4b6
@@ -246,36 +252,73 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
             f"evaluated again from its predictions on them alone ({REPORTING_METRICS})")
 
 # %% ../nbs/07_report.ipynb #853a0153
+FINDING_GROUPS = {'cleaning': 'Cleaning rounds', 'rebalance': 'Rebalanced classifiers', 'tta': 'Test-time augmentation',
+                  'finegrained': 'DCL and LIO finetunes', 'high-resolution': 'High-resolution finetune', 'ensemble': 'Ensembles',
+                  'chain': 'The chain'}   # the order the page shows them in
+SHOWN_PER_GROUP = 3   # findings a group shows, largest effect first; the rest wait behind a disclosure
+
+@dataclass
+class Finding:
+    "One comparison on one line; `against` (what it is compared with, split and labels) heads its group"
+    group:str     # a key of FINDING_GROUPS
+    against:str   # what the row is compared with, on which split and labels
+    line:str      # what; mean class error before → after; Δ in points with its paired interval; few-shot change; verdict
+    effect:float  # Δ mean class error (the group's order: largest |effect| first)
+    p:float=np.nan # the paired bootstrap's p-value (nan: no interval)
+    def __str__(self): return f"{self.line} ({self.against})"
+
 def _verdict_phrase(r, p_adj:float=np.nan, m:int=0)->str:
     "The row's verdict; with a multiplicity-adjusted p-value (`p_adj` among `m` comparisons), helped/hurt only when it is < 0.05"
     lo, hi, v = r.get('Δ lo'), r.get('Δ hi'), r.get('verdict')
-    if lo is None or pd.isna(lo) or not isinstance(v, str): return 'not measured (no predictions of both runs to pair, so no interval)'
-    if lo == hi == 0 and r.get('Δ mean class err') == 0: return 'no change (the same top-1 on every image: e.g. validation kept the previous system)'
-    ci = f"paired 95% interval {100*lo:+.1f} to {100*hi:+.1f} points"
-    if pd.isna(p_adj): return f"{v} ({ci})"
-    if v in ('helped', 'hurt') and p_adj >= 0.05: return f"no measurable effect after Holm's correction for {m} comparisons ({v} alone: {ci}, adjusted p {p_adj:.2g})"
-    return f"{v} ({ci}; Holm-adjusted p {p_adj:.2g})"
+    if lo is None or pd.isna(lo) or not isinstance(v, str): return 'not measured (no predictions of both runs to pair)'
+    if lo == hi == 0 and r.get('Δ mean class err') == 0: return 'no change (the same top-1 on every image)'
+    if pd.isna(p_adj): return v
+    if v in ('helped', 'hurt') and p_adj >= 0.05: return f"no measurable effect after Holm's correction ({v} alone, adjusted p {p_adj:.2g})"
+    return f"{v} (Holm-adjusted p {p_adj:.2g})"
 
-def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[str]:
-    "One sentence per technique of `alone_table` and per step of the chain; helped/hurt only when Holm's correction over all of them keeps it"
+def _delta_phrase(r)->str:
+    "Δ mean class error in points, with its paired 95% interval where there is one"
+    d, lo, hi = (r.get(c) for c in ('Δ mean class err', 'Δ lo', 'Δ hi'))
+    ci = '' if lo is None or pd.isna(lo) else f" [{100*lo:+.1f}, {100*hi:+.1f}]"
+    return f"Δ {100*float(d):+.1f}{ci} points"
+
+def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[Finding]:
+    "One line per technique of `alone_table` and per chain step, grouped by stage, largest effect first; Holm over all of them"
     chain = chain[(chain['status'] == 'present') & chain['Δ mean class err'].notna()] if chain is not None and len(chain) else pd.DataFrame()
     # every row is one more 95% call: the family-wise error over all of them is held at 5% (Holm's step-down)
     p = np.concatenate([np.asarray(t['p'], float) if 'p' in t else np.full(len(t), np.nan) for t in (alone, chain)])
     adj, m = holm(p), int(np.isfinite(p).sum())
-    out = [f"{m} comparison{'s' if m != 1 else ''} with a paired interval below; a verdict of helped or hurt needs Holm's adjusted p-value under 0.05 "
-           f"(family-wise error 5%), so an interval that excludes 0 on its own may read 'no measurable effect'."] if m else []
+    out = []
     for i, (_, r) in enumerate(alone.iterrows()):
         new, d = float(r['mean_class_err']), float(r['Δ mean class err'])
         on = 'reporting images of the ' if str(r.get('metrics file', '')).startswith(REPORTING_METRICS) else ''
         where = f"; {on}{r['split']} split, {r['labels']} labels" if isinstance(r.get('split'), str) else ''
         fa = r.get('Δ few acc')
-        few = f"few-shot accuracy {100*float(fa):+.1f} points" if fa is not None and not pd.isna(fa) else 'no few-shot class on this split'
-        out.append(f"{r['technique']} ({r['compared with']}{where}): mean class error {new - d:.3f} → {new:.3f} ({100*d:+.1f} points), "
-                   f"{few}: {_verdict_phrase(r, adj[i], m)}.")
+        few = f"few-shot {100*float(fa):+.1f}" if fa is not None and not pd.isna(fa) else 'no few-shot class'
+        out.append(Finding(r.get('stage') if r.get('stage') in FINDING_GROUPS else 'other', f"vs {r['compared with']}{where}",
+                           f"{r['technique']}: {new - d:.3f} → {new:.3f}, {_delta_phrase(r)}, {few}: {_verdict_phrase(r, adj[i], m)}", d, p[i]))
     for i, (_, r) in enumerate(chain.iterrows(), len(alone)):
-        out.append(f"Chain, {r['step']} ({r['what']}; {r['split']} split, {r['labels']} labels): mean class error {r['mean_class_err']:.3f} "
-                   f"({100*r['Δ mean class err']:+.1f} points on the row above): {_verdict_phrase(r, adj[i], m)}.")
-    return out
+        out.append(Finding('chain', f"each step vs the row above; {r['split']} split, {r['labels']} labels",
+                           f"{r['step']} ({r['system']}): {r['mean_class_err']:.3f}, {_delta_phrase(r)}: {_verdict_phrase(r, adj[i], m)}",
+                           float(r['Δ mean class err']), p[i]))
+    order, first = {g: k for k, g in enumerate(FINDING_GROUPS)}, {}
+    for k, f in enumerate(out): first.setdefault((f.group, f.against), k)   # subgroups in the table's order
+    key = lambda f: (order.get(f.group, len(order)), first[(f.group, f.against)], -abs(f.effect) if np.isfinite(f.effect) else 0)
+    return sorted(out, key=key)   # stable: equal effects keep the table's order
+
+def findings_note(found:list[Finding])->str:
+    "The sentence above the findings: how many comparisons Holm's correction runs over, and how each line reads"
+    m = sum(np.isfinite(f.p) for f in found)
+    holm_ = (f"{m} comparison{'s' if m != 1 else ''} with a paired interval; helped or hurt needs Holm's adjusted p under 0.05 "
+             f"(family-wise error 5%), so an interval that excludes 0 on its own may read 'no measurable effect'. ") if m else ''
+    return (f"{holm_}Each line: mean class error before → after, Δ in points with its paired 95% interval, few-shot accuracy "
+            f"change in points, verdict; grouped by stage, largest effect first, {SHOWN_PER_GROUP} per group shown.")
+
+def findings_groups(found:list[Finding])->list[tuple[str, list[Finding]]]:
+    "The findings by (group, what they are compared with): the heading of each group and its lines, in order"
+    groups = {}
+    for f in found: groups.setdefault((f.group, f.against), []).append(f)
+    return [(f"{FINDING_GROUPS.get(g, 'Other')}, {a}", fs) for (g, a), fs in groups.items()]
 
 # %% ../nbs/07_report.ipynb #a4666f84
 ONE_SEED = 'one training seed: intervals cover image variance only'   # what a one-seed report says, word for word
@@ -420,7 +463,7 @@ def run_header(exp:ExperimentParams, params_file:str|None=None,
         walls[stage] = walls.get(stage, 0.0) + float(man.get('wall_s', 0.0))
         hw = hw or man.get('hardware')
     cv = code_version()
-    h = {'experiment': exp.experiment, 'seed': exp.seed, 'parameters file': params_file or '(typed defaults)',
+    h = {'experiment': exp.experiment, 'seed': exp.seed, 'parameters file': project_relative(params_file) if params_file else '(typed defaults)',
          'data': f"{info.get('source', '?')}: {info.get('n_images', '?')} images ({info.get('n_train', '?')} train / {info.get('n_val', '?')} val / {info.get('n_test', '?')} test), {info.get('num_classes', '?')} classes"}
     if rp is not None: h['numbers from'] = f"the {rp.split} split, {labels_phrase(rp.target)} (each row says which)"
     if 'many_threshold' in info:
@@ -437,57 +480,168 @@ STAGE_FIGURES = [('Class distribution', 'class_distribution.png', "Training imag
                   "Left: mean class error of each round's model on the splits its legend names; right: noise left in and found in the train split (ground truth)."),
                  ('τ sweep on validation', 'tau_sweep.png', 'Mean class accuracy against τ on the choosing images of the val split, where τ is chosen.')]
 
-def _chain_glance(chain:pd.DataFrame)->str:
-    "The chain as the page's first table: step, mean class error, Δ with its paired interval, verdict (absent rows say so)"
+# a float column whose name says it is a rate, an error, a Δ or its interval, a p-value or a time stays a float
+_NOT_A_COUNT = re.compile(r'err|acc|Δ|delta|\blo\b|\bhi\b|^p\b|precision|recall|f1|rate|tau|τ|prob|conf|second|ratio|mean|wd|lr')
+
+def display_frame(df:pd.DataFrame)->pd.DataFrame:
+    "`df` as a page shows it: float columns that hold counts (every value whole, a name that is no rate) as integers"
+    out = df.copy()
+    for c in out.columns:
+        v = out[c]
+        if pd.api.types.is_float_dtype(v) and not _NOT_A_COUNT.search(str(c)) and v.notna().any() \
+                and np.all(np.mod(v.dropna().to_numpy(), 1) == 0):
+            out[c] = v.astype('Int64')
+    return out
+
+def _html_table(df:pd.DataFrame, **kw)->str:
+    "`df` as an HTML table: text escaped, counts as integers, floats to 3 decimals, missing cells blank"
+    return display_frame(df).to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0, **kw)
+
+def system_choices(s:dict)->pd.DataFrame:
+    "The final system's choices in one row: cleaning round, classifier, τ, TTA variant, ensemble members"
+    c, tta = s['choices'], s['choices']['tta']
+    return pd.DataFrame([{'cleaning round': f"{c['round']} (of {', '.join(map(str, c['rounds']))})", 'classifier': c['method'],
+                          'τ': f"{c['tau']:g}" + (' (none)' if c['tau'] == 0 else ''),
+                          'TTA': f"{tta['views']}@{tta['enlarge']:g}" if tta else 'none',
+                          'ensemble': f"{len(c['members'])}: {', '.join(c['members'])}"}])
+
+CHAIN_GLANCE_COLUMNS = ['step', 'mean class error', 'Δ points [paired 95%]', 'verdict']
+
+def chain_glance(chain:pd.DataFrame)->pd.DataFrame:
+    "The chain as the first screen shows it: step, mean class error, Δ in points with its paired interval, verdict"
     rows = []
     for _, r in chain.iterrows():
-        if r.get('status') != 'present':
-            rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td colspan='3' style='text-align:left;color:#777'>absent: {html.escape(str(r.get('what', '')))}</td></tr>"); continue
+        if r.get('status') != 'present':   # why it is absent, its first clause (chain.csv has the rest)
+            rows.append({'step': r['step'], 'mean class error': '', 'Δ points [paired 95%]': '',
+                         'verdict': f"absent: {str(r.get('what', '')).split(';')[0]}"}); continue
         d = r.get('Δ mean class err')
-        delta = '' if d is None or pd.isna(d) else f"{100*d:+.1f} [{100*r['Δ lo']:+.1f}, {100*r['Δ hi']:+.1f}]"
-        rows.append(f"<tr><td>{html.escape(str(r['step']))}</td><td>{100*r['mean_class_err']:.1f}</td><td>{delta}</td><td>{'' if pd.isna(r.get('verdict')) else html.escape(str(r['verdict']))}</td></tr>")
-    return ("<table><tr><th>step</th><th>mean class error (%)</th><th>Δ points [95% paired]</th><th>verdict</th></tr>" + ''.join(rows) + '</table>')
+        rows.append({'step': r['step'], 'mean class error': f"{r['mean_class_err']:.3f}",
+                     'Δ points [paired 95%]': '' if d is None or pd.isna(d) else f"{100*d:+.1f} [{100*r['Δ lo']:+.1f}, {100*r['Δ hi']:+.1f}]",
+                     'verdict': '' if pd.isna(r.get('verdict')) else r['verdict']})   # text cells: '' where empty
+    return pd.DataFrame(rows, columns=CHAIN_GLANCE_COLUMNS)
+
+# the header's entries as the page names them, one compact line each, in this order; the rest follow
+FACTS = {'roles': 'splits', 'numbers from': 'labels', 'seed': 'seed', 'data': 'data', 'shot groups': 'shot groups',
+         'cleaning': 'cleaning', 'against single techniques': 'vs single techniques', 'over seeds': 'over seeds',
+         'parameters file': 'parameters', 'code': 'code', 'not reported': 'not reported'}
+RUN_TABLES = ('hardware', 'wall time per stage (s)')   # header entries shown as tables
+
+def header_facts(header:dict)->list[tuple[str, str]]:
+    "The header as (name, one line) pairs: splits, labels, seed (and seeds), data, ...; hardware and times are tables"
+    h = {k: v for k, v in header.items() if k not in RUN_TABLES + ('experiment', 'seeds')}
+    if 'seed' in h and header.get('seeds'): h['seed'] = f"{h['seed']}; {header['seeds']}"
+    keys = [k for k in FACTS if k in h] + [k for k in h if k not in FACTS]
+    return [(FACTS.get(k, k), str(h[k])) for k in keys]
+
+def run_tables(header:dict)->dict[str, pd.DataFrame]:
+    "The machine and the wall time of each stage (longest first, then the total) as two small tables"
+    out = {}
+    if isinstance(header.get('hardware'), dict):
+        out['hardware'] = pd.DataFrame({'': list(header['hardware']), 'value': [str(v) for v in header['hardware'].values()]})
+    walls = header.get('wall time per stage (s)')
+    if isinstance(walls, dict) and walls:
+        w = sorted(walls.items(), key=lambda kv: -kv[1])
+        out['wall time per stage'] = pd.DataFrame({'stage': [k for k, _ in w] + ['total'],
+                                                   'seconds': [f"{v:,.1f}" for _, v in w] + [f"{sum(walls.values()):,.1f}"]})
+    return out
+
+def _chain_html(g:pd.DataFrame)->str:
+    "The first screen's chain table; an absent row spans the number columns with why"
+    head = ''.join(f"<th>{html.escape(c)}</th>" for c in g.columns)
+    rows = []
+    for _, r in g.iterrows():
+        step = f"<td>{html.escape(str(r['step']))}</td>"
+        if r['mean class error'] == '' and str(r['verdict']).startswith('absent'):
+            rows.append(f"<tr class='absent'>{step}<td colspan='3'>{html.escape(str(r['verdict']))}</td></tr>"); continue
+        rows.append('<tr>' + step + ''.join(f"<td>{html.escape(str(r[c]))}</td>" for c in g.columns[1:]) + '</tr>')
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+def _md_findings(found:list[Finding])->list[str]:
+    "The findings in Markdown: a heading per group, its first lines, the rest in a <details> block"
+    md = []
+    for title, fs in findings_groups(found):
+        md += [f"### {markdown_text(title)}", '', *[f"- {markdown_text(f.line)}" for f in fs[:SHOWN_PER_GROUP]], '']
+        if len(fs) > SHOWN_PER_GROUP:
+            md += [f"<details><summary>{len(fs) - SHOWN_PER_GROUP} more</summary>", '',
+                   *[f"- {markdown_text(f.line)}" for f in fs[SHOWN_PER_GROUP:]], '', '</details>', '']
+    return md
+
+def _html_findings(found:list[Finding])->str:
+    "The findings as HTML: a heading per group, its first lines, the rest behind a disclosure"
+    out = [f"<section id='findings'><h2>Findings</h2><p>{html.escape(findings_note(found))}</p>"]
+    li = lambda fs: '<ul>' + ''.join(f"<li>{html.escape(f.line)}</li>" for f in fs) + '</ul>'
+    for title, fs in findings_groups(found):
+        out.append(f"<h3>{html.escape(title)}</h3>{li(fs[:SHOWN_PER_GROUP])}")
+        if len(fs) > SHOWN_PER_GROUP:
+            out.append(f"<details><summary>{len(fs) - SHOWN_PER_GROUP} more</summary>{li(fs[SHOWN_PER_GROUP:])}</details>")
+    return ''.join(out) + '</section>'
+
+CSS = ('body{font-family:sans-serif;max-width:1100px;margin:.6em auto;padding:0 .8em;color:#222;line-height:1.35} '
+       'h1{font-size:1.4em;margin:.2em 0} h2{font-size:1.2em} h3{font-size:1em;margin:.8em 0 .2em} '
+       'table{border-collapse:collapse;font-size:13px;margin:.3em 0} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} '
+       'th{background:#f3f3f3} td:first-child{text-align:left} img{max-width:100%} figcaption{color:#555;font-size:13px} '
+       '.wide{display:block;overflow-x:auto;max-width:100%} .headline{font-size:1.2em;font-weight:600;margin:.2em 0} '
+       '.sub{font-size:14px;margin:.2em 0 .5em} .glance{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} '
+       '.glance>*{flex:1 1 420px;min-width:0;margin:0} .glance>div:first-child{flex-grow:1.25} #choices td{text-align:left} '
+       '@media (min-width:700px){#chain td+td{white-space:nowrap}} .absent td{color:#777;text-align:left} '
+       '.facts{font-size:14px;padding-left:1.2em;margin:.6em 0} .run{display:flex;flex-wrap:wrap;gap:2em} '
+       'li{margin:.1em 0} details{margin:.2em 0 .2em 1.2em;font-size:14px} summary{cursor:pointer;color:#036}')
 
 def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame],
                  notes:dict[str, str],            # table name -> caption (names the split and labels)
                  figures:list[tuple[str, str, str]], # (title, file, caption); files absent from the report folder are left out
-                 findings:list[str]|None=None, summary:str='')->Path:
+                 findings:list[Finding]|None=None,
+                 summary:str|tuple[str, ...]='',  # the page's first words: the system's number, then where and its Δ
+                 choices:pd.DataFrame|None=None,  # `system_choices`: the first screen's table of the system's choices
+                 copied:tuple=(),                 # tables read from another stage's CSV: that stage's bytes stay
+                )->Path:
     "Write index.html and README.md into reports/<experiment>/ (tables also as CSV and Markdown); return index.html"
     d = report_dir(exp)
     for name, df in tables.items():
-        with atomic_path(d/f'{name}.csv') as t: csv_safe(df).to_csv(t, index=False)
-        atomic_write_text(d/f'{name}.md', markdown_table(df, 3))
+        if name not in copied:   # another stage's CSV is left as it wrote it: the report checks its fingerprint
+            with atomic_path(d/f'{name}.csv') as t: csv_safe(df).to_csv(t, index=False)
+        atomic_write_text(d/f'{name}.md', markdown_table(display_frame(df), 3))
     figs = [(t, f, c) for t, f, c in figures if (d/f).exists()]
-    md = [f"# Report: {exp.experiment}", '', *([summary, ''] if summary else []), *[f"- **{k}**: {v}" for k, v in header.items()], '']
-    if findings: md += ['## Findings', '', *[f"- {x}" for x in findings], '']
-    for name, df in tables.items():
-        md += [f"## {name.replace('_', ' ').capitalize()}", '', notes.get(name, ''), '', markdown_table(df, 3), '']
-    md += ['## Figures', ''] + [f"### {t}\n\n![{t}]({f})\n\n{c}\n" for t, f, c in figs]
+    tail = next((x for x in figs if x[1] == 'tail_accuracy.png'), None)
+    figs = [x for x in figs if x is not tail]   # the tail plot is on the first screen
+    lead = [x for x in ([summary] if isinstance(summary, str) else summary) if x]
+    chain = chain_glance(tables['chain']) if 'chain' in tables else None
+    facts, run, found = header_facts(header), run_tables(header), list(findings or [])
+    rest = {k: v for k, v in tables.items() if k != 'chain'}   # each table once: the chain is on the first screen
+    chain_links = "Each row adds one technique to the row above; every column: [chain.csv](chain.csv), [chain.md](chain.md)."
+    md = [f"# Report: {markdown_text(exp.experiment)}", '', *([markdown_text(' '.join(lead)), ''] if lead else [])]
+    if choices is not None: md += [markdown_table(choices), '']
+    if chain is not None: md += [markdown_table(chain), chain_links, '']
+    if tail: md += [f"![{tail[0]}]({tail[1]})", '', markdown_text(tail[2]), '']
+    md += [f"- **{markdown_text(k)}**: {markdown_text(v)}" for k, v in facts] + ['']
+    for name, t in run.items(): md += [f"**{name.capitalize()}**", '', markdown_table(t), '']
+    if found: md += ['## Findings', '', markdown_text(findings_note(found)), '', *_md_findings(found)]
+    for name, df in rest.items():
+        md += [f"## {name.replace('_', ' ').capitalize()}", '', markdown_text(notes.get(name, '')), '', markdown_table(display_frame(df), 3), '']
+    md += ['## Figures', ''] + [f"### {t}\n\n![{t}]({f})\n\n{markdown_text(c)}\n" for t, f, c in figs]
     atomic_write_text(d/'README.md', '\n'.join(md))
-    css = ('body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 .8em;color:#222} h1{font-size:1.5em;margin:.3em 0} '
-           'table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#f3f3f3} '
-           'img{max-width:100%} .summary{font-size:14px;background:#f6f8fa;padding:.5em .8em;margin:.4em 0} figcaption{color:#555;font-size:13px} '
-           '.wide{display:block;overflow-x:auto;max-width:100%} .glance{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} '
-           '.glance>*{flex:1 1 420px;min-width:0;margin:0} .glance h2{font-size:1.1em;margin:.2em 0} .glance td:first-child{text-align:left}')
-    body = [f"<h1>Report: {html.escape(exp.experiment)}</h1>"]
-    if summary: body.append(f"<p class='summary' id='final-system'>{html.escape(summary)}</p>")
-    glance = [] if 'chain' not in tables else [f"<section id='chain'><h2>The chain: each row adds one technique</h2>{_chain_glance(tables['chain'])}"
-                                               "<p><a href='#chain-table'>full chain table</a></p></section>"]
-    tail = next(((t, f, c) for t, f, c in figs if f == 'tail_accuracy.png'), None)
-    if tail: glance.append(f"<figure id='tail-accuracy'><img src='{html.escape(tail[1])}' alt='{html.escape(tail[0])}'><figcaption>{html.escape(tail[2])}</figcaption></figure>")
-    if glance: body.append(f"<div class='glance'>{''.join(glance)}</div>")
-    figs = [x for x in figs if x[1] != 'tail_accuracy.png' or tail is None]   # shown at the top
-    body.append('<ul>' + ''.join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in header.items()) + '</ul>')
-    if findings: body.append('<h2>Findings</h2><ul>' + ''.join(f"<li>{html.escape(x)}</li>" for x in findings) + '</ul>')
-    for name, df in tables.items():
-        body.append(f"<h2 id='{html.escape(name.replace('_', '-'))}-table'>{html.escape(name.replace('_', ' ').capitalize())}</h2><p>{html.escape(notes.get(name, ''))}</p>"
-                    + f"<div class='wide'>{df.to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0)}</div>"
-                    + f"<p><a href='{html.escape(name)}.csv'>{html.escape(name)}.csv</a> · <a href='{html.escape(name)}.md'>{html.escape(name)}.md</a></p>")
+    e = lambda s: html.escape(str(s))
+    left = ''.join([f"<p id='final-system' class='headline'>{e(lead[0])}</p>" if lead else '',
+                    *[f"<p class='sub'>{e(x)}</p>" for x in lead[1:]],
+                    f"<div id='choices' class='wide'>{_html_table(choices)}</div>" if choices is not None else '',
+                    f"<section id='chain'>{_chain_html(chain)}<p class='sub'>Each row adds one technique to the row above; every column: "
+                    f"<a href='chain.csv'>chain.csv</a> · <a href='chain.md'>chain.md</a></p></section>" if chain is not None else ''])
+    right = (f"<figure id='tail-accuracy'><img src='{e(tail[1])}' alt='{e(tail[0])}'><figcaption>{e(tail[2])}</figcaption></figure>"
+             if tail else '')
+    body = [f"<h1>Report: {e(exp.experiment)}</h1>", f"<div class='glance'><div>{left}</div>{right}</div>" if right else left,
+            "<ul class='facts'>" + ''.join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts) + '</ul>']
+    if run: body.append("<div class='run'>" + ''.join(f"<div><h3>{e(n.capitalize())}</h3>{_html_table(t)}</div>" for n, t in run.items()) + '</div>')
+    if found: body.append(_html_findings(found))
+    for name, df in rest.items():
+        body.append(f"<h2 id='{e(name.replace('_', '-'))}-table'>{e(name.replace('_', ' ').capitalize())}</h2><p>{e(notes.get(name, ''))}</p>"
+                    + f"<div class='wide'>{_html_table(df)}</div>"
+                    + f"<p><a href='{e(name)}.csv'>{e(name)}.csv</a> · <a href='{e(name)}.md'>{e(name)}.md</a></p>")
     if figs: body.append('<h2>Figures</h2>')
-    body += [f"<figure><h3>{html.escape(t)}</h3><img src='{html.escape(f)}' alt='{html.escape(t)}'><figcaption>{html.escape(c)}</figcaption></figure>" for t, f, c in figs]
+    body += [f"<figure><h3>{e(t)}</h3><img src='{e(f)}' alt='{e(t)}'><figcaption>{e(c)}</figcaption></figure>" for t, f, c in figs]
     if (d/'notebooks').exists():
-        body.append('<h2>Executed stage notebooks</h2><ul>' + ''.join(f"<li><a href='notebooks/{html.escape(f.name)}'>{html.escape(f.stem)}</a></li>" for f in sorted((d/'notebooks').glob('*.html'))) + '</ul>')
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>aliprod report: {html.escape(exp.experiment)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
+        body.append('<h2>Executed stage notebooks</h2><ul>' + ''.join(f"<li><a href='notebooks/{e(f.name)}'>{e(f.stem)}</a></li>" for f in sorted((d/'notebooks').glob('*.html'))) + '</ul>')
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>aliprod report: {e(exp.experiment)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     atomic_write_text(d/'index.html', page)
     return d/'index.html'
 
@@ -599,46 +753,36 @@ def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, sy
     return figs, own + others
 
 # %% ../nbs/07_report.ipynb #f895765f
-def system_sentence(s:dict)->str:
-    "The final system in one paragraph: its error with interval, Δ on the baseline with its paired interval, its choices, where chosen and reported"
-    n, c, v = s['numbers'], s['choices'], s['numbers']['vs_baseline']
-    tta = c['tta']
-    return (f"Final system: mean class error {n['mean_class_err']:.3f} (95% interval {n['lo']:.3f} to {n['hi']:.3f}: {n['interval']}) on {n['report_images']} "
-            f"reporting images of the {s['sets']['report_split']} split against {labels_phrase(n['target'])}; {s['sets']['how']}. Against the baseline "
-            f"({v['baseline']}): Δ {100*v['delta']:+.1f} points (paired 95% interval {100*v['lo']:+.1f} to {100*v['hi']:+.1f}): {v['verdict']}. "
-            f"Its choices: cleaning round {c['round']} (of {c['rounds']}), classifier {c['method']}, τ = {c['tau']:g}{' (none)' if c['tau'] == 0 else ''}, "
-            f"TTA {tta['views'] + '@' + format(tta['enlarge'], 'g') if tta else 'none'}, ensemble of {len(c['members'])}: {', '.join(c['members'])}.")
+def headline(s:dict)->tuple[str, str]:
+    "The page's first words: the final system's mean class error with its interval; then on which images, and its Δ on the baseline"
+    n, v = s['numbers'], s['numbers']['vs_baseline']
+    return (f"Final system: mean class error {n['mean_class_err']:.3f} (95% interval {n['lo']:.3f} to {n['hi']:.3f})",
+            f"on {n['report_images']} reporting images of the {s['sets']['report_split']} split, {n['target']} labels; against the "
+            f"baseline ({v['baseline']}): Δ {100*v['delta']:+.1f} points (paired 95% interval {100*v['lo']:+.1f} to {100*v['hi']:+.1f}): {v['verdict']}.")
 
 def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     "The system against the best single technique: the system stage's paired Δ (technique chosen on the choosing images), else point estimates"
     n, sp = system['numbers'], system['sets']['report_split']
-    if n.get('vs_single_technique'): return ' ' + n['vs_single_technique']['sentence']
+    if n.get('vs_single_technique'): return n['vs_single_technique']['sentence']
     # the whole test split, or val's reporting images (`on_reporting_rows`): the system's reporting images either way
     same = (alone[(alone['split'] == sp) & ((sp == 'test') | alone['metrics file'].str.startswith(REPORTING_METRICS))]
             if len(alone) else alone.iloc[:0])
-    if not len(same): return (" The techniques-alone rows are on other images (the system reports on the half of val that made no choice), "
+    if not len(same): return ("The techniques-alone rows are on other images (the system reports on the half of val that made no choice), "
                               "so the two are not compared." if sp == 'val' and len(alone) else '')
     b = same.loc[same['mean_class_err'].idxmin()]
     e, lo = n['mean_class_err'], n['lo']
     how = 'at most it' if e <= b['mean_class_err'] else 'above it but within its interval' if lo <= b['mean_class_err'] else 'above it, beyond its interval'
-    return f" The best single technique on the same {sp} images, {b['technique']}, has mean class error {b['mean_class_err']:.3f} ({b['labels']} labels): the final system is {how}."
+    return f"The best single technique on the same {sp} images, {b['technique']}, has mean class error {b['mean_class_err']:.3f} ({b['labels']} labels): the final system is {how}."
 
 def cleaning_sentence(sel:dict)->str:
     "Which cleaning rules ran and which round validation kept, and why (the clean stage's clean_selection.json)"
     rules = ' + '.join(sel.get('rules', [])) or 'the configured rules'
-    return (f"Cleaning: rules {rules} ({sel.get('action', 'drop')}, {sel.get('source', 'in_sample')} predictions), {sel['rounds_run']} round(s) run, "
-            f"iteration {sel['kept_iteration']} kept ({sel.get('select', 'validation')}): {sel['reason']}.")
+    return (f"rules {rules} ({sel.get('action', 'drop')}, {sel.get('source', 'in_sample')} predictions), {sel['rounds_run']} round(s) run, "
+            f"iteration {sel['kept_iteration']} kept ({sel.get('select', 'validation')}): {sel['reason']}")
 
-def report_summary(header:dict, rp:ReportParams, system:dict|None, alone:pd.DataFrame|None=None,
-                   selection:dict|None=None, # the clean stage's clean_selection.json
-                  )->str:
-    "The paragraph above the tables: the final system first (and against the best single technique), then data, split and labels, seed"
-    s = system_sentence(system) if system is not None else "No final system: the system stage has not run in this experiment, so there is no chain."
-    if system is not None and alone is not None: s += against_single_techniques(system, alone)
-    if selection is not None: s += ' ' + cleaning_sentence(selection)
-    s += (f" Experiment {header['experiment']}, seed {header['seed']}, on {header['data']}. The techniques-alone numbers are on the {rp.split} split "
-          f"against {labels_phrase(rp.target)}; each table row or caption names its split and labels.")
-    return s
+def report_summary(system:dict|None)->tuple[str, ...]:
+    "What the page opens with: the final system's number and where it was measured, or that there is no final system"
+    return headline(system) if system is not None else ("No final system: the system stage has not run in this experiment, so there is no chain.",)
 
 # %% ../nbs/07_report.ipynb #17d71abd
 @dataclass
@@ -646,14 +790,14 @@ class ReportArtifacts:
     "What the report stage wrote, and what its notebook shows"
     index_html:Path
     readme:Path
-    summary:str         # the paragraph above the tables
+    summary:str         # the page's first words: the final system's number, where it was measured, its Δ
     header:dict
     tables:dict         # name -> DataFrame (also reports/<experiment>/<name>.csv and .md)
     notes:dict          # name -> caption naming the split and labels
     figures:dict        # name -> matplotlib Figure drawn by this stage (saved as <name>.png)
     figure_files:list   # (title, file, caption) of every figure the page may show
     missing:list        # chain rows the experiment did not run (each says why)
-    findings:list
+    findings:list       # `Finding`s, grouped by stage, largest effect first
     n_checked:int       # numbers re-read from the metrics files they name
     not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported' (no or stale manifest)
 
@@ -741,19 +885,23 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
         notes['system_vs_techniques'] = ("The final system against every single technique on the reporting images (the choosing error is "
                                          "what the system could see): Δ (system − technique) with its class-stratified paired 95% interval "
                                          "and Holm's adjusted p over all of them; below every single technique only where every Δ hi < 0.")
-    other, other_notes = stage_tables(exp, runs)
+    other, other_notes = stage_tables(exp, runs)   # their CSVs are the other stages' bytes: written by them only
     stage_roles = ("Chosen on the choosing images of val; these rows are on every image of the split each names, "
                    "so val rows include the images that chose (in-sample there).")
     tables.update(other); notes.update({k: f"{v} {stage_roles}" for k, v in other_notes.items()})
     found = findings(alone, chain if system is not None else None)
     sel_file = report_dir(exp)/'clean_selection.json'
     sel = json.loads(sel_file.read_text()) if sel_file.exists() and from_current_run(exp, sel_file.name, runs) else None
-    summary = report_summary(header, rp, system, alone, sel) + seed_sentence
+    if sel is not None: header['cleaning'] = cleaning_sentence(sel)
+    if system is not None and (vs_single := against_single_techniques(system, alone)): header['against single techniques'] = vs_single
+    if seed_sentence: header['over seeds'] = seed_sentence.strip()
+    lead = report_summary(system)
     skipped = runs.lines()
     for line in skipped: log(f"report: {line}")
     if skipped: header['not reported'] = '; '.join(skipped)   # on the page: what was left out and why
-    if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
-    index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
+    if len(metrics) == 0 and system is None: lead += (f"No stage of this run has written {rp.split} metrics yet, so the tables are empty.",)
+    index_html = write_report(exp, header, tables, notes, figure_files, found, lead,
+                              system_choices(system) if system is not None else None, copied=tuple(other))
     log(f"report: {index_html}")
-    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs,
+    return ReportArtifacts(index_html, index_html.parent/'README.md', ' '.join(lead), header, tables, notes, figs,
                            figure_files, missing, found, n_checked, skipped)

@@ -1,6 +1,7 @@
 """Look at a report as a person does: open `reports/<experiment>/index.html` in headless Chromium at laptop and phone
 widths, take full-page screenshots, and check that every figure loads, nothing is wider than the screen, no code shows,
-and the final system, the chain and the tail-accuracy plot are above the fold on a laptop.
+the final system, its choices, the chain and the tail-accuracy plot are above the fold on a laptop, and no paragraph on
+the first screen (of either width) runs longer than three lines.
 
     python scripts/report_check.py reports/demo --out docs/screenshots      (make report-check)
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 VIEWPORTS = {'laptop': (1366, 768), 'phone': (390, 844)}
 # what a reader must see without scrolling on a laptop: element ids the report gives its sections
-ABOVE_THE_FOLD = ('final-system', 'chain', 'tail-accuracy')
+ABOVE_THE_FOLD = ('final-system', 'choices', 'chain', 'tail-accuracy')
+MAX_LINES = 3   # a paragraph on the first screen longer than this is read as a wall of text
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
@@ -27,9 +29,21 @@ PROBE = """() => {
                     .map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().width) + 'px');
   const code = document.querySelectorAll('.jp-InputArea, .input_area, div.highlight pre').length;
   const pos = {};
-  for (const id of %s) { const e = document.getElementById(id); pos[id] = e ? Math.round(e.getBoundingClientRect().top + window.scrollY) : null; }
-  return {broken, wide, code, pos, height: document.documentElement.scrollHeight, page_width: document.documentElement.scrollWidth, vw};
-}""" % json.dumps(list(ABOVE_THE_FOLD))
+  const bottoms = {};
+  for (const id of %s) { const e = document.getElementById(id); pos[id] = e ? Math.round(e.getBoundingClientRect().top + window.scrollY) : null;
+                         bottoms[id] = e ? Math.round(e.getBoundingClientRect().bottom + window.scrollY) : null; }
+  // lines of a text block: its line boxes, counted from the rectangles of its text (inline pieces of one line overlap)
+  const lines = e => { const r = document.createRange(); r.selectNodeContents(e);
+    const rs = Array.from(r.getClientRects()).filter(x => x.width > 0 && x.height > 0).sort((a, b) => a.top - b.top);
+    let n = 0, bottom = -1e9;
+    for (const x of rs) { if (x.top >= bottom - 2) { n++; bottom = x.bottom; } else bottom = Math.max(bottom, x.bottom); }
+    return n; };
+  const vh = window.innerHeight;
+  const long = Array.from(document.querySelectorAll('p, li, dd, dt, figcaption, blockquote, summary'))
+    .filter(e => { const b = e.getBoundingClientRect(); return b.top < vh && b.bottom > 0 && b.height > 0; })
+    .map(e => ({text: e.textContent.trim().slice(0, 60), lines: lines(e)})).filter(x => x.lines > %d);
+  return {broken, wide, code, pos, bottoms, long, height: document.documentElement.scrollHeight, page_width: document.documentElement.scrollWidth, vw};
+}""" % (json.dumps(list(ABOVE_THE_FOLD)), MAX_LINES)
 
 
 def _shrink(png:Path):
@@ -59,10 +73,11 @@ def check(report:Path, out:Path, chromium:str)->dict:
             problems = [f'broken image {s}' for s in r['broken']] + [f'wider than the screen: {e}' for e in r['wide']]
             if r['page_width'] > r['vw'] + 1: problems.append(f"the page is {r['page_width']}px wide on a {r['vw']}px screen")
             if r['code']: problems.append(f"{r['code']} code cells visible")
+            problems += [f"a paragraph of {x['lines']} lines on the first screen (at most {MAX_LINES}): {x['text']!r}..." for x in r['long']]
             if name == 'laptop':
                 for id_, top in r['pos'].items():
                     if top is None: problems.append(f'no element #{id_}')
-                    elif top > h: problems.append(f'#{id_} starts at {top}px, below the fold ({h}px)')
+                    elif r['bottoms'][id_] > h: problems.append(f"#{id_} ends at {r['bottoms'][id_]}px, below the fold ({h}px)")
             results[name] = {'viewport': [w, h], 'screenshot': str(shot), 'page_height': r['height'], 'positions': r['pos'], 'problems': problems}
             page.close()
         browser.close()

@@ -71,9 +71,10 @@ def test_the_page_opens_with_a_summary_and_names_the_split_everywhere(given):
     art = given
     html = art.index_html.read_text()
     assert art.summary.startswith('No final system: the system stage has not run')   # the report opens with the final system, or says there is none
-    assert 'Experiment t, seed 0, on aliproducts: 60 images (30 train / 30 val / 0 test)' in art.summary
-    assert 'on the val split against the given labels' in art.summary
-    assert html.index('Experiment t, seed 0') < html.index('<table') and html.index('Experiment t, seed 0') < html.index('<h2>')
+    # then the splits, labels, seed and data, a compact line each, before any table
+    assert html.index('No final system') < html.index('<b>splits</b>: ') < html.index('<b>labels</b>: the val split, the given labels') \
+        < html.index('<b>seed</b>: 0; one training seed') < html.index('<b>data</b>: aliproducts: 60 images (30 train / 30 val / 0 test)') \
+        < html.index('<table')
     assert art.readme.read_text().split('\n')[2] == art.summary   # README.md opens with it too
     assert art.header['numbers from'].startswith('the val split, the given labels')
     for name, table in art.tables.items():   # a split column, or a caption naming the split
@@ -82,13 +83,13 @@ def test_the_page_opens_with_a_summary_and_names_the_split_everywhere(given):
     # no test split: the rows are evaluated again on val's reporting half, from predictions; TTA's baseline (center-x1) has none
     assert list(art.tables['techniques_alone']['technique']) == ['ensemble pair']
     assert (art.tables['techniques_alone']['metrics file'].str.startswith('report/reporting_metrics.json')).all()
-    # the first line counts the comparisons Holm's correction runs over; then one line per row
-    assert art.findings[0].startswith('1 comparison with a paired interval') and all('val split, given labels' in f for f in art.findings[1:])
+    # the note counts the comparisons Holm's correction runs over; then one line per row, headed by what it is compared with
+    assert '1 comparison with a paired interval' in html and all(f.against.endswith('val split, given labels') for f in art.findings)
     # the ensemble and train:0 both have val predictions: its Δ has a paired interval and the verdict follows it; TTA's has no predictions
     ens = art.tables['techniques_alone'].set_index('technique').loc['ensemble pair']
     assert ens['Δ lo'] <= ens['Δ mean class err'] <= ens['Δ hi']
     assert ens['verdict'] == ('helped' if ens['Δ hi'] < 0 else 'hurt' if ens['Δ lo'] > 0 else 'no measurable effect')
-    assert 'reporting images of the val split' in art.findings[1] and 'one standard error' not in ' '.join(art.findings)
+    assert 'reporting images of the val split' in art.findings[0].against and 'one standard error' not in ' '.join(map(str, art.findings))
     for title, f, caption in art.figure_files:
         assert 'split' in caption, title
     assert '(val split, given labels)' in html or 'val split, given labels' in html
@@ -110,7 +111,7 @@ def test_a_run_without_val_split(tmp_path):
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
     finish(experiment_dir(exp)/'train/0')
     art = report_stage(exp, ReportParams(split='test'))
-    assert 'on the test split' in art.summary and not len(art.tables['techniques_alone'])
+    assert art.header['numbers from'].startswith('the test split') and not len(art.tables['techniques_alone'])
     with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
 
 
@@ -126,10 +127,11 @@ def put_system(exp, report_split='val'):
         'numbers': {'mean_class_err': 0.3, 'lo': 0.2, 'hi': 0.4, 'interval': 'class-stratified bootstrap of the metric itself', 'target': 'given',
                     'report_images': 15, 'vs_baseline': vs},
         'choices': {'round': 1, 'rounds': [0, 1], 'method': 'crt', 'tau': 0.5, 'tta': {'views': 'ten', 'enlarge': 1.5}, 'members': ['TTA ten@1.5', 'train-b:1']}}))
-    pd.DataFrame([{'step': 'Baseline', 'status': 'present', 'system': 'iteration 0', 'what': 'all data', 'mean_class_err': 0.35, 'many_acc': 0.5, 'medium_acc': 0.5, 'few_acc': 0.5},
-                  {'step': '+ High-resolution finetune', 'status': 'absent', 'system': '', 'what': 'part of the trained model'},
+    pd.DataFrame([{'step': 'Baseline', 'status': 'present', 'system': 'iteration 0', 'what': 'all data', 'mean_class_err': 0.35, 'many_acc': 0.5, 'medium_acc': 0.5, 'few_acc': 0.5,
+                   'n': 15},
+                  {'step': '+ High-resolution finetune', 'status': 'absent', 'system': '', 'what': 'part of the trained model; measured alone'},
                   {'step': '+ Ensemble', 'status': 'present', 'system': 'e', 'what': 'greedy', 'mean_class_err': 0.3, 'many_acc': 0.6, 'medium_acc': 0.5, 'few_acc': 0.6,
-                   'Δ mean class err': -0.05, 'Δ lo': -0.09, 'Δ hi': -0.01, 'verdict': 'helped'}]).to_csv(d/'chain.csv', index=False)
+                   'n': 15, 'Δ mean class err': -0.05, 'Δ lo': -0.09, 'Δ hi': -0.01, 'verdict': 'helped'}]).to_csv(d/'chain.csv', index=False)
     finish(d, 'system')
 
 def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
@@ -137,16 +139,27 @@ def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
     exp = fake_run(tmp_path)
     put_system(exp)
     art = report_stage(exp, ReportParams(split='val', target='given'))
-    assert art.summary.startswith('Final system: mean class error 0.300 (95% interval 0.200 to 0.400: class-stratified bootstrap of the metric itself)')
-    assert 'Δ -5.0 points (paired 95% interval -9.0 to -1.0): helped' in art.summary and 'classifier crt, τ = 0.5' in art.summary
+    # two short lines: the system's number with its interval; on which images, and its Δ on the baseline
+    assert art.summary == ('Final system: mean class error 0.300 (95% interval 0.200 to 0.400) on 15 reporting images of the val split, '
+                           'given labels; against the baseline (iteration 0): Δ -5.0 points (paired 95% interval -9.0 to -1.0): helped.')
     assert list(art.tables)[:2] == ['chain', 'techniques_alone'] and art.missing == ['+ High-resolution finetune']
-    assert 'not compared' not in art.summary and 'best single technique' not in art.summary   # no technique-alone row to compare
+    assert 'against single techniques' not in art.header   # no technique-alone row to compare
     page = art.index_html.read_text()
-    # the final system, then the chain at a glance and the tail-accuracy figure, then the full tables
-    assert page.index("id='final-system'>Final system") < page.index("<section id='chain'>") < page.index("id='tail-accuracy'") \
-        < page.index("id='chain-table'>Chain</h2>") < page.index(">Techniques alone</h2>")
-    assert page.count("src='tail_accuracy.png'") == 1
-    assert any(f.startswith('Chain, + Ensemble') and 'helped (paired 95% interval -9.0 to -1.0 points)' in f for f in art.findings)
+    # the first screen: the number, the table of its choices, the chain, the tail-accuracy figure; then the compact lines
+    assert page.index("id='final-system' class='headline'>Final system: mean class error 0.300 (95% interval 0.200 to 0.400)</p>") \
+        < page.index("<div id='choices'") < page.index("<section id='chain'>") < page.index("id='tail-accuracy'") \
+        < page.index("<ul class='facts'>") < page.index(">Techniques alone</h2>")
+    choices = page[page.index("<div id='choices'"):page.index("<section id='chain'>")]
+    for cell in ('1 (of 0, 1)', 'crt', '0.5', 'ten@1.5', '2: TTA ten@1.5, train-b:1'): assert f'<td>{cell}</td>' in choices, cell
+    # each table once: the chain on the first screen (every column in chain.csv), no second chain table further down
+    assert page.count('<td>+ Ensemble</td>') == 1 and "id='chain-table'" not in page and page.count("src='tail_accuracy.png'") == 1
+    assert "<td>+ High-resolution finetune</td><td colspan='3'>absent: part of the trained model</td>" in page
+    assert '<td>-5.0 [-9.0, -1.0]</td>' in page
+    md = art.readme.read_text()
+    assert md.count('| + Ensemble |') == 1 and md.index('| cleaning round |') < md.index('| step |') < md.index('![Per-class tail accuracy]')
+    assert '| 15 |' in (art.index_html.parent/'chain.md').read_text() and '15.000' not in (art.index_html.parent/'chain.md').read_text()
+    f = [f for f in art.findings if f.group == 'chain']
+    assert len(f) == 1 and f[0].line == '+ Ensemble (e): 0.300, Δ -5.0 [-9.0, -1.0] points: helped'
     assert {'tail_accuracy', 'shot_groups'} <= set(art.figures)
     local = [r for r in parse(art.index_html).refs if '://' not in r and not r.startswith('#')]
     assert 'chain.csv' in local and [r for r in local if not (art.index_html.parent/r).is_file()] == []
