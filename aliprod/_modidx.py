@@ -753,6 +753,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.report._chain_html': ('report.html#_chain_html', 'aliprod/report.py'),
                                 'aliprod.report._clean_runs': ('report.html#_clean_runs', 'aliprod/report.py'),
                                 'aliprod.report._delta_phrase': ('report.html#_delta_phrase', 'aliprod/report.py'),
+                                'aliprod.report._escaped': ('report.html#_escaped', 'aliprod/report.py'),
                                 'aliprod.report._html_findings': ('report.html#_html_findings', 'aliprod/report.py'),
                                 'aliprod.report._html_table': ('report.html#_html_table', 'aliprod/report.py'),
                                 'aliprod.report._md_findings': ('report.html#_md_findings', 'aliprod/report.py'),

@@ -587,18 +587,25 @@ CSS = ('body{font-family:sans-serif;max-width:1100px;margin:.6em auto;padding:0 
        '.facts{font-size:14px;padding-left:1.2em;margin:.6em 0} .run{display:flex;flex-wrap:wrap;gap:2em} '
        'li{margin:.1em 0} details{margin:.2em 0 .2em 1.2em;font-size:14px} summary{cursor:pointer;color:#036}')
 
+def _escaped(path:Path)->bool:
+    "Whether a CSV is as `csv_safe` writes it: no cell or column name a spreadsheet would run as a formula"
+    raw, safe = pd.read_csv(path), csv_safe(read_csv_safe(path))   # escaped text reads back as it was written
+    cells = lambda df: df.astype(object).where(df.notna(), None).values.tolist()
+    return list(raw.columns) == list(safe.columns) and cells(raw) == cells(safe)
+
 def write_report(exp:ExperimentParams, header:dict, tables:dict[str, pd.DataFrame],
                  notes:dict[str, str],            # table name -> caption (names the split and labels)
                  figures:list[tuple[str, str, str]], # (title, file, caption); files absent from the report folder are left out
                  findings:list[Finding]|None=None,
                  summary:str|tuple[str, ...]='',  # the page's first words: the system's number, then where and its Δ
                  choices:pd.DataFrame|None=None,  # `system_choices`: the first screen's table of the system's choices
-                 copied:tuple=(),                 # tables read from another stage's CSV: that stage's bytes stay
+                 copied:tuple=(),                 # tables read from another stage's CSV: its bytes stay when escaped
                 )->Path:
     "Write index.html and README.md into reports/<experiment>/ (tables also as CSV and Markdown); return index.html"
     d = report_dir(exp)
     for name, df in tables.items():
-        if name not in copied:   # another stage's CSV is left as it wrote it: the report checks its fingerprint
+        # another stage's CSV keeps the bytes it wrote (the report checks its fingerprint), unless it holds text to escape
+        if name not in copied or not (d/f'{name}.csv').is_file() or not _escaped(d/f'{name}.csv'):
             with atomic_path(d/f'{name}.csv') as t: csv_safe(df).to_csv(t, index=False)
         atomic_write_text(d/f'{name}.md', markdown_table(display_frame(df), 3))
     figs = [(t, f, c) for t, f, c in figures if (d/f).exists()]
