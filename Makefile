@@ -66,8 +66,9 @@ report-check: install
 	$(PIP_INSTALL) playwright
 	$(BIN)/python scripts/report_check.py reports/demo --out docs/screenshots
 
+## make lab: JupyterLab on nbs/explore.ipynb, the run explorer (its first cell names the experiment: demo)
 lab: install
-	$(PIP_INSTALL) -e '.[lab]' && $(BIN)/jupyter lab nbs
+	$(PIP_INSTALL) -e '.[lab]' && $(BIN)/jupyter lab nbs/explore.ipynb
 
 clean-runs:
 	rm -rf runs reports/*/

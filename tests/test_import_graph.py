@@ -14,6 +14,7 @@ LAYERS = {
     'methods':  ('models', 'losses', 'predict', 'callbacks', 'synthetic'),          # arrays in, arrays out
     'stages':   ('data', 'train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'system', 'report'),
     'entry':    ('pipeline', 'worker'),                                          # the aliprod command, the torchrun worker
+    'explore':  ('explore',),                                        # reads a run: every stage's outputs, `run_status`
 }
 RANK = {m: r for r, mods in enumerate(LAYERS.values()) for m in mods}
 WHY = '# local import:'

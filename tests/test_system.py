@@ -160,6 +160,31 @@ def test_rerun_is_a_skip(tiny):
     assert json.loads((art.out_dir/'manifest.json').read_text())['finished'] == before['finished'] and again.system == art.system
 
 
+def _outputs(nb)->str:
+    "Every text and HTML output of an executed notebook, joined"
+    return '\n'.join(str(o.get('text', '')) + str(o.get('data', {}).get('text/plain', '')) + str(o.get('data', {}).get('text/html', ''))
+                     for c in nb.cells if c.cell_type == 'code' for o in c.outputs)
+
+
+def test_explore_notebook_walks_a_run_and_skips_a_missing_one(tiny, tmp_path):
+    "nbs/explore.ipynb under papermill on the tiny run (no cleaning round): every cell runs, the tables show; no run: it skips"
+    import nbformat, papermill as pm
+    exp, art, _ = tiny
+    nb = Path(__file__).resolve().parents[1]/'nbs'/'explore.ipynb'
+    pm.execute_notebook(str(nb), str(tmp_path/'out.ipynb'), parameters={'experiment': str(experiment_dir(exp))},
+                        kernel_name='python3', progress_bar=False, cwd=str(tmp_path))
+    text = _outputs(nbformat.read(tmp_path/'out.ipynb', 4))
+    assert "Run 'sys' at" in text and 'no cleaning round in this run' in text
+    assert 'acc train' in text and 'acc system' in text                                  # the per-class table, side by side
+    assert 'balanced_softmax' in text or 'crt' in text or 'ncm' in text                   # the rebalance table
+    assert 'no measurable effect' in text and 'mean_class_err sys' in text                # compare: the run against itself
+    pm.execute_notebook(str(nb), str(tmp_path/'none.ipynb'), parameters={'experiment': str(tmp_path/'runs'/'none')},
+                        kernel_name='python3', progress_bar=False, cwd=str(tmp_path))
+    text = _outputs(nbformat.read(tmp_path/'none.ipynb', 4))
+    assert 'not run' in text and 'the cells below are skipped' in text and 'acc train' not in text
+    assert not (tmp_path/'runs').exists()   # exploring wrote nothing
+
+
 # ---------------------------------------------------------------- every rebalance method can win, and the system still predicts
 
 @pytest.fixture(scope='module')
