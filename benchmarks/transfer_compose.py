@@ -12,7 +12,14 @@ Compositions (declared in the commit that adds this file, before any was measure
 - every prediction: the mean of the run's 13 single-technique predictions (no choice);
 - inseparable predictions: the inseparable rule applied to the 13.
 
-    python benchmarks/transfer_compose.py      # reads runs/demo_3val*/ as they are; writes benchmarks/results/transfer_compose.json
+With --views-and-rounds, four more (declared in a second commit, after the first five were measured and none passed):
+- every head, both views: the 8 heads of the kept model on its plain and on its ten-crop@1.5 view-averaged embeddings (16);
+- every head, two models: the 8 heads of the kept model and 8 heads fitted the same way (classifier-only, `rebalance_features`,
+  τ and the NCM temperature on the choosing images) on the embeddings of the cleaned round's model, train/1 (16);
+- every head, two models, both views: the 32;
+- inseparable, two models, both views: the inseparable rule on the two plain models and the 32.
+
+    python benchmarks/transfer_compose.py [--views-and-rounds]     # reads runs/demo_3val*/ as they are; writes benchmarks/results/transfer_compose.json
 """
 from __future__ import annotations
 import argparse
@@ -46,13 +53,67 @@ def compositions(pool:list)->dict:
     return out
 
 
-def order(params:str)->tuple[dict, dict, np.ndarray]:
+def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->dict:
+    "View -> the 8 heads of round r's model as Candidates ('plain': its stored val embeddings, 'ten': ten-crop@1.5 averaged)"
+    import torch
+    from aliprod.core import experiment_dir
+    from aliprod.data import dataset_info, shot_groups
+    from aliprod.predictions import read_topk
+    from aliprod.rebalance import rebalance_features, _load_split, ncm_temperature
+    from aliprod.system import (Candidate, _load_member_model, _rows_df, view_embeddings, head_predict, build_head,
+                                head_tensors)
+    base, info = experiment_dir(exp), dataset_info(exp)
+    K, root = int(info['num_classes']), info['root']
+    model, t = _load_member_model(base, next(c for c in pool if c.name == f'train:{r}').recipe['members'][0], K, 'cpu', cache)
+    val, _ = _load_split(base/'train'/str(r)/'predictions'/'val.parquet')
+    val = val.take(np.flatnonzero(np.isin(val.rows, np.concatenate([sets.choose_rows, sets.report_rows]))))
+    if r == 0:   # the run's own heads (NCM calibrated on the choosing images by method_candidates)
+        heads = {c.info['method']: c.recipe['members'][0]['head'] for c in pool if c.name.startswith('rebalance:')}
+    else:        # fitted as the rebalance stage fits the classifier-only methods, τ chosen on the choosing images
+        rp = resolve_params('rebalance', params)
+        tr, tk = _load_split(base/'train'/str(r)/'predictions'/'train.parquet')
+        keep = np.flatnonzero(tr.labels >= 0)
+        res = rebalance_features(model.classifier, {'train': tr.take(keep), 'val': val}, K, rp,
+                                 train_p_label=np.asarray(tk.p_label)[keep], seed=exp.seed, groups=shot_groups(exp),
+                                 choose_rows=sets.choose_rows)
+        heads = {m: head_tensors(m, {k: v.detach().cpu() for k, v in x.head.state_dict().items()}, rp.ncm_norm)
+                 for m, x in res.items() if m not in ('baseline', 'tau_norm')}
+        if 'ncm' in heads:
+            ch = np.isin(val.rows, sets.choose_rows)
+            T = ncm_temperature(build_head({**heads['ncm'], 'temperature': 1.0}),
+                                torch.as_tensor(val.feats[ch], dtype=torch.float32), val.labels[ch])
+            heads['ncm'] = {**heads['ncm'], 'temperature': T}
+    df = _rows_df(index, val.rows)
+    feats = {'plain': torch.as_tensor(np.asarray(val.feats), dtype=torch.float32),
+             'ten': view_embeddings(model, df, root, t.eval_size, {'views': 'ten', 'enlarge': 1.5})}
+    def halves(tk):
+        pos = pd.Series(np.arange(len(tk)), index=tk.rows)
+        return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]
+    return {v: [Candidate(f'{m}:{r}:{v}', {}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
+                                                                       val.labels, 10)), {'method': m})
+                for m, h in sorted(heads.items())] for v, f in feats.items()}
+
+
+def order(params:str, extended:bool=False)->tuple[dict, dict, np.ndarray]:
     "Single techniques and compositions of one order, and the targets of its reporting rows"
     exp = resolve_params('experiment', params)
     index = load_index(exp, 0)
     sets = evaluation_sets(index, exp.seed)
     pool = pool_candidates(exp, sets, 10)
-    return {c.name: c for c in pool}, compositions(pool), report_target(index, sets.report_rows, 'clean')
+    comps = compositions(pool)
+    if extended:
+        cache = {}
+        h0, h1 = (heads_of_round(params, exp, index, sets, pool, r, cache) for r in (0, 1))
+        plain = [c for c in pool if c.name in ('train:0', 'train:1')]
+        every = h0['plain'] + h0['ten'] + h1['plain'] + h1['ten']
+        for name, members in (('every head, both views', h0['plain'] + h0['ten']),
+                              ('every head, two models', h0['plain'] + h1['plain']),
+                              ('every head, two models, both views', every),
+                              ('inseparable, two models, both views', inseparable(plain + every))):
+            comps[name] = (combine(members, 'mean', 10, name=name), [c.name for c in members])
+        for v, hs in (*h0.items(), *h1.items()):   # each new head alone, for the record (not a technique of the run)
+            for c in hs: print(f"  {params}: {c.name} reporting error (given labels) {100*choose_error(replace(c, choose=c.report)):.1f}")
+    return {c.name: c for c in pool}, comps, report_target(index, sets.report_rows, 'clean')
 
 
 def versus(comp, singles:dict, y)->dict:
@@ -78,14 +139,19 @@ def summary(t:pd.DataFrame)->str:
             f"{worst.technique} {100*worst['Δ']:+.1f} [{100*worst.lo:+.1f}, {100*worst.hi:+.1f}]; below every one: {below == len(t)}")
 
 
+compositions_first = ('every head', 'inseparable heads', 'every head + TTA', 'every prediction', 'inseparable predictions')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--bootstrap', type=int, default=10_000)
-    ap.add_argument('--out', default=str(project_root()/'benchmarks'/'results'/'transfer_compose.json'))
+    ap.add_argument('--views-and-rounds', action='store_true', help='also the four compositions that embed val (minutes)')
+    ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
-    orders = [order(f) for f in PARAMS]
+    orders = [order(f, a.views_and_rounds) for f in PARAMS]
     res = {}
     for name in orders[0][1]:
+        if a.views_and_rounds and name in compositions_first: continue
         per, hits = [], []
         for f, (singles, comps, y) in zip(PARAMS, orders):
             comp, members = comps[name]
@@ -101,8 +167,9 @@ def main(argv=None):
         print('    ' + '; '.join(f"{r.technique} {100*r.technique_err:.1f} {100*r.Δ:+.1f} [{100*r.lo:+.1f}, {100*r.hi:+.1f}]"
                                  for r in t.itertuples()))
         res[name] = {'orders': per, 'both': t.to_dict('records')}
-    atomic_write_json(a.out, res)
-    print(f"wrote {a.out}")
+    out = a.out or str(project_root()/'benchmarks'/'results'/f"transfer_compose{'_extended' if a.views_and_rounds else ''}.json")
+    atomic_write_json(out, res)
+    print(f"wrote {out}")
 
 
 if __name__ == '__main__': main()
