@@ -89,7 +89,7 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     def halves(tk):
         pos = pd.Series(np.arange(len(tk)), index=tk.rows)
         return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]
-    return {v: [Candidate(f'{m}:{r}:{v}', {}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
+    return {v: [Candidate(f'{m}:{r}:{v}', {'members': []}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
                                                                        val.labels, 10)), {'method': m})
                 for m, h in sorted(heads.items())] for v, f in feats.items()}
 
