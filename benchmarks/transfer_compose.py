@@ -32,6 +32,7 @@ from aliprod.metrics import paired_hits, paired_bootstrap, holm
 from aliprod.system import evaluation_sets, pool_candidates, report_target, combine, choose_error, choose_delta
 
 PARAMS = ['params/demo_3val.yaml', 'params/demo_3val_swap.yaml']
+STEPS:list[dict] = []   # the interval rule's steps (--views-and-rounds)
 
 
 def inseparable(cands:list)->list:
@@ -89,14 +90,30 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     def halves(tk):
         pos = pd.Series(np.arange(len(tk)), index=tk.rows)
         return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]
-    return {v: [Candidate(f'{m}:{r}:{v}', {'members': []}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
+    return {v: [Candidate(f'{m}:{r}:{v}', {'members': [{'head': f'{m}:{r}:{v}'}]}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
                                                                        val.labels, 10)), {'method': m})
                 for m, h in sorted(heads.items())] for v, f in feats.items()}
 
 
-def order(params:str, extended:bool=False)->tuple[dict, dict, np.ndarray]:
+def rule_steps(params:str, plain, h0:dict, mode:str='mean')->list[dict]:
+    "What the interval rule does on the choosing images with `compose: average`'s two steps (and TTA replacing the views instead)"
+    from aliprod.system import report_delta
+    every = combine(h0['plain'], mode, 10, name='every head')
+    both = combine(h0['plain'] + h0['ten'], mode, 10, name='every head, both views')
+    ten = combine(h0['ten'], mode, 10, name='every head, ten-crop views only')
+    out = []
+    for a, b in ((plain, every), (every, both), (every, ten)):
+        d, r = choose_delta(a, b), report_delta(a, b)
+        out.append({'params': params, 'from': a.name, 'to': b.name, 'choose': [d.delta, d.lo, d.hi], 'verdict': d.verdict,
+                    'report_given_labels': [r.delta, r.lo, r.hi]})
+        print(f"  rule step, {params}: {a.name} -> {b.name}: choosing {100*d.delta:+.1f} [{100*d.lo:+.1f}, {100*d.hi:+.1f}] "
+              f"({d.verdict}); reporting (given labels) {100*r.delta:+.1f} [{100*r.lo:+.1f}, {100*r.hi:+.1f}]")
+    return out
+
+
+def order(params:str, extended:bool=False, runs_dir:str|None=None)->tuple[dict, dict, np.ndarray]:
     "Single techniques and compositions of one order, and the targets of its reporting rows"
-    exp = resolve_params('experiment', params)
+    exp = resolve_params('experiment', params, overrides={'runs_dir': runs_dir})
     index = load_index(exp, 0)
     sets = evaluation_sets(index, exp.seed)
     pool = pool_candidates(exp, sets, 10)
@@ -111,6 +128,7 @@ def order(params:str, extended:bool=False)->tuple[dict, dict, np.ndarray]:
                               ('every head, two models, both views', every),
                               ('inseparable, two models, both views', inseparable(plain + every))):
             comps[name] = (combine(members, 'mean', 10, name=name), [c.name for c in members])
+        STEPS.extend(rule_steps(params, plain[0], h0))
         for v, hs in (*h0.items(), *h1.items()):   # each new head alone, for the record (not a technique of the run)
             for c in hs: print(f"  {params}: {c.name} reporting error (given labels) {100*choose_error(replace(c, choose=c.report)):.1f}")
     return {c.name: c for c in pool}, comps, report_target(index, sets.report_rows, 'clean')
@@ -145,10 +163,11 @@ compositions_first = ('every head', 'inseparable heads', 'every head + TTA', 'ev
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--bootstrap', type=int, default=10_000)
+    ap.add_argument('--runs-dir', default=None, help='where the runs are (default: the parameter files\' runs_dir)')
     ap.add_argument('--views-and-rounds', action='store_true', help='also the four compositions that embed val (minutes)')
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
-    orders = [order(f, a.views_and_rounds) for f in PARAMS]
+    orders = [order(f, a.views_and_rounds, a.runs_dir) for f in PARAMS]
     res = {}
     for name in orders[0][1]:
         if a.views_and_rounds and name in compositions_first: continue
@@ -168,6 +187,7 @@ def main(argv=None):
                                  for r in t.itertuples()))
         res[name] = {'orders': per, 'both': t.to_dict('records')}
     out = a.out or str(project_root()/'benchmarks'/'results'/f"transfer_compose{'_extended' if a.views_and_rounds else ''}.json")
+    if STEPS: res['rule_steps'] = STEPS
     atomic_write_json(out, res)
     print(f"wrote {out}")
 
