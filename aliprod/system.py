@@ -816,8 +816,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
             heads = methods
             if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share each
                 names = [c.info['method'] for c in methods]
-                heads = [combine(methods, p.mode, p.k, name=f'every head (iteration {r})',
-                                 info={'method': 'every head', 'methods': names, 'members': [c.name for c in methods]})]
+                name = f'every head (iteration {r})'   # one system to the ensemble step: its members are what greedy selection adds
+                heads = [combine(methods, p.mode, p.k, name=name, info={'method': 'every head', 'methods': names, 'members': [name]})]
             cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
             if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
             return pick(cands, 'classifier method', default=cands[0] is prev)
@@ -875,7 +875,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                                                                'none: the head as the method step chose it did best on the choosing images')),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
-                ('+ Ensemble', final, f"{len(final.recipe['members'])} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}")]
+                ('+ Ensemble', final, f"{len(final.info.get('members', [final.name]))} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}"
+                 + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
         first = ch[ch['status'] == 'present'].iloc[0]

@@ -278,6 +278,7 @@ def test_average_of_every_head_with_tta_views_is_what_the_artifact_predicts(ever
     assert cands.loc[cands['step'] == 'classifier method', 'candidate'].tolist() == ['every head (iteration 0)']
     assert 'averages' in cands.loc[cands['step'] == 'τ', 'note'].iloc[0]
     assert 'each head also' in art.chain.set_index('step').loc['+ TTA (enlarge + crops)', 'what']
+    assert c['members'] == ['every head (iteration 0)'] and '6 heads and views' in art.chain.set_index('step').loc['+ Ensemble', 'what']
     rep = read_topk(art.predictions['report'])
     df = load_index(exp, 0).set_index('row').loc[rep.rows[:8]].reset_index()[['row', 'path', 'label']]
     new = predict_system(art.out_dir, df)
