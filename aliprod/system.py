@@ -71,7 +71,7 @@ class Candidate:
     choose:TopK         # predictions of the choosing rows (sorted row ids)
     report:TopK|None    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
-    parts:list|None=None # per member, in recipe order: (choosing, reporting) predictions; None: one member, `choose`/`report`
+    parts:list|None=None # per member in recipe order: (choosing, reporting) predictions; None: one member
 
 def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
@@ -133,7 +133,7 @@ def member_parts(c:Candidate)->tuple[list, np.ndarray]:
     return parts, w / w.sum()
 
 def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:int, info:dict|None=None)->Candidate:
-    "A candidate averaging `members` (their (choosing, reporting) `parts`) with `weights` in one `combine_topk`: what its recipe predicts"
+    "`members` (their (choosing, reporting) `parts`) averaged with `weights` in one `combine_topk`, as recipes predict"
     w = np.asarray(weights, dtype=np.float64)
     # equal weights stay out of the recipe: a plain average reads (and predicts) as one without weights
     weights = None if np.allclose(w, w[0]) else [float(x) for x in w / w.sum()]
@@ -144,8 +144,9 @@ def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:
     return Candidate(name, recipe, avg([p[0] for p in parts]), avg([p[1] for p in parts]), dict(info or {}),
                      list(parts) if len(parts) > 1 else None)
 
-def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None, info:dict|None=None)->Candidate:
-    "The top-k average of several candidates, an equal share each: one `combine_topk` of all their members, as `predict_recipe` predicts it"
+def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None,
+            info:dict|None=None)->Candidate:
+    "The top-k average of several candidates, an equal share each: one `combine_topk` of all their members"
     members, parts, w = [], [], []
     for c in cands:   # flat, not an average of averages: the recipe (members, weights) predicts exactly these numbers
         pc, wc = member_parts(c)
@@ -362,7 +363,8 @@ def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:
 class SystemParams:
     rounds:list[int]|None=None        # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
     methods:list[str]|None=None       # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
-    compose:Literal['pick','average']='pick' # pick: one head, its TTA view replaces its embeddings; average: every head averaged, TTA adds each on its view
+    # pick: one head, its TTA view replaces its embeddings; average: every head, TTA adds each on its view (transfer.md)
+    compose:Literal['pick','average']='pick'
     plain:bool=True                   # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
     tau:bool=True                     # choose τ on top of a linear head
     tau_grid:list[float]|None=None    # τ values of the τ step (bias: [rebalance] tau_bias); None: [rebalance] tau_grid
@@ -379,7 +381,8 @@ class SystemParams:
         bad = [m for m in (self.methods or []) if m.removesuffix('-network') not in ('baseline', *METHODS)]
         if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} (and '<method>-network')")
         for v in self.tta_variants or []: parse_variant(v)
-        if self.compose not in ('pick', 'average'): raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
+        if self.compose not in ('pick', 'average'):
+            raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
         if self.k < 1 or self.bootstrap < 1: raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
         if any(r < 0 for r in self.rounds or []): raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
@@ -593,10 +596,13 @@ def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes
         tta, f = m.get('tta'), None
         if not (tta and tta.get('average') == 'probs'):   # heads on the same model and views share one embedding pass
             key = (m['model'], json.dumps(tta, sort_keys=True))
-            if key not in feats: feats[key] = view_embeddings(model, df, root, (tta or {}).get('size') or t.eval_size, tta, bs, workers, device)
+            if key not in feats:
+                size = (tta or {}).get('size') or t.eval_size
+                feats[key] = view_embeddings(model, df, root, size, tta, bs, workers, device)
             f = feats[key]
         parts.append(member_topk(m, model, t, df, root, recipe['k'], bs, workers, device, feats=f))
-    return parts[0] if len(parts) == 1 else combine_topk(parts, recipe.get('weights'), mode=recipe['mode'], k=recipe['k'])
+    if len(parts) == 1: return parts[0]
+    return combine_topk(parts, recipe.get('weights'), mode=recipe['mode'], k=recipe['k'])
 
 # %% ../nbs/06b_system.ipynb #aa8eb20f
 def load_system(system_dir:str|Path)->dict:
@@ -719,8 +725,9 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
 
-def _tta_add_step(prev:Candidate, load:Callable, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
-    "TTA of an average of heads: each member also on the variant's view-averaged embeddings, both views averaged (no TTA first unless not [system] plain)"
+def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, TrainParams)
+                  variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
+    "TTA of an average of heads: each also on the variant's view-averaged embeddings, both views averaged"
     members = prev.recipe['members']
     _, w = member_parts(prev)
     def spec(m, views, enlarge):
@@ -730,19 +737,22 @@ def _tta_add_step(prev:Candidate, load:Callable, variants, sets, p, index, root,
         y = df['label'].to_numpy(np.int64)
         for m in members:   # one forward pass per model: the heads on the same model share it
             model, t = load(m)
-            if m['model'] not in feats: feats[m['model']] = view_embeddings(model, df, root, t.eval_size, spec(m, views, enlarge), p.bs, p.workers, device)
-            out.append(head_predict(copy.deepcopy(build_head(m['head'], model.classifier)).cpu(), feats[m['model']], rows, y, p.k))
+            if m['model'] not in feats:
+                s = spec(m, views, enlarge)
+                feats[m['model']] = view_embeddings(model, df, root, t.eval_size, s, p.bs, p.workers, device)
+            head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
+            out.append(head_predict(head, feats[m['model']], rows, y, p.k))
         return out
     def with_views(v, views, enlarge, choose, report=None)->Candidate:
         twin = [{**m, 'tta': spec(m, views, enlarge)} for m in members]
         parts = list(zip(choose, report or [None] * len(choose)))
         views_c = flat_average(f'{prev.name} on TTA {v}', twin, parts, w, p.mode, prev.recipe['k'])
-        return combine([prev, views_c], p.mode, prev.recipe['k'], name=f'{prev.name}, each also on TTA {v} ({TTA_AVERAGE})',
-                       info={**prev.info, 'variant': v})
+        return combine([prev, views_c], p.mode, prev.recipe['k'], info={**prev.info, 'variant': v},
+                       name=f'{prev.name}, each also on TTA {v} ({TTA_AVERAGE})')
     cands, made = [prev] if p.plain or not variants else [], {}
     for v in variants:
         views, enlarge = parse_variant(v)
-        log(f"system: TTA {v} of {len(members)} heads: embedding the {len(sets.choose_rows)} choosing images ({views} views)")
+        log(f"system: TTA {v} of {len(members)} heads: embedding the {len(sets.choose_rows)} choosing images")
         c = with_views(v, views, enlarge, embed(sets.choose_rows, views, enlarge))
         made[c.name] = (v, views, enlarge, [x[0] for x in c.parts[len(members):]])
         cands.append(c)
@@ -814,10 +824,10 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                 if miss: raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and [system] plain is false; "
                                            f"add it to [rebalance] methods (a -network method: [rebalance] finetune network or both); written: {sorted(have)}")
             heads = methods
-            if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share each
-                names = [c.info['method'] for c in methods]
-                name = f'every head (iteration {r})'   # one system to the ensemble step: its members are what greedy selection adds
-                heads = [combine(methods, p.mode, p.k, name=name, info={'method': 'every head', 'methods': names, 'members': [name]})]
+            if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
+                name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
+                info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
+                heads = [combine(methods, p.mode, p.k, name=name, info=info)]
             cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
             if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
             return pick(cands, 'classifier method', default=cands[0] is prev)
@@ -825,7 +835,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
             if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
             if len(prev.recipe['members']) > 1:
                 c, tb = pick([prev], 'τ')
-                return c, tb.assign(note=f"τ-normalisation applies to one linear head; the system averages {len(prev.recipe['members'])} heads "
+                n = len(prev.recipe['members'])
+                return c, tb.assign(note=f"τ-normalisation applies to one linear head; the system averages {n} heads "
                                          f"([system] compose: {p.compose})")
             m = prev.recipe['members'][0]
             model, tt = _load_member_model(base, m, K, device, state)
@@ -856,8 +867,9 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
         tau_chosen = chosen['τ'] is not chosen['classifier method']
         several = len(chosen['τ'].recipe['members']) > 1
-        tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} on the {TTA_AVERAGE}"
-                    f"{', both views averaged' if several else ''} (the TTA stage's rows average the views' probabilities)"
+        tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} "
+                    f"on the {TTA_AVERAGE}{', both views averaged' if several else ''} "
+                    f"(the TTA stage's rows average the views' probabilities)"
                     if 'variant' in chosen['TTA'].info else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing images")
         m0 = chosen['classifier method'].recipe['members'][0]
         tau = chosen['τ'].recipe['members'][0]['tau']
@@ -866,23 +878,26 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                  f"in techniques alone against the control tag {hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)" if t.finetune_size and hires_tag else
                  f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained ([report] hires_tag), so its effect is not measured"
                  if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
+        mi = chosen['classifier method'].info
+        averaged = f" ({', '.join(mi['methods'])}, averaged)" if 'methods' in mi else ''
+        method_what = f"{mi.get('method', 'plain')}{averaged} chosen at round {r}"
+        ens = final.info.get('members', [final.name])
         rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
                 ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
-                ('+ Rebalanced classifier', chosen['classifier method'], f"{chosen['classifier method'].info.get('method', 'plain')}"
-                 + (f" ({', '.join(chosen['classifier method'].info['methods'])}, averaged)" if 'methods' in chosen['classifier method'].info else '')
-                 + f" chosen at round {r}"),
+                ('+ Rebalanced classifier', chosen['classifier method'], method_what),
                 ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)" if tau_chosen else
                                                                'none: the head as the method step chose it did best on the choosing images')),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
-                ('+ Ensemble', final, f"{len(final.info.get('members', [final.name]))} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}"
+                ('+ Ensemble', final, f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
                  + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
         first = ch[ch['status'] == 'present'].iloc[0]
         d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report, final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
         choices = {'round': r, 'rounds': rounds, 'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
-                   'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose, 'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
+                   'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
+                   'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
                    'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
                    'members': final.info.get('members', [final.name]), 'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
         numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap of the metric itself',

@@ -1,8 +1,8 @@
-"""Which composition, declared before it is measured, is below every single technique at 3 val images per class? Offline,
-from the saved predictions of the two runs of `python benchmarks/transfer.py` (runs/demo_3val*/: same models, the halves
-of val in both roles). Each composition is a top-10 probability average (`aliprod.system.combine`, what a multi-member
-system recipe predicts), judged like the system: against every single technique of the run on the reporting images of
-each order, then on all of val (each image judged by the composition its other half chose: cross-fitting).
+"""Which composition, declared before it is measured, is below every single technique at 3 val images per class?
+Offline, from the saved predictions of the two runs of `python benchmarks/transfer.py` (runs/demo_3val*/: same models,
+the halves of val in both roles). Each composition is a top-10 probability average (`aliprod.system.combine`, what a
+several-member system recipe predicts), judged like the system: against every single technique of the run on the
+reporting images of each order, then on all of val (each image judged by the composition its other half chose).
 
 Compositions (declared in the commit that adds this file, before any was measured):
 - every head: the mean of every classifier method the rebalance stage wrote at the kept round (no choice);
@@ -13,13 +13,17 @@ Compositions (declared in the commit that adds this file, before any was measure
 - inseparable predictions: the inseparable rule applied to the 13.
 
 With --views-and-rounds, four more (declared in a second commit, after the first five were measured and none passed):
-- every head, both views: the 8 heads of the kept model on its plain and on its ten-crop@1.5 view-averaged embeddings (16);
-- every head, two models: the 8 heads of the kept model and 8 heads fitted the same way (classifier-only, `rebalance_features`,
-  τ and the NCM temperature on the choosing images) on the embeddings of the cleaned round's model, train/1 (16);
+- every head, both views: the 8 heads of the kept model on its plain and on its ten-crop@1.5 view-averaged
+  embeddings (16);
+- every head, two models: the 8 heads of the kept model and 8 heads fitted the same way (classifier-only,
+  `rebalance_features`, τ and the NCM temperature on the choosing images) on the embeddings of the cleaned round's
+  model, train/1 (16);
 - every head, two models, both views: the 32;
 - inseparable, two models, both views: the inseparable rule on the two plain models and the 32.
 
-    python benchmarks/transfer_compose.py [--views-and-rounds]     # reads runs/demo_3val*/ as they are; writes benchmarks/results/transfer_compose.json
+    python benchmarks/transfer_compose.py [--views-and-rounds] [--runs-dir DIR]
+
+It reads runs/demo_3val*/ as they are and writes benchmarks/results/transfer_compose[_extended].json.
 """
 from __future__ import annotations
 import argparse
@@ -55,17 +59,17 @@ def compositions(pool:list)->dict:
 
 
 def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->dict:
-    "View -> the 8 heads of round r's model as Candidates ('plain': its stored val embeddings, 'ten': ten-crop@1.5 averaged)"
+    "View -> round r's model's 8 heads as Candidates ('plain': stored val embeddings, 'ten': ten-crop@1.5 averaged)"
     import torch
     from aliprod.core import experiment_dir
     from aliprod.data import dataset_info, shot_groups
-    from aliprod.predictions import read_topk
     from aliprod.rebalance import rebalance_features, _load_split, ncm_temperature
     from aliprod.system import (Candidate, _load_member_model, _rows_df, view_embeddings, head_predict, build_head,
                                 head_tensors)
     base, info = experiment_dir(exp), dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
-    model, t = _load_member_model(base, next(c for c in pool if c.name == f'train:{r}').recipe['members'][0], K, 'cpu', cache)
+    member = next(c for c in pool if c.name == f'train:{r}').recipe['members'][0]
+    model, t = _load_member_model(base, member, K, 'cpu', cache)
     val, _ = _load_split(base/'train'/str(r)/'predictions'/'val.parquet')
     val = val.take(np.flatnonzero(np.isin(val.rows, np.concatenate([sets.choose_rows, sets.report_rows]))))
     if r == 0:   # the run's own heads (NCM calibrated on the choosing images by method_candidates)
@@ -90,13 +94,14 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     def halves(tk):
         pos = pd.Series(np.arange(len(tk)), index=tk.rows)
         return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]
-    return {v: [Candidate(f'{m}:{r}:{v}', {'members': [{'head': f'{m}:{r}:{v}'}]}, *halves(head_predict(build_head(h, model.classifier), f, val.rows,
-                                                                       val.labels, 10)), {'method': m})
-                for m, h in sorted(heads.items())] for v, f in feats.items()}
+    def cand(m, h, v, f):   # a placeholder member: these heads are measured here, never deployed
+        tk = head_predict(build_head(h, model.classifier), f, val.rows, val.labels, 10)
+        return Candidate(f'{m}:{r}:{v}', {'members': [{'head': f'{m}:{r}:{v}'}]}, *halves(tk), {'method': m})
+    return {v: [cand(m, h, v, f) for m, h in sorted(heads.items())] for v, f in feats.items()}
 
 
 def rule_steps(params:str, plain, h0:dict, mode:str='mean')->list[dict]:
-    "What the interval rule does on the choosing images with `compose: average`'s two steps (and TTA replacing the views instead)"
+    "The interval rule on `compose: average`'s two steps, choosing images (and TTA replacing the views instead)"
     from aliprod.system import report_delta
     every = combine(h0['plain'], mode, 10, name='every head')
     both = combine(h0['plain'] + h0['ten'], mode, 10, name='every head, both views')
@@ -104,10 +109,11 @@ def rule_steps(params:str, plain, h0:dict, mode:str='mean')->list[dict]:
     out = []
     for a, b in ((plain, every), (every, both), (every, ten)):
         d, r = choose_delta(a, b), report_delta(a, b)
-        out.append({'params': params, 'from': a.name, 'to': b.name, 'choose': [d.delta, d.lo, d.hi], 'verdict': d.verdict,
-                    'report_given_labels': [r.delta, r.lo, r.hi]})
-        print(f"  rule step, {params}: {a.name} -> {b.name}: choosing {100*d.delta:+.1f} [{100*d.lo:+.1f}, {100*d.hi:+.1f}] "
-              f"({d.verdict}); reporting (given labels) {100*r.delta:+.1f} [{100*r.lo:+.1f}, {100*r.hi:+.1f}]")
+        out.append({'params': params, 'from': a.name, 'to': b.name, 'choose': [d.delta, d.lo, d.hi],
+                    'verdict': d.verdict, 'report_given_labels': [r.delta, r.lo, r.hi]})
+        print(f"  rule step, {params}: {a.name} -> {b.name}: choosing {100*d.delta:+.1f} [{100*d.lo:+.1f}, "
+              f"{100*d.hi:+.1f}] ({d.verdict}); reporting (given labels) {100*r.delta:+.1f} [{100*r.lo:+.1f}, "
+              f"{100*r.hi:+.1f}]")
     return out
 
 
@@ -130,7 +136,9 @@ def order(params:str, extended:bool=False, runs_dir:str|None=None)->tuple[dict, 
             comps[name] = (combine(members, 'mean', 10, name=name), [c.name for c in members])
         STEPS.extend(rule_steps(params, plain[0], h0))
         for v, hs in (*h0.items(), *h1.items()):   # each new head alone, for the record (not a technique of the run)
-            for c in hs: print(f"  {params}: {c.name} reporting error (given labels) {100*choose_error(replace(c, choose=c.report)):.1f}")
+            for c in hs:
+                e = choose_error(replace(c, choose=c.report))
+                print(f"  {params}: {c.name} reporting error (given labels) {100*e:.1f}")
     return {c.name: c for c in pool}, comps, report_target(index, sets.report_rows, 'clean')
 
 
@@ -143,7 +151,8 @@ def table(hits:dict, B:int)->pd.DataFrame:
     rows = []
     for n, h in hits.items():
         d = paired_bootstrap(h, B=B, seed=0)
-        rows.append({'technique': n, 'technique_err': d.a, 'system_err': d.b, 'Δ': d.delta, 'lo': d.lo, 'hi': d.hi, 'p': d.p})
+        rows.append({'technique': n, 'technique_err': d.a, 'system_err': d.b, 'Δ': d.delta, 'lo': d.lo, 'hi': d.hi,
+                     'p': d.p})
     t = pd.DataFrame(rows)
     t['p (Holm)'] = holm(t['p'].to_numpy(float))
     return t.sort_values('technique_err').reset_index(drop=True)
@@ -152,25 +161,27 @@ def table(hits:dict, B:int)->pd.DataFrame:
 def summary(t:pd.DataFrame)->str:
     below = int((t['hi'] < 0).sum())
     worst = t.loc[t['Δ'].idxmax()]
-    return (f"error {100*t['system_err'].iloc[0]:.1f}; below {int((t['Δ'] < 0).sum())}/{len(t)} (point), {below} with an "
-            f"interval excluding 0, {int(((t['p (Holm)'] < 0.05) & (t['Δ'] < 0)).sum())} after Holm; closest: "
-            f"{worst.technique} {100*worst['Δ']:+.1f} [{100*worst.lo:+.1f}, {100*worst.hi:+.1f}]; below every one: {below == len(t)}")
+    holm_below = int(((t['p (Holm)'] < 0.05) & (t['Δ'] < 0)).sum())
+    return (f"error {100*t['system_err'].iloc[0]:.1f}; below {int((t['Δ'] < 0).sum())}/{len(t)} (point), {below} with "
+            f"an interval excluding 0, {holm_below} after Holm; closest: {worst.technique} {100*worst['Δ']:+.1f} "
+            f"[{100*worst.lo:+.1f}, {100*worst.hi:+.1f}]; below every one: {below == len(t)}")
 
 
-compositions_first = ('every head', 'inseparable heads', 'every head + TTA', 'every prediction', 'inseparable predictions')
+FIRST = ('every head', 'inseparable heads', 'every head + TTA', 'every prediction', 'inseparable predictions')
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--bootstrap', type=int, default=10_000)
     ap.add_argument('--runs-dir', default=None, help='where the runs are (default: the parameter files\' runs_dir)')
-    ap.add_argument('--views-and-rounds', action='store_true', help='also the four compositions that embed val (minutes)')
+    ap.add_argument('--views-and-rounds', action='store_true',
+                    help='the four compositions that embed val (minutes) instead of the first five')
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
     orders = [order(f, a.views_and_rounds, a.runs_dir) for f in PARAMS]
     res = {}
     for name in orders[0][1]:
-        if a.views_and_rounds and name in compositions_first: continue
+        if a.views_and_rounds and name in FIRST: continue
         per, hits = [], []
         for f, (singles, comps, y) in zip(PARAMS, orders):
             comp, members = comps[name]
@@ -178,15 +189,17 @@ def main(argv=None):
             t = table(h, a.bootstrap)
             per.append({'params': f, 'members': members, 'vs': t.to_dict('records')})
             print(f"{name} | {f}: members {members}\n    {summary(t)}")
-        both = {n: replace(hs[0], **{k: np.concatenate([getattr(h, k) for h in hs]) for k in ('rows', 'y', 'hit_a', 'hit_b')},
-                           n_unknown=sum(h.n_unknown for h in hs))
-                for n in hits[0] for hs in [[h[n] for h in hits]]}
+        keys = ('rows', 'y', 'hit_a', 'hit_b')
+        cat = lambda hs: replace(hs[0], **{k: np.concatenate([getattr(h, k) for h in hs]) for k in keys},
+                                 n_unknown=sum(h.n_unknown for h in hs))
+        both = {n: cat([h[n] for h in hits]) for n in hits[0]}
         t = table(both, a.bootstrap)
         print(f"{name} | both orders ({len(next(iter(both.values())))} images): {summary(t)}")
-        print('    ' + '; '.join(f"{r.technique} {100*r.technique_err:.1f} {100*r.Δ:+.1f} [{100*r.lo:+.1f}, {100*r.hi:+.1f}]"
-                                 for r in t.itertuples()))
+        print('    ' + '; '.join(f"{r.technique} {100*r.technique_err:.1f} {100*r.Δ:+.1f} [{100*r.lo:+.1f}, "
+                                 f"{100*r.hi:+.1f}]" for r in t.itertuples()))
         res[name] = {'orders': per, 'both': t.to_dict('records')}
-    out = a.out or str(project_root()/'benchmarks'/'results'/f"transfer_compose{'_extended' if a.views_and_rounds else ''}.json")
+    sfx = '_extended' if a.views_and_rounds else ''
+    out = a.out or str(project_root()/'benchmarks'/'results'/f"transfer_compose{sfx}.json")
     if STEPS: res['rule_steps'] = STEPS
     atomic_write_json(out, res)
     print(f"wrote {out}")
