@@ -27,12 +27,13 @@ from .tta import tta_views, enlarged_size, predict_tta, parse_variant
 
 # %% auto #0
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
-           'choose_error', 'choose_delta', 'report_delta', 'pick', 'single', 'combine', 'greedy_ensemble', 'compose',
-           'choice_step', 'report_target', 'metric_interval', 'chain_table', 'against_single_technique',
-           'against_each_single_technique', 'head_tensors', 'classifier_tensors', 'build_head', 'tau_head',
-           'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate', 'calibrated_ncm', 'method_candidates',
-           'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods', 'pool_candidates', 'member_topk',
-           'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts', 'system_stage']
+           'choose_error', 'choose_delta', 'report_delta', 'pick', 'single', 'member_parts', 'flat_average', 'combine',
+           'greedy_ensemble', 'compose', 'choice_step', 'report_target', 'metric_interval', 'chain_table',
+           'against_single_technique', 'against_each_single_technique', 'head_tensors', 'classifier_tensors',
+           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
+           'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
+           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
+           'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Candidate:
     choose:TopK         # predictions of the choosing rows (sorted row ids)
     report:TopK|None    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
+    parts:list|None=None # per member in recipe order: (choosing, reporting) predictions; None: one member
 
 def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
@@ -121,13 +123,37 @@ def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->C
     "A one-model candidate"
     return Candidate(name, {'members': [member], 'mode': 'mean', 'k': k}, choose, report, info)
 
-def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None)->Candidate:
-    "The top-k average (`combine_topk`) of several candidates, its recipe the union of their members"
-    members = [m for c in cands for m in c.recipe['members']]
+def member_parts(c:Candidate)->tuple[list, np.ndarray]:
+    "`c`'s per-member (choosing, reporting) predictions in recipe order, and the members' weights (summing to 1)"
+    parts = c.parts if c.parts is not None else [(c.choose, c.report)]
+    if len(parts) != len(c.recipe['members']):
+        raise ValueError(f"{c.name}: {len(c.recipe['members'])} members in its recipe but predictions of {len(parts)}; "
+                         f"build a several-member candidate with `combine`")
+    w = np.asarray(c.recipe.get('weights') or np.ones(len(parts)), dtype=np.float64)
+    return parts, w / w.sum()
+
+def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:int, info:dict|None=None)->Candidate:
+    "`members` (their (choosing, reporting) `parts`) averaged with `weights` in one `combine_topk`, as recipes predict"
+    w = np.asarray(weights, dtype=np.float64)
+    # equal weights stay out of the recipe: a plain average reads (and predicts) as one without weights
+    weights = None if np.allclose(w, w[0]) else [float(x) for x in w / w.sum()]
+    def avg(ps):
+        if any(x is None for x in ps): return None   # a member not predicted on these images yet
+        return ps[0] if len(ps) == 1 else combine_topk(ps, weights, mode=mode, k=k)
+    recipe = {'members': list(members), 'mode': mode, 'k': k, **({'weights': weights} if weights else {})}
+    return Candidate(name, recipe, avg([p[0] for p in parts]), avg([p[1] for p in parts]), dict(info or {}),
+                     list(parts) if len(parts) > 1 else None)
+
+def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None,
+            info:dict|None=None)->Candidate:
+    "The top-k average of several candidates, an equal share each: one `combine_topk` of all their members"
+    members, parts, w = [], [], []
+    for c in cands:   # flat, not an average of averages: the recipe (members, weights) predicts exactly these numbers
+        pc, wc = member_parts(c)
+        members += c.recipe['members']; parts += pc; w += list(wc / len(cands))
     kk = min(k or 10**9, max(c.choose.k for c in cands))   # no more than the members keep
-    return Candidate(name or ' + '.join(c.name for c in cands), {'members': members, 'mode': mode, 'k': kk},
-                     combine_topk([c.choose for c in cands], mode=mode, k=kk), combine_topk([c.report for c in cands], mode=mode, k=kk),
-                     {'members': [c.name for c in cands]})
+    return flat_average(name or ' + '.join(c.name for c in cands), members, parts, w, mode, kk,
+                        info if info is not None else {'members': [c.name for c in cands]})
 
 # %% ../nbs/06b_system.ipynb #751698f6
 def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mode:str='mean', k:int|None=None,
@@ -337,6 +363,8 @@ def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:
 class SystemParams:
     rounds:list[int]|None=None        # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
     methods:list[str]|None=None       # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    # pick: one head, its TTA view replaces its embeddings; average: every head, TTA adds each on its view (transfer.md)
+    compose:Literal['pick','average']='pick'
     plain:bool=True                   # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
     tau:bool=True                     # choose τ on top of a linear head
     tau_grid:list[float]|None=None    # τ values of the τ step (bias: [rebalance] tau_bias); None: [rebalance] tau_grid
@@ -353,6 +381,8 @@ class SystemParams:
         bad = [m for m in (self.methods or []) if m.removesuffix('-network') not in ('baseline', *METHODS)]
         if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} (and '<method>-network')")
         for v in self.tta_variants or []: parse_variant(v)
+        if self.compose not in ('pick', 'average'):
+            raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
         if self.k < 1 or self.bootstrap < 1: raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
         if any(r < 0 for r in self.rounds or []): raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
@@ -560,10 +590,19 @@ def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10
 def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes:int, bs:int=64, workers:int=0, device='cpu',
                    cache:dict|None=None)->TopK:
     "Top-k of a system recipe on the images of `df` (row, path, label)"
-    cache = {} if cache is None else cache
-    parts = [member_topk(m, *_load_member_model(exp_dir, m, num_classes, device, cache), df, root, recipe['k'], bs, workers, device)
-             for m in recipe['members']]
-    return parts[0] if len(parts) == 1 else combine_topk(parts, mode=recipe['mode'], k=recipe['k'])
+    cache, feats, parts = {} if cache is None else cache, {}, []
+    for m in recipe['members']:
+        model, t = _load_member_model(exp_dir, m, num_classes, device, cache)
+        tta, f = m.get('tta'), None
+        if not (tta and tta.get('average') == 'probs'):   # heads on the same model and views share one embedding pass
+            key = (m['model'], json.dumps(tta, sort_keys=True))
+            if key not in feats:
+                size = (tta or {}).get('size') or t.eval_size
+                feats[key] = view_embeddings(model, df, root, size, tta, bs, workers, device)
+            f = feats[key]
+        parts.append(member_topk(m, model, t, df, root, recipe['k'], bs, workers, device, feats=f))
+    if len(parts) == 1: return parts[0]
+    return combine_topk(parts, recipe.get('weights'), mode=recipe['mode'], k=recipe['k'])
 
 # %% ../nbs/06b_system.ipynb #aa8eb20f
 def load_system(system_dir:str|Path)->dict:
@@ -686,6 +725,44 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
 
+def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, TrainParams)
+                  variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
+    "TTA of an average of heads: each also on the variant's view-averaged embeddings, both views averaged"
+    members = prev.recipe['members']
+    _, w = member_parts(prev)
+    def spec(m, views, enlarge):
+        return {'views': views, 'enlarge': enlarge, 'size': load(m)[1].eval_size, 'average': 'embedding'}
+    def embed(rows, views, enlarge)->list[TopK]:
+        df, feats, out = _rows_df(index, rows), {}, []
+        y = df['label'].to_numpy(np.int64)
+        for m in members:   # one forward pass per model: the heads on the same model share it
+            model, t = load(m)
+            if m['model'] not in feats:
+                s = spec(m, views, enlarge)
+                feats[m['model']] = view_embeddings(model, df, root, t.eval_size, s, p.bs, p.workers, device)
+            head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
+            out.append(head_predict(head, feats[m['model']], rows, y, p.k))
+        return out
+    def with_views(v, views, enlarge, choose, report=None)->Candidate:
+        twin = [{**m, 'tta': spec(m, views, enlarge)} for m in members]
+        parts = list(zip(choose, report or [None] * len(choose)))
+        views_c = flat_average(f'{prev.name} on TTA {v}', twin, parts, w, p.mode, prev.recipe['k'])
+        return combine([prev, views_c], p.mode, prev.recipe['k'], info={**prev.info, 'variant': v},
+                       name=f'{prev.name}, each also on TTA {v} ({TTA_AVERAGE})')
+    cands, made = [prev] if p.plain or not variants else [], {}
+    for v in variants:
+        views, enlarge = parse_variant(v)
+        log(f"system: TTA {v} of {len(members)} heads: embedding the {len(sets.choose_rows)} choosing images")
+        c = with_views(v, views, enlarge, embed(sets.choose_rows, views, enlarge))
+        made[c.name] = (v, views, enlarge, [x[0] for x in c.parts[len(members):]])
+        cands.append(c)
+    best, table = pick(cands, 'TTA', default=bool(p.plain or not variants))
+    if best is not prev:   # the reporting images are embedded for the chosen variant only
+        v, views, enlarge, choose = made[best.name]
+        log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
+        best = with_views(v, views, enlarge, choose, embed(sets.report_rows, views, enlarge))
+    return best, table
+
 # %% ../nbs/06b_system.ipynb #7b9fd093
 def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
     "system.json (choices, recipe with head files, numbers) and heads/member<i>.pth"
@@ -746,11 +823,21 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                 miss = [m for m in p.methods or [] if m not in ('baseline', 'tau_norm', *have)]
                 if miss: raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and [system] plain is false; "
                                            f"add it to [rebalance] methods (a -network method: [rebalance] finetune network or both); written: {sorted(have)}")
-            cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + methods
+            heads = methods
+            if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
+                name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
+                info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
+                heads = [combine(methods, p.mode, p.k, name=name, info=info)]
+            cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
             if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
             return pick(cands, 'classifier method', default=cands[0] is prev)
         def tau_step(prev):
             if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
+            if len(prev.recipe['members']) > 1:
+                c, tb = pick([prev], 'τ')
+                n = len(prev.recipe['members'])
+                return c, tb.assign(note=f"τ-normalisation applies to one linear head; the system averages {n} heads "
+                                         f"([system] compose: {p.compose})")
             m = prev.recipe['members'][0]
             model, tt = _load_member_model(base, m, K, device, state)
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
@@ -760,6 +847,9 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
                      'classifier': classifier_tensors(model.classifier)}
             return _tau_step(prev, feats, sets, p, rp, index)
         def tta_step(prev):
+            if len(prev.recipe['members']) > 1:
+                load = lambda m: _load_member_model(base, m, K, device, state)
+                return _tta_add_step(prev, load, variants, sets, p, index, root, device)
             model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
             return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
         def ensemble_step(prev):
@@ -776,28 +866,37 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
         notes = cand_table.loc[cand_table['step'] == 'τ', 'note'].dropna() if 'note' in cand_table else []
         tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
         tau_chosen = chosen['τ'] is not chosen['classifier method']
-        tta_what = (f"{chosen['TTA'].info['variant']} chosen: the chosen head on the {TTA_AVERAGE} (the TTA stage's rows average the views' probabilities)"
+        several = len(chosen['τ'].recipe['members']) > 1
+        tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} "
+                    f"on the {TTA_AVERAGE}{', both views averaged' if several else ''} "
+                    f"(the TTA stage's rows average the views' probabilities)"
                     if 'variant' in chosen['TTA'].info else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing images")
         m0 = chosen['classifier method'].recipe['members'][0]
         tau = chosen['τ'].recipe['members'][0]['tau']
-        tta = chosen['TTA'].recipe['members'][0].get('tta')
+        tta = next((m['tta'] for m in chosen['TTA'].recipe['members'] if m.get('tta')), None)
         hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at {t.finetune_size} px); its effect is measured "
                  f"in techniques alone against the control tag {hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)" if t.finetune_size and hires_tag else
                  f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained ([report] hires_tag), so its effect is not measured"
                  if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
+        mi = chosen['classifier method'].info
+        averaged = f" ({', '.join(mi['methods'])}, averaged)" if 'methods' in mi else ''
+        method_what = f"{mi.get('method', 'plain')}{averaged} chosen at round {r}"
+        ens = final.info.get('members', [final.name])
         rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
                 ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
-                ('+ Rebalanced classifier', chosen['classifier method'], f"{chosen['classifier method'].info.get('method', 'plain')} chosen at round {r}"),
+                ('+ Rebalanced classifier', chosen['classifier method'], method_what),
                 ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)" if tau_chosen else
                                                                'none: the head as the method step chose it did best on the choosing images')),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
-                ('+ Ensemble', final, f"{len(final.recipe['members'])} member(s) by greedy selection: {', '.join(final.info.get('members', [final.name]))}")]
+                ('+ Ensemble', final, f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
+                 + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
         first = ch[ch['status'] == 'present'].iloc[0]
         d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report, final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
         choices = {'round': r, 'rounds': rounds, 'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
+                   'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
                    'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
                    'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
                    'members': final.info.get('members', [final.name]), 'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}

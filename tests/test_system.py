@@ -282,3 +282,32 @@ def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, t
     rep = report_stage(exp, ReportParams(split='val', hires_tag=None, bootstrap=50))
     assert rep.tables['choices_transfer']['step'].tolist() == [t['step'] for t in o['transfer']]
     assert len(rep.tables['system_vs_techniques']) == len(vs) and '>Choices transfer</h2>' in rep.index_html.read_text()
+
+
+def test_average_of_every_head_with_tta_views_is_what_the_artifact_predicts(every_method):
+    "compose: average: every head averaged (each on its own model), TTA adding each on its views; the artifact predicts"
+    from aliprod.data import load_index
+    from aliprod.system import load_system
+    exp, args = every_method
+    heads = ['crt', 'ncm', 'two_stage-network']   # two heads on the run's model, one on its own finetuned model
+    art = system_stage(*args, SystemParams(compose='average', methods=heads, plain=False, tta_variants=['flip@1'],
+                                           ensemble=False, bootstrap=50))
+    c, s = art.system['choices'], load_system(art.out_dir)
+    members = s['recipe']['members']
+    assert c['method'] == 'every head' and c['compose'] == 'average' and c['heads'] == heads
+    assert len({m['model'] for m in members}) == 2
+    # every head on both views: the plain embeddings first, then the TTA views
+    assert len(members) == 2 * len(heads) and all(m['tta'] is None for m in members[:len(heads)])
+    assert all(m['tta']['views'] == 'flip' and m['tta']['average'] == 'embedding' for m in members[len(heads):])
+    assert c['tta']['views'] == 'flip' and not c['tau_chosen'] and 'weights' not in s['recipe']   # an equal share each
+    cands = art.candidates
+    assert cands.loc[cands['step'] == 'classifier method', 'candidate'].tolist() == ['every head (iteration 0)']
+    assert 'averages' in cands.loc[cands['step'] == 'τ', 'note'].iloc[0]
+    assert 'each head also' in art.chain.set_index('step').loc['+ TTA (enlarge + crops)', 'what']
+    assert c['members'] == ['every head (iteration 0)']
+    assert '6 heads and views' in art.chain.set_index('step').loc['+ Ensemble', 'what']
+    rep = read_topk(art.predictions['report'])
+    df = load_index(exp, 0).set_index('row').loc[rep.rows[:8]].reset_index()[['row', 'path', 'label']]
+    new = predict_system(art.out_dir, df)
+    assert np.array_equal(new.topk_labels, rep.topk_labels[:8])
+    np.testing.assert_allclose(new.topk_probs, rep.topk_probs[:8], atol=1e-4)
