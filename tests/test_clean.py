@@ -364,7 +364,7 @@ def test_balanced_rule_against_the_dense_posterior(seed, spread):
 
 
 def test_rounds_past_the_stop_are_not_candidates_downstream(tmp_path):
-    "An explicit iteration 2 ran round 2 past the stop: the system's rounds and 'kept' are those of the stop rule (round 0..1, kept 0)"
+    "Round 2 ran past the stop (an explicit iteration 2): the system's rounds and 'kept' are the stop rule's (0..1, kept 0)"
     from aliprod.core import ExperimentParams, resolve_iteration, run_dir
     from aliprod.system import cleaning_rounds_run
     exp = ExperimentParams(experiment='past', runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
