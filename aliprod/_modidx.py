@@ -170,6 +170,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'aliprod.clean.train_predictions': ('clean.html#train_predictions', 'aliprod/clean.py'),
                                'aliprod.clean.trained_prior': ('clean.html#trained_prior', 'aliprod/clean.py'),
                                'aliprod.clean.training_predictions': ('clean.html#training_predictions', 'aliprod/clean.py'),
+                               'aliprod.clean.val_predictions': ('clean.html#val_predictions', 'aliprod/clean.py'),
                                'aliprod.clean.write_index': ('clean.html#write_index', 'aliprod/clean.py')},
             'aliprod.core': { 'aliprod.core.ExperimentParams': ('core.html#experimentparams', 'aliprod/core.py'),
                               'aliprod.core.ExperimentParams.__post_init__': ( 'core.html#experimentparams.__post_init__',

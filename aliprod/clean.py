@@ -33,7 +33,8 @@ __all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RU
            'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
            'trained_prior', 'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
            'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
-           'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'clean_stage']
+           'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'val_predictions',
+           'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULE_NEEDS = {'embeddings': 'the training predictions carry feats (train with save_feats: true)',
@@ -109,6 +110,7 @@ class CleanParams:
     near_chance:float=0.9          # a model whose error is at least this share of chance error (1 - 1/K) is near chance: its round is refused
     allow_aggressive:bool=False    # clean anyway (loudly warned) when a round fails those checks
     select:Literal['validation','all']='validation' # validation: keep a round only if its retrained model improves val mean class error (paired interval), stop at the first that does not; all: run every round
+    past_stop:bool=False           # validation: run every round up to iteration even past the stop (papermill -p iteration N asks for it); the kept round is still the one validation kept
 
     def __post_init__(self):
         if self.iteration < 1: raise ParamsError(f"[clean] iteration must be >= 1 (0 is the data stage's index), got {self.iteration}")
@@ -926,8 +928,8 @@ def agreement_predictions(exp:ExperimentParams, clean:CleanParams, iteration:int
     return [read_topk(p) for p in paths], paths
 
 def _stage_params(clean:CleanParams)->dict:
-    "The parameters that determine an iteration's outputs (the gallery size only changes the report)"
-    return {k: v for k, v in params_dict(clean).items() if k != 'gallery_size'}
+    "The parameters that determine an iteration's outputs (the gallery size and past_stop only change the report)"
+    return {k: v for k, v in params_dict(clean).items() if k not in ('gallery_size', 'past_stop')}
 
 def write_index(new:pd.DataFrame, path:Path, like:Path):
     "Write `new` atomically with the schema of the index file `like` (same columns, types and metadata)"
@@ -1141,22 +1143,27 @@ def select_rounds(run_round,    # k -> the choosing images' val predictions of r
                   rounds:int,   # the last round that may run (`clean.iteration`)
                   groups:dict,  # `aliprod.data.shot_groups(exp)`
                   seed:int=0,
+                  past_stop:bool=False, # run the rounds after the stop too (an explicit request); none of them is kept
                  )->tuple[int, list[dict], str]:
     "Run round 1..`rounds`, each against the one kept so far; keep it if it 'helped', else stop: (kept, decisions, why)"
-    kept, best, decisions = 0, baseline, []
+    kept, best, decisions, stop = 0, baseline, [], None
     for k in range(1, rounds + 1):
         new = run_round(k)
         v = round_verdict(best, new, groups, seed)
-        decisions.append({'iteration': k, 'against': kept,
-                          **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')}})
-        log(f"clean: round {k}: val mean class error {v['a']:.4f} -> {v['b']:.4f} "
-            f"(Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        decisions.append({'iteration': k, 'against': kept, **{c: v[c] for c in ('a', 'b', 'delta', 'lo', 'hi', 'verdict')},
+                          **({'past_stop': True} if stop else {})})
+        log(f"clean: round {k}{' (past the stop: not a candidate)' if stop else ''}: val mean class error {v['a']:.4f} -> "
+            f"{v['b']:.4f} (Δ {v['delta']:+.4f}, 95% [{v['lo']:+.4f}, {v['hi']:+.4f}]): {v['verdict']}")
+        if stop: continue
         if v['verdict'] != 'helped':
-            return kept, decisions, (f"round {k} did not improve val mean class error ({v['verdict']}, "
-                                     f"Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}]): "
-                                     f"stopped, rounds after {k} not run")
+            stop, why = k, (f"round {k} did not improve val mean class error ({v['verdict']}, "
+                            f"Δ {v['delta']:+.4f}, 95% interval [{v['lo']:+.4f}, {v['hi']:+.4f}])")
+            if not past_stop or k == rounds: return kept, decisions, f"{why}: stopped, rounds after {k} not run"
+            continue
         kept, best = k, new
-    return kept, decisions, f"every round up to {kept} improved val mean class error"
+    if stop is None: return kept, decisions, f"every round up to {kept} improved val mean class error"
+    later = f'round {rounds}' if rounds == stop + 1 else f'rounds {stop + 1}..{rounds}'
+    return kept, decisions, f"{why}: stopped there; {later} run past the stop on request (iteration {rounds}), not kept"
 
 def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
     "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
@@ -1164,6 +1171,17 @@ def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
     return int(json.loads(f.read_text())['kept_iteration']) if f.exists() else default
 
 # %% ../nbs/03_clean.ipynb #1e28e998
+def val_predictions(model,          # TrainArtifacts of model k, or None (not trained here)
+                    k:int,          # the index model k was trained on
+                    clean:CleanParams,
+                    predictions_of=None, # clean_stage's hook: its val.parquet beside model k's training predictions, as the train stage writes them
+                   )->Path|None:
+    "Model k's val predictions file: the trained model's, or beside the training predictions `predictions_of` gives; None: none"
+    if model is not None: return model.predictions.get('val')
+    if predictions_of is None or clean.source != 'in_sample': return None
+    f = Path(predictions_of(k, None, None)).with_name('val.parquet')
+    return f if f.is_file() else None
+
 def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
@@ -1172,7 +1190,7 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
     models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
-    choose = clean.select == 'validation' and train_model and 'val' in models[0].predictions
+    choose = clean.select == 'validation' and val_predictions(models[0], 0, clean, predictions_of) is not None
     rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
     arts = []
@@ -1180,10 +1198,10 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
         arts.append(clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k), train_model=train_model,
                                     predictions_of=predictions_of))
         models.append(arts[-1].model)
-        return on_choosing(arts[-1].model.predictions['val']) if choose else None
+        return on_choosing(val_predictions(arts[-1].model, k, clean, predictions_of)) if choose else None
     if choose:
-        kept, decisions, reason = select_rounds(run_round, on_choosing(models[0].predictions['val']), clean.iteration,
-                                                shot_groups(exp), exp.seed)
+        kept, decisions, reason = select_rounds(run_round, on_choosing(val_predictions(models[0], 0, clean, predictions_of)),
+                                                clean.iteration, shot_groups(exp), exp.seed, past_stop=clean.past_stop)
     else:
         for k in range(1, clean.iteration + 1): run_round(k)
         kept, decisions = clean.iteration, []
@@ -1192,7 +1210,9 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
                   'no val predictions: rounds not chosen on validation')
     art = arts[-1]
     rounds = len(models) - 1
-    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
+    # rounds run past the stop (on request) are there to look at, not candidates: later stages read rounds_run - len(past_stop)
+    past = [dd['iteration'] for dd in decisions if dd.get('past_stop')]
+    selection = {'kept_iteration': kept, 'rounds_run': rounds, 'past_stop': past, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
                  'chosen_on': f"the choosing images of val (the index's role 'choose', {len(rows)} images)",
                  'reason': reason, 'decisions': decisions}
     atomic_write_json(run_dir(exp, 'clean')/'selection.json', selection)
@@ -1200,7 +1220,8 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     rep = report_dir(exp)
     table, det, rel = rounds_table(exp, clean, models, rounds), detection_table(exp, rounds), relabel_table(exp, rounds)
     table['kept'] = table['iteration'] == kept
-    table['verdict'] = table['iteration'].map({dd['iteration']: dd['verdict'] for dd in decisions})
+    table['verdict'] = table['iteration'].map({dd['iteration']: ('past the stop: ' if dd.get('past_stop') else '') + dd['verdict']
+                                               for dd in decisions})
     atomic_write_json(rep/'clean_selection.json', selection)
     atomic_write_text(rep/'clean_rounds.csv', csv_safe(table).to_csv(index=False)); atomic_write_text(rep/'clean_rounds.md', markdown_table(table))
     atomic_write_text(rep/'clean_detection.csv', csv_safe(det).to_csv(index=False))

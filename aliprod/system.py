@@ -466,10 +466,11 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
 
 # %% ../nbs/06b_system.ipynb #109116b7
 def cleaning_rounds_run(exp:ExperimentParams)->int:
-    "How many cleaning rounds the clean stage's last run ran (runs/<experiment>/clean/selection.json); 0 if it has not"
+    "How many cleaning rounds the clean stage's last run ran under its stop rule (runs/<experiment>/clean/selection.json); 0 if none"
     f = experiment_dir(exp)/'clean'/'selection.json'
     if not f.exists(): return 0
-    try: return int(json.loads(f.read_text())['rounds_run'])
+    # rounds run past the stop on request (papermill -p iteration N) are there to look at, never candidates
+    try: sel = json.loads(f.read_text()); return int(sel['rounds_run']) - len(sel.get('past_stop') or [])
     except (OSError, ValueError, KeyError, TypeError):
         log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until clean runs")
         return 0

@@ -361,3 +361,15 @@ def test_balanced_rule_against_the_dense_posterior(seed, spread):
     lo, hi, _, _ = balanced_scores(full, n)
     np.testing.assert_allclose(lo, hi, rtol=1e-5)
     np.testing.assert_array_equal(balanced_low_conf(full, 0.5, n)[0], dense)
+
+
+def test_rounds_past_the_stop_are_not_candidates_downstream(tmp_path):
+    "Round 2 ran past the stop (an explicit iteration 2): the system's rounds and 'kept' are the stop rule's (0..1, kept 0)"
+    from aliprod.core import ExperimentParams, resolve_iteration, run_dir
+    from aliprod.system import cleaning_rounds_run
+    exp = ExperimentParams(experiment='past', runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    sel = run_dir(exp, 'clean')/'selection.json'
+    sel.write_text(json.dumps({'kept_iteration': 0, 'rounds_run': 2, 'past_stop': [2]}))
+    assert cleaning_rounds_run(exp) == 1 and resolve_iteration(exp, 'kept') == 0
+    sel.write_text(json.dumps({'kept_iteration': 1, 'rounds_run': 2}))   # a selection from before past_stop existed
+    assert cleaning_rounds_run(exp) == 2 and resolve_iteration(exp, 'kept') == 1

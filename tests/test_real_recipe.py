@@ -85,7 +85,8 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     cfg = yaml.safe_load(p.read_text())
     order = cfg['pipeline']['stages']
     assert order.index('ensemble') > order.index('tta')
-    _run('check', p)
+    from aliprod.pipeline import main   # `aliprod check`, in this process: the CLI's exit codes are tested in test_pipeline.py
+    assert main(['check', str(p)]) == 0
     # the stages before the ensemble, in the file's order; then the ensemble's other backbones on the last cleaned index
     r = _run('run', p, '--stages', *order[:order.index('ensemble')])
     # the terminal shows progress from inside the stage kernels: a line per stage and per epoch, with time left
@@ -127,6 +128,8 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
         i = next(i for i, c in enumerate(cells) if 'parameters' in c.get('metadata', {}).get('tags', []))
         ran = [c for c in cells[:i] if c['cell_type'] == 'code' and c.get('outputs')]
         assert not ran, f'{nb.name}: cells above parameters produced output in a stage run'
-    # a second run with the same parameters recomputes nothing
-    r = _run('run', p)
+    # a second run with the same parameters recomputes nothing; in-process (no kernel per stage): the same stage functions,
+    # called with the parameters `call_stage` resolves, so the notebooks' run cells and it must agree on every run's key
+    r = _run('run', p, '--in-process')
     assert 'into' not in ''.join(l for l in r.stdout.splitlines() if ('running' in l or 'into' in l) and 'report' not in l), r.stdout[-3000:]
+    for s in order[:-1]: assert f'{s}: up to date, nothing recomputed' in r.stdout, (s, r.stdout[-3000:])
