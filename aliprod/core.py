@@ -16,10 +16,10 @@ import numpy as np, yaml, torch
 __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV',
            'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams',
            'images_seed', 'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
-           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
-           'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe',
-           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint',
-           'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
+           'StageConfig', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir',
+           'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files', 'atomic_write_text',
+           'json_safe', 'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig',
+           'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
            'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware',
            'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'registry_scope', 'notebook_run_kind',
            'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
@@ -252,6 +252,21 @@ def resolve_params(section:str,                 # section name: 'experiment', 'd
 def params_dict(p)->dict:
     "A parameters dataclass as a plain dict (for manifests and reports)"
     return asdict(p)
+
+# %% ../nbs/00_core.ipynb #422af7de
+@dataclass
+class StageConfig:
+    "The resolved experiment and parameter sections one stage reads: `cfg.exp`, `cfg.<section>` (`cfg.train`, ...)"
+    stage:str                  # the stage's name in `aliprod.pipeline.STAGES`
+    exp:ExperimentParams       # experiment: name, seed(s), device, runs_dir, reports_dir
+    sections:dict              # section -> its resolved parameters (`TrainParams`, ...), for each section it reads
+    params_file:str|None=None  # the file they were resolved from (the report names it)
+    def __getattr__(self, name):
+        sections = self.__dict__.get('sections') or {}
+        if name in sections: return sections[name]
+        if name.startswith('_') or 'sections' not in self.__dict__: raise AttributeError(name)
+        raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads "
+                             f"{', '.join(sections) or 'none'}): add '{name}' to its `reads` in aliprod.pipeline.STAGES")
 
 # %% ../nbs/00_core.ipynb #fdeed2e5
 def seed_everything(seed:int,               # the experiment seed

@@ -25,7 +25,8 @@ __all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_CO
            'read_csv_index', 'read_list_files', 'read_imagefolder', 'read_source', 'scan_images', 'keep_seen_classes',
            'DataArtifacts', 'read_dataset_json', 'data_root', 'data_artifacts', 'dataset_info', 'index_path',
            'shot_counts', 'shot_groups', 'load_index', 'quarantine_reasons', 'data_summary', 'assign_roles',
-           'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report', 'prepare_data',
+           'data_stage']
 
 # %% ../nbs/01_data.ipynb #28b842c6
 # the readers' reasons, then the image check's (aliprod.images)
@@ -792,3 +793,8 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
     log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
     return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}
+
+# %% ../nbs/01_data.ipynb #ca593196
+def data_stage(cfg)->DataArtifacts:
+    "The data stage: `prepare_data` of `cfg`'s experiment and [data] section (`cfg`: a `StageConfig`)"
+    return prepare_data(cfg.exp, cfg.data)

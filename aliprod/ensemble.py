@@ -17,7 +17,7 @@ from .data import load_index, index_path, data_artifacts, shot_groups
 
 # %% auto #0
 __all__ = ['MEMBER_STAGES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file', 'EnsembleParams',
-           'EnsembleArtifacts', 'check_members', 'ensemble_table', 'plot_ensemble', 'ensemble_stage']
+           'EnsembleArtifacts', 'check_members', 'ensemble_table', 'plot_ensemble', 'run_ensemble', 'ensemble_stage']
 
 # %% ../nbs/06_ensemble.ipynb #95b86108
 def combine_topk(parts:list[TopK],              # the members' predictions of the same rows, in the same order
@@ -302,7 +302,7 @@ def plot_ensemble(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     return fig
 
 # %% ../nbs/06_ensemble.ipynb #c3c48d15
-def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
+def run_ensemble(exp:ExperimentParams,   # experiment (runs/<experiment>/)
                    p:EnsembleParams,       # members, weights, mode, splits
                    iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
                   )->EnsembleArtifacts:
@@ -345,3 +345,10 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
     return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': fig}, run.ran)
+
+# %% ../nbs/06_ensemble.ipynb #1bb8d608
+def ensemble_stage(cfg)->EnsembleArtifacts:
+    "The ensemble stage: `run_ensemble` of `cfg`'s [ensemble] section at its iteration, else [tta]'s, else [train]'s"
+    p, tta, train = cfg.ensemble, cfg.tta, cfg.train
+    it = p.iteration if p.iteration is not None else tta.iteration if tta.iteration is not None else train.iteration
+    return run_ensemble(cfg.exp, p, it)

@@ -23,7 +23,8 @@ __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED'
            'on_reporting_rows', 'findings', 'seeds_verdict', 'aggregate_seeds', 'seeds_system', 'check_traceable',
            'per_class_frame', 'predictions_of', 'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header',
            'write_report', 'from_current_run', 'stage_tables', 'report_figures', 'system_sentence',
-           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'report_stage']
+           'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts', 'run_report',
+           'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -699,7 +700,7 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
                 f"{SEEDS_RULE} (tables seeds_system, seeds_chain, seeds_alone).") if e else f" {len(runs)} training seeds; {SEEDS_RULE}."
     return sentence
 
-def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
+def run_report(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
                  params_file:str|None=None,     # named in the header
                 )->ReportArtifacts:
@@ -757,3 +758,8 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     log(f"report: {index_html}")
     return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs,
                            figure_files, missing, found, n_checked, skipped)
+
+# %% ../nbs/07_report.ipynb #2b1a6fe1
+def report_stage(cfg)->ReportArtifacts:
+    "The report stage: `run_report` of `cfg`'s [report] section, naming the parameter file `cfg` was resolved from"
+    return run_report(cfg.exp, cfg.report, cfg.params_file)

@@ -20,13 +20,13 @@ from .predictions import TopKWriter, topk_from_probs, read_topk
 from .predict import stream_predictions, eval_transform
 from .models import data_config, _fixed_input_size
 from .metrics import evaluate
-from .train import train_stage, load_trained_model
+from .train import run_train, load_trained_model
 from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
 
 # %% auto #0
 __all__ = ['VIEW_REGISTRY', 'VIEWS', 'View', 'register_view', 'view_scope', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs',
            'enlarged_size', 'predict_tta', 'split_metrics', 'parse_variant', 'variant_name', 'TTAParams',
-           'TTAArtifacts', 'tta_stage', 'metrics_table', 'figure_split', 'tta_report']
+           'TTAArtifacts', 'run_tta', 'metrics_table', 'figure_split', 'tta_report', 'tta_stage']
 
 # %% ../nbs/05_tta.ipynb #109a4059
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:in
               'arch': tp.arch, 'views': views, 'enlarge': enlarge, 'size': size, 'k': p.k, 'splits': splits, 'amp': amp}
     return StageRun(out, 'tta', params, inputs=inputs, modules=['tta'])
 
-def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir)
+def run_tta(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir)
               data,                     # DataParams of the data stage
               train_p,                  # TrainParams of the model to test
               p:TTAParams,              # TTA parameters
@@ -253,7 +253,7 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
     index_file = index_path(exp, it)
     index = load_index(exp, it)
     splits = p.splits_of(index, index_file)  # before training or predicting anything
-    art = train_stage(exp, data, tp, iteration=it)
+    art = run_train(exp, data, tp, iteration=it)
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage
@@ -313,3 +313,8 @@ def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
         fig.tight_layout(); atomic_savefig(fig, out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
         figs['variants'] = fig
     return figs, {'variants': table}
+
+# %% ../nbs/05_tta.ipynb #c65a3fc0
+def tta_stage(cfg)->TTAArtifacts:
+    "The TTA stage: `run_tta` of `cfg`'s [data], [train] and [tta] sections"
+    return run_tta(cfg.exp, cfg.data, cfg.train, cfg.tta)
