@@ -20,6 +20,8 @@ from .metrics import shot_group, paired_delta
 from .images import load_rgb
 from .train import run_train, trained_rows_path, read_trained_rows
 from .escape import csv_safe, markdown_table
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RULES', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN',
@@ -857,7 +859,7 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
 
 # %% ../nbs/03_clean.ipynb #b3a8372b
 @dataclass
-class CleanArtifacts:
+class CleanArtifacts(StageArtifacts):
     "What one cleaning iteration wrote (and, from `run_clean`, the stage's tables and figures)"
     out_dir:Path
     index:Path        # index.parquet of iteration k
@@ -869,6 +871,8 @@ class CleanArtifacts:
     detection:pd.DataFrame|None=None # run_clean: noise detection per round and kind (reports/<exp>/clean_detection.csv)
     figures:dict=field(default_factory=dict) # run_clean: figure name -> PNG in reports/<exp>/
     selection:dict|None=None # run_clean: the round kept on validation and why (runs/<exp>/clean/selection.json)
+    @property
+    def tables(self)->dict: return {'clean_rounds': self.rounds, 'clean_detection': self.detection}
 
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"

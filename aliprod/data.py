@@ -18,6 +18,8 @@ from .schema import (SOURCES, SPLITS, _split_hint, check_splits, DataParams, IND
                             CLASSES_COLUMNS, _typed, empty_quarantine, ReadResult)
 from .metrics import choosing_half   # the rule the system uses to halve val: roles, and val from test
 from .synthetic import generate_synthetic
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'ROLES', 'class_counts', 'classes_table',
@@ -516,7 +518,7 @@ def keep_seen_classes(index:pd.DataFrame,      # the final index (after reading 
 
 # %% ../nbs/01_data.ipynb #8b2cf1f4
 @dataclass
-class DataArtifacts:
+class DataArtifacts(StageArtifacts):
     "Paths written by the data stage"
     root:Path          # data root the index paths are relative to
     index:Path

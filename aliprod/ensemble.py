@@ -14,6 +14,8 @@ from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_
 from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 from .data import load_index, index_path, data_artifacts, shot_groups
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['MEMBER_STAGES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file', 'EnsembleParams',
@@ -235,7 +237,7 @@ class EnsembleParams:
 
 # %% ../nbs/06_ensemble.ipynb #dd9a22b7
 @dataclass
-class EnsembleArtifacts:
+class EnsembleArtifacts(StageArtifacts):
     "What the ensemble stage wrote"
     out_dir:Path        # runs/<exp>/ensemble/<name>/
     predictions:dict    # split -> predictions parquet
@@ -243,8 +245,10 @@ class EnsembleArtifacts:
     member_metrics:dict # member -> the same, for comparison
     files:dict          # member -> {split: file}
     table:pd.DataFrame|None=None # ensemble and members, one row per (split, labels); also reports/<exp>/ensemble_<name>.csv
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as reports/<exp>/ensemble_<name>.png)
+    figures:dict=field(default_factory=dict) # name -> PNG (reports/<exp>/ensemble_<name>.png)
     ran:bool=False      # False: the stage was up to date and skipped
+    @property
+    def tables(self)->dict: return {'ensemble': self.table}
 
 def _stage_hint(m:Member)->str:
     if m.path is not None: return 'check the path (relative to runs/<experiment>/)'
@@ -344,7 +348,7 @@ def run_ensemble(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
     atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
-    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': fig}, run.ran)
+    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': rep/f'ensemble_{p.name}.png'}, run.ran)
 
 # %% ../nbs/06_ensemble.ipynb #1bb8d608
 def ensemble_stage(cfg)->EnsembleArtifacts:

@@ -16,6 +16,8 @@ from .core import (project_relative, check_iteration, resolve_iteration, Experim
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['METHODS', 'neighbourhood_permutation', 'region_confusion_permutation', 'shuffle_patches', 'unshuffle_patches',
@@ -494,7 +496,7 @@ def plot_comparison(df:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
 
 # %% ../nbs/02b_finegrained.ipynb #967c66b1
 @dataclass
-class FinegrainedArtifacts:
+class FinegrainedArtifacts(StageArtifacts):
     "What the finegrained stage wrote"
     out_dir:Path            # runs/<exp>/finegrained/<iteration>/: the table, its figure and the manifest
     start:object            # TrainArtifacts of the model every method starts from
@@ -503,6 +505,10 @@ class FinegrainedArtifacts:
     table_path:Path         # reports/<exp>/finegrained.csv (and .md)
     figure_path:Path        # reports/<exp>/finegrained.png
     splits:list             # the labelled splits the runs are compared on (val and/or test)
+    @property
+    def tables(self)->dict: return {'finegrained': self.table}
+    @property
+    def figures(self)->dict: return {'finegrained': self.figure_path}
 
 def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams, fg:FinegrainedParams, iteration:int, splits:list)->str:
     "The paragraph above the table: what was finetuned from what, how long, and on which splits it is compared"

@@ -22,6 +22,8 @@ from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
 from .train import run_train, predict, load_trained_model, trained_counts
 from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHOD_NEEDS', 'METHOD_REGISTRY', 'METHODS', 'FINETUNES',
@@ -699,7 +701,7 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
 
 # %% ../nbs/04_rebalance.ipynb #ea1bfa48
 @dataclass
-class RebalanceArtifacts:
+class RebalanceArtifacts(StageArtifacts):
     "What the rebalance stage wrote"
     out_dir:Path
     table:pd.DataFrame     # one row per (method, split)
@@ -708,6 +710,10 @@ class RebalanceArtifacts:
     methods:dict           # method -> its directory
     tau:float|None         # τ chosen on validation
     splits:list=field(default_factory=list) # the labelled splits the methods were evaluated on (val and/or test)
+    @property
+    def tables(self)->dict: return {'rebalance': self.table}
+    @property
+    def figures(self)->dict: return {} if self.figure_path is None else {'tau_sweep': self.figure_path}
 
 def labelled_splits(index:pd.DataFrame)->list[str]:
     "The splits of `index` (train, val, test order) that hold at least one labelled row"

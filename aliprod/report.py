@@ -16,6 +16,8 @@ from .escape import csv_safe, markdown_table, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
 from .data import shot_groups, load_index, reporting_rows, choosing_rows
 from .predictions import read_topk
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'ONE_SEED', 'SEEDS_RULE', 'STAGE_FIGURES', 'OTHER_TABLES',
@@ -643,7 +645,7 @@ def report_summary(header:dict, rp:ReportParams, system:dict|None, alone:pd.Data
 
 # %% ../nbs/07_report.ipynb #17d71abd
 @dataclass
-class ReportArtifacts:
+class ReportArtifacts(StageArtifacts):
     "What the report stage wrote, and what its notebook shows"
     index_html:Path
     readme:Path
@@ -651,7 +653,7 @@ class ReportArtifacts:
     header:dict
     tables:dict         # name -> DataFrame (also reports/<experiment>/<name>.csv and .md)
     notes:dict          # name -> caption naming the split and labels
-    figures:dict        # name -> matplotlib Figure drawn by this stage (saved as <name>.png)
+    figures:dict        # name -> PNG of a figure this stage drew (reports/<experiment>/<name>.png)
     figure_files:list   # (title, file, caption) of every figure the page may show
     missing:list        # chain rows the experiment did not run (each says why)
     findings:list
@@ -756,7 +758,8 @@ def run_report(exp:ExperimentParams,          # the experiment whose runs/<exper
     if len(metrics) == 0 and system is None: summary += f" No stage of this run has written {rp.split} metrics yet, so the tables are empty."
     index_html = write_report(exp, header, tables, notes, figure_files, found, summary)
     log(f"report: {index_html}")
-    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes, figs,
+    return ReportArtifacts(index_html, index_html.parent/'README.md', summary, header, tables, notes,
+                           {k: report_dir(exp)/f'{k}.png' for k in figs},
                            figure_files, missing, found, n_checked, skipped)
 
 # %% ../nbs/07_report.ipynb #2b1a6fe1

@@ -24,6 +24,8 @@ from .train import eval_transform, train_job, eval_splits, TrainParams, load_tra
 from .models import data_config
 from .images import ImageIndexDataset
 from .tta import tta_views, enlarged_size, predict_tta, parse_variant
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
@@ -589,13 +591,15 @@ def predict_system(system_dir:str|Path,                # runs/<experiment>/syste
 
 # %% ../nbs/06b_system.ipynb #2a5bcfa1
 @dataclass
-class SystemArtifacts:
+class SystemArtifacts(StageArtifacts):
     "What the system stage wrote"
     out_dir:Path                 # runs/<experiment>/system/
     system:dict                  # system.json: choices, recipe, numbers
     chain:pd.DataFrame           # the cumulative chain on the reporting images
     candidates:pd.DataFrame      # every candidate's choosing-set numbers
     predictions:dict             # 'choose' / 'report' -> the system's predictions file
+    @property
+    def tables(self)->dict: return {'chain': self.chain, 'candidates': self.candidates}
 
 CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation', '+ TTA (enlarge + crops)',
                '+ High-resolution finetune', '+ Ensemble')

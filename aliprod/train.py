@@ -42,6 +42,8 @@ from .metrics import evaluate, per_class_accuracy
 from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 from .escape import csv_safe
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
@@ -247,7 +249,7 @@ class TrainJob:
                    d.get('resume_from'))
 
 @dataclass
-class TrainArtifacts:
+class TrainArtifacts(StageArtifacts):
     "What the train stage wrote"
     out_dir:Path
     model_path:Path
@@ -255,7 +257,7 @@ class TrainArtifacts:
     metrics:dict
     history_path:Path
     lowres:TrainArtifacts|None=None # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
     trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
 
@@ -693,7 +695,7 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
         pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
         figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
         tables['per_class'] = pc
-    atomic_savefig(figs['history'], out/f'{name}.png', dpi=100)
-    if 'per_class' in figs: atomic_savefig(figs['per_class'], out/f'{name}_per_class.png', dpi=100)
+    files = {'history': out/f'{name}.png', 'per_class': out/f'{name}_per_class.png'}
+    for k, fig in figs.items(): atomic_savefig(fig, files[k], dpi=100)   # the notebook shows the files
     atomic_write_text(out/f'{name}_metrics.csv', csv_safe(tables['metrics']).to_csv())
-    return figs, tables
+    return {k: files[k] for k in figs}, tables

@@ -22,6 +22,8 @@ from .models import data_config, _fixed_input_size
 from .metrics import evaluate
 from .train import run_train, load_trained_model
 from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['VIEW_REGISTRY', 'VIEWS', 'View', 'register_view', 'view_scope', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs',
@@ -222,13 +224,13 @@ class TTAParams:
 
 # %% ../nbs/05_tta.ipynb #3f1dae5a
 @dataclass
-class TTAArtifacts:
+class TTAArtifacts(StageArtifacts):
     "What the TTA stage wrote"
     out_dir:Path        # runs/<exp>/tta/<iteration>/
     predictions:dict    # variant -> {split: predictions parquet}
     metrics:dict        # variant -> {split: metrics, split_clean: metrics, predict_failures: n}
     train_metrics:dict  # the train stage's own metrics of the model (no TTA), for comparison
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
 def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:int, splits:list, out:Path, inputs:list, amp:bool)->StageRun:
@@ -311,7 +313,7 @@ def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
         ax.barh(sel['variant'], 100 * sel['mean_class_err']); ax.invert_yaxis()
         ax.set_xlabel(f'mean class error on {s} (%)'); ax.set_title(f"TTA variants, {exp.experiment}, iteration {art.out_dir.name}")
         fig.tight_layout(); atomic_savefig(fig, out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
-        figs['variants'] = fig
+        figs['variants'] = out/f'tta_{art.out_dir.name}.png'
     return figs, {'variants': table}
 
 # %% ../nbs/05_tta.ipynb #c65a3fc0

@@ -355,7 +355,11 @@ def test_notebook_and_in_process_runs_write_the_same_outputs(tmp_path):
                                                    'reports_dir': str(tmp_path/'reports'), **TINY}, sort_keys=False))
     train, manifests = tmp_path/'runs'/'same'/'train', {}
     for how in ('in-process', 'notebook'):
-        run_pipeline(tmp_path/'p.yaml', stages=['train'], in_process=how == 'in-process')
+        executed = run_pipeline(tmp_path/'p.yaml', stages=['train'], in_process=how == 'in-process')
+        if how == 'in-process':   # the artifacts' one shape: figures are PNG files by name, tables DataFrames by name
+            figures = executed[0].figures
+            assert 'history' in figures and all(Path(f).is_file() for f in figures.values()), figures
+            assert 'metrics' in executed[0].tables
         manifests[how] = json.loads((train/'0'/'manifest.json').read_text())
         train.rename(tmp_path/f'train-{how}')
     a, b = manifests.values()
