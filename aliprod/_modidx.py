@@ -595,6 +595,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'aliprod.pipeline.StatusRow': ('pipeline.html#statusrow', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._failed_cell': ('pipeline.html#_failed_cell', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._forget': ('pipeline.html#_forget', 'aliprod/pipeline.py'),
+                                  'aliprod.pipeline._has_run': ('pipeline.html#_has_run', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._kernel_manager': ('pipeline.html#_kernel_manager', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._lock_holder': ('pipeline.html#_lock_holder', 'aliprod/pipeline.py'),
                                   'aliprod.pipeline._manifests': ('pipeline.html#_manifests', 'aliprod/pipeline.py'),

@@ -359,6 +359,8 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
                if s in times and all(left) else '')
         why = '' if s in chosen else f" (needed by {', '.join(c for c in chosen if s in plan_stages([c]))})"
+        if why and _has_run(exp, s):   # a needed stage that ran: what the chosen stages read of it, they bring up to date
+            log(f"stage {k}/{len(plan)} {s}{why}: has run, not run again"); continue
         log(f"stage {k}/{len(plan)} {s}{why}: {_stage_writes(s)}{eta}")
         t0 = time.time()
         if in_process:
@@ -373,6 +375,10 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
     log(f"experiment '{name}': {len(plan)} stages in {time.time() - t_run:.0f} s; "
         f"report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
+
+def _has_run(exp:ExperimentParams, stage:str)->bool:
+    "Whether `stage` has a finished run folder (a manifest) in the experiment"
+    return any((d/MANIFEST).is_file() for d in _stage_folders(exp, stage))
 
 def _stage_times(exp:ExperimentParams)->dict:
     "Seconds each stage took the last time it computed (runs/<exp>/stage_times.json): the per-stage ETA"

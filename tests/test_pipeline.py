@@ -365,3 +365,17 @@ def test_notebook_and_in_process_runs_write_the_same_outputs(tmp_path):
     a, b = manifests.values()
     assert a['params'] == b['params'], (a['params'], b['params'])
     assert a['outputs'] == b['outputs'], {k: (v, b['outputs'].get(k)) for k, v in a['outputs'].items() if b['outputs'].get(k) != v}
+
+
+def test_a_needed_stage_runs_first_once(tmp_path, capsys):
+    "`--stages clean` on a new experiment runs the train stage first (clean needs it); once train has run, only clean"
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    nbformat.write(_nb([TRAIN_LIKE]), nbs/'02_train.ipynb')
+    nbformat.write(_nb(['x = 1']), nbs/'03_clean.ipynb')
+    p = tmp_path/'p.yaml'
+    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\npipeline:\n  html: false\n")
+    run_pipeline(p, stages=['clean'], nbs_dir=nbs)
+    assert (tmp_path/'p.yaml.train_runs').read_text() == 'x', 'the needed train stage did not run'
+    assert 'stage 1/2 train (needed by clean)' in capsys.readouterr().out
+    run_pipeline(p, stages=['clean'], nbs_dir=nbs)
+    assert 'stage 1/2 train (needed by clean): has run, not run again' in capsys.readouterr().out
