@@ -265,12 +265,13 @@ class StageConfig:
         sections = self.__dict__.get('sections') or {}
         if name in sections: return sections[name]
         if name.startswith('_') or 'sections' not in self.__dict__: raise AttributeError(name)
-        raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads "
-                             f"{', '.join(sections) or 'none'}): add '{name}' to its `reads` in aliprod.pipeline.STAGES")
+        reads = ', '.join(sections) or 'none'
+        raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads {reads}): add '{name}' to its "
+                             "`reads` in aliprod.pipeline.STAGES")
 
 # %% ../nbs/00_core.ipynb #f39ab1ac
 class StageArtifacts:
-    "Base of every stage's artifacts: `tables` (name -> DataFrame), `figures` (name -> PNG path); `show()` displays them"
+    "Base of every stage's artifacts: `tables` (name -> DataFrame), `figures` (name -> PNG path), `show()`"
     # each stage's artifacts define `tables` and `figures` as fields or properties (a property here would become the
     # default value of a dataclass field of the same name): a stage without them shows nothing
     def show(self):

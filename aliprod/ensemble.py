@@ -348,7 +348,8 @@ def run_ensemble(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
     atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
-    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': rep/f'ensemble_{p.name}.png'}, run.ran)
+    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table,
+                             {'members': rep/f'ensemble_{p.name}.png'}, run.ran)
 
 # %% ../nbs/06_ensemble.ipynb #1bb8d608
 def ensemble_stage(cfg)->EnsembleArtifacts:

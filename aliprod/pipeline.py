@@ -359,7 +359,8 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
                if s in times and all(left) else '')
         why = '' if s in chosen else f" (needed by {', '.join(c for c in chosen if s in plan_stages([c]))})"
-        if why and _has_run(exp, s):   # a needed stage that ran: what the chosen stages read of it, they bring up to date
+        # a needed stage that has run: the chosen stages bring what they read of it up to date themselves
+        if why and _has_run(exp, s):
             log(f"stage {k}/{len(plan)} {s}{why}: has run, not run again"); continue
         log(f"stage {k}/{len(plan)} {s}{why}: {_stage_writes(s)}{eta}")
         t0 = time.time()

@@ -268,7 +268,8 @@ def test_stage_list_is_declared_once():
     assert with_params == declared, (with_params, declared)
     readme = (ROOT/'README.md').read_text()
     for s in STAGES:
-        if s.notebook: assert f'| {s.name} (`{s.notebook.removesuffix(".ipynb")}`)' in readme, f'README stage table lacks {s.name}'
+        if s.notebook:
+            assert f'| {s.name} (`{s.notebook.removesuffix(".ipynb")}`)' in readme, f'README stage table lacks {s.name}'
 
 
 # --- the code fingerprint follows the import graph -----------------------------------------------------------------
@@ -349,8 +350,8 @@ def test_notebook_and_in_process_runs_write_the_same_outputs(tmp_path):
     "The train stage run by papermill (its notebook's one-line run cell) and by `--in-process` writes the same files"
     import yaml
     from test_status import TINY   # a train stage of a few seconds
-    # one folder for both runs (the files that name their folder, params.json and the checkpoint, compare too), the first
-    # run's train folder moved aside: the second reuses its data stage
+    # one folder for both runs (files that name their folder, params.json and the checkpoint, compare too), the
+    # first run's train folder moved aside: the second reuses its data stage
     (tmp_path/'p.yaml').write_text(yaml.safe_dump({'experiment': 'same', 'seed': 0, 'runs_dir': str(tmp_path/'runs'),
                                                    'reports_dir': str(tmp_path/'reports'), **TINY}, sort_keys=False))
     train, manifests = tmp_path/'runs'/'same'/'train', {}
@@ -364,7 +365,8 @@ def test_notebook_and_in_process_runs_write_the_same_outputs(tmp_path):
         train.rename(tmp_path/f'train-{how}')
     a, b = manifests.values()
     assert a['params'] == b['params'], (a['params'], b['params'])
-    assert a['outputs'] == b['outputs'], {k: (v, b['outputs'].get(k)) for k, v in a['outputs'].items() if b['outputs'].get(k) != v}
+    assert a['outputs'] == b['outputs'], {k: (v, b['outputs'].get(k)) for k, v in a['outputs'].items()
+                                          if b['outputs'].get(k) != v}
 
 
 def test_a_needed_stage_runs_first_once(tmp_path, capsys):
@@ -373,7 +375,8 @@ def test_a_needed_stage_runs_first_once(tmp_path, capsys):
     nbformat.write(_nb([TRAIN_LIKE]), nbs/'02_train.ipynb')
     nbformat.write(_nb(['x = 1']), nbs/'03_clean.ipynb')
     p = tmp_path/'p.yaml'
-    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\npipeline:\n  html: false\n")
+    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\n"
+                 "pipeline:\n  html: false\n")
     run_pipeline(p, stages=['clean'], nbs_dir=nbs)
     assert (tmp_path/'p.yaml.train_runs').read_text() == 'x', 'the needed train stage did not run'
     assert 'stage 1/2 train (needed by clean)' in capsys.readouterr().out
