@@ -18,8 +18,10 @@ from .samplers import LongTailSampler, class_probs
 from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
 from .metrics import shot_group, paired_delta
 from .images import load_rgb
-from .train import train_stage, trained_rows_path, read_trained_rows
+from .train import run_train, trained_rows_path, read_trained_rows
 from .escape import csv_safe, markdown_table
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RULES', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN',
@@ -34,7 +36,7 @@ __all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RU
            'trained_prior', 'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
            'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
            'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'val_predictions',
-           'clean_stage']
+           'run_clean', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
 RULE_NEEDS = {'embeddings': 'the training predictions carry feats (train with save_feats: true)',
@@ -858,18 +860,20 @@ def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1,
 
 # %% ../nbs/03_clean.ipynb #b3a8372b
 @dataclass
-class CleanArtifacts:
-    "What one cleaning iteration wrote (and, from `clean_stage`, the stage's tables and figures)"
+class CleanArtifacts(StageArtifacts):
+    "What one cleaning iteration wrote (and, from `run_clean`, the stage's tables and figures)"
     out_dir:Path
     index:Path        # index.parquet of iteration k
     changes:Path      # changes.parquet: removed / relabelled / kept by tail protection, with reasons and probabilities
     summary:dict      # summary.json
     predictions:list  # the training predictions files the round read (model k-1; one per fold with k_fold)
     model:object=None # TrainArtifacts of model k, when trained
-    rounds:pd.DataFrame|None=None    # clean_stage: the per-round table (reports/<exp>/clean_rounds.csv)
-    detection:pd.DataFrame|None=None # clean_stage: noise detection per round and kind (reports/<exp>/clean_detection.csv)
-    figures:dict=field(default_factory=dict) # clean_stage: figure name -> PNG in reports/<exp>/
-    selection:dict|None=None # clean_stage: the round kept on validation and why (runs/<exp>/clean/selection.json)
+    rounds:pd.DataFrame|None=None    # run_clean: the per-round table (reports/<exp>/clean_rounds.csv)
+    detection:pd.DataFrame|None=None # run_clean: noise detection per round and kind (reports/<exp>/clean_detection.csv)
+    figures:dict=field(default_factory=dict) # run_clean: figure name -> PNG in reports/<exp>/
+    selection:dict|None=None # run_clean: the round kept on validation and why (runs/<exp>/clean/selection.json)
+    @property
+    def tables(self)->dict: return {'clean_rounds': self.rounds, 'clean_detection': self.detection}
 
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"
@@ -878,7 +882,7 @@ def _train_at(train, iteration:int):
 
 def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
-    return Path(train_stage(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
+    return Path(run_train(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
 
 # %% ../nbs/03_clean.ipynb #b7cb4db3
 def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
@@ -1014,7 +1018,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
         return (['index.parquet', 'changes.parquet', 'class_sizes.parquet', 'summary.json'],
                 {kk: v for kk, v in summary.items() if not isinstance(v, (dict, list))})
     run.ensure(work, what=f'iteration {k}')
-    model = train_stage(exp, data, _train_at(train, k), iteration=k) if train_model else None
+    model = run_train(exp, data, _train_at(train, k), iteration=k) if train_model else None
     return CleanArtifacts(out, out/'index.parquet', out/'changes.parquet', json.loads((out/'summary.json').read_text()), pred_paths, model)
 
 def _noise_rate(train:pd.DataFrame)->float|None:
@@ -1174,7 +1178,7 @@ def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
 def val_predictions(model,          # TrainArtifacts of model k, or None (not trained here)
                     k:int,          # the index model k was trained on
                     clean:CleanParams,
-                    predictions_of=None, # clean_stage's hook: its val.parquet beside model k's training predictions, as the train stage writes them
+                    predictions_of=None, # run_clean's hook: its val.parquet beside model k's training predictions, as the train stage writes them
                    )->Path|None:
     "Model k's val predictions file: the trained model's, or beside the training predictions `predictions_of` gives; None: none"
     if model is not None: return model.predictions.get('val')
@@ -1182,14 +1186,14 @@ def val_predictions(model,          # TrainArtifacts of model k, or None (not tr
     f = Path(predictions_of(k, None, None)).with_name('val.parquet')
     return f if f.is_file() else None
 
-def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
+def run_clean(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
     if data is not None: prepare_data(exp, data)
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
-    models = [train_stage(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
+    models = [run_train(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
     choose = clean.select == 'validation' and val_predictions(models[0], 0, clean, predictions_of) is not None
     rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))
@@ -1233,3 +1237,8 @@ def clean_stage(exp:ExperimentParams, data, train, clean:CleanParams,
     atomic_savefig(figs['clean_rounds'], rep/'clean_rounds.png', dpi=100)
     art.rounds, art.detection, art.figures, art.selection = table, det, {n: rep/f'{n}.png' for n in figs}, selection
     return art
+
+# %% ../nbs/03_clean.ipynb #8257970b
+def clean_stage(cfg)->CleanArtifacts:
+    "The clean stage: `run_clean` of `cfg`'s [data], [train] and [clean] sections"
+    return run_clean(cfg.exp, cfg.data, cfg.train, cfg.clean)

@@ -16,13 +16,13 @@ import numpy as np, yaml, torch
 __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV',
            'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams',
            'images_seed', 'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
-           'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir',
-           'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files', 'atomic_write_text', 'json_safe',
-           'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save', 'atomic_savefig', 'fingerprint',
-           'source_for_hash', 'imported_modules', 'module_closure', 'code_version', 'resolve_iteration',
-           'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock', 'die_with_parent', 'hardware',
-           'manifest_status', 'current_manifest', 'quiet_third_party_warnings', 'registry_scope', 'notebook_run_kind',
-           'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
+           'StageConfig', 'StageArtifacts', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir',
+           'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files',
+           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save',
+           'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version',
+           'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock',
+           'die_with_parent', 'hardware', 'manifest_status', 'current_manifest', 'quiet_third_party_warnings',
+           'registry_scope', 'notebook_run_kind', 'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -252,6 +252,35 @@ def resolve_params(section:str,                 # section name: 'experiment', 'd
 def params_dict(p)->dict:
     "A parameters dataclass as a plain dict (for manifests and reports)"
     return asdict(p)
+
+# %% ../nbs/00_core.ipynb #422af7de
+@dataclass
+class StageConfig:
+    "The resolved experiment and parameter sections one stage reads: `cfg.exp`, `cfg.<section>` (`cfg.train`, ...)"
+    stage:str                  # the stage's name in `aliprod.pipeline.STAGES`
+    exp:ExperimentParams       # experiment: name, seed(s), device, runs_dir, reports_dir
+    sections:dict              # section -> its resolved parameters (`TrainParams`, ...), for each section it reads
+    params_file:str|None=None  # the file they were resolved from (the report names it)
+    def __getattr__(self, name):
+        sections = self.__dict__.get('sections') or {}
+        if name in sections: return sections[name]
+        if name.startswith('_') or 'sections' not in self.__dict__: raise AttributeError(name)
+        reads = ', '.join(sections) or 'none'
+        raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads {reads}): add '{name}' to its "
+                             "`reads` in aliprod.pipeline.STAGES")
+
+# %% ../nbs/00_core.ipynb #f39ab1ac
+class StageArtifacts:
+    "Base of every stage's artifacts: `tables` (name -> DataFrame), `figures` (name -> PNG path), `show()`"
+    # each stage's artifacts define `tables` and `figures` as fields or properties (a property here would become the
+    # default value of a dataclass field of the same name): a stage without them shows nothing
+    def show(self):
+        "Display every table (titled by its name) and every figure file, in a notebook"
+        from IPython.display import Image, Markdown, display   # a notebook's display, needed only when showing
+        for name, t in (getattr(self, 'tables', None) or {}).items():
+            if t is not None: display(Markdown(f'**{name}**'), t)
+        for f in (getattr(self, 'figures', None) or {}).values():
+            if f is not None and Path(f).is_file(): display(Image(filename=str(f)))
 
 # %% ../nbs/00_core.ipynb #fdeed2e5
 def seed_everything(seed:int,               # the experiment seed

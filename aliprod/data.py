@@ -18,6 +18,8 @@ from .schema import (SOURCES, SPLITS, _split_hint, check_splits, DataParams, IND
                             CLASSES_COLUMNS, _typed, empty_quarantine, ReadResult)
 from .metrics import choosing_half   # the rule the system uses to halve val: roles, and val from test
 from .synthetic import generate_synthetic
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'ROLES', 'class_counts', 'classes_table',
@@ -25,7 +27,8 @@ __all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_CO
            'read_csv_index', 'read_list_files', 'read_imagefolder', 'read_source', 'scan_images', 'keep_seen_classes',
            'DataArtifacts', 'read_dataset_json', 'data_root', 'data_artifacts', 'dataset_info', 'index_path',
            'shot_counts', 'shot_groups', 'load_index', 'quarantine_reasons', 'data_summary', 'assign_roles',
-           'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report', 'prepare_data']
+           'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report', 'prepare_data',
+           'data_stage']
 
 # %% ../nbs/01_data.ipynb #28b842c6
 # the readers' reasons, then the image check's (aliprod.images)
@@ -515,7 +518,7 @@ def keep_seen_classes(index:pd.DataFrame,      # the final index (after reading 
 
 # %% ../nbs/01_data.ipynb #8b2cf1f4
 @dataclass
-class DataArtifacts:
+class DataArtifacts(StageArtifacts):
     "Paths written by the data stage"
     root:Path          # data root the index paths are relative to
     index:Path
@@ -792,3 +795,8 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
     log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
     return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}
+
+# %% ../nbs/01_data.ipynb #ca593196
+def data_stage(cfg)->DataArtifacts:
+    "The data stage: `prepare_data` of `cfg`'s experiment and [data] section (`cfg`: a `StageConfig`)"
+    return prepare_data(cfg.exp, cfg.data)

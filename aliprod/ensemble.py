@@ -14,10 +14,12 @@ from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_
 from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 from .data import load_index, index_path, data_artifacts, shot_groups
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['MEMBER_STAGES', 'combine_topk', 'ensemble_files', 'Member', 'parse_member', 'member_file', 'EnsembleParams',
-           'EnsembleArtifacts', 'check_members', 'ensemble_table', 'plot_ensemble', 'ensemble_stage']
+           'EnsembleArtifacts', 'check_members', 'ensemble_table', 'plot_ensemble', 'run_ensemble', 'ensemble_stage']
 
 # %% ../nbs/06_ensemble.ipynb #95b86108
 def combine_topk(parts:list[TopK],              # the members' predictions of the same rows, in the same order
@@ -235,7 +237,7 @@ class EnsembleParams:
 
 # %% ../nbs/06_ensemble.ipynb #dd9a22b7
 @dataclass
-class EnsembleArtifacts:
+class EnsembleArtifacts(StageArtifacts):
     "What the ensemble stage wrote"
     out_dir:Path        # runs/<exp>/ensemble/<name>/
     predictions:dict    # split -> predictions parquet
@@ -243,8 +245,10 @@ class EnsembleArtifacts:
     member_metrics:dict # member -> the same, for comparison
     files:dict          # member -> {split: file}
     table:pd.DataFrame|None=None # ensemble and members, one row per (split, labels); also reports/<exp>/ensemble_<name>.csv
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as reports/<exp>/ensemble_<name>.png)
+    figures:dict=field(default_factory=dict) # name -> PNG (reports/<exp>/ensemble_<name>.png)
     ran:bool=False      # False: the stage was up to date and skipped
+    @property
+    def tables(self)->dict: return {'ensemble': self.table}
 
 def _stage_hint(m:Member)->str:
     if m.path is not None: return 'check the path (relative to runs/<experiment>/)'
@@ -302,7 +306,7 @@ def plot_ensemble(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     return fig
 
 # %% ../nbs/06_ensemble.ipynb #c3c48d15
-def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
+def run_ensemble(exp:ExperimentParams,   # experiment (runs/<experiment>/)
                    p:EnsembleParams,       # members, weights, mode, splits
                    iteration:int|None=0,   # iteration of members that name none (p.iteration wins); also the index evaluated against
                   )->EnsembleArtifacts:
@@ -344,4 +348,12 @@ def ensemble_stage(exp:ExperimentParams,   # experiment (runs/<experiment>/)
     fig = plot_ensemble(table, f"Ensemble '{p.name}' and its members, {exp.experiment}")
     atomic_savefig(fig, rep/f'ensemble_{p.name}.png', dpi=120)
     import matplotlib.pyplot as plt; plt.close(fig)  # shown where the notebook asks for it, not twice
-    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table, {'members': fig}, run.ran)
+    return EnsembleArtifacts(out, preds, m['ensemble'], m['members'], files, table,
+                             {'members': rep/f'ensemble_{p.name}.png'}, run.ran)
+
+# %% ../nbs/06_ensemble.ipynb #1bb8d608
+def ensemble_stage(cfg)->EnsembleArtifacts:
+    "The ensemble stage: `run_ensemble` of `cfg`'s [ensemble] section at its iteration, else [tta]'s, else [train]'s"
+    p, tta, train = cfg.ensemble, cfg.tta, cfg.train
+    it = p.iteration if p.iteration is not None else tta.iteration if tta.iteration is not None else train.iteration
+    return run_ensemble(cfg.exp, p, it)

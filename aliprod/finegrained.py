@@ -16,6 +16,8 @@ from .core import (project_relative, check_iteration, resolve_iteration, Experim
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
 from . import train as T
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['METHODS', 'neighbourhood_permutation', 'region_confusion_permutation', 'shuffle_patches', 'unshuffle_patches',
@@ -23,7 +25,8 @@ __all__ = ['METHODS', 'neighbourhood_permutation', 'region_confusion_permutation
            'dcl_net', 'dcl_losses', 'object_region', 'polar_targets', 'LIOHeads', 'lio_net', 'object_extent_target',
            'lio_losses', 'FineGrainedCallback', 'DCLCallback', 'LIOCallback', 'FinegrainedParams', 'method_callbacks',
            'finegrained_callbacks', 'callback_spec', 'default_init', 'finegrained_finetune', 'comparison_table',
-           'write_comparison', 'plot_comparison', 'FinegrainedArtifacts', 'comparison_note', 'finegrained_stage']
+           'write_comparison', 'plot_comparison', 'FinegrainedArtifacts', 'comparison_note', 'run_finegrained',
+           'finegrained_stage']
 
 # %% ../nbs/02b_finegrained.ipynb #84bb6b32
 def neighbourhood_permutation(n:int,        # length of each permutation
@@ -443,7 +446,7 @@ def finegrained_finetune(exp:ExperimentParams,
     if method == 'lio' and p.mixup: raise ParamsError("[train] mixup: LIO needs hard labels to find same-class images; set mixup: 0 for the LIO finetune")
     p = dataclasses.replace(p, tag='finegrained-' + method + (f'-{p.tag}' if p.tag else ''), ablate_finetune=False)
     log(f"finegrained {method}: finetuning {project_relative(init)}")
-    return T.train_stage(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
+    return T.run_train(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
 
 # %% ../nbs/02b_finegrained.ipynb #9ca0502f
 def _run_epochs(out_dir:Path)->int|None:
@@ -493,7 +496,7 @@ def plot_comparison(df:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
 
 # %% ../nbs/02b_finegrained.ipynb #967c66b1
 @dataclass
-class FinegrainedArtifacts:
+class FinegrainedArtifacts(StageArtifacts):
     "What the finegrained stage wrote"
     out_dir:Path            # runs/<exp>/finegrained/<iteration>/: the table, its figure and the manifest
     start:object            # TrainArtifacts of the model every method starts from
@@ -502,6 +505,10 @@ class FinegrainedArtifacts:
     table_path:Path         # reports/<exp>/finegrained.csv (and .md)
     figure_path:Path        # reports/<exp>/finegrained.png
     splits:list             # the labelled splits the runs are compared on (val and/or test)
+    @property
+    def tables(self)->dict: return {'finegrained': self.table}
+    @property
+    def figures(self)->dict: return {'finegrained': self.figure_path}
 
 def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams, fg:FinegrainedParams, iteration:int, splits:list)->str:
     "The paragraph above the table: what was finetuned from what, how long, and on which splits it is compared"
@@ -511,7 +518,7 @@ def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams,
             f"LIO: {fg.lio_positives} positive(s) per image. Same epochs, but not the same images per step: DCL adds a destructed copy of every image, "
             f"LIO {fg.lio_positives} more real image(s) of the same class, so part of a gain over plain can come from the larger batches (the notebook measures that).")
 
-def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams, fg:FinegrainedParams)->FinegrainedArtifacts:
+def run_finegrained(exp:ExperimentParams, data:DataParams, train:T.TrainParams, fg:FinegrainedParams)->FinegrainedArtifacts:
     "The finegrained stage: the starting model, each method's finetune from it (same epochs, weights, seed), reports/<exp>/finegrained.{csv,md,png}"
     prepare_data(exp, data)
     it = resolve_iteration(exp, fg.iteration if fg.iteration is not None else train.iteration, what='[finegrained] iteration')
@@ -520,7 +527,7 @@ def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams
     splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]
     if not splits: raise ParamsError(f"[finegrained] {index_path(exp, it)} has no labelled val or test rows: nothing to compare the finetunes on")
     if fg.init and not Path(fg.init).is_file(): raise FileNotFoundError(f"[finegrained] init: {fg.init} not found; give a model.pth, or leave init out to start from the train stage's model")
-    start = T.train_stage(exp, data, train)   # skipped when the train stage is up to date
+    start = T.run_train(exp, data, train)   # skipped when the train stage is up to date
     ft = dataclasses.replace(fg.finetune_params(train), eval_splits=splits)   # only the splits that exist (real data: no test labels)
     runs = {m: finegrained_finetune(exp, data, ft, m, fg, it) for m in fg.methods}
     out = run_dir(exp, 'finegrained', it)
@@ -542,3 +549,8 @@ def finegrained_stage(exp:ExperimentParams, data:DataParams, train:T.TrainParams
     if not (rep/'finegrained.csv').exists():   # up to date here, but the reports directory was cleared
         for f in ('finegrained.csv', 'finegrained.md', 'finegrained.png'): shutil.copyfile(out/f, rep/f)
     return FinegrainedArtifacts(out, start, runs, read_csv_safe(out/'finegrained.csv'), rep/'finegrained.csv', rep/'finegrained.png', splits)
+
+# %% ../nbs/02b_finegrained.ipynb #9c99e950
+def finegrained_stage(cfg)->FinegrainedArtifacts:
+    "The finegrained stage: `run_finegrained` of `cfg`'s [data], [train] and [finegrained] sections"
+    return run_finegrained(cfg.exp, cfg.data, cfg.train, cfg.finegrained)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pipeline.ipynb #14ed39e5
 from __future__ import annotations
-import argparse, errno, hashlib, itertools, json, os, re, shutil, sys, time
+import argparse, errno, hashlib, importlib, itertools, json, os, re, shutil, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,47 +12,68 @@ from .core import (ParamsError, project_root, check_section, section_class, load
                           atomic_write_json, atomic_write_text, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
                           project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
                           die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
-                          fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict)
-# the stage modules below import timm and fastai, whose import-time deprecation warnings (`THIRD_PARTY_WARNINGS`)
-# are not the user's to act on: quiet exactly those first, as `main` does
-quiet_third_party_warnings()
+                          fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict,
+                          StageConfig)
+# the stage modules are imported when a stage runs (`stage_function`), by the dotted names `STAGES` declares: the runner
+# and a stage notebook's kernel load only the stages they call (the ensemble's kernel never imports timm)
 from .data import prepare_data, read_source
-from .train import train_stage
-from .finegrained import finegrained_stage
-from .clean import clean_stage
-from .rebalance import rebalance_stage
-from .tta import tta_stage
-from .ensemble import ensemble_stage
-from .system import system_stage
-from .report import report_stage
+
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_ORDER', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs', 'check_grid', 'stage_notebooks',
+__all__ = ['STAGES', 'STAGE', 'STAGE_ORDER', 'EXPERIMENT_KEYS', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs',
+           'check_grid', 'stage_notebooks', 'stage_config', 'stage_function', 'call_stage', 'plan_stages',
            'StageFailed', 'run_stage', 'render_html', 'parse_seeds', 'run_seeds', 'seed_params_file', 'run_pipeline',
-           'experiment_lock', 'call_stage', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'run_status',
-           'experiment_status', 'format_status', 'status', 'check_data_files', 'main']
+           'experiment_lock', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'run_status', 'experiment_status',
+           'format_status', 'status', 'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
 class Stage:
-    "One stage of the pipeline: its notebook, where its runs live and what it writes"
+    "One stage of the pipeline: its notebook, its function, the sections it reads, the stages it needs, what it writes"
     name:str      # the stage's name: `aliprod run --stages <name>`, the `pipeline.stages` entries
-    notebook:str  # its notebook in nbs/, executed by papermill
+    notebook:str|None # its notebook in nbs/, executed by papermill; None: the data stage, which the runner calls itself
+    function:str  # '<module>.<name>_stage', taking one `StageConfig`; imported when the stage runs
+    reads:tuple   # the parameter sections its `StageConfig` holds (the experiment always)
+    needs:tuple   # the stages whose outputs it reads: `plan_stages` runs them before it
     runs:tuple    # prefixes of its run directories under runs/<experiment>/ (none for the report)
     writes:str    # what it writes, in one line (the README's table says the same)
+    overrides:tuple=() # (papermill -p name, sections it overrides): its notebook's own parameters (clean: iteration)
+    explicit:tuple=() # (papermill -p name, section, key): the key is set True when the name is given (an explicit request)
 
-# The pipeline's stages, in their default order: the one list `aliprod run`, the README and the tests read.
+_IT = lambda *sections: (('iteration', sections),)
+# The pipeline's stages in their default order: the one table `aliprod run`, `call_stage`, the README and tests read.
 STAGES = (
-    Stage('train', '02_train.ipynb', ('train',), 'model.pth, checkpoints, history, metrics, top-k predictions per split'),
-    Stage('finegrained', '02b_finegrained.ipynb', ('finegrained', 'train-finegrained-'), 'plain / DCL / LIO finetunes of the trained model and their comparison'),
-    Stage('clean', '03_clean.ipynb', ('clean',), 'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k'),
-    Stage('rebalance', '04_rebalance.ipynb', ('rebalance',), 'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions'),
-    Stage('tta', '05_tta.ipynb', ('tta',), 'FixRes enlarge + ten-crop predictions per variant'),
-    Stage('ensemble', '06_ensemble.ipynb', ('ensemble',), 'top-k average (or sum) of the members\' predictions'),
-    Stage('system', '06b_system.ipynb', ('system',), 'the composed system chosen on validation (round, classifier, tau, TTA, members), its chain and artifact'),
-    Stage('report', '07_report.ipynb', (), 'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
+    Stage('data', None, 'data.data_stage', ('data',), (), ('data',),
+          'index.parquet, classes, quarantine, roles (choose / report), the data report'),
+    Stage('train', '02_train.ipynb', 'train.train_stage', ('data', 'train'), ('data',), ('train',),
+          'model.pth, checkpoints, history, metrics, top-k predictions per split',
+          tuple((k, ('train',)) for k in ('iteration', 'epochs', 'arch', 'tag'))),
+    Stage('finegrained', '02b_finegrained.ipynb', 'finegrained.finegrained_stage', ('data', 'train', 'finegrained'),
+          ('train',), ('finegrained', 'train-finegrained-'),
+          'plain / DCL / LIO finetunes of the trained model and their comparison'),
+    Stage('clean', '03_clean.ipynb', 'clean.clean_stage', ('data', 'train', 'clean'), ('train',), ('clean',),
+          'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k', _IT('clean'),
+          # `-p iteration N` asks for round N: it runs past a round validation does not keep ([clean] iteration is a budget)
+          (('iteration', 'clean', 'past_stop'),)),
+    Stage('rebalance', '04_rebalance.ipynb', 'rebalance.rebalance_stage', ('data', 'train', 'rebalance'), ('train',),
+          ('rebalance',),
+          'cRT, tau-norm, LWS, NCM, balanced subset, two-stage, accuracy-loss heads and their predictions',
+          _IT('rebalance')),
+    Stage('tta', '05_tta.ipynb', 'tta.tta_stage', ('data', 'train', 'tta'), ('train',), ('tta',),
+          'FixRes enlarge + ten-crop predictions per variant', _IT('tta')),
+    Stage('ensemble', '06_ensemble.ipynb', 'ensemble.ensemble_stage', ('train', 'tta', 'ensemble'), ('train',),
+          ('ensemble',),
+          "top-k average (or sum) of the members' predictions", _IT('tta', 'ensemble')),
+    Stage('system', '06b_system.ipynb', 'system.system_stage',
+          ('data', 'train', 'rebalance', 'tta', 'system', 'report'),
+          ('clean', 'rebalance', 'tta'), ('system',),
+          'the composed system chosen on validation (round, classifier, tau, TTA, members), its chain and artifact'),
+    Stage('report', '07_report.ipynb', 'report.report_stage', ('report',), (), (),
+          'reports/<experiment>/: index.html, README.md, ablation tables, figures'),
 )
-STAGE_ORDER = tuple(s.name for s in STAGES)
+STAGE = {s.name: s for s in STAGES}
+# the stages a run chooses among (`--stages`, [pipeline] stages): every stage but the data stage, which always runs
+STAGE_ORDER = tuple(s.name for s in STAGES if s.notebook)
 
 @params_section('pipeline')
 @dataclass
@@ -99,7 +120,57 @@ def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; defau
                    )->dict[str, Path]:
     "Stage name -> notebook, for the declared `STAGES` whose notebook is present in `nbs_dir`, in pipeline order"
     d = Path(nbs_dir) if nbs_dir is not None else project_root()/'nbs'
-    return {s.name: d/s.notebook for s in STAGES if (d/s.notebook).is_file()}
+    return {s.name: d/s.notebook for s in STAGES if s.notebook and (d/s.notebook).is_file()}
+
+# %% ../nbs/08_pipeline.ipynb #699d32f5
+EXPERIMENT_KEYS = ('experiment', 'seed', 'seeds', 'runs_dir', 'reports_dir')   # top-level keys papermill may inject
+
+def _stage(stage:str)->Stage:
+    if stage not in STAGE:
+        raise ParamsError(f"Unknown stage {stage!r}; stages: {', '.join(STAGE)}.{_did_you_mean(stage, STAGE)}")
+    return STAGE[stage]
+
+def stage_config(stage:str,                 # a name in `STAGES`
+                 params_file:str|Path|None=None, # YAML parameter file; None: the typed defaults
+                 **injected,                # what papermill injects: sections (dicts), experiment keys, overrides
+                )->StageConfig:
+    "The `StageConfig` of `stage`: experiment and sections, defaults <- `params_file` <- injected sections <- overrides"
+    s = _stage(stage)
+    over = dict(s.overrides)
+    bad = [k for k in injected if k not in EXPERIMENT_KEYS and k not in SECTION_MODULES and k not in over]
+    if bad:
+        valid = [*EXPERIMENT_KEYS, *over, *SECTION_MODULES]
+        raise ParamsError(f"Unknown parameter {bad[0]!r} for the {stage} stage; valid: {', '.join(valid)}."
+                          f"{_did_you_mean(bad[0], valid)}")
+    exp = resolve_params('experiment', params_file, overrides={k: injected.get(k) for k in EXPERIMENT_KEYS})
+    # sections the stage does not read are ignored, as a notebook ignores what papermill injects for another stage
+    sections = {sec: resolve_params(sec, params_file, injected=injected.get(sec),
+                                    overrides={**{k: injected.get(k) for k, secs in s.overrides if sec in secs},
+                                               **{key: True for name, in_sec, key in s.explicit
+                                                  if in_sec == sec and injected.get(name) is not None}})
+                for sec in s.reads}
+    return StageConfig(stage, exp, sections, None if params_file is None else str(params_file))
+
+def stage_function(stage:str):
+    "The `<name>_stage(cfg)` function of `stage`, imported from the module its `STAGES` entry names"
+    module, _, name = _stage(stage).function.rpartition('.')
+    # timm's and fastai's import-time deprecation warnings (`THIRD_PARTY_WARNINGS`) are not the user's to act on
+    quiet_third_party_warnings()
+    return getattr(importlib.import_module(f'aliprod.{module}'), name)
+
+def call_stage(stage:str, params_file:str|Path|None=None, **injected):
+    "Run `stage` here: its function on `stage_config(stage, params_file, **injected)` (run cells, `--in-process`)"
+    return stage_function(stage)(stage_config(stage, params_file, **injected))
+
+def plan_stages(chosen:list[str])->list[str]:
+    "The data stage, then `chosen` in their order, each after the stages it needs (transitively) not planned yet"
+    plan = []
+    def add(name):
+        if name in plan: return
+        for n in _stage(name).needs: add(n)
+        plan.append(name)
+    for s in ['data', *chosen]: add(s)
+    return plan
 
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
 # ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
@@ -236,7 +307,8 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
     pp = resolve_params('pipeline', params_file)
     present = stage_notebooks(nbs_dir)
     chosen = stages or pp.stages or list(present)
-    missing = [s for s in chosen if s not in present]
+    plan = plan_stages(chosen)[1:]   # the chosen stages and those they need; the data stage runs in this process
+    missing = [s for s in plan if s not in present]
     if missing and not in_process: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
     runs = check_grid(params_file)   # every run of the grid checked before the first starts
     seeds = run_seeds(params_file, seeds)
@@ -249,9 +321,9 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
             if seeds is None: extra, report_extra = {}, {}   # one seed: exactly the run before seeds existed
             else: extra, report_extra = {'seed': e.seed}, ({'seeds': seeds} if e.experiment == name else {})
             log(f"experiment '{e.experiment}' from {params_file}{' with ' + str(over) if over else ''}"
-                f"{f', seed {e.seed} ({k + 1} of {len(per_seed)})' if len(per_seed) > 1 else ''}: data, {', '.join(chosen) or 'no stage notebooks'}")
+                f"{f', seed {e.seed} ({k + 1} of {len(per_seed)})' if len(per_seed) > 1 else ''}: data, {', '.join(plan) or 'no stage notebooks'}")
             if dry_run:
-                for s in chosen: log(f"would run {present[s]}")
+                for s in plan: log(f"would run {present[s]}")
                 continue
             with experiment_lock(e):
                 pf = params_file if e.experiment == name else seed_params_file(params_file, e)
@@ -275,58 +347,44 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
                     extra:dict|None=None,        # experiment keys every stage gets (a seeds run: its seed)
                     report_extra:dict|None=None, # and the report only (the first seed: every seed, to aggregate)
                    )->list:
-    "One run of the grid (and seed), under its experiment lock: the data, then the chosen stages in order"
+    "One run of the grid (and seed), under its experiment lock: the data, then the chosen stages and those they need"
     name, executed = exp.experiment, []
-    if force: _forget(exp, chosen)
-    prepare_data(exp, resolve_params('data', params_file, injected=over.get('data')), force=force)
-    nb_out = report_dir(exp)/'notebooks'
+    plan = plan_stages(chosen)
+    if force: _forget(exp, ['data', *chosen])
+    # what papermill injects into a stage notebook; `call_stage` gets the very same (the in-process run)
     params = {'experiment': name, **(extra or {}), **over}
+    stage_params = lambda s: {**params, **((report_extra or {}) if s == 'report' else {})}
+    call_stage('data', params_file, **params)   # in this process always: the data stage has no notebook
+    plan = plan[1:]
+    nb_out = report_dir(exp)/'notebooks'
     t_run, times = time.time(), _stage_times(exp)
-    for k, s in enumerate(chosen, 1):
+    for k, s in enumerate(plan, 1):
         before = _manifests(exp)
-        left = [times.get(x) for x in chosen[k - 1:]]
+        left = [times.get(x) for x in plan[k - 1:]]
         eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
                if s in times and all(left) else '')
-        log(f"stage {k}/{len(chosen)} {s}: {_stage_writes(s)}{eta}")
+        why = '' if s in chosen else f" (needed by {', '.join(c for c in chosen if s in plan_stages([c]))})"
+        # a needed stage that has run: the chosen stages bring what they read of it up to date themselves
+        if why and _has_run(exp, s):
+            log(f"stage {k}/{len(plan)} {s}{why}: has run, not run again"); continue
+        log(f"stage {k}/{len(plan)} {s}{why}: {_stage_writes(s)}{eta}")
         t0 = time.time()
         if in_process:
-            executed.append(call_stage(s, params_file, name, over, {**(extra or {}), **((report_extra or {}) if s == 'report' else {})}))
+            executed.append(call_stage(s, params_file, **stage_params(s)))
             log(f"{s}: done in {time.time() - t0:.0f} s")
-        else: executed.append(run_stage(s, present[s], params_file, nb_out, {**params, **((report_extra or {}) if s == 'report' else {})}, html=html))
+        else: executed.append(run_stage(s, present[s], params_file, nb_out, stage_params(s), html=html))
         after = _manifests(exp)
         if after == before and any(stage_of_run_dir(m.relative_to(experiment_dir(exp)).parts[0]) == s for m in after):
             log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")
         elif after != before or not _runs_prefixes(s):   # it computed (the report always does): the next run's ETA
             times[s] = time.time() - t0; atomic_write_json(experiment_dir(exp)/'stage_times.json', times)
-    log(f"experiment '{name}': {len(chosen)} stages in {time.time() - t_run:.0f} s; "
+    log(f"experiment '{name}': {len(plan)} stages in {time.time() - t_run:.0f} s; "
         f"report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
 
-def call_stage(stage:str, params_file:str|Path, experiment:str|None=None,
-               over:dict|None=None, # {section: values} of a grid run, injected as papermill injects them into the notebook
-               experiment_overrides:dict|None=None, # experiment keys as papermill -p gives them (a seeds run: seed, seeds)
-              ):
-    "Run one stage in this process as its notebook's run cell does (resolve its sections from `params_file`, call `<stage>_stage`); its artifacts"
-    R = lambda section, **kw: resolve_params(section, params_file, injected=(over or {}).get(section), **kw)
-    exp = R('experiment', overrides={'experiment': experiment, **(experiment_overrides or {})})
-    if stage == 'train':
-        return train_stage(exp, R('data'), R('train'), report=True)
-    if stage == 'finegrained':
-        return finegrained_stage(exp, R('data'), R('train'), R('finegrained'))
-    if stage == 'clean':
-        return clean_stage(exp, R('data'), R('train'), R('clean'))
-    if stage == 'rebalance':
-        return rebalance_stage(exp, R('data'), R('train'), R('rebalance'))
-    if stage == 'tta':
-        return tta_stage(exp, R('data'), R('train'), R('tta'))
-    if stage == 'ensemble':
-        tp, ttp, p = R('train'), R('tta'), R('ensemble')
-        return ensemble_stage(exp, p, p.iteration if p.iteration is not None else ttp.iteration if ttp.iteration is not None else tp.iteration)
-    if stage == 'system':
-        return system_stage(exp, R('data'), R('train'), R('rebalance'), R('tta'), R('system'), hires_tag=R('report').hires_tag)
-    if stage == 'report':
-        return report_stage(exp, R('report'), params_file)
-    raise ParamsError(f"Unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
+def _has_run(exp:ExperimentParams, stage:str)->bool:
+    "Whether `stage` has a finished run folder (a manifest) in the experiment"
+    return any((d/MANIFEST).is_file() for d in _stage_folders(exp, stage))
 
 def _stage_times(exp:ExperimentParams)->dict:
     "Seconds each stage took the last time it computed (runs/<exp>/stage_times.json): the per-stage ETA"

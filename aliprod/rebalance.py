@@ -19,9 +19,11 @@ from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
 from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
-from .train import train_stage, predict, load_trained_model, trained_counts
+from .train import run_train, predict, load_trained_model, trained_counts
 from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHOD_NEEDS', 'METHOD_REGISTRY', 'METHODS', 'FINETUNES',
@@ -33,7 +35,7 @@ __all__ = ['TauBias', 'Loss', 'NCMNorm', 'NCM_TEMPERATURES', 'METHOD_NEEDS', 'ME
            'weight_norms', 'norm_size_correlation', 'weight_norm_note', 'plot_weight_norms', 'AccuracyLoss',
            'AccuracyLossCallback', 'accuracy_loss_callbacks', 'network_params', 'network_finetune',
            'RebalanceArtifacts', 'labelled_splits', 'check_rebalance', 'cache_features', 'with_baseline_change',
-           'rebalance_stage']
+           'run_rebalance', 'rebalance_stage']
 
 # %% ../nbs/04_rebalance.ipynb #3059f936
 @dataclass
@@ -542,7 +544,7 @@ def fit_method(method:str,
     spec = METHOD_REGISTRY[method]
     if spec.finetune and p.finetune == 'network':
         raise ValueError(f"{method} with finetune='network' finetunes the backbone on images, not cached features: "
-                         "the stage runs it through train_stage")
+                         "the stage runs it through run_train")
     if 'train_p_label' in spec.needs and train_p_label is None:
         raise ValueError(f"{method} needs train_p_label (the train predictions' p_label) to pick the confident images")
     groups = groups or {'train_counts': class_counts(train.labels, num_classes)}
@@ -694,12 +696,12 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
         atomic_write_parquet(pd.DataFrame({'row': np.sort(np.asarray(subset_rows, dtype=np.int64))}), rows)
     cbs = [{'factory': 'aliprod.rebalance.accuracy_loss_callbacks', 'kwargs': {}}] if method == 'acc_loss' else None
     log(f"rebalance {method}-network: finetuning the whole network from {model_path}")
-    return train_stage(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows, callbacks=cbs,
+    return run_train(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows, callbacks=cbs,
                        out_dir=d/'train', stage='rebalance-network', extra={'method': method})
 
 # %% ../nbs/04_rebalance.ipynb #ea1bfa48
 @dataclass
-class RebalanceArtifacts:
+class RebalanceArtifacts(StageArtifacts):
     "What the rebalance stage wrote"
     out_dir:Path
     table:pd.DataFrame     # one row per (method, split)
@@ -708,6 +710,10 @@ class RebalanceArtifacts:
     methods:dict           # method -> its directory
     tau:float|None         # τ chosen on validation
     splits:list=field(default_factory=list) # the labelled splits the methods were evaluated on (val and/or test)
+    @property
+    def tables(self)->dict: return {'rebalance': self.table}
+    @property
+    def figures(self)->dict: return {} if self.figure_path is None else {'tau_sweep': self.figure_path}
 
 def labelled_splits(index:pd.DataFrame)->list[str]:
     "The splits of `index` (train, val, test order) that hold at least one labelled row"
@@ -772,14 +778,14 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
                         few_acc_gain=table['few_acc'].to_numpy() - ref['few_acc'].reindex(key).to_numpy())
 
 # %% ../nbs/04_rebalance.ipynb #045dac9b
-def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
+def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
-    art = train_stage(exp, data, t, iteration=p.iteration)
+    art = run_train(exp, data, t, iteration=p.iteration)
     # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
     sfx = f'-{t.tag}' if t.tag else ''
     out = run_dir(exp, 'rebalance' + sfx, p.iteration)
@@ -866,3 +872,8 @@ def rebalance_stage(exp:ExperimentParams, data, t, p:RebalanceParams)->Rebalance
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; evaluated on {", ".join(evals)})')
     table = read_csv_safe(out/'rebalance.csv')
     return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, man.get('metrics', {}).get('tau'), evals)
+
+# %% ../nbs/04_rebalance.ipynb #1d0ca487
+def rebalance_stage(cfg)->RebalanceArtifacts:
+    "The rebalance stage: `run_rebalance` of `cfg`'s [data], [train] and [rebalance] sections"
+    return run_rebalance(cfg.exp, cfg.data, cfg.train, cfg.rebalance)

@@ -16,6 +16,8 @@ from .escape import csv_safe, markdown_table, markdown_text, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
 from .data import shot_groups, load_index, reporting_rows, choosing_rows
 from .predictions import read_topk
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'FINDING_GROUPS', 'SHOWN_PER_GROUP', 'ONE_SEED',
@@ -26,7 +28,7 @@ __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'FINDING_G
            'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header', 'display_frame', 'system_choices',
            'chain_glance', 'header_facts', 'run_tables', 'write_report', 'from_current_run', 'stage_tables',
            'report_figures', 'headline', 'against_single_techniques', 'cleaning_sentence', 'report_summary',
-           'ReportArtifacts', 'report_stage']
+           'ReportArtifacts', 'run_report', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -793,7 +795,7 @@ def report_summary(system:dict|None)->tuple[str, ...]:
 
 # %% ../nbs/07_report.ipynb #17d71abd
 @dataclass
-class ReportArtifacts:
+class ReportArtifacts(StageArtifacts):
     "What the report stage wrote, and what its notebook shows"
     index_html:Path
     readme:Path
@@ -801,7 +803,7 @@ class ReportArtifacts:
     header:dict
     tables:dict         # name -> DataFrame (also reports/<experiment>/<name>.csv and .md)
     notes:dict          # name -> caption naming the split and labels
-    figures:dict        # name -> matplotlib Figure drawn by this stage (saved as <name>.png)
+    figures:dict        # name -> PNG of a figure this stage drew (reports/<experiment>/<name>.png)
     figure_files:list   # (title, file, caption) of every figure the page may show
     missing:list        # chain rows the experiment did not run (each says why)
     findings:list       # `Finding`s, grouped by stage, largest effect first
@@ -850,7 +852,7 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
                 f"{SEEDS_RULE} (tables seeds_system, seeds_chain, seeds_alone).") if e else f" {len(runs)} training seeds; {SEEDS_RULE}."
     return sentence
 
-def report_stage(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
+def run_report(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
                  params_file:str|None=None,     # named in the header
                 )->ReportArtifacts:
@@ -910,5 +912,11 @@ def report_stage(exp:ExperimentParams,          # the experiment whose runs/<exp
     index_html = write_report(exp, header, tables, notes, figure_files, found, lead,
                               system_choices(system) if system is not None else None, copied=tuple(other))
     log(f"report: {index_html}")
-    return ReportArtifacts(index_html, index_html.parent/'README.md', ' '.join(lead), header, tables, notes, figs,
+    return ReportArtifacts(index_html, index_html.parent/'README.md', ' '.join(lead), header, tables, notes,
+                           {k: report_dir(exp)/f'{k}.png' for k in figs},
                            figure_files, missing, found, n_checked, skipped)
+
+# %% ../nbs/07_report.ipynb #2b1a6fe1
+def report_stage(cfg)->ReportArtifacts:
+    "The report stage: `run_report` of `cfg`'s [report] section, naming the parameter file `cfg` was resolved from"
+    return run_report(cfg.exp, cfg.report, cfg.params_file)

@@ -18,12 +18,14 @@ from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTST
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
 from .rebalance import (LearnableWeightScaling, linear_head, NearestClassMean, tau_normalized_head, ncm_temperature,
-                               rebalance_stage, METHODS)
+                               run_rebalance, METHODS)
 from .losses import LogitAdjustedHead
 from .train import eval_transform, train_job, eval_splits, TrainParams, load_trained_model
 from .models import data_config
 from .images import ImageIndexDataset
 from .tta import tta_views, enlarged_size, predict_tta, parse_variant
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
@@ -33,7 +35,7 @@ __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE'
            'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
            'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
            'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
-           'system_stage']
+           'run_system', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -482,7 +484,7 @@ def round_status(exp:ExperimentParams, data, t, r:int)->str:
     if r > 0 and (why := manifest_status(experiment_dir(exp)/'clean'/str(r))[1]): return f'its index, clean/{r}: {why}'
     m, why = manifest_status(d)
     if m is None: return why
-    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved as train_stage
+    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved as run_train
     q = dataclasses.replace(t, iteration=r, tag='')
     q = dataclasses.replace(q, eval_splits=eval_splits(q, load_index(exp, r), index_path(exp, r)))
     run = train_job(exp, data, q, r)[1]
@@ -629,13 +631,15 @@ def predict_system(system_dir:str|Path,                # runs/<experiment>/syste
 
 # %% ../nbs/06b_system.ipynb #2a5bcfa1
 @dataclass
-class SystemArtifacts:
+class SystemArtifacts(StageArtifacts):
     "What the system stage wrote"
     out_dir:Path                 # runs/<experiment>/system/
     system:dict                  # system.json: choices, recipe, numbers
     chain:pd.DataFrame           # the cumulative chain on the reporting images
     candidates:pd.DataFrame      # every candidate's choosing-set numbers
     predictions:dict             # 'choose' / 'report' -> the system's predictions file
+    @property
+    def tables(self)->dict: return {'chain': self.chain, 'candidates': self.candidates}
 
 CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation', '+ TTA (enlarge + crops)',
                '+ High-resolution finetune', '+ Ensemble')
@@ -681,7 +685,7 @@ def _rebalance_round(exp, data, t, rp, r:int):
     "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
     q = dataclasses.replace(rp, iteration=r)
     if r != rp.iteration and rp.finetune != 'classifier': q = dataclasses.replace(q, finetune='classifier')
-    return rebalance_stage(exp, data, dataclasses.replace(t, iteration=r), q)
+    return run_rebalance(exp, data, dataclasses.replace(t, iteration=r), q)
 
 # %% ../nbs/06b_system.ipynb #c4128474
 def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, pd.DataFrame]:
@@ -780,7 +784,7 @@ def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
     return s
 
 # %% ../nbs/06b_system.ipynb #58ce8cb9
-def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_dir, reports_dir)
+def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir, reports_dir)
                  data,                 # DataParams of the data stage
                  t,                    # TrainParams of the pipeline's model (the rounds' own parameters are read from their runs)
                  rp,                   # RebalanceParams: methods, τ grid, τ bias
@@ -926,3 +930,8 @@ def system_stage(exp:ExperimentParams, # experiment (name, seed, device, runs_di
     s = json.loads((out/'system.json').read_text())
     return SystemArtifacts(out, s, read_csv_safe(out/'chain.csv'), read_csv_safe(out/'system_candidates.csv'),
                            {'choose': out/'predictions'/'choose.parquet', 'report': out/'predictions'/'report.parquet'})
+
+# %% ../nbs/06b_system.ipynb #0fac1043
+def system_stage(cfg)->SystemArtifacts:
+    "The system stage: `run_system` of `cfg`'s sections; the high-res control's train tag is [report] hires_tag"
+    return run_system(cfg.exp, cfg.data, cfg.train, cfg.rebalance, cfg.tta, cfg.system, hires_tag=cfg.report.hires_tag)

@@ -42,14 +42,16 @@ from .metrics import evaluate, per_class_accuracy
 from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 from .escape import csv_safe
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
            'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
            'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
            'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
-           'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table', 'per_class_split',
-           'train_report']
+           'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
+           'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
 # the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
@@ -247,7 +249,7 @@ class TrainJob:
                    d.get('resume_from'))
 
 @dataclass
-class TrainArtifacts:
+class TrainArtifacts(StageArtifacts):
     "What the train stage wrote"
     out_dir:Path
     model_path:Path
@@ -255,7 +257,7 @@ class TrainArtifacts:
     metrics:dict
     history_path:Path
     lowres:TrainArtifacts|None=None # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
     trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
 
@@ -587,7 +589,7 @@ def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
                                 f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
     return list(p.eval_splits)
 
-def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
+def run_train(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
                 folds:int|None=None,
                 report:bool=False, # also write the stage's figures and tables into the report directory (the notebook's run)
                 **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
@@ -606,7 +608,7 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
         return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
     run.ensure(work, what=f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else ''))
     art = _artifacts(job)
-    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through train_stage
+    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through run_train
     if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
         # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
         held = [s for s in p.eval_splits if s != 'train']
@@ -616,14 +618,19 @@ def train_stage(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:
                        eval_splits=held or p.eval_splits)
         state = art.out_dir/MAIN_PHASE
         if state.is_file():   # continue this run's main phase: only the finetune epochs are trained again
-            art.lowres = train_stage(exp, data, twin, it, resume_from=state, extra={'control': 'finetune epochs at the training size'})
-        else: art.lowres = train_stage(exp, data, twin, it)
+            art.lowres = run_train(exp, data, twin, it, resume_from=state, extra={'control': 'finetune epochs at the training size'})
+        else: art.lowres = run_train(exp, data, twin, it)
         s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
         if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
                              f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
     if report: art.figures, art.tables = train_report(exp, p, art)
     return art
 
+
+# %% ../nbs/02_train.ipynb #550733e1
+def train_stage(cfg)->TrainArtifacts:
+    "The train stage: `run_train` of `cfg`'s [train] section, its figures and tables in the report directory"
+    return run_train(cfg.exp, cfg.data, cfg.train, report=True)
 
 # %% ../nbs/02_train.ipynb #0421e1ca
 def launch_job(job:TrainJob)->None:
@@ -688,7 +695,7 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
         pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))
         figs['per_class'] = plot_per_class(pc, f'{exp.experiment}: {s} accuracy per class')
         tables['per_class'] = pc
-    atomic_savefig(figs['history'], out/f'{name}.png', dpi=100)
-    if 'per_class' in figs: atomic_savefig(figs['per_class'], out/f'{name}_per_class.png', dpi=100)
+    files = {'history': out/f'{name}.png', 'per_class': out/f'{name}_per_class.png'}
+    for k, fig in figs.items(): atomic_savefig(fig, files[k], dpi=100)   # the notebook shows the files
     atomic_write_text(out/f'{name}_metrics.csv', csv_safe(tables['metrics']).to_csv())
-    return figs, tables
+    return {k: files[k] for k in figs}, tables

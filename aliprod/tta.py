@@ -20,13 +20,15 @@ from .predictions import TopKWriter, topk_from_probs, read_topk
 from .predict import stream_predictions, eval_transform
 from .models import data_config, _fixed_input_size
 from .metrics import evaluate
-from .train import train_stage, load_trained_model
+from .train import run_train, load_trained_model
 from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
+from .core import StageArtifacts   # the artifacts' shape every stage shares
+
 
 # %% auto #0
 __all__ = ['VIEW_REGISTRY', 'VIEWS', 'View', 'register_view', 'view_scope', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs',
            'enlarged_size', 'predict_tta', 'split_metrics', 'parse_variant', 'variant_name', 'TTAParams',
-           'TTAArtifacts', 'tta_stage', 'metrics_table', 'figure_split', 'tta_report']
+           'TTAArtifacts', 'run_tta', 'metrics_table', 'figure_split', 'tta_report', 'tta_stage']
 
 # %% ../nbs/05_tta.ipynb #109a4059
 @dataclass(frozen=True)
@@ -222,13 +224,13 @@ class TTAParams:
 
 # %% ../nbs/05_tta.ipynb #3f1dae5a
 @dataclass
-class TTAArtifacts:
+class TTAArtifacts(StageArtifacts):
     "What the TTA stage wrote"
     out_dir:Path        # runs/<exp>/tta/<iteration>/
     predictions:dict    # variant -> {split: predictions parquet}
     metrics:dict        # variant -> {split: metrics, split_clean: metrics, predict_failures: n}
     train_metrics:dict  # the train stage's own metrics of the model (no TTA), for comparison
-    figures:dict=field(default_factory=dict) # name -> matplotlib Figure (saved as PNG in the report directory)
+    figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
 def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:int, splits:list, out:Path, inputs:list, amp:bool)->StageRun:
@@ -237,7 +239,7 @@ def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:in
               'arch': tp.arch, 'views': views, 'enlarge': enlarge, 'size': size, 'k': p.k, 'splits': splits, 'amp': amp}
     return StageRun(out, 'tta', params, inputs=inputs, modules=['tta'])
 
-def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir)
+def run_tta(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir)
               data,                     # DataParams of the data stage
               train_p,                  # TrainParams of the model to test
               p:TTAParams,              # TTA parameters
@@ -253,7 +255,7 @@ def tta_stage(exp:ExperimentParams,     # experiment (name, seed, device, runs_d
     index_file = index_path(exp, it)
     index = load_index(exp, it)
     splits = p.splits_of(index, index_file)  # before training or predicting anything
-    art = train_stage(exp, data, tp, iteration=it)
+    art = run_train(exp, data, tp, iteration=it)
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage
@@ -311,5 +313,10 @@ def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
         ax.barh(sel['variant'], 100 * sel['mean_class_err']); ax.invert_yaxis()
         ax.set_xlabel(f'mean class error on {s} (%)'); ax.set_title(f"TTA variants, {exp.experiment}, iteration {art.out_dir.name}")
         fig.tight_layout(); atomic_savefig(fig, out/f'tta_{art.out_dir.name}.png', dpi=120); plt.close(fig)
-        figs['variants'] = fig
+        figs['variants'] = out/f'tta_{art.out_dir.name}.png'
     return figs, {'variants': table}
+
+# %% ../nbs/05_tta.ipynb #c65a3fc0
+def tta_stage(cfg)->TTAArtifacts:
+    "The TTA stage: `run_tta` of `cfg`'s [data], [train] and [tta] sections"
+    return run_tta(cfg.exp, cfg.data, cfg.train, cfg.tta)

@@ -242,17 +242,17 @@ def test_clean_stage_without_a_test_split(tmp_path):
     from aliprod.core import ExperimentParams, ParamsError
     from aliprod.data import DataParams
     from aliprod.train import TrainParams
-    from aliprod.clean import clean_stage
+    from aliprod.clean import run_clean
     exp = ExperimentParams(experiment='notest', seed=3, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                     warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
     with pytest.raises(ParamsError, match='needs the predictions of the training split'):
-        clean_stage(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
+        run_clean(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
     assert not (tmp_path/'runs'/'notest'/'train').exists(), 'refused before training'
     # a 1-epoch model of 5 classes may be near chance (the guard would refuse its round): this test is about the splits
-    art = clean_stage(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2, allow_aggressive=True))
+    art = run_clean(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2, allow_aggressive=True))
     assert art.rounds.iteration.tolist() == [0, 1] and art.rounds.val_mean_class_err.notna().all()
     assert not any(c.startswith('test_') for c in art.rounds.columns)
     assert set(art.summary['relabel_outcomes']) and art.summary['relabelled'] + art.summary['dropped'] == sum(art.summary['relabel_outcomes'].values())

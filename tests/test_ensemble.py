@@ -3,7 +3,7 @@ import json
 import numpy as np, pandas as pd, pytest, torch
 from aliprod.core import ExperimentParams, ParamsError, experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
-from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams, ensemble_stage
+from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams, run_ensemble
 
 # ---------------------------------------------------------------- ensembling
 
@@ -104,7 +104,7 @@ def fake_run(tmp, splits=('train', 'val'), K=6, n=30, experiment='t'):
 def test_stage_on_a_run_without_test_split(tmp_path):
     exp = fake_run(tmp_path)
     p = EnsembleParams(name='pair', k=4, members=['train', 'tta:ten-x1.5'], splits=['val'])
-    art = ensemble_stage(exp, p, 0)
+    art = run_ensemble(exp, p, 0)
     assert art.ran and set(art.predictions) == {'val'}
     ens, members = read_topk(art.predictions['val']), [read_topk(member_file(m, exp, 'val')) for m in ('train', 'tta:ten-x1.5')]
     assert (ens.rows == members[0].rows).all() and (ens.labels == members[0].labels).all()   # every val image, its label
@@ -121,42 +121,42 @@ def test_stage_on_a_run_without_test_split(tmp_path):
 def test_rerun_is_a_noop_by_the_manifest(tmp_path):
     exp = fake_run(tmp_path)
     p = EnsembleParams(name='pair', k=4, members=['train', 'tta:ten-x1.5'], splits=['val'])
-    first = ensemble_stage(exp, p, 0)
+    first = run_ensemble(exp, p, 0)
     manifest = (first.out_dir/'manifest.json').read_text()
     mtime = first.predictions['val'].stat().st_mtime_ns
-    again = ensemble_stage(exp, p, 0)
+    again = run_ensemble(exp, p, 0)
     assert not again.ran and (first.out_dir/'manifest.json').read_text() == manifest
     assert again.predictions['val'].stat().st_mtime_ns == mtime and again.metrics == first.metrics
     assert 'ensemble' in json.loads(manifest)['code']['modules'] and 'metrics' in json.loads(manifest)['code']['modules']  # derived from imports
     # a member that changes makes it run again
     write_topk(member_file('train', exp, 'val'), read_topk(member_file('tta:ten-x1.5', exp, 'val')))
-    assert ensemble_stage(exp, p, 0).ran
+    assert run_ensemble(exp, p, 0).ran
 
 def test_a_split_the_index_lacks_is_refused_before_work(tmp_path):
     exp = fake_run(tmp_path)
     with pytest.raises(ParamsError, match=r"the index has no 'test' split \(it has train, val\); drop 'test' from \[ensemble\] splits"):
-        ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
+        run_ensemble(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
     assert not (experiment_dir(exp)/'ensemble'/'e').exists()
 
 def test_a_split_a_member_lacks_names_member_and_split(tmp_path):
     exp = fake_run(tmp_path, splits=('train', 'val', 'test'))
     member_file('tta:ten-x1.5', exp, 'test').unlink()
     with pytest.raises(FileNotFoundError, match=r"Ensemble member 'tta:ten-x1.5' has no 'test' predictions: .* \(it has train, val\)"):
-        ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
+        run_ensemble(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
     assert not (experiment_dir(exp)/'ensemble'/'e').exists()
 
 def test_an_unlabelled_split_is_combined_not_evaluated(tmp_path):
     exp = fake_run(tmp_path, splits=('train', 'val', 'test'))
     for m in ('train', 'tta:ten-x1.5'):   # test images without labels, as the challenge's test set
         f = member_file(m, exp, 'test'); t = read_topk(f); t.labels[:] = -1; write_topk(f, t)
-    art = ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
+    art = run_ensemble(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['val', 'test']), 0)
     assert 'test' not in art.metrics and 'val' in art.metrics
     t = read_topk(art.predictions['test'])   # combined all the same: every test image, still unlabelled
     assert (t.rows == read_topk(member_file('train', exp, 'test')).rows).all() and (t.labels == -1).all()
 
 def test_a_run_without_val_split(tmp_path):
     exp = fake_run(tmp_path, splits=('train', 'test'))
-    art = ensemble_stage(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['test']), 0)
+    art = run_ensemble(exp, EnsembleParams(name='e', k=4, members=['train', 'tta:ten-x1.5'], splits=['test']), 0)
     assert set(art.table['split']) == {'test'}
     with pytest.raises(ParamsError, match=r"the index has no 'val' split \(it has test, train\)"):
-        ensemble_stage(exp, EnsembleParams(name='v', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)
+        run_ensemble(exp, EnsembleParams(name='v', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)

@@ -154,13 +154,13 @@ def test_stage_without_a_test_split(tmp_path):
     import aliprod.train as T
     from aliprod.core import ExperimentParams, ParamsError
     from aliprod.data import DataParams
-    from aliprod.finegrained import finegrained_stage
+    from aliprod.finegrained import run_finegrained
     exp = ExperimentParams(experiment='notest', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=4, family_size=4, max_per_class=24, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=48, img_size_max=56, gen_workers=1, scan_workers=1)
     t = T.TrainParams(arch='test_efficientnet', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
-    art = finegrained_stage(exp, data, t, FinegrainedParams(methods=['plain', 'dcl']))
+    art = run_finegrained(exp, data, t, FinegrainedParams(methods=['plain', 'dcl']))
     assert art.splits == ['val'] and list(art.table.run) == ['start', 'plain', 'dcl']
     assert not any(c.startswith('test_') for c in art.table.columns) and art.table.val_mean_class_err.notna().all()
     for m in ('plain', 'dcl'):
@@ -169,6 +169,6 @@ def test_stage_without_a_test_split(tmp_path):
     assert art.figure_path.is_file() and (tmp_path/'reports'/'notest'/'finegrained.md').is_file()
     noeval = ExperimentParams(experiment='noeval', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     with pytest.raises(ParamsError, match='no labelled val or test rows'):
-        finegrained_stage(noeval, DataParams(**{**data.__dict__, 'val_per_class': 0}), T.TrainParams(**{**t.__dict__, 'eval_splits': ['train']}),
+        run_finegrained(noeval, DataParams(**{**data.__dict__, 'val_per_class': 0}), T.TrainParams(**{**t.__dict__, 'eval_splits': ['train']}),
                           FinegrainedParams())
     assert not (tmp_path/'runs'/'noeval'/'train').exists(), 'refused before training'

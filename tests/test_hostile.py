@@ -125,7 +125,7 @@ def test_tables_escape_formulas_and_html(tmp_path):
 def test_a_hostile_class_name_is_escaped_in_index_html(tmp_path):
     from test_ensemble import fake_run
     from aliprod.core import experiment_dir
-    from aliprod.report import ReportParams, report_stage
+    from aliprod.report import ReportParams, run_report
     exp = fake_run(tmp_path, splits=('train', 'test'))
     block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
@@ -133,7 +133,7 @@ def test_a_hostile_class_name_is_escaped_in_index_html(tmp_path):
     StageRun(experiment_dir(exp)/'data', 'data', {}, threads=False).finish(['index.parquet', 'dataset.json'])
     report_dir(exp).mkdir(parents=True, exist_ok=True)   # a table the data stage left, quoting a class name
     pd.DataFrame({'metric': ['classes', f'largest class: {HTML}'], 'value': ['6', FORMULA]}).to_csv(report_dir(exp)/'data_summary.csv', index=False)
-    art = report_stage(exp, ReportParams(split='test'))
+    art = run_report(exp, ReportParams(split='test'))
     page = art.index_html.read_text()
     assert '&lt;img src=x onerror=alert(1)&gt;' in page and HTML not in page
     assert HTML not in (report_dir(exp)/'README.md').read_text() and HTML not in (report_dir(exp)/'data_summary.md').read_text()

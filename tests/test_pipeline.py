@@ -112,9 +112,10 @@ def _split_at_parameters(nb_path):
 # and IPython's display helpers; assignments of their results to plain names; `if`/`for` over what they return; and
 # expressions that show it. Every call is one of these names or a read-only method; nothing else (no assert, no thread
 # or environment setting, no writing, no deleting) can run inside a user's run.
-BELOW_CALLS = {'resolve_params', 'display', 'Image', 'Markdown', 'print', 'str', 'dict'}
+BELOW_CALLS = {'call_stage', 'resolve_params', 'display', 'Image', 'Markdown', 'print', 'str', 'dict'}
 BELOW_METHODS = {'get', 'round', 'values', 'items', 'keys', 'join'}
-BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.core': {'resolve_params'}}
+BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.core': {'resolve_params'},
+                 'aliprod.pipeline': {'call_stage'}}
 BELOW_STATEMENTS = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr, ast.If, ast.For, ast.Pass)
 
 
@@ -156,7 +157,7 @@ def test_below_parameters_allowlist_refuses():
         assert below_parameters_violations(bad, 'clean_stage'), f'the allowlist let through: {bad}'
 
 
-@pytest.mark.parametrize('stage', [s.name for s in STAGES])
+@pytest.mark.parametrize('stage', [s.name for s in STAGES if s.notebook])
 def test_stage_notebook_layout(stage):
     "The guard comes before any code that does work, the parameters cell carries the marker, below it the allowlist"
     above, params, below = _split_at_parameters(stage_notebooks()[stage])
@@ -261,12 +262,14 @@ def test_run_kind_in_a_kernel():
 
 def test_stage_list_is_declared_once():
     "STAGES is the one list: every stage notebook (a notebook with a parameters cell) is declared, and the README names each"
-    declared = {s.notebook for s in STAGES}
+    declared = {s.notebook for s in STAGES if s.notebook}   # the data stage has none
     with_params = {nb.name for nb in (ROOT/'nbs').glob('*.ipynb')
                    if any('parameters' in c.get('metadata', {}).get('tags', []) for c in nbformat.read(nb, as_version=4).cells)}
     assert with_params == declared, (with_params, declared)
     readme = (ROOT/'README.md').read_text()
-    for s in STAGES: assert f'| {s.name} (`{s.notebook.removesuffix(".ipynb")}`)' in readme, f'README stage table lacks {s.name}'
+    for s in STAGES:
+        if s.notebook:
+            assert f'| {s.name} (`{s.notebook.removesuffix(".ipynb")}`)' in readme, f'README stage table lacks {s.name}'
 
 
 # --- the code fingerprint follows the import graph -----------------------------------------------------------------
@@ -328,3 +331,54 @@ def test_kernel_dies_with_runner(tmp_path):
     assert not alive, 'the kernel outlived its runner'
     time.sleep(4.5)
     assert not (tmp_path/'after_kill').exists()
+
+
+# --- one stage interface: the notebook path and the in-process path are one function ------------------------------
+
+def test_every_stage_is_one_function_of_its_config():
+    "`call_stage` is a lookup: every STAGES entry names a `<name>_stage(cfg)`, and `call_stage` names no stage itself"
+    import inspect
+    from aliprod.pipeline import call_stage, stage_function
+    for s in STAGES:
+        f = stage_function(s.name)
+        assert f.__name__ == f'{s.name}_stage' and list(inspect.signature(f).parameters) == ['cfg'], s
+    consts = {n.value for n in ast.walk(ast.parse(inspect.getsource(call_stage))) if isinstance(n, ast.Constant)}
+    assert not consts & {s.name for s in STAGES}, f'call_stage branches on a stage name: {consts}'
+
+
+def test_notebook_and_in_process_runs_write_the_same_outputs(tmp_path):
+    "The train stage run by papermill (its notebook's one-line run cell) and by `--in-process` writes the same files"
+    import yaml
+    from test_status import TINY   # a train stage of a few seconds
+    # one folder for both runs (files that name their folder, params.json and the checkpoint, compare too), the
+    # first run's train folder moved aside: the second reuses its data stage
+    (tmp_path/'p.yaml').write_text(yaml.safe_dump({'experiment': 'same', 'seed': 0, 'runs_dir': str(tmp_path/'runs'),
+                                                   'reports_dir': str(tmp_path/'reports'), **TINY}, sort_keys=False))
+    train, manifests = tmp_path/'runs'/'same'/'train', {}
+    for how in ('in-process', 'notebook'):
+        executed = run_pipeline(tmp_path/'p.yaml', stages=['train'], in_process=how == 'in-process')
+        if how == 'in-process':   # the artifacts' one shape: figures are PNG files by name, tables DataFrames by name
+            figures = executed[0].figures
+            assert 'history' in figures and all(Path(f).is_file() for f in figures.values()), figures
+            assert 'metrics' in executed[0].tables
+        manifests[how] = json.loads((train/'0'/'manifest.json').read_text())
+        train.rename(tmp_path/f'train-{how}')
+    a, b = manifests.values()
+    assert a['params'] == b['params'], (a['params'], b['params'])
+    assert a['outputs'] == b['outputs'], {k: (v, b['outputs'].get(k)) for k, v in a['outputs'].items()
+                                          if b['outputs'].get(k) != v}
+
+
+def test_a_needed_stage_runs_first_once(tmp_path, capsys):
+    "`--stages clean` on a new experiment runs the train stage first (clean needs it); once train has run, only clean"
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    nbformat.write(_nb([TRAIN_LIKE]), nbs/'02_train.ipynb')
+    nbformat.write(_nb(['x = 1']), nbs/'03_clean.ipynb')
+    p = tmp_path/'p.yaml'
+    p.write_text(f"experiment: t\nruns_dir: {tmp_path/'runs'}\nreports_dir: {tmp_path/'reports'}\n"
+                 "pipeline:\n  html: false\n")
+    run_pipeline(p, stages=['clean'], nbs_dir=nbs)
+    assert (tmp_path/'p.yaml.train_runs').read_text() == 'x', 'the needed train stage did not run'
+    assert 'stage 1/2 train (needed by clean)' in capsys.readouterr().out
+    run_pipeline(p, stages=['clean'], nbs_dir=nbs)
+    assert 'stage 1/2 train (needed by clean): has run, not run again' in capsys.readouterr().out

@@ -96,8 +96,8 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     for noise in ('TCP without encryption', 'IProgress not found', 'torch.jit.script', 'not writable'):
         assert noise not in r.stdout + r.stderr, f'terminal noise a user cannot act on: {noise!r}'
     from aliprod.core import resolve_params, resolve_iteration
-    from aliprod.train import train_stage
-    from aliprod.rebalance import rebalance_stage
+    from aliprod.train import run_train
+    from aliprod.rebalance import run_rebalance
     import dataclasses
     exp, dp, tp, rp = (resolve_params(s, p) for s in ('experiment', 'data', 'train', 'rebalance'))
     for m in cfg['ensemble']['members']:
@@ -107,9 +107,9 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
             mt = dataclasses.replace(tp, tag=rest[0], arch=MEMBER_ARCHS[rest[0]], iteration=it,
                                      finetune_size=None if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_size,
                                      finetune_epochs=0 if MEMBER_ARCHS[rest[0]] == 'test_vit' else tp.finetune_epochs)
-            train_stage(exp, dp, mt)
+            run_train(exp, dp, mt)
             # the 2021 system rebalances every backbone: its heads go to rebalance-<tag>/, candidates of the system's ensemble
-            rebalance_stage(exp, dp, mt, dataclasses.replace(rp, iteration=it, finetune='classifier'))
+            run_rebalance(exp, dp, mt, dataclasses.replace(rp, iteration=it, finetune='classifier'))
     _run('run', p, '--stages', *order[order.index('ensemble'):])
     rep = tmp_path/'reports'/cfg['experiment']
     page = (rep/'index.html').read_text()

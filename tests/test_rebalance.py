@@ -135,7 +135,7 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
     import aliprod.train as T
     from aliprod.core import ExperimentParams
     from aliprod.data import DataParams
-    from aliprod.rebalance import rebalance_stage
+    from aliprod.rebalance import run_rebalance
     exp = ExperimentParams(experiment='rb', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=6, family_size=3, max_per_class=40, min_per_class=6, val_per_class=3, test_per_class=3,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
@@ -143,7 +143,7 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
                       warmup_epochs=1, milestones=[2], eval_splits=['train', 'val', 'test'])
     p = RebalanceParams(methods=['crt', 'balanced_subset', 'two_stage', 'acc_loss'], finetune='both', subset_per_class=5, crt_epochs=2,
                         head_cap=10, samples_per_epoch=48, network_lr=0.01)
-    art = rebalance_stage(exp, data, t, p)
+    art = run_rebalance(exp, data, t, p)
     nets = ['balanced_subset-network', 'two_stage-network', 'acc_loss-network']
     assert list(art.table[art.table.split == 'test'].method) == ['baseline', 'crt', 'balanced_subset', 'two_stage', 'acc_loss',
                                                                  'instance-network', *nets]
@@ -173,7 +173,7 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
     assert pd.read_csv(art.out_dir/'acc_loss-network'/'train'/'history.csv')['train_loss'].between(0, 1).all()
     # another τ grid reruns the stage but not the finetunes: their train runs are up to date (manifests and weights untouched)
     stamps = {m: ((art.out_dir/m/'train'/'manifest.json').stat().st_mtime_ns, (art.out_dir/m/'train'/'model.pth').read_bytes()) for m in nets}
-    again = rebalance_stage(exp, data, t, RebalanceParams(**{**p.__dict__, 'tau_grid': [0.0, 1.0]}))
+    again = run_rebalance(exp, data, t, RebalanceParams(**{**p.__dict__, 'tau_grid': [0.0, 1.0]}))
     assert {m: ((art.out_dir/m/'train'/'manifest.json').stat().st_mtime_ns, (art.out_dir/m/'train'/'model.pth').read_bytes()) for m in nets} == stamps
     pd.testing.assert_frame_equal(again.table.drop(columns='seconds'), art.table.drop(columns='seconds'))
     with pytest.raises(ParamsError, match='network_epochs'): RebalanceParams(network_epochs=0)
@@ -186,17 +186,17 @@ def test_stages_run_without_a_test_split(tmp_path):
     from aliprod.predictions import read_topk
     from aliprod.core import ExperimentParams
     from aliprod.data import DataParams
-    from aliprod.rebalance import rebalance_stage
+    from aliprod.rebalance import run_rebalance
     exp = ExperimentParams(experiment='notest', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], head_cap=12)   # classes of 30 down to 6 images: the head is capped
     named = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val', 'test']})   # naming a split the index lacks
-    with pytest.raises(ParamsError, match="no 'test' rows"): T.train_stage(exp, data, named)
+    with pytest.raises(ParamsError, match="no 'test' rows"): T.run_train(exp, data, named)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
-    art = rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
+    art = run_rebalance(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
     assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
     # the prior is the one the classifier learned: logit adjustment and the weight-norm figure count the rows it trained on
     import pandas as pd
@@ -217,7 +217,7 @@ def test_stages_run_without_a_test_split(tmp_path):
     metrics = json.loads((art.out_dir/'manifest.json').read_text())['metrics']
     assert 'crt_mean_class_err' in metrics and metrics['metrics_split'] == 'val'
     # the whole-network finetunes predict the splits that exist (they used to ask for val and test)
-    nt = rebalance_stage(exp, data, t, RebalanceParams(methods=['two_stage'], finetune='network', samples_per_epoch=32, head_cap=10))
+    nt = run_rebalance(exp, data, t, RebalanceParams(methods=['two_stage'], finetune='network', samples_per_epoch=32, head_cap=10))
     assert list(nt.table.method) == ['baseline', 'instance-network', 'two_stage-network'] and set(nt.table.split) == {'val'}
     assert not (nt.out_dir/'two_stage-network'/'train'/'predictions'/'test.parquet').exists()
 
@@ -227,14 +227,14 @@ def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
     import aliprod.train as T
     from aliprod.core import ExperimentParams
     from aliprod.data import DataParams
-    from aliprod.rebalance import rebalance_stage, labelled_splits
+    from aliprod.rebalance import run_rebalance, labelled_splits
     import pandas as pd
     exp = ExperimentParams(experiment='noval', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=0, test_per_class=3,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1, val_from_test=False)   # no val split at all
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'test'])
-    with pytest.raises(ParamsError, match='tau_norm chooses τ on the val split'): rebalance_stage(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm']))
+    with pytest.raises(ParamsError, match='tau_norm chooses τ on the val split'): run_rebalance(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm']))
     assert not (tmp_path/'runs'/'noval'/'train').exists(), 'refused before training'
     idx = pd.DataFrame({'split': ['train', 'train', 'val', 'test'], 'label': [0, 1, -1, 2]})
     assert labelled_splits(idx) == ['train', 'test'], 'a split whose rows have no label is not evaluated'

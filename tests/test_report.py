@@ -3,8 +3,8 @@ import json, re
 from html.parser import HTMLParser
 import nbformat, pandas as pd, pytest
 from aliprod.core import ParamsError, StageRun, experiment_dir, report_dir
-from aliprod.ensemble import EnsembleParams, ensemble_stage
-from aliprod.report import ReportParams, report_stage
+from aliprod.ensemble import EnsembleParams, run_ensemble
+from aliprod.report import ReportParams, run_report
 from test_ensemble import fake_run   # the data stage's files and two members' train/val predictions
 
 def finish(d, stage='fake'):
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     exp = fake_run(tmp_path_factory.mktemp('report'))
     put_metrics(exp, 'train/0', 0.40, 0.20); put_metrics(exp, 'tta/0/ten-x1.5', 0.35, 0.30)
     (experiment_dir(exp)/'tta/0/center-x1').mkdir(parents=True); put_metrics(exp, 'tta/0/center-x1', 0.40, 0.20)
-    ensemble_stage(exp, EnsembleParams(name='pair', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)
+    run_ensemble(exp, EnsembleParams(name='pair', k=4, members=['train', 'tta:ten-x1.5'], splits=['val']), 0)
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("print('stage output')", outputs=[nbformat.v4.new_output('stream', text='stage output\n')])]
     (report_dir(exp)/'notebooks').mkdir()
@@ -49,7 +49,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope='module')
 def given(run):
     "The report of `run` on val, given labels"
-    return report_stage(run, ReportParams(split='val', target='given'))
+    return run_report(run, ReportParams(split='val', target='given'))
 
 def test_every_link_of_the_page_exists_and_no_page_holds_code(given):
     art = given
@@ -103,16 +103,16 @@ def test_shot_groups_come_from_the_data_stage(run, given):
 
 def test_a_split_the_run_lacks_is_refused_naming_the_one_it_has(run):
     with pytest.raises(ParamsError, match=r"no metrics file .* has 'test' numbers \(they have val\); set report: \{split: val\}"):
-        report_stage(run, ReportParams(split='test'))
+        run_report(run, ReportParams(split='test'))
 
 def test_a_run_without_val_split(tmp_path):
     exp = fake_run(tmp_path, splits=('train', 'test'))
     block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
     finish(experiment_dir(exp)/'train/0')
-    art = report_stage(exp, ReportParams(split='test'))
+    art = run_report(exp, ReportParams(split='test'))
     assert art.header['numbers from'].startswith('the test split') and not len(art.tables['techniques_alone'])
-    with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): report_stage(exp, ReportParams(split='val'))
+    with pytest.raises(ParamsError, match=r"set report: \{split: test\}"): run_report(exp, ReportParams(split='val'))
 
 
 def put_system(exp, report_split='val'):
@@ -138,7 +138,7 @@ def test_the_report_opens_with_the_final_system_and_its_chain(run, tmp_path):
     import shutil
     exp = fake_run(tmp_path)
     put_system(exp)
-    art = report_stage(exp, ReportParams(split='val', target='given'))
+    art = run_report(exp, ReportParams(split='val', target='given'))
     # two short lines: the system's number with its interval; on which images, and its Δ on the baseline
     assert art.summary == ('Final system: mean class error 0.300 (95% interval 0.200 to 0.400) on 15 reporting images of the val split, '
                            'given labels; against the baseline (iteration 0): Δ -5.0 points (paired 95% interval -9.0 to -1.0): helped.')

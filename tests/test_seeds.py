@@ -3,7 +3,7 @@ import json
 import pandas as pd, pytest, torch
 from aliprod.pipeline import main
 from aliprod.core import resolve_params
-from aliprod.report import ONE_SEED, SEEDS_RULE, report_stage
+from aliprod.report import ONE_SEED, SEEDS_RULE, run_report
 
 TINY = """experiment: sd
 seed: 0
@@ -57,7 +57,7 @@ def test_two_seeds_two_trees_same_images_and_an_aggregated_report(tmp_path):
     # a seed whose index is not the first seed's (its roles changed by hand; `aliprod run` would index it again) pairs
     # with nothing: left out, and said
     idx = ib.assign(role=ib['role'].iloc[::-1].to_numpy()); idx.to_parquet(runs/'sd-seed1'/'data'/'index.parquet')
-    report_stage(resolve_params('experiment', p, overrides={'seeds': [0, 1]}), resolve_params('report', p), str(p))
+    run_report(resolve_params('experiment', p, overrides={'seeds': [0, 1]}), resolve_params('report', p), str(p))
     assert "left out: seed(s) 1, whose index differs" in (reps/'sd'/'README.md').read_text()
     assert pd.read_csv(reps/'sd'/'seeds_alone.csv')['mean_class_err seed 1'].isna().all()
 

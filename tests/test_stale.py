@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np, pytest
 from aliprod.core import ExperimentParams, ParamsError, experiment_dir
 from aliprod.predictions import read_topk, write_topk
-from aliprod.report import ReportParams, collect_metrics, report_stage
-from aliprod.system import SystemParams, system_stage
+from aliprod.report import ReportParams, collect_metrics, run_report
+from aliprod.system import SystemParams, run_system
 
 
 def small_run(tmp:Path, name:str='stale'):
@@ -20,10 +20,10 @@ def small_run(tmp:Path, name:str='stale'):
     t = T.TrainParams(arch='test_efficientnet', pretrained='none', embed_dim=16, optimizer='sgd', wd=5e-4, img_size=32,
                       finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05, warmup_epochs=0, milestones=[1],
                       eval_splits=['train', 'val'])
-    T.train_stage(exp, data, t)
+    T.run_train(exp, data, t)
     args = (exp, data, t, RebalanceParams(methods=['crt'], crt_epochs=1, tau_grid=[0.0, 1.0]), TTAParams(),
             SystemParams(tta_variants=[], max_members=3, bootstrap=50))
-    system_stage(*args)
+    run_system(*args)
     return args
 
 
@@ -56,7 +56,7 @@ def test_report_leaves_out_a_run_whose_rerun_crashed(run):
     runs = CurrentRuns(exp)
     collect_metrics(exp, 'val', runs=runs)
     assert 'train/0: no manifest (failed or unfinished run); not reported' in runs.lines()
-    art = report_stage(exp, ReportParams(split='val'))
+    art = run_report(exp, ReportParams(split='val'))
     assert 'train/0: no manifest (failed or unfinished run); not reported' in art.not_reported
     assert 'train/0: no manifest (failed or unfinished run); not reported' in art.index_html.read_text()
 
@@ -65,7 +65,7 @@ def test_report_leaves_out_an_edited_output(run):
     exp = copy_experiment(run[0], 'edited')
     edit_predictions(experiment_dir(exp)/'rebalance'/'0'/'crt'/'predictions'/'val.parquet')
     assert 'rebalance:crt:0' not in collect_metrics(exp, 'val').source.tolist()
-    art = report_stage(exp, ReportParams(split='val'))
+    art = run_report(exp, ReportParams(split='val'))
     said = 'rebalance/0: output crt/predictions/val.parquet changed since its manifest was written; not reported'
     assert said in art.not_reported
 
@@ -75,7 +75,7 @@ def test_truncated_manifest_elsewhere_does_not_crash_the_report(run):
     exp = copy_experiment(run[0], 'truncated')
     m = experiment_dir(exp)/'rebalance'/'0'/'manifest.json'
     m.write_text(m.read_text()[:40])
-    art = report_stage(exp, ReportParams(split='val'))
+    art = run_report(exp, ReportParams(split='val'))
     assert art.index_html.exists()
     assert 'train::0' in collect_metrics(exp, 'val').source.tolist()   # the other runs are still reported
     assert 'rebalance:crt:0' not in collect_metrics(exp, 'val').source.tolist()
@@ -93,7 +93,7 @@ def test_system_takes_no_round_tag_or_method_of_an_earlier_configuration(run):
         for a, b in left: shutil.copytree(a, b)
         for d in ('train/2', 'train-finegrained-dcl/0'):
             assert json.loads((base/d/'manifest.json').read_text())['outputs']   # a valid manifest: its outputs match
-        art = system_stage(*run)
+        art = run_system(*run)
         assert art.system['choices']['rounds'] == [0]
         names = ' '.join(art.candidates['candidate'].astype(str))
         for old in ('train:2', 'iteration 2', 'finegrained', 'lws'): assert old not in names, names
@@ -112,17 +112,17 @@ def test_system_notices_an_edited_upstream_predictions_file(tmp_path):
     base = experiment_dir(exp)
     # another backbone's run on the same round: an ensemble candidate
     shutil.copytree(base/'train'/'0', base/'train-b'/'0')
-    first = system_stage(*args)
+    first = run_system(*args)
     key = lambda: json.loads((base/'system'/'manifest.json').read_text())['key']
     key1 = key()
     assert any('train-b:0' in c for c in first.candidates['candidate'].astype(str))
     edit_predictions(base/'train-b'/'0'/'predictions'/'val.parquet')
-    again = system_stage(*args)
+    again = run_system(*args)
     assert key() != key1, 'the system reused its outputs although a candidate it read was edited'
     assert not any('train-b:0' in c for c in again.candidates['candidate'].astype(str))
     # a round's own predictions edited: the system refuses, naming the run, the file and the fix
     edit_predictions(base/'train'/'0'/'predictions'/'val.parquet')
     said = r"train/0 is not what the current parameters produce \(output predictions/val.parquet changed"
     with pytest.raises(ParamsError, match=said):
-        system_stage(*args)
+        run_system(*args)
 

@@ -6,7 +6,7 @@ from aliprod.core import ExperimentParams, experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, read_topk
 from aliprod.metrics import evaluate, choosing_half
 from aliprod.system import (Candidate, single, _member_recipe, pick, greedy_ensemble, compose, choice_step, chain_table, metric_interval,
-                            evaluation_sets, SystemParams, system_stage, predict_system)
+                            evaluation_sets, SystemParams, run_system, predict_system)
 
 K = 6
 VR, TR = np.arange(60), np.arange(100, 160)
@@ -92,7 +92,7 @@ def _tiny_trained(tmp, experiment:str, seed:int, max_per_class:int):
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
-    T.train_stage(exp, data, t)
+    T.run_train(exp, data, t)
     return exp, data, t
 
 @pytest.fixture(scope='module')
@@ -104,7 +104,7 @@ def tiny(tmp_path_factory):
     rp = RebalanceParams(methods=['crt', 'tau_norm', 'ncm'], crt_epochs=1, tau_grid=[0.0, 0.5, 1.0])
     p = SystemParams(tta_variants=['five@1.5'], max_members=3, bootstrap=200)
     args = (exp, data, t, rp, TTAParams(), p)
-    return exp, system_stage(*args), args
+    return exp, run_system(*args), args
 
 
 def test_halves_are_disjoint_and_the_reporting_half_made_no_choice(tiny):
@@ -156,7 +156,7 @@ def test_artifact_reloaded_in_a_fresh_process_predicts_the_same_topk(tiny, tmp_p
 def test_rerun_is_a_skip(tiny):
     exp, art, args = tiny
     before = json.loads((art.out_dir/'manifest.json').read_text())
-    again = system_stage(*args)
+    again = run_system(*args)
     assert json.loads((art.out_dir/'manifest.json').read_text())['finished'] == before['finished'] and again.system == art.system
 
 
@@ -208,7 +208,7 @@ def test_every_method_can_win_and_the_system_still_predicts(every_method):
     winners = [*METHODS, *(f'{m}-network' for m in FINETUNES)]
     for m in winners:
         fixed = dict(methods=['tau_norm'], tau_grid=[0.5]) if m == 'tau_norm' else dict(methods=[m], tau=False)
-        art = system_stage(*args, SystemParams(plain=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50, **fixed))
+        art = run_system(*args, SystemParams(plain=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50, **fixed))
         c, s = art.system['choices'], load_system(art.out_dir)
         assert c['method'] == ('plain' if m == 'tau_norm' else m), (m, c['method'])
         assert c['tta']['views'] == 'flip' and c['tta']['average'] == 'embedding'    # the TTA step ran with the method's head
@@ -239,7 +239,7 @@ def test_every_method_can_win_and_the_system_still_predicts(every_method):
 def test_system_rows_name_their_tta_and_compare_with_a_single_technique_chosen_on_choosing_images(every_method):
     "The TTA row says it averages embeddings; the single technique is chosen on the choosing images, Δ paired on the reporting images"
     exp, args = every_method
-    art = system_stage(*args, SystemParams(plain=False, methods=['crt'], tau=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50))
+    art = run_system(*args, SystemParams(plain=False, methods=['crt'], tau=False, tta_variants=['flip@1'], ensemble=False, bootstrap=50))
     tta = art.chain.set_index('step').loc['+ TTA (enlarge + crops)', 'what']
     assert 'view-averaged embeddings' in tta and "TTA stage's rows average the views' probabilities" in tta
     assert art.candidates.loc[art.candidates['step'] == 'TTA', 'candidate'].str.endswith('view-averaged embeddings').all()
@@ -278,8 +278,8 @@ def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, t
     both = res['both_orders_vs_techniques']   # the same run twice: every technique, twice the reporting images
     assert len(both) == len(vs) and {b['images'] for b in both} == {2 * art.system['sets']['report_images']}
     assert '| step | system | Δ choosing' in r.stdout and 'below every one with an interval' in r.stdout
-    from aliprod.report import report_stage, ReportParams   # the report shows both: did the choices transfer, and against whom
-    rep = report_stage(exp, ReportParams(split='val', hires_tag=None, bootstrap=50))
+    from aliprod.report import run_report, ReportParams   # the report shows both: did the choices transfer, and against whom
+    rep = run_report(exp, ReportParams(split='val', hires_tag=None, bootstrap=50))
     assert rep.tables['choices_transfer']['step'].tolist() == [t['step'] for t in o['transfer']]
     assert len(rep.tables['system_vs_techniques']) == len(vs) and '>Choices transfer</h2>' in rep.index_html.read_text()
 
@@ -290,7 +290,7 @@ def test_average_of_every_head_with_tta_views_is_what_the_artifact_predicts(ever
     from aliprod.system import load_system
     exp, args = every_method
     heads = ['crt', 'ncm', 'two_stage-network']   # two heads on the run's model, one on its own finetuned model
-    art = system_stage(*args, SystemParams(compose='average', methods=heads, plain=False, tta_variants=['flip@1'],
+    art = run_system(*args, SystemParams(compose='average', methods=heads, plain=False, tta_variants=['flip@1'],
                                            ensemble=False, bootstrap=50))
     c, s = art.system['choices'], load_system(art.out_dir)
     members = s['recipe']['members']

@@ -10,7 +10,7 @@ from aliprod.data import DataParams, prepare_data, load_index, dataset_info, dat
 from aliprod.models import create_model, data_config
 from aliprod.predictions import read_topk
 import aliprod.train as T
-from aliprod.train import TrainParams, train_stage, train_job, run_job, KillAfterEpoch, SimulatedKill, predict, fold_of
+from aliprod.train import TrainParams, run_train, train_job, run_job, KillAfterEpoch, SimulatedKill, predict, fold_of
 from aliprod.core import ParamsError
 from aliprod.finegrained import FinegrainedParams, callback_spec
 
@@ -38,12 +38,12 @@ def _sha256(d:Path, files)->dict: return {f: hashlib.sha256((d/f).read_bytes()).
 def test_identical_and_resumed_runs_write_identical_bytes(exp, capsys):
     # augmentation, mixup and label smoothing on: resuming must restore every source of randomness
     p = TrainParams(**FAST, mixup=0.2, label_smoothing=0.1, hue_saturation=0.5, blur=0.3, coarse_dropout=0.3, tag='bytes')
-    first = train_stage(exp, DATA, p)
+    first = run_train(exp, DATA, p)
     m1 = json.loads((first.out_dir/'manifest.json').read_text())
     assert {'model.pth', 'checkpoint.pth', 'history.csv', 'metrics.json'} <= set(m1['outputs'])
     sha, h1 = _sha256(first.out_dir, m1['outputs']), pd.read_csv(first.history_path)
     shutil.rmtree(first.out_dir)
-    second = train_stage(exp, DATA, p)                                          # the same run again
+    second = run_train(exp, DATA, p)                                          # the same run again
     assert _sha256(second.out_dir, m1['outputs']) == sha, 'two identical runs wrote different bytes'
     shutil.rmtree(second.out_dir)
     job, run = train_job(exp, DATA, p)
@@ -51,7 +51,7 @@ def test_identical_and_resumed_runs_write_identical_bytes(exp, capsys):
     ck = _weights(job.out_dir/'checkpoint.pth')
     assert ck['epoch'] == 2 and len(ck['history']) == 2 and not (job.out_dir/'model.pth').exists()
     capsys.readouterr()
-    resumed = train_stage(exp, DATA, p)
+    resumed = run_train(exp, DATA, p)
     assert 'resuming' in capsys.readouterr().out
     m3 = json.loads((resumed.out_dir/'manifest.json').read_text())
     differ = sorted(f for f in m1['outputs'] if m3['outputs'].get(f) != m1['outputs'][f])
@@ -64,9 +64,9 @@ def test_identical_and_resumed_runs_write_identical_bytes(exp, capsys):
 
 def test_manifest_skips_up_to_date_and_reruns_changed(exp):
     p = TrainParams(**FAST, tag='manifest')
-    first = train_stage(exp, DATA, p)
+    first = run_train(exp, DATA, p)
     stamp = {f: (first.out_dir/f).stat().st_mtime_ns for f in ('model.pth', 'checkpoint.pth', 'manifest.json')}
-    again = train_stage(exp, DATA, p)
+    again = run_train(exp, DATA, p)
     assert again.metrics == first.metrics
     assert {f: (first.out_dir/f).stat().st_mtime_ns for f in stamp} == stamp, 'an up-to-date run must not train again'
     assert not train_job(exp, DATA, replace(p, lr=0.02))[1].up_to_date()        # a changed parameter
@@ -87,8 +87,8 @@ def test_workers_do_not_change_results(exp):
     # every draw's augmentation has its own seed (seed, epoch, rank, position), restored around the load: the main process
     # (workers 0) and a DataLoader worker (workers 1) draw the same crops, flips, jitter and erasing, and mixup is unaffected
     p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'milestones': []}, mixup=0.2, hue_saturation=0.5, blur=0.3, coarse_dropout=0.3, tag='w0')
-    w0 = train_stage(exp, DATA, p)
-    w1 = train_stage(exp, DATA, replace(p, workers=1, tag='w1'))
+    w0 = run_train(exp, DATA, p)
+    w1 = run_train(exp, DATA, replace(p, workers=1, tag='w1'))
     a, b = _weights(w0.model_path), _weights(w1.model_path)
     assert all(torch.equal(a[k], b[k]) for k in a), 'workers 0 and 1 trained different weights'
     t0, t1 = read_topk(w0.predictions['val']), read_topk(w1.predictions['val'])
@@ -103,9 +103,9 @@ def test_wrong_shape_weight_file_is_refused(exp, tmp_path):
     sd[k] = torch.zeros(*sd[k].shape[:-1], sd[k].shape[-1] + 2)
     torch.save(sd, tmp_path/'bad.pth')
     with pytest.raises(ValueError, match='shape'):
-        train_stage(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'bad.pth'), tag='badweights'))
+        run_train(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'bad.pth'), tag='badweights'))
     with pytest.raises(FileNotFoundError, match='not found'):
-        train_stage(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'missing.pth'), tag='badweights'))
+        run_train(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'missing.pth'), tag='badweights'))
 
 
 def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
@@ -147,7 +147,7 @@ def test_an_image_that_breaks_before_prediction_gets_no_prediction(exp, tmp_path
 
 def test_kfold_trains_without_the_fold_and_predicts_it(exp):
     p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}, save_seen=True, tag='kfold')
-    art = train_stage(exp, DATA, p, fold=1, folds=2)
+    art = run_train(exp, DATA, p, fold=1, folds=2)
     assert art.out_dir.name == 'fold1' and set(art.predictions) == {'train'}
     train = load_index(exp).query("split == 'train'")
     held = train['row'].to_numpy()[fold_of(train['row'].to_numpy(), 2, exp.seed) == 1]
@@ -156,7 +156,7 @@ def test_kfold_trains_without_the_fold_and_predicts_it(exp):
     seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
     assert not set(seen['row']) & set(held), 'the model of fold j must not see fold j'
     assert set(T.read_trained_rows(art.out_dir)['row']) == set(train['row']) - set(held), 'the rows its prior counts: all but fold j'
-    with pytest.raises(ValueError, match='fold'): train_stage(exp, DATA, p, fold=2, folds=2)
+    with pytest.raises(ValueError, match='fold'): run_train(exp, DATA, p, fold=2, folds=2)
 
 
 def test_ddp_two_gloo_processes_match_one_process(exp):
@@ -165,8 +165,8 @@ def test_ddp_two_gloo_processes_match_one_process(exp):
     cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=3,
                bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=1, milestones=[], random_resized_crop=False, hflip=0., brightness_contrast=0.,
                eval_splits=['val'], save_seen=True)
-    single = train_stage(exp, DATA, TrainParams(**cfg, tag='single'))
-    ddp = train_stage(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp'))
+    single = run_train(exp, DATA, TrainParams(**cfg, tag='single'))
+    ddp = run_train(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp'))
     a, b = _weights(single.model_path), _weights(ddp.model_path)
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     scale = max(a[k].float().abs().max().item() for k in a)
@@ -186,16 +186,16 @@ def _params_only(sd): return {k: v for k, v in sd.items() if not k.endswith(('ru
 
 
 def test_init_starts_from_the_model_and_rows_restrict_training(exp, tmp_path):
-    base = train_stage(exp, DATA, TrainParams(**FAST, tag='base'))
+    base = run_train(exp, DATA, TrainParams(**FAST, tag='base'))
     train = load_index(exp).query("split == 'train'")
     sub = train.loc[train['label'] < 2, 'row'].to_numpy()
     rows = tmp_path/'rows.parquet'; pd.DataFrame({'row': sub}).to_parquet(rows)
     # an lr of 1e-9 leaves the weights where they start: those of `init`, not the package's ImageNet weights
     ft = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 1, 'warmup_epochs': 0, 'milestones': [], 'lr': 1e-9, 'wd': 0., 'bs': 8}, save_seen=True, tag='ft')
-    art = train_stage(exp, DATA, ft, init=base.model_path, rows=rows)
+    art = run_train(exp, DATA, ft, init=base.model_path, rows=rows)
     a, b = _params_only(_weights(base.model_path)), _params_only(_weights(art.model_path))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    fresh = _params_only(_weights(train_stage(exp, DATA, replace(ft, tag='ft-noinit'), rows=rows).model_path))
+    fresh = _params_only(_weights(run_train(exp, DATA, replace(ft, tag='ft-noinit'), rows=rows).model_path))
     assert (fresh['classifier.weight'] - a['classifier.weight']).abs().max() > 1e-3, 'without init the run starts elsewhere'
     seen = pd.read_parquet(art.out_dir/'seen_rows'/'rank0.parquet')
     assert set(seen['row']) <= set(sub) and art.metrics['train_images'] == len(sub)
@@ -210,10 +210,10 @@ def test_hooks_refuse_bad_input(exp, tmp_path):
     val_row = int(load_index(exp).query("split == 'val'")['row'].iloc[0])
     rows = tmp_path/'rows.parquet'; pd.DataFrame({'row': [val_row]}).to_parquet(rows)
     p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 1, 'warmup_epochs': 0, 'milestones': [], 'bs': 8}, tag='bad-rows')
-    with pytest.raises(ParamsError, match='not labelled train rows'): train_stage(exp, DATA, p, rows=rows)
+    with pytest.raises(ParamsError, match='not labelled train rows'): run_train(exp, DATA, p, rows=rows)
     other = tmp_path/'resnet.pth'; torch.save(create_model('resnet18', 6, pretrained='none').state_dict(), other)
-    with pytest.raises(ParamsError, match='resnet.pth does not fit'): train_stage(exp, DATA, replace(p, tag='bad-init'), init=other)
-    with pytest.raises(FileNotFoundError, match='init file'): train_stage(exp, DATA, p, init=tmp_path/'missing.pth')
+    with pytest.raises(ParamsError, match='resnet.pth does not fit'): run_train(exp, DATA, replace(p, tag='bad-init'), init=other)
+    with pytest.raises(FileNotFoundError, match='init file'): run_train(exp, DATA, p, init=tmp_path/'missing.pth')
     with pytest.raises(ValueError, match='must be a function of an aliprod module'): T.build_callbacks([{'factory': 'os.system', 'kwargs': {}}])
 
 
@@ -221,19 +221,19 @@ def test_resume_with_training_only_heads_equals_straight_run(exp):
     # DCL's heads live in the run's optimiser and checkpoint: a run killed mid-way resumes them exactly
     spec = callback_spec('dcl', FinegrainedParams(dcl_patches=2))
     p = TrainParams(**FAST, tag='dcl-straight')
-    straight = train_stage(exp, DATA, p, callbacks=spec)
+    straight = run_train(exp, DATA, p, callbacks=spec)
     killed = replace(p, tag='dcl-killed')
     job, _ = train_job(exp, DATA, killed, callbacks=spec)
     with pytest.raises(SimulatedKill): run_job(job, cbs=[KillAfterEpoch(2)])
     assert any(k.startswith('heads.') for k in _weights(job.out_dir/'checkpoint.pth')['model'])
-    resumed = train_stage(exp, DATA, killed, callbacks=spec)
+    resumed = run_train(exp, DATA, killed, callbacks=spec)
     a, b = _weights(straight.model_path), _weights(resumed.model_path)
     assert a.keys() == b.keys() and not any(k.startswith('heads.') for k in a), 'model.pth is the plain ProductNet'
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0
     h1, h2 = pd.read_csv(straight.history_path), pd.read_csv(resumed.history_path)
     assert {'dcl_adversarial', 'dcl_alignment'} <= set(h1.columns)
     pd.testing.assert_frame_equal(h1, h2)
-    plain = _weights(train_stage(exp, DATA, replace(p, tag='dcl-plain')).model_path)
+    plain = _weights(run_train(exp, DATA, replace(p, tag='dcl-plain')).model_path)
     assert max((a[k].float() - plain[k].float()).abs().max().item() for k in a) > 0, 'the callback changed nothing'
 
 
@@ -241,7 +241,7 @@ def test_ddp_workers_rebuild_callbacks_from_specs(exp):
     spec = callback_spec('dcl', FinegrainedParams(dcl_patches=2))
     cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=1,
                bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=0, milestones=[], eval_splits=['val'])
-    ddp = train_stage(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp-dcl'), callbacks=spec)
+    ddp = run_train(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp-dcl'), callbacks=spec)
     h = pd.read_csv(ddp.history_path)
     assert h['dcl_adversarial'].notna().all() and h['dcl_alignment'].notna().all()
     assert any(k.startswith('heads.') for k in _weights(ddp.out_dir/'checkpoint.pth')['model'])
@@ -275,7 +275,7 @@ def test_shot_groups_come_from_the_data_section(tmp_path):
     from aliprod.metrics import evaluate
     e = ExperimentParams(experiment='shots', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = replace(DATA, many_threshold=20, few_threshold=6)
-    art = train_stage(e, data, TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}))
+    art = run_train(e, data, TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}))
     g = shot_groups(e)
     assert (g['many'], g['few']) == (20, 6) and (g['train_counts'] > 20).any()
     assert 'many_acc' in art.metrics['val']
