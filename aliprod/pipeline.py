@@ -505,7 +505,8 @@ def run_status(stage:str, d:Path, current:dict[str, dict],
     dur, fin = (f"{m['wall_s']:.0f} s" if isinstance(m.get('wall_s'), (int, float)) else ''), str(m.get('finished', ''))
     cfg = m.get('config') if isinstance(m.get('config'), dict) else None
     now = configs(cfg.get('stage')) if cfg is not None and configs is not None else None
-    if now is not None: reasons = config_changes(stage, cfg, now, _keyed_keys(m, owners))   # what `aliprod run` would be asked to do
+    if now is not None:   # what `aliprod run` would be asked to run with against what it was
+        reasons = config_changes(stage, cfg, now, _keyed_keys(m, owners))
     else:   # a manifest from before configs were kept: its key's parameters, compared key by key (a heuristic)
         reasons = param_changes(stage, m.get('params') or {}, current)
         if reasons: reasons[-1] += ' (recorded before configs were kept)'
