@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #1570bd00
 from __future__ import annotations
 import ast, dataclasses, difflib, errno, hashlib, importlib, io, json, math, os, platform, random, re, shutil, socket
-import stat, subprocess, sys, tempfile, time, types
+import contextvars, stat, subprocess, sys, tempfile, time, types
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
@@ -16,13 +16,14 @@ import numpy as np, yaml, torch
 __all__ = ['SECTION_MODULES', 'MANIFEST', 'KEPT', 'LOCK', 'THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV',
            'project_root', 'ParamsError', 'params_section', 'section_class', 'check_name', 'ExperimentParams',
            'images_seed', 'seed_runs', 'check_section', 'load_params_file', 'resolve_params', 'params_dict',
-           'StageConfig', 'StageArtifacts', 'seed_everything', 'seed_worker', 'pick_device', 'log', 'experiment_dir',
-           'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path', 'remove_stale_temp_files',
-           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet', 'atomic_torch_save',
-           'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules', 'module_closure', 'code_version',
-           'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun', 'LockBusy', 'stage_lock',
-           'die_with_parent', 'hardware', 'manifest_status', 'current_manifest', 'quiet_third_party_warnings',
-           'registry_scope', 'notebook_run_kind', 'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
+           'StageConfig', 'running_stage', 'config_record', 'StageArtifacts', 'seed_everything', 'seed_worker',
+           'pick_device', 'log', 'experiment_dir', 'run_dir', 'report_dir', 'LinkRefused', 'refuse_link', 'atomic_path',
+           'remove_stale_temp_files', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_write_parquet',
+           'atomic_torch_save', 'atomic_savefig', 'fingerprint', 'source_for_hash', 'imported_modules',
+           'module_closure', 'code_version', 'resolve_iteration', 'check_iteration', 'project_relative', 'StageRun',
+           'LockBusy', 'stage_lock', 'die_with_parent', 'hardware', 'manifest_status', 'current_manifest',
+           'quiet_third_party_warnings', 'registry_scope', 'notebook_run_kind', 'in_stage_run', 'stage_cell_filter',
+           'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #2e4b139b
 def _names_aliprod(pyproject:Path)->bool:
@@ -268,6 +269,26 @@ class StageConfig:
         reads = ', '.join(sections) or 'none'
         raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads {reads}): add '{name}' to its "
                              "`reads` in aliprod.pipeline.STAGES")
+
+_RUNNING:contextvars.ContextVar = contextvars.ContextVar('aliprod_running_stage', default=None)
+
+@contextmanager
+def running_stage(cfg:StageConfig):
+    "While open, every manifest a `StageRun` writes records `cfg` (`config_record`); an outer stage's cfg is kept"
+    # nested work (run_train inside clean, the network finetunes inside rebalance, rebalance inside system) records the
+    # stage `aliprod run` asked for: status asks whether that stage, run on today's file, would leave the folder as it is
+    token = _RUNNING.set(cfg) if _RUNNING.get() is None else None
+    try: yield cfg
+    finally:
+        if token is not None: _RUNNING.reset(token)
+
+def config_record(cfg:StageConfig|None=None)->dict|None:
+    "What a manifest keeps of `cfg` (default: the running stage's; None outside one): stage, seeds, sections as dicts"
+    cfg = cfg if cfg is not None else _RUNNING.get()
+    if cfg is None: return None
+    exp = {'experiment': cfg.exp.experiment, 'seed': cfg.exp.seed, 'images_seed': images_seed(cfg.exp)}
+    rec = {'stage': cfg.stage, 'experiment': exp, 'sections': {s: params_dict(p) for s, p in cfg.sections.items()}}
+    return json.loads(json.dumps(rec, sort_keys=True, default=_json_default))   # as the manifest reads back
 
 # %% ../nbs/00_core.ipynb #f39ab1ac
 class StageArtifacts:
@@ -635,6 +656,9 @@ class StageRun:
         m = {'stage': self.stage, 'key': self.key, 'params': self.params, 'inputs': self.inputs, 'code': self.code,
              'numerics': self.numerics, 'outputs': outs, 'metrics': metrics or {}, 'started': _iso(self.started), 'finished': _iso(time.time()),
              'wall_s': round(time.time() - self.started, 3), 'hardware': hardware(), **extra}
+        # the configuration the stage was asked to run with (`running_stage`), not part of the key: `aliprod status`
+        # compares it with the current parameter file
+        if (cfg := config_record()) is not None: m['config'] = cfg
         atomic_write_json(self.manifest_path, m)
         return m
 

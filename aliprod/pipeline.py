@@ -13,7 +13,7 @@ from .core import (ParamsError, project_root, check_section, section_class, load
                           project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
                           die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
                           fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict,
-                          StageConfig)
+                          StageConfig, running_stage, config_record)
 # the stage modules are imported when a stage runs (`stage_function`), by the dotted names `STAGES` declares: the runner
 # and a stage notebook's kernel load only the stages they call (the ensemble's kernel never imports timm)
 from .data import prepare_data, read_source
@@ -23,8 +23,8 @@ from .data import prepare_data, read_source
 __all__ = ['STAGES', 'STAGE', 'STAGE_ORDER', 'EXPERIMENT_KEYS', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs',
            'check_grid', 'stage_notebooks', 'stage_config', 'stage_function', 'call_stage', 'plan_stages',
            'StageFailed', 'run_stage', 'render_html', 'parse_seeds', 'run_seeds', 'seed_params_file', 'run_pipeline',
-           'experiment_lock', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'run_status', 'experiment_status',
-           'format_status', 'status', 'check_data_files', 'main']
+           'experiment_lock', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'config_changes', 'run_status',
+           'experiment_status', 'format_status', 'status', 'check_data_files', 'main']
 
 # %% ../nbs/08_pipeline.ipynb #25043516
 @dataclass(frozen=True)
@@ -160,7 +160,9 @@ def stage_function(stage:str):
 
 def call_stage(stage:str, params_file:str|Path|None=None, **injected):
     "Run `stage` here: its function on `stage_config(stage, params_file, **injected)` (run cells, `--in-process`)"
-    return stage_function(stage)(stage_config(stage, params_file, **injected))
+    cfg = stage_config(stage, params_file, **injected)
+    # every manifest the stage writes (nested work too) records `cfg`: what `aliprod status` compares with the file
+    with running_stage(cfg): return stage_function(stage)(cfg)
 
 def plan_stages(chosen:list[str])->list[str]:
     "The data stage, then `chosen` in their order, each after the stages it needs (transitively) not planned yet"
@@ -458,11 +460,40 @@ def param_changes(stage:str, recorded:dict, current:dict[str, dict])->list[str]:
     return [f"{name}: {_short(old)} -> {_short(norm(new))}" for name, old, new in pairs
             if new is not None and not (nested and name.partition('.')[2] in recorded) and norm(new) != old]
 
+def config_changes(stage:str,      # the stage of the run folder (`stage_of_run_dir`)
+                   recorded:dict,  # the manifest's `config` (`config_record` of the stage that wrote it)
+                   current:dict,   # `config_record` of the same stage resolved from the parameter file now
+                   keyed:dict|None=None, # section -> the keys that change the run (`_keyed_keys`); None: every key
+                  )->list[str]:
+    "'section.key: old -> new' for each parameter of the sections `stage` reads that the file now sets otherwise"
+    # the data stage keys the images' seed, every other stage the training seed
+    seed = 'images_seed' if stage == 'data' else 'seed'
+    pairs = [(f'experiment.{seed}', (recorded.get('experiment') or {}).get(seed), current['experiment'].get(seed))]
+    rec = recorded.get('sections') or {}
+    for sec in _stage(stage).reads:   # a section the recording stage did not read is not compared
+        if not isinstance(rec.get(sec), dict) or sec not in current['sections']: continue
+        old, new, ks = rec[sec], current['sections'][sec], (keyed or {}).get(sec)
+        pairs += [(f'{sec}.{k}', old.get(k), new.get(k)) for k in sorted({*old, *new}) if ks is None or k in ks]
+    return [f"{name}: {_short(old)} -> {_short(new)}" for name, old, new in pairs if old != new]
+
+def _keyed_keys(m:dict, owners:dict|None=None)->dict[str, set]:
+    "Section -> the keys manifest `m`'s key holds of it; a section it does not key: the keys its own stage's runs key"
+    # a key no run's key holds (train.workers, clean.gallery_size, ...) changes no output: no reason to call it stale.
+    # A section `m` keys whole (rebalance keys [train]) is its own; one it reads through its inputs (clean's [train])
+    # changes it only when the section's own stage would rerun: what that stage's manifests key (`owners`)
+    ps = m.get('params') if isinstance(m.get('params'), dict) else {}
+    own = {sec: set(v) for sec, v in ps.items() if sec in SECTION_MODULES and isinstance(v, dict)}
+    if m.get('stage') == 'data': own['data'] = set(ps)   # the data stage keys its section flat
+    return {**(owners or {}), **own}
+
 def _module_hash(m:str)->str|None:
     f = _package_dir()/f'{m}.py'   # the installed package's modules, hashed as `code_version` hashes them
     return hashlib.sha256(source_for_hash(f.read_bytes())).hexdigest()[:16] if f.is_file() else None
 
-def run_status(stage:str, d:Path, current:dict[str, dict])->StatusRow:
+def run_status(stage:str, d:Path, current:dict[str, dict],
+               configs=None,          # recorded stage -> its `config_record` from the file now (None: not compared)
+               owners:dict|None=None, # section -> the keys its own stage's runs key (`_keyed_keys`)
+              )->StatusRow:
     "The state of one run folder `d` of `stage`: up to date, stale (and why), failed or unfinished, running; reads only"
     rel = project_relative(d)
     holder = _lock_holder(d)
@@ -472,7 +503,13 @@ def run_status(stage:str, d:Path, current:dict[str, dict])->StatusRow:
     if not all(isinstance(m.get(k) or {}, dict) for k in ('params', 'inputs', 'code')):   # damaged: say so, never crash
         return StatusRow(stage, rel, 'failed or unfinished', 'manifest unreadable (not a manifest object)')
     dur, fin = (f"{m['wall_s']:.0f} s" if isinstance(m.get('wall_s'), (int, float)) else ''), str(m.get('finished', ''))
-    reasons = param_changes(stage, m.get('params') or {}, current)
+    cfg = m.get('config') if isinstance(m.get('config'), dict) else None
+    now = configs(cfg.get('stage')) if cfg is not None and configs is not None else None
+    if now is not None:   # what `aliprod run` would be asked to run with against what it was
+        reasons = config_changes(stage, cfg, now, _keyed_keys(m, owners))
+    else:   # a manifest from before configs were kept: its key's parameters, compared key by key (a heuristic)
+        reasons = param_changes(stage, m.get('params') or {}, current)
+        if reasons: reasons[-1] += ' (recorded before configs were kept)'
     _, why = manifest_status(d)   # outputs: missing or edited since the run
     if why: reasons.append(why.replace(' since its manifest was written', ''))
     for i, fp in (m.get('inputs') or {}).items():
@@ -500,13 +537,28 @@ def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[st
     for sec in SECTION_MODULES:
         if sec != 'pipeline': current[sec] = params_dict(resolve_params(sec, params_file, injected=over.get(sec)))
     current['data']['seed'] = images_seed(exp)   # the data stage keys the images' seed, the same for every seed
+    # each recorded stage's configuration as `aliprod run` would build it from the file now (this grid run's sections)
+    cache = {}
+    def configs(stage):
+        if stage not in STAGE: return None   # a stage this version does not have: the heuristic
+        if stage not in cache:
+            rec = config_record(stage_config(stage, params_file, experiment=exp.experiment, seed=exp.seed,
+                                             **{k: v for k, v in over.items() if k in STAGE[stage].reads}))
+            rec['experiment'] = {'experiment': exp.experiment, 'seed': exp.seed, 'images_seed': images_seed(exp)}
+            cache[stage] = rec
+        return cache[stage]
+    folders = {s: _stage_folders(exp, s) for s in ['data', *[s for s in stages if s != 'report']]}
+    owners = {}   # section -> the keys its own stage's manifests key (train's [train], data's [data], ...)
+    for s, ds in folders.items():
+        for m in (_manifest_or_why(d)[0] for d in ds):
+            if isinstance(m, dict) and m.get('stage') == s and s in SECTION_MODULES:
+                owners.setdefault(s, set()).update(_keyed_keys(m).get(s, ()))
     rows = []
-    for s in ['data', *[s for s in stages if s != 'report']]:
-        dirs = _stage_folders(exp, s)
+    for s, dirs in folders.items():
         if not dirs:
             prefix = 'data' if s == 'data' else _runs_prefixes(s)[0].rstrip('-')
             rows.append(StatusRow(s, project_relative(experiment_dir(exp)/prefix), 'missing', 'not run'))
-        rows += [run_status(s, d, current) for d in dirs]
+        rows += [run_status(s, d, current, configs, owners) for d in dirs]
     if 'report' in stages:   # no manifest: the report is written again by every run
         idx = report_dir(exp)/'index.html'
         rows.append(StatusRow('report', project_relative(idx), 'written' if idx.is_file() else 'missing',

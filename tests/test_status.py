@@ -1,5 +1,5 @@
 "Issue #23 item 2: `aliprod status` (per run folder: up to date / stale and why / missing / ...) and `--help`"
-import re, subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 import pytest, yaml
 from aliprod.pipeline import main
@@ -91,3 +91,46 @@ def test_help_documents_params_and_examples(cmd, capsys):
     assert 'examples:' in out and 'aliprod status params/demo.yaml' in out, out
     assert 'aliprod run params/demo.yaml' in out, out
     if cmd: assert 'a YAML parameter file, e.g. params/demo.yaml' in ' '.join(out.split()), out
+
+
+def write_chain(tmp:Path, **train)->Path:
+    "TINY with a cleaning round and a rebalance of the kept round: train, clean, rebalance ([clean] iteration a budget)"
+    f = write_params(tmp, **{'eval_splits': ['train', 'val'], **train})
+    cfg = yaml.safe_load(f.read_text())
+    cfg.update(clean={'iteration': 1, 'allow_aggressive': True},   # the tiny model is near chance: clean anyway
+               rebalance={'iteration': 'kept', 'methods': ['crt'], 'crt_epochs': 1},
+               pipeline={'html': False, 'stages': ['train', 'clean', 'rebalance']})
+    f.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return f
+
+
+def test_status_compares_the_config_a_run_recorded(tmp_path, capsys):
+    "#23: right after a run every folder is up to date (a round's model, 'kept', a budget); an edit names itself"
+    f = write_chain(tmp_path)
+    assert main(['run', str(f), '--in-process']) == 0
+    runs = tmp_path/'runs'/'st'
+    folders = [runs/'data', runs/'train'/'0', runs/'train'/'1', runs/'clean'/'1', runs/'rebalance'/'0']
+    rows = status_rows(f, capsys)
+    assert list(rows) == [str(d) for d in folders], rows
+    for l in rows.values(): assert re.search(r' up to date +\d+ s +20\d\d-\d\d-\d\dT\S+$', l), l
+    m = json.loads((runs/'clean'/'1'/'manifest.json').read_text())
+    assert m['config']['stage'] == 'clean' and m['config']['sections']['clean']['iteration'] == 1, m['config']
+    # train/1 is clean's retraining (its key: iteration 1): it records the config of the stage that ran it
+    m = json.loads((runs/'train'/'1'/'manifest.json').read_text())
+    assert m['config']['stage'] == 'clean' and m['params']['iteration'] == 1, m
+
+    write_chain(tmp_path, lr=0.1)   # every stage that reads [train] is stale, for that one key; the data is not
+    rows = status_rows(f, capsys)
+    assert ' up to date ' in rows[str(runs/'data')], rows
+    for d in folders[1:]:
+        assert ' stale ' in rows[str(d)] and rows[str(d)].endswith('  train.lr: 0.05 -> 0.1'), rows[str(d)]
+    write_chain(tmp_path, workers=2)   # no training run keys workers: neither they nor the round built on them
+    rows = status_rows(f, capsys)
+    for d in folders[:4]: assert ' up to date ' in rows[str(d)], rows[str(d)]
+    write_chain(tmp_path)
+
+    # a manifest from before configs were kept: its key's parameters compared key by key, and said so
+    man = runs/'rebalance'/'0'/'manifest.json'
+    m = json.loads(man.read_text()); del m['config']; man.write_text(json.dumps(m))
+    row = status_rows(f, capsys)[str(runs/'rebalance'/'0')]
+    assert ' stale ' in row and row.endswith('  rebalance.iteration: 0 -> "kept" (recorded before configs were kept)'), row
