@@ -4,17 +4,17 @@
 
 # %% ../nbs/03_clean.ipynb #ac7284bb
 from __future__ import annotations
-import dataclasses, json, math, os, warnings
+import dataclasses, inspect, json, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Callable, Literal
+from typing import Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
-from .core import (registry_scope, ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
+from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
                           atomic_write_json, StageRun, fingerprint, log, project_relative,
                           project_root, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
-from .samplers import LongTailSampler, class_probs
+from .noise import (RULE_REGISTRY, RULE_INPUTS, rules_needing, rule_options, find_noisy, protect_tail, rule_names,
+                           relabel_decision, RELABEL_OUTCOMES, _align)
 from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
 from .metrics import shot_group, paired_delta
 from .images import load_rgb
@@ -22,87 +22,34 @@ from .train import run_train, trained_rows_path, read_trained_rows
 from .escape import csv_safe, markdown_table
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
-
 # %% auto #0
-__all__ = ['RULE_NEEDS', 'RULE_REGISTRY', 'H2E_ENVIRONMENTS', 'RULES', 'FEATS_RULES', 'RELABEL_OUTCOMES', 'BANDS', 'SEEN',
-           'RuleResult', 'RuleContext', 'Rule', 'register_rule', 'rule_scope', 'rules_needing', 'CleanParams',
-           'disagree_low_conf', 'self_confidence', 'confident_thresholds', 'confident_learning', 'agreement',
-           'class_median', 'robust_outliers', 'class_relative', 'balanced_scores', 'balanced_low_conf',
-           'class_prototypes', 'prototype_distances', 'prototype_rule', 'environment_probs', 'h2e_scores', 'h2e_rule',
-           'protect_tail', 'rule_names', 'find_noisy', 'simulate_predictions', 'relabel_decision', 'clean_index',
-           'is_noisy', 'detection_scores', 'class_bands', 'detection_by_band', 'detection_by_seen', 'rule_detection',
-           'model_error', 'round_problems', 'guard_round', 'plot_confidence', 'class_size_table', 'plot_class_sizes',
-           'gallery_rows', 'plot_gallery', 'CleanArtifacts', 'train_predictions', 'training_predictions',
-           'trained_prior', 'read_predictions', 'agreement_paths', 'agreement_predictions', 'write_index',
-           'check_clean', 'clean_iteration', 'rounds_table', 'detection_table', 'rules_table', 'relabel_table',
-           'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds', 'kept_iteration', 'val_predictions',
-           'run_clean', 'clean_stage']
+__all__ = ['BANDS', 'SEEN', 'CleanParams', 'noisy_options', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands',
+           'detection_by_band', 'detection_by_seen', 'rule_detection', 'model_error', 'round_problems', 'guard_round',
+           'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
+           'train_predictions', 'training_predictions', 'trained_prior', 'read_predictions', 'agreement_paths',
+           'agreement_predictions', 'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table',
+           'rules_table', 'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds',
+           'kept_iteration', 'val_predictions', 'run_clean', 'clean_stage']
 
 # %% ../nbs/03_clean.ipynb #1d8204a0
-RULE_NEEDS = {'embeddings': 'the training predictions carry feats (train with save_feats: true)',
-              'others': "other models' predictions of the same samples (agreement_tags)"}
-
-@dataclass(frozen=True)
-class RuleResult:
-    "What every cleaning rule returns: the samples it flags and, optionally, the class they belong to instead"
-    flags:np.ndarray                # (N,) bool: the samples the rule flags
-    suggest:np.ndarray|None=None    # (N,) the class a flagged sample belongs to instead; None: the top-1
-    prob:np.ndarray|None=None       # (N,) that class's probability; None: looked up in the top-k (0 outside it)
-
-@dataclass(frozen=True)
-class RuleContext:
-    "What a rule may read besides the training predictions and the params"
-    others:list=field(default_factory=list)   # other models' predictions of the same samples (needs 'others')
-    other_names:list[str]|None=None
-    counts:np.ndarray|None=None                # (K,) class sizes the model trained on; None: the predictions' labels
-
-@dataclass(frozen=True)
-class Rule:
-    "A registered cleaning rule: `fn(t, p, ctx) -> RuleResult`, what it needs, its bit in `find_noisy`'s `reasons`"
-    name:str
-    fn:Callable
-    needs:tuple[str, ...]
-    bit:int
-
-RULE_REGISTRY:dict[str, Rule] = {}   # name -> Rule, in registration order (the order fixes the `reasons` bits)
-
-def register_rule(name:str, needs:tuple[str, ...]=()):
-    "Decorator: register `fn(t:TopK, p:CleanParams, ctx:RuleContext)->RuleResult` as the cleaning rule `name`"
-    bad = [n for n in needs if n not in RULE_NEEDS]
-    if bad: raise ValueError(f"register_rule({name!r}): unknown need {bad[0]!r}; valid: {', '.join(RULE_NEEDS)}")
-    def deco(fn):
-        if name in RULE_REGISTRY:
-            raise ValueError(f"register_rule: cleaning rule {name!r} is already registered "
-                             f"({RULE_REGISTRY[name].fn.__qualname__}); choose another name")
-        # bits are stored in changes.parquet: a rule's bit is its registration position, so the order must not change
-        if len(RULE_REGISTRY) >= 62:
-            raise ValueError(f"register_rule({name!r}): the int64 `reasons` bitmask holds 62 rules; retire one first")
-        RULE_REGISTRY[name] = Rule(name, fn, tuple(needs), 1 << len(RULE_REGISTRY))
-        return fn
-    return deco
-
-def rule_scope():
-    "Rules registered inside the `with` are unregistered on exit (tests, trying one in a notebook)"
-    return registry_scope(RULE_REGISTRY)
-
-def rules_needing(rules, need:str)->list[str]:
-    "The rules among `rules` that need `need` (a key of `RULE_NEEDS`)"
-    return [r for r in rules if r in RULE_REGISTRY and need in RULE_REGISTRY[r].needs]
+def _default(fn, name:str):
+    "The default of `fn`'s parameter `name`: the method's default is the stage's, kept in one place"
+    return inspect.signature(fn).parameters[name].default
 
 @params_section('clean')
 @dataclass
 class CleanParams:
     iteration:int=1                # the cleaning iteration to produce (>= 1); reads index and model iteration-1
-    rules:list[str]=field(default_factory=lambda: ['disagree_low_conf']) # RULE_REGISTRY names (README "Named variants")
-    conf_threshold:float=0.5       # disagree_low_conf: top-1 probability below this is "low"
-    drop_fraction:float|None=None  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
-    self_conf_threshold:float=0.1  # self_confidence: flag when the probability of the given label is below this
+    rules:list[str]=field(default_factory=lambda: list(_default(find_noisy, 'rules'))) # RULE_REGISTRY names (README "Named variants")
+    conf_threshold:float=_default(find_noisy, 'conf_threshold')       # disagree_low_conf: top-1 probability below this is "low"
+    drop_fraction:float|None=_default(find_noisy, 'drop_fraction')  # disagree_low_conf: instead of conf_threshold, the lowest-ranked fraction of training samples by top-1 probability
+    self_conf_threshold:float=_default(find_noisy, 'self_conf_threshold')  # self_confidence: flag when the probability of the given label is below this
     action:Literal['drop','relabel']='drop' # what happens to a flagged sample
-    relabel_evidence:Literal['confident_learning','models','suggest']='confident_learning' # relabel: what names the new class (see "Relabelling needs its own evidence")
-    relabel_threshold:float=0.9    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
-    h2e_epochs:int=2               # h2e: passes of the noise identifier over the training embeddings, per environment
-    h2e_penalty:float=1.0          # h2e: λ of the invariance penalty (risk + λ · IRMv1)
-    robust_z:float=3.0             # class_relative / prototype: flag beyond this many robust standard deviations (1.4826·MAD) of the sample's own class
+    relabel_evidence:Literal['confident_learning','models','suggest']=_default(relabel_decision, 'relabel_evidence') # relabel: what names the new class (see "Relabelling needs its own evidence")
+    relabel_threshold:float=_default(relabel_decision, 'relabel_threshold')    # relabel_evidence 'models' / 'suggest': the probability the new class needs, else the sample is dropped
+    h2e_epochs:int=_default(find_noisy, 'h2e_epochs')               # h2e: passes of the noise identifier over the training embeddings, per environment
+    h2e_penalty:float=_default(find_noisy, 'h2e_penalty')          # h2e: λ of the invariance penalty (risk + λ · IRMv1)
+    robust_z:float=_default(find_noisy, 'robust_z')             # class_relative / prototype: flag beyond this many robust standard deviations (1.4826·MAD) of the sample's own class
     min_per_class:int=5            # tail protection: no class keeps fewer training samples than this (or than it had)
     source:Literal['in_sample','k_fold']='in_sample' # predictions of the model trained on the samples (the reports), or out-of-fold
     folds:int=3                    # k_fold: number of folds (models trained per iteration)
@@ -137,432 +84,20 @@ class CleanParams:
                               "use relabel_evidence: confident_learning, or action: drop")
         if self.action == 'relabel' and self.relabel_evidence == 'models' and not self.agreement_tags:
             raise ParamsError("[clean] relabel_evidence 'models' needs agreement_tags: the train run tags of the other models whose top-1 must confirm the new class")
+        fields = {f.name for f in dataclasses.fields(self)}
+        lack = [(r, o) for r in self.rules for o in rule_options([r]) if o not in fields]
+        if lack: raise ParamsError(f"[clean] rule {lack[0][0]!r} reads option {lack[0][1]!r}, which [clean] has no key for: "
+                                   f"add `{lack[0][1]}` to CleanParams (its default is the rule's)")
         if rules_needing(self.rules, 'others') and not self.agreement_tags:
             raise ParamsError(f"[clean] rule {rules_needing(self.rules, 'others')[0]!r} needs agreement_tags: "
                               "the train run tags of the other models (runs/<exp>/train-<tag>/)")
 
-# %% ../nbs/03_clean.ipynb #8e76c49f
-def _check_topk(t:TopK):
-    if len(t) and ((t.labels < 0).any() or (t.labels >= t.num_classes).any()):
-        bad = int(np.flatnonzero((t.labels < 0) | (t.labels >= t.num_classes))[0])
-        raise ValueError(f"Training predictions hold label {int(t.labels[bad])} at row {int(t.rows[bad])}, outside 0..{t.num_classes-1}; "
-                         "cleaning needs the given label of every training sample")
-    if len(t) and ((t.topk_labels < 0) | (t.topk_labels >= t.num_classes)).any():
-        bad = int(np.flatnonzero(((t.topk_labels < 0) | (t.topk_labels >= t.num_classes)).any(1))[0])
-        raise ValueError(f"Predictions of row {int(t.rows[bad])} name class {t.topk_labels[bad].tolist()} outside 0..{t.num_classes-1}; "
-                         "the predictions file and the index disagree on K")
-
-def disagree_low_conf(t:TopK,                 # predictions of the training samples
-                      conf_threshold:float=0.5, # top-1 probability below this is low
-                      drop_fraction:float|None=None, # instead: the lowest-ranked fraction by top-1 probability
-                     )->np.ndarray:
-    "(N,) mask: top-1 differs from the label and its probability is low (2021 AliProducts report, Fig. 1)"
-    disagree = t.top1 != t.labels
-    if drop_fraction is None: return disagree & (t.conf < conf_threshold)
-    low = np.zeros(len(t), bool)
-    low[np.lexsort((t.rows, t.conf))[:math.ceil(drop_fraction * len(t))]] = True
-    return disagree & low
-
-def self_confidence(t:TopK, threshold:float=0.1)->np.ndarray:
-    "(N,) mask: the probability of the given label is below `threshold` (and the label is not the top-1)"
-    return (t.p_label < threshold) & (t.top1 != t.labels)
-
-# %% ../nbs/03_clean.ipynb #aa0f2b90
-def confident_thresholds(t:TopK)->np.ndarray:
-    "(K,) float64 per-class thresholds t_j: mean `p_label` over samples labelled j; +inf for classes without samples"
-    n = np.bincount(t.labels, minlength=t.num_classes)
-    s = np.bincount(t.labels, weights=t.p_label.astype(np.float64), minlength=t.num_classes)
-    with np.errstate(invalid='ignore', divide='ignore'): return np.where(n > 0, s / np.maximum(n, 1), np.inf)
-
-def confident_learning(t:TopK,                   # predictions of the training samples
-                       thresholds:np.ndarray|None=None, # (K,) per-class thresholds; default `confident_thresholds(t)`
-                      )->tuple[np.ndarray, np.ndarray]:
-    "(N,) flags and (N,) guessed classes (-1 where no class clears) of confident learning on sparse top-k predictions"
-    th = confident_thresholds(t) if thresholds is None else np.asarray(thresholds, np.float64)
-    clears = t.topk_probs >= th[t.topk_labels]       # (N,k); top-k is sorted, so the first True is the most probable that clears
-    any_clear = clears.any(1)
-    first = clears.argmax(1)
-    guess = np.where(any_clear, t.topk_labels[np.arange(len(t)), first], -1)
-    label_clears = t.p_label >= th[t.labels]          # the given label, exact even when outside the top-k
-    guess = np.where(~any_clear & label_clears, t.labels, guess)
-    flags = (guess >= 0) & (guess != t.labels) & (t.top1 != t.labels)
-    return flags, guess.astype(np.int32)
-
-# %% ../nbs/03_clean.ipynb #9b34bc31
-def _align(t:TopK, other:TopK, name:str='other model')->TopK:
-    "`other` reordered to `t`'s rows; every row of `t` must be present"
-    order = np.argsort(other.rows, kind='stable')
-    pos = np.searchsorted(other.rows[order], t.rows)
-    pos = np.minimum(pos, len(order) - 1)
-    found = len(order) > 0
-    ok = found & (other.rows[order][pos] == t.rows) if found else np.zeros(len(t), bool)
-    if not ok.all():
-        raise ValueError(f"Predictions of {name} lack row {int(t.rows[~ok][0])} ({int((~ok).sum())} rows missing); "
-                         "they must cover the same training samples")
-    return other.take(order[pos])
-
-def agreement(t:TopK, others:list[TopK], names:list[str]|None=None)->np.ndarray:
-    "(N,) mask: at least one of the models (`t` and `others`) has a top-1 different from the label"
-    flags = t.top1 != t.labels
-    for i, o in enumerate(others): flags |= _align(t, o, (names or [f'model {i+1}'] * len(others))[i]).top1 != t.labels
-    return flags
-
-# %% ../nbs/03_clean.ipynb #7a60fb47
-def class_median(values:np.ndarray, labels:np.ndarray, num_classes:int)->np.ndarray:
-    "(K,) median of `values` within each class (nan for a class without samples), by one sort"
-    order = np.lexsort((values, labels))
-    n = np.bincount(labels, minlength=num_classes); start = np.concatenate([[0], np.cumsum(n)[:-1]])
-    v, ok = np.asarray(values, np.float64)[order], n > 0
-    med = np.full(num_classes, np.nan)
-    med[ok] = (v[(start + (n - 1) // 2)[ok]] + v[(start + n // 2)[ok]]) / 2
-    return med
-
-def robust_outliers(values, labels, num_classes:int,
-                    z:float=3.0,      # robust standard deviations above the class median
-                    floor:float=0.0,  # the least robust standard deviation (a class of identical values)
-                    min_size:int=3,   # smaller classes are never judged
-                   )->np.ndarray:
-    "(N,) mask: `values` above their class's median by more than z·max(1.4826·MAD, floor)"
-    values, labels = np.asarray(values, np.float64), np.asarray(labels, np.int64)
-    med = class_median(values, labels, num_classes)
-    mad = class_median(np.abs(values - med[labels]), labels, num_classes)
-    scale = np.maximum(1.4826 * mad, floor)
-    n = np.bincount(labels, minlength=num_classes)
-    return (values - med[labels] > z * scale[labels]) & (n[labels] >= min_size)
-
-def class_relative(t:TopK, z:float=3.0)->np.ndarray:
-    "(N,) mask: `p_label` is an outlier low for its class (robust z), and the top-1 disagrees"
-    return robust_outliers(1 - t.p_label, t.labels, t.num_classes, z, floor=0.02) & (t.top1 != t.labels)
-
-def _balanced_parts(t:TopK, counts=None):
-    "Balanced scores p·w (w ∝ 1/π) of the top-k and label, their sum, bounds on the normaliser and one class outside"
-    n = np.bincount(t.labels, minlength=t.num_classes) if counts is None else np.asarray(counts)
-    w = 1.0 / np.maximum(n, 1).astype(np.float64)                    # ∝ 1/π_y of the training labels
-    in_k = (t.topk_labels == t.labels[:, None]).any(1)
-    q, ql = t.topk_probs.astype(np.float64) * w[t.topk_labels], t.p_label.astype(np.float64) * w[t.labels]
-    known = q.sum(1) + np.where(in_k, 0, ql)
-    # each class outside the top-k holds at most the k-th probability (`cap`), so the rest's weighted mass lies between
-    # filling the lightest and the heaviest weights first; spreading it at the mean weight, which the tail dominates,
-    # overestimated the normaliser (balanced top-1 a median 0.3x its dense value with half the mass outside a top-10)
-    cap = t.topk_probs[:, -1].astype(np.float64)
-    outside = 1 - t.topk_probs.sum(1, dtype=np.float64) - np.where(in_k, 0, t.p_label)
-    rest = np.where(cap > 0, np.clip(outside, 0, None), 0)
-    def fill(ws):   # the weighted mass of `rest` over classes of weights `ws` taken in order, at most `cap` each
-        c = np.concatenate([[0], np.cumsum(ws)])
-        j = np.minimum(np.floor(rest / np.maximum(cap, 1e-300)), len(ws) - 1).astype(np.int64)
-        return cap * c[j] + (rest - cap * j) * ws[j]
-    s = np.sort(w)
-    one = np.minimum(cap, rest) * s[-1]                               # the most that any one class outside can weigh
-    return q, ql, known, known + fill(s), known + fill(s[::-1]), one
-
-def balanced_scores(t:TopK, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    "(N,k) lower, upper bounds of the top-k probabilities without the prior, p(y|x)/π_y renormalised; (N,) the label's"
-    q, ql, _, z_lo, z_hi, _ = _balanced_parts(t, counts)
-    return q / z_hi[:, None], q / z_lo[:, None], ql / z_hi, ql / z_lo
-
-def balanced_low_conf(t:TopK, conf_threshold:float=0.5, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(N,) flags, balanced top-1 of top-k and label, its least probability: `disagree_low_conf` without the prior"
-    q, ql, known, z_lo, z_hi, one = _balanced_parts(t, counts)
-    r = np.arange(len(t))
-    other = np.where(t.topk_labels == t.labels[:, None], -np.inf, q)  # the top-k classes that are not the label
-    j = other.argmax(1); rival = other[r, j]
-    label_wins = ql >= rival                                          # a tail label can win once the prior is removed
-    top, best = np.where(label_wins, t.labels, t.topk_labels[r, j]), np.maximum(ql, rival)
-    # the dense balanced top-1 may be a class outside the top-k: its probability is at most `one` over `known` + `one`
-    most = np.maximum(best / z_lo, one / (known + one))
-    # flagged only where every posterior the top-k allows is flagged: a class beats the label, and even the largest
-    # top-1 probability is low; the model's own top-1 disagrees too, as in every rule
-    flags = (t.top1 != t.labels) & ~label_wins & (most < conf_threshold)
-    return flags, top.astype(np.int32), (best / z_hi).astype(np.float32)
-
-
-# %% ../nbs/03_clean.ipynb #e44bea23
-def _unit(x:np.ndarray)->np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int, batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
-    "(K,D) float32 sums of the L2-normalised embeddings of each class, and (K,) counts (prototype = sum / count)"
-    sums = np.zeros((num_classes, feats.shape[1]), np.float32)
-    for s in range(0, len(feats), batch):
-        np.add.at(sums, labels[s:s+batch], _unit(np.asarray(feats[s:s+batch], np.float32)))
-    return sums, np.bincount(labels, minlength=num_classes)
-
-def prototype_distances(t:TopK, batch:int=8192)->tuple[np.ndarray, np.ndarray]:
-    "(N,) cosine distance to the leave-one-out prototype of the given class, and (N,) the nearest class among label + top-k"
-    if t.feats is None: raise ValueError("the prototype rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
-    sums, n = class_prototypes(t.feats, t.labels, t.num_classes)
-    own_d, nearest = np.zeros(len(t), np.float32), np.zeros(len(t), np.int32)
-    for s in range(0, len(t), batch):
-        f, y, cand = _unit(np.asarray(t.feats[s:s+batch], np.float32)), t.labels[s:s+batch], t.topk_labels[s:s+batch]
-        own = _unit(sums[y] - f)                                  # the other samples of the class (zero for a singleton)
-        d_own = np.where(n[y] > 1, 1 - (f * own).sum(1), 0.0)
-        d_c = 1 - np.einsum('bd,bkd->bk', f, _unit(sums[cand]))   # other classes' prototypes: the sample is not in them
-        d_c = np.where((cand == y[:, None]) | (n[cand] == 0), np.inf, d_c)
-        own_d[s:s+batch] = d_own
-        nearest[s:s+batch] = np.where(d_c.min(1) < d_own, cand[np.arange(len(y)), d_c.argmin(1)], y)
-    return own_d, nearest
-
-def prototype_rule(t:TopK, z:float=3.0)->tuple[np.ndarray, np.ndarray]:
-    "(N,) flags and (N,) nearest-prototype classes of RoLT's prototype rule with a per-class robust threshold"
-    d, nearest = prototype_distances(t)
-    # the top-1 must disagree too, as in every rule: a sample whose label is its classifier's top-1 is never flagged
-    return robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels), nearest
-
-# %% ../nbs/03_clean.ipynb #fd84fec7
-H2E_ENVIRONMENTS = ('instance', 'class', 'reverse')   # class probability ∝ n, 1, 1/n: the data's own, balanced, reversed
-
-def _irm_penalty(logits, target):
-    "IRMv1 (Arjovsky et al. 2019): the squared gradient of the risk with respect to a scale on the logits, at 1"
-    import torch, torch.nn.functional as F
-    s = torch.ones((), dtype=logits.dtype, requires_grad=True)
-    g, = torch.autograd.grad(F.cross_entropy(logits * s, target), [s], create_graph=True)
-    return g * g
-
-def environment_probs(labels:np.ndarray,   # (N,) given labels of the samples the identifier draws from
-                      num_classes:int,       # K
-                      counts=None,           # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: `labels`' own
-                     )->dict[str, np.ndarray]:
-    "Environment -> (K,) class probability of H2E's environments (∝ n, 1, 1/n); only classes with samples here are drawn"
-    own = np.bincount(labels, minlength=num_classes)
-    # a class with samples here that the network never trained on counts as one image: drawable, and a finite log prior
-    n = own if counts is None else np.where(own > 0, np.maximum(np.asarray(counts, np.int64), 1), 0)
-    return {m: class_probs(n, m) for m in H2E_ENVIRONMENTS}
-
-def _class_draws(labels:np.ndarray, probs:np.ndarray, total:int, rng)->np.ndarray:
-    "(total,) positions of `labels`: a class drawn with `probs`, then one of its samples uniformly"
-    n = np.bincount(labels, minlength=len(probs))
-    order, starts = np.argsort(labels, kind='stable'), np.concatenate([[0], np.cumsum(n)[:-1]])
-    cls = np.repeat(np.arange(len(probs)), rng.multinomial(total, probs))
-    idx = order[starts[cls] + rng.integers(0, n[cls])]
-    rng.shuffle(idx)
-    return idx
-
-def h2e_scores(t:TopK,                 # training predictions with `feats`: the candidate classes are the label and the top-k
-               epochs:int=2,           # passes over the samples, per environment
-               penalty:float=1.0,      # λ: risk + λ · IRMv1 penalty, averaged over the environments
-               lr:float=0.1,           # SGD with momentum 0.9, cosine schedule
-               batch_size:int|None=None, # default: N/100 within [32, 8192], so an epoch has about 100 steps
-               scale:float=16.0,       # logits = scale · unit embedding · w (+ b)
-               seed:int=0,
-               counts=None,            # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: t's labels
-              )->tuple[np.ndarray, np.ndarray]:
-    "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
-    import torch, torch.nn.functional as F
-    if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
-    N, K = len(t), t.num_classes
-    y = t.labels.astype(np.int64)
-    cand = torch.from_numpy(np.concatenate([y[:, None], t.topk_labels.astype(np.int64)], 1))
-    dup = torch.from_numpy(np.concatenate([np.zeros((N, 1), bool), t.topk_labels == y[:, None]], 1))  # the label again in the top-k
-    env = environment_probs(y, K, counts)
-    logp = {m: torch.from_numpy(np.log(np.maximum(env[m], 1e-30))).float() for m in H2E_ENVIRONMENTS}
-    own = np.bincount(y, minlength=K)
-    # class sizes proportional to the samples' own (no head cap; k-fold sums): the samplers' draws, as before
-    same = counts is None or np.array_equal(np.asarray(counts, np.int64) * own.sum(), own * int(np.sum(counts)))
-    bs = batch_size or int(np.clip(N // 100, 32, 8192))
-    steps = -(-N // bs)
-    W = torch.zeros(K, t.feats.shape[1], requires_grad=True); b = torch.zeros(K, requires_grad=True)
-    opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
-    def logits(idx):   # (B,k+1) over the candidates; a repeated label is masked (-1e4, not -inf: the penalty multiplies the logits)
-        x = torch.from_numpy(_unit(np.asarray(t.feats[idx], np.float32))) * scale   # feats may be memory-mapped: read per batch
-        c = cand[idx]
-        return (torch.einsum('bd,bkd->bk', x, W[c]) + b[c]).masked_fill(dup[idx], -1e4), c
-    samplers = [LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)] if same else []
-    for ep in range(epochs):
-        draws = []
-        for s in samplers: s.set_epoch(ep); draws.append(np.asarray(s.indices()))
-        if not same:   # the network trained on other class sizes (a capped head): each environment draws classes by those
-            draws = [_class_draws(y, env[m], N, np.random.default_rng([seed + j, ep])) for j, m in enumerate(H2E_ENVIRONMENTS)]
-        for st in range(steps):
-            loss = 0.
-            for m, dr in zip(H2E_ENVIRONMENTS, draws):
-                idx = np.sort(dr[st * bs:(st + 1) * bs])
-                z, c = logits(idx)
-                z = z + logp[m][c]                                   # the environment's class prior in its logits
-                tgt = torch.zeros(len(idx), dtype=torch.int64)       # the label is candidate 0
-                loss = loss + F.cross_entropy(z, tgt) + penalty * _irm_penalty(z, tgt)
-            opt.zero_grad(set_to_none=True); (loss / len(H2E_ENVIRONMENTS)).backward(); opt.step(); sched.step()
-    out = np.empty((N, cand.shape[1]), np.float32)
-    with torch.no_grad():
-        for s in range(0, N, 8192):
-            out[s:s + 8192] = logits(np.arange(s, min(s + 8192, N)))[0].numpy()
-    return out, cand.numpy()
-
-def h2e_rule(t:TopK, epochs:int=2, penalty:float=1.0, seed:int=0, counts=None)->tuple[np.ndarray, np.ndarray]:
-    "(N,) flags and (N,) the identifier's top class: H2E's invariant identifier does not put the label first (nor does the network's top-1)"
-    scores, cand = h2e_scores(t, epochs, penalty, seed=seed, counts=counts)
-    top = cand[np.arange(len(t)), scores.argmax(1)].astype(np.int32)
-    return (top != t.labels) & (t.top1 != t.labels), top
-
-# %% ../nbs/03_clean.ipynb #b6e8f1ab
-def protect_tail(labels:np.ndarray,   # (N,) given labels of the training samples
-                 flags:np.ndarray,    # (N,) samples flagged for removal from their class
-                 p_label:np.ndarray,  # (N,) probability of the given label
-                 min_per_class:int,   # fewest samples a class may keep
-                 num_classes:int,     # K
-                 rows:np.ndarray|None=None, # (N,) row ids, to break ties deterministically
-                )->np.ndarray:
-    "Flags with the most confident flagged samples of each class unflagged until it keeps min(min_per_class, its size)"
-    flags = np.asarray(flags, bool).copy()
-    if min_per_class <= 0 or not flags.any(): return flags
-    n = np.bincount(labels, minlength=num_classes)
-    kept = n - np.bincount(labels[flags], minlength=num_classes)
-    need = np.maximum(np.minimum(min_per_class, n) - kept, 0)
-    if not need.any(): return flags
-    idx = np.flatnonzero(flags & (need[labels] > 0))
-    rows = np.arange(len(labels)) if rows is None else rows
-    idx = idx[np.lexsort((rows[idx], -p_label[idx].astype(np.float64), labels[idx]))]
-    lab = labels[idx]
-    start = np.searchsorted(lab, lab, side='left')    # first position of each sample's class in the sorted run
-    rank = np.arange(len(idx)) - start
-    flags[idx[rank < need[lab]]] = False
-    return flags
-
-# %% ../nbs/03_clean.ipynb #e7c3d67c
-# every rule is one decorated function; the registration order below is the `reasons` bit order (keep it)
-@register_rule('disagree_low_conf')
-def _disagree_low_conf(t, p, ctx): return RuleResult(disagree_low_conf(t, p.conf_threshold, p.drop_fraction))
-
-@register_rule('self_confidence')
-def _self_confidence(t, p, ctx): return RuleResult(self_confidence(t, p.self_conf_threshold))
-
-@register_rule('confident_learning')
-def _confident_learning(t, p, ctx): return RuleResult(*confident_learning(t))   # the class that clears its threshold
-
-@register_rule('agreement', needs=('others',))
-def _agreement(t, p, ctx): return RuleResult(agreement(t, list(ctx.others), ctx.other_names))
-
-@register_rule('class_relative')
-def _class_relative(t, p, ctx): return RuleResult(class_relative(t, p.robust_z))
-
-@register_rule('prototype', needs=('embeddings',))
-def _prototype(t, p, ctx): return RuleResult(*prototype_rule(t, p.robust_z))
-
-@register_rule('balanced')
-def _balanced(t, p, ctx): return RuleResult(*balanced_low_conf(t, p.conf_threshold, ctx.counts))
-
-@register_rule('h2e', needs=('embeddings',))
-def _h2e(t, p, ctx): return RuleResult(*h2e_rule(t, p.h2e_epochs, p.h2e_penalty, counts=ctx.counts))
-
-# the built-in rules, fixed at import; code that must see rules registered later reads RULE_REGISTRY
-RULES = tuple(RULE_REGISTRY)
-FEATS_RULES = tuple(rules_needing(RULES, 'embeddings'))
-
-def rule_names(bits:np.ndarray)->np.ndarray:
-    "Reason strings ('disagree_low_conf+confident_learning') of rule bitmasks"
-    bits = np.asarray(bits)
-    out = np.full(len(bits), '', dtype=object)
-    for r, b in ((r.name, r.bit) for r in RULE_REGISTRY.values()):
-        has = (bits & b) > 0
-        out[has] = np.where(out[has] == '', r, out[has] + '+' + r)
-    return out
-
-def _topk_prob(t:TopK, cls:np.ndarray)->np.ndarray:
-    "(N,) the probability of class `cls[i]` among sample i's top-k, 0 where it is not there"
-    hit = t.topk_labels == cls[:, None]
-    return np.where(hit.any(1), t.topk_probs[np.arange(len(t)), hit.argmax(1)], 0).astype(np.float32)
-
-def find_noisy(t:TopK,                 # predictions of the training samples (one per sample)
-               p:CleanParams,          # rules and thresholds
-               others:list[TopK]=(),   # agreement: other models' predictions of the same samples
-               other_names:list[str]|None=None,
-               counts=None,            # (K,) class sizes the model trained on (`aliprod.train.trained_counts`): the balanced and h2e priors; None: t's labels
-              )->pd.DataFrame:
-    "Per training sample: `reasons` bitmask of the rules that flag it, the suggested class and its probability"
-    _check_topk(t)
-    bits = np.zeros(len(t), np.int64)
-    suggest, suggest_prob = t.top1.astype(np.int32), t.conf.astype(np.float32)
-    ctx = RuleContext(list(others), other_names, counts)
-    for r in p.rules:
-        if r not in RULE_REGISTRY:   # registered in a scope that has ended since the params were checked
-            raise ParamsError(f"Unknown rule {r!r} in [clean] rules; valid: {', '.join(RULE_REGISTRY)}")
-        rule = RULE_REGISTRY[r]
-        res = rule.fn(t, p, ctx)
-        if not isinstance(res, RuleResult):
-            raise TypeError(f"cleaning rule {r!r} ({rule.fn.__qualname__}) returned {type(res).__name__}; "
-                            "a rule returns RuleResult(flags, suggest, prob)")
-        f = np.asarray(res.flags)
-        if f.shape != (len(t),):
-            raise ValueError(f"cleaning rule {r!r} returned flags of shape {f.shape}; it must return one per sample ({len(t)},)")
-        if res.suggest is not None:
-            prob = _topk_prob(t, res.suggest) if res.prob is None else res.prob
-            suggest = np.where(f, res.suggest, suggest).astype(np.int32)
-            suggest_prob = np.where(f, prob, suggest_prob).astype(np.float32)
-        bits |= np.where(f, rule.bit, 0)
-    return pd.DataFrame({'row': t.rows, 'label': t.labels, 'reasons': bits, 'suggest': suggest, 'suggest_prob': suggest_prob,
-                         'top1': t.top1.astype(np.int32), 'conf': t.conf, 'p_label': t.p_label})
-
-# %% ../nbs/03_clean.ipynb #a10b1574
-def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, noise_kind, row)
-                         num_classes:int,     # K
-                         k:int=10,            # predictions kept per sample
-                         seed:int=0,
-                         memorize:float=0.3,  # probability that the model predicts a noisy sample's given label
-                         fit:float=0.97,      # probability that a clean sample of a large class is predicted right
-                        )->TopK:
-    "Top-k predictions a trained model might make on `index`, drawn from its ground truth (for tests and benchmarks)"
-    rng = np.random.default_rng(seed)
-    K, N = int(num_classes), len(index)
-    k = min(k, K)
-    y = index['label'].to_numpy(np.int64)
-    c = index['clean_label'].to_numpy(np.int64) if 'clean_label' in index else y.copy()
-    kind = index['noise_kind'].to_numpy(str) if 'noise_kind' in index else np.full(N, 'clean')
-    ood = (kind == 'ood') | (c < 0)
-    noisy = ~ood & (c != y)
-    size = np.bincount(y, minlength=K)[y]
-    # a clean sample of a class with n images is fitted with probability fit * n/(n+3): the tail is fitted less well
-    right = rng.random(N) < fit * size / (size + 3.)
-    memo = rng.random(N) < memorize
-    sibling = (c + 1 + rng.integers(0, 2, N)) % K          # a neighbouring class: what a fine-grained model confuses
-    rand = rng.integers(0, K, N)
-    top = np.where(ood, np.where(memo, y, rand), np.where(noisy, np.where(memo, y, c), np.where(right, y, sibling)))
-    second = np.where(noisy, np.where(memo, c, y), np.where(ood, sibling % K, np.where(right, sibling, y)))
-    second = np.where(second == top, (top + 1) % K, second)
-    p1 = np.where(ood, rng.beta(1.5, 5, N), np.where(noisy & memo, rng.beta(2, 3, N), np.where(noisy | ~right, rng.beta(2.5, 2.5, N), rng.beta(6, 1.2, N))))
-    p2 = (1 - p1) * rng.beta(2, 2, N) * np.where(noisy | ~right, 1.0, 0.5)
-    rest = np.maximum(1 - p1 - p2, 0)
-    # the other k-2 classes: distinct offsets from the top-1 in disjoint ranges, skipping `second`
-    step = max((K - 1) // max(k - 1, 1), 2)
-    offs = 1 + np.arange(k - 2) * step + rng.integers(0, step - 1, (N, max(k - 2, 0)))
-    others = (top[:, None] + offs) % K
-    others = np.where(others == second[:, None], (others + 1) % K, others)
-    w = rng.dirichlet(np.ones(k - 1), N)[:, :k - 2] if k > 2 else np.zeros((N, 0))
-    probs = np.concatenate([p1[:, None], p2[:, None], rest[:, None] * w], 1)
-    labs = np.concatenate([top[:, None], second[:, None], others], 1)[:, :k]
-    probs = probs[:, :k]
-    order = np.argsort(-probs, axis=1, kind='stable')
-    labs, probs = np.take_along_axis(labs, order, 1), np.take_along_axis(probs, order, 1)
-    hit = labs == y[:, None]
-    p_label = np.where(hit.any(1), (probs * hit).sum(1), probs[:, -1] * rng.random(N))
-    rows = index['row'].to_numpy(np.int64) if 'row' in index else np.arange(N, dtype=np.int64)
-    return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32), K)
-
-# %% ../nbs/03_clean.ipynb #e32df7df
-RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'models_disagree', 'evidence_is_label', 'below_relabel_threshold')
-
-def relabel_decision(t:TopK,              # predictions of the training samples
-                     suggest:np.ndarray,  # (N,) the flagging rules' suggested class (`find_noisy`)
-                     suggest_prob:np.ndarray, # (N,) its probability
-                     p:CleanParams,       # relabel_evidence, relabel_threshold
-                     others:list[TopK]=(), # relabel_evidence 'models': the other models' predictions of the same samples
-                    )->tuple[np.ndarray, np.ndarray]:
-    "(N,) class each sample would move to (-1: none) and (N,) outcome: 'relabelled' or why not (`RELABEL_OUTCOMES`)"
-    if p.relabel_evidence == 'confident_learning':
-        _, target = confident_learning(t)
-        why = np.where(target < 0, 'no_confident_class', np.where(target == t.labels, 'evidence_is_label', 'relabelled'))
-    elif p.relabel_evidence == 'models':
-        if not len(others): raise ValueError("relabel_evidence 'models' needs the other models' predictions (agreement_tags)")
-        al = [_align(t, o, f'model {i+1}') for i, o in enumerate(others)]
-        target = np.asarray(suggest)
-        agree = np.all([a.top1 == target for a in al], axis=0)
-        prob = np.mean([a.conf for a in al], axis=0)
-        why = np.where(target == t.labels, 'evidence_is_label', np.where(~agree, 'models_disagree',
-                       np.where(prob < p.relabel_threshold, 'below_relabel_threshold', 'relabelled')))
-    else:
-        target = np.asarray(suggest)
-        why = np.where(target == t.labels, 'evidence_is_label',
-                       np.where(np.asarray(suggest_prob) < p.relabel_threshold, 'below_relabel_threshold', 'relabelled'))
-    return np.where(why == 'relabelled', target, -1).astype(np.int32), why.astype(object)
+# %% ../nbs/03_clean.ipynb #e20117fc
+def noisy_options(p:CleanParams,
+                  rules=None,   # the rules whose options to give; default: `p.rules`
+                 )->dict:
+    "The keyword options of `aliprod.noise.find_noisy` that the rules read, from `p`'s fields"
+    return {o: getattr(p, o) for o in rule_options(p.rules if rules is None else rules) if hasattr(p, o)}
 
 # %% ../nbs/03_clean.ipynb #1579fd3e
 def _recovered(gt:pd.DataFrame, ch:pd.DataFrame)->float|None:
@@ -599,12 +134,12 @@ def clean_index(index:pd.DataFrame,       # the index of iteration k-1 (all spli
     if (t.labels != index['label'].to_numpy(np.int32)[train_pos]).any():
         bad = int(t.rows[t.labels != index['label'].to_numpy(np.int32)[train_pos]][0])
         raise ValueError(f"Row {bad}: the predictions' label differs from the index's; predict the index of the same iteration")
-    fl = find_noisy(t, p, others, other_names, counts)
+    fl = find_noisy(t, p.rules, counts=counts, others=others, other_names=other_names, **noisy_options(p))
     flagged = fl['reasons'].to_numpy() > 0
     kept_flags = protect_tail(t.labels, flagged, t.p_label, p.min_per_class, K, t.rows)
     protected = flagged & ~kept_flags
     sug, sprob = fl['suggest'].to_numpy(), fl['suggest_prob'].to_numpy()
-    target, outcome = relabel_decision(t, sug, sprob, p, others) if p.action == 'relabel' else (np.full(len(t), -1, np.int32), np.full(len(t), '', object))
+    target, outcome = relabel_decision(t, sug, sprob, p.relabel_evidence, p.relabel_threshold, others) if p.action == 'relabel' else (np.full(len(t), -1, np.int32), np.full(len(t), '', object))
     relabel = kept_flags & (target >= 0) & (target < K)
     drop = kept_flags & ~relabel
     new_label = np.where(relabel, target, t.labels).astype(np.int32)
@@ -646,6 +181,7 @@ def is_noisy(index:pd.DataFrame)->tuple[np.ndarray, np.ndarray]:
     known = ood | (cl >= 0)
     return ood | ((cl >= 0) & (cl != index['label'].to_numpy(np.int64))), known
 
+# %% ../nbs/03_clean.ipynb #da3eb12e
 def _prf(tp, fp, fn):
     pr = tp / (tp + fp) if tp + fp else float('nan'); rc = tp / (tp + fn) if tp + fn else float('nan')
     f1 = 2 * pr * rc / (pr + rc) if tp else (0. if tp + fp + fn else float('nan'))
@@ -667,6 +203,7 @@ def detection_scores(train:pd.DataFrame,     # training rows of the cleaned (inp
         out.append((k, int((kind == k).sum()), int(m.sum()), int((fl & (kind == k)).sum()), *_prf(int((fl & m).sum()), fp, int((~fl & m).sum()))))
     return pd.DataFrame(out, columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1'])
 
+# %% ../nbs/03_clean.ipynb #d28155d2
 BANDS = ('many', 'medium', 'few')
 
 def class_bands(exp:ExperimentParams)->np.ndarray|None:
@@ -675,6 +212,7 @@ def class_bands(exp:ExperimentParams)->np.ndarray|None:
     except (KeyError, FileNotFoundError): return None
     return shot_group(g['train_counts'], g['many'], g['few'])
 
+# %% ../nbs/03_clean.ipynb #a8e9f2e0
 def detection_by_band(train:pd.DataFrame,  # training rows of the input index, with ground truth
                       flagged_rows,        # rows removed or relabelled
                       bands:np.ndarray,    # (K,) `class_bands`
@@ -685,6 +223,7 @@ def detection_by_band(train:pd.DataFrame,  # training rows of the input index, w
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1', 'band'])
 
+# %% ../nbs/03_clean.ipynb #2423448e
 SEEN = ('seen', 'unseen')
 
 def detection_by_seen(train:pd.DataFrame,          # training rows of the input index, with ground truth
@@ -720,8 +259,7 @@ def rule_detection(t:TopK,                     # the training predictions a roun
     for rule, spec in RULE_REGISTRY.items():
         # left out without what it needs: other models' predictions, embeddings
         if ('others' in spec.needs and not len(others)) or ('embeddings' in spec.needs and t.feats is None): continue
-        q = dataclasses.replace(p, rules=[rule], action='drop', agreement_tags=list(other_names or p.agreement_tags or [f'model{j}' for j in range(len(others))]))
-        fl = find_noisy(t, q, others, other_names, counts)
+        fl = find_noisy(t, [rule], counts=counts, others=others, other_names=other_names, **noisy_options(p, [rule]))
         rows = fl.loc[fl['reasons'].to_numpy() > 0, 'row'].to_numpy()
         sc = [detection_scores(train, rows).query("kind == 'all'").assign(band='all', seen='all')]
         if bands is not None: sc.append(detection_by_band(train, rows, bands).assign(seen='all'))
@@ -765,6 +303,7 @@ def round_problems(summary:dict,          # clean_index's summary of the round
         out.append(f"it would change {frac:.1%} of the training images, more than the model's own {err_from} error ({err:.1%}) can explain as label noise")
     return out
 
+# %% ../nbs/03_clean.ipynb #edc4164b
 def guard_round(summary:dict, err:float|None, err_from:str, num_classes:int, p:CleanParams)->list[str]:
     "Refuse (ParamsError) a round that would gut the data, unless `allow_aggressive`: then warn and return the problems"
     probs = round_problems(summary, err, err_from, num_classes, p)
@@ -807,6 +346,7 @@ def class_size_table(indexes:list[pd.DataFrame], num_classes:int)->pd.DataFrame:
     df['group'] = np.array(['head', 'middle', 'tail'])[np.minimum(rank * 3 // max(num_classes, 1), 2)]
     return df
 
+# %% ../nbs/03_clean.ipynb #ca824642
 def plot_class_sizes(sizes:pd.DataFrame)->'matplotlib.figure.Figure':
     "Training images per class (sorted by the original size) after each round, and the fraction kept per head/middle/tail third"
     import matplotlib.pyplot as plt
@@ -840,6 +380,7 @@ def gallery_rows(changes:pd.DataFrame, n:int=24, per_tail_class:int=2, class_siz
         head = pd.concat([head, tail])
     return head
 
+# %% ../nbs/03_clean.ipynb #e056f4bf
 def plot_gallery(rows:pd.DataFrame,    # from `gallery_rows`: path, label, top1, conf, p_label, action
                  root:str|Path|None,   # data root the paths are relative to
                  class_names=None,     # label -> name (array or Series), optional
@@ -875,6 +416,7 @@ class CleanArtifacts(StageArtifacts):
     @property
     def tables(self)->dict: return {'clean_rounds': self.rounds, 'clean_detection': self.detection}
 
+# %% ../nbs/03_clean.ipynb #da458ff0
 def _train_at(train, iteration:int):
     "The train parameters of the model trained on index `iteration`"
     import dataclasses
@@ -894,6 +436,7 @@ def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, i
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
     return read_predictions(paths, feats=bool(rules_needing(clean.rules, 'embeddings'))), paths
 
+# %% ../nbs/03_clean.ipynb #d24c07e3
 def trained_prior(paths:list[Path],    # training predictions files of train runs (one, or one per fold)
                   num_classes:int,      # K
                   required:bool=True,   # False: predictions made elsewhere (`predictions_of`) may have no trained_rows.parquet
@@ -911,6 +454,7 @@ def trained_prior(paths:list[Path],    # training predictions files of train run
         seen.append(np.intersect1d(pq.read_table(p, columns=['row']).column('row').to_numpy(), tr['row'].to_numpy(np.int64)))
     return counts, np.concatenate(seen).astype(np.int64)
 
+# %% ../nbs/03_clean.ipynb #cdf53bee
 def read_predictions(paths:list[Path], feats:bool=False)->TopK:
     "The predictions files of one index's training rows (one, or one per fold) as one TopK sorted by row; folds must not overlap"
     t = TopK.concat([read_topk(p, feats=feats) for p in paths])
@@ -919,10 +463,12 @@ def read_predictions(paths:list[Path], feats:bool=False)->TopK:
         raise ValueError(f"Row {int(t.rows[1:][np.diff(t.rows) == 0][0])} is predicted by two folds in {', '.join(map(str, paths))}; the folds overlap")
     return t
 
+# %% ../nbs/03_clean.ipynb #e78980b0
 def agreement_paths(exp:ExperimentParams, clean:CleanParams, iteration:int)->list[Path]:
     "Training predictions files of the other models named by `agreement_tags`, trained on index `iteration`"
     return [run_dir(exp, f'train-{tag}', iteration)/'predictions'/'train.parquet' for tag in clean.agreement_tags]
 
+# %% ../nbs/03_clean.ipynb #67a3a12f
 def agreement_predictions(exp:ExperimentParams, clean:CleanParams, iteration:int)->tuple[list[TopK], list[Path]]:
     "Training predictions of the other models named by `agreement_tags`, trained on index `iteration`"
     paths = agreement_paths(exp, clean, iteration)
@@ -931,6 +477,7 @@ def agreement_predictions(exp:ExperimentParams, clean:CleanParams, iteration:int
                                                   f"(papermill nbs/02_train.ipynb out.ipynb -p iteration {iteration} -y 'train: {{tag: {tag}, ...}}')")
     return [read_topk(p) for p in paths], paths
 
+# %% ../nbs/03_clean.ipynb #13d57a21
 def _stage_params(clean:CleanParams)->dict:
     "The parameters that determine an iteration's outputs (the gallery size and past_stop only change the report)"
     return {k: v for k, v in params_dict(clean).items() if k not in ('gallery_size', 'past_stop')}
@@ -958,6 +505,7 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
         if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models on each index first "
                                       "(with iteration > 1, run the clean stage one iteration at a time and train the tagged models on each new index in between)")
 
+# %% ../nbs/03_clean.ipynb #5689eb5b
 def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
                     train_model:bool=True,  # also train model k on index k (what iteration k+1 needs)
                     predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's
@@ -1055,6 +603,7 @@ def rounds_table(exp:ExperimentParams, clean:CleanParams, models:list, rounds:in
         out = [{c: v for c, v in r.items() if not c.startswith('dropped_') or c == 'dropped'} for r in out]
     return pd.DataFrame(out)
 
+# %% ../nbs/03_clean.ipynb #260379a3
 def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
     "Noise detection of iterations 1..`rounds` against the ground truth, overall, per noise kind, per class-size band and on the rows the model trained on or not (`seen`); empty without ground truth"
     cols = ['iteration', 'seen', 'band', 'kind', 'n', 'noisy', 'flagged', 'precision', 'recall', 'f1']
@@ -1066,6 +615,7 @@ def detection_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
+# %% ../nbs/03_clean.ipynb #3bcb4714
 def rules_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
     "Per round and rule: each rule alone on the round's input predictions (flags before tail protection), precision / recall overall, per band and on seen / unseen rows; empty without ground truth"
     rows = []
@@ -1083,6 +633,7 @@ def rules_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
             rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/03_clean.ipynb #b34ae8f1
 def relabel_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
     "Per iteration: flagged samples relabelled, and those dropped by the reason they were not relabelled (empty with action 'drop')"
     rows = []
@@ -1112,6 +663,7 @@ def plot_rounds(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.suptitle(title or 'Iterative data cleaning', fontsize=10); fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/03_clean.ipynb #5ec3082a
 def clean_figures(exp:ExperimentParams, clean:CleanParams, rounds:int, save:bool=True)->dict:
     "The confidence histograms, class sizes and per-round galleries of iterations 1..`rounds`, saved in reports/<exp>/ as PNG"
     arts = data_artifacts(exp)
@@ -1142,6 +694,7 @@ def round_verdict(prev, new,            # TopK predictions of the choosing image
     "Δ val mean class error from `prev` to `new` with its paired 95% interval and verdict (`aliprod.metrics.paired_delta`)"
     return paired_delta(prev, new, 'mean_class_err', names=('kept', 'round'), seed=seed, **groups).to_dict()
 
+# %% ../nbs/03_clean.ipynb #a2187a46
 def select_rounds(run_round,    # k -> the choosing images' val predictions of round k's model (runs round k)
                   baseline,     # the choosing images' val predictions of the model of index 0
                   rounds:int,   # the last round that may run (`clean.iteration`)
@@ -1169,6 +722,7 @@ def select_rounds(run_round,    # k -> the choosing images' val predictions of r
     later = f'round {rounds}' if rounds == stop + 1 else f'rounds {stop + 1}..{rounds}'
     return kept, decisions, f"{why}: stopped there; {later} run past the stop on request (iteration {rounds}), not kept"
 
+# %% ../nbs/03_clean.ipynb #8d9ca14f
 def kept_iteration(exp:ExperimentParams, default:int|None=None)->int|None:
     "The cleaning iteration the clean stage kept (runs/<exp>/clean/selection.json), or `default` when it chose none"
     f = run_dir(exp, 'clean')/'selection.json'
@@ -1186,6 +740,7 @@ def val_predictions(model,          # TrainArtifacts of model k, or None (not tr
     f = Path(predictions_of(k, None, None)).with_name('val.parquet')
     return f if f.is_file() else None
 
+# %% ../nbs/03_clean.ipynb #0b7c678c
 def run_clean(exp:ExperimentParams, data, train, clean:CleanParams,
                 train_model:bool=True,  # train the model of every index (the rounds table's errors); False: only the models cleaning reads
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)

@@ -12,8 +12,8 @@ from .escape import read_csv_safe
 from .predictions import TopK, read_topk
 from .metrics import BOOTSTRAP_DRAWS, paired_delta, per_class_accuracy, shot_group
 from .data import dataset_info, load_index
-from .clean import (BANDS, disagree_low_conf, detection_scores, detection_by_band, plot_confidence,
-                           gallery_rows, plot_gallery)
+from .clean import BANDS, detection_scores, detection_by_band, plot_confidence, gallery_rows, plot_gallery
+from .noise import disagree_low_conf
 from .report import plot_tail_accuracy
 from .pipeline import STAGE_ORDER, StatusRow, run_status, _stage_folders
 

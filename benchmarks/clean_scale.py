@@ -1,8 +1,8 @@
-"""Scale benchmark of the cleaning rules (aliprod.clean) and comparison with cleanlab.
+"""Scale benchmark of the cleaning rules (aliprod.noise) and comparison with cleanlab.
 
 Part 1 (ours at AliProducts scale): synthetic top-k predictions for the training split of
 `aliprod.synthetic.synthetic_index` (2.5M images x 50,030 classes by default), drawn by
-`aliprod.clean.simulate_predictions` from the index's ground truth; one full flagging pass
+`aliprod.noise.simulate_predictions` from the index's ground truth; one full flagging pass
 (`find_noisy` + `protect_tail`) per rule set, each in a fresh process so its peak RSS is its own
 (reading the predictions file included). Median wall time over --repeats, flags scored against the truth.
 
@@ -70,7 +70,8 @@ def simulate_feats(tr, K:int, dim:int=64, seed:int=0, memorize:float=0.3, top1=N
 
 def worker_ours(args)->dict:
     "One rule set on the saved predictions, in this (fresh) process"
-    from aliprod.clean import CleanParams, find_noisy, protect_tail
+    from aliprod.clean import CleanParams, noisy_options
+    from aliprod.noise import find_noisy, protect_tail
     from aliprod.predictions import read_topk
     rules = args.worker.split('+')
     base = _peak_rss_mb()  # the interpreter with numpy, pandas, pyarrow and torch (aliprod.core) imported
@@ -86,7 +87,7 @@ def worker_ours(args)->dict:
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        fl = find_noisy(t, p, others)
+        fl = find_noisy(t, p.rules, others=others, **noisy_options(p))
         flags = protect_tail(t.labels, fl['reasons'].to_numpy() > 0, t.p_label, p.min_per_class, t.num_classes, t.rows)
         times.append(time.perf_counter() - t0)
         del fl
@@ -119,7 +120,8 @@ def worker_cleanlab(args)->dict:
     "Ours (top-k of the dense matrix) against cleanlab (the dense matrix) on one dense problem"
     import warnings
     from aliprod.synthetic import synthetic_index
-    from aliprod.clean import CleanParams, find_noisy, protect_tail, simulate_predictions, is_noisy
+    from aliprod.clean import CleanParams, noisy_options, is_noisy
+    from aliprod.noise import find_noisy, protect_tail, simulate_predictions
     from aliprod.predictions import topk_from_probs
     import cleanlab
     from cleanlab.filter import find_label_issues
@@ -138,7 +140,7 @@ def worker_cleanlab(args)->dict:
         p = CleanParams(rules=rules, min_per_class=0)
         ts = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter(); f = find_noisy(t, p)['reasons'].to_numpy() > 0; ts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); f = find_noisy(t, p.rules, **noisy_options(p))['reasons'].to_numpy() > 0; ts.append(time.perf_counter() - t0)
         ours_flags['+'.join(rules)] = f
         out['methods'].append({'method': 'aliprod ' + '+'.join(rules) + f' (top-{args.k})', 'median_s': float(np.median(ts)), **_scores(f, noisy),
                                'agree_vs_ours_cl': float((f == ours_flags['confident_learning']).mean())})
@@ -209,7 +211,8 @@ def main(argv=None)->dict:
         res = worker_cleanlab(args) if args.worker == 'cleanlab' else worker_ours(args)
         print(json.dumps(res)); return res
     from aliprod.synthetic import synthetic_index
-    from aliprod.clean import simulate_predictions, is_noisy
+    from aliprod.clean import is_noisy
+    from aliprod.noise import simulate_predictions
     from aliprod.predictions import write_topk
     from aliprod.core import hardware
     res = {'config': {k: v for k, v in vars(args).items() if k not in ('worker', 'tmp')},

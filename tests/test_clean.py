@@ -3,8 +3,8 @@ learning, byte-identical reruns, a round killed (SIGKILL) while writing its inde
 import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
-from aliprod.clean import (CleanParams, RULES, clean_index, confident_learning, confident_thresholds, find_noisy, protect_tail,
-                           simulate_predictions)
+from aliprod.clean import CleanParams, clean_index, noisy_options
+from aliprod.noise import RULES, confident_learning, confident_thresholds, find_noisy, protect_tail, simulate_predictions
 from aliprod.predictions import topk_from_probs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def test_no_rule_flags_a_confident_top1_label(data, rule):
                  (np.eye(50)[t.top1] + 0.3 * np.random.default_rng(0).normal(size=(len(t), 50))).astype(np.float32))
     confident_agree = (t.top1 == t.labels) & (t.conf >= 0.5)
     for kw in ({}, {'conf_threshold': 1.0, 'self_conf_threshold': 1.0}, {'drop_fraction': 0.99}):
-        flags = find_noisy(t, _params(rule, **kw), others=[t]).reasons.to_numpy() > 0
+        p = _params(rule, **kw)
+        flags = find_noisy(t, p.rules, others=[t], **noisy_options(p)).reasons.to_numpy() > 0
         assert flags.any(), f'{rule} {kw} flags nothing: the test would be vacuous'
         assert not (flags & confident_agree).any(), f'{rule} {kw} flagged a sample whose label is the confident top-1'
         assert not (flags & (t.top1 == t.labels)).any()
@@ -60,7 +61,7 @@ def test_tail_protection_never_empties_or_shrinks_below_min(data, m):
     assert (n1 >= np.minimum(n0, m)).all(), 'a class fell below min_per_class'
     assert ((n1 > 0) == (n0 > 0)).all(), 'tail protection emptied a class'
     # the samples kept by protection are each class's most confident flagged ones
-    flagged = find_noisy(t, p).reasons.to_numpy() > 0
+    flagged = find_noisy(t, p.rules, **noisy_options(p)).reasons.to_numpy() > 0
     kept = protect_tail(t.labels, flagged, t.p_label, m, 50, t.rows)
     for c in np.unique(t.labels[flagged & ~kept]):
         saved = t.p_label[flagged & ~kept & (t.labels == c)]
@@ -99,7 +100,7 @@ def test_relabel_stays_in_class_set(data):
 def test_relabelling_is_reachable_with_the_2021_rule(data):
     "disagree_low_conf flags top-1s below conf_threshold: relabelling takes its class from confident learning, and says why the rest are dropped"
     from aliprod.core import ParamsError
-    from aliprod.clean import RELABEL_OUTCOMES
+    from aliprod.noise import RELABEL_OUTCOMES
     idx, tr, t = data
     with pytest.raises(ParamsError, match="relabel_evidence 'suggest' would relabel none"): CleanParams(action='relabel', relabel_evidence='suggest')
     new, ch, s = clean_index(idx, t, CleanParams(action='relabel', min_per_class=2))
@@ -189,7 +190,8 @@ KILL_SCRIPT = textwrap.dedent('''
     import sys, time, numpy as np, pandas as pd, pyarrow.parquet as pq
     sys.path.insert(0, {tests!r})
     from test_clean import noisy_index
-    from aliprod.clean import CleanParams, clean_index, simulate_predictions, write_index
+    from aliprod.clean import CleanParams, clean_index, write_index
+    from aliprod.noise import simulate_predictions
     idx = noisy_index(); src = {src!r}; idx.to_parquet(src, index=False)
     tr = idx[idx.split == 'train'].reset_index(drop=True)
     new, _, _ = clean_index(idx, simulate_predictions(tr, 50, k=5), CleanParams())
@@ -314,7 +316,7 @@ def test_a_round_never_guts_the_data(tmp_path, data):
 
 def test_prototype_rule_flags_a_planted_tail_sample_and_keeps_its_siblings():
     "RoLT's prototype rule with a per-class threshold: a 3-image class's mislabelled image is flagged, its 2 clean siblings kept"
-    from aliprod.clean import prototype_rule, class_relative
+    from aliprod.noise import prototype_rule, class_relative
     r = np.random.default_rng(3)
     D, K = 16, 6
     means = r.normal(size=(K, D)); means /= np.linalg.norm(means, axis=1, keepdims=True)
@@ -341,7 +343,7 @@ def _long_tail_probs(seed, spread, K=200, N=2000):
 
 @pytest.mark.parametrize('seed,spread', [(0, 2.0), (1, 2.0), (2, 3.0)])
 def test_balanced_rule_against_the_dense_posterior(seed, spread):
-    from aliprod.clean import balanced_low_conf, balanced_scores
+    from aliprod.noise import balanced_low_conf, balanced_scores
     p, y, n = _long_tail_probs(seed, spread)
     q = p / n; q /= q.sum(1, keepdims=True)                           # the dense prior-corrected posterior
     dense = (p.argmax(1) != y) & (q.argmax(1) != y) & (q.max(1) < 0.5)
