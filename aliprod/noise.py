@@ -64,7 +64,8 @@ def register_rule(name:str, needs:tuple[str, ...]=()):
             raise ValueError(f"register_rule({name!r}): the int64 `reasons` bitmask holds 62 rules; retire one first")
         ps = list(inspect.signature(fn).parameters.values())
         if not ps or ps[0].kind == ps[0].KEYWORD_ONLY or any(p.kind != p.KEYWORD_ONLY for p in ps[1:]):
-            raise TypeError(f"register_rule({name!r}): {fn.__qualname__}{inspect.signature(fn)} must take the predictions "
+            raise TypeError(f"register_rule({name!r}): {fn.__qualname__}{inspect.signature(fn)} must take the "
+                            "predictions "
                             "and keyword-only options: fn(t, *, option, ...)")
         options = tuple(p.name for p in ps[1:])
         required = tuple(p.name for p in ps[1:] if p.default is p.empty)
@@ -121,7 +122,8 @@ def confident_learning(t:TopK,                   # predictions of the training s
                       )->tuple[np.ndarray, np.ndarray]:
     "(N,) flags and (N,) guessed classes (-1 where no class clears) of confident learning on sparse top-k predictions"
     th = confident_thresholds(t) if thresholds is None else np.asarray(thresholds, np.float64)
-    clears = t.topk_probs >= th[t.topk_labels]       # (N,k); top-k is sorted, so the first True is the most probable that clears
+    # (N,k); top-k is sorted, so the first True is the most probable that clears
+    clears = t.topk_probs >= th[t.topk_labels]
     any_clear = clears.any(1)
     first = clears.argmax(1)
     guess = np.where(any_clear, t.topk_labels[np.arange(len(t)), first], -1)
@@ -193,7 +195,8 @@ def _class_relative(t, *, robust_z):
 def _unit(x:np.ndarray)->np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int, batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
+def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int,
+                     batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
     "(K,D) float32 sums of the L2-normalised embeddings of each class, and (K,) counts (prototype = sum / count)"
     sums = np.zeros((num_classes, feats.shape[1]), np.float32)
     for s in range(0, len(feats), batch):
@@ -202,13 +205,15 @@ def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int, batch
 
 # %% ../nbs/03a_noise.ipynb #545df01d
 def prototype_distances(t:TopK, batch:int=8192)->tuple[np.ndarray, np.ndarray]:
-    "(N,) cosine distance to the leave-one-out prototype of the given class, and (N,) the nearest class among label + top-k"
-    if t.feats is None: raise ValueError("the prototype rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
+    "(N,) cosine distance to the leave-one-out prototype of the label's class, (N,) the nearest class of label + top-k"
+    if t.feats is None: raise ValueError("the prototype rule needs the embeddings: train with save_feats: true so the "
+                                         "training predictions carry feats")
     sums, n = class_prototypes(t.feats, t.labels, t.num_classes)
     own_d, nearest = np.zeros(len(t), np.float32), np.zeros(len(t), np.int32)
     for s in range(0, len(t), batch):
         f, y, cand = _unit(np.asarray(t.feats[s:s+batch], np.float32)), t.labels[s:s+batch], t.topk_labels[s:s+batch]
-        own = _unit(sums[y] - f)                                  # the other samples of the class (zero for a singleton)
+        # the other samples of the class (zero for a singleton)
+        own = _unit(sums[y] - f)
         d_own = np.where(n[y] > 1, 1 - (f * own).sum(1), 0.0)
         d_c = 1 - np.einsum('bd,bkd->bk', f, _unit(sums[cand]))   # other classes' prototypes: the sample is not in them
         d_c = np.where((cand == y[:, None]) | (n[cand] == 0), np.inf, d_c)
@@ -221,7 +226,8 @@ def prototype_rule(t:TopK, z:float=3.0)->tuple[np.ndarray, np.ndarray]:
     "(N,) flags and (N,) nearest-prototype classes of RoLT's prototype rule with a per-class robust threshold"
     d, nearest = prototype_distances(t)
     # the top-1 must disagree too, as in every rule: a sample whose label is its classifier's top-1 is never flagged
-    return robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels), nearest
+    flags = robust_outliers(d, t.labels, t.num_classes, z, floor=0.01) & (nearest != t.labels) & (t.top1 != t.labels)
+    return flags, nearest
 
 @register_rule('prototype', needs=('embeddings',))
 def _prototype(t, *, robust_z):
@@ -275,13 +281,14 @@ def _balanced(t, *, conf_threshold, counts):
     return RuleResult(*balanced_low_conf(t, conf_threshold, counts))
 
 # %% ../nbs/03a_noise.ipynb #3c6923bd
-H2E_ENVIRONMENTS = ('instance', 'class', 'reverse')   # class probability ∝ n, 1, 1/n: the data's own, balanced, reversed
+# class probability ∝ n, 1, 1/n: the data's own, balanced, reversed
+H2E_ENVIRONMENTS = ('instance', 'class', 'reverse')
 
 def environment_probs(labels:np.ndarray,   # (N,) given labels of the samples the identifier draws from
                       num_classes:int,       # K
-                      counts=None,           # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: `labels`' own
+                      counts=None,           # (K,) class sizes the network trained on; None: `labels`' own
                      )->dict[str, np.ndarray]:
-    "Environment -> (K,) class probability of H2E's environments (∝ n, 1, 1/n); only classes with samples here are drawn"
+    "Environment -> (K,) class probability of H2E's environments (∝ n, 1, 1/n); only classes with samples are drawn"
     own = np.bincount(labels, minlength=num_classes)
     # a class with samples here that the network never trained on counts as one image: drawable, and a finite log prior
     n = own if counts is None else np.where(own > 0, np.maximum(np.asarray(counts, np.int64), 1), 0)
@@ -304,22 +311,25 @@ def _class_draws(labels:np.ndarray, probs:np.ndarray, total:int, rng)->np.ndarra
     rng.shuffle(idx)
     return idx
 
-def h2e_scores(t:TopK,                 # training predictions with `feats`: the candidate classes are the label and the top-k
+# training predictions with `feats`: the candidate classes are the label and the top-k
+def h2e_scores(t:TopK,
                epochs:int=2,           # passes over the samples, per environment
                penalty:float=1.0,      # λ: risk + λ · IRMv1 penalty, averaged over the environments
                lr:float=0.1,           # SGD with momentum 0.9, cosine schedule
                batch_size:int|None=None, # default: N/100 within [32, 8192], so an epoch has about 100 steps
                scale:float=16.0,       # logits = scale · unit embedding · w (+ b)
                seed:int=0,
-               counts=None,            # (K,) class sizes the network trained on (`aliprod.train.trained_counts`); None: t's labels
+               counts=None,            # (K,) class sizes the network trained on; None: t's labels
               )->tuple[np.ndarray, np.ndarray]:
-    "(N,k+1) prior-free scores of H2E's invariant noise identifier over each sample's candidate classes, and (N,k+1) those classes (label first)"
+    "(N,k+1) prior-free scores of H2E's noise identifier over each sample's candidates, and (N,k+1) those (label first)"
     import torch, torch.nn.functional as F
-    if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the training predictions carry feats")
+    if t.feats is None: raise ValueError("the h2e rule needs the embeddings: train with save_feats: true so the "
+                                         "training predictions carry feats")
     N, K = len(t), t.num_classes
     y = t.labels.astype(np.int64)
     cand = torch.from_numpy(np.concatenate([y[:, None], t.topk_labels.astype(np.int64)], 1))
-    dup = torch.from_numpy(np.concatenate([np.zeros((N, 1), bool), t.topk_labels == y[:, None]], 1))  # the label again in the top-k
+    # the label again in the top-k
+    dup = torch.from_numpy(np.concatenate([np.zeros((N, 1), bool), t.topk_labels == y[:, None]], 1))
     env = environment_probs(y, K, counts)
     logp = {m: torch.from_numpy(np.log(np.maximum(env[m], 1e-30))).float() for m in H2E_ENVIRONMENTS}
     own = np.bincount(y, minlength=K)
@@ -330,16 +340,21 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
     W = torch.zeros(K, t.feats.shape[1], requires_grad=True); b = torch.zeros(K, requires_grad=True)
     opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
-    def logits(idx):   # (B,k+1) over the candidates; a repeated label is masked (-1e4, not -inf: the penalty multiplies the logits)
-        x = torch.from_numpy(_unit(np.asarray(t.feats[idx], np.float32))) * scale   # feats may be memory-mapped: read per batch
+    # (B,k+1) over the candidates; a repeated label is masked (-1e4, not -inf: the penalty multiplies the logits)
+    def logits(idx):
+        # feats may be memory-mapped: read per batch
+        x = torch.from_numpy(_unit(np.asarray(t.feats[idx], np.float32))) * scale
         c = cand[idx]
         return (torch.einsum('bd,bkd->bk', x, W[c]) + b[c]).masked_fill(dup[idx], -1e4), c
-    samplers = [LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)] if same else []
+    samplers = ([LongTailSampler(y, m, num_classes=K, seed=seed + j) for j, m in enumerate(H2E_ENVIRONMENTS)]
+                if same else [])
     for ep in range(epochs):
         draws = []
         for s in samplers: s.set_epoch(ep); draws.append(np.asarray(s.indices()))
-        if not same:   # the network trained on other class sizes (a capped head): each environment draws classes by those
-            draws = [_class_draws(y, env[m], N, np.random.default_rng([seed + j, ep])) for j, m in enumerate(H2E_ENVIRONMENTS)]
+        # the network trained on other class sizes (a capped head): each environment draws classes by those
+        if not same:
+            draws = [_class_draws(y, env[m], N, np.random.default_rng([seed + j, ep]))
+                     for j, m in enumerate(H2E_ENVIRONMENTS)]
         for st in range(steps):
             loss = 0.
             for m, dr in zip(H2E_ENVIRONMENTS, draws):
@@ -357,7 +372,7 @@ def h2e_scores(t:TopK,                 # training predictions with `feats`: the 
 
 # %% ../nbs/03a_noise.ipynb #f06acadd
 def h2e_rule(t:TopK, epochs:int=2, penalty:float=1.0, seed:int=0, counts=None)->tuple[np.ndarray, np.ndarray]:
-    "(N,) flags and (N,) the identifier's top class: H2E's invariant identifier does not put the label first (nor does the network's top-1)"
+    "(N,) flags, (N,) the identifier's top class: H2E's identifier does not put the label first (nor the top-1)"
     scores, cand = h2e_scores(t, epochs, penalty, seed=seed, counts=counts)
     top = cand[np.arange(len(t)), scores.argmax(1)].astype(np.int32)
     return (top != t.labels) & (t.top1 != t.labels), top
@@ -424,14 +439,14 @@ def _topk_prob(t:TopK, cls:np.ndarray)->np.ndarray:
 def find_noisy(t:TopK,                          # predictions of the training samples (one per sample)
                rules=('disagree_low_conf',),    # `RULE_REGISTRY` names: a sample is flagged when any of them flags it
                *,
-               counts=None,                     # (K,) class sizes the model trained on: balanced and h2e priors; None: t's
+               counts=None,                     # (K,) class sizes the model trained on (balanced, h2e); None: t's
                others:list[TopK]=(),            # agreement: other models' predictions of the same samples
                other_names:list[str]|None=None, # their names, in errors
                conf_threshold:float=0.5,        # disagree_low_conf, balanced: a top-1 probability below this is low
-               drop_fraction:float|None=None,   # disagree_low_conf: instead, the lowest-ranked fraction by top-1 probability
+               drop_fraction:float|None=None,   # disagree_low_conf: instead, the fraction lowest by top-1 probability
                self_conf_threshold:float=0.1,   # self_confidence: flag when the probability of the label is below this
-               robust_z:float=3.0,              # class_relative, prototype: robust sd (1.4826·MAD) of the sample's class
-               h2e_epochs:int=2,                # h2e: passes of the noise identifier over the embeddings, per environment
+               robust_z:float=3.0,              # class_relative, prototype: robust sd (1.4826·MAD) of the class
+               h2e_epochs:int=2,                # h2e: passes of the noise identifier, per environment
                h2e_penalty:float=1.0,           # h2e: λ of the invariance penalty (risk + λ · IRMv1)
                **options,                       # options of rules registered elsewhere (`register_rule`)
               )->pd.DataFrame:
@@ -452,20 +467,23 @@ def find_noisy(t:TopK,                          # predictions of the training sa
             raise ValueError(f"Unknown cleaning rule {r!r}; valid: {', '.join(RULE_REGISTRY)}")
         rule = RULE_REGISTRY[r]
         missing = [o for o in rule.required if o not in given]
-        if missing: raise TypeError(f"cleaning rule {r!r} reads option {missing[0]!r}: pass find_noisy(..., {missing[0]}=...)")
+        if missing:
+            raise TypeError(f"cleaning rule {r!r} reads option {missing[0]!r}: pass find_noisy(..., {missing[0]}=...)")
         res = rule.fn(t, **{o: given[o] for o in rule.options if o in given})
         if not isinstance(res, RuleResult):
             raise TypeError(f"cleaning rule {r!r} ({rule.fn.__qualname__}) returned {type(res).__name__}; "
                             "a rule returns RuleResult(flags, suggest, prob)")
         f = np.asarray(res.flags)
         if f.shape != (len(t),):
-            raise ValueError(f"cleaning rule {r!r} returned flags of shape {f.shape}; it must return one per sample ({len(t)},)")
+            raise ValueError(f"cleaning rule {r!r} returned flags of shape {f.shape}; it must return one per sample "
+                             f"({len(t)},)")
         if res.suggest is not None:
             prob = _topk_prob(t, res.suggest) if res.prob is None else res.prob
             suggest = np.where(f, res.suggest, suggest).astype(np.int32)
             suggest_prob = np.where(f, prob, suggest_prob).astype(np.float32)
         bits |= np.where(f, rule.bit, 0)
-    return pd.DataFrame({'row': t.rows, 'label': t.labels, 'reasons': bits, 'suggest': suggest, 'suggest_prob': suggest_prob,
+    return pd.DataFrame({'row': t.rows, 'label': t.labels, 'reasons': bits, 'suggest': suggest,
+                         'suggest_prob': suggest_prob,
                          'top1': t.top1.astype(np.int32), 'conf': t.conf, 'p_label': t.p_label})
 
 # %% ../nbs/03a_noise.ipynb #a5e74383
@@ -494,7 +512,9 @@ def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, 
     top = np.where(ood, np.where(memo, y, rand), np.where(noisy, np.where(memo, y, c), np.where(right, y, sibling)))
     second = np.where(noisy, np.where(memo, c, y), np.where(ood, sibling % K, np.where(right, sibling, y)))
     second = np.where(second == top, (top + 1) % K, second)
-    p1 = np.where(ood, rng.beta(1.5, 5, N), np.where(noisy & memo, rng.beta(2, 3, N), np.where(noisy | ~right, rng.beta(2.5, 2.5, N), rng.beta(6, 1.2, N))))
+    p1 = np.where(ood, rng.beta(1.5, 5, N),
+                  np.where(noisy & memo, rng.beta(2, 3, N),
+                           np.where(noisy | ~right, rng.beta(2.5, 2.5, N), rng.beta(6, 1.2, N))))
     p2 = (1 - p1) * rng.beta(2, 2, N) * np.where(noisy | ~right, 1.0, 0.5)
     rest = np.maximum(1 - p1 - p2, 0)
     # the other k-2 classes: distinct offsets from the top-1 in disjoint ranges, skipping `second`
@@ -511,10 +531,12 @@ def simulate_predictions(index:pd.DataFrame,  # index rows (label, clean_label, 
     hit = labs == y[:, None]
     p_label = np.where(hit.any(1), (probs * hit).sum(1), probs[:, -1] * rng.random(N))
     rows = index['row'].to_numpy(np.int64) if 'row' in index else np.arange(N, dtype=np.int64)
-    return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32), K)
+    return TopK(rows, y.astype(np.int32), labs.astype(np.int32), probs.astype(np.float32), p_label.astype(np.float32),
+                K)
 
 # %% ../nbs/03a_noise.ipynb #87eabefa
-RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'models_disagree', 'evidence_is_label', 'below_relabel_threshold')
+RELABEL_OUTCOMES = ('relabelled', 'no_confident_class', 'models_disagree', 'evidence_is_label',
+                    'below_relabel_threshold')
 RELABEL_EVIDENCE = ('confident_learning', 'models', 'suggest')
 
 def relabel_decision(t:TopK,                    # predictions of the training samples
@@ -522,16 +544,18 @@ def relabel_decision(t:TopK,                    # predictions of the training sa
                      suggest_prob:np.ndarray,   # (N,) its probability
                      relabel_evidence:str='confident_learning', # what names the new class (`RELABEL_EVIDENCE`)
                      relabel_threshold:float=0.9, # 'models' / 'suggest': the probability the new class needs
-                     others:list[TopK]=(),      # relabel_evidence 'models': the other models' predictions of the samples
+                     others:list[TopK]=(),      # relabel_evidence 'models': the other models' predictions
                     )->tuple[np.ndarray, np.ndarray]:
     "(N,) class each sample would move to (-1: none) and (N,) outcome: 'relabelled' or why not (`RELABEL_OUTCOMES`)"
     if relabel_evidence not in RELABEL_EVIDENCE:
         raise ValueError(f"relabel_evidence {relabel_evidence!r} is not one of {', '.join(RELABEL_EVIDENCE)}")
     if relabel_evidence == 'confident_learning':
         _, target = confident_learning(t)
-        why = np.where(target < 0, 'no_confident_class', np.where(target == t.labels, 'evidence_is_label', 'relabelled'))
+        why = np.where(target < 0, 'no_confident_class',
+                       np.where(target == t.labels, 'evidence_is_label', 'relabelled'))
     elif relabel_evidence == 'models':
-        if not len(others): raise ValueError("relabel_evidence 'models' needs the other models' predictions (agreement_tags)")
+        if not len(others):
+            raise ValueError("relabel_evidence 'models' needs the other models' predictions (agreement_tags)")
         al = [_align(t, o, f'model {i+1}') for i, o in enumerate(others)]
         target = np.asarray(suggest)
         agree = np.all([a.top1 == target for a in al], axis=0)
