@@ -450,7 +450,8 @@ def trained_prior(paths:list[Path],    # training predictions files of train run
         if len(y) and y.max() >= num_classes:
             raise ValueError(f"{trained_rows_path(p)} holds label {y.max()} but the predictions have K={num_classes}; they come from different datasets")
         counts += np.bincount(y, minlength=num_classes)
-        # a row predicted by a model that trained on it (in-sample); capped-out head rows and held-out folds are out-of-sample
+        # a row predicted by a model that trained on it (in-sample); capped-out head rows and held-out folds are
+        # out-of-sample
         seen.append(np.intersect1d(pq.read_table(p, columns=['row']).column('row').to_numpy(), tr['row'].to_numpy(np.int64)))
     return counts, np.concatenate(seen).astype(np.int64)
 
@@ -500,7 +501,8 @@ def check_clean(exp:ExperimentParams, train, clean:CleanParams, own_predictions:
     if need and not own_predictions and not getattr(train, 'save_feats', False):
         raise ParamsError(f"[clean] rules: {', '.join(need)} needs the embeddings of the training images; set train: save_feats: true")
     if rules_needing(clean.rules, 'others') or (clean.action == 'relabel' and clean.relabel_evidence == 'models'):
-        # round j needs the other models trained on index j, which the train stage can train only once round j has written it
+        # round j needs the other models trained on index j, which the train stage can train only once round j
+        # has written it
         missing = [str(p) for j in range(clean.iteration) for p in agreement_paths(exp, clean, j) if not p.exists()]
         if missing: raise ParamsError(f"[clean] agreement_tags: {missing[0]} not found ({len(missing)} missing): train those models on each index first "
                                       "(with iteration > 1, run the clean stage one iteration at a time and train the tagged models on each new index in between)")
@@ -522,20 +524,23 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])
     out = run_dir(exp, 'clean', k)
     prev, classes_file = index_path(exp, k - 1), data_artifacts(exp).classes
-    trained = [f for f in map(trained_rows_path, pred_paths) if f.is_file()]   # the rows the models trained on: their prior
+    # the rows the models trained on: their prior
+    trained = [f for f in map(trained_rows_path, pred_paths) if f.is_file()]
     run = StageRun(out, 'clean', {'clean': _stage_params(clean), 'seed': exp.seed}, inputs=[prev, classes_file, *pred_paths, *trained, *other_paths],
                    modules=['clean'])
 
     def work():
         index = load_index(exp, k - 1)
-        # the prior-aware rules (balanced, h2e) read the class sizes the model trained on, not the split's (head_cap, folds)
+        # the prior-aware rules (balanced, h2e) read the class sizes the model trained on, not the split's
+        # (head_cap, folds)
         counts, seen = trained_prior(pred_paths, t.num_classes, required=predictions_of is None)
         new, changes, summary = clean_index(index, t, clean, pd.read_parquet(classes_file), others, clean.agreement_tags, counts)
         summary['prior'] = "the model's trained rows" if counts is not None else "the predictions' labels (no trained_rows.parquet)"
         # the guard chooses too: on the choosing images only
         err, err_from = model_error(t, pred_paths, clean.source, choosing_rows(index, exp.seed))
         summary['model_error'], summary['model_error_from'] = err, err_from
-        summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)   # refuses before anything is written
+        # refuses before anything is written
+        summary['guard'] = guard_round(summary, err, err_from, t.num_classes, clean)
         train_before = index[index['split'] == 'train']
         flagged_rows = changes.loc[changes['action'] != 'kept_tail', 'row']
         summary['detection'] = detection_scores(train_before, flagged_rows).to_dict('records')
@@ -545,10 +550,12 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
             for a in ('drop', 'relabel'):
                 lab = changes.loc[changes['action'] == a, 'label'].to_numpy(np.int64)
                 summary[f"{'dropped' if a == 'drop' else 'relabelled'}_by_band"] = {b: int((bands[lab] == b).sum()) for b in BANDS}
-        if seen is not None:   # out-of-sample rows (capped-out head rows, held-out folds) are scored apart from the trained ones
+        # out-of-sample rows (capped-out head rows, held-out folds) are scored apart from the trained ones
+        if seen is not None:
             summary['seen_rows'] = int(np.isin(train_before['row'].to_numpy(np.int64), seen).sum())
             summary['detection_by_seen'] = detection_by_seen(train_before[train_before['label'] >= 0], flagged_rows, seen, bands).to_dict('records')
-        # every rule alone on the same predictions (ground truth only: real data returns an empty table before running any rule)
+        # every rule alone on the same predictions (ground truth only: real data returns an empty table before
+        # running any rule)
         td = t
         if t.feats is None and is_noisy(train_before)[1].any() and all('feats' in pq.read_schema(f).names for f in pred_paths):
             td = read_predictions(pred_paths, feats=True)   # with the embeddings: the prototype and h2e rules too
@@ -628,7 +635,8 @@ def rules_table(exp:ExperimentParams, rounds:int)->pd.DataFrame:
                    'precision': a['precision'], 'recall': a['recall'], 'f1': a['f1']}
             for _, b in g[(g['band'] != 'all') & (g['seen'] == 'all')].iterrows():
                 row[f"precision_{b['band']}"], row[f"recall_{b['band']}"] = b['precision'], b['recall']
-            for _, b in g[(g['band'] == 'all') & (g['seen'] != 'all')].iterrows():   # in-sample vs out-of-sample predictions
+            # in-sample vs out-of-sample predictions
+            for _, b in g[(g['band'] == 'all') & (g['seen'] != 'all')].iterrows():
                 row[f"precision_{b['seen']}"], row[f"recall_{b['seen']}"] = b['precision'], b['recall']
             rows.append(row)
     return pd.DataFrame(rows)
@@ -769,7 +777,8 @@ def run_clean(exp:ExperimentParams, data, train, clean:CleanParams,
                   'no val predictions: rounds not chosen on validation')
     art = arts[-1]
     rounds = len(models) - 1
-    # rounds run past the stop (on request) are there to look at, not candidates: later stages read rounds_run - len(past_stop)
+    # rounds run past the stop (on request) are there to look at, not candidates: later stages read rounds_run -
+    # len(past_stop)
     past = [dd['iteration'] for dd in decisions if dd.get('past_stop')]
     selection = {'kept_iteration': kept, 'rounds_run': rounds, 'past_stop': past, 'select': clean.select, 'rules': list(clean.rules), 'action': clean.action, 'source': clean.source, 'rule': "paired 95% interval of Δ val mean class error excludes 0 (aliprod.metrics.verdict 'helped')",
                  'chosen_on': f"the choosing images of val (the index's role 'choose', {len(rows)} images)",
