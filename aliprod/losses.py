@@ -34,6 +34,7 @@ def logit_adjust(logits:Tensor,    # (N,K) scores of a classifier trained on the
     if tau == 0: return logits.clone()  # exactly the classifier's logits
     return logits - tau * log_prior.to(logits)
 
+# %% ../nbs/04a_losses.ipynb #284031a5
 class LogitAdjustedHead(nn.Module):
     "A trained classifier followed by post-hoc logit adjustment (the prior and τ are buffers: saved with the head)"
     def __init__(self, classifier:nn.Module, log_prior:Tensor, tau:float=1.0):
@@ -54,6 +55,7 @@ def logit_adjusted_loss(logits:Tensor,    # (B,K) scores
     if target.ndim == 2: return -(target.to(z) * z.log_softmax(1)).sum(1).mean()
     return F.cross_entropy(z, target)
 
+# %% ../nbs/04a_losses.ipynb #5be2bd07
 def balanced_softmax_loss(logits:Tensor, target:Tensor, log_prior:Tensor)->Tensor:
     "Ren et al.'s Balanced Softmax: cross-entropy of softmax(logits + log π)"
     return logit_adjusted_loss(logits, target, log_prior, 1.0)
@@ -61,7 +63,7 @@ def balanced_softmax_loss(logits:Tensor, target:Tensor, log_prior:Tensor)->Tenso
 # %% ../nbs/04a_losses.ipynb #f6c7c558
 def accuracy_loss(logits:Tensor,   # (B,K) scores
                   target:Tensor,   # (B,) class ids, or (B,K) one-hot / soft targets
-                  reduction:Literal['row','element']='row', # 'row': sum over classes, then mean over rows (trained with)
+                  reduction:Literal['row','element']='row', # 'row': sum over classes, then mean over rows (trains)
                  )->Tensor:
     "The 2020 winners' accuracy loss 1 - mean(ŷ·y / (ŷ·y + (1-y)·ŷ)), ŷ = softmax(logits)"
     p = logits.float().softmax(dim=1)
@@ -80,7 +82,8 @@ class LogitAdjustedLoss(nn.Module):
         self.tau = float(tau)
     def forward(self, pred:Tensor, target:Tensor)->Tensor:
         if torch.is_grad_enabled(): return logit_adjusted_loss(pred, target, self.log_prior, self.tau)
-        return F.cross_entropy(pred.float(), target) if target.ndim == 1 else -(target * pred.float().log_softmax(1)).sum(1).mean()
+        if target.ndim == 1: return F.cross_entropy(pred.float(), target)
+        return -(target * pred.float().log_softmax(1)).sum(1).mean()   # soft targets (mixup)
 
 # %% ../nbs/04a_losses.ipynb #0edf9516
 class LogitAdjustedLossCallback(Callback):
@@ -90,7 +93,8 @@ class LogitAdjustedLossCallback(Callback):
     def _sampler(self):
         s = getattr(self.learn.dls.train, 'sampler', None)
         if self.counts is None and not hasattr(s, 'counts'):
-            raise ValueError("LogitAdjustedLossCallback: the training loader has no LongTailSampler to read class counts from; pass counts=")
+            raise ValueError("LogitAdjustedLossCallback: the training loader has no LongTailSampler to read class "
+                             "counts from; pass counts=")
         return s
     def _prior(self)->Tensor:
         s = self._sampler()
@@ -100,16 +104,19 @@ class LogitAdjustedLossCallback(Callback):
         return log_prior(counts, mode, progress)
     def before_fit(self):
         if getattr(self._sampler(), 'mode', 'instance') != 'instance' and self.counts is None:
-            warnings.warn(f"logit-adjusted loss with {self._sampler().mode!r} sampling: the prior is that of the sampler's draws "
-                          "(uniform for 'class'), so the loss corrects only what the sampler left; instance sampling is what the papers use")
+            warnings.warn(f"logit-adjusted loss with {self._sampler().mode!r} sampling: the prior is that of the "
+                          "sampler's draws (uniform for 'class'), so the loss corrects only what the sampler left; "
+                          "instance sampling is what the papers use")
         self.learn.loss_func = LogitAdjustedLoss(self._prior(), self.tau)
     def before_epoch(self):
         if isinstance(self.learn.loss_func, LogitAdjustedLoss): self.learn.loss_func.log_prior = self._prior()
 
+# %% ../nbs/04a_losses.ipynb #7ee37eed
 def logit_adjusted_callbacks(tau:float=1.0)->list:
     "Callback factory for the train stage's `callbacks` spec: Menon et al.'s logit-adjusted loss"
     return [LogitAdjustedLossCallback(tau)]
 
+# %% ../nbs/04a_losses.ipynb #28e5631c
 def balanced_softmax_callbacks()->list:
     "Callback factory for the train stage's `callbacks` spec: Ren et al.'s Balanced Softmax"
     return [LogitAdjustedLossCallback(1.0)]
@@ -121,12 +128,12 @@ class AccuracyLoss(nn.Module):
         if torch.is_grad_enabled(): return accuracy_loss(pred, target)
         return F.cross_entropy(pred.float(), target)
 
-# %% ../nbs/04a_losses.ipynb #9d001a91
+# %% ../nbs/04a_losses.ipynb #9b3fc070
 class AccuracyLossCallback(Callback):
     "Train with the accuracy loss instead of the train stage's cross-entropy"
     def before_fit(self): self.learn.loss_func = AccuracyLoss()
 
-# %% ../nbs/04a_losses.ipynb #af885ea5
+# %% ../nbs/04a_losses.ipynb #61431e5b
 def accuracy_loss_callbacks()->list:
     "Callback factory for the train stage's `callbacks` spec of the acc_loss network finetune"
     return [AccuracyLossCallback()]

@@ -29,12 +29,12 @@ __all__ = ['NETWORK_CONTROL', 'OPTION_PARAMS', 'RebalanceParams', 'fit_options',
            'plot_weight_norms', 'network_params', 'network_finetune', 'RebalanceArtifacts', 'labelled_splits',
            'check_rebalance', 'cache_features', 'with_baseline_change', 'run_rebalance', 'rebalance_stage']
 
-# %% ../nbs/04_rebalance.ipynb #69dc2d9e
-# the whole-network finetunes' control: the same length and lr, instance sampling, cross-entropy, every training image,
-# so a '<method>-network' row measures its sampling, subset or loss, not the extra epoch every finetune adds to the model
+# %% ../nbs/04_rebalance.ipynb #5409caff
+# the whole-network finetunes' control: the same length and lr, instance sampling, cross-entropy, every training
+# image, so a '<method>-network' row measures its sampling, subset or loss, not the extra epoch every finetune adds
 NETWORK_CONTROL = 'instance'
 
-# %% ../nbs/04_rebalance.ipynb #a41ea683
+# %% ../nbs/04_rebalance.ipynb #f67a29b3
 def _is_finetune(m:str)->bool: return m in METHOD_REGISTRY and METHOD_REGISTRY[m].finetune
 
 @params_section('rebalance')
@@ -55,7 +55,7 @@ class RebalanceParams:
     finetune_epochs:int=3            # two_stage / balanced_subset / acc_loss finetunes
     finetune_lr:float=0.02           # lower than training's, as the 2020 7th place does
     samples_per_epoch:int|None=None  # draws per epoch of the classifier methods; None: the training images used
-    batch_size:int=64                # classifier-balancing: 512 (ImageNet-LT); small so the tiny sets take several steps
+    batch_size:int=64                # classifier-balancing: 512 (ImageNet-LT); small: the tiny sets take several steps
     weight_decay:float=5e-4
     subset_per_class:int=30          # balanced subset: most confident images per class
     head_cap:int|None=None           # cap every class at this many images for crt/lws/two_stage (2020 7th place: 250)
@@ -76,9 +76,11 @@ class RebalanceParams:
             raise ParamsError(f"[rebalance] tau_grid must be non-empty and >= 0, got {self.tau_grid}")
         if not self.la_tau_grid or min(self.la_tau_grid) < 0:
             raise ParamsError(f"[rebalance] la_tau_grid must be non-empty and >= 0, got {self.la_tau_grid}")
-        if self.network_epochs < 1: raise ParamsError(f"[rebalance] network_epochs: must be >= 1, got {self.network_epochs}")
+        if self.network_epochs < 1:
+            raise ParamsError(f"[rebalance] network_epochs: must be >= 1, got {self.network_epochs}")
         if self.crt_lr is not None and self.crt_lr <= 0:
-            raise ParamsError(f"[rebalance] crt_lr: must be > 0 or null (null: 0.2 × batch_size/512), got {self.crt_lr}")
+            raise ParamsError(f"[rebalance] crt_lr: must be > 0 or null (null: 0.2 × batch_size/512), "
+                              f"got {self.crt_lr}")
         if self.batch_size < 1: raise ParamsError(f"[rebalance] batch_size: must be >= 1, got {self.batch_size}")
         if self.network_lr is not None and self.network_lr <= 0:
             raise ParamsError(f"[rebalance] network_lr: must be > 0 or null, got {self.network_lr}")
@@ -96,8 +98,9 @@ class RebalanceParams:
         ms = [m for m in self.methods if _is_finetune(m) and self.finetune in ('network', 'both')]
         return [NETWORK_CONTROL, *ms] if ms else []
 
-# %% ../nbs/04_rebalance.ipynb #7b9a7f04
-OPTION_PARAMS = {'crt_lr': 'crt_peak_lr'}   # a method option read from another [rebalance] attribute: cRT's lr, resolved
+# %% ../nbs/04_rebalance.ipynb #6bac9dfd
+# a method option read from another [rebalance] attribute: cRT's lr, `crt_lr: null` resolved
+OPTION_PARAMS = {'crt_lr': 'crt_peak_lr'}
 
 def fit_options(p:RebalanceParams, method:str)->dict:
     "`fit_method`'s keyword arguments for `method` from [rebalance]: the shared fitting, then every option it declares"
@@ -124,9 +127,9 @@ class MethodResult:
     metrics:dict       # split -> evaluate(...) dict
     info:dict          # tau, sweep, history, images, seconds
 
-# %% ../nbs/04_rebalance.ipynb #4c6c922c
+# %% ../nbs/04_rebalance.ipynb #d6a2c8d1
 def rebalance_features(classifier:nn.Module,  # the trained classifier (not modified)
-                       splits:dict,            # 'train' and 'val' and/or 'test' -> Features (test: predicted, never fitted)
+                       splits:dict,            # 'train', 'val' and/or 'test' -> Features (test: predicted, not fitted)
                        num_classes:int,
                        p:RebalanceParams,
                        methods=None,           # default p.classifier_methods(): not the whole-network finetunes
@@ -150,27 +153,28 @@ def rebalance_features(classifier:nn.Module,  # the trained classifier (not modi
     if val is not None and choose_rows is not None: val = val.take(np.flatnonzero(np.isin(val.rows, choose_rows)))
     for m in (p.classifier_methods() if methods is None else methods):
         t0 = time.time()
-        head, info = fit_method(m, classifier, splits['train'], val, num_classes, train_p_label=train_p_label, seed=seed,
-                                device=device, groups=groups, prior_counts=prior_counts, **fit_options(p, m))
+        head, info = fit_method(m, classifier, splits['train'], val, num_classes, train_p_label=train_p_label,
+                                seed=seed, device=device, groups=groups, prior_counts=prior_counts, **fit_options(p, m))
         info['seconds'] = round(time.time() - t0, 3)
         out[m] = MethodResult(m, head, *_predict(head), info)
         log(f"rebalance {m}: {evals[0]} mean class err {out[m].metrics[evals[0]]['mean_class_err']:.4f} "
             f"({info['seconds']} s)")
     return out
 
-# %% ../nbs/04_rebalance.ipynb #20c0e6e8
+# %% ../nbs/04_rebalance.ipynb #ed1df743
 def results_table(results:dict[str, MethodResult])->pd.DataFrame:
     "One row per (method, split): top-1 error, mean class error, many/medium/few accuracy, τ, images used, seconds"
     rows = []
     for m, r in results.items():
         for split, met in r.metrics.items():
-            rows.append({'method': m, 'split': split, 'top1_err': met['top1_err'], 'mean_class_err': met['mean_class_err'],
-                         'many_acc': met['many_acc'], 'medium_acc': met['medium_acc'], 'few_acc': met['few_acc'],
+            rows.append({'method': m, 'split': split, 'top1_err': met['top1_err'],
+                         'mean_class_err': met['mean_class_err'], 'many_acc': met['many_acc'],
+                         'medium_acc': met['medium_acc'], 'few_acc': met['few_acc'],
                          'tau': r.info.get('tau', np.nan), 'images': r.info.get('images'),
                          'seconds': r.info.get('seconds', np.nan)})
     return pd.DataFrame(rows).astype({'images': 'Int64'})
 
-# %% ../nbs/04_rebalance.ipynb #21bab942
+# %% ../nbs/04_rebalance.ipynb #d8d5037c
 def plot_tau_sweep(sweep:pd.DataFrame, tau:float, title:str='τ-normalisation on the validation split'):
     "Many/medium/few/all mean class accuracy against τ, the chosen τ marked"
     import matplotlib.pyplot as plt
@@ -191,14 +195,14 @@ def weight_norms(classifier:nn.Module, counts)->pd.DataFrame|None:
     return pd.DataFrame({'label': np.arange(w.shape[0]), 'train_images': np.asarray(counts, np.int64),
                          'weight_norm': w.detach().float().norm(dim=1).cpu().numpy()})
 
-# %% ../nbs/04_rebalance.ipynb #1517b113
+# %% ../nbs/04_rebalance.ipynb #4b51866a
 def norm_size_correlation(norms:pd.DataFrame)->float:
     "Spearman rank correlation of row norm with class size over the classes with training images"
     n = norms[norms['train_images'] > 0]
     if len(n) < 3 or n['train_images'].nunique() < 2: return float('nan')
     return float(n['train_images'].rank().corr(n['weight_norm'].rank()))
 
-# %% ../nbs/04_rebalance.ipynb #656b3a80
+# %% ../nbs/04_rebalance.ipynb #9f87759e
 def weight_norm_note(rho:float, tau:float|None,
                      how:str|None=None, # how the classifier was trained, e.g. 'AdamW (weight decay 0.05), head cap 60'
                     )->str:
@@ -208,10 +212,10 @@ def weight_norm_note(rho:float, tau:float|None,
     if not np.isfinite(rho):
         return f'Classifier row norms: too few classes with different sizes to relate them to class size{chosen}.'
     if rho < -0.3:
-        return (f'Classifier row norms fall with class size (Spearman ρ = {rho:.2f}): the tail classes already have the '
-                'longer rows, so dividing the norms out (τ-normalisation) can only move close calls towards the head '
-                f'classes{chosen}. Head capping and decoupled weight decay keep the norms from growing with class size; '
-                'benchmarks/tau_norm.py separates the two on the run\'s embeddings.')
+        return (f'Classifier row norms fall with class size (Spearman ρ = {rho:.2f}): the tail classes already have '
+                'the longer rows, so dividing the norms out (τ-normalisation) can only move close calls towards the '
+                f'head classes{chosen}. Head capping and decoupled weight decay keep the norms from growing with class '
+                'size; benchmarks/tau_norm.py separates the two on the run\'s embeddings.')
     if rho > 0.3: return (f'Classifier row norms grow with class size (Spearman ρ = {rho:.2f}): the head classes win '
                           f'close calls by norm, which τ-normalisation divides out{chosen}.')
     return (f'Classifier row norms barely follow class size (Spearman ρ = {rho:.2f}): τ-normalisation has little to '
@@ -219,7 +223,7 @@ def weight_norm_note(rho:float, tau:float|None,
             'decoupled weight decay both keep the norms flat; benchmarks/tau_norm.py separates the two on the run\'s '
             'embeddings.')
 
-# %% ../nbs/04_rebalance.ipynb #9a93a4e8
+# %% ../nbs/04_rebalance.ipynb #0e1d5ffa
 def plot_weight_norms(norms:pd.DataFrame, title:str='Classifier row norm against class size'):
     "Per-class ‖w_i‖ against training images (log x), the Spearman correlation in the legend (Kang et al.'s Figure 2)"
     import matplotlib.pyplot as plt
@@ -240,12 +244,13 @@ def network_params(method:str, p:RebalanceParams, t,
     return dataclasses.replace(t, epochs=p.network_epochs, img_size=t.eval_size, finetune_size=None, finetune_epochs=0,
                                warmup_epochs=0, schedule='cosine', milestones=[],
                                lr=p.network_lr if p.network_lr is not None else 0.1 * t.peak_lr, mixup=0.0,
-                               sampler='class' if two else 'instance', sampler_samples=p.samples_per_epoch if two else None,
+                               sampler='class' if two else 'instance',
+                               sampler_samples=p.samples_per_epoch if two else None,
                                head_cap=p.head_cap if two else None, eval_splits=list(eval_splits), tag='',
                                ablate_finetune=False,
                                loss='ce')   # the method's own loss and sampler, not the trained model's long-tail loss
 
-# %% ../nbs/04_rebalance.ipynb #1d6e5ddf
+# %% ../nbs/04_rebalance.ipynb #ed7ef3fb
 def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      method:str,                  # two_stage | balanced_subset | acc_loss | instance (their control)
                      model_path:Path,             # the trained model.pth to start from
@@ -255,7 +260,8 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                     ):
     "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
     if method not in (*FINETUNES, NETWORK_CONTROL):
-        raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
+        raise ValueError(f"{method} is not a finetune; whole-network methods: "
+                         f"{', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'
     rows = None
     if method not in ('two_stage', NETWORK_CONTROL):
@@ -283,18 +289,19 @@ class RebalanceArtifacts(StageArtifacts):
     @property
     def figures(self)->dict: return {} if self.figure_path is None else {'tau_sweep': self.figure_path}
 
-# %% ../nbs/04_rebalance.ipynb #9700f171
+# %% ../nbs/04_rebalance.ipynb #43852510
 def labelled_splits(index:pd.DataFrame)->list[str]:
     "The splits of `index` (train, val, test order) that hold at least one labelled row"
     has = index.loc[index['label'] >= 0, 'split'].astype(str).unique()
     return [s for s in ('train', 'val', 'test') if s in has]
 
-# %% ../nbs/04_rebalance.ipynb #311e4977
+# %% ../nbs/04_rebalance.ipynb #166b4d15
 def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str]:
     "The splits the methods are evaluated on; refuses, before any work, what the index cannot support"
     have = labelled_splits(index)
     if 'train' not in have:
-        raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled training rows; every method fits on them")
+        raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled training rows; "
+                          "every method fits on them")
     evals = [s for s in ('val', 'test') if s in have]
     if not evals:
         raise ParamsError(f"[rebalance] iteration {p.iteration}: {where} has no labelled val or test rows: "
@@ -308,7 +315,7 @@ def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str
 # %% ../nbs/04_rebalance.ipynb #bfff1a7c
 def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int, out_dir:Path,
                    splits=('train', 'val', 'test'))->dict[str, Path]:
-    "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted once into features/"
+    "Split -> predictions file with `feats`: the train stage's own when it saved them, else extracted into features/"
     have = {s: Path(art.predictions[s]) for s in splits if s in art.predictions}
     if len(have) == len(splits) and all('feats' in pq.read_schema(f).names for f in have.values()):
         return have
@@ -323,12 +330,13 @@ def cache_features(exp:ExperimentParams, t, art, num_classes:int, iteration:int,
     net = load_trained_model(art.model_path, t, num_classes, device)
     for s, f in paths.items():
         log(f"rebalance: caching {s} embeddings of {art.model_path} at {t.eval_size} px")
-        predict(net, index, s, f, root, t.eval_size, k=min(10, num_classes), bs=t.eval_bs or 2 * t.bs, workers=t.workers,
-                feats=True, device=device, amp=t.amp and device.type == 'cuda', channels_last=t.channels_last)
+        predict(net, index, s, f, root, t.eval_size, k=min(10, num_classes), bs=t.eval_bs or 2 * t.bs,
+                workers=t.workers, feats=True, device=device, amp=t.amp and device.type == 'cuda',
+                channels_last=t.channels_last)
     atomic_write_json(stamp, src)
     return paths
 
-# %% ../nbs/04_rebalance.ipynb #d2dca3ec
+# %% ../nbs/04_rebalance.ipynb #2416cdd0
 def _load_split(path:Path)->tuple[Features, TopK]:
     t = read_topk(path, feats=True)
     return Features(t.rows.astype(np.int64), t.labels.astype(np.int64), t.feats), t
@@ -339,19 +347,20 @@ def _check_cached(classifier:nn.Module, feats:Features, reference:Path, device)-
     pos = pd.Index(ref.rows).get_indexer(feats.rows)
     ok = pos >= 0
     if not ok.any(): return
-    agree = float((head_top1(classifier, feats.take(np.flatnonzero(ok)).feats, device=device) == ref.top1[pos[ok]]).mean())
+    top1 = head_top1(classifier, feats.take(np.flatnonzero(ok)).feats, device=device)
+    agree = float((top1 == ref.top1[pos[ok]]).mean())
     log(f"rebalance: trained classifier on cached features agrees with the train stage's top-1 ({reference.name}) "
         f"on {100*agree:.2f}% of images")
     if agree < 0.99:
         raise RuntimeError(f"Cached features do not reproduce {reference} ({100*agree:.1f}% top-1 agreement): "
                            "delete the features/ directory and rerun")
 
-# %% ../nbs/04_rebalance.ipynb #a3d14201
+# %% ../nbs/04_rebalance.ipynb #d05e461e
 def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
     "`table` with each row's change against its control on the same split (the baseline; network finetunes: theirs)"
     ctl = f'{NETWORK_CONTROL}-network'
-    against = np.where(table['method'].str.endswith('-network') & (table['method'] != ctl) & (table['method'] == ctl).any(),
-                       ctl, 'baseline')
+    network = table['method'].str.endswith('-network') & (table['method'] != ctl)
+    against = np.where(network & (table['method'] == ctl).any(), ctl, 'baseline')
     ref = table.set_index(['method', 'split'])
     key = pd.MultiIndex.from_arrays([against, table['split']])
     return table.assign(compared_with=against,
@@ -364,11 +373,12 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method, a table, the τ sweep"
     prepare_data(exp, data)
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
-    t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with
+    # the model of that round, with the parameters the clean stage trained it with
+    t = dataclasses.replace(t, iteration=p.iteration)
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = run_train(exp, data, t, iteration=p.iteration)
-    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
+    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, report files suffixed
     sfx = f'-{t.tag}' if t.tag else ''
     out = run_dir(exp, 'rebalance' + sfx, p.iteration)
     K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])
@@ -397,11 +407,11 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
         train_p = read_topk(art.predictions['train']) if 'train' in art.predictions else None
         p_label = (pd.Series(train_p.p_label, index=train_p.rows).reindex(splits['train'].rows).to_numpy()
                    if train_p is not None else None)
-        if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability from the cached features
+        if p_label is None or np.isnan(p_label).all():  # no train predictions: the same probability, from the features
             p_label = head_topk(classifier, splits['train'], 1, device=device).p_label
+        choose = choosing_rows(load_index(exp, p.iteration), exp.seed)
         results = rebalance_features(classifier, splits, K, p, train_p_label=p_label, seed=exp.seed, device=device,
-                                     groups=groups,
-                                     choose_rows=choosing_rows(load_index(exp, p.iteration), exp.seed), prior_counts=prior)
+                                     groups=groups, choose_rows=choose, prior_counts=prior)
         for m in p.network_methods():
             sub = (None if m in ('two_stage', NETWORK_CONTROL) else
                    splits['train'].rows[balanced_subset(splits['train'].labels, p_label, p.subset_per_class)])
@@ -417,7 +427,8 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
         outputs = []
         for m, r in results.items():
             d = out/m
-            if r.head is not None: atomic_torch_save(r.head.cpu().state_dict(), d/'head.pth'); outputs.append(d/'head.pth')
+            if r.head is not None:
+                atomic_torch_save(r.head.cpu().state_dict(), d/'head.pth'); outputs.append(d/'head.pth')
             for s, tk in r.predictions.items(): outputs.append(write_topk(d/'predictions'/f'{s}.parquet', tk))
             atomic_write_json(d/'metrics.json', {**r.metrics, **{k: v for k, v in r.info.items()
                                                                  if k in ('tau', 'images', 'seconds', 'model')}})
@@ -442,13 +453,15 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
         if norms is not None:
             rho = norm_size_correlation(norms)
             atomic_write_parquet(norms, out/'weight_norms.parquet'); outputs.append(out/'weight_norms.parquet')
-            fig = plot_weight_norms(norms, f'{exp.experiment} iteration {p.iteration}: classifier row norm vs class size')
+            fig = plot_weight_norms(norms, f'{exp.experiment} iteration {p.iteration}: '
+                                           'classifier row norm vs class size')
             for f_ in (out/'weight_norms.png', rep/f'weight_norms{sfx}.png'):
                 with atomic_path(f_) as f: fig.savefig(f, dpi=120, format='png')
             import matplotlib.pyplot as plt; plt.close(fig)
             outputs.append(out/'weight_norms.png')
-            atomic_write_json(rep/f'weight_norms{sfx}.json', {'iteration': p.iteration, 'spearman': rho, 'tau': tau,
-                                                              'trained_with': how, 'note': weight_norm_note(rho, tau, how)})
+            atomic_write_json(rep/f'weight_norms{sfx}.json',
+                              {'iteration': p.iteration, 'spearman': rho, 'tau': tau, 'trained_with': how,
+                               'note': weight_norm_note(rho, tau, how)})
         table = with_baseline_change(results_table(results))
         table.insert(0, 'iteration', p.iteration)
         for d, name in ((out, 'rebalance'), (rep, f'rebalance{sfx}')):
@@ -465,8 +478,8 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
     man = run.ensure(work, what=f'iteration {p.iteration} ({", ".join(["baseline", *p.methods])}; '
                                 f'evaluated on {", ".join(evals)})')
     table = read_csv_safe(out/'rebalance.csv')
-    return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, man.get('metrics', {}).get('tau'),
-                              evals)
+    tau = man.get('metrics', {}).get('tau')
+    return RebalanceArtifacts(out, table, out/'rebalance.csv', fig_path, methods_dirs, tau, evals)
 
 # %% ../nbs/04_rebalance.ipynb #1d0ca487
 def rebalance_stage(cfg)->RebalanceArtifacts:
