@@ -17,8 +17,9 @@ from .predictions import TopK, read_topk, write_topk, topk_from_probs
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
-from .rebalance import (LearnableWeightScaling, linear_head, NearestClassMean, tau_normalized_head, ncm_temperature,
-                               run_rebalance, METHODS)
+from .decoupled import (LearnableWeightScaling, NearestClassMean, tau_normalized_head, ncm_temperature, METHODS,
+                               linear_from as linear_head)   # the name system's code calls it by (06b is being split)
+from .rebalance import run_rebalance
 from .losses import LogitAdjustedHead
 from .train import eval_transform, train_job, eval_splits, TrainParams, load_trained_model
 from .models import data_config

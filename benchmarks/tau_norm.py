@@ -23,8 +23,9 @@ from aliprod.core import project_root, atomic_write_json, resolve_params, run_di
 from aliprod.data import shot_groups
 from aliprod.metrics import paired_delta
 from aliprod.predictions import read_topk
-from aliprod.rebalance import (Features, crt_head, fit_head, head_topk, head_cap, sweep_tau, choose_tau, tau_normalized_head,
-                               weight_norms, norm_size_correlation, class_counts)
+from aliprod.decoupled import (Features, crt_head, fit_head, head_topk, sweep_tau, choose_tau, tau_normalized_head)
+from aliprod.rebalance import weight_norms, norm_size_correlation
+from aliprod.samplers import head_cap, class_counts
 from aliprod.train import load_trained_model
 
 # (name, optimiser, sampling, lr, weight decay): the recipe's SGD and the demo's AdamW, on every image or head-capped

@@ -63,7 +63,8 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     import torch
     from aliprod.core import experiment_dir
     from aliprod.data import dataset_info, shot_groups
-    from aliprod.rebalance import rebalance_features, _load_split, ncm_temperature
+    from aliprod.rebalance import rebalance_features, _load_split
+    from aliprod.decoupled import ncm_temperature
     from aliprod.system import (Candidate, _load_member_model, _rows_df, view_embeddings, head_predict, build_head,
                                 head_tensors)
     base, info = experiment_dir(exp), dataset_info(exp)

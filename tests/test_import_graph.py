@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1]/'aliprod'
 LAYERS = {
     'core':     ('core', 'escape'),                                               # root, parameters, run dirs, StageRun
     'library':  ('schema', 'predictions', 'metrics', 'samplers', 'images', 'launch'),  # tables, top-k, metrics, torchrun
-    'methods':  ('models', 'losses', 'predict', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
+    'methods':  ('models', 'losses', 'decoupled', 'predict', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
     'stages':   ('data', 'train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'system', 'report'),
     'entry':    ('pipeline', 'worker'),                                          # the aliprod command, the torchrun worker
     'explore':  ('explore',),                                        # reads a run: every stage's outputs, `run_status`

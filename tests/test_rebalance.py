@@ -1,9 +1,11 @@
 "Decoupled classifier learning (aliprod.rebalance): the properties the ablation table relies on"
 import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from aliprod.core import ParamsError
-from aliprod.rebalance import (Features, synthetic_features, linear_head, head_logits, head_top1, tau_normalize, tau_normalized_head,
-                               sweep_tau, choose_tau, accuracy_loss, fit_head, crt_head, LearnableWeightScaling, class_means,
-                               balanced_subset, RebalanceParams, rebalance_features, _linear_parts)
+from aliprod.decoupled import (Features, synthetic_features, linear_from, head_logits, head_top1, tau_normalize,
+                               tau_normalized_head, sweep_tau, choose_tau, fit_head, crt_head, LearnableWeightScaling,
+                               class_means, balanced_subset, _linear_parts)
+from aliprod.losses import accuracy_loss
+from aliprod.rebalance import RebalanceParams, rebalance_features, fit_options
 from aliprod.samplers import class_counts
 
 COUNTS = np.array([400, 300, 200, 150, 100, 60, 30, 15, 8, 4, 3, 3])
@@ -27,7 +29,7 @@ def test_tau_zero_reproduces_the_classifier(bias):
     w, x = torch.randn(9, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
     b = torch.randn(9, generator=g) if bias else None
     head = tau_normalized_head(w, b, 0.0, 'keep' if bias else 'none')
-    assert torch.equal(head_logits(head, x), head_logits(linear_head(w, b), x))
+    assert torch.equal(head_logits(head, x), head_logits(linear_from(w, b), x))
     assert torch.equal(tau_normalize(w, 0), w)
     assert torch.allclose(tau_normalize(w, 1).norm(dim=1), torch.ones(9), atol=1e-6)
 
@@ -116,7 +118,8 @@ def test_crt_on_separable_features_reaches_high_accuracy():
 def test_decoupled_methods_raise_few_shot_accuracy(long_tail):
     splits, trained = long_tail
     p = RebalanceParams(crt_epochs=10, lws_epochs=5, samples_per_epoch=1200)
-    from aliprod.rebalance import head_topk, results_table
+    from aliprod.decoupled import head_topk
+    from aliprod.rebalance import results_table
     res = rebalance_features(trained, splits, K, p, train_p_label=head_topk(trained, splits['train']).p_label)
     few = results_table(res).query("split == 'test'").set_index('method')['few_acc']
     for m in ('crt', 'tau_norm', 'lws', 'logit_adjust', 'balanced_softmax'): assert few[m] > few['baseline'], (m, few.to_dict())
@@ -254,7 +257,7 @@ def test_crt_lr_follows_the_batch_size():
 def test_logit_adjustment_and_balanced_softmax_identities(long_tail):
     "τ = 0 is the plain classifier; Balanced Softmax on a balanced prior is cross-entropy; the prior is the training split's"
     from aliprod.losses import log_prior, logit_adjust, balanced_softmax_loss, LogitAdjustedHead
-    from aliprod.rebalance import sweep_logit_adjust, fit_method, head_topk
+    from aliprod.decoupled import sweep_logit_adjust, fit_method, head_topk
     splits, trained = long_tail
     x = torch.from_numpy(splits['val'].feats)
     assert torch.equal(LogitAdjustedHead(trained, log_prior(COUNTS), 0.0)(x), trained(x))
@@ -266,6 +269,7 @@ def test_logit_adjustment_and_balanced_softmax_identities(long_tail):
     sw = sweep_logit_adjust(trained, log_prior(COUNTS), splits['val'], groups, grid=(0.0, 1.0))
     from aliprod.metrics import evaluate
     assert np.isclose(sw['all'].iloc[0], 1 - evaluate(head_topk(trained, splits['val']), **groups)['mean_class_err'])
-    head, info = fit_method('logit_adjust', trained, splits['train'], splits['val'], K, RebalanceParams(la_tau_grid=[0.0, 0.5, 1.0]))
+    head, info = fit_method('logit_adjust', trained, splits['train'], splits['val'], K,
+                            **fit_options(RebalanceParams(la_tau_grid=[0.0, 0.5, 1.0]), 'logit_adjust'))
     assert info['tau'] in (0.0, 0.5, 1.0) and torch.allclose(head.log_prior, log_prior(COUNTS))
     with pytest.raises(ParamsError, match='la_tau_grid'): RebalanceParams(la_tau_grid=[])

@@ -190,7 +190,8 @@ def test_explore_notebook_walks_a_run_and_skips_a_missing_one(tiny, tmp_path):
 @pytest.fixture(scope='module')
 def every_method(tmp_path_factory):
     "A tiny run (5 classes, no test split) rebalanced once with every method of `METHODS`, the finetunes also on the whole network"
-    from aliprod.rebalance import RebalanceParams, METHODS
+    from aliprod.rebalance import RebalanceParams
+    from aliprod.decoupled import METHODS
     from aliprod.tta import TTAParams
     exp, data, t = _tiny_trained(tmp_path_factory.mktemp('every'), 'every', seed=2, max_per_class=12)
     rp = RebalanceParams(methods=list(METHODS), finetune='both', crt_epochs=1, lws_epochs=1, finetune_epochs=1, network_epochs=1,
@@ -201,7 +202,7 @@ def every_method(tmp_path_factory):
 def test_every_method_can_win_and_the_system_still_predicts(every_method):
     "Each method (and -network variant) forced to win in turn ([system] plain: false): the stage composes it through TTA and the artifact predicts"
     from aliprod.data import load_index
-    from aliprod.rebalance import METHODS, FINETUNES, NCM_TEMPERATURES
+    from aliprod.decoupled import METHODS, FINETUNES, NCM_TEMPERATURES
     from aliprod.system import load_system, pool_candidates, predict_recipe
     exp, args = every_method
     idx = load_index(exp, 0)
