@@ -13,17 +13,15 @@ from .core import (resolve_iteration, ExperimentParams, ParamsError, params_sect
                           atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save,
                           pick_device, log, manifest_status, current_manifest, project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
-from .predictions import TopK, read_topk, write_topk, topk_from_probs
+from .predictions import TopK, read_topk, write_topk
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
-from .rebalance import (LearnableWeightScaling, linear_head, NearestClassMean, tau_normalized_head, ncm_temperature,
-                               run_rebalance, METHODS)
-from .losses import LogitAdjustedHead
-from .train import eval_transform, train_job, eval_splits, TrainParams, load_trained_model
-from .models import data_config
-from .images import ImageIndexDataset
-from .tta import tta_views, enlarged_size, predict_tta, parse_variant
+from .rebalance import ncm_temperature, run_rebalance, METHODS
+from .deploy import (head_tensors, classifier_tensors, build_head, tau_head, view_embeddings, head_predict,
+                            _load_member_model)
+from .train import train_job, eval_splits
+from .tta import parse_variant
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
 
@@ -31,11 +29,9 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
            'choose_error', 'choose_delta', 'report_delta', 'pick', 'single', 'member_parts', 'flat_average', 'combine',
            'greedy_ensemble', 'compose', 'choice_step', 'report_target', 'metric_interval', 'chain_table',
-           'against_single_technique', 'against_each_single_technique', 'head_tensors', 'classifier_tensors',
-           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
+           'against_single_technique', 'against_each_single_technique', 'SystemParams', 'train_candidate',
            'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
-           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
-           'run_system', 'system_stage']
+           'pool_candidates', 'SystemArtifacts', 'run_system', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -275,90 +271,6 @@ def against_each_single_technique(final:Candidate,          # the system
     if len(t): t['p (Holm)'] = holm(t['p'].to_numpy(float))
     return t
 
-# %% ../nbs/06b_system.ipynb #932595ff
-def _wrapped(method:str, classifier:nn.Module, state:dict)->nn.Module:
-    "The rebalance method's module around a copy of `classifier`, its buffers and parameters sized from `state`"
-    c = copy.deepcopy(classifier)
-    if method == 'lws': return LearnableWeightScaling(c, len(state['scales']))
-    if method == 'logit_adjust': return LogitAdjustedHead(c, state['log_prior'], float(state['tau']))
-    raise ValueError(f"No wrapper for method {method!r}; valid: lws, logit_adjust")
-
-def head_tensors(method:str, state:dict, ncm_norm:str='cl2n')->dict:
-    "A rebalance method's head.pth as a system head: 'linear' (LWS, logit adjustment folded in), 'ncm' or 'module'"
-    if method == 'ncm':   # head.pth files written before the temperature: T = 1
-        return {'kind': 'ncm', 'centroids': state['centroids'], 'mean': state['mean'], 'present': state['present'],
-                'norm': ncm_norm, 'temperature': float(state.get('temperature', 1.0))}
-    if method in ('lws', 'logit_adjust'):   # a trained classifier inside, post-hoc changes on top
-        inner = head_tensors('classifier', {k.removeprefix('classifier.'): v for k, v in state.items() if k.startswith('classifier.')})
-        if inner['kind'] != 'linear': return {'kind': 'module', 'state': state, 'wrap': method}   # cosine: nothing to fold into
-        w, b = inner['weight'], inner['bias']
-        if method == 'lws':   # s_i·(w_i·x + b_i)
-            s = state['scales']
-            return {'kind': 'linear', 'weight': w * s[:, None], 'bias': None if b is None else b * s}
-        adj = -float(state['tau']) * state['log_prior'].float()   # w_i·x + b_i - τ·log π_i: the adjustment is a bias
-        return {'kind': 'linear', 'weight': w, 'bias': adj if b is None else b.float() + adj}
-    if set(state) - {'weight', 'bias'}: return {'kind': 'module', 'state': state}   # e.g. a cosine classifier: no τ
-    return {'kind': 'linear', 'weight': state['weight'], 'bias': state.get('bias')}
-
-def classifier_tensors(classifier:nn.Module)->dict:
-    "The model's classifier as a system head"
-    return head_tensors('classifier', {k: v.detach().cpu() for k, v in classifier.state_dict().items()})
-
-def build_head(head:dict, classifier:nn.Module|None=None)->nn.Module:
-    "The nn.Module of a system head (`classifier`: the model's own, needed for 'classifier' and 'module')"
-    kind = head['kind']
-    if kind == 'classifier': return classifier
-    if kind == 'linear': return linear_head(head['weight'].float(), None if head.get('bias') is None else head['bias'].float())
-    if kind == 'ncm':
-        return NearestClassMean(head['centroids'], head['mean'], head['norm'], head['present'], head.get('temperature', 1.0))
-    if kind == 'module':
-        m = _wrapped(head['wrap'], classifier, head['state']) if head.get('wrap') else copy.deepcopy(classifier)
-        m.load_state_dict(head['state']); return m
-    raise ValueError(f"Unknown head kind {kind!r}; valid: classifier, linear, ncm, module")
-
-def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
-    "The linear head τ-normalised, its bias by `rebalance.tau_bias` (the rebalance stage's sweep's rule, at every τ)"
-    if head['kind'] != 'linear': raise ValueError(f"τ-normalisation needs a linear head, got {head['kind']!r}")
-    b = head.get('bias')
-    h = tau_normalized_head(head['weight'].float(), None if b is None else b.float(), float(tau), bias_mode)
-    return {'kind': 'linear', 'weight': h.weight.detach(), 'bias': None if h.bias is None else h.bias.detach()}
-
-# %% ../nbs/06b_system.ipynb #094812db
-def _embed(model:nn.Module, x:torch.Tensor)->torch.Tensor:
-    "(N,D) pooled post-neck embeddings of images `x`: the classifier's input (the one call of the model's embedding forward)"
-    return model.forward_embedding(x)
-
-@torch.inference_mode()
-def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
-                    df:pd.DataFrame,         # index rows to embed (row, path, label)
-                    root:str|Path,           # data root
-                    size:int,                # the model's eval size: the views' size
-                    tta:dict|None=None,      # {'views', 'enlarge'}: FixRes crops averaged; None: one resize to `size`
-                    bs:int=64, workers:int=0, device='cpu', amp:bool=False,
-                   )->torch.Tensor:
-    "(N,D) float32 embeddings of `df`'s images, averaged over the TTA views (one forward per batch of views)"
-    from torch.utils.data import DataLoader
-    cfg = data_config(model)
-    px = size if tta is None else enlarged_size(size, tta['enlarge'])
-    ds = ImageIndexDataset(df, root, transform=eval_transform(px, cfg['mean'], cfg['std']))
-    out = []
-    for x, _ in DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers):
-        x = x.to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            if tta is None: f = _embed(model, x)
-            else:
-                v = tta_views(x, size, tta['views'])
-                f = _embed(model, v.flatten(0, 1)).float().view(v.shape[0], v.shape[1], -1).mean(1)
-        out.append(f.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-@torch.no_grad()
-def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:int=4096)->TopK:
-    "Top-k of `head` on embeddings (softmax of its logits)"
-    head = head.eval()
-    parts = [topk_from_probs(head(feats[s:s+bs].float()).float().softmax(1), labels[s:s+bs], rows[s:s+bs], k) for s in range(0, len(feats), bs)]
-    return TopK.concat(parts)
-
 # %% ../nbs/06b_system.ipynb #e2f5736b
 @params_section('system')
 @dataclass
@@ -567,68 +479,6 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
         out.append(single(f"tta:{var.name}:{var.parent.name}", _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run), tta=tta), *s, k=k))
     return out
 
-# %% ../nbs/06b_system.ipynb #9977deee
-def _load_member_model(exp_dir:Path, member:dict, num_classes:int, device, cache:dict):
-    key = member['model']
-    if key not in cache:
-        t = TrainParams(**member['train'])
-        cache[key] = (load_trained_model(Path(exp_dir)/key, t, num_classes, device), t)
-    return cache[key]
-
-@torch.inference_mode()
-def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10, bs:int=64, workers:int=0, device='cpu',
-                feats:torch.Tensor|None=None)->TopK:
-    "Top-k of one member on `df`'s images (or on their precomputed embeddings `feats`, TTA included)"
-    rows, labels = df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64)
-    size = (member.get('tta') or {}).get('size') or t.eval_size
-    tta = member.get('tta')
-    if tta and tta.get('average') == 'probs':   # as the TTA stage: each view through the whole model, probabilities averaged
-        import tempfile as _tf
-        with _tf.TemporaryDirectory() as d:
-            return read_topk(predict_tta(model, df.assign(split='x'), 'x', Path(d)/'p.parquet', root, size, tta['views'], tta['enlarge'], k, bs, workers, device))
-    head = copy.deepcopy(build_head(member['head'], model.classifier)).cpu()   # a copy: the model keeps its classifier where it is
-    if feats is None: feats = view_embeddings(model, df, root, size, tta, bs, workers, device)
-    return head_predict(head, feats, rows, labels, k)
-
-def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes:int, bs:int=64, workers:int=0, device='cpu',
-                   cache:dict|None=None)->TopK:
-    "Top-k of a system recipe on the images of `df` (row, path, label)"
-    cache, feats, parts = {} if cache is None else cache, {}, []
-    for m in recipe['members']:
-        model, t = _load_member_model(exp_dir, m, num_classes, device, cache)
-        tta, f = m.get('tta'), None
-        if not (tta and tta.get('average') == 'probs'):   # heads on the same model and views share one embedding pass
-            key = (m['model'], json.dumps(tta, sort_keys=True))
-            if key not in feats:
-                size = (tta or {}).get('size') or t.eval_size
-                feats[key] = view_embeddings(model, df, root, size, tta, bs, workers, device)
-            f = feats[key]
-        parts.append(member_topk(m, model, t, df, root, recipe['k'], bs, workers, device, feats=f))
-    if len(parts) == 1: return parts[0]
-    return combine_topk(parts, recipe.get('weights'), mode=recipe['mode'], k=recipe['k'])
-
-# %% ../nbs/06b_system.ipynb #aa8eb20f
-def load_system(system_dir:str|Path)->dict:
-    "system.json of a system artifact, with every member's head tensors loaded from its file"
-    d = Path(system_dir)
-    s = json.loads((d/'system.json').read_text())
-    for m in s['recipe']['members']:
-        if 'file' in m['head']: m['head'] = torch.load(d/m['head']['file'], map_location='cpu', weights_only=True)
-    return s
-
-def predict_system(system_dir:str|Path,                # runs/<experiment>/system/
-                   images:list|pd.DataFrame,           # image paths, or index rows (path[, row, label])
-                   root:str|Path|None=None,            # what relative paths are relative to; default: the data stage's root
-                   bs:int=64, workers:int=0, device='cpu')->TopK:
-    "Top-k predictions of the system artifact for new images (rows 0..N-1 unless `images` has a row column; labels -1 unless it has one)"
-    d = Path(system_dir)
-    s = load_system(d)
-    df = images.copy() if isinstance(images, pd.DataFrame) else pd.DataFrame({'path': [str(p) for p in images]})
-    if 'row' not in df: df['row'] = np.arange(len(df))
-    if 'label' not in df: df['label'] = -1
-    root = root if root is not None else s['data_root']
-    return predict_recipe(s['recipe'], d.parent, df, root, s['num_classes'], bs, workers, device)
-
 # %% ../nbs/06b_system.ipynb #2a5bcfa1
 @dataclass
 class SystemArtifacts(StageArtifacts):
@@ -687,6 +537,18 @@ def _rebalance_round(exp, data, t, rp, r:int):
     if r != rp.iteration and rp.finetune != 'classifier': q = dataclasses.replace(q, finetune='classifier')
     return run_rebalance(exp, data, dataclasses.replace(t, iteration=r), q)
 
+# %% ../nbs/06b_system.ipynb #bd6ea7d1
+def _stage_embeddings(model:nn.Module, df:pd.DataFrame, root, size:int, tta:dict|None, p, device)->torch.Tensor:
+    "(N,D) `view_embeddings` of every image of `df`; one that fails to load stops the stage (candidates compare on the same images)"
+    failed = []
+    f, ok = view_embeddings(model, df, root, size, tta, p.bs, p.workers, device, failed=failed)
+    if not ok.all():
+        r, path, err = failed[0] if failed else (int(df['row'].to_numpy()[~ok][0]), df['path'].to_numpy()[~ok][0], '?')
+        raise RuntimeError(f"system: {int((~ok).sum())} choosing/reporting image(s) failed to load, e.g. row {r} ({path}): {err}; "
+                           f"every candidate is compared on the same images: restore the file(s), or run the data stage "
+                           f"again so its scan quarantines them")
+    return f
+
 # %% ../nbs/06b_system.ipynb #c4128474
 def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, pd.DataFrame]:
     "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first unless not [system] plain); other heads: none"
@@ -715,7 +577,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
     head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
     def embed(rows, spec):
         df = _rows_df(index, rows)
-        f = view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device)
+        f = _stage_embeddings(model, df, root, t.eval_size, spec, p, device)
         return head_predict(head, f, rows, df['label'].to_numpy(np.int64), p.k)
     cands, specs = [prev] if p.plain or not variants else [], {}
     for v in variants:
@@ -744,7 +606,7 @@ def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, Train
             model, t = load(m)
             if m['model'] not in feats:
                 s = spec(m, views, enlarge)
-                feats[m['model']] = view_embeddings(model, df, root, t.eval_size, s, p.bs, p.workers, device)
+                feats[m['model']] = _stage_embeddings(model, df, root, t.eval_size, s, p, device)
             head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
             out.append(head_predict(head, feats[m['model']], rows, y, p.k))
         return out
@@ -846,7 +708,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
             m = prev.recipe['members'][0]
             model, tt = _load_member_model(base, m, K, device, state)
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
-            f = view_embeddings(model, df, root, tt.eval_size, None, p.bs, p.workers, device)
+            f = _stage_embeddings(model, df, root, tt.eval_size, None, p, device)
             pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
             feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()], 'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
                      'classifier': classifier_tensors(model.classifier)}
