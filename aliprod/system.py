@@ -43,6 +43,7 @@ class EvalSets:
     report_rows:np.ndarray  # sorted index row ids the numbers are reported on: none of them chose anything
     how:str                 # one sentence for the report
 
+# %% ../nbs/06b_system.ipynb #3ce8e323
 def evaluation_sets(index:pd.DataFrame, # the index (row, label, split)
                     seed:int=0,         # seed of `choosing_half` (no test split)
                    )->EvalSets:
@@ -71,19 +72,23 @@ class Candidate:
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
     parts:list|None=None # per member in recipe order: (choosing, reporting) predictions; None: one member
 
+# %% ../nbs/06b_system.ipynb #deb1d330
 def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
     return evaluate(c.choose, topk=(1,))['mean_class_err']
 
+# %% ../nbs/06b_system.ipynb #fe1d7279
 def choose_delta(a:Candidate, b:Candidate, seed:int=0):
     "Δ mean class error from `a` to `b` on the choosing images, with its class-stratified paired 95% interval"
     return paired_bootstrap(paired_hits(a.choose, b.choose, names=(a.name, b.name)), seed=seed)
 
+# %% ../nbs/06b_system.ipynb #dcf413e8
 def report_delta(a:Candidate, b:Candidate, seed:int=0):
     "The same Δ on the reporting images (their given labels): recorded beside the choice, never read by it; None without both"
     if a.report is None or b.report is None: return None
     return paired_bootstrap(paired_hits(a.report, b.report, names=(a.name, b.name)), seed=seed)
 
+# %% ../nbs/06b_system.ipynb #624abdd6
 def pick(cands:list[Candidate], step:str,
          default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
         )->tuple[Candidate, pd.DataFrame]:
@@ -121,6 +126,7 @@ def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->C
     "A one-model candidate"
     return Candidate(name, {'members': [member], 'mode': 'mean', 'k': k}, choose, report, info)
 
+# %% ../nbs/06b_system.ipynb #15679659
 def member_parts(c:Candidate)->tuple[list, np.ndarray]:
     "`c`'s per-member (choosing, reporting) predictions in recipe order, and the members' weights (summing to 1)"
     parts = c.parts if c.parts is not None else [(c.choose, c.report)]
@@ -130,6 +136,7 @@ def member_parts(c:Candidate)->tuple[list, np.ndarray]:
     w = np.asarray(c.recipe.get('weights') or np.ones(len(parts)), dtype=np.float64)
     return parts, w / w.sum()
 
+# %% ../nbs/06b_system.ipynb #573e1308
 def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:int, info:dict|None=None)->Candidate:
     "`members` (their (choosing, reporting) `parts`) averaged with `weights` in one `combine_topk`, as recipes predict"
     w = np.asarray(weights, dtype=np.float64)
@@ -142,6 +149,7 @@ def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:
     return Candidate(name, recipe, avg([p[0] for p in parts]), avg([p[1] for p in parts]), dict(info or {}),
                      list(parts) if len(parts) > 1 else None)
 
+# %% ../nbs/06b_system.ipynb #956f620f
 def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None,
             info:dict|None=None)->Candidate:
     "The top-k average of several candidates, an equal share each: one `combine_topk` of all their members"
@@ -185,14 +193,13 @@ def compose(steps:list[tuple[str, Callable]], # (step name, previous Candidate |
         chain.append((step, cur)); tables.append(t.assign(step=step))
     return chain, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
+# %% ../nbs/06b_system.ipynb #e7d55e19
 def choice_step(make:Callable)->Callable:
     "A step that `pick`s among `make(previous)`'s candidates (the previous system first)"
     def step(prev): return pick(make(prev), 'choice')
     return step
 
-# %% ../nbs/06b_system.ipynb #fd8b42dc
-CHAIN_COLUMNS = ['mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc']
-
+# %% ../nbs/06b_system.ipynb #576b287d
 def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
     "(N,) labels the reporting images are evaluated against: the ground-truth clean label where the index has one ('clean'), else the given label"
     ix = index.set_index('row').loc[np.asarray(rows)]
@@ -202,6 +209,7 @@ def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
         y = np.where(c >= 0, c, y)
     return y
 
+# %% ../nbs/06b_system.ipynb #486018d8
 def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0, level:float=0.95)->tuple[float, float, float]:
     "(mean class error, lo, hi): the class-stratified bootstrap interval of the metric itself"
     known = y >= 0
@@ -211,6 +219,8 @@ def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0, lev
     return d.b, d.lo + 1.0, d.hi + 1.0
 
 # %% ../nbs/06b_system.ipynb #14135739
+CHAIN_COLUMNS = ['mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc']
+
 def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what it is / why absent)
                 y:np.ndarray,                  # (N,) targets of the reporting rows (sorted row ids), e.g. `report_target`
                 shot:dict|None=None,           # `shot_groups(exp)`: train_counts, many, few
@@ -252,6 +262,7 @@ def against_single_technique(final:Candidate,          # the system
     return {'technique': best.name, 'choose_mean_class_err': float(t.loc[t['chosen'], 'choose_mean_class_err'].item()),
             'candidates': len(singles), **d.to_dict(), 'sentence': sentence}
 
+# %% ../nbs/06b_system.ipynb #370f3f02
 VS_TECHNIQUE_COLUMNS = ['technique', 'choose_mean_class_err', 'technique_mean_class_err', 'system_mean_class_err',
                         'Δ (system − technique)', 'Δ lo', 'Δ hi', 'verdict', 'p', 'p (Holm)']
 
@@ -353,6 +364,7 @@ def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int
     mod = build_head(head)
     return head, head_predict(mod, fc, rc, yc, k), head_predict(mod, fr, rr, yr, k)
 
+# %% ../nbs/06b_system.ipynb #bf8d58de
 def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:EvalSets, k:int,
                       methods:list[str]|None=None, ncm_norm:str='cl2n')->list[Candidate]:
     "One candidate per classifier method the rebalance stage wrote in `reb_dir` (heads on the model of `model_run`; -network: their own model)"
@@ -389,6 +401,7 @@ def cleaning_rounds_run(exp:ExperimentParams)->int:
         log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until clean runs")
         return 0
 
+# %% ../nbs/06b_system.ipynb #0bf16026
 def round_status(exp:ExperimentParams, data, t, r:int)->str:
     "'' when train/<r> is what the current train parameters produce on round r's index, outputs unchanged; else why not"
     d = experiment_dir(exp)/'train'/str(r)
@@ -402,6 +415,7 @@ def round_status(exp:ExperimentParams, data, t, r:int)->str:
     run = train_job(exp, data, q, r)[1]
     return '' if m.get('key') == run.key else f'trained with other parameters or code ({run.why_stale()})'
 
+# %% ../nbs/06b_system.ipynb #17a11f8f
 def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the current parameters produce
               t, tp, # TrainParams of the pipeline's model (its high-res twin), TTAParams (the variants)
              )->dict[str, list[Path]]:
@@ -439,6 +453,7 @@ def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the 
     for line in left: log(f'system: {line}; not a candidate')
     return out
 
+# %% ../nbs/06b_system.ipynb #68ae0b4b
 def listed_methods(reb_dir:Path, cands:list[Candidate])->list[Candidate]:
     "The method candidates the rebalance run's current manifest lists (not a method of an earlier configuration)"
     m = current_manifest(reb_dir)
@@ -494,9 +509,11 @@ class SystemArtifacts(StageArtifacts):
 CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation', '+ TTA (enlarge + crops)',
                '+ High-resolution finetune', '+ Ensemble')
 
+# %% ../nbs/06b_system.ipynb #a7f7afd6
 def _rows_df(index:pd.DataFrame, rows:np.ndarray)->pd.DataFrame:
     return index.set_index('row').loc[rows].reset_index()
 
+# %% ../nbs/06b_system.ipynb #247037c7
 def _discover_rounds(exp:ExperimentParams, p:SystemParams, data, t)->list[int]:
     "The rounds to choose: those the clean stage's last run ran ([system] rounds: some), each current (`round_status`)"
     base = experiment_dir(exp)/'train'
@@ -531,6 +548,7 @@ def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
                                f"predictions of the choosing and reporting images; add them to [train] eval_splits")
     return cands, pick(list(cands.values()), 'cleaning round')
 
+# %% ../nbs/06b_system.ipynb #f0e76b2a
 def _rebalance_round(exp, data, t, rp, r:int):
     "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
     q = dataclasses.replace(rp, iteration=r)
@@ -569,6 +587,7 @@ def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, 
         cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau, tau_bias=rp.tau_bias))
     return pick(cands, 'τ', default=p.plain)
 
+# %% ../nbs/06b_system.ipynb #ac71f894
 TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the TTA stage's rows average the views' probabilities
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
@@ -592,6 +611,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
 
+# %% ../nbs/06b_system.ipynb #396dda69
 def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, TrainParams)
                   variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
     "TTA of an average of heads: each also on the variant's view-averaged embeddings, both views averaged"
