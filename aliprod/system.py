@@ -47,14 +47,16 @@ class EvalSets:
 def evaluation_sets(index:pd.DataFrame, # the index (row, label, split)
                     seed:int=0,         # seed of `choosing_half` (no test split)
                    )->EvalSets:
-    "The data stage's roles (`aliprod.data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
+    "The data stage's roles (`data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
     choose = choosing_rows(index, seed)
     if not len(choose):
-        raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on validation")
+        raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on "
+                          "validation")
     test = reporting_rows(index, 'test', seed)
     if len(test):
         return EvalSets('val', choose, 'test', test,
-                        f"chosen on the val split ({len(choose)} images), reported on the test split ({len(test)} images)")
+                        f"chosen on the val split ({len(choose)} images), reported on the test split "
+                        f"({len(test)} images)")
     report = reporting_rows(index, 'val', seed)
     return EvalSets('val', choose, 'val', report,
                     f"no test split: the choosing half of val ({len(choose)} images, half of every class, "
@@ -68,7 +70,8 @@ class Candidate:
     name:str            # what it is, e.g. 'crt (iteration 2)'
     recipe:dict         # {'members': [member, ...], 'mode': 'mean', 'k': k}: see `predict_system`
     choose:TopK         # predictions of the choosing rows (sorted row ids)
-    report:TopK|None    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
+    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
+    report:TopK|None
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
     parts:list|None=None # per member in recipe order: (choosing, reporting) predictions; None: one member
 
@@ -84,25 +87,28 @@ def choose_delta(a:Candidate, b:Candidate, seed:int=0):
 
 # %% ../nbs/06b_system.ipynb #dcf413e8
 def report_delta(a:Candidate, b:Candidate, seed:int=0):
-    "The same Δ on the reporting images (their given labels): recorded beside the choice, never read by it; None without both"
+    "The same Δ on the reporting images (given labels): recorded beside the choice, never read by it; None without both"
     if a.report is None or b.report is None: return None
     return paired_bootstrap(paired_hits(a.report, b.report, names=(a.name, b.name)), seed=seed)
 
 # %% ../nbs/06b_system.ipynb #624abdd6
 def pick(cands:list[Candidate], step:str,
-         default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
+         # the first candidate is the default (the previous system): another replaces it only with an interval
+         default:bool=True,
         )->tuple[Candidate, pd.DataFrame]:
-    "The default unless others lower mean class error on the choosing images with a paired 95% interval excluding 0 (then the lowest of those)"
+    "The default unless others lower choosing mean class error with a 95% interval excluding 0 (then the lowest)"
     if not cands: raise ValueError(f"{step}: no candidate to choose from")
     # The clean stage's rule for every choice: with 3-4 choosing images per class, the lowest point estimate among many
     # candidates is mostly noise (the winner's curse), and a choice made so did not carry over to the reporting images.
-    errs = [round(choose_error(c), 12) for c in cands]   # rounded: a tie in counts is a tie, whatever the float noise of the mean
+    # rounded: a tie in counts is a tie, whatever the float noise of the mean
+    errs = [round(choose_error(c), 12) for c in cands]
     deltas = [None] + [choose_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
     if default:
         helped = [i for i in range(1, len(cands)) if deltas[i].verdict == 'helped']
         best = min(helped, key=lambda i: (errs[i], i)) if helped else 0
     else: best = int(np.argmin(errs))
-    # every candidate's Δ on the reporting images too, after the choice: does the rule's (or a point estimate's) choice transfer?
+    # every candidate's Δ on the reporting images too, after the choice: does the rule's (or a point estimate's) choice
+    # transfer?
     rdeltas = [None] + [report_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
     col = lambda ds, f: [np.nan if d is None else f(d) for d in ds]
     t = pd.DataFrame({'step': step, 'candidate': [c.name for c in cands], 'choose_mean_class_err': errs,
@@ -110,16 +116,17 @@ def pick(cands:list[Candidate], step:str,
                       'choose_images': [len(c.choose) for c in cands],
                       'choose_Δ_vs_default': col(deltas, lambda d: d.delta), 'choose_Δ_lo': col(deltas, lambda d: d.lo),
                       'choose_Δ_hi': col(deltas, lambda d: d.hi),
-                      'report_mean_class_err': [np.nan if c.report is None else evaluate(c.report, topk=(1,))['mean_class_err']
-                                                for c in cands],
-                      'report_Δ_vs_default': col(rdeltas, lambda d: d.delta), 'report_Δ_lo': col(rdeltas, lambda d: d.lo),
+                      'report_mean_class_err': [np.nan if c.report is None
+                                                else evaluate(c.report, topk=(1,))['mean_class_err'] for c in cands],
+                      'report_Δ_vs_default': col(rdeltas, lambda d: d.delta),
+                      'report_Δ_lo': col(rdeltas, lambda d: d.lo),
                       'report_Δ_hi': col(rdeltas, lambda d: d.hi),
                       'chosen': [i == best for i in range(len(cands))]})
     return cands[best], t
 
 # %% ../nbs/06b_system.ipynb #50d12922
 def _member_recipe(model:str, train:dict, head:dict|None=None, tau:float=0.0, tta:dict|None=None)->dict:
-    "One model's recipe: model file (relative to runs/<experiment>/), its train parameters, head ({'kind': 'classifier'} or tensors), τ, TTA"
+    "One model's recipe: model file (under runs/<experiment>/), train parameters, head (classifier or tensors), τ, TTA"
     return {'model': model, 'train': train, 'head': head or {'kind': 'classifier'}, 'tau': float(tau), 'tta': tta}
 
 def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->Candidate:
@@ -164,7 +171,7 @@ def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|No
 # %% ../nbs/06b_system.ipynb #751698f6
 def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mode:str='mean', k:int|None=None,
                     step:str='ensemble')->tuple[Candidate, pd.DataFrame]:
-    "Forward selection from `base`: add the pool member that lowers the choosing error most, while that gain's paired 95% interval excludes 0"
+    "Forward selection from `base`: add the member that lowers the choosing error most, while its interval excludes 0"
     chosen, cur, err, rows = [base], base, round(choose_error(base), 12), []
     rows.append({'step': step, 'round': 0, 'candidate': base.name, 'choose_mean_class_err': err, 'chosen': True})
     left = list(pool)
@@ -172,11 +179,14 @@ def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mod
         trials = [combine(chosen + [c], mode, k) for c in left]
         errs = [round(choose_error(t), 12) for t in trials]
         i = int(np.argmin(errs))
-        for c, e in zip(left, errs): rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e, 'chosen': False})
+        for c, e in zip(left, errs):
+            rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e,
+                         'chosen': False})
         if errs[i] >= err: break
         d = choose_delta(cur, trials[i])   # only the best member is tested: one comparison per round
         r = rows[-len(left) + i]; r.update({'choose_Δ_vs_default': d.delta, 'choose_Δ_lo': d.lo, 'choose_Δ_hi': d.hi})
-        rd = report_delta(cur, trials[i])   # recorded beside the choice, never read by it: did this member's gain transfer?
+        # recorded beside the choice, never read by it: did this member's gain transfer?
+        rd = report_delta(cur, trials[i])
         if rd is not None: r.update({'report_Δ_vs_default': rd.delta, 'report_Δ_lo': rd.lo, 'report_Δ_hi': rd.hi})
         if d.verdict != 'helped': break
         r['chosen'] = True
@@ -201,7 +211,7 @@ def choice_step(make:Callable)->Callable:
 
 # %% ../nbs/06b_system.ipynb #576b287d
 def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
-    "(N,) labels the reporting images are evaluated against: the ground-truth clean label where the index has one ('clean'), else the given label"
+    "(N,) labels the reporting images are evaluated against: the clean label where known ('clean'), else the given one"
     ix = index.set_index('row').loc[np.asarray(rows)]
     y = ix['label'].to_numpy(np.int64)
     if target == 'clean' and 'clean_label' in ix.columns:
@@ -210,22 +220,24 @@ def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
     return y
 
 # %% ../nbs/06b_system.ipynb #486018d8
-def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0, level:float=0.95)->tuple[float, float, float]:
+def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0,
+                    level:float=0.95)->tuple[float, float, float]:
     "(mean class error, lo, hi): the class-stratified bootstrap interval of the metric itself"
     known = y >= 0
     hit = (np.asarray(t.top1) == y)[known]
-    h = PairedHits(np.asarray(t.rows)[known], y[known], np.zeros_like(hit), hit, t.num_classes, 'label', int((~known).sum()))
+    h = PairedHits(np.asarray(t.rows)[known], y[known], np.zeros_like(hit), hit, t.num_classes, 'label',
+                   int((~known).sum()))
     d = paired_bootstrap(h, B=B, seed=seed, level=level)   # a: always wrong, mean class error 1 in every resample
     return d.b, d.lo + 1.0, d.hi + 1.0
 
 # %% ../nbs/06b_system.ipynb #14135739
 CHAIN_COLUMNS = ['mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc']
 
-def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what it is / why absent)
-                y:np.ndarray,                  # (N,) targets of the reporting rows (sorted row ids), e.g. `report_target`
+def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what / why absent)
+                y:np.ndarray,                  # (N,) reporting rows' targets (sorted row ids), e.g. `report_target`
                 shot:dict|None=None,           # `shot_groups(exp)`: train_counts, many, few
                 B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
-    "One row per step: the system's metrics on the reporting images, Δ mean class error to the previous present row with its paired 95% interval and verdict"
+    "One row per step: its metrics on the reporting images, Δ to the previous present row, paired 95% interval, verdict"
     shot = shot or {}
     out, prev = [], None
     for step, c, what in chain:
@@ -235,15 +247,18 @@ def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or 
         m = evaluate(c.report, clean_label=y, topk=(1,), **shot)
         r.update({'status': 'present', **{k: m.get(k, np.nan) for k in CHAIN_COLUMNS}, 'n': m['n']})
         if prev is not None:
-            d = paired_bootstrap(paired_hits(prev[0].report, c.report, clean_label=y, names=(prev[1], step)), B=B, seed=seed)
+            d = paired_bootstrap(paired_hits(prev[0].report, c.report, clean_label=y, names=(prev[1], step)),
+                                 B=B, seed=seed)
             delta = r['mean_class_err'] - prev[2]['mean_class_err']
-            if abs(delta - d.delta) > 1e-12: raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
+            if abs(delta - d.delta) > 1e-12:
+                raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
             r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict, 'p': d.p})
             # the same step on the images that chose it: a choice that transferred shows the same sign on both
             dc = paired_bootstrap(paired_hits(prev[0].choose, c.choose, names=(prev[1], step)), B=B, seed=seed)
             r.update({'choose Δ': dc.delta, 'choose Δ lo': dc.lo, 'choose Δ hi': dc.hi})
         out.append(r); prev = (c, step, r)
-    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'p', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
+    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'p',
+            'choose Δ', 'choose Δ lo', 'choose Δ hi']
     return pd.DataFrame(out).reindex(columns=cols)
 
 # %% ../nbs/06b_system.ipynb #07622243
@@ -253,8 +268,10 @@ def against_single_technique(final:Candidate,          # the system
                              B:int=BOOTSTRAP_DRAWS, seed:int=0)->dict|None:
     "The single technique chosen on the choosing images; the paired Δ (system − technique) on the reporting images"
     if not singles: return None
-    best, t = pick(singles, 'single technique', default=False)   # no default among them: the lowest on the choosing images
-    d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')), B=B, seed=seed)
+    # no default among them: the lowest on the choosing images
+    best, t = pick(singles, 'single technique', default=False)
+    d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')),
+                         B=B, seed=seed)
     said = 'the system ' + d.verdict if d.verdict != 'no measurable effect' else 'no measurable difference'
     sentence = (f"Against the best single technique, chosen on the choosing images among {len(singles)} ({best.name}): "
                 f"Δ mean class error (system − technique) {100*d.delta:+.1f} points on the reporting images "
@@ -270,10 +287,11 @@ def against_each_single_technique(final:Candidate,          # the system
                                   singles:list[Candidate],  # single-technique candidates (`pool_candidates`)
                                   y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
                                   B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
-    "The system against every single technique on the reporting images: paired Δ (system − technique), interval, Holm's p"
+    "The system against every single technique on the reporting images: paired Δ (system − technique), Holm's p"
     rows = []
     for c in singles:
-        d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')), B=B, seed=seed)
+        d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')),
+                             B=B, seed=seed)
         rows.append({'technique': c.name, 'choose_mean_class_err': choose_error(c), 'technique_mean_class_err': d.a,
                      'system_mean_class_err': d.b, 'Δ (system − technique)': d.delta, 'Δ lo': d.lo, 'Δ hi': d.hi,
                      'verdict': d.verdict, 'p': d.p})
@@ -286,31 +304,39 @@ def against_each_single_technique(final:Candidate,          # the system
 @params_section('system')
 @dataclass
 class SystemParams:
-    rounds:list[int]|None=None        # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
-    methods:list[str]|None=None       # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
+    rounds:list[int]|None=None
+    # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    methods:list[str]|None=None
     # pick: one head, its TTA view replaces its embeddings; average: every head, TTA adds each on its view (transfer.md)
     compose:Literal['pick','average']='pick'
-    plain:bool=True                   # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
+    # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
+    plain:bool=True
     tau:bool=True                     # choose τ on top of a linear head
     tau_grid:list[float]|None=None    # τ values of the τ step (bias: [rebalance] tau_bias); None: [rebalance] tau_grid
-    tta_variants:list[str]|None=None  # 'views@enlarge' variants to choose among (none always); None: [tta] views@enlarge and compare
+    # 'views@enlarge' variants to choose among (none always); None: [tta] views@enlarge and compare
+    tta_variants:list[str]|None=None
     ensemble:bool=True                # greedy top-k averaging with the other predictions of the run
     max_members:int=5                 # ensemble size at most (the system itself counts)
     mode:Literal['mean','sum']='mean' # top-k average (2021 report) or sum (2020 winner)
     k:int=10                          # predictions kept per image
-    target:Literal['clean','given']='clean' # labels of the reporting images: ground truth where the index has it, else given
+    # labels of the reporting images: ground truth where the index has it, else given
+    target:Literal['clean','given']='clean'
     bootstrap:int=BOOTSTRAP_DRAWS     # bootstrap draws of each interval
     bs:int=64                         # images per forward when embedding
     workers:int=0                     # DataLoader workers
     def __post_init__(self):
         bad = [m for m in (self.methods or []) if m.removesuffix('-network') not in ('baseline', *METHODS)]
-        if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} (and '<method>-network')")
+        if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} "
+                                  f"(and '<method>-network')")
         for v in self.tta_variants or []: parse_variant(v)
         if self.compose not in ('pick', 'average'):
             raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
-        if self.k < 1 or self.bootstrap < 1: raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
-        if any(r < 0 for r in self.rounds or []): raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
+        if self.k < 1 or self.bootstrap < 1:
+            raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
+        if any(r < 0 for r in self.rounds or []):
+            raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
         if self.tau_grid is not None and (not self.tau_grid or min(self.tau_grid) < 0):
             raise ParamsError(f"[system] tau_grid must be null or non-empty and >= 0, got {self.tau_grid}")
 
@@ -337,18 +363,19 @@ def train_candidate(exp:ExperimentParams, run:Path, sets:EvalSets, k:int, name:s
     "A train run's plain model (its classifier, no TTA), from its predictions files"
     s = _sets_of({sp: Path(run)/'predictions'/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
     if s is None or not (Path(run)/'model.pth').exists(): return None
-    return single(name, _member_recipe(_rel(exp, Path(run)/'model.pth'), _train_params_of(exp, run)), *s, k=k, run=_rel(exp, run))
+    recipe = _member_recipe(_rel(exp, Path(run)/'model.pth'), _train_params_of(exp, run))
+    return single(name, recipe, *s, k=k, run=_rel(exp, run))
 
 # %% ../nbs/06b_system.ipynb #ebbf3d8b
 def _features_file(reb_dir:Path, model_run:Path, split:str)->Path|None:
-    "The embeddings of `split` the rebalance stage fitted on: the train stage's predictions if they carry them, else its cache"
+    "The embeddings of `split` the rebalance stage fitted on: the train stage's predictions' if any, else its cache"
     import pyarrow.parquet as pq
     for f in (Path(model_run)/'predictions'/f'{split}.parquet', Path(reb_dir)/'features'/f'{split}.parquet'):
         if f.is_file() and 'feats' in pq.read_schema(f).names: return f
     return None
 
 def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int)->tuple[dict, TopK, TopK]|None:
-    "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its choosing and reporting top-k"
+    "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its two sets' top-k"
     out, cache = [], {}
     for split, rows in ((sets.choose_split, sets.choose_rows), (sets.report_split, sets.report_rows)):
         f = _features_file(reb_dir, model_run, split)
@@ -367,23 +394,27 @@ def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int
 # %% ../nbs/06b_system.ipynb #bf8d58de
 def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:EvalSets, k:int,
                       methods:list[str]|None=None, ncm_norm:str='cl2n')->list[Candidate]:
-    "One candidate per classifier method the rebalance stage wrote in `reb_dir` (heads on the model of `model_run`; -network: their own model)"
+    "One candidate per classifier method the rebalance stage wrote in `reb_dir` (on `model_run`'s model or their own)"
     out, it = [], Path(reb_dir).name
     for d in sorted(p for p in Path(reb_dir).iterdir() if p.is_dir() and (p/'metrics.json').exists()):
         m = d.name
-        if m in ('baseline', 'tau_norm') or (methods is not None and m not in methods): continue   # plain is the previous system; τ is the next step
+        # plain is the previous system; τ is the next step
+        if m in ('baseline', 'tau_norm') or (methods is not None and m not in methods): continue
         s = _sets_of({sp: d/'predictions'/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
         if s is None: continue
         if m.endswith('-network'):
             run = d/'train'
             if not (run/'model.pth').exists(): continue
-            out.append(single(f'{m} (iteration {it})', _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run)), *s, k=k, method=m, iteration=int(it)))
+            recipe = _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run))
+            out.append(single(f'{m} (iteration {it})', recipe, *s, k=k, method=m, iteration=int(it)))
         elif (d/'head.pth').exists():
             head = head_tensors(m, torch.load(d/'head.pth', map_location='cpu', weights_only=True), ncm_norm)
             info = {}
             if m == 'ncm':   # nearly uniform probabilities at T = 1: calibrated on the choosing images, predicted again
                 cal = calibrated_ncm(head, reb_dir, model_run, sets, k)
-                if cal is None: log(f"system: {d}: no embeddings of the choosing and reporting images; NCM keeps T = {head['temperature']:g}")
+                if cal is None:
+                    log(f"system: {d}: no embeddings of the choosing and reporting images; NCM keeps "
+                        f"T = {head['temperature']:g}")
                 else: head, *s = cal
                 info['temperature'] = head['temperature']
             recipe = _member_recipe(_rel(exp, model_run/'model.pth'), _train_params_of(exp, model_run), head)
@@ -392,7 +423,7 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
 
 # %% ../nbs/06b_system.ipynb #109116b7
 def cleaning_rounds_run(exp:ExperimentParams)->int:
-    "How many cleaning rounds the clean stage's last run ran under its stop rule (runs/<experiment>/clean/selection.json); 0 if none"
+    "How many cleaning rounds the clean stage's last run ran under its stop rule (clean/selection.json); 0 if none"
     f = experiment_dir(exp)/'clean'/'selection.json'
     if not f.exists(): return 0
     # rounds run past the stop on request (papermill -p iteration N) are there to look at, never candidates
@@ -491,7 +522,8 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
         s = _sets_of({sp: var/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
         if s is None or not (run/'model.pth').exists(): continue
         tta = {'views': mp['views'], 'enlarge': mp['enlarge'], 'size': mp['size'], 'average': 'probs'}
-        out.append(single(f"tta:{var.name}:{var.parent.name}", _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run), tta=tta), *s, k=k))
+        recipe = _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run), tta=tta)
+        out.append(single(f"tta:{var.name}:{var.parent.name}", recipe, *s, k=k))
     return out
 
 # %% ../nbs/06b_system.ipynb #2a5bcfa1
@@ -506,7 +538,8 @@ class SystemArtifacts(StageArtifacts):
     @property
     def tables(self)->dict: return {'chain': self.chain, 'candidates': self.candidates}
 
-CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation', '+ TTA (enlarge + crops)',
+CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation',
+               '+ TTA (enlarge + crops)',
                '+ High-resolution finetune', '+ Ensemble')
 
 # %% ../nbs/06b_system.ipynb #a7f7afd6
@@ -557,38 +590,43 @@ def _rebalance_round(exp, data, t, rp, r:int):
 
 # %% ../nbs/06b_system.ipynb #bd6ea7d1
 def _stage_embeddings(model:nn.Module, df:pd.DataFrame, root, size:int, tta:dict|None, p, device)->torch.Tensor:
-    "(N,D) `view_embeddings` of every image of `df`; one that fails to load stops the stage (candidates compare on the same images)"
+    "(N,D) `view_embeddings` of every image of `df`; one that fails to load stops the stage, named"
     failed = []
     f, ok = view_embeddings(model, df, root, size, tta, p.bs, p.workers, device, failed=failed)
     if not ok.all():
         r, path, err = failed[0] if failed else (int(df['row'].to_numpy()[~ok][0]), df['path'].to_numpy()[~ok][0], '?')
-        raise RuntimeError(f"system: {int((~ok).sum())} choosing/reporting image(s) failed to load, e.g. row {r} ({path}): {err}; "
-                           f"every candidate is compared on the same images: restore the file(s), or run the data stage "
-                           f"again so its scan quarantines them")
+        # every candidate is compared on the same images: one left out for some would change the comparison
+        raise RuntimeError(f"system: {int((~ok).sum())} choosing/reporting image(s) failed to load, e.g. row {r} "
+                           f"({path}): {err}; restore the file(s), or run the data stage again so its scan "
+                           f"quarantines them")
     return f
 
 # %% ../nbs/06b_system.ipynb #c4128474
 def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, pd.DataFrame]:
-    "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first unless not [system] plain); other heads: none"
+    "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first if [system] plain)"
     if not p.tau: c, t = pick([prev], 'τ'); return c, t.assign(note='τ off ([system] tau: false)')
     m = prev.recipe['members'][0]
     head = m['head'] if m['head']['kind'] != 'classifier' else feats['classifier']
-    why = (f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}" if head['kind'] != 'linear' else
+    why = (f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}"
+           if head['kind'] != 'linear' else
            "[rebalance] tau_bias is 'none' (bias-free heads only) and the chosen head has a bias"
            if rp.tau_bias == 'none' and head.get('bias') is not None else None)
     if why: c, t = pick([prev], 'τ'); return c, t.assign(note=why)
     cands = [prev] if p.plain else []
     for tau in sorted({float(x) for x in (p.tau_grid if p.tau_grid is not None else rp.tau_grid)}):
         h = tau_head(head, tau, rp.tau_bias)
-        if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue   # the previous system itself
+        # the previous system itself
+        if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue
         mod = build_head(h)
         ch, rep = (head_predict(mod, feats[w], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
                    for w, r in (('choose', sets.choose_rows), ('report', sets.report_rows)))
-        cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau, tau_bias=rp.tau_bias))
+        cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau,
+                            tau_bias=rp.tau_bias))
     return pick(cands, 'τ', default=p.plain)
 
 # %% ../nbs/06b_system.ipynb #ac71f894
-TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the TTA stage's rows average the views' probabilities
+# what the system's TTA averages; the TTA stage's rows average the views' probabilities
+TTA_AVERAGE = 'view-averaged embeddings'
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
     "The TTA variant with the chosen head: view-averaged embeddings through it (no TTA first unless not [system] plain)"
@@ -603,8 +641,10 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
         views, enlarge = parse_variant(v)
         name = f'TTA {v}, {TTA_AVERAGE}'
         spec = specs[name] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
-        log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images ({views} views of {t.eval_size}px)")
-        cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
+        log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images "
+            f"({views} views of {t.eval_size}px)")
+        cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec),
+                               None, {'variant': v}))
     best, table = pick(cands, 'TTA', default=bool(p.plain or not variants))
     if best is not prev:   # the reporting images are embedded for the chosen variant only
         log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
