@@ -13,18 +13,16 @@ from .core import (resolve_iteration, ExperimentParams, ParamsError, params_sect
                           atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save,
                           pick_device, log, manifest_status, current_manifest, project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
-from .predictions import TopK, read_topk, write_topk, topk_from_probs
+from .predictions import TopK, read_topk, write_topk
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
-from .decoupled import (LearnableWeightScaling, NearestClassMean, tau_normalized_head, ncm_temperature, METHODS,
-                               linear_from as linear_head)   # the name system's code calls it by (06b is being split)
+from .decoupled import ncm_temperature, METHODS
 from .rebalance import run_rebalance
-from .losses import LogitAdjustedHead
-from .train import eval_transform, train_job, eval_splits, TrainParams, load_trained_model
-from .models import data_config
-from .images import ImageIndexDataset
-from .tta import tta_views, enlarged_size, predict_tta, parse_variant
+from .deploy import (head_tensors, classifier_tensors, build_head, tau_head, view_embeddings, head_predict,
+                            _load_member_model)
+from .train import train_job, eval_splits
+from .tta import parse_variant
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
 
@@ -32,11 +30,9 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 __all__ = ['CHAIN_COLUMNS', 'VS_TECHNIQUE_COLUMNS', 'CHAIN_STEPS', 'TTA_AVERAGE', 'EvalSets', 'evaluation_sets', 'Candidate',
            'choose_error', 'choose_delta', 'report_delta', 'pick', 'single', 'member_parts', 'flat_average', 'combine',
            'greedy_ensemble', 'compose', 'choice_step', 'report_target', 'metric_interval', 'chain_table',
-           'against_single_technique', 'against_each_single_technique', 'head_tensors', 'classifier_tensors',
-           'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'SystemParams', 'train_candidate',
+           'against_single_technique', 'against_each_single_technique', 'SystemParams', 'train_candidate',
            'calibrated_ncm', 'method_candidates', 'cleaning_rounds_run', 'round_status', 'pool_runs', 'listed_methods',
-           'pool_candidates', 'member_topk', 'predict_recipe', 'load_system', 'predict_system', 'SystemArtifacts',
-           'run_system', 'system_stage']
+           'pool_candidates', 'SystemArtifacts', 'run_system', 'system_stage']
 
 # %% ../nbs/06b_system.ipynb #91102a82
 @dataclass(frozen=True)
@@ -48,17 +44,20 @@ class EvalSets:
     report_rows:np.ndarray  # sorted index row ids the numbers are reported on: none of them chose anything
     how:str                 # one sentence for the report
 
+# %% ../nbs/06b_system.ipynb #3ce8e323
 def evaluation_sets(index:pd.DataFrame, # the index (row, label, split)
                     seed:int=0,         # seed of `choosing_half` (no test split)
                    )->EvalSets:
-    "The data stage's roles (`aliprod.data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
+    "The data stage's roles (`data.choosing_rows`, `reporting_rows`): val chooses, test reports, or half of val each"
     choose = choosing_rows(index, seed)
     if not len(choose):
-        raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on validation")
+        raise ParamsError("[system] the index has no labelled val rows: every choice of the system is made on "
+                          "validation")
     test = reporting_rows(index, 'test', seed)
     if len(test):
         return EvalSets('val', choose, 'test', test,
-                        f"chosen on the val split ({len(choose)} images), reported on the test split ({len(test)} images)")
+                        f"chosen on the val split ({len(choose)} images), reported on the test split "
+                        f"({len(test)} images)")
     report = reporting_rows(index, 'val', seed)
     return EvalSets('val', choose, 'val', report,
                     f"no test split: the choosing half of val ({len(choose)} images, half of every class, "
@@ -72,37 +71,45 @@ class Candidate:
     name:str            # what it is, e.g. 'crt (iteration 2)'
     recipe:dict         # {'members': [member, ...], 'mode': 'mean', 'k': k}: see `predict_system`
     choose:TopK         # predictions of the choosing rows (sorted row ids)
-    report:TopK|None    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
+    # predictions of the reporting rows (sorted row ids); None until the candidate is chosen, where computing them costs
+    report:TopK|None
     info:dict=field(default_factory=dict) # what the step records about it (method, iteration, τ, variant, ...)
     parts:list|None=None # per member in recipe order: (choosing, reporting) predictions; None: one member
 
+# %% ../nbs/06b_system.ipynb #deb1d330
 def choose_error(c:Candidate)->float:
     "Mean class error of `c` on the choosing images, against their given labels"
     return evaluate(c.choose, topk=(1,))['mean_class_err']
 
+# %% ../nbs/06b_system.ipynb #fe1d7279
 def choose_delta(a:Candidate, b:Candidate, seed:int=0):
     "Δ mean class error from `a` to `b` on the choosing images, with its class-stratified paired 95% interval"
     return paired_bootstrap(paired_hits(a.choose, b.choose, names=(a.name, b.name)), seed=seed)
 
+# %% ../nbs/06b_system.ipynb #dcf413e8
 def report_delta(a:Candidate, b:Candidate, seed:int=0):
-    "The same Δ on the reporting images (their given labels): recorded beside the choice, never read by it; None without both"
+    "The same Δ on the reporting images (given labels): recorded beside the choice, never read by it; None without both"
     if a.report is None or b.report is None: return None
     return paired_bootstrap(paired_hits(a.report, b.report, names=(a.name, b.name)), seed=seed)
 
+# %% ../nbs/06b_system.ipynb #624abdd6
 def pick(cands:list[Candidate], step:str,
-         default:bool=True, # the first candidate is the default (the previous system): another replaces it only with an interval
+         # the first candidate is the default (the previous system): another replaces it only with an interval
+         default:bool=True,
         )->tuple[Candidate, pd.DataFrame]:
-    "The default unless others lower mean class error on the choosing images with a paired 95% interval excluding 0 (then the lowest of those)"
+    "The default unless others lower choosing mean class error with a 95% interval excluding 0 (then the lowest)"
     if not cands: raise ValueError(f"{step}: no candidate to choose from")
     # The clean stage's rule for every choice: with 3-4 choosing images per class, the lowest point estimate among many
     # candidates is mostly noise (the winner's curse), and a choice made so did not carry over to the reporting images.
-    errs = [round(choose_error(c), 12) for c in cands]   # rounded: a tie in counts is a tie, whatever the float noise of the mean
+    # rounded: a tie in counts is a tie, whatever the float noise of the mean
+    errs = [round(choose_error(c), 12) for c in cands]
     deltas = [None] + [choose_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
     if default:
         helped = [i for i in range(1, len(cands)) if deltas[i].verdict == 'helped']
         best = min(helped, key=lambda i: (errs[i], i)) if helped else 0
     else: best = int(np.argmin(errs))
-    # every candidate's Δ on the reporting images too, after the choice: does the rule's (or a point estimate's) choice transfer?
+    # every candidate's Δ on the reporting images too, after the choice: does the rule's (or a point estimate's) choice
+    # transfer?
     rdeltas = [None] + [report_delta(cands[0], c) for c in cands[1:]] if default else [None] * len(cands)
     col = lambda ds, f: [np.nan if d is None else f(d) for d in ds]
     t = pd.DataFrame({'step': step, 'candidate': [c.name for c in cands], 'choose_mean_class_err': errs,
@@ -110,22 +117,24 @@ def pick(cands:list[Candidate], step:str,
                       'choose_images': [len(c.choose) for c in cands],
                       'choose_Δ_vs_default': col(deltas, lambda d: d.delta), 'choose_Δ_lo': col(deltas, lambda d: d.lo),
                       'choose_Δ_hi': col(deltas, lambda d: d.hi),
-                      'report_mean_class_err': [np.nan if c.report is None else evaluate(c.report, topk=(1,))['mean_class_err']
-                                                for c in cands],
-                      'report_Δ_vs_default': col(rdeltas, lambda d: d.delta), 'report_Δ_lo': col(rdeltas, lambda d: d.lo),
+                      'report_mean_class_err': [np.nan if c.report is None
+                                                else evaluate(c.report, topk=(1,))['mean_class_err'] for c in cands],
+                      'report_Δ_vs_default': col(rdeltas, lambda d: d.delta),
+                      'report_Δ_lo': col(rdeltas, lambda d: d.lo),
                       'report_Δ_hi': col(rdeltas, lambda d: d.hi),
                       'chosen': [i == best for i in range(len(cands))]})
     return cands[best], t
 
 # %% ../nbs/06b_system.ipynb #50d12922
 def _member_recipe(model:str, train:dict, head:dict|None=None, tau:float=0.0, tta:dict|None=None)->dict:
-    "One model's recipe: model file (relative to runs/<experiment>/), its train parameters, head ({'kind': 'classifier'} or tensors), τ, TTA"
+    "One model's recipe: model file (under runs/<experiment>/), train parameters, head (classifier or tensors), τ, TTA"
     return {'model': model, 'train': train, 'head': head or {'kind': 'classifier'}, 'tau': float(tau), 'tta': tta}
 
 def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->Candidate:
     "A one-model candidate"
     return Candidate(name, {'members': [member], 'mode': 'mean', 'k': k}, choose, report, info)
 
+# %% ../nbs/06b_system.ipynb #15679659
 def member_parts(c:Candidate)->tuple[list, np.ndarray]:
     "`c`'s per-member (choosing, reporting) predictions in recipe order, and the members' weights (summing to 1)"
     parts = c.parts if c.parts is not None else [(c.choose, c.report)]
@@ -135,6 +144,7 @@ def member_parts(c:Candidate)->tuple[list, np.ndarray]:
     w = np.asarray(c.recipe.get('weights') or np.ones(len(parts)), dtype=np.float64)
     return parts, w / w.sum()
 
+# %% ../nbs/06b_system.ipynb #573e1308
 def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:int, info:dict|None=None)->Candidate:
     "`members` (their (choosing, reporting) `parts`) averaged with `weights` in one `combine_topk`, as recipes predict"
     w = np.asarray(weights, dtype=np.float64)
@@ -147,6 +157,7 @@ def flat_average(name:str, members:list[dict], parts:list, weights, mode:str, k:
     return Candidate(name, recipe, avg([p[0] for p in parts]), avg([p[1] for p in parts]), dict(info or {}),
                      list(parts) if len(parts) > 1 else None)
 
+# %% ../nbs/06b_system.ipynb #956f620f
 def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|None=None,
             info:dict|None=None)->Candidate:
     "The top-k average of several candidates, an equal share each: one `combine_topk` of all their members"
@@ -161,7 +172,7 @@ def combine(cands:list[Candidate], mode:str='mean', k:int|None=None, name:str|No
 # %% ../nbs/06b_system.ipynb #751698f6
 def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mode:str='mean', k:int|None=None,
                     step:str='ensemble')->tuple[Candidate, pd.DataFrame]:
-    "Forward selection from `base`: add the pool member that lowers the choosing error most, while that gain's paired 95% interval excludes 0"
+    "Forward selection from `base`: add the member that lowers the choosing error most, while its interval excludes 0"
     chosen, cur, err, rows = [base], base, round(choose_error(base), 12), []
     rows.append({'step': step, 'round': 0, 'candidate': base.name, 'choose_mean_class_err': err, 'chosen': True})
     left = list(pool)
@@ -169,11 +180,14 @@ def greedy_ensemble(base:Candidate, pool:list[Candidate], max_members:int=5, mod
         trials = [combine(chosen + [c], mode, k) for c in left]
         errs = [round(choose_error(t), 12) for t in trials]
         i = int(np.argmin(errs))
-        for c, e in zip(left, errs): rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e, 'chosen': False})
+        for c, e in zip(left, errs):
+            rows.append({'step': step, 'round': len(chosen), 'candidate': f'+ {c.name}', 'choose_mean_class_err': e,
+                         'chosen': False})
         if errs[i] >= err: break
         d = choose_delta(cur, trials[i])   # only the best member is tested: one comparison per round
         r = rows[-len(left) + i]; r.update({'choose_Δ_vs_default': d.delta, 'choose_Δ_lo': d.lo, 'choose_Δ_hi': d.hi})
-        rd = report_delta(cur, trials[i])   # recorded beside the choice, never read by it: did this member's gain transfer?
+        # recorded beside the choice, never read by it: did this member's gain transfer?
+        rd = report_delta(cur, trials[i])
         if rd is not None: r.update({'report_Δ_vs_default': rd.delta, 'report_Δ_lo': rd.lo, 'report_Δ_hi': rd.hi})
         if d.verdict != 'helped': break
         r['chosen'] = True
@@ -190,16 +204,15 @@ def compose(steps:list[tuple[str, Callable]], # (step name, previous Candidate |
         chain.append((step, cur)); tables.append(t.assign(step=step))
     return chain, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
+# %% ../nbs/06b_system.ipynb #e7d55e19
 def choice_step(make:Callable)->Callable:
     "A step that `pick`s among `make(previous)`'s candidates (the previous system first)"
     def step(prev): return pick(make(prev), 'choice')
     return step
 
-# %% ../nbs/06b_system.ipynb #fd8b42dc
-CHAIN_COLUMNS = ['mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc']
-
+# %% ../nbs/06b_system.ipynb #576b287d
 def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
-    "(N,) labels the reporting images are evaluated against: the ground-truth clean label where the index has one ('clean'), else the given label"
+    "(N,) labels the reporting images are evaluated against: the clean label where known ('clean'), else the given one"
     ix = index.set_index('row').loc[np.asarray(rows)]
     y = ix['label'].to_numpy(np.int64)
     if target == 'clean' and 'clean_label' in ix.columns:
@@ -207,20 +220,25 @@ def report_target(index:pd.DataFrame, rows, target:str='clean')->np.ndarray:
         y = np.where(c >= 0, c, y)
     return y
 
-def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0, level:float=0.95)->tuple[float, float, float]:
+# %% ../nbs/06b_system.ipynb #486018d8
+def metric_interval(t:TopK, y:np.ndarray, B:int=BOOTSTRAP_DRAWS, seed:int=0,
+                    level:float=0.95)->tuple[float, float, float]:
     "(mean class error, lo, hi): the class-stratified bootstrap interval of the metric itself"
     known = y >= 0
     hit = (np.asarray(t.top1) == y)[known]
-    h = PairedHits(np.asarray(t.rows)[known], y[known], np.zeros_like(hit), hit, t.num_classes, 'label', int((~known).sum()))
+    h = PairedHits(np.asarray(t.rows)[known], y[known], np.zeros_like(hit), hit, t.num_classes, 'label',
+                   int((~known).sum()))
     d = paired_bootstrap(h, B=B, seed=seed, level=level)   # a: always wrong, mean class error 1 in every resample
     return d.b, d.lo + 1.0, d.hi + 1.0
 
 # %% ../nbs/06b_system.ipynb #14135739
-def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what it is / why absent)
-                y:np.ndarray,                  # (N,) targets of the reporting rows (sorted row ids), e.g. `report_target`
+CHAIN_COLUMNS = ['mean_class_err', 'top1_err', 'many_acc', 'medium_acc', 'few_acc']
+
+def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or None when absent, what / why absent)
+                y:np.ndarray,                  # (N,) reporting rows' targets (sorted row ids), e.g. `report_target`
                 shot:dict|None=None,           # `shot_groups(exp)`: train_counts, many, few
                 B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
-    "One row per step: the system's metrics on the reporting images, Δ mean class error to the previous present row with its paired 95% interval and verdict"
+    "One row per step: its metrics on the reporting images, Δ to the previous present row, paired 95% interval, verdict"
     shot = shot or {}
     out, prev = [], None
     for step, c, what in chain:
@@ -230,15 +248,18 @@ def chain_table(chain:list[tuple[str, Candidate|None, str]], # (step, system or 
         m = evaluate(c.report, clean_label=y, topk=(1,), **shot)
         r.update({'status': 'present', **{k: m.get(k, np.nan) for k in CHAIN_COLUMNS}, 'n': m['n']})
         if prev is not None:
-            d = paired_bootstrap(paired_hits(prev[0].report, c.report, clean_label=y, names=(prev[1], step)), B=B, seed=seed)
+            d = paired_bootstrap(paired_hits(prev[0].report, c.report, clean_label=y, names=(prev[1], step)),
+                                 B=B, seed=seed)
             delta = r['mean_class_err'] - prev[2]['mean_class_err']
-            if abs(delta - d.delta) > 1e-12: raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
+            if abs(delta - d.delta) > 1e-12:
+                raise RuntimeError(f"{step}: Δ {delta} from evaluate but {d.delta} from the paired bootstrap")
             r.update({'Δ mean class err': delta, 'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict, 'p': d.p})
             # the same step on the images that chose it: a choice that transferred shows the same sign on both
             dc = paired_bootstrap(paired_hits(prev[0].choose, c.choose, names=(prev[1], step)), B=B, seed=seed)
             r.update({'choose Δ': dc.delta, 'choose Δ lo': dc.lo, 'choose Δ hi': dc.hi})
         out.append(r); prev = (c, step, r)
-    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'p', 'choose Δ', 'choose Δ lo', 'choose Δ hi']
+    cols = ['step', 'status', 'system', 'what', *CHAIN_COLUMNS, 'n', 'Δ mean class err', 'Δ lo', 'Δ hi', 'verdict', 'p',
+            'choose Δ', 'choose Δ lo', 'choose Δ hi']
     return pd.DataFrame(out).reindex(columns=cols)
 
 # %% ../nbs/06b_system.ipynb #07622243
@@ -248,8 +269,10 @@ def against_single_technique(final:Candidate,          # the system
                              B:int=BOOTSTRAP_DRAWS, seed:int=0)->dict|None:
     "The single technique chosen on the choosing images; the paired Δ (system − technique) on the reporting images"
     if not singles: return None
-    best, t = pick(singles, 'single technique', default=False)   # no default among them: the lowest on the choosing images
-    d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')), B=B, seed=seed)
+    # no default among them: the lowest on the choosing images
+    best, t = pick(singles, 'single technique', default=False)
+    d = paired_bootstrap(paired_hits(best.report, final.report, clean_label=y, names=(best.name, 'system')),
+                         B=B, seed=seed)
     said = 'the system ' + d.verdict if d.verdict != 'no measurable effect' else 'no measurable difference'
     sentence = (f"Against the best single technique, chosen on the choosing images among {len(singles)} ({best.name}): "
                 f"Δ mean class error (system − technique) {100*d.delta:+.1f} points on the reporting images "
@@ -257,6 +280,7 @@ def against_single_technique(final:Candidate,          # the system
     return {'technique': best.name, 'choose_mean_class_err': float(t.loc[t['chosen'], 'choose_mean_class_err'].item()),
             'candidates': len(singles), **d.to_dict(), 'sentence': sentence}
 
+# %% ../nbs/06b_system.ipynb #370f3f02
 VS_TECHNIQUE_COLUMNS = ['technique', 'choose_mean_class_err', 'technique_mean_class_err', 'system_mean_class_err',
                         'Δ (system − technique)', 'Δ lo', 'Δ hi', 'verdict', 'p', 'p (Holm)']
 
@@ -264,10 +288,11 @@ def against_each_single_technique(final:Candidate,          # the system
                                   singles:list[Candidate],  # single-technique candidates (`pool_candidates`)
                                   y:np.ndarray,             # (N,) targets of the reporting rows, e.g. `report_target`
                                   B:int=BOOTSTRAP_DRAWS, seed:int=0)->pd.DataFrame:
-    "The system against every single technique on the reporting images: paired Δ (system − technique), interval, Holm's p"
+    "The system against every single technique on the reporting images: paired Δ (system − technique), Holm's p"
     rows = []
     for c in singles:
-        d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')), B=B, seed=seed)
+        d = paired_bootstrap(paired_hits(c.report, final.report, clean_label=y, names=(c.name, 'system')),
+                             B=B, seed=seed)
         rows.append({'technique': c.name, 'choose_mean_class_err': choose_error(c), 'technique_mean_class_err': d.a,
                      'system_mean_class_err': d.b, 'Δ (system − technique)': d.delta, 'Δ lo': d.lo, 'Δ hi': d.hi,
                      'verdict': d.verdict, 'p': d.p})
@@ -276,119 +301,43 @@ def against_each_single_technique(final:Candidate,          # the system
     if len(t): t['p (Holm)'] = holm(t['p'].to_numpy(float))
     return t
 
-# %% ../nbs/06b_system.ipynb #932595ff
-def _wrapped(method:str, classifier:nn.Module, state:dict)->nn.Module:
-    "The rebalance method's module around a copy of `classifier`, its buffers and parameters sized from `state`"
-    c = copy.deepcopy(classifier)
-    if method == 'lws': return LearnableWeightScaling(c, len(state['scales']))
-    if method == 'logit_adjust': return LogitAdjustedHead(c, state['log_prior'], float(state['tau']))
-    raise ValueError(f"No wrapper for method {method!r}; valid: lws, logit_adjust")
-
-def head_tensors(method:str, state:dict, ncm_norm:str='cl2n')->dict:
-    "A rebalance method's head.pth as a system head: 'linear' (LWS, logit adjustment folded in), 'ncm' or 'module'"
-    if method == 'ncm':   # head.pth files written before the temperature: T = 1
-        return {'kind': 'ncm', 'centroids': state['centroids'], 'mean': state['mean'], 'present': state['present'],
-                'norm': ncm_norm, 'temperature': float(state.get('temperature', 1.0))}
-    if method in ('lws', 'logit_adjust'):   # a trained classifier inside, post-hoc changes on top
-        inner = head_tensors('classifier', {k.removeprefix('classifier.'): v for k, v in state.items() if k.startswith('classifier.')})
-        if inner['kind'] != 'linear': return {'kind': 'module', 'state': state, 'wrap': method}   # cosine: nothing to fold into
-        w, b = inner['weight'], inner['bias']
-        if method == 'lws':   # s_i·(w_i·x + b_i)
-            s = state['scales']
-            return {'kind': 'linear', 'weight': w * s[:, None], 'bias': None if b is None else b * s}
-        adj = -float(state['tau']) * state['log_prior'].float()   # w_i·x + b_i - τ·log π_i: the adjustment is a bias
-        return {'kind': 'linear', 'weight': w, 'bias': adj if b is None else b.float() + adj}
-    if set(state) - {'weight', 'bias'}: return {'kind': 'module', 'state': state}   # e.g. a cosine classifier: no τ
-    return {'kind': 'linear', 'weight': state['weight'], 'bias': state.get('bias')}
-
-def classifier_tensors(classifier:nn.Module)->dict:
-    "The model's classifier as a system head"
-    return head_tensors('classifier', {k: v.detach().cpu() for k, v in classifier.state_dict().items()})
-
-def build_head(head:dict, classifier:nn.Module|None=None)->nn.Module:
-    "The nn.Module of a system head (`classifier`: the model's own, needed for 'classifier' and 'module')"
-    kind = head['kind']
-    if kind == 'classifier': return classifier
-    if kind == 'linear': return linear_head(head['weight'].float(), None if head.get('bias') is None else head['bias'].float())
-    if kind == 'ncm':
-        return NearestClassMean(head['centroids'], head['mean'], head['norm'], head['present'], head.get('temperature', 1.0))
-    if kind == 'module':
-        m = _wrapped(head['wrap'], classifier, head['state']) if head.get('wrap') else copy.deepcopy(classifier)
-        m.load_state_dict(head['state']); return m
-    raise ValueError(f"Unknown head kind {kind!r}; valid: classifier, linear, ncm, module")
-
-def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
-    "The linear head τ-normalised, its bias by `rebalance.tau_bias` (the rebalance stage's sweep's rule, at every τ)"
-    if head['kind'] != 'linear': raise ValueError(f"τ-normalisation needs a linear head, got {head['kind']!r}")
-    b = head.get('bias')
-    h = tau_normalized_head(head['weight'].float(), None if b is None else b.float(), float(tau), bias_mode)
-    return {'kind': 'linear', 'weight': h.weight.detach(), 'bias': None if h.bias is None else h.bias.detach()}
-
-# %% ../nbs/06b_system.ipynb #094812db
-def _embed(model:nn.Module, x:torch.Tensor)->torch.Tensor:
-    "(N,D) pooled post-neck embeddings of images `x`: the classifier's input (the one call of the model's embedding forward)"
-    return model.forward_embedding(x)
-
-@torch.inference_mode()
-def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
-                    df:pd.DataFrame,         # index rows to embed (row, path, label)
-                    root:str|Path,           # data root
-                    size:int,                # the model's eval size: the views' size
-                    tta:dict|None=None,      # {'views', 'enlarge'}: FixRes crops averaged; None: one resize to `size`
-                    bs:int=64, workers:int=0, device='cpu', amp:bool=False,
-                   )->torch.Tensor:
-    "(N,D) float32 embeddings of `df`'s images, averaged over the TTA views (one forward per batch of views)"
-    from torch.utils.data import DataLoader
-    cfg = data_config(model)
-    px = size if tta is None else enlarged_size(size, tta['enlarge'])
-    ds = ImageIndexDataset(df, root, transform=eval_transform(px, cfg['mean'], cfg['std']))
-    out = []
-    for x, _ in DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers):
-        x = x.to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            if tta is None: f = _embed(model, x)
-            else:
-                v = tta_views(x, size, tta['views'])
-                f = _embed(model, v.flatten(0, 1)).float().view(v.shape[0], v.shape[1], -1).mean(1)
-        out.append(f.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-@torch.no_grad()
-def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:int=4096)->TopK:
-    "Top-k of `head` on embeddings (softmax of its logits)"
-    head = head.eval()
-    parts = [topk_from_probs(head(feats[s:s+bs].float()).float().softmax(1), labels[s:s+bs], rows[s:s+bs], k) for s in range(0, len(feats), bs)]
-    return TopK.concat(parts)
-
 # %% ../nbs/06b_system.ipynb #e2f5736b
 @params_section('system')
 @dataclass
 class SystemParams:
-    rounds:list[int]|None=None        # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
-    methods:list[str]|None=None       # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    # cleaning rounds to choose among; None: every iteration with a trained model (train stage, tag '')
+    rounds:list[int]|None=None
+    # methods to choose among; None: all the rebalance stage wrote (tau_norm: the τ step)
+    methods:list[str]|None=None
     # pick: one head, its TTA view replaces its embeddings; average: every head, TTA adds each on its view (transfer.md)
     compose:Literal['pick','average']='pick'
-    plain:bool=True                   # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
+    # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
+    plain:bool=True
     tau:bool=True                     # choose τ on top of a linear head
     tau_grid:list[float]|None=None    # τ values of the τ step (bias: [rebalance] tau_bias); None: [rebalance] tau_grid
-    tta_variants:list[str]|None=None  # 'views@enlarge' variants to choose among (none always); None: [tta] views@enlarge and compare
+    # 'views@enlarge' variants to choose among (none always); None: [tta] views@enlarge and compare
+    tta_variants:list[str]|None=None
     ensemble:bool=True                # greedy top-k averaging with the other predictions of the run
     max_members:int=5                 # ensemble size at most (the system itself counts)
     mode:Literal['mean','sum']='mean' # top-k average (2021 report) or sum (2020 winner)
     k:int=10                          # predictions kept per image
-    target:Literal['clean','given']='clean' # labels of the reporting images: ground truth where the index has it, else given
+    # labels of the reporting images: ground truth where the index has it, else given
+    target:Literal['clean','given']='clean'
     bootstrap:int=BOOTSTRAP_DRAWS     # bootstrap draws of each interval
     bs:int=64                         # images per forward when embedding
     workers:int=0                     # DataLoader workers
     def __post_init__(self):
         bad = [m for m in (self.methods or []) if m.removesuffix('-network') not in ('baseline', *METHODS)]
-        if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} (and '<method>-network')")
+        if bad: raise ParamsError(f"[system] methods: unknown method {bad[0]!r}; valid: baseline, {', '.join(METHODS)} "
+                                  f"(and '<method>-network')")
         for v in self.tta_variants or []: parse_variant(v)
         if self.compose not in ('pick', 'average'):
             raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
-        if self.k < 1 or self.bootstrap < 1: raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
-        if any(r < 0 for r in self.rounds or []): raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
+        if self.k < 1 or self.bootstrap < 1:
+            raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
+        if any(r < 0 for r in self.rounds or []):
+            raise ParamsError(f"[system] rounds must be iterations >= 0, got {self.rounds}")
         if self.tau_grid is not None and (not self.tau_grid or min(self.tau_grid) < 0):
             raise ParamsError(f"[system] tau_grid must be null or non-empty and >= 0, got {self.tau_grid}")
 
@@ -415,18 +364,19 @@ def train_candidate(exp:ExperimentParams, run:Path, sets:EvalSets, k:int, name:s
     "A train run's plain model (its classifier, no TTA), from its predictions files"
     s = _sets_of({sp: Path(run)/'predictions'/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
     if s is None or not (Path(run)/'model.pth').exists(): return None
-    return single(name, _member_recipe(_rel(exp, Path(run)/'model.pth'), _train_params_of(exp, run)), *s, k=k, run=_rel(exp, run))
+    recipe = _member_recipe(_rel(exp, Path(run)/'model.pth'), _train_params_of(exp, run))
+    return single(name, recipe, *s, k=k, run=_rel(exp, run))
 
 # %% ../nbs/06b_system.ipynb #ebbf3d8b
 def _features_file(reb_dir:Path, model_run:Path, split:str)->Path|None:
-    "The embeddings of `split` the rebalance stage fitted on: the train stage's predictions if they carry them, else its cache"
+    "The embeddings of `split` the rebalance stage fitted on: the train stage's predictions' if any, else its cache"
     import pyarrow.parquet as pq
     for f in (Path(model_run)/'predictions'/f'{split}.parquet', Path(reb_dir)/'features'/f'{split}.parquet'):
         if f.is_file() and 'feats' in pq.read_schema(f).names: return f
     return None
 
 def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int)->tuple[dict, TopK, TopK]|None:
-    "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its choosing and reporting top-k"
+    "The NCM head, its temperature chosen on the choosing images only (`ncm_temperature`); its two sets' top-k"
     out, cache = [], {}
     for split, rows in ((sets.choose_split, sets.choose_rows), (sets.report_split, sets.report_rows)):
         f = _features_file(reb_dir, model_run, split)
@@ -442,25 +392,30 @@ def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int
     mod = build_head(head)
     return head, head_predict(mod, fc, rc, yc, k), head_predict(mod, fr, rr, yr, k)
 
+# %% ../nbs/06b_system.ipynb #bf8d58de
 def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:EvalSets, k:int,
                       methods:list[str]|None=None, ncm_norm:str='cl2n')->list[Candidate]:
-    "One candidate per classifier method the rebalance stage wrote in `reb_dir` (heads on the model of `model_run`; -network: their own model)"
+    "One candidate per classifier method the rebalance stage wrote in `reb_dir` (on `model_run`'s model or their own)"
     out, it = [], Path(reb_dir).name
     for d in sorted(p for p in Path(reb_dir).iterdir() if p.is_dir() and (p/'metrics.json').exists()):
         m = d.name
-        if m in ('baseline', 'tau_norm') or (methods is not None and m not in methods): continue   # plain is the previous system; τ is the next step
+        # plain is the previous system; τ is the next step
+        if m in ('baseline', 'tau_norm') or (methods is not None and m not in methods): continue
         s = _sets_of({sp: d/'predictions'/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
         if s is None: continue
         if m.endswith('-network'):
             run = d/'train'
             if not (run/'model.pth').exists(): continue
-            out.append(single(f'{m} (iteration {it})', _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run)), *s, k=k, method=m, iteration=int(it)))
+            recipe = _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run))
+            out.append(single(f'{m} (iteration {it})', recipe, *s, k=k, method=m, iteration=int(it)))
         elif (d/'head.pth').exists():
             head = head_tensors(m, torch.load(d/'head.pth', map_location='cpu', weights_only=True), ncm_norm)
             info = {}
             if m == 'ncm':   # nearly uniform probabilities at T = 1: calibrated on the choosing images, predicted again
                 cal = calibrated_ncm(head, reb_dir, model_run, sets, k)
-                if cal is None: log(f"system: {d}: no embeddings of the choosing and reporting images; NCM keeps T = {head['temperature']:g}")
+                if cal is None:
+                    log(f"system: {d}: no embeddings of the choosing and reporting images; NCM keeps "
+                        f"T = {head['temperature']:g}")
                 else: head, *s = cal
                 info['temperature'] = head['temperature']
             recipe = _member_recipe(_rel(exp, model_run/'model.pth'), _train_params_of(exp, model_run), head)
@@ -469,7 +424,7 @@ def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:E
 
 # %% ../nbs/06b_system.ipynb #109116b7
 def cleaning_rounds_run(exp:ExperimentParams)->int:
-    "How many cleaning rounds the clean stage's last run ran under its stop rule (runs/<experiment>/clean/selection.json); 0 if none"
+    "How many cleaning rounds the clean stage's last run ran under its stop rule (clean/selection.json); 0 if none"
     f = experiment_dir(exp)/'clean'/'selection.json'
     if not f.exists(): return 0
     # rounds run past the stop on request (papermill -p iteration N) are there to look at, never candidates
@@ -478,6 +433,7 @@ def cleaning_rounds_run(exp:ExperimentParams)->int:
         log(f"system: {project_relative(f)} is unreadable (truncated?); iteration 0 is the only round until clean runs")
         return 0
 
+# %% ../nbs/06b_system.ipynb #0bf16026
 def round_status(exp:ExperimentParams, data, t, r:int)->str:
     "'' when train/<r> is what the current train parameters produce on round r's index, outputs unchanged; else why not"
     d = experiment_dir(exp)/'train'/str(r)
@@ -491,6 +447,7 @@ def round_status(exp:ExperimentParams, data, t, r:int)->str:
     run = train_job(exp, data, q, r)[1]
     return '' if m.get('key') == run.key else f'trained with other parameters or code ({run.why_stale()})'
 
+# %% ../nbs/06b_system.ipynb #17a11f8f
 def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the current parameters produce
               t, tp, # TrainParams of the pipeline's model (its high-res twin), TTAParams (the variants)
              )->dict[str, list[Path]]:
@@ -528,6 +485,7 @@ def pool_runs(exp:ExperimentParams, rounds:list[int], # the cleaning rounds the 
     for line in left: log(f'system: {line}; not a candidate')
     return out
 
+# %% ../nbs/06b_system.ipynb #68ae0b4b
 def listed_methods(reb_dir:Path, cands:list[Candidate])->list[Candidate]:
     "The method candidates the rebalance run's current manifest lists (not a method of an earlier configuration)"
     m = current_manifest(reb_dir)
@@ -565,70 +523,9 @@ def pool_candidates(exp:ExperimentParams, sets:EvalSets, k:int, ncm_norm:str='cl
         s = _sets_of({sp: var/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
         if s is None or not (run/'model.pth').exists(): continue
         tta = {'views': mp['views'], 'enlarge': mp['enlarge'], 'size': mp['size'], 'average': 'probs'}
-        out.append(single(f"tta:{var.name}:{var.parent.name}", _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run), tta=tta), *s, k=k))
+        recipe = _member_recipe(_rel(exp, run/'model.pth'), _train_params_of(exp, run), tta=tta)
+        out.append(single(f"tta:{var.name}:{var.parent.name}", recipe, *s, k=k))
     return out
-
-# %% ../nbs/06b_system.ipynb #9977deee
-def _load_member_model(exp_dir:Path, member:dict, num_classes:int, device, cache:dict):
-    key = member['model']
-    if key not in cache:
-        t = TrainParams(**member['train'])
-        cache[key] = (load_trained_model(Path(exp_dir)/key, t, num_classes, device), t)
-    return cache[key]
-
-@torch.inference_mode()
-def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10, bs:int=64, workers:int=0, device='cpu',
-                feats:torch.Tensor|None=None)->TopK:
-    "Top-k of one member on `df`'s images (or on their precomputed embeddings `feats`, TTA included)"
-    rows, labels = df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64)
-    size = (member.get('tta') or {}).get('size') or t.eval_size
-    tta = member.get('tta')
-    if tta and tta.get('average') == 'probs':   # as the TTA stage: each view through the whole model, probabilities averaged
-        import tempfile as _tf
-        with _tf.TemporaryDirectory() as d:
-            return read_topk(predict_tta(model, df.assign(split='x'), 'x', Path(d)/'p.parquet', root, size, tta['views'], tta['enlarge'], k, bs, workers, device))
-    head = copy.deepcopy(build_head(member['head'], model.classifier)).cpu()   # a copy: the model keeps its classifier where it is
-    if feats is None: feats = view_embeddings(model, df, root, size, tta, bs, workers, device)
-    return head_predict(head, feats, rows, labels, k)
-
-def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes:int, bs:int=64, workers:int=0, device='cpu',
-                   cache:dict|None=None)->TopK:
-    "Top-k of a system recipe on the images of `df` (row, path, label)"
-    cache, feats, parts = {} if cache is None else cache, {}, []
-    for m in recipe['members']:
-        model, t = _load_member_model(exp_dir, m, num_classes, device, cache)
-        tta, f = m.get('tta'), None
-        if not (tta and tta.get('average') == 'probs'):   # heads on the same model and views share one embedding pass
-            key = (m['model'], json.dumps(tta, sort_keys=True))
-            if key not in feats:
-                size = (tta or {}).get('size') or t.eval_size
-                feats[key] = view_embeddings(model, df, root, size, tta, bs, workers, device)
-            f = feats[key]
-        parts.append(member_topk(m, model, t, df, root, recipe['k'], bs, workers, device, feats=f))
-    if len(parts) == 1: return parts[0]
-    return combine_topk(parts, recipe.get('weights'), mode=recipe['mode'], k=recipe['k'])
-
-# %% ../nbs/06b_system.ipynb #aa8eb20f
-def load_system(system_dir:str|Path)->dict:
-    "system.json of a system artifact, with every member's head tensors loaded from its file"
-    d = Path(system_dir)
-    s = json.loads((d/'system.json').read_text())
-    for m in s['recipe']['members']:
-        if 'file' in m['head']: m['head'] = torch.load(d/m['head']['file'], map_location='cpu', weights_only=True)
-    return s
-
-def predict_system(system_dir:str|Path,                # runs/<experiment>/system/
-                   images:list|pd.DataFrame,           # image paths, or index rows (path[, row, label])
-                   root:str|Path|None=None,            # what relative paths are relative to; default: the data stage's root
-                   bs:int=64, workers:int=0, device='cpu')->TopK:
-    "Top-k predictions of the system artifact for new images (rows 0..N-1 unless `images` has a row column; labels -1 unless it has one)"
-    d = Path(system_dir)
-    s = load_system(d)
-    df = images.copy() if isinstance(images, pd.DataFrame) else pd.DataFrame({'path': [str(p) for p in images]})
-    if 'row' not in df: df['row'] = np.arange(len(df))
-    if 'label' not in df: df['label'] = -1
-    root = root if root is not None else s['data_root']
-    return predict_recipe(s['recipe'], d.parent, df, root, s['num_classes'], bs, workers, device)
 
 # %% ../nbs/06b_system.ipynb #2a5bcfa1
 @dataclass
@@ -642,12 +539,15 @@ class SystemArtifacts(StageArtifacts):
     @property
     def tables(self)->dict: return {'chain': self.chain, 'candidates': self.candidates}
 
-CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation', '+ TTA (enlarge + crops)',
+CHAIN_STEPS = ('Baseline', '+ Data cleaning (chosen rounds)', '+ Rebalanced classifier', '+ τ-normalisation',
+               '+ TTA (enlarge + crops)',
                '+ High-resolution finetune', '+ Ensemble')
 
+# %% ../nbs/06b_system.ipynb #a7f7afd6
 def _rows_df(index:pd.DataFrame, rows:np.ndarray)->pd.DataFrame:
     return index.set_index('row').loc[rows].reset_index()
 
+# %% ../nbs/06b_system.ipynb #247037c7
 def _discover_rounds(exp:ExperimentParams, p:SystemParams, data, t)->list[int]:
     "The rounds to choose: those the clean stage's last run ran ([system] rounds: some), each current (`round_status`)"
     base = experiment_dir(exp)/'train'
@@ -682,33 +582,52 @@ def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
                                f"predictions of the choosing and reporting images; add them to [train] eval_splits")
     return cands, pick(list(cands.values()), 'cleaning round')
 
+# %% ../nbs/06b_system.ipynb #f0e76b2a
 def _rebalance_round(exp, data, t, rp, r:int):
     "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
     q = dataclasses.replace(rp, iteration=r)
     if r != rp.iteration and rp.finetune != 'classifier': q = dataclasses.replace(q, finetune='classifier')
     return run_rebalance(exp, data, dataclasses.replace(t, iteration=r), q)
 
+# %% ../nbs/06b_system.ipynb #bd6ea7d1
+def _stage_embeddings(model:nn.Module, df:pd.DataFrame, root, size:int, tta:dict|None, p, device)->torch.Tensor:
+    "(N,D) `view_embeddings` of every image of `df`; one that fails to load stops the stage, named"
+    failed = []
+    f, ok = view_embeddings(model, df, root, size, tta, p.bs, p.workers, device, failed=failed)
+    if not ok.all():
+        r, path, err = failed[0] if failed else (int(df['row'].to_numpy()[~ok][0]), df['path'].to_numpy()[~ok][0], '?')
+        # every candidate is compared on the same images: one left out for some would change the comparison
+        raise RuntimeError(f"system: {int((~ok).sum())} choosing/reporting image(s) failed to load, e.g. row {r} "
+                           f"({path}): {err}; restore the file(s), or run the data stage again so its scan "
+                           f"quarantines them")
+    return f
+
 # %% ../nbs/06b_system.ipynb #c4128474
 def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, pd.DataFrame]:
-    "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first unless not [system] plain); other heads: none"
+    "τ on the chosen linear head, bias by `tau_bias` at every τ (the head as chosen first if [system] plain)"
     if not p.tau: c, t = pick([prev], 'τ'); return c, t.assign(note='τ off ([system] tau: false)')
     m = prev.recipe['members'][0]
     head = m['head'] if m['head']['kind'] != 'classifier' else feats['classifier']
-    why = (f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}" if head['kind'] != 'linear' else
+    why = (f"τ-normalisation applies to linear heads only; the chosen head is {head['kind']}"
+           if head['kind'] != 'linear' else
            "[rebalance] tau_bias is 'none' (bias-free heads only) and the chosen head has a bias"
            if rp.tau_bias == 'none' and head.get('bias') is not None else None)
     if why: c, t = pick([prev], 'τ'); return c, t.assign(note=why)
     cands = [prev] if p.plain else []
     for tau in sorted({float(x) for x in (p.tau_grid if p.tau_grid is not None else rp.tau_grid)}):
         h = tau_head(head, tau, rp.tau_bias)
-        if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue   # the previous system itself
+        # the previous system itself
+        if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue
         mod = build_head(h)
         ch, rep = (head_predict(mod, feats[w], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
                    for w, r in (('choose', sets.choose_rows), ('report', sets.report_rows)))
-        cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau, tau_bias=rp.tau_bias))
+        cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau,
+                            tau_bias=rp.tau_bias))
     return pick(cands, 'τ', default=p.plain)
 
-TTA_AVERAGE = 'view-averaged embeddings'   # what the system's TTA averages; the TTA stage's rows average the views' probabilities
+# %% ../nbs/06b_system.ipynb #ac71f894
+# what the system's TTA averages; the TTA stage's rows average the views' probabilities
+TTA_AVERAGE = 'view-averaged embeddings'
 
 def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
     "The TTA variant with the chosen head: view-averaged embeddings through it (no TTA first unless not [system] plain)"
@@ -716,21 +635,24 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
     head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
     def embed(rows, spec):
         df = _rows_df(index, rows)
-        f = view_embeddings(model, df, root, t.eval_size, spec, p.bs, p.workers, device)
+        f = _stage_embeddings(model, df, root, t.eval_size, spec, p, device)
         return head_predict(head, f, rows, df['label'].to_numpy(np.int64), p.k)
     cands, specs = [prev] if p.plain or not variants else [], {}
     for v in variants:
         views, enlarge = parse_variant(v)
         name = f'TTA {v}, {TTA_AVERAGE}'
         spec = specs[name] = {'views': views, 'enlarge': enlarge, 'size': t.eval_size, 'average': 'embedding'}
-        log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images ({views} views of {t.eval_size}px)")
-        cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec), None, {'variant': v}))
+        log(f"system: TTA {v}: embedding the {len(sets.choose_rows)} choosing images "
+            f"({views} views of {t.eval_size}px)")
+        cands.append(Candidate(name, {**prev.recipe, 'members': [{**m, 'tta': spec}]}, embed(sets.choose_rows, spec),
+                               None, {'variant': v}))
     best, table = pick(cands, 'TTA', default=bool(p.plain or not variants))
     if best is not prev:   # the reporting images are embedded for the chosen variant only
         log(f"system: {best.name} chosen: embedding the {len(sets.report_rows)} reporting images")
         best.report = embed(sets.report_rows, specs[best.name])
     return best, table
 
+# %% ../nbs/06b_system.ipynb #396dda69
 def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, TrainParams)
                   variants, sets, p, index, root, device)->tuple[Candidate, pd.DataFrame]:
     "TTA of an average of heads: each also on the variant's view-averaged embeddings, both views averaged"
@@ -745,7 +667,7 @@ def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, Train
             model, t = load(m)
             if m['model'] not in feats:
                 s = spec(m, views, enlarge)
-                feats[m['model']] = view_embeddings(model, df, root, t.eval_size, s, p.bs, p.workers, device)
+                feats[m['model']] = _stage_embeddings(model, df, root, t.eval_size, s, p, device)
             head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
             out.append(head_predict(head, feats[m['model']], rows, y, p.k))
         return out
@@ -847,7 +769,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
             m = prev.recipe['members'][0]
             model, tt = _load_member_model(base, m, K, device, state)
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
-            f = view_embeddings(model, df, root, tt.eval_size, None, p.bs, p.workers, device)
+            f = _stage_embeddings(model, df, root, tt.eval_size, None, p, device)
             pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
             feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()], 'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
                      'classifier': classifier_tensors(model.classifier)}

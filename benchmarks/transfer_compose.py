@@ -58,6 +58,16 @@ def compositions(pool:list)->dict:
     return out
 
 
+def _every_embedding(model, df, root, size:int):
+    "Ten-crop@1.5 view-averaged embeddings of every image of `df`; one that fails to load stops the benchmark (halves compare the same images)"
+    from aliprod.deploy import view_embeddings
+    f, loaded = view_embeddings(model, df, root, size, {'views': 'ten', 'enlarge': 1.5})
+    if not loaded.all():
+        bad = df['path'].to_numpy()[~loaded]
+        raise RuntimeError(f"{len(bad)} val image(s) failed to load, e.g. {bad[0]}: restore them or run the data stage again")
+    return f
+
+
 def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->dict:
     "View -> round r's model's 8 heads as Candidates ('plain': stored val embeddings, 'ten': ten-crop@1.5 averaged)"
     import torch
@@ -65,8 +75,8 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     from aliprod.data import dataset_info, shot_groups
     from aliprod.rebalance import rebalance_features, _load_split
     from aliprod.decoupled import ncm_temperature
-    from aliprod.system import (Candidate, _load_member_model, _rows_df, view_embeddings, head_predict, build_head,
-                                head_tensors)
+    from aliprod.system import Candidate, _rows_df
+    from aliprod.deploy import _load_member_model, view_embeddings, head_predict, build_head, head_tensors
     base, info = experiment_dir(exp), dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     member = next(c for c in pool if c.name == f'train:{r}').recipe['members'][0]
@@ -91,7 +101,7 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
             heads['ncm'] = {**heads['ncm'], 'temperature': T}
     df = _rows_df(index, val.rows)
     feats = {'plain': torch.as_tensor(np.asarray(val.feats), dtype=torch.float32),
-             'ten': view_embeddings(model, df, root, t.eval_size, {'views': 'ten', 'enlarge': 1.5})}
+             'ten': _every_embedding(model, df, root, t.eval_size)}
     def halves(tk):
         pos = pd.Series(np.arange(len(tk)), index=tk.rows)
         return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]

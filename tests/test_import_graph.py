@@ -12,7 +12,9 @@ LAYERS = {
     'core':     ('core', 'escape'),                                               # root, parameters, run dirs, StageRun
     'library':  ('schema', 'predictions', 'metrics', 'samplers', 'images', 'launch'),  # tables, top-k, metrics, torchrun
     'methods':  ('models', 'losses', 'decoupled', 'predict', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
-    'stages':   ('data', 'train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'system', 'report'),
+    # deploy (the delivered system's prediction) imports the model loader from train, the views from tta and the top-k
+    # average from ensemble: a stage until those move below it
+    'stages':   ('data', 'train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'deploy', 'system', 'report'),
     'entry':    ('pipeline', 'worker'),                                          # the aliprod command, the torchrun worker
     'explore':  ('explore',),                                        # reads a run: every stage's outputs, `run_status`
 }

@@ -6,7 +6,8 @@ from aliprod.core import ExperimentParams, experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, read_topk
 from aliprod.metrics import evaluate, choosing_half
 from aliprod.system import (Candidate, single, _member_recipe, pick, greedy_ensemble, compose, choice_step, chain_table, metric_interval,
-                            evaluation_sets, SystemParams, run_system, predict_system)
+                            evaluation_sets, SystemParams, run_system)
+from aliprod.deploy import predict_system
 
 K = 6
 VR, TR = np.arange(60), np.arange(100, 160)
@@ -144,13 +145,31 @@ def test_artifact_reloaded_in_a_fresh_process_predicts_the_same_topk(tiny, tmp_p
     rep = read_topk(art.predictions['report'])
     idx = load_index(exp, 0).set_index('row').loc[rep.rows].reset_index()
     idx[['row', 'path', 'label']].to_parquet(tmp_path/'images.parquet')
-    code = ("import sys, pandas as pd; from aliprod.system import predict_system; from aliprod.predictions import write_topk; "
+    code = ("import sys, pandas as pd; from aliprod.deploy import predict_system; from aliprod.predictions import write_topk; "
             f"write_topk({str(tmp_path/'out.parquet')!r}, predict_system({str(art.out_dir)!r}, pd.read_parquet({str(tmp_path/'images.parquet')!r})))")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     new = read_topk(tmp_path/'out.parquet')
     assert np.array_equal(new.rows, rep.rows) and np.array_equal(new.topk_labels, rep.topk_labels)
     np.testing.assert_allclose(new.topk_probs, rep.topk_probs, atol=1e-5)
+
+
+def test_an_unreadable_new_image_gets_no_prediction_and_is_listed(tiny, tmp_path):
+    "predict_system on new images, one unreadable: no prediction under its row (never the next image's), listed; the rest as the stage"
+    import shutil
+    from aliprod.data import load_index
+    exp, art, _ = tiny
+    rep = read_topk(art.predictions['report'])
+    idx = load_index(exp, 0).set_index('row').loc[rep.rows[:3]].reset_index()
+    names = [f'new{i}{Path(p).suffix}' for i, p in enumerate(idx['path'])]
+    for p, n in zip(idx['path'], names): shutil.copyfile(Path(art.system['data_root'])/p, tmp_path/n)
+    (tmp_path/names[1]).write_bytes(b'\x89PNG truncated')   # a delivered system meets a broken file
+    failed = []
+    new = predict_system(art.out_dir, names, root=tmp_path, failed=failed)
+    assert list(new.rows) == [0, 2], new.rows                  # the old bare DataLoader gave row 1 the next image's top-k
+    assert np.array_equal(new.topk_labels, rep.topk_labels[[0, 2]])
+    np.testing.assert_allclose(new.topk_probs, rep.topk_probs[[0, 2]], atol=1e-5)
+    assert [(r, p) for r, p, _ in failed] == [(1, names[1])]
 
 
 def test_rerun_is_a_skip(tiny):
@@ -203,7 +222,8 @@ def test_every_method_can_win_and_the_system_still_predicts(every_method):
     "Each method (and -network variant) forced to win in turn ([system] plain: false): the stage composes it through TTA and the artifact predicts"
     from aliprod.data import load_index
     from aliprod.decoupled import METHODS, FINETUNES, NCM_TEMPERATURES
-    from aliprod.system import load_system, pool_candidates, predict_recipe
+    from aliprod.system import pool_candidates
+    from aliprod.deploy import load_system, predict_recipe
     exp, args = every_method
     idx = load_index(exp, 0)
     winners = [*METHODS, *(f'{m}-network' for m in FINETUNES)]
@@ -217,7 +237,8 @@ def test_every_method_can_win_and_the_system_still_predicts(every_method):
         head = s['recipe']['members'][0]['head']
         if m == 'logit_adjust': assert head['kind'] == 'linear' and head['bias'] is not None   # folded: b - τ·log π
         if m == 'ncm':   # calibrated on the choosing images: other reporting images leave the temperature where it is
-            from aliprod.system import calibrated_ncm, head_tensors
+            from aliprod.system import calibrated_ncm
+            from aliprod.deploy import head_tensors
             reb, sets = experiment_dir(exp)/'rebalance'/'0', evaluation_sets(idx, exp.seed)
             raw = head_tensors('ncm', torch.load(reb/'ncm'/'head.pth', weights_only=True))
             assert raw['temperature'] == 1.0 and head['temperature'] in NCM_TEMPERATURES
@@ -288,7 +309,7 @@ def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, t
 def test_average_of_every_head_with_tta_views_is_what_the_artifact_predicts(every_method):
     "compose: average: every head averaged (each on its own model), TTA adding each on its views; the artifact predicts"
     from aliprod.data import load_index
-    from aliprod.system import load_system
+    from aliprod.deploy import load_system
     exp, args = every_method
     heads = ['crt', 'ncm', 'two_stage-network']   # two heads on the run's model, one on its own finetuned model
     art = run_system(*args, SystemParams(compose='average', methods=heads, plain=False, tta_variants=['flip@1'],
