@@ -19,8 +19,8 @@ from .predictions import TopK, topk_from_logits, write_topk, read_topk
 from .samplers import LongTailSampler, class_counts, head_cap
 from .metrics import evaluate
 from .losses import log_prior, LogitAdjustedHead, balanced_softmax_loss
-from .train import run_train, predict, load_trained_model, trained_counts
-from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
+from .train import train_model, train_job, trained_model, require_data, predict, load_trained_model, trained_counts
+from .data import load_index, data_root, index_path, shot_groups, data_artifacts, choosing_rows
 from fastai.callback.core import Callback
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
@@ -685,7 +685,7 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      out:Path,                    # the rebalance run directory
                      eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
-    "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
+    "Finetune the whole network for `method` with the training engine (`train_model`); its TrainArtifacts (skipped when up to date)"
     if method not in (*FINETUNES, NETWORK_CONTROL):
         raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'
@@ -696,8 +696,9 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
         atomic_write_parquet(pd.DataFrame({'row': np.sort(np.asarray(subset_rows, dtype=np.int64))}), rows)
     cbs = [{'factory': 'aliprod.rebalance.accuracy_loss_callbacks', 'kwargs': {}}] if method == 'acc_loss' else None
     log(f"rebalance {method}-network: finetuning the whole network from {model_path}")
-    return run_train(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows, callbacks=cbs,
-                       out_dir=d/'train', stage='rebalance-network', extra={'method': method})
+    job, _ = train_job(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows,
+                       callbacks=cbs, out_dir=d/'train', stage='rebalance-network', extra={'method': method})
+    return train_model(job)
 
 # %% ../nbs/04_rebalance.ipynb #ea1bfa48
 @dataclass
@@ -780,12 +781,12 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
     "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
-    prepare_data(exp, data)
+    require_data(exp)   # the stages it needs run before it (`call_stage`); called without them, it names the command
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     t = dataclasses.replace(t, iteration=p.iteration)   # the model of that round, with the parameters the clean stage trained it with
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
-    art = run_train(exp, data, t, iteration=p.iteration)
+    art = trained_model(exp, data, t, p.iteration)   # the train stage's model (round k >= 1: the clean stage's), read
     # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
     sfx = f'-{t.tag}' if t.tag else ''
     out = run_dir(exp, 'rebalance' + sfx, p.iteration)

@@ -39,18 +39,21 @@ from .launch import launch_torchrun
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
 from .metrics import evaluate, per_class_accuracy
-from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
+from .data import DataParams, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 from .escape import csv_safe
 from .core import StageArtifacts   # the artifacts' shape every stage shares
+# the running stage's parameter file names the command that makes a missing upstream output
+from .core import _RUNNING, current_manifest
 
 
 # %% auto #0
 __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
            'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
            'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
-           'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
-           'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
+           'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'eval_splits', 'train_job',
+           'train_model', 'lowres_job', 'train_round', 'StageOutputMissing', 'missing_output', 'require_data',
+           'trained_model', 'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
            'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #95d3652e
@@ -237,6 +240,10 @@ class TrainJob:
     rows:str|None=None       # parquet with a `row` column: train only on these labelled train rows of the index
     callbacks:list=field(default_factory=list) # callback specs for `build_callbacks`: what every torchrun worker rebuilds
     resume_from:str|None=None # continue this checkpoint of another run (model, optimiser, scheduler, RNG, history, epoch): the high-res control
+    # what names the run in its manifest, not what a worker runs: neither travels in job.json
+    stage:str='train'        # the manifest's stage name ('train', 'finegrained', 'rebalance-network')
+    extra:dict|None=None     # more parameters that identify the run (recorded in the manifest)
+    run:StageRun|None=field(default=None, repr=False, compare=False) # `train_job`'s StageRun of this job (its key is `key`)
 
     def to_json(self)->dict:
         return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
@@ -519,17 +526,48 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
     atomic_write_json(out_dir/'metrics.json', metrics)
     return metrics
 
-# %% ../nbs/02_train.ipynb #0e9667dc
+# %% ../nbs/02_train.ipynb #7f1b3ac5
 def train_dir(exp:ExperimentParams, p:TrainParams, iteration:int, fold:int|None=None)->Path:
     "runs/<exp>/train[-<tag>]/<iteration>[/fold<j>]/"
     d = run_dir(exp, 'train' + (f'-{p.tag}' if p.tag else ''), iteration)
     if fold is not None: d = d/f'fold{fold}'; d.mkdir(parents=True, exist_ok=True)
     return d
 
+# %% ../nbs/02_train.ipynb #90630905
 def loss_callbacks(p:TrainParams)->list[dict]:
     "The callback specs of `p.loss` (none for cross-entropy): every torchrun worker builds the same loss"
     if p.loss == 'ce': return []
     return [{'factory': LOSSES[p.loss], 'kwargs': {'tau': p.loss_tau} if p.loss == 'logit_adjusted' else {}}]
+
+# %% ../nbs/02_train.ipynb #aed38529
+def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
+    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
+    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
+    if p.eval_splits is None: return have
+    empty = [s for s in p.eval_splits if s not in have]
+    # AliProducts publishes no test labels: say so before hours of training, not after
+    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
+                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
+    return list(p.eval_splits)
+
+# %% ../nbs/02_train.ipynb #4f343fd9
+def _job_run(job:TrainJob)->StageRun:
+    "The StageRun of `job`: its parameters, inputs (index, dataset, init, rows, resumed checkpoint) and code"
+    exp, p = job.exp, job.p
+    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
+    where = ('runs_dir', 'reports_dir', 'device')
+    params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
+              # a twin trained elsewhere changes nothing here
+              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
+              'iteration': job.iteration, 'fold': job.fold, 'folds': job.folds}
+    if job.resume_from is not None: params['resume_from'] = True
+    hooks = job.init is not None or job.rows is not None or job.callbacks or job.extra
+    if hooks:  # the files' contents are inputs: their paths do not matter
+        params.update(init=job.init is not None, rows=job.rows is not None, callbacks=job.callbacks, **(job.extra or {}))
+    files = [Path(f) for f in (job.init, job.rows, job.resume_from) if f is not None]
+    inputs = [index_path(exp, job.iteration), data_artifacts(exp).dataset_json, *files]
+    modules = ['train', *callback_modules(job.callbacks)]  # and everything they import (core.module_closure)
+    return StageRun(job.out_dir, job.stage, params, inputs=inputs, modules=modules)
 
 def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
               folds:int|None=None, *,
@@ -541,32 +579,25 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               extra:dict|None=None,          # more parameters that identify the run (recorded in the manifest)
               resume_from:str|Path|None=None, # continue this checkpoint of another run (its epoch, optimiser, schedule, RNG)
              )->tuple[TrainJob, StageRun]:
-    "The job of these parameters and its StageRun (which knows whether the outputs are up to date)"
+    "The one way to describe a training: its job (splits to predict resolved from the index) and StageRun"
     it = p.iteration if iteration is None else iteration
     if (fold is None) != (folds is None): raise ValueError(f"Pass both fold and folds, or neither (got fold={fold}, folds={folds})")
-    if folds is not None and not (folds >= 2 and 0 <= fold < folds): raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
+    if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+        raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
+    # a fold model predicts its held-out rows only; every other run the splits the index has (fails here, naming the
+    # file, when the iteration's index is missing)
+    if folds is None: p = replace(p, eval_splits=eval_splits(p, load_index(exp, it), index_path(exp, it)))
     for what, f in (('init', init), ('rows', rows), ('resume_from', resume_from)):
         if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{what} file {f} not found")
-    callbacks = [*loss_callbacks(p), *(callbacks or [])]
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
-    idx, ds = index_path(exp, it), data_artifacts(exp).dataset_json
-    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
-    where = ('runs_dir', 'reports_dir', 'device')
-    params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
-              # a twin trained elsewhere changes nothing here
-              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
-              'iteration': it, 'fold': fold, 'folds': folds}
-    if resume_from is not None: params['resume_from'] = True
-    if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
-        params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
-    inputs = [idx, ds, *[Path(f) for f in (init, rows, resume_from) if f is not None]]
-    modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
-    run = StageRun(out, stage, params, inputs=inputs, modules=modules)
-    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks,
-                   None if resume_from is None else str(resume_from))
-    return job, run
+    job = TrainJob(exp, data, p, it, fold, folds, out, '', None if init is None else str(init), None if rows is None else str(rows),
+                   [*loss_callbacks(p), *(callbacks or [])], None if resume_from is None else str(resume_from), stage, extra)
+    job.run = _job_run(job)
+    job.key = job.run.key
+    return job, job.run
 
+# %% ../nbs/02_train.ipynb #effa4ebf
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
     trained = ['checkpoint.pth', 'history.csv']
@@ -579,58 +610,106 @@ def _artifacts(job:TrainJob)->TrainArtifacts:
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
                           json.loads((d/'metrics.json').read_text()), d/'history.csv', trained_rows=d/TRAINED_ROWS)
 
-def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
-    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
-    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
-    if p.eval_splits is None: return have
-    empty = [s for s in p.eval_splits if s not in have]
-    # AliProducts publishes no test labels: say so before hours of training, not after
-    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
-                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
-    return list(p.eval_splits)
-
-def run_train(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
-                folds:int|None=None,
-                report:bool=False, # also write the stage's figures and tables into the report directory (the notebook's run)
-                **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
-               )->TrainArtifacts:
-    "Train a model on the index of `iteration` (the train rows outside `fold` of `folds`), predict, evaluate; skipped when up to date"
-    prepare_data(exp, data)
-    it = p.iteration if iteration is None else iteration
-    index = load_index(exp, it)  # fails here, naming the file, when the iteration's index is missing
-    if folds is None: p = replace(p, eval_splits=eval_splits(p, index, index_path(exp, it)))
-    job, run = train_job(exp, data, p, it, fold, folds, **kw)
+def train_model(job:TrainJob)->TrainArtifacts:
+    "The engine: train `job` here or under torchrun, predict and evaluate; a no-op when its outputs are up to date"
+    run = job.run if job.run is not None else _job_run(job)   # a job read back from job.json has no StageRun
+    if run.key != job.key: raise ValueError(f"the job of {job.out_dir} was changed after `train_job` built it; build it again")
+    p = job.p
     def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
         if p.world_size > 1: launch_job(job)
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
-        return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
-    run.ensure(work, what=f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else ''))
-    art = _artifacts(job)
-    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through run_train
-    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
-        # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
-        held = [s for s in p.eval_splits if s != 'train']
-        # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
-        # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
-        twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_size=p.img_size, ablate_finetune=False,
-                       eval_splits=held or p.eval_splits)
-        state = art.out_dir/MAIN_PHASE
-        if state.is_file():   # continue this run's main phase: only the finetune epochs are trained again
-            art.lowres = run_train(exp, data, twin, it, resume_from=state, extra={'control': 'finetune epochs at the training size'})
-        else: art.lowres = run_train(exp, data, twin, it)
-        s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
-        if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
-                             f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
-    if report: art.figures, art.tables = train_report(exp, p, art)
+        keep = ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')
+        return _outputs(job), {k: v for k, v in m.items() if k in keep}
+    what = f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else '')
+    run.ensure(work, what=what)
+    return _artifacts(job)
+
+# %% ../nbs/02_train.ipynb #f8ea190e
+def lowres_job(main:TrainJob)->TrainJob:
+    "The job of the high-res finetune's control (`ablate_finetune`): `main` with its finetune epochs at the training size"
+    p = main.p
+    # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
+    held = [s for s in p.eval_splits if s != 'train']
+    # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
+    # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
+    twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_size=p.img_size, ablate_finetune=False,
+                   eval_splits=held or p.eval_splits)
+    state = main.out_dir/MAIN_PHASE
+    if state.is_file():   # continue the main run's main phase: only the finetune epochs are trained again
+        return train_job(main.exp, main.data, twin, main.iteration, resume_from=state,
+                         extra={'control': 'finetune epochs at the training size'})[0]
+    return train_job(main.exp, main.data, twin, main.iteration)[0]
+
+def train_round(exp:ExperimentParams, data:DataParams, p:TrainParams,
+                iteration:int|None=None, # the index it trains on; default `p.iteration`
+               )->TrainArtifacts:
+    "The model of index `iteration` as the train stage trains it, with its low-res twin when `p.ablate_finetune`"
+    job = train_job(exp, data, p, iteration)[0]
+    art = train_model(job)
+    # the twin belongs to the train stage's models (and the clean stage's round models), not to folds and finetunes
+    if p.ablate_finetune and p.finetune_size and p.finetune_epochs: art.lowres = train_model(lowres_job(job))
     return art
 
+# %% ../nbs/02_train.ipynb #ccc034b5
+class StageOutputMissing(ParamsError):
+    "An upstream stage's output is missing or out of date; the message names its folder and the command that makes it"
 
-# %% ../nbs/02_train.ipynb #550733e1
+def missing_output(folder:str|Path, # the upstream run folder
+                   why:str,         # what is wrong with it
+                   stage:str,       # the stage that makes it
+                  )->StageOutputMissing:
+    "The error a stage raises when it reads an upstream output that is not there or not current"
+    cfg = _RUNNING.get()   # the stage running now knows its parameter file; a direct call does not
+    pf = project_relative(cfg.params_file) if cfg is not None and cfg.params_file else '<params.yaml>'
+    # the data stage runs first in every `aliprod run`; `aliprod data` runs it alone
+    how = f"`aliprod data {pf}`" if stage == 'data' else f"`aliprod run {pf} --stages {stage}`"
+    return StageOutputMissing(f"{project_relative(folder)}: {why}. The {stage} stage makes it: run {how} "
+                              f"(or call_stage('{stage}', ...), which first runs the stages it needs)")
+
+def require_data(exp:ExperimentParams)->Path:
+    "The data stage's folder runs/<exp>/data/, when its manifest and outputs are intact; else `StageOutputMissing`"
+    d = experiment_dir(exp)/'data'
+    if current_manifest(d) is None:
+        raise missing_output(d, 'no finished data stage (index.parquet, dataset.json)' if not (d/'manifest.json').is_file()
+                             else 'outputs changed since the data stage wrote them', 'data')
+    return d
+
+def trained_model(exp:ExperimentParams, data:DataParams, p:TrainParams,
+                  iteration:int|None=None, # the index the model trained on; default `p.iteration`
+                 )->TrainArtifacts:
+    "The train stage's model of index `iteration`, read: `StageOutputMissing` when it is missing or not what `p` trains"
+    it = p.iteration if iteration is None else iteration
+    require_data(exp)
+    # index 0's model is the train stage's; the model of index k >= 1 is trained by the clean stage's round k
+    stage = 'train' if it == 0 else 'clean'
+    d = experiment_dir(exp)/('train' + (f'-{p.tag}' if p.tag else ''))/str(it)
+    if not index_path(exp, it).is_file(): raise missing_output(index_path(exp, it).parent, f'no index of iteration {it}', 'clean')
+    if not (d/'manifest.json').is_file(): raise missing_output(d, 'no trained model (no manifest)', stage)
+    job, run = train_job(exp, data, p, it)
+    if not run.up_to_date(): raise missing_output(d, f'not the model of these parameters ({run.why_stale()})', stage)
+    return _artifacts(job)
+
+# %% ../nbs/02_train.ipynb #e936c101
+def run_train(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
+              folds:int|None=None,
+              **kw, # init, rows, callbacks, out_dir, stage, extra, resume_from: see `train_job`
+             )->TrainArtifacts:
+    "`train_model(train_job(...))`: one training (no twin, no report); the data stage's outputs must be there"
+    return train_model(train_job(exp, data, p, iteration, fold, folds, **kw)[0])
+
+# %% ../nbs/02_train.ipynb #cb593305
 def train_stage(cfg)->TrainArtifacts:
-    "The train stage: `run_train` of `cfg`'s [train] section, its figures and tables in the report directory"
-    return run_train(cfg.exp, cfg.data, cfg.train, report=True)
+    "The train stage: the model of `cfg.train` (and its low-res twin), its figures and tables in the report directory"
+    p = cfg.train
+    require_data(cfg.exp)   # the stage it needs: ensured by `call_stage`, named here when called without it
+    art = train_round(cfg.exp, cfg.data, p)
+    s = next((s for s in ('test', 'val') if art.lowres is not None and s in art.metrics and s in art.lowres.metrics), None)
+    if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
+              f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
+    art.figures, art.tables = train_report(cfg.exp, p, art)
+    return art
 
 # %% ../nbs/02_train.ipynb #0421e1ca
 def launch_job(job:TrainJob)->None:
