@@ -56,10 +56,11 @@ __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transfo
            'trained_model', 'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
            'per_class_split', 'train_report']
 
-# %% ../nbs/02_train.ipynb #95d3652e
+# %% ../nbs/02_train.ipynb #90b5deff
 # the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
 LOSSES = {'ce': None, 'logit_adjusted': 'aliprod.losses.logit_adjusted_callbacks', 'balanced_softmax': 'aliprod.losses.balanced_softmax_callbacks'}
 
+# %% ../nbs/02_train.ipynb #a59cf2ba
 @params_section('train')
 @dataclass
 class TrainParams:
@@ -224,7 +225,7 @@ def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, devi
     return net.to(device).eval()
 
 
-# %% ../nbs/02_train.ipynb #d58464a7
+# %% ../nbs/02_train.ipynb #0589bdb7
 @dataclass
 class TrainJob:
     "One training run: parameters, which rows, where the outputs go, and the key that ties a checkpoint to them"
@@ -255,6 +256,7 @@ class TrainJob:
                    Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []),
                    d.get('resume_from'))
 
+# %% ../nbs/02_train.ipynb #db377b0f
 @dataclass
 class TrainArtifacts(StageArtifacts):
     "What the train stage wrote"
@@ -268,11 +270,13 @@ class TrainArtifacts(StageArtifacts):
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
     trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
 
+# %% ../nbs/02_train.ipynb #ec2bd85e
 def read_rows(path:str|Path)->np.ndarray:
     "Sorted unique row ids of a subset file (parquet with a `row` column)"
     df = pd.read_parquet(path, columns=['row'])
     return np.unique(df['row'].to_numpy(np.int64))
 
+# %% ../nbs/02_train.ipynb #ef529b5c
 def build_callbacks(specs:list|tuple)->list:
     "Callbacks from JSON specs `{'factory': 'aliprod.<module>.<function>', 'kwargs': {...}}`; a factory returns a callback or a list of them"
     out = []
@@ -283,10 +287,12 @@ def build_callbacks(specs:list|tuple)->list:
         out += list(made) if isinstance(made, (list, tuple)) else [made]
     return out
 
+# %% ../nbs/02_train.ipynb #7a9e0a26
 def callback_modules(specs:list|tuple)->list[str]:
     "The aliprod modules the callback specs come from (their code is part of a run's manifest)"
     return sorted({str(s['factory']).rpartition('.')[0].split('.', 1)[1] for s in specs or ()})
 
+# %% ../nbs/02_train.ipynb #d2e65545
 def load_init(net:nn.Module, path:str|Path)->None:
     "Load a trained ProductNet's model.pth into `net` (weights_only), naming the file when it does not fit"
     sd = torch.load(path, map_location='cpu', weights_only=True)
@@ -295,6 +301,7 @@ def load_init(net:nn.Module, path:str|Path)->None:
         raise ParamsError(f"init {path} does not fit this run's model ({type(net).__name__} of [train] arch, head, embed_dim, bnneck and the "
                           f"dataset's classes): {str(e).splitlines()[0]} ...") from None
 
+# %% ../nbs/02_train.ipynb #950eb47c
 def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFrame|None]:
     "(rows to train on, held-out rows to predict or None): the train split, minus fold `job.fold`, head-capped"
     train = index[(index['split'] == 'train') & (index['label'] >= 0)]
@@ -312,6 +319,7 @@ def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFra
         train = train.iloc[head_cap_positions(train['label'].to_numpy(), job.p.head_cap, job.exp.seed)]
     return train, held
 
+# %% ../nbs/02_train.ipynb #86b02d3d
 def _device(exp:ExperimentParams)->torch.device:
     d = pick_device(exp.device)
     if d.type == 'cuda' and 'LOCAL_RANK' in os.environ: d = torch.device('cuda', int(os.environ['LOCAL_RANK']))
@@ -349,9 +357,10 @@ def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
     "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
     return RecipeSchedule(opt, p, updates_per_epoch)
 
-# %% ../nbs/02_train.ipynb #9d078117
+# %% ../nbs/02_train.ipynb #960a0382
 TRAINED_ROWS = 'trained_rows.parquet'   # in a train run's directory: the index rows (row, label) its model trained on
 
+# %% ../nbs/02_train.ipynb #80b7be72
 def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`train_rows`'s first frame): `row`, `label`
                        out_dir:str|Path,   # the run's directory
                       )->Path:
@@ -360,12 +369,14 @@ def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`trai
     atomic_write_parquet(df, Path(out_dir)/TRAINED_ROWS)
     return Path(out_dir)/TRAINED_ROWS
 
+# %% ../nbs/02_train.ipynb #50feed5b
 def trained_rows_path(path:str|Path)->Path:
     "The trained-rows file of a train run, given the file, the run's directory or one of its predictions files (<run>/predictions/<split>.parquet)"
     p = Path(path)
     if p.name == TRAINED_ROWS: return p
     return (p.parent.parent if p.parent.name == 'predictions' and p.suffix == '.parquet' else p)/TRAINED_ROWS
 
+# %% ../nbs/02_train.ipynb #7e54126a
 def read_trained_rows(path:str|Path)->pd.DataFrame:
     "The rows (`row`, `label`) the model of a train run trained on (`trained_rows_path` finds the file)"
     f = trained_rows_path(path)
@@ -373,6 +384,7 @@ def read_trained_rows(path:str|Path)->pd.DataFrame:
                                                 "(a run from before trained-rows records); rerun its train stage")
     return pd.read_parquet(f)
 
+# %% ../nbs/02_train.ipynb #d2ad371d
 def trained_counts(path:str|Path, # a train run's directory or one of its predictions files
                    num_classes:int, # K
                   )->np.ndarray:
@@ -407,9 +419,10 @@ def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkp
     if not any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.logger = noop  # not Recorder's raw lists
     return learn
 
-# %% ../nbs/02_train.ipynb #051d4e82
+# %% ../nbs/02_train.ipynb #8bc3cbe4
 MAIN_PHASE = 'main_phase_checkpoint.pth'   # the training state at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
 
+# %% ../nbs/02_train.ipynb #d77cace2
 def _job_name(exp:ExperimentParams, out_dir:Path)->str:
     "train/0, clean/2/..., finegrained/dcl: where a training's lines come from"
     try: return Path(out_dir).resolve().relative_to(experiment_dir(exp).resolve()).as_posix()
@@ -626,7 +639,7 @@ def train_model(job:TrainJob)->TrainArtifacts:
     run.ensure(work, what=what)
     return _artifacts(job)
 
-# %% ../nbs/02_train.ipynb #f8ea190e
+# %% ../nbs/02_train.ipynb #05d16908
 def lowres_job(main:TrainJob)->TrainJob:
     "The job of the high-res finetune's control (`ablate_finetune`): `main` with its finetune epochs at the training size"
     p = main.p
@@ -642,6 +655,7 @@ def lowres_job(main:TrainJob)->TrainJob:
                          extra={'control': 'finetune epochs at the training size'})[0]
     return train_job(main.exp, main.data, twin, main.iteration)[0]
 
+# %% ../nbs/02_train.ipynb #f03bcd4d
 def train_round(exp:ExperimentParams, data:DataParams, p:TrainParams,
                 iteration:int|None=None, # the index it trains on; default `p.iteration`
                )->TrainArtifacts:
@@ -652,10 +666,11 @@ def train_round(exp:ExperimentParams, data:DataParams, p:TrainParams,
     if p.ablate_finetune and p.finetune_size and p.finetune_epochs: art.lowres = train_model(lowres_job(job))
     return art
 
-# %% ../nbs/02_train.ipynb #ccc034b5
+# %% ../nbs/02_train.ipynb #d1b9268a
 class StageOutputMissing(ParamsError):
     "An upstream stage's output is missing or out of date; the message names its folder and the command that makes it"
 
+# %% ../nbs/02_train.ipynb #f7741c5a
 def missing_output(folder:str|Path, # the upstream run folder
                    why:str,         # what is wrong with it
                    stage:str,       # the stage that makes it
@@ -668,6 +683,7 @@ def missing_output(folder:str|Path, # the upstream run folder
     return StageOutputMissing(f"{project_relative(folder)}: {why}. The {stage} stage makes it: run {how} "
                               f"(or call_stage('{stage}', ...), which first runs the stages it needs)")
 
+# %% ../nbs/02_train.ipynb #27e4ccd0
 def require_data(exp:ExperimentParams)->Path:
     "The data stage's folder runs/<exp>/data/, when its manifest and outputs are intact; else `StageOutputMissing`"
     d = experiment_dir(exp)/'data'
@@ -676,6 +692,7 @@ def require_data(exp:ExperimentParams)->Path:
                              else 'outputs changed since the data stage wrote them', 'data')
     return d
 
+# %% ../nbs/02_train.ipynb #551d837a
 def trained_model(exp:ExperimentParams, data:DataParams, p:TrainParams,
                   iteration:int|None=None, # the index the model trained on; default `p.iteration`
                  )->TrainArtifacts:
@@ -719,7 +736,7 @@ def launch_job(job:TrainJob)->None:
     # the worker module is named, not imported: aliprod.worker imports this module
     launch_torchrun('aliprod.worker', path, job.p.gpus, job.p.nodes, job.p.rdzv_endpoint, key='[train] rdzv_endpoint')
 
-# %% ../nbs/02_train.ipynb #66d8f0cf
+# %% ../nbs/02_train.ipynb #1bb7950c
 def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Loss and error curves per epoch from history.csv; finetune epochs shaded"
     import matplotlib.pyplot as plt
@@ -736,6 +753,7 @@ def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure'
     fig.suptitle(title or 'Training curves'); fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/02_train.ipynb #bcf1fe1a
 def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Per-class top-1 accuracy against training images per class (log scale), from `per_class_accuracy`"
     import matplotlib.pyplot as plt
@@ -750,18 +768,21 @@ def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/02_train.ipynb #85af6fdb
 def metrics_table(metrics:dict)->pd.DataFrame:
     "One row per evaluated split (val, test, and against clean labels) of metrics.json"
     cols = ['n', 'top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
     rows = {k: {c: v.get(c) for c in cols if c in v} for k, v in metrics.items() if isinstance(v, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('split')
 
+# %% ../nbs/02_train.ipynb #1ecbbff2
 def per_class_split(art:TrainArtifacts)->str|None:
     "The split the per-class figure shows: test when there is one with labels, else val, else None"
     for s in ('test', 'val'):
         if s in art.predictions and (read_topk(art.predictions[s]).labels >= 0).any(): return s
     return None
 
+# %% ../nbs/02_train.ipynb #f50544c3
 def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple[dict, dict]:
     "The stage's figures (training curves, per-class accuracy) and metrics table, written into the report directory"
     name = 'train' + (f'-{p.tag}' if p.tag else '') + f'_{p.iteration}'
