@@ -18,7 +18,8 @@ from .samplers import LongTailSampler, class_probs
 from .data import shot_groups, load_index, data_artifacts, index_path, choosing_rows
 from .metrics import shot_group, paired_delta
 from .images import load_rgb
-from .train import train_model, train_job, train_round, trained_model, require_data, trained_rows_path, read_trained_rows
+from .train import (train_model, train_job, train_round, trained_model, require_data, trained_rows_path,
+                           read_trained_rows)
 from .escape import csv_safe, markdown_table
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 

@@ -529,7 +529,7 @@ def run_finegrained(exp:ExperimentParams, data:DataParams, train:T.TrainParams, 
     splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]
     if not splits: raise ParamsError(f"[finegrained] {index_path(exp, it)} has no labelled val or test rows: nothing to compare the finetunes on")
     if fg.init and not Path(fg.init).is_file(): raise FileNotFoundError(f"[finegrained] init: {fg.init} not found; give a model.pth, or leave init out to start from the train stage's model")
-    start = T.trained_model(exp, data, train)   # the train stage's model, read (an error naming the command if not current)
+    start = T.trained_model(exp, data, train)   # the train stage's model, read (or an error naming the command)
     ft = dataclasses.replace(fg.finetune_params(train), eval_splits=splits)   # only the splits that exist (real data: no test labels)
     runs = {m: finegrained_finetune(exp, data, ft, m, fg, it) for m in fg.methods}
     out = run_dir(exp, 'finegrained', it)

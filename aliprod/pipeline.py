@@ -161,7 +161,7 @@ def stage_function(stage:str):
 NEEDS_RAN_ENV = 'ALIPROD_NEEDS_RAN'   # '1' in the kernel of a stage whose needs `aliprod run` has run already
 
 def call_stage(stage:str, params_file:str|Path|None=None,
-               needs:bool|None=None, # run the stages `stage` needs first; None: unless the runner ran them (NEEDS_RAN_ENV)
+               needs:bool|None=None, # run the stages `stage` needs first; None: unless the runner ran them
                **injected):
     "Run `stage` here (run cells, `--in-process`): the stages it needs (`plan_stages`), then its function on its config"
     cfg = stage_config(stage, params_file, **injected)   # a bad parameter is refused before any work
@@ -252,7 +252,8 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
         # `log_output` sends them to its logger, which nothing configures, so a user saw nothing for minutes
         pm.execute_notebook(str(nb), str(part), parameters=params, cwd=str(project_root()), log_output=False,
                             stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
-                            progress_bar=False, kernel_name='python3', extra_arguments=_kernel_arguments(needs_ran), km=km)
+                            progress_bar=False, kernel_name='python3',
+                            extra_arguments=_kernel_arguments(needs_ran), km=km)
     except pm.PapermillExecutionError as e:
         # Ctrl-C reached the kernel too: `main` says it once
         if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None
@@ -393,7 +394,8 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         if in_process:
             executed.append(call_stage(s, params_file, needs=not needs_ran, **stage_params(s)))
             log(f"{s}: done in {time.time() - t0:.0f} s")
-        else: executed.append(run_stage(s, present[s], params_file, nb_out, stage_params(s), html=html, needs_ran=needs_ran))
+        else: executed.append(run_stage(s, present[s], params_file, nb_out, stage_params(s), html=html,
+                                        needs_ran=needs_ran))
         ran.add(s)
         after = _manifests(exp)
         if after == before and any(stage_of_run_dir(m.relative_to(experiment_dir(exp)).parts[0]) == s for m in after):

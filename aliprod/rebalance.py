@@ -685,7 +685,7 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      out:Path,                    # the rebalance run directory
                      eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
-    "Finetune the whole network for `method` with the training engine (`train_model`); its TrainArtifacts (skipped when up to date)"
+    "Finetune the whole network for `method` with the training engine (`train_model`; a no-op when up to date)"
     if method not in (*FINETUNES, NETWORK_CONTROL):
         raise ValueError(f"{method} is not a finetune; whole-network methods: {', '.join((*FINETUNES, NETWORK_CONTROL))}")
     d = out/f'{method}-network'

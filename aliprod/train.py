@@ -244,7 +244,7 @@ class TrainJob:
     # what names the run in its manifest, not what a worker runs: neither travels in job.json
     stage:str='train'        # the manifest's stage name ('train', 'finegrained', 'rebalance-network')
     extra:dict|None=None     # more parameters that identify the run (recorded in the manifest)
-    run:StageRun|None=field(default=None, repr=False, compare=False) # `train_job`'s StageRun of this job (its key is `key`)
+    run:StageRun|None=field(default=None, repr=False, compare=False) # `train_job`'s StageRun of this job (key: `key`)
 
     def to_json(self)->dict:
         return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
@@ -554,20 +554,22 @@ def loss_callbacks(p:TrainParams)->list[dict]:
 
 # %% ../nbs/02_train.ipynb #aed38529
 def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
-    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
+    "The splits to predict: `p.eval_splits`, or every split `index` has; a named split without rows is refused"
     have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
     if p.eval_splits is None: return have
     empty = [s for s in p.eval_splits if s not in have]
     # AliProducts publishes no test labels: say so before hours of training, not after
-    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
-                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
+    rest = [s for s in p.eval_splits if s not in empty]
+    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. "
+                                f"eval_splits: {rest}, or null for the splits it has: {have})")
     return list(p.eval_splits)
 
 # %% ../nbs/02_train.ipynb #4f343fd9
 def _job_run(job:TrainJob)->StageRun:
     "The StageRun of `job`: its parameters, inputs (index, dataset, init, rows, resumed checkpoint) and code"
     exp, p = job.exp, job.p
-    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
+    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds,
+    # tested)
     where = ('runs_dir', 'reports_dir', 'device')
     params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
               # a twin trained elsewhere changes nothing here
@@ -576,7 +578,8 @@ def _job_run(job:TrainJob)->StageRun:
     if job.resume_from is not None: params['resume_from'] = True
     hooks = job.init is not None or job.rows is not None or job.callbacks or job.extra
     if hooks:  # the files' contents are inputs: their paths do not matter
-        params.update(init=job.init is not None, rows=job.rows is not None, callbacks=job.callbacks, **(job.extra or {}))
+        params.update(init=job.init is not None, rows=job.rows is not None, callbacks=job.callbacks,
+                      **(job.extra or {}))
     files = [Path(f) for f in (job.init, job.rows, job.resume_from) if f is not None]
     inputs = [index_path(exp, job.iteration), data_artifacts(exp).dataset_json, *files]
     modules = ['train', *callback_modules(job.callbacks)]  # and everything they import (core.module_closure)
@@ -604,8 +607,9 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
         if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{what} file {f} not found")
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
-    job = TrainJob(exp, data, p, it, fold, folds, out, '', None if init is None else str(init), None if rows is None else str(rows),
-                   [*loss_callbacks(p), *(callbacks or [])], None if resume_from is None else str(resume_from), stage, extra)
+    text = lambda f: None if f is None else str(f)
+    job = TrainJob(exp, data, p, it, fold, folds, out, '', text(init), text(rows),
+                   [*loss_callbacks(p), *(callbacks or [])], text(resume_from), stage, extra)
     job.run = _job_run(job)
     job.key = job.run.key
     return job, job.run
@@ -626,7 +630,8 @@ def _artifacts(job:TrainJob)->TrainArtifacts:
 def train_model(job:TrainJob)->TrainArtifacts:
     "The engine: train `job` here or under torchrun, predict and evaluate; a no-op when its outputs are up to date"
     run = job.run if job.run is not None else _job_run(job)   # a job read back from job.json has no StageRun
-    if run.key != job.key: raise ValueError(f"the job of {job.out_dir} was changed after `train_job` built it; build it again")
+    if run.key != job.key:
+        raise ValueError(f"the job of {job.out_dir} was changed after `train_job` built it; build it again")
     p = job.p
     def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
@@ -635,15 +640,17 @@ def train_model(job:TrainJob)->TrainArtifacts:
         m = json.loads((job.out_dir/'metrics.json').read_text())
         keep = ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')
         return _outputs(job), {k: v for k, v in m.items() if k in keep}
-    what = f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else '')
+    what = f"training {p.arch}"
+    if job.resume_from: what += f" from epoch {p.epochs} of {project_relative(job.resume_from)}"
     run.ensure(work, what=what)
     return _artifacts(job)
 
 # %% ../nbs/02_train.ipynb #05d16908
 def lowres_job(main:TrainJob)->TrainJob:
-    "The job of the high-res finetune's control (`ablate_finetune`): `main` with its finetune epochs at the training size"
+    "The job of the high-res finetune's control (`ablate_finetune`): `main`, its finetune epochs at the training size"
     p = main.p
-    # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
+    # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are
+    # not made
     held = [s for s in p.eval_splits if s != 'train']
     # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
     # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
@@ -688,8 +695,9 @@ def require_data(exp:ExperimentParams)->Path:
     "The data stage's folder runs/<exp>/data/, when its manifest and outputs are intact; else `StageOutputMissing`"
     d = experiment_dir(exp)/'data'
     if current_manifest(d) is None:
-        raise missing_output(d, 'no finished data stage (index.parquet, dataset.json)' if not (d/'manifest.json').is_file()
-                             else 'outputs changed since the data stage wrote them', 'data')
+        why = ('no finished data stage (index.parquet, dataset.json)' if not (d/'manifest.json').is_file()
+               else 'outputs changed since the data stage wrote them')
+        raise missing_output(d, why, 'data')
     return d
 
 # %% ../nbs/02_train.ipynb #551d837a
@@ -702,7 +710,8 @@ def trained_model(exp:ExperimentParams, data:DataParams, p:TrainParams,
     # index 0's model is the train stage's; the model of index k >= 1 is trained by the clean stage's round k
     stage = 'train' if it == 0 else 'clean'
     d = experiment_dir(exp)/('train' + (f'-{p.tag}' if p.tag else ''))/str(it)
-    if not index_path(exp, it).is_file(): raise missing_output(index_path(exp, it).parent, f'no index of iteration {it}', 'clean')
+    if not index_path(exp, it).is_file():
+        raise missing_output(index_path(exp, it).parent, f'no index of iteration {it}', 'clean')
     if not (d/'manifest.json').is_file(): raise missing_output(d, 'no trained model (no manifest)', stage)
     job, run = train_job(exp, data, p, it)
     if not run.up_to_date(): raise missing_output(d, f'not the model of these parameters ({run.why_stale()})', stage)
@@ -722,9 +731,10 @@ def train_stage(cfg)->TrainArtifacts:
     p = cfg.train
     require_data(cfg.exp)   # the stage it needs: ensured by `call_stage`, named here when called without it
     art = train_round(cfg.exp, cfg.data, p)
-    s = next((s for s in ('test', 'val') if art.lowres is not None and s in art.metrics and s in art.lowres.metrics), None)
-    if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
-              f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
+    low = art.lowres.metrics if art.lowres is not None else {}
+    s = next((s for s in ('test', 'val') if s in art.metrics and s in low), None)
+    if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} "
+              f"px, {low[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
     art.figures, art.tables = train_report(cfg.exp, p, art)
     return art
 

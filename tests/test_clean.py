@@ -250,7 +250,7 @@ def test_clean_stage_without_a_test_split(tmp_path):
                     warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
     from aliprod.data import prepare_data
     from aliprod.train import train_round
-    prepare_data(exp, data)   # the stages clean needs (`call_stage('clean')` runs them): the data, then the model of index 0
+    prepare_data(exp, data)   # what clean needs (`call_stage('clean')` runs it): the data, then the model of index 0
     with pytest.raises(ParamsError, match='needs the predictions of the training split'):
         run_clean(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
     assert not (tmp_path/'runs'/'notest'/'train').exists(), 'refused before training'

@@ -387,8 +387,9 @@ def test_a_needed_stage_runs_first_once(tmp_path, capsys):
 
 
 def test_call_stage_runs_the_needed_stages_first_and_a_stage_alone_names_them(tmp_path):
-    "A stage function alone reads, never runs, its upstream stages: it names what is missing and the command that makes it; "
-    "`call_stage` runs the needed stages first (data, then train, each as itself), then the stage; again: nothing recomputed"
+    """A stage function alone reads, never runs, its upstream stages: it names what is missing and the command that
+    makes it; `call_stage` runs the needed stages first (data, then train, each as itself), then the stage; again:
+    nothing recomputed"""
     import shutil, yaml
     from test_status import TINY   # a train stage of a few seconds
     from aliprod.pipeline import call_stage, stage_config, stage_function
@@ -402,7 +403,7 @@ def test_call_stage_runs_the_needed_stages_first_and_a_stage_alone_names_them(tm
     with pytest.raises(StageOutputMissing, match=r"needs/data: no finished data stage.*`aliprod data <params.yaml>`"):
         rebalance_stage(stage_config('rebalance', p))
     call_stage('data', p)
-    with pytest.raises(StageOutputMissing, match=r"needs/train/0: no trained model.*`aliprod run <params.yaml> --stages train`"):
+    with pytest.raises(StageOutputMissing, match=r"needs/train/0: no trained model.*<params.yaml> --stages train"):
         rebalance_stage(stage_config('rebalance', p))
     assert not (runs/'train'/'0'/'manifest.json').exists() and not (runs/'rebalance').exists()
     shutil.rmtree(runs)   # a new experiment: no data, no train
@@ -410,7 +411,8 @@ def test_call_stage_runs_the_needed_stages_first_and_a_stage_alone_names_them(tm
     assert 'crt' in set(art.table['method'])
     m = {s: json.loads((runs/s/'manifest.json').read_text()) for s in ('data', 'train/0', 'rebalance/0')}
     # each needed stage ran as itself (its own config in its manifest, the train stage's report), before rebalance
-    assert [m[s]['config']['stage'] for s in m] == ['data', 'train', 'rebalance'], {s: m[s]['config']['stage'] for s in m}
+    made_by = {s: m[s]['config']['stage'] for s in m}
+    assert list(made_by.values()) == ['data', 'train', 'rebalance'], made_by
     assert (tmp_path/'reports'/'needs'/'train_0.png').is_file()
     assert m['data']['finished'] <= m['train/0']['finished'] <= m['rebalance/0']['finished']
     stamps = {s: (runs/s/'manifest.json').stat().st_mtime_ns for s in m}
