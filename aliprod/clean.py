@@ -15,10 +15,11 @@ from .core import (ParamsError, params_section, params_dict, ExperimentParams, r
 from .predictions import TopK, read_topk
 from .noise import (RULE_REGISTRY, RULE_INPUTS, rules_needing, rule_options, find_noisy, protect_tail, rule_names,
                            relabel_decision, RELABEL_OUTCOMES, _align)
-from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows
+from .data import shot_groups, load_index, data_artifacts, index_path, choosing_rows
 from .metrics import shot_group, paired_delta
 from .images import load_rgb
-from .train import run_train, trained_rows_path, read_trained_rows
+from .train import (train_model, train_job, train_round, trained_model, require_data, trained_rows_path,
+                           read_trained_rows)
 from .escape import csv_safe, markdown_table
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
@@ -424,7 +425,13 @@ def _train_at(train, iteration:int):
 
 def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
-    return Path(run_train(exp, data, _train_at(train, iteration), iteration=iteration, fold=fold, folds=folds).predictions['train'])
+    p = _train_at(train, iteration)
+    # index 0's in-sample model is the train stage's, read (this stage never runs another); the fold models and the
+    # models of the cleaned indexes are this stage's own, trained by the engine
+    if fold is None and iteration == 0: art = trained_model(exp, data, p, 0)
+    elif fold is None: art = train_round(exp, data, p, iteration)   # as the train stage trains it, its twin too
+    else: art = train_model(train_job(exp, data, p, iteration, fold, folds)[0])
+    return Path(art.predictions['train'])
 
 # %% ../nbs/03_clean.ipynb #b7cb4db3
 def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
@@ -515,7 +522,8 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     "Cleaning iteration `clean.iteration`: flag, drop or relabel, write index k and its summary; skipped when up to date"
     import dataclasses
     k = clean.iteration
-    if data is not None: prepare_data(exp, data)   # None: the data stage's outputs are there already
+    # data None: the data stage's outputs were written by hand (tests); else they must be the data stage's, finished
+    if data is not None: require_data(exp)   # the train stage needs it, this stage the train stage (`call_stage`)
     check_clean(exp, train, clean, predictions_of is not None)
     if k > 1: clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False, predictions_of=predictions_of)
     t, pred_paths = training_predictions(exp, data, train, clean, k - 1, predictions_of)
@@ -573,7 +581,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
         return (['index.parquet', 'changes.parquet', 'class_sizes.parquet', 'summary.json'],
                 {kk: v for kk, v in summary.items() if not isinstance(v, (dict, list))})
     run.ensure(work, what=f'iteration {k}')
-    model = run_train(exp, data, _train_at(train, k), iteration=k) if train_model else None
+    model = train_round(exp, data, _train_at(train, k), k) if train_model else None
     return CleanArtifacts(out, out/'index.parquet', out/'changes.parquet', json.loads((out/'summary.json').read_text()), pred_paths, model)
 
 def _noise_rate(train:pd.DataFrame)->float|None:
@@ -754,9 +762,10 @@ def run_clean(exp:ExperimentParams, data, train, clean:CleanParams,
                 predictions_of=None,    # (iteration, fold, folds) -> training predictions file; default: the train stage's (trains them)
                )->CleanArtifacts:
     "The clean stage: iterations 1..`clean.iteration` with their models, then reports/<exp>/clean_rounds.{csv,md,png}, clean_detection.csv, clean_relabel.csv, clean_rules.{csv,md} and the figures"
-    if data is not None: prepare_data(exp, data)
+    if data is not None: require_data(exp)   # a clear error, naming the command, when the stages it needs have not run
     check_clean(exp, train, clean, predictions_of is not None)   # before any training
-    models = [run_train(exp, data, _train_at(train, 0), iteration=0) if train_model else None]
+    # model 0 is the train stage's (read, never trained here); models 1.. are this stage's own (`clean_iteration`)
+    models = [trained_model(exp, data, _train_at(train, 0), 0) if train_model else None]
     choose = clean.select == 'validation' and val_predictions(models[0], 0, clean, predictions_of) is not None
     rows = choosing_rows(load_index(exp, 0), exp.seed)   # the data stage's roles: reporting images never choose a round
     def on_choosing(f): t = read_topk(f); return t.take(np.isin(t.rows, rows))

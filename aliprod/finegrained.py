@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 from .core import (project_relative, check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
                           atomic_write_json, atomic_write_text, log)
 from .escape import csv_safe, markdown_table, read_csv_safe
-from .data import DataParams, prepare_data, load_index, index_path, data_artifacts
+from .data import DataParams, load_index, index_path, data_artifacts
 from . import train as T
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
@@ -446,7 +446,9 @@ def finegrained_finetune(exp:ExperimentParams,
     if method == 'lio' and p.mixup: raise ParamsError("[train] mixup: LIO needs hard labels to find same-class images; set mixup: 0 for the LIO finetune")
     p = dataclasses.replace(p, tag='finegrained-' + method + (f'-{p.tag}' if p.tag else ''), ablate_finetune=False)
     log(f"finegrained {method}: finetuning {project_relative(init)}")
-    return T.run_train(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained', extra={'method': method})
+    job, _ = T.train_job(exp, data, p, it, init=init, callbacks=callback_spec(method, fp), stage='finegrained',
+                         extra={'method': method})
+    return T.train_model(job)   # the training engine: a no-op when this finetune is up to date
 
 # %% ../nbs/02b_finegrained.ipynb #9ca0502f
 def _run_epochs(out_dir:Path)->int|None:
@@ -520,14 +522,14 @@ def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams,
 
 def run_finegrained(exp:ExperimentParams, data:DataParams, train:T.TrainParams, fg:FinegrainedParams)->FinegrainedArtifacts:
     "The finegrained stage: the starting model, each method's finetune from it (same epochs, weights, seed), reports/<exp>/finegrained.{csv,md,png}"
-    prepare_data(exp, data)
+    T.require_data(exp)   # the stages it needs run before it (`call_stage`); called without them, it names the command
     it = resolve_iteration(exp, fg.iteration if fg.iteration is not None else train.iteration, what='[finegrained] iteration')
     train = dataclasses.replace(train, iteration=it)
     index = load_index(exp, it)
     splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]
     if not splits: raise ParamsError(f"[finegrained] {index_path(exp, it)} has no labelled val or test rows: nothing to compare the finetunes on")
     if fg.init and not Path(fg.init).is_file(): raise FileNotFoundError(f"[finegrained] init: {fg.init} not found; give a model.pth, or leave init out to start from the train stage's model")
-    start = T.run_train(exp, data, train)   # skipped when the train stage is up to date
+    start = T.trained_model(exp, data, train)   # the train stage's model, read (or an error naming the command)
     ft = dataclasses.replace(fg.finetune_params(train), eval_splits=splits)   # only the splits that exist (real data: no test labels)
     runs = {m: finegrained_finetune(exp, data, ft, m, fg, it) for m in fg.methods}
     out = run_dir(exp, 'finegrained', it)

@@ -20,8 +20,8 @@ from .data import prepare_data, read_source
 
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE', 'STAGE_ORDER', 'EXPERIMENT_KEYS', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams', 'grid_runs',
-           'check_grid', 'stage_notebooks', 'stage_config', 'stage_function', 'call_stage', 'plan_stages',
+__all__ = ['STAGES', 'STAGE', 'STAGE_ORDER', 'EXPERIMENT_KEYS', 'NEEDS_RAN_ENV', 'KERNEL_ARGUMENTS', 'Stage', 'PipelineParams',
+           'grid_runs', 'check_grid', 'stage_notebooks', 'stage_config', 'stage_function', 'call_stage', 'plan_stages',
            'StageFailed', 'run_stage', 'render_html', 'parse_seeds', 'run_seeds', 'seed_params_file', 'run_pipeline',
            'experiment_lock', 'stage_of_run_dir', 'StatusRow', 'param_changes', 'config_changes', 'run_status',
            'experiment_status', 'format_status', 'status', 'check_data_files', 'main']
@@ -158,9 +158,20 @@ def stage_function(stage:str):
     quiet_third_party_warnings()
     return getattr(importlib.import_module(f'aliprod.{module}'), name)
 
-def call_stage(stage:str, params_file:str|Path|None=None, **injected):
-    "Run `stage` here: its function on `stage_config(stage, params_file, **injected)` (run cells, `--in-process`)"
-    cfg = stage_config(stage, params_file, **injected)
+NEEDS_RAN_ENV = 'ALIPROD_NEEDS_RAN'   # '1' in the kernel of a stage whose needs `aliprod run` has run already
+
+def call_stage(stage:str, params_file:str|Path|None=None,
+               needs:bool|None=None, # run the stages `stage` needs first; None: unless the runner ran them
+               **injected):
+    "Run `stage` here (run cells, `--in-process`): the stages it needs (`plan_stages`), then its function on its config"
+    cfg = stage_config(stage, params_file, **injected)   # a bad parameter is refused before any work
+    if needs if needs is not None else os.environ.get(NEEDS_RAN_ENV) != '1':
+        # the one resolver: the order `aliprod run` follows, each needed stage a no-op when up to date. They get what
+        # every stage gets (experiment keys, sections); a stage's own overrides (clean's iteration) and the report's
+        # seeds stay the stage's
+        shared = {k: v for k, v in injected.items() if v is not None and k != 'seeds'
+                  and (k in EXPERIMENT_KEYS or k in SECTION_MODULES)}
+        for s in plan_stages([stage])[:-1]: call_stage(s, params_file, needs=False, **shared)
     # every manifest the stage writes (nested work too) records `cfg`: what `aliprod status` compares with the file
     with running_stage(cfg): return stage_function(stage)(cfg)
 
@@ -181,6 +192,11 @@ def plan_stages(chosen:list[str])->list[str]:
 # notebook's tests never run inside a user's run, whatever the kernel
 KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d", '
                     '"__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
+
+def _kernel_arguments(needs_ran:bool)->list[str]:
+    "`KERNEL_ARGUMENTS`, and when the runner has run the stage's needs, the line that tells `call_stage` so"
+    if not needs_ran: return KERNEL_ARGUMENTS
+    return [KERNEL_ARGUMENTS[0].removesuffix(']') + f', "__import__(\'os\').environ[\'{NEEDS_RAN_ENV}\'] = \'1\'"]']
 
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
@@ -218,6 +234,7 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
               parameters:dict|None=None,     # extra papermill parameters (overrides)
               html:bool=True,                # also write an HTML rendering with code hidden
               log_output:bool=True,          # stream the kernel's output
+              needs_ran:bool=False,          # this run has run the stages it needs: its `call_stage` does not again
              )->Path:
     "Execute one stage notebook with papermill; return the executed notebook's path or raise `StageFailed`"
     import papermill as pm
@@ -235,7 +252,8 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
         # `log_output` sends them to its logger, which nothing configures, so a user saw nothing for minutes
         pm.execute_notebook(str(nb), str(part), parameters=params, cwd=str(project_root()), log_output=False,
                             stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
-                            progress_bar=False, kernel_name='python3', extra_arguments=KERNEL_ARGUMENTS, km=km)
+                            progress_bar=False, kernel_name='python3',
+                            extra_arguments=_kernel_arguments(needs_ran), km=km)
     except pm.PapermillExecutionError as e:
         # Ctrl-C reached the kernel too: `main` says it once
         if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None
@@ -357,7 +375,7 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
     params = {'experiment': name, **(extra or {}), **over}
     stage_params = lambda s: {**params, **((report_extra or {}) if s == 'report' else {})}
     call_stage('data', params_file, **params)   # in this process always: the data stage has no notebook
-    plan = plan[1:]
+    plan, ran = plan[1:], {'data'}
     nb_out = report_dir(exp)/'notebooks'
     t_run, times = time.time(), _stage_times(exp)
     for k, s in enumerate(plan, 1):
@@ -366,15 +384,19 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         eta = (f"; last time {times[s]:.0f} s, about {sum(filter(None, left)):.0f} s to the end of the run"
                if s in times and all(left) else '')
         why = '' if s in chosen else f" (needed by {', '.join(c for c in chosen if s in plan_stages([c]))})"
-        # a needed stage that has run: the chosen stages bring what they read of it up to date themselves
+        # a needed stage that has run is not run here as a notebook: the chosen stage's `call_stage` runs it in its own
+        # process first (`needs_ran` False below), a no-op when it is up to date
         if why and _has_run(exp, s):
             log(f"stage {k}/{len(plan)} {s}{why}: has run, not run again"); continue
         log(f"stage {k}/{len(plan)} {s}{why}: {_stage_writes(s)}{eta}")
         t0 = time.time()
+        needs_ran = all(n in ran for n in plan_stages([s])[:-1])   # else its `call_stage` runs them first
         if in_process:
-            executed.append(call_stage(s, params_file, **stage_params(s)))
+            executed.append(call_stage(s, params_file, needs=not needs_ran, **stage_params(s)))
             log(f"{s}: done in {time.time() - t0:.0f} s")
-        else: executed.append(run_stage(s, present[s], params_file, nb_out, stage_params(s), html=html))
+        else: executed.append(run_stage(s, present[s], params_file, nb_out, stage_params(s), html=html,
+                                        needs_ran=needs_ran))
+        ran.add(s)
         after = _manifests(exp)
         if after == before and any(stage_of_run_dir(m.relative_to(experiment_dir(exp)).parts[0]) == s for m in after):
             log(f"{s}: up to date, nothing recomputed (figures and tables refreshed)")

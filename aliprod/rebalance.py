@@ -17,8 +17,8 @@ from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, write_topk, read_topk
 from .samplers import class_counts
 from .metrics import evaluate
-from .train import run_train, predict, load_trained_model, trained_counts
-from .data import load_index, data_root, prepare_data, index_path, shot_groups, data_artifacts, choosing_rows
+from .train import train_model, train_job, trained_model, require_data, predict, load_trained_model, trained_counts
+from .data import load_index, data_root, index_path, shot_groups, data_artifacts, choosing_rows
 from .decoupled import (Features, head_top1, head_topk, balanced_subset, METHOD_REGISTRY, FINETUNES, TauBias,
                                NCMNorm, fit_method)
 from .core import StageArtifacts   # the artifacts' shape every stage shares
@@ -109,7 +109,7 @@ def fit_options(p:RebalanceParams, method:str)->dict:
     spec = METHOD_REGISTRY[method]
     if spec.finetune and p.finetune == 'network':
         raise ValueError(f"{method} with finetune='network' finetunes the backbone on images, not cached features: "
-                         "the stage runs it through run_train")
+                         "the stage finetunes it with the training engine (network_finetune)")
     missing = [o for o in spec.options if not hasattr(p, OPTION_PARAMS.get(o, o))]
     if missing:
         raise ValueError(f"method {method!r} reads the option {missing[0]!r}, which [rebalance] has no key for; "
@@ -258,7 +258,7 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
                      out:Path,                    # the rebalance run directory
                      eval_splits:list[str]=('val', 'test'), # the labelled splits to predict (those the index has)
                     ):
-    "Finetune the whole network for `method` through the train stage; its TrainArtifacts (skipped when up to date)"
+    "Finetune the whole network for `method` with the training engine (`train_model`; a no-op when up to date)"
     if method not in (*FINETUNES, NETWORK_CONTROL):
         raise ValueError(f"{method} is not a finetune; whole-network methods: "
                          f"{', '.join((*FINETUNES, NETWORK_CONTROL))}")
@@ -270,8 +270,9 @@ def network_finetune(exp:ExperimentParams, data, t, p:RebalanceParams,
         atomic_write_parquet(pd.DataFrame({'row': np.sort(np.asarray(subset_rows, dtype=np.int64))}), rows)
     cbs = [{'factory': 'aliprod.losses.accuracy_loss_callbacks', 'kwargs': {}}] if method == 'acc_loss' else None
     log(f"rebalance {method}-network: finetuning the whole network from {model_path}")
-    return run_train(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows,
-                     callbacks=cbs, out_dir=d/'train', stage='rebalance-network', extra={'method': method})
+    job, _ = train_job(exp, data, network_params(method, p, t, eval_splits), p.iteration, init=model_path, rows=rows,
+                       callbacks=cbs, out_dir=d/'train', stage='rebalance-network', extra={'method': method})
+    return train_model(job)
 
 # %% ../nbs/04_rebalance.ipynb #ea1bfa48
 @dataclass
@@ -370,15 +371,15 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
-    "Decoupled classifier learning on the model of train iteration `p.iteration`: every method, a table, the τ sweep"
-    prepare_data(exp, data)
+    "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
+    require_data(exp)   # the stages it needs run before it (`call_stage`); called without them, it names the command
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     # the model of that round, with the parameters the clean stage trained it with
     t = dataclasses.replace(t, iteration=p.iteration)
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
-    art = run_train(exp, data, t, iteration=p.iteration)
-    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, report files suffixed
+    art = trained_model(exp, data, t, p.iteration)   # the train stage's model (round k >= 1: the clean stage's), read
+    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
     sfx = f'-{t.tag}' if t.tag else ''
     out = run_dir(exp, 'rebalance' + sfx, p.iteration)
     K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])

@@ -441,7 +441,7 @@ def round_status(exp:ExperimentParams, data, t, r:int)->str:
     if r > 0 and (why := manifest_status(experiment_dir(exp)/'clean'/str(r))[1]): return f'its index, clean/{r}: {why}'
     m, why = manifest_status(d)
     if m is None: return why
-    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved as run_train
+    # the rounds are train/<r>, trained with the pipeline's parameters (clean._train_at), splits resolved by train_job
     q = dataclasses.replace(t, iteration=r, tag='')
     q = dataclasses.replace(q, eval_splits=eval_splits(q, load_index(exp, r), index_path(exp, r)))
     run = train_job(exp, data, q, r)[1]
@@ -585,6 +585,10 @@ def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
 # %% ../nbs/06b_system.ipynb #f0e76b2a
 def _rebalance_round(exp, data, t, rp, r:int):
     "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
+    # a call of the rebalance computation, not a need the resolver could run: r is chosen here, on the choosing
+    # images, after the stages ran. At r == [rebalance] iteration it is the rebalance stage's own folder, up to date
+    # (the declared need ran it): a no-op; at another round, the classifier-only methods (seconds on cached
+    # features) of round r's model, which `_discover_rounds` found current. It reads that model and trains none
     q = dataclasses.replace(rp, iteration=r)
     if r != rp.iteration and rp.finetune != 'classifier': q = dataclasses.replace(q, finetune='classifier')
     return run_rebalance(exp, data, dataclasses.replace(t, iteration=r), q)

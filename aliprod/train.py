@@ -39,24 +39,28 @@ from .launch import launch_torchrun
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
 from .metrics import evaluate, per_class_accuracy
-from .data import DataParams, prepare_data, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
+from .data import DataParams, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 from .escape import csv_safe
 from .core import StageArtifacts   # the artifacts' shape every stage shares
+# the running stage's parameter file names the command that makes a missing upstream output
+from .core import _RUNNING, current_manifest
 
 
 # %% auto #0
 __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transform', 'fold_of', 'RecipeLoss',
            'load_trained_model', 'TrainJob', 'TrainArtifacts', 'read_rows', 'build_callbacks', 'callback_modules',
            'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
-           'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'train_job', 'eval_splits',
-           'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
+           'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'eval_splits', 'train_job',
+           'train_model', 'lowres_job', 'train_round', 'StageOutputMissing', 'missing_output', 'require_data',
+           'trained_model', 'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
            'per_class_split', 'train_report']
 
-# %% ../nbs/02_train.ipynb #95d3652e
+# %% ../nbs/02_train.ipynb #90b5deff
 # the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
 LOSSES = {'ce': None, 'logit_adjusted': 'aliprod.losses.logit_adjusted_callbacks', 'balanced_softmax': 'aliprod.losses.balanced_softmax_callbacks'}
 
+# %% ../nbs/02_train.ipynb #a59cf2ba
 @params_section('train')
 @dataclass
 class TrainParams:
@@ -221,7 +225,7 @@ def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, devi
     return net.to(device).eval()
 
 
-# %% ../nbs/02_train.ipynb #d58464a7
+# %% ../nbs/02_train.ipynb #0589bdb7
 @dataclass
 class TrainJob:
     "One training run: parameters, which rows, where the outputs go, and the key that ties a checkpoint to them"
@@ -237,6 +241,10 @@ class TrainJob:
     rows:str|None=None       # parquet with a `row` column: train only on these labelled train rows of the index
     callbacks:list=field(default_factory=list) # callback specs for `build_callbacks`: what every torchrun worker rebuilds
     resume_from:str|None=None # continue this checkpoint of another run (model, optimiser, scheduler, RNG, history, epoch): the high-res control
+    # what names the run in its manifest, not what a worker runs: neither travels in job.json
+    stage:str='train'        # the manifest's stage name ('train', 'finegrained', 'rebalance-network')
+    extra:dict|None=None     # more parameters that identify the run (recorded in the manifest)
+    run:StageRun|None=field(default=None, repr=False, compare=False) # `train_job`'s StageRun of this job (key: `key`)
 
     def to_json(self)->dict:
         return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
@@ -248,6 +256,7 @@ class TrainJob:
                    Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []),
                    d.get('resume_from'))
 
+# %% ../nbs/02_train.ipynb #db377b0f
 @dataclass
 class TrainArtifacts(StageArtifacts):
     "What the train stage wrote"
@@ -261,11 +270,13 @@ class TrainArtifacts(StageArtifacts):
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
     trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
 
+# %% ../nbs/02_train.ipynb #ec2bd85e
 def read_rows(path:str|Path)->np.ndarray:
     "Sorted unique row ids of a subset file (parquet with a `row` column)"
     df = pd.read_parquet(path, columns=['row'])
     return np.unique(df['row'].to_numpy(np.int64))
 
+# %% ../nbs/02_train.ipynb #ef529b5c
 def build_callbacks(specs:list|tuple)->list:
     "Callbacks from JSON specs `{'factory': 'aliprod.<module>.<function>', 'kwargs': {...}}`; a factory returns a callback or a list of them"
     out = []
@@ -276,10 +287,12 @@ def build_callbacks(specs:list|tuple)->list:
         out += list(made) if isinstance(made, (list, tuple)) else [made]
     return out
 
+# %% ../nbs/02_train.ipynb #7a9e0a26
 def callback_modules(specs:list|tuple)->list[str]:
     "The aliprod modules the callback specs come from (their code is part of a run's manifest)"
     return sorted({str(s['factory']).rpartition('.')[0].split('.', 1)[1] for s in specs or ()})
 
+# %% ../nbs/02_train.ipynb #d2e65545
 def load_init(net:nn.Module, path:str|Path)->None:
     "Load a trained ProductNet's model.pth into `net` (weights_only), naming the file when it does not fit"
     sd = torch.load(path, map_location='cpu', weights_only=True)
@@ -288,6 +301,7 @@ def load_init(net:nn.Module, path:str|Path)->None:
         raise ParamsError(f"init {path} does not fit this run's model ({type(net).__name__} of [train] arch, head, embed_dim, bnneck and the "
                           f"dataset's classes): {str(e).splitlines()[0]} ...") from None
 
+# %% ../nbs/02_train.ipynb #950eb47c
 def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFrame|None]:
     "(rows to train on, held-out rows to predict or None): the train split, minus fold `job.fold`, head-capped"
     train = index[(index['split'] == 'train') & (index['label'] >= 0)]
@@ -305,6 +319,7 @@ def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFra
         train = train.iloc[head_cap_positions(train['label'].to_numpy(), job.p.head_cap, job.exp.seed)]
     return train, held
 
+# %% ../nbs/02_train.ipynb #86b02d3d
 def _device(exp:ExperimentParams)->torch.device:
     d = pick_device(exp.device)
     if d.type == 'cuda' and 'LOCAL_RANK' in os.environ: d = torch.device('cuda', int(os.environ['LOCAL_RANK']))
@@ -342,9 +357,10 @@ def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
     "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
     return RecipeSchedule(opt, p, updates_per_epoch)
 
-# %% ../nbs/02_train.ipynb #9d078117
+# %% ../nbs/02_train.ipynb #960a0382
 TRAINED_ROWS = 'trained_rows.parquet'   # in a train run's directory: the index rows (row, label) its model trained on
 
+# %% ../nbs/02_train.ipynb #80b7be72
 def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`train_rows`'s first frame): `row`, `label`
                        out_dir:str|Path,   # the run's directory
                       )->Path:
@@ -353,12 +369,14 @@ def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`trai
     atomic_write_parquet(df, Path(out_dir)/TRAINED_ROWS)
     return Path(out_dir)/TRAINED_ROWS
 
+# %% ../nbs/02_train.ipynb #50feed5b
 def trained_rows_path(path:str|Path)->Path:
     "The trained-rows file of a train run, given the file, the run's directory or one of its predictions files (<run>/predictions/<split>.parquet)"
     p = Path(path)
     if p.name == TRAINED_ROWS: return p
     return (p.parent.parent if p.parent.name == 'predictions' and p.suffix == '.parquet' else p)/TRAINED_ROWS
 
+# %% ../nbs/02_train.ipynb #7e54126a
 def read_trained_rows(path:str|Path)->pd.DataFrame:
     "The rows (`row`, `label`) the model of a train run trained on (`trained_rows_path` finds the file)"
     f = trained_rows_path(path)
@@ -366,6 +384,7 @@ def read_trained_rows(path:str|Path)->pd.DataFrame:
                                                 "(a run from before trained-rows records); rerun its train stage")
     return pd.read_parquet(f)
 
+# %% ../nbs/02_train.ipynb #d2ad371d
 def trained_counts(path:str|Path, # a train run's directory or one of its predictions files
                    num_classes:int, # K
                   )->np.ndarray:
@@ -400,9 +419,10 @@ def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkp
     if not any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.logger = noop  # not Recorder's raw lists
     return learn
 
-# %% ../nbs/02_train.ipynb #051d4e82
+# %% ../nbs/02_train.ipynb #8bc3cbe4
 MAIN_PHASE = 'main_phase_checkpoint.pth'   # the training state at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
 
+# %% ../nbs/02_train.ipynb #d77cace2
 def _job_name(exp:ExperimentParams, out_dir:Path)->str:
     "train/0, clean/2/..., finegrained/dcl: where a training's lines come from"
     try: return Path(out_dir).resolve().relative_to(experiment_dir(exp).resolve()).as_posix()
@@ -519,17 +539,51 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
     atomic_write_json(out_dir/'metrics.json', metrics)
     return metrics
 
-# %% ../nbs/02_train.ipynb #0e9667dc
+# %% ../nbs/02_train.ipynb #7f1b3ac5
 def train_dir(exp:ExperimentParams, p:TrainParams, iteration:int, fold:int|None=None)->Path:
     "runs/<exp>/train[-<tag>]/<iteration>[/fold<j>]/"
     d = run_dir(exp, 'train' + (f'-{p.tag}' if p.tag else ''), iteration)
     if fold is not None: d = d/f'fold{fold}'; d.mkdir(parents=True, exist_ok=True)
     return d
 
+# %% ../nbs/02_train.ipynb #90630905
 def loss_callbacks(p:TrainParams)->list[dict]:
     "The callback specs of `p.loss` (none for cross-entropy): every torchrun worker builds the same loss"
     if p.loss == 'ce': return []
     return [{'factory': LOSSES[p.loss], 'kwargs': {'tau': p.loss_tau} if p.loss == 'logit_adjusted' else {}}]
+
+# %% ../nbs/02_train.ipynb #aed38529
+def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
+    "The splits to predict: `p.eval_splits`, or every split `index` has; a named split without rows is refused"
+    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
+    if p.eval_splits is None: return have
+    empty = [s for s in p.eval_splits if s not in have]
+    # AliProducts publishes no test labels: say so before hours of training, not after
+    rest = [s for s in p.eval_splits if s not in empty]
+    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. "
+                                f"eval_splits: {rest}, or null for the splits it has: {have})")
+    return list(p.eval_splits)
+
+# %% ../nbs/02_train.ipynb #4f343fd9
+def _job_run(job:TrainJob)->StageRun:
+    "The StageRun of `job`: its parameters, inputs (index, dataset, init, rows, resumed checkpoint) and code"
+    exp, p = job.exp, job.p
+    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds,
+    # tested)
+    where = ('runs_dir', 'reports_dir', 'device')
+    params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
+              # a twin trained elsewhere changes nothing here
+              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
+              'iteration': job.iteration, 'fold': job.fold, 'folds': job.folds}
+    if job.resume_from is not None: params['resume_from'] = True
+    hooks = job.init is not None or job.rows is not None or job.callbacks or job.extra
+    if hooks:  # the files' contents are inputs: their paths do not matter
+        params.update(init=job.init is not None, rows=job.rows is not None, callbacks=job.callbacks,
+                      **(job.extra or {}))
+    files = [Path(f) for f in (job.init, job.rows, job.resume_from) if f is not None]
+    inputs = [index_path(exp, job.iteration), data_artifacts(exp).dataset_json, *files]
+    modules = ['train', *callback_modules(job.callbacks)]  # and everything they import (core.module_closure)
+    return StageRun(job.out_dir, job.stage, params, inputs=inputs, modules=modules)
 
 def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
               folds:int|None=None, *,
@@ -541,32 +595,26 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               extra:dict|None=None,          # more parameters that identify the run (recorded in the manifest)
               resume_from:str|Path|None=None, # continue this checkpoint of another run (its epoch, optimiser, schedule, RNG)
              )->tuple[TrainJob, StageRun]:
-    "The job of these parameters and its StageRun (which knows whether the outputs are up to date)"
+    "The one way to describe a training: its job (splits to predict resolved from the index) and StageRun"
     it = p.iteration if iteration is None else iteration
     if (fold is None) != (folds is None): raise ValueError(f"Pass both fold and folds, or neither (got fold={fold}, folds={folds})")
-    if folds is not None and not (folds >= 2 and 0 <= fold < folds): raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
+    if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+        raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
+    # a fold model predicts its held-out rows only; every other run the splits the index has (fails here, naming the
+    # file, when the iteration's index is missing)
+    if folds is None: p = replace(p, eval_splits=eval_splits(p, load_index(exp, it), index_path(exp, it)))
     for what, f in (('init', init), ('rows', rows), ('resume_from', resume_from)):
         if f is not None and not Path(f).is_file(): raise FileNotFoundError(f"{what} file {f} not found")
-    callbacks = [*loss_callbacks(p), *(callbacks or [])]
     out = Path(out_dir) if out_dir is not None else train_dir(exp, p, it, fold)
     out.mkdir(parents=True, exist_ok=True)
-    idx, ds = index_path(exp, it), data_artifacts(exp).dataset_json
-    # runs_dir/reports_dir only say where files go; workers do not change the result (per-draw augmentation seeds, tested)
-    where = ('runs_dir', 'reports_dir', 'device')
-    params = {'experiment': {k: v for k, v in params_dict(exp).items() if k not in where},
-              # a twin trained elsewhere changes nothing here
-              'train': {k: v for k, v in params_dict(p).items() if k not in ('ablate_finetune', 'workers')},
-              'iteration': it, 'fold': fold, 'folds': folds}
-    if resume_from is not None: params['resume_from'] = True
-    if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
-        params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
-    inputs = [idx, ds, *[Path(f) for f in (init, rows, resume_from) if f is not None]]
-    modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
-    run = StageRun(out, stage, params, inputs=inputs, modules=modules)
-    job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks,
-                   None if resume_from is None else str(resume_from))
-    return job, run
+    text = lambda f: None if f is None else str(f)
+    job = TrainJob(exp, data, p, it, fold, folds, out, '', text(init), text(rows),
+                   [*loss_callbacks(p), *(callbacks or [])], text(resume_from), stage, extra)
+    job.run = _job_run(job)
+    job.key = job.run.key
+    return job, job.run
 
+# %% ../nbs/02_train.ipynb #effa4ebf
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
     trained = ['checkpoint.pth', 'history.csv']
@@ -579,58 +627,116 @@ def _artifacts(job:TrainJob)->TrainArtifacts:
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
                           json.loads((d/'metrics.json').read_text()), d/'history.csv', trained_rows=d/TRAINED_ROWS)
 
-def eval_splits(p:TrainParams, index:pd.DataFrame, where:str|Path)->list[str]:
-    "The splits to predict: `p.eval_splits`, or every split `index` has; refuses, before any training, a named split without rows"
-    have = [s for s in ('train', 'val', 'test') if (index['split'] == s).any()]
-    if p.eval_splits is None: return have
-    empty = [s for s in p.eval_splits if s not in have]
-    # AliProducts publishes no test labels: say so before hours of training, not after
-    if empty: raise ParamsError(f"[train] eval_splits: {where} has no {empty[0]!r} rows; leave it out (e.g. eval_splits: "
-                                f"{[s for s in p.eval_splits if s not in empty]}, or null for the splits it has: {have})")
-    return list(p.eval_splits)
-
-def run_train(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
-                folds:int|None=None,
-                report:bool=False, # also write the stage's figures and tables into the report directory (the notebook's run)
-                **kw, # init, rows, callbacks, out_dir, stage, extra: see `train_job`
-               )->TrainArtifacts:
-    "Train a model on the index of `iteration` (the train rows outside `fold` of `folds`), predict, evaluate; skipped when up to date"
-    prepare_data(exp, data)
-    it = p.iteration if iteration is None else iteration
-    index = load_index(exp, it)  # fails here, naming the file, when the iteration's index is missing
-    if folds is None: p = replace(p, eval_splits=eval_splits(p, index, index_path(exp, it)))
-    job, run = train_job(exp, data, p, it, fold, folds, **kw)
+def train_model(job:TrainJob)->TrainArtifacts:
+    "The engine: train `job` here or under torchrun, predict and evaluate; a no-op when its outputs are up to date"
+    run = job.run if job.run is not None else _job_run(job)   # a job read back from job.json has no StageRun
+    if run.key != job.key:
+        raise ValueError(f"the job of {job.out_dir} was changed after `train_job` built it; build it again")
+    p = job.p
     def work():
         atomic_write_json(job.out_dir/'params.json', job.to_json())
         if p.world_size > 1: launch_job(job)
         else: run_job(job)
         m = json.loads((job.out_dir/'metrics.json').read_text())
-        return _outputs(job), {k: v for k, v in m.items() if k in ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')}
-    run.ensure(work, what=f"training {p.arch}" + (f" from epoch {p.epochs} of {project_relative(job.resume_from)}" if job.resume_from else ''))
-    art = _artifacts(job)
-    # the twin belongs to the stage itself, not to the folds, finetunes and subsets other stages run through run_train
-    if p.ablate_finetune and p.finetune_size and p.finetune_epochs and fold is None and not kw:
-        # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are not made
-        held = [s for s in p.eval_splits if s != 'train']
-        # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
-        # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
-        twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_size=p.img_size, ablate_finetune=False,
-                       eval_splits=held or p.eval_splits)
-        state = art.out_dir/MAIN_PHASE
-        if state.is_file():   # continue this run's main phase: only the finetune epochs are trained again
-            art.lowres = run_train(exp, data, twin, it, resume_from=state, extra={'control': 'finetune epochs at the training size'})
-        else: art.lowres = run_train(exp, data, twin, it)
-        s = next((s for s in ('test', 'val') if s in art.metrics and s in art.lowres.metrics), None)
-        if s and report: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} px, "
-                             f"{art.lowres.metrics[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
-    if report: art.figures, art.tables = train_report(exp, p, art)
+        keep = ('val', 'test', 'val_clean', 'test_clean', 'load_failures', 'predict_failures')
+        return _outputs(job), {k: v for k, v in m.items() if k in keep}
+    what = f"training {p.arch}"
+    if job.resume_from: what += f" from epoch {p.epochs} of {project_relative(job.resume_from)}"
+    run.ensure(work, what=what)
+    return _artifacts(job)
+
+# %% ../nbs/02_train.ipynb #05d16908
+def lowres_job(main:TrainJob)->TrainJob:
+    "The job of the high-res finetune's control (`ablate_finetune`): `main`, its finetune epochs at the training size"
+    p = main.p
+    # the twin is compared on held-out images only: its train-split predictions (a pass over the whole train set) are
+    # not made
+    held = [s for s in p.eval_splits if s != 'train']
+    # the control: the same epochs, schedule and batches, its finetune epochs at the training size, so the row measures
+    # the resolution alone (comparing with the main-phase snapshot would credit the finetune's extra epochs to it)
+    twin = replace(p, tag='-'.join(filter(None, [p.tag, 'lowres'])), finetune_size=p.img_size, ablate_finetune=False,
+                   eval_splits=held or p.eval_splits)
+    state = main.out_dir/MAIN_PHASE
+    if state.is_file():   # continue the main run's main phase: only the finetune epochs are trained again
+        return train_job(main.exp, main.data, twin, main.iteration, resume_from=state,
+                         extra={'control': 'finetune epochs at the training size'})[0]
+    return train_job(main.exp, main.data, twin, main.iteration)[0]
+
+# %% ../nbs/02_train.ipynb #f03bcd4d
+def train_round(exp:ExperimentParams, data:DataParams, p:TrainParams,
+                iteration:int|None=None, # the index it trains on; default `p.iteration`
+               )->TrainArtifacts:
+    "The model of index `iteration` as the train stage trains it, with its low-res twin when `p.ablate_finetune`"
+    job = train_job(exp, data, p, iteration)[0]
+    art = train_model(job)
+    # the twin belongs to the train stage's models (and the clean stage's round models), not to folds and finetunes
+    if p.ablate_finetune and p.finetune_size and p.finetune_epochs: art.lowres = train_model(lowres_job(job))
     return art
 
+# %% ../nbs/02_train.ipynb #d1b9268a
+class StageOutputMissing(ParamsError):
+    "An upstream stage's output is missing or out of date; the message names its folder and the command that makes it"
 
-# %% ../nbs/02_train.ipynb #550733e1
+# %% ../nbs/02_train.ipynb #f7741c5a
+def missing_output(folder:str|Path, # the upstream run folder
+                   why:str,         # what is wrong with it
+                   stage:str,       # the stage that makes it
+                  )->StageOutputMissing:
+    "The error a stage raises when it reads an upstream output that is not there or not current"
+    cfg = _RUNNING.get()   # the stage running now knows its parameter file; a direct call does not
+    pf = project_relative(cfg.params_file) if cfg is not None and cfg.params_file else '<params.yaml>'
+    # the data stage runs first in every `aliprod run`; `aliprod data` runs it alone
+    how = f"`aliprod data {pf}`" if stage == 'data' else f"`aliprod run {pf} --stages {stage}`"
+    return StageOutputMissing(f"{project_relative(folder)}: {why}. The {stage} stage makes it: run {how} "
+                              f"(or call_stage('{stage}', ...), which first runs the stages it needs)")
+
+# %% ../nbs/02_train.ipynb #27e4ccd0
+def require_data(exp:ExperimentParams)->Path:
+    "The data stage's folder runs/<exp>/data/, when its manifest and outputs are intact; else `StageOutputMissing`"
+    d = experiment_dir(exp)/'data'
+    if current_manifest(d) is None:
+        why = ('no finished data stage (index.parquet, dataset.json)' if not (d/'manifest.json').is_file()
+               else 'outputs changed since the data stage wrote them')
+        raise missing_output(d, why, 'data')
+    return d
+
+# %% ../nbs/02_train.ipynb #551d837a
+def trained_model(exp:ExperimentParams, data:DataParams, p:TrainParams,
+                  iteration:int|None=None, # the index the model trained on; default `p.iteration`
+                 )->TrainArtifacts:
+    "The train stage's model of index `iteration`, read: `StageOutputMissing` when it is missing or not what `p` trains"
+    it = p.iteration if iteration is None else iteration
+    require_data(exp)
+    # index 0's model is the train stage's; the model of index k >= 1 is trained by the clean stage's round k
+    stage = 'train' if it == 0 else 'clean'
+    d = experiment_dir(exp)/('train' + (f'-{p.tag}' if p.tag else ''))/str(it)
+    if not index_path(exp, it).is_file():
+        raise missing_output(index_path(exp, it).parent, f'no index of iteration {it}', 'clean')
+    if not (d/'manifest.json').is_file(): raise missing_output(d, 'no trained model (no manifest)', stage)
+    job, run = train_job(exp, data, p, it)
+    if not run.up_to_date(): raise missing_output(d, f'not the model of these parameters ({run.why_stale()})', stage)
+    return _artifacts(job)
+
+# %% ../nbs/02_train.ipynb #e936c101
+def run_train(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
+              folds:int|None=None,
+              **kw, # init, rows, callbacks, out_dir, stage, extra, resume_from: see `train_job`
+             )->TrainArtifacts:
+    "`train_model(train_job(...))`: one training (no twin, no report); the data stage's outputs must be there"
+    return train_model(train_job(exp, data, p, iteration, fold, folds, **kw)[0])
+
+# %% ../nbs/02_train.ipynb #cb593305
 def train_stage(cfg)->TrainArtifacts:
-    "The train stage: `run_train` of `cfg`'s [train] section, its figures and tables in the report directory"
-    return run_train(cfg.exp, cfg.data, cfg.train, report=True)
+    "The train stage: the model of `cfg.train` (and its low-res twin), its figures and tables in the report directory"
+    p = cfg.train
+    require_data(cfg.exp)   # the stage it needs: ensured by `call_stage`, named here when called without it
+    art = train_round(cfg.exp, cfg.data, p)
+    low = art.lowres.metrics if art.lowres is not None else {}
+    s = next((s for s in ('test', 'val') if s in art.metrics and s in low), None)
+    if s: log(f"high-res finetune: {s} mean class error {art.metrics[s]['mean_class_err']:.3f} at {p.finetune_size} "
+              f"px, {low[s]['mean_class_err']:.3f} with the same epochs at {p.img_size} px")
+    art.figures, art.tables = train_report(cfg.exp, p, art)
+    return art
 
 # %% ../nbs/02_train.ipynb #0421e1ca
 def launch_job(job:TrainJob)->None:
@@ -640,7 +746,7 @@ def launch_job(job:TrainJob)->None:
     # the worker module is named, not imported: aliprod.worker imports this module
     launch_torchrun('aliprod.worker', path, job.p.gpus, job.p.nodes, job.p.rdzv_endpoint, key='[train] rdzv_endpoint')
 
-# %% ../nbs/02_train.ipynb #66d8f0cf
+# %% ../nbs/02_train.ipynb #1bb7950c
 def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Loss and error curves per epoch from history.csv; finetune epochs shaded"
     import matplotlib.pyplot as plt
@@ -657,6 +763,7 @@ def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure'
     fig.suptitle(title or 'Training curves'); fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/02_train.ipynb #bcf1fe1a
 def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Per-class top-1 accuracy against training images per class (log scale), from `per_class_accuracy`"
     import matplotlib.pyplot as plt
@@ -671,18 +778,21 @@ def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.tight_layout(); plt.close(fig)
     return fig
 
+# %% ../nbs/02_train.ipynb #85af6fdb
 def metrics_table(metrics:dict)->pd.DataFrame:
     "One row per evaluated split (val, test, and against clean labels) of metrics.json"
     cols = ['n', 'top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
     rows = {k: {c: v.get(c) for c in cols if c in v} for k, v in metrics.items() if isinstance(v, dict)}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('split')
 
+# %% ../nbs/02_train.ipynb #1ecbbff2
 def per_class_split(art:TrainArtifacts)->str|None:
     "The split the per-class figure shows: test when there is one with labels, else val, else None"
     for s in ('test', 'val'):
         if s in art.predictions and (read_topk(art.predictions[s]).labels >= 0).any(): return s
     return None
 
+# %% ../nbs/02_train.ipynb #f50544c3
 def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple[dict, dict]:
     "The stage's figures (training curves, per-class accuracy) and metrics table, written into the report directory"
     name = 'train' + (f'-{p.tag}' if p.tag else '') + f'_{p.iteration}'

@@ -20,8 +20,8 @@ from .predictions import TopKWriter, topk_from_probs, read_topk
 from .predict import stream_predictions, eval_transform
 from .models import data_config, _fixed_input_size
 from .metrics import evaluate
-from .train import run_train, load_trained_model
-from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups, prepare_data
+from .train import trained_model, require_data, load_trained_model
+from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
 
@@ -251,11 +251,11 @@ def run_tta(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir
     size = p.size or tp.eval_size
     if _fixed_input_size(tp.arch) and any(not VIEW_REGISTRY[v].crops and e != 1 for v, e in p.variants):
         raise ParamsError(f"[tta] 'full' views at enlarge != 1 need a backbone that takes any input size; {tp.arch} takes {size}px only: use crops (ten/five/center)")
-    prepare_data(exp, data)
+    require_data(exp)   # the stages it needs run before it (`call_stage`); called without them, it names the command
     index_file = index_path(exp, it)
     index = load_index(exp, it)
     splits = p.splits_of(index, index_file)  # before training or predicting anything
-    art = run_train(exp, data, tp, iteration=it)
+    art = trained_model(exp, data, tp, it)   # the train stage's model (round k >= 1: the clean stage's), read
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     groups = shot_groups(exp)  # the data stage's class sizes and thresholds: the same shot groups as every other stage

@@ -250,9 +250,13 @@ def test_clean_stage_without_a_test_split(tmp_path):
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                     warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    from aliprod.data import prepare_data
+    from aliprod.train import train_round
+    prepare_data(exp, data)   # what clean needs (`call_stage('clean')` runs it): the data, then the model of index 0
     with pytest.raises(ParamsError, match='needs the predictions of the training split'):
         run_clean(exp, data, TrainParams(**{**t.__dict__, 'eval_splits': ['val']}), CleanParams())
     assert not (tmp_path/'runs'/'notest'/'train').exists(), 'refused before training'
+    train_round(exp, data, t)
     # a 1-epoch model of 5 classes may be near chance (the guard would refuse its round): this test is about the splits
     art = run_clean(exp, data, t, CleanParams(iteration=1, action='relabel', min_per_class=2, allow_aggressive=True))
     assert art.rounds.iteration.tolist() == [0, 1] and art.rounds.val_mean_class_err.notna().all()

@@ -160,6 +160,8 @@ def test_stage_without_a_test_split(tmp_path):
                       img_size=48, img_size_max=56, gen_workers=1, scan_workers=1)
     t = T.TrainParams(arch='test_efficientnet', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
+    from aliprod.data import prepare_data
+    prepare_data(exp, data); T.train_round(exp, data, t)   # what the stage needs (`call_stage` runs them first)
     art = run_finegrained(exp, data, t, FinegrainedParams(methods=['plain', 'dcl']))
     assert art.splits == ['val'] and list(art.table.run) == ['start', 'plain', 'dcl']
     assert not any(c.startswith('test_') for c in art.table.columns) and art.table.val_mean_class_err.notna().all()
@@ -168,6 +170,7 @@ def test_stage_without_a_test_split(tmp_path):
     assert json.loads((art.out_dir/'manifest.json').read_text())['metrics']['metrics_split'] == 'val'
     assert art.figure_path.is_file() and (tmp_path/'reports'/'notest'/'finegrained.md').is_file()
     noeval = ExperimentParams(experiment='noeval', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
+    prepare_data(noeval, DataParams(**{**data.__dict__, 'val_per_class': 0}))
     with pytest.raises(ParamsError, match='no labelled val or test rows'):
         run_finegrained(noeval, DataParams(**{**data.__dict__, 'val_per_class': 0}), T.TrainParams(**{**t.__dict__, 'eval_splits': ['train']}),
                           FinegrainedParams())

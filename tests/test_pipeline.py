@@ -384,3 +384,39 @@ def test_a_needed_stage_runs_first_once(tmp_path, capsys):
     assert 'stage 1/2 train (needed by clean)' in capsys.readouterr().out
     run_pipeline(p, stages=['clean'], nbs_dir=nbs)
     assert 'stage 1/2 train (needed by clean): has run, not run again' in capsys.readouterr().out
+
+
+def test_call_stage_runs_the_needed_stages_first_and_a_stage_alone_names_them(tmp_path):
+    """A stage function alone reads, never runs, its upstream stages: it names what is missing and the command that
+    makes it; `call_stage` runs the needed stages first (data, then train, each as itself), then the stage; again:
+    nothing recomputed"""
+    import shutil, yaml
+    from test_status import TINY   # a train stage of a few seconds
+    from aliprod.pipeline import call_stage, stage_config, stage_function
+    from aliprod.train import StageOutputMissing
+    p = tmp_path/'p.yaml'
+    p.write_text(yaml.safe_dump({'experiment': 'needs', 'seed': 0, 'runs_dir': str(tmp_path/'runs'),
+                                 'reports_dir': str(tmp_path/'reports'), **TINY,
+                                 'rebalance': {'methods': ['crt'], 'crt_epochs': 1, 'tau_grid': [0.0, 1.0]}},
+                                sort_keys=False))
+    runs, rebalance_stage = tmp_path/'runs'/'needs', stage_function('rebalance')
+    with pytest.raises(StageOutputMissing, match=r"needs/data: no finished data stage.*`aliprod data <params.yaml>`"):
+        rebalance_stage(stage_config('rebalance', p))
+    call_stage('data', p)
+    with pytest.raises(StageOutputMissing, match=r"needs/train/0: no trained model.*<params.yaml> --stages train"):
+        rebalance_stage(stage_config('rebalance', p))
+    assert not (runs/'train'/'0'/'manifest.json').exists() and not (runs/'rebalance').exists()
+    shutil.rmtree(runs)   # a new experiment: no data, no train
+    art = call_stage('rebalance', p)
+    assert 'crt' in set(art.table['method'])
+    m = {s: json.loads((runs/s/'manifest.json').read_text()) for s in ('data', 'train/0', 'rebalance/0')}
+    # each needed stage ran as itself (its own config in its manifest, the train stage's report), before rebalance
+    made_by = {s: m[s]['config']['stage'] for s in m}
+    assert list(made_by.values()) == ['data', 'train', 'rebalance'], made_by
+    assert (tmp_path/'reports'/'needs'/'train_0.png').is_file()
+    assert m['data']['finished'] <= m['train/0']['finished'] <= m['rebalance/0']['finished']
+    stamps = {s: (runs/s/'manifest.json').stat().st_mtime_ns for s in m}
+    call_stage('rebalance', p)   # everything up to date: no stage recomputes
+    assert {s: (runs/s/'manifest.json').stat().st_mtime_ns for s in m} == stamps
+    with pytest.raises(StageOutputMissing, match=r"p\.yaml --stages train"):   # the running stage names its file
+        call_stage('rebalance', p, needs=False, train={**TINY['train'], 'lr': 0.1})

@@ -146,6 +146,8 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
                       warmup_epochs=1, milestones=[2], eval_splits=['train', 'val', 'test'])
     p = RebalanceParams(methods=['crt', 'balanced_subset', 'two_stage', 'acc_loss'], finetune='both', subset_per_class=5, crt_epochs=2,
                         head_cap=10, samples_per_epoch=48, network_lr=0.01)
+    from aliprod.data import prepare_data
+    prepare_data(exp, data); T.train_round(exp, data, t)   # the stages rebalance needs (`call_stage` runs them first)
     art = run_rebalance(exp, data, t, p)
     nets = ['balanced_subset-network', 'two_stage-network', 'acc_loss-network']
     assert list(art.table[art.table.split == 'test'].method) == ['baseline', 'crt', 'balanced_subset', 'two_stage', 'acc_loss',
@@ -196,9 +198,12 @@ def test_stages_run_without_a_test_split(tmp_path):
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], head_cap=12)   # classes of 30 down to 6 images: the head is capped
     named = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val', 'test']})   # naming a split the index lacks
+    from aliprod.data import prepare_data
+    prepare_data(exp, data)
     with pytest.raises(ParamsError, match="no 'test' rows"): T.run_train(exp, data, named)
     assert not (tmp_path/'runs'/'notest'/'train'/'0'/'checkpoint.pth').exists(), 'refused before training'
     t = T.TrainParams(**{**t.__dict__, 'eval_splits': ['train', 'val']})
+    T.train_round(exp, data, t)
     art = run_rebalance(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'], crt_epochs=1))
     assert set(art.table['split']) == {'val'} and set(art.table['method']) == {'baseline', 'crt', 'tau_norm', 'logit_adjust', 'balanced_softmax'}
     # the prior is the one the classifier learned: logit adjustment and the weight-norm figure count the rows it trained on
@@ -237,6 +242,8 @@ def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1, val_from_test=False)   # no val split at all
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'test'])
+    from aliprod.data import prepare_data
+    prepare_data(exp, data)
     with pytest.raises(ParamsError, match='tau_norm chooses τ on the val split'): run_rebalance(exp, data, t, RebalanceParams(methods=['crt', 'tau_norm']))
     assert not (tmp_path/'runs'/'noval'/'train').exists(), 'refused before training'
     idx = pd.DataFrame({'split': ['train', 'train', 'val', 'test'], 'label': [0, 1, -1, 2]})

@@ -20,7 +20,8 @@ def small_run(tmp:Path, name:str='stale'):
     t = T.TrainParams(arch='test_efficientnet', pretrained='none', embed_dim=16, optimizer='sgd', wd=5e-4, img_size=32,
                       finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05, warmup_epochs=0, milestones=[1],
                       eval_splits=['train', 'val'])
-    T.run_train(exp, data, t)
+    from aliprod.data import prepare_data
+    prepare_data(exp, data); T.run_train(exp, data, t)   # the stages the system needs (no stage runs another)
     args = (exp, data, t, RebalanceParams(methods=['crt'], crt_epochs=1, tau_grid=[0.0, 1.0]), TTAParams(),
             SystemParams(tta_variants=[], max_members=3, bootstrap=50))
     run_system(*args)

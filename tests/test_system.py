@@ -93,7 +93,8 @@ def _tiny_trained(tmp, experiment:str, seed:int, max_per_class:int):
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
     t = T.TrainParams(optimizer='sgd', wd=5e-4, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
-    T.run_train(exp, data, t)
+    from aliprod.data import prepare_data
+    prepare_data(exp, data); T.run_train(exp, data, t)   # the stages the system needs (no stage runs another)
     return exp, data, t
 
 @pytest.fixture(scope='module')

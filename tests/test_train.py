@@ -275,6 +275,7 @@ def test_shot_groups_come_from_the_data_section(tmp_path):
     from aliprod.metrics import evaluate
     e = ExperimentParams(experiment='shots', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = replace(DATA, many_threshold=20, few_threshold=6)
+    prepare_data(e, data)
     art = run_train(e, data, TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 2, 'milestones': []}))
     g = shot_groups(e)
     assert (g['many'], g['few']) == (20, 6) and (g['train_counts'] > 20).any()
