@@ -22,13 +22,13 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 
 
 # %% auto #0
-__all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'ROLES', 'class_counts', 'classes_table',
-           'path_problems', 'path_limits', 'path_unusable', 'unusable_paths', 'json_array_items', 'read_aliproducts',
-           'read_csv_index', 'read_list_files', 'read_imagefolder', 'read_source', 'scan_images', 'keep_seen_classes',
-           'DataArtifacts', 'read_dataset_json', 'data_root', 'data_artifacts', 'dataset_info', 'index_path',
-           'shot_counts', 'shot_groups', 'load_index', 'quarantine_reasons', 'data_summary', 'assign_roles',
-           'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report', 'prepare_data',
-           'data_stage']
+__all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_COLUMNS', 'ROLES', 'split_class_counts',
+           'classes_table', 'path_problems', 'path_limits', 'path_unusable', 'unusable_paths', 'json_array_items',
+           'read_aliproducts', 'read_csv_index', 'read_list_files', 'read_imagefolder', 'read_source', 'scan_images',
+           'keep_seen_classes', 'DataArtifacts', 'read_dataset_json', 'data_root', 'data_artifacts', 'dataset_info',
+           'index_path', 'shot_counts', 'shot_groups', 'load_index', 'quarantine_reasons', 'data_summary',
+           'assign_roles', 'choosing_rows', 'reporting_rows', 'plot_class_distribution', 'write_data_report',
+           'prepare_data', 'data_stage']
 
 # %% ../nbs/01_data.ipynb #28b842c6
 # the readers' reasons, then the image check's (aliprod.images)
@@ -51,24 +51,24 @@ def _quarantine(df:pd.DataFrame, reason:str, detail)->pd.DataFrame:
     return _typed(q, QUARANTINE_COLUMNS)
 
 # %% ../nbs/01_data.ipynb #a4635955
-def class_counts(index:pd.DataFrame,      # the index (or any frame with `label`, `split`)
-                 num_classes:int|None=None, # K; default 1 + the largest label
-                 split:str|None='train',    # None: all splits
-                 label_col:str='label',     # 'clean_label' counts ground truth (its -1 rows are skipped)
-                )->np.ndarray:
-    "(K,) number of images per class in `split`"
+def split_class_counts(index:pd.DataFrame, # the index (or any frame with `label`, `split`)
+                       num_classes:int|None=None, # K; default 1 + the largest label
+                       split:str|None='train',    # None: all splits
+                       label_col:str='label',     # 'clean_label' counts ground truth (its -1 rows are skipped)
+                      )->np.ndarray:
+    "(K,) images per class of the index rows in `split` (`samplers.class_counts` counts an array of labels)"
     df = index if split is None else index[index['split'] == split]
     y = df[label_col].to_numpy()
     y = y[y >= 0]
     k = num_classes if num_classes is not None else int(index[label_col].max()) + 1 if len(index) else 0
-    if len(y) and y.max() >= k: raise ValueError(f"class_counts: label {y.max()} in column {label_col!r} but num_classes={k}")
+    if len(y) and y.max() >= k: raise ValueError(f"split_class_counts: label {y.max()} in column {label_col!r} but num_classes={k}")
     return np.bincount(y, minlength=k).astype(np.int64)
 
 def classes_table(index:pd.DataFrame, classes:pd.DataFrame)->pd.DataFrame:
     "The classes table of CONTRACTS.md: `classes` (label, class_name, coarse_label) with n_train, n_val, n_test from `index`"
     k = len(classes)
     out = classes[['label', 'class_name', 'coarse_label']].copy().reset_index(drop=True)
-    for s in SPLITS: out[f'n_{s}'] = class_counts(index, k, s)
+    for s in SPLITS: out[f'n_{s}'] = split_class_counts(index, k, s)
     return out.astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32', 'n_train':'int64', 'n_val':'int64', 'n_test':'int64'})
 
 # %% ../nbs/01_data.ipynb #f127bb6e

@@ -82,7 +82,7 @@ def tau_head(head:dict, tau:float, bias_mode:str='drop')->dict:
 # %% ../nbs/06c_deploy.ipynb #be76b9cd
 def _embed(model:nn.Module, x:torch.Tensor)->torch.Tensor:
     "(N,D) pooled post-neck embeddings of images `x`: the classifier's input (the one call of the embedding forward)"
-    return model.forward_embedding(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 @torch.inference_mode()
 def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode

@@ -219,7 +219,7 @@ def package_state_dict(arch:str, model:nn.Module, include_classifier:bool=False)
 
 # %% ../nbs/02a_models.ipynb #c331e19c
 class ProductNet(nn.Module):
-    "Backbone → neck (embedding, BNNeck) → classifier; `forward` gives logits, `forward_embedding` the classifier's input"
+    "Backbone → neck (embedding, BNNeck) → classifier, with timm's `forward_features` / `forward_head(pre_logits=)`"
     def __init__(self, backbone:nn.Module, neck:nn.Module, classifier:nn.Module,
                  mean:tuple=(0.485, 0.456, 0.406), std:tuple=(0.229, 0.224, 0.225)):
         super().__init__()
@@ -228,29 +228,36 @@ class ProductNet(nn.Module):
         self.register_buffer('norm_std', torch.tensor(std, dtype=torch.float32))
 
     @property
+    def num_features(self)->int:
+        "timm's `num_features`: channels of `forward_features(x)`, the backbone's map before pooling and the neck"
+        return self.backbone.num_features
+
+    @property
     def embedding_dim(self)->int:
-        "D, the size of `forward_embedding(x)` (not timm's `num_features`: that is the backbone's, before the neck)"
+        "D, the size of `forward_head(x, pre_logits=True)`: the classifier's input, after the neck"
         return self.classifier.weight.shape[1]
 
     @property
     def num_classes(self)->int: return self.classifier.weight.shape[0]
 
-    def forward_embedding(self, x:Tensor)->Tensor:
-        "(N,3,H,W) images -> (N,D) pooled post-neck embeddings the classifier sees (timm's `forward_features` is the unpooled map)"
-        return self.neck(self.backbone(x))
+    def forward_features(self, x:Tensor)->Tensor:
+        "(N,3,H,W) images -> the backbone's unpooled feature map (timm's `forward_features`)"
+        return self.backbone.forward_features(x)
 
-    def embedding_and_logits(self, x:Tensor)->tuple[Tensor, Tensor]:
-        "(feats (N,D), logits (N,K)) in one pass"
-        f = self.forward_embedding(x)
-        return f, self.classifier(f)
+    def forward_head(self, x:Tensor, pre_logits:bool=False)->Tensor:
+        "Feature map -> logits (N,K); with `pre_logits` the pooled post-neck embedding (N,D) the classifier sees"
+        f = self.neck(self.backbone.forward_head(x))  # the backbone has no classifier: its head pools (and drops out)
+        return f if pre_logits else self.classifier(f)
 
-    def forward(self, x:Tensor)->Tensor: return self.classifier(self.forward_embedding(x))
+    def forward(self, x:Tensor)->Tensor: return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, head:str='linear', # a name in HEADS
+    def reset_classifier(self, num_classes:int|None=None, # K of the new classifier; None: keep the current K
+                         head:str='linear',                 # a name in HEADS
                          **options)->nn.Module:
-        "Replace the classifier by a freshly initialised `head` of the same (K, D) (cRT, Kang et al. 2020); bias-free under BNNeck"
-        p = self.classifier.weight
-        self.classifier = create_head(head, self.embedding_dim, self.num_classes, bnneck=isinstance(self.neck.bnneck, BNNeck), **options).to(p.device, p.dtype)
+        "Replace the classifier by a freshly initialised `head` (cRT, Kang et al. 2020); bias-free under BNNeck"
+        p, K = self.classifier.weight, num_classes or self.num_classes
+        bnneck = isinstance(self.neck.bnneck, BNNeck)
+        self.classifier = create_head(head, self.embedding_dim, K, bnneck=bnneck, **options).to(p.device, p.dtype)
         return self.classifier
 
 def data_config(model:ProductNet)->dict:

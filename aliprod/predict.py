@@ -101,7 +101,8 @@ def predict(model:nn.Module,          # trained ProductNet (not the DDP wrapper)
     def score(x, labels, rows):
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            f, logits = model.embedding_and_logits(x)
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+            logits = model.classifier(f)
         return topk_from_logits(logits.float().cpu(), labels, rows, k, f.float().cpu() if feats else None)
     was_training = model.training; model.eval()
     try: return stream_predictions(df, root, eval_transform(img_size, cfg['mean'], cfg['std']), out, score, bs, workers, dev, failed, split or 'all rows')

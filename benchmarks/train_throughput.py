@@ -81,7 +81,8 @@ def inference(arch, size, a, device, with_topk:bool)->float:
     for i in range(a.warmup + a.steps):
         if i == a.warmup: _sync(device); t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
-            f, logits = net.embedding_and_logits(x)
+            f = net.forward_head(net.forward_features(x), pre_logits=True)
+            logits = net.classifier(f)
         if with_topk: topk_from_logits(logits.float().cpu(), y.cpu(), k=10, feats=None)
     _sync(device)
     return a.batch * a.steps / (time.perf_counter() - t0)

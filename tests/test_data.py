@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from aliprod.core import ExperimentParams, ParamsError
-from aliprod.data import (DataParams, QUARANTINE_COLUMNS, QUARANTINE_REASONS, INDEX_COLUMNS, CLASSES_COLUMNS, class_counts, dataset_info, load_index, prepare_data)
+from aliprod.data import (DataParams, QUARANTINE_COLUMNS, QUARANTINE_REASONS, INDEX_COLUMNS, CLASSES_COLUMNS, split_class_counts, dataset_info, load_index, prepare_data)
 from aliprod.images import ImageIndexDataset, write_bad_images, load_rgb
 from aliprod.synthetic import synthetic_index
 
@@ -27,7 +27,7 @@ def test_generated_statistics_match_request(tmp_path):
     idx = load_index(_exp(tmp_path))
     tr = idx[idx.split == 'train']
     n = len(tr)
-    counts = class_counts(idx, p.n_classes)
+    counts = split_class_counts(idx, p.n_classes)
     assert counts.max() == 120 and counts.min() == 4                       # imbalance 30 exactly (given labels)
     expected = np.sort(np.rint(120 * (4 / 120) ** (np.arange(30) / 29)))[::-1]
     assert np.array_equal(np.sort(counts)[::-1], expected), 'exponential profile'
@@ -42,7 +42,7 @@ def test_generated_statistics_match_request(tmp_path):
     for s in ('val', 'test'):
         e = idx[idx.split == s]
         assert (e.noise_kind == 'clean').all() and (e.label == e.clean_label).all()
-        assert class_counts(idx, 30, s).tolist() == [4] * 30
+        assert split_class_counts(idx, 30, s).tolist() == [4] * 30
     # the report quotes the same numbers
     summ = pd.read_csv(tmp_path/'reports'/'t'/'data_summary.csv').set_index('metric')['value']
     assert float(summ['imbalance ratio (max/min train)']) == 30.0
@@ -183,7 +183,7 @@ def test_params_refused_with_key():
 def test_synthetic_index_full_scale():
     si = synthetic_index()
     assert len(si) == 2_500_000 and si.columns.tolist() == list(INDEX_COLUMNS)
-    c = class_counts(si, 50_030)
+    c = split_class_counts(si, 50_030)
     assert c.max() == 1600 and c.min() == 1 and (c > 0).all()
     tr = si[si.split == 'train']
     assert abs((tr.noise_kind != 'clean').mean() - 0.1) < 1e-3

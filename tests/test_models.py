@@ -17,9 +17,10 @@ def test_every_head_shapes_and_consistency(head, embed_dim, bnneck):
     D = embed_dim or m.backbone.num_features
     assert m.classifier.weight.shape == (6, D) and m.embedding_dim == D
     with torch.no_grad():
-        feats, logits = m.embedding_and_logits(X)
-        assert feats.shape == (2, D) and logits.shape == (2, 6)
-        torch.testing.assert_close(m.classifier(m.forward_embedding(X)), m(X))
+        fmap = m.forward_features(X)
+        feats, logits = m.forward_head(fmap, pre_logits=True), m.forward_head(fmap)
+        assert feats.shape == (2, D) and logits.shape == (2, 6) and fmap.shape[1] == m.num_features
+        torch.testing.assert_close(m.classifier(feats), m(X))
         torch.testing.assert_close(logits, m(X))
     if bnneck:
         assert isinstance(m.neck.bnneck, BNNeck) and getattr(m.classifier, 'bias', None) is None

@@ -119,7 +119,7 @@ def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
     cfg = data_config(net)
     ds = T.ImageIndexDataset(test, root, transform=T.eval_transform(32, cfg['mean'], cfg['std']))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    with torch.no_grad(): f, logits = net.embedding_and_logits(x)
+    with torch.no_grad(): f = net.forward_head(net.forward_features(x), pre_logits=True); logits = net.classifier(f)
     dense = logits.softmax(1).numpy()
     np.testing.assert_array_equal(t.topk_labels, np.argsort(-dense, 1, kind='stable')[:, :3])
     np.testing.assert_allclose(t.topk_probs, -np.sort(-dense, 1)[:, :3], atol=1e-5)
