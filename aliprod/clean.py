@@ -10,9 +10,10 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
-from .core import (registry_scope, ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
-                          atomic_write_json, StageRun, fingerprint, log, project_relative,
-                          project_root, atomic_savefig, atomic_write_text)
+from .core import registry_scope, log, project_root
+from .config import ParamsError, params_section, params_dict, ExperimentParams
+from .rundirs import (run_dir, report_dir, atomic_path, atomic_write_json, StageRun, fingerprint,
+                             project_relative, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
 from .samplers import LongTailSampler, class_probs
 from .data import shot_groups, load_index, prepare_data, data_artifacts, index_path, choosing_rows

@@ -28,9 +28,10 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from .core import (project_relative, ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
-                          experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
-                          atomic_write_text, atomic_write_parquet, StageRun, log, atomic_savefig)
+from .core import project_root, seed_everything, seed_worker, pick_device, log
+from .config import ExperimentParams, ParamsError, check_name, params_section, params_dict, resolve_params
+from .rundirs import (project_relative, stage_lock, run_dir, report_dir, experiment_dir, atomic_torch_save,
+                             atomic_write_json, atomic_write_text, atomic_write_parquet, StageRun, atomic_savefig)
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
@@ -561,7 +562,7 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
     if init is not None or rows is not None or callbacks or extra:  # the files' contents are inputs: their paths do not matter
         params.update(init=init is not None, rows=rows is not None, callbacks=callbacks, **(extra or {}))
     inputs = [idx, ds, *[Path(f) for f in (init, rows, resume_from) if f is not None]]
-    modules = ['train', *callback_modules(callbacks)]  # and everything they import (core.module_closure)
+    modules = ['train', *callback_modules(callbacks)]  # and everything they import (rundirs.module_closure)
     run = StageRun(out, stage, params, inputs=inputs, modules=modules)
     job = TrainJob(exp, data, p, it, fold, folds, out, run.key, None if init is None else str(init), None if rows is None else str(rows), callbacks,
                    None if resume_from is None else str(resume_from))

@@ -30,7 +30,9 @@ import argparse
 from dataclasses import replace
 import numpy as np, pandas as pd
 
-from aliprod.core import project_root, atomic_write_json, resolve_params
+from aliprod.core import project_root
+from aliprod.config import resolve_params
+from aliprod.rundirs import atomic_write_json
 from aliprod.data import load_index
 from aliprod.metrics import paired_hits, paired_bootstrap, holm
 from aliprod.system import evaluation_sets, pool_candidates, report_target, combine, choose_error, choose_delta
@@ -61,7 +63,7 @@ def compositions(pool:list)->dict:
 def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->dict:
     "View -> round r's model's 8 heads as Candidates ('plain': stored val embeddings, 'ten': ten-crop@1.5 averaged)"
     import torch
-    from aliprod.core import experiment_dir
+    from aliprod.rundirs import experiment_dir
     from aliprod.data import dataset_info, shot_groups
     from aliprod.rebalance import rebalance_features, _load_split, ncm_temperature
     from aliprod.system import (Candidate, _load_member_model, _rows_df, view_embeddings, head_predict, build_head,
