@@ -33,13 +33,14 @@ def params_section(name:str):
         return cls
     return _inner
 
-# %% ../nbs/00c_config.ipynb #fc8e1e3f
+# %% ../nbs/00c_config.ipynb #23267202
 # Section name -> module defining it; imported on demand so a parameter file can be validated whole.
-SECTION_MODULES = {'data':'aliprod.data', 'train':'aliprod.train', 'clean':'aliprod.clean', 'rebalance':'aliprod.rebalance',
-                   'tta':'aliprod.tta', 'ensemble':'aliprod.ensemble', 'report':'aliprod.report', 'pipeline':'aliprod.pipeline',
-                   'finegrained':'aliprod.finegrained', 'system':'aliprod.system'}
+SECTION_MODULES = {'data':'aliprod.data', 'train':'aliprod.train', 'clean':'aliprod.clean',
+                   'rebalance':'aliprod.rebalance', 'tta':'aliprod.tta', 'ensemble':'aliprod.ensemble',
+                   'report':'aliprod.report', 'pipeline':'aliprod.pipeline', 'finegrained':'aliprod.finegrained',
+                   'system':'aliprod.system'}
 
-# %% ../nbs/00c_config.ipynb #4bab14a2
+# %% ../nbs/00c_config.ipynb #1b774e5d
 def section_class(name:str)->type:
     "The parameter dataclass registered for section `name`, importing its module if needed"
     if name not in _SECTIONS and name in SECTION_MODULES:
@@ -47,7 +48,8 @@ def section_class(name:str)->type:
         except ModuleNotFoundError as e:
             if e.name != SECTION_MODULES[name]: raise
     if name not in _SECTIONS:
-        known = [n for n in SECTION_MODULES if n in _SECTIONS or importlib.util.find_spec(SECTION_MODULES[n]) is not None]
+        known = [n for n in SECTION_MODULES
+                 if n in _SECTIONS or importlib.util.find_spec(SECTION_MODULES[n]) is not None]
         raise ParamsError(f"Unknown section '{name}'; this version has: {', '.join(['experiment keys', *known])}")
     return _SECTIONS[name]
 
@@ -63,14 +65,15 @@ def check_name(name:str, # a value that becomes one directory name under runs/ o
                           f"it names a directory under runs/ and reports/")
     return name
 
-# %% ../nbs/00c_config.ipynb #8b9b7dde
+# %% ../nbs/00c_config.ipynb #0b8fb2ba
 @params_section('experiment')
 @dataclass
 class ExperimentParams:
     experiment:str='smoke' # names runs/<experiment>/ and reports/<experiment>/
     seed:int=0             # one seed for data generation, sampling, initialisation and augmentation
     seeds:list[int]|None=None # training seeds, one run tree each (`aliprod run`); seed is then seeds[0]; None: [seed]
-    data_seed:int|None=None   # seed of the synthetic images and the choosing/reporting roles; None: seed (set per seed by a seeds run)
+    data_seed:int|None=None   # seed of the synthetic images and the choosing/reporting roles; None: seed (set per
+                              # seed by a seeds run)
     device:str='auto'      # auto | cpu | cuda | mps
     runs_dir:str='runs'    # relative to the project root unless absolute
     reports_dir:str='reports'
@@ -80,21 +83,23 @@ class ExperimentParams:
             raise ParamsError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.seeds is not None:
             if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
-                raise ParamsError(f"seeds must be a non-empty list of distinct seeds >= 0, e.g. [0, 1, 2], got {self.seeds}")
+                raise ParamsError(f"seeds must be a non-empty list of distinct seeds >= 0, e.g. [0, 1, 2], "
+                                  f"got {self.seeds}")
 
 # %% ../nbs/00c_config.ipynb #1bff4cb9
 def images_seed(exp:ExperimentParams)->int:
     "The seed of the data stage (synthetic images, choosing/reporting roles): `data_seed`, else `seed`"
     return exp.seed if exp.data_seed is None else exp.data_seed
 
-# %% ../nbs/00c_config.ipynb #e3166034
+# %% ../nbs/00c_config.ipynb #5d388d9b
 def seed_runs(exp:ExperimentParams)->list[ExperimentParams]:
     "One experiment per training seed of `exp.seeds`: the first is runs/<experiment>/, each other <experiment>-seed<k>/"
     # the first seed keeps today's tree, so a one-seed run grows into a seeds run without redoing anything; the others
     # are sibling experiments (as grid runs are) whose data stage indexes the first seed's images with its roles
     first, *rest = exp.seeds or [exp.seed]
     head = dataclasses.replace(exp, seed=first)
-    return [head, *(dataclasses.replace(exp, experiment=f'{exp.experiment}-seed{s}', seed=s, seeds=None, data_seed=images_seed(head))
+    return [head, *(dataclasses.replace(exp, experiment=f'{exp.experiment}-seed{s}', seed=s, seeds=None,
+                                        data_seed=images_seed(head))
                     for s in rest)]
 
 # %% ../nbs/00c_config.ipynb #4c73bdef
@@ -165,44 +170,51 @@ def _from_cli(v):
     try: return yaml.safe_load(v)
     except yaml.YAMLError: return v
 
-# %% ../nbs/00c_config.ipynb #901721ad
+# %% ../nbs/00c_config.ipynb #eb577969
 def check_section(cls:type,        # a `params_section` dataclass
                   values:dict,      # key -> value, e.g. one section of a YAML file
                   source:str='overrides', # where the values came from, for messages: a file name or "papermill -p"
                   from_cli:bool=False,    # read string values as YAML scalars
                  )->dict:
-    "Validate `values` against `cls`'s fields; return them converted, or raise `ParamsError` naming source, section and key"
+    "Validate `values` against `cls`'s fields; return them converted, or raise `ParamsError` naming source and key"
     if values is None: return {}
     section = getattr(cls, 'section', cls.__name__)
     if not isinstance(values, dict):
-        raise ParamsError(f"Section [{section}] in {source} must be a mapping of key: value, got {type(values).__name__}")
+        raise ParamsError(f"Section [{section}] in {source} must be a mapping of key: value, "
+                          f"got {type(values).__name__}")
     hints = get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
     out = {}
     for k, v in values.items():
         if k not in valid:
-            raise ParamsError(f"Unknown key '{k}' in {source} [{section}]; valid: {', '.join(valid)}.{_did_you_mean(k, valid)}")
+            raise ParamsError(f"Unknown key '{k}' in {source} [{section}]; valid: {', '.join(valid)}."
+                              f"{_did_you_mean(k, valid)}")
         if from_cli: v = _from_cli(v)
         try: out[k] = _coerce(v, hints[k])
         except _Bad:
-            raise ParamsError(f"Key '{k}' in {source} [{section}] must be {_type_name(hints[k])}, got {v!r} ({type(v).__name__})") from None
+            raise ParamsError(f"Key '{k}' in {source} [{section}] must be {_type_name(hints[k])}, "
+                              f"got {v!r} ({type(v).__name__})") from None
     return out
 
-# %% ../nbs/00c_config.ipynb #13ed3958
+# %% ../nbs/00c_config.ipynb #5ab798ce
 def load_params_file(path:str|Path, # YAML file, relative to the project root unless absolute
                     )->dict:
-    "Read and validate a whole parameter file; return {section: checked values} with the top-level keys under 'experiment'"
+    "Read and validate a whole parameter file: {section: checked values}, the top-level keys under 'experiment'"
     p = Path(path)
     if not p.is_absolute() and not p.exists(): p = project_root()/p
-    if not p.is_file(): raise FileNotFoundError(f"Parameter file {path} not found (looked in the working directory and {project_root()})")
+    if not p.is_file():
+        raise FileNotFoundError(f"Parameter file {path} not found (looked in the working directory and "
+                                f"{project_root()})")
     try: raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e: raise ParamsError(f"{path} is not valid YAML: {e}") from None
     raw = raw or {}
-    if not isinstance(raw, dict): raise ParamsError(f"{path} must hold a mapping of keys and sections, got {type(raw).__name__}")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of keys and sections, got {type(raw).__name__}")
     exp_keys = {f.name for f in fields(ExperimentParams)}
     top = {k: v for k, v in raw.items() if k in exp_keys}
     if 'seed' in top and 'seeds' in top:
-        raise ParamsError(f"{path} gives both seed: and seeds:; keep one (seeds: [{top['seed']}] is the same run as seed: {top['seed']})")
+        raise ParamsError(f"{path} gives both seed: and seeds:; keep one (seeds: [{top['seed']}] is the same run "
+                          f"as seed: {top['seed']})")
     out = {'experiment': check_section(ExperimentParams, top, str(path))}
     # `seed` is the first of `seeds`: a stage notebook run by hand on this file is that seed's run (runs/<experiment>/)
     if isinstance(out['experiment'].get('seeds'), list) and out['experiment']['seeds']:
@@ -211,8 +223,9 @@ def load_params_file(path:str|Path, # YAML file, relative to the project root un
         if k in exp_keys: continue
         try: cls = section_class(k)
         except ParamsError as e:
-            raise ParamsError(f"Unknown key '{k}' at the top of {path}; valid: {', '.join(sorted(exp_keys))} and sections "
-                              f"{', '.join(SECTION_MODULES)}.{_did_you_mean(k, [*exp_keys, *SECTION_MODULES])}") from None
+            raise ParamsError(f"Unknown key '{k}' at the top of {path}; valid: {', '.join(sorted(exp_keys))} and "
+                              f"sections {', '.join(SECTION_MODULES)}."
+                              f"{_did_you_mean(k, [*exp_keys, *SECTION_MODULES])}") from None
         out[k] = check_section(cls, v, str(path))
     for k, vals in out.items():  # values too, not only types: each section's own checks (__post_init__) run here
         try: section_class(k)(**vals)
@@ -220,18 +233,19 @@ def load_params_file(path:str|Path, # YAML file, relative to the project root un
         except (ValueError, TypeError) as e: raise ParamsError(f"{path} [{k}]: {e}") from None
     return out
 
-# %% ../nbs/00c_config.ipynb #59767be7
+# %% ../nbs/00c_config.ipynb #d1e999b3
 def resolve_params(section:str,                 # section name: 'experiment', 'data', 'train', ...
                    params_file:str|Path|None=None, # YAML file; None: the typed defaults only
                    injected:dict|None=None,      # the section's values as papermill -f injects them (a dict, or None)
-                   overrides:dict|None=None,     # single keys from papermill -p or the command line; None values are ignored
+                   overrides:dict|None=None,     # single keys from papermill -p or the command line; None: ignored
                   ):
     "Parameters of `section`: typed defaults ← `params_file` ← `injected` ← `overrides`"
     cls = section_class(section)
     values = {}
     if params_file is not None: values.update(load_params_file(params_file).get(section, {}))
     values.update(check_section(cls, injected, 'papermill parameters (-f/-y)'))
-    values.update(check_section(cls, {k: v for k, v in (overrides or {}).items() if v is not None}, 'papermill/CLI -p', from_cli=True))
+    values.update(check_section(cls, {k: v for k, v in (overrides or {}).items() if v is not None},
+                                'papermill/CLI -p', from_cli=True))
     return cls(**values)
 
 # %% ../nbs/00c_config.ipynb #b5a1e70c
@@ -255,14 +269,15 @@ class StageConfig:
         raise AttributeError(f"stage '{self.stage}' reads no [{name}] section (it reads {reads}): add '{name}' to its "
                              "`reads` in aliprod.pipeline.STAGES")
 
-# %% ../nbs/00c_config.ipynb #884aa08b
+# %% ../nbs/00c_config.ipynb #0c17191a
 _RUNNING:contextvars.ContextVar = contextvars.ContextVar('aliprod_running_stage', default=None)
 
 @contextmanager
 def running_stage(cfg:StageConfig):
     "While open, every manifest a `StageRun` writes records `cfg` (`config_record`); an outer stage's cfg is kept"
     # nested work (run_train inside clean, the network finetunes inside rebalance, rebalance inside system) records the
-    # stage `aliprod run` asked for: status asks whether that stage, run on today's file, would leave the folder as it is
+    # stage `aliprod run` asked for: status asks whether that stage, run on today's file, would leave the folder as
+    # it is
     token = _RUNNING.set(cfg) if _RUNNING.get() is None else None
     try: yield cfg
     finally:
@@ -288,8 +303,9 @@ def config_record(cfg:StageConfig|None=None)->dict|None:
 # %% ../nbs/00c_config.ipynb #56228b96
 KEPT = 'kept'   # an iteration parameter that names the cleaning round the clean stage kept (clean.select: validation)
 
-# %% ../nbs/00c_config.ipynb #5e96a8cb
+# %% ../nbs/00c_config.ipynb #df435095
 def check_iteration(v, what:str):
     "An iteration parameter: a cleaning round >= 0, or 'kept'"
     if v != KEPT and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-        raise ParamsError(f"{what}: must be a cleaning round >= 0 or 'kept' (the round the clean stage kept on validation), got {v!r}")
+        raise ParamsError(f"{what}: must be a cleaning round >= 0 or 'kept' (the round the clean stage kept on "
+                          f"validation), got {v!r}")

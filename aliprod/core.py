@@ -15,7 +15,7 @@ __all__ = ['THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV', 'project
            'seed_worker', 'pick_device', 'log', 'registry_scope', 'quiet_third_party_warnings', 'notebook_run_kind',
            'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
 
-# %% ../nbs/00_core.ipynb #47e26c5a
+# %% ../nbs/00_core.ipynb #9a9ee24e
 def _names_aliprod(pyproject:Path)->bool:
     try: text = pyproject.read_text()
     except OSError: return False
@@ -30,7 +30,8 @@ def project_root(start:str|Path|None=None, # where to start looking; default: th
     for s in starts:
         for d in [s.resolve(), *s.resolve().parents]:
             if _names_aliprod(d/'pyproject.toml'): return d
-    raise FileNotFoundError(f"No aliprod project above {', '.join(map(str, starts))}: run from inside the project or set ALIPROD_ROOT")
+    raise FileNotFoundError(f"No aliprod project above {', '.join(map(str, starts))}: run from inside the project "
+                            "or set ALIPROD_ROOT")
 
 # %% ../nbs/00_core.ipynb #c6a038ca
 class StageArtifacts:
@@ -64,7 +65,7 @@ def seed_worker(worker_id:int):
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
 
-# %% ../nbs/00_core.ipynb #b57f5460
+# %% ../nbs/00_core.ipynb #c5698289
 def pick_device(pref:str='auto')->torch.device:
     "`cuda` if available, else `mps`, else `cpu`; an explicit choice that is unavailable is an error"
     if pref == 'auto':
@@ -72,7 +73,8 @@ def pick_device(pref:str='auto')->torch.device:
         if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
     d = torch.device(pref)
-    if d.type == 'cuda' and not torch.cuda.is_available(): raise RuntimeError(f"device={pref!r} asked for but CUDA is not available; use device: auto or cpu")
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f"device={pref!r} asked for but CUDA is not available; use device: auto or cpu")
     if d.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise RuntimeError(f"device={pref!r} asked for but MPS is not available; use device: auto or cpu")
     return d
@@ -106,8 +108,9 @@ def quiet_third_party_warnings():
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings('ignore', message=message, category=category, module=module)
 
-# %% ../nbs/00_core.ipynb #cb56a346
-STAGE_RUN_MARKER = '# Parameters'   # first line of a stage notebook's `parameters` cell (and of papermill's injected one)
+# %% ../nbs/00_core.ipynb #f1479537
+# first line of a stage notebook's `parameters` cell (and of papermill's injected one)
+STAGE_RUN_MARKER = '# Parameters'
 
 # %% ../nbs/00_core.ipynb #aba84f90
 STAGE_RUN_ENV = 'ALIPROD_STAGE_RUN' # '1': this kernel runs a stage (`aliprod run` sets it); '0': it runs the tests

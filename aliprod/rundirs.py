@@ -47,9 +47,9 @@ def report_dir(exp:ExperimentParams)->Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00d_rundirs.ipynb #e0b5aae5
+# %% ../nbs/00d_rundirs.ipynb #28c6a578
 def project_relative(path:str|Path)->str:
-    "`path` relative to the project root when it lies inside it, else absolute: how manifests and dataset.json name files"
+    "`path` relative to the project root when inside it, else absolute: how manifests and dataset.json name files"
     p = Path(path).absolute()
     try: return str(p.relative_to(project_root()))
     except ValueError: return str(p)
@@ -121,10 +121,11 @@ def json_safe(obj):
     if isinstance(obj, (float, np.floating)): return float(obj) if math.isfinite(obj) else None
     return obj
 
-# %% ../nbs/00d_rundirs.ipynb #b127d294
+# %% ../nbs/00d_rundirs.ipynb #60b24f0f
 def atomic_write_json(path:str|Path, obj):
     "Write `obj` as indented, strict JSON to `path` atomically (NaN and inf become null)"
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=1, sort_keys=True, default=_json_default, allow_nan=False) + '\n')
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=1, sort_keys=True, default=_json_default,
+                                       allow_nan=False) + '\n')
 
 # %% ../nbs/00d_rundirs.ipynb #54134c49
 def atomic_write_parquet(df, path:str|Path, **kwargs):
@@ -186,9 +187,9 @@ def fingerprint(path:str|Path)->str:
     else: return 'missing'
     return h.hexdigest()
 
-# %% ../nbs/00d_rundirs.ipynb #366b427d
+# %% ../nbs/00d_rundirs.ipynb #5f6d0548
 def source_for_hash(src:bytes)->bytes:
-    "Module source without nbdev's `# %% ../nbs/...` cell markers: moving or splitting notebook cells is not a code change"
+    "Module source without nbdev's `# %% ../nbs/...` cell markers: moving or splitting cells is not a code change"
     return b'\n'.join(l for l in src.split(b'\n') if not l.startswith(b'# %% '))
 
 # %% ../nbs/00d_rundirs.ipynb #11c04b5c
@@ -224,10 +225,10 @@ def module_closure(modules:list[str], # aliprod module names a stage runs
         seen.add(m); todo.extend(imported_modules(m) - seen)
     return sorted(seen)
 
-# %% ../nbs/00d_rundirs.ipynb #81011aed
-def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (their imports are added); None: the whole package
+# %% ../nbs/00d_rundirs.ipynb #661b8cec
+def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (their imports are added); None: all
                 )->dict:
-    "Package version, sha256 of the source of `modules` and everything they import, and the git commit when there is one"
+    "Package version, sha256 of the source of `modules` and everything they import, and the git commit if any"
     import aliprod
     pkg = _package_dir()
     files = sorted(pkg.glob('*.py')) if modules is None else [pkg/f'{m}.py' for m in module_closure(modules)]
@@ -235,9 +236,11 @@ def code_version(modules:list[str]|None=None, # aliprod modules a stage runs (th
     for f in files:
         src = source_for_hash(f.read_bytes())
         h.update(f.name.encode() + b'\0' + src); per[f.stem] = hashlib.sha256(src).hexdigest()[:16]
-    try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=project_root(), capture_output=True, text=True, timeout=10).stdout.strip() or None
+    try: git = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=project_root(), capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, FileNotFoundError): git = None
-    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git, 'modules': [f.stem for f in files],
+    return {'version': getattr(aliprod, '__version__', '0'), 'source_sha256': h.hexdigest(), 'git': git,
+            'modules': [f.stem for f in files],
             'module_sha256': per}   # per module: what a stale manifest names as changed
 
 # %% ../nbs/00d_rundirs.ipynb #bf3b63fb
@@ -321,14 +324,14 @@ def stage_lock(out_dir:str|Path, # the stage's run directory
 # %% ../nbs/00d_rundirs.ipynb #e606528f
 MANIFEST = 'manifest.json'
 
-# %% ../nbs/00d_rundirs.ipynb #f562ae30
+# %% ../nbs/00d_rundirs.ipynb #b3044b89
 def hardware()->dict:
     "Host, CPU count, torch version and accelerator, for manifests and report headers"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(), 'torch': torch.__version__,
-            'gpu': gpu, 'gpus': torch.cuda.device_count()}
+    return {'host': socket.gethostname(), 'cpus': os.cpu_count(), 'python': platform.python_version(),
+            'torch': torch.__version__, 'gpu': gpu, 'gpus': torch.cuda.device_count()}
 
-# %% ../nbs/00d_rundirs.ipynb #ecacc207
+# %% ../nbs/00d_rundirs.ipynb #1d12c6be
 _SAID_UP_TO_DATE = set()   # run directories this process has logged as up to date
 
 class StageRun:
@@ -337,7 +340,7 @@ class StageRun:
                  stage:str,                # stage name, for the manifest
                  params:dict,              # resolved parameters that determine the outputs
                  inputs:list|tuple=(),     # files or directories read
-                 modules:list[str]|None=None, # the aliprod modules the stage runs; what they import is added (`module_closure`)
+                 modules:list[str]|None=None, # the aliprod modules the stage runs; what they import is added
                  threads:bool=True,        # the torch thread count is part of the key (float reductions depend on it)
                 ):
         self.out_dir, self.stage = Path(out_dir), stage
@@ -377,15 +380,18 @@ class StageRun:
         m = self.manifest()
         if not m: return 'no manifest'
         if m.get('params') != self.params:
-            diff = sorted(k for k in set(m.get('params', {})) | set(self.params) if m.get('params', {}).get(k) != self.params.get(k))
+            diff = sorted(k for k in set(m.get('params', {})) | set(self.params)
+                          if m.get('params', {}).get(k) != self.params.get(k))
             return f"parameters changed: {', '.join(diff)}"
         if m.get('inputs') != self.inputs: return 'inputs changed'
         if m.get('code', {}).get('source_sha256') != self.code['source_sha256']:
             old, new = m.get('code', {}).get('module_sha256'), self.code['module_sha256']
-            if old is None: return f"code changed (modules {', '.join(self.code['modules'])})"   # a manifest from before per-module hashes
+            # a manifest from before per-module hashes
+            if old is None: return f"code changed (modules {', '.join(self.code['modules'])})"
             edited = sorted(k for k in set(old) & set(new) if old[k] != new[k])
             gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-            return 'code changed: ' + '; '.join(x for x in (f"edited {', '.join(edited)}" if edited else '', f"added {', '.join(added)}" if added else '',
+            return 'code changed: ' + '; '.join(x for x in (f"edited {', '.join(edited)}" if edited else '',
+                                                            f"added {', '.join(added)}" if added else '',
                                                             f"removed {', '.join(gone)}" if gone else '') if x)
         if m.get('numerics', {}) != self.numerics: return f"numerics changed: {m.get('numerics')} -> {self.numerics}"
         if m.get('key') != self.key: return 'stage changed'
@@ -413,8 +419,9 @@ class StageRun:
             o = Path(o); rel = o.relative_to(self.out_dir) if o.is_absolute() else o
             outs[str(rel)] = fingerprint(self.out_dir/rel)
         m = {'stage': self.stage, 'key': self.key, 'params': self.params, 'inputs': self.inputs, 'code': self.code,
-             'numerics': self.numerics, 'outputs': outs, 'metrics': metrics or {}, 'started': _iso(self.started), 'finished': _iso(time.time()),
-             'wall_s': round(time.time() - self.started, 3), 'hardware': hardware(), **extra}
+             'numerics': self.numerics, 'outputs': outs, 'metrics': metrics or {}, 'started': _iso(self.started),
+             'finished': _iso(time.time()), 'wall_s': round(time.time() - self.started, 3), 'hardware': hardware(),
+             **extra}
         # the configuration the stage was asked to run with (`running_stage`), not part of the key: `aliprod status`
         # compares it with the current parameter file
         if (cfg := config_record()) is not None: m['config'] = cfg
@@ -424,7 +431,7 @@ class StageRun:
     def ensure(self, work, # () -> (outputs, metrics): writes the stage's outputs into out_dir
                what:str='', # what the stage is doing, for the log line
               )->dict:
-        "Every stage's one mechanism: under `stage_lock`, skip when up to date; else say why, forget the old manifest, run `work`, write the manifest"
+        "Under `stage_lock`: skip when up to date, else say why, forget the old manifest, run `work`, write one"
         with stage_lock(self.out_dir, self.stage):
             # the inputs as they are under the lock: a process we waited for may have rewritten them since __init__
             before = self.key
@@ -432,11 +439,14 @@ class StageRun:
                 log(f"{self.stage}: inputs of {project_relative(self.out_dir)} changed while it waited for them")
             if self.up_to_date():
                 self.ran = False
-                # said once per process: a stage that reads the data and the model it starts from finds them up to date many times
+                # said once per process: a stage that reads the data and the model it starts from finds them up to
+                # date many times
                 man = self.manifest()
-                said = (str(self.out_dir), man.get('finished'))   # the same outputs: a rerun that rewrote them is said again
+                # the same outputs: a rerun that rewrote them is said again
+                said = (str(self.out_dir), man.get('finished'))
                 if said not in _SAID_UP_TO_DATE:
-                    _SAID_UP_TO_DATE.add(said); log(f"{self.stage}: {project_relative(self.out_dir)} is up to date; skipping")
+                    _SAID_UP_TO_DATE.add(said)
+                    log(f"{self.stage}: {project_relative(self.out_dir)} is up to date; skipping")
                 return man
             log(f"{self.stage}: {what + ' ' if what else ''}into {project_relative(self.out_dir)} ({self.why_stale()})")
             self.invalidate()
@@ -446,13 +456,15 @@ class StageRun:
             self.ran = True
             return self.finish(outputs, metrics)
 
-# %% ../nbs/00d_rundirs.ipynb #bbb9419f
+# %% ../nbs/00d_rundirs.ipynb #7783cb79
 def resolve_iteration(exp:ExperimentParams, it:int|str|None, default:int|None=0, what:str='iteration')->int|None:
     "`it`, with 'kept' read from runs/<exp>/clean/selection.json (the round the clean stage kept); None stays `default`"
     if it is None: return default
     if it != KEPT: return int(it)
     f = experiment_dir(exp)/'clean'/'selection.json'
-    if not f.exists(): raise ParamsError(f"{what}: 'kept' names the cleaning round the clean stage kept, and {project_relative(f)} is missing; run the clean stage first")
+    if not f.exists():
+        raise ParamsError(f"{what}: 'kept' names the cleaning round the clean stage kept, and {project_relative(f)} "
+                          "is missing; run the clean stage first")
     return int(json.loads(f.read_text())['kept_iteration'])
 
 # %% ../nbs/00d_rundirs.ipynb #b5dba34c

@@ -116,7 +116,7 @@ def _split_at_parameters(nb_path):
 # or environment setting, no writing, no deleting) can run inside a user's run.
 BELOW_CALLS = {'call_stage', 'resolve_params', 'display', 'Image', 'Markdown', 'print', 'str', 'dict'}
 BELOW_METHODS = {'get', 'round', 'values', 'items', 'keys', 'join'}
-BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.core': {'resolve_params'},
+BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.config': {'resolve_params'},
                  'aliprod.pipeline': {'call_stage'}}
 BELOW_STATEMENTS = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr, ast.If, ast.For, ast.Pass)
 
