@@ -12,7 +12,8 @@ from torch import nn
 import torch.distributed as dist
 from fastai.callback.core import Callback
 from timm.data import Mixup
-from .core import atomic_torch_save, atomic_write_text, atomic_write_parquet, log
+from .core import log
+from .rundirs import atomic_torch_save, atomic_write_text, atomic_write_parquet
 from .escape import csv_safe
 from .predict import rank_world as _rank_world
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
-from .core import (ParamsError, params_section, params_dict, ExperimentParams, run_dir, report_dir, atomic_path,
-                          atomic_write_json, StageRun, fingerprint, log, project_relative,
-                          project_root, atomic_savefig, atomic_write_text)
+from .core import log, project_root
+from .config import ParamsError, params_section, params_dict, ExperimentParams
+from .rundirs import (run_dir, report_dir, atomic_path, atomic_write_json, StageRun, fingerprint,
+                             project_relative, atomic_savefig, atomic_write_text)
 from .predictions import TopK, read_topk
 from .noise import (RULE_REGISTRY, RULE_INPUTS, rules_needing, rule_options, find_noisy, protect_tail, rule_names,
                            relabel_decision, RELABEL_OUTCOMES, _align)

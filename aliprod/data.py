@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 import numpy as np, pandas as pd
-from .core import (ExperimentParams, ParamsError, StageRun, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
-                          atomic_write_text, log, params_dict, params_section, project_relative, project_root, report_dir, run_dir,
-                          images_seed)
+from .core import log, project_root
+from .config import ExperimentParams, ParamsError, params_dict, params_section, images_seed
+from .rundirs import (StageRun, experiment_dir, atomic_path, atomic_write_json, atomic_write_parquet,
+                             atomic_write_text, project_relative, report_dir, run_dir)
 from .escape import csv_safe, markdown_table, visible_text
 from .images import SCAN_REASONS, check_images
 from .schema import (SOURCES, SPLITS, _split_hint, check_splits, DataParams, INDEX_COLUMNS, QUARANTINE_COLUMNS,

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq
-from .core import (resolve_iteration, KEPT, ParamsError, params_section, params_dict, ExperimentParams, experiment_dir, run_dir, StageRun,
-                          atomic_write_json, report_dir, log, check_name, atomic_savefig, atomic_write_text)
+from .core import log
+from .config import KEPT, ParamsError, params_section, params_dict, ExperimentParams, check_name
+from .rundirs import (resolve_iteration, experiment_dir, run_dir, StageRun, atomic_write_json, report_dir,
+                             atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
 from .data import load_index, index_path, data_artifacts, shot_groups

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import ExperimentParams, SECTION_MODULES, experiment_dir, project_root, project_relative, notebook_run_kind
+from .core import project_root, notebook_run_kind
+from .config import ExperimentParams, SECTION_MODULES
+from .rundirs import experiment_dir, project_relative
 from .escape import read_csv_safe
 from .predictions import TopK, read_topk
 from .metrics import BOOTSTRAP_DRAWS, paired_delta, per_class_accuracy, shot_group

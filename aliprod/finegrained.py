@@ -11,8 +11,10 @@ import numpy as np, pandas as pd, torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from .core import (project_relative, check_iteration, resolve_iteration, ExperimentParams, ParamsError, StageRun, params_section, params_dict, experiment_dir, report_dir, run_dir, atomic_path,
-                          atomic_write_json, atomic_write_text, log)
+from .core import log
+from .config import check_iteration, ExperimentParams, ParamsError, params_section, params_dict
+from .rundirs import (project_relative, resolve_iteration, StageRun, experiment_dir, report_dir, run_dir,
+                             atomic_path, atomic_write_json, atomic_write_text)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import DataParams, load_index, index_path, data_artifacts
 from . import train as T

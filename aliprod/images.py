@@ -9,7 +9,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from .core import log, die_with_parent
+from .core import log
+from .rundirs import die_with_parent
 
 # %% auto #0
 __all__ = ['IMAGE_FORMATS', 'SCAN_REASONS', 'SCAN_COLUMNS', 'decoded_bytes', 'open_image', 'to_rgb', 'load_rgb', 'check_image',

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from .core import ParamsError, project_root, pick_device, log
+from .core import project_root, pick_device, log
+from .config import ParamsError
 
 # %% auto #0
 __all__ = ['torchrun_command', 'launch_torchrun', 'worker_process_group']

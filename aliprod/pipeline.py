@@ -8,12 +8,14 @@ import argparse, errno, hashlib, importlib, itertools, json, os, re, shutil, sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import (ParamsError, project_root, check_section, section_class, load_params_file, resolve_params, report_dir, experiment_dir, log,
-                          atomic_write_json, atomic_write_text, atomic_path, params_section, ExperimentParams, _did_you_mean, quiet_third_party_warnings,
-                          project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files, seed_runs,
-                          die_with_parent, LOCK, MANIFEST, SECTION_MODULES, _manifest_or_why, manifest_status,
-                          fingerprint, source_for_hash, _package_dir, _json_default, _iso, images_seed, params_dict,
-                          StageConfig, running_stage, config_record)
+from .core import project_root, log, quiet_third_party_warnings
+from .config import (ParamsError, check_section, section_class, load_params_file, resolve_params, params_section,
+                            ExperimentParams, _did_you_mean, seed_runs, SECTION_MODULES, _json_default, images_seed,
+                            params_dict, StageConfig, running_stage, config_record)
+from .rundirs import (report_dir, experiment_dir, atomic_write_json, atomic_write_text, atomic_path,
+                             project_relative, stage_lock, LockBusy, LinkRefused, refuse_link, remove_stale_temp_files,
+                             die_with_parent, LOCK, MANIFEST, _manifest_or_why, manifest_status, fingerprint,
+                             source_for_hash, _package_dir, _iso)
 # the stage modules are imported when a stage runs (`stage_function`), by the dotted names `STAGES` declares: the runner
 # and a stage notebook's kernel load only the stages they call (the ensemble's kernel never imports timm)
 from .data import prepare_data, read_source
@@ -190,7 +192,7 @@ def plan_stages(chosen:list[str])->list[str]:
 # its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core: the data
 # stage's worker pools use it too); and they say "this is a stage run" (`aliprod.core.notebook_run_kind`), so the
 # notebook's tests never run inside a user's run, whatever the kernel
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.core import die_with_parent as _d; _d(); del _d", '
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.rundirs import die_with_parent as _d; _d(); del _d", '
                     '"__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
 
 def _kernel_arguments(needs_ran:bool)->list[str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
-from .core import atomic_path
+from .rundirs import atomic_path
 
 # %% auto #0
 __all__ = ['TopK', 'topk_from_probs', 'topk_from_logits', 'TopKWriter', 'write_topk', 'topk_num_classes', 'iter_topk',

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Literal
 import numpy as np, pandas as pd, pyarrow.parquet as pq, torch.nn as nn
 from torch import Tensor
-from .core import (check_iteration, resolve_iteration, params_section, ParamsError, log, atomic_path,
-                          atomic_torch_save, atomic_write_json, atomic_write_text, atomic_write_parquet, run_dir,
-                          report_dir, StageRun, params_dict, ExperimentParams, pick_device, fingerprint)
+from .core import log, pick_device
+from .config import check_iteration, params_section, ParamsError, params_dict, ExperimentParams
+from .rundirs import (resolve_iteration, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+                             atomic_write_parquet, run_dir, report_dir, StageRun, fingerprint)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, write_topk, read_topk
 from .samplers import class_counts

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib; import matplotlib.pyplot as plt
-from .core import (ExperimentParams, ParamsError, params_section, experiment_dir, report_dir, atomic_write_text,
-                          atomic_path, code_version, hardware, log, manifest_status, fingerprint, seed_runs,
-                          atomic_write_json, atomic_savefig, project_relative)
+from .core import log
+from .config import ExperimentParams, ParamsError, params_section, seed_runs
+from .rundirs import (experiment_dir, report_dir, atomic_write_text, atomic_path, code_version, hardware,
+                             manifest_status, fingerprint, atomic_write_json, atomic_savefig, project_relative)
 from .escape import csv_safe, markdown_table, markdown_text, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
 from .data import shot_groups, load_index, reporting_rows, choosing_rows

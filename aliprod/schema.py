@@ -8,7 +8,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 import pandas as pd
-from .core import ParamsError, params_section
+from .config import ParamsError, params_section
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'check_splits', 'DataParams',

@@ -8,7 +8,7 @@ import colorsys, functools, io, math, os, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
-from .core import ParamsError
+from .config import ParamsError
 from .schema import INDEX_COLUMNS, DataParams, ReadResult, _typed, empty_quarantine
 from .images import process_pool
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn
-from .core import (resolve_iteration, ExperimentParams, ParamsError, params_section, params_dict, experiment_dir, run_dir, report_dir, StageRun,
-                          atomic_write_json, atomic_write_text, atomic_path, atomic_torch_save,
-                          pick_device, log, manifest_status, current_manifest, project_relative)
+from .core import pick_device, log
+from .config import ExperimentParams, ParamsError, params_section, params_dict
+from .rundirs import (resolve_iteration, experiment_dir, run_dir, report_dir, StageRun, atomic_write_json,
+                             atomic_write_text, atomic_path, atomic_torch_save, manifest_status, current_manifest,
+                             project_relative)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, read_topk, write_topk
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm

@@ -28,9 +28,10 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from .core import (project_relative, ExperimentParams, ParamsError, check_name, stage_lock, params_section, params_dict, resolve_params, project_root, run_dir, report_dir,
-                          experiment_dir, seed_everything, seed_worker, pick_device, atomic_torch_save, atomic_write_json,
-                          atomic_write_text, atomic_write_parquet, StageRun, log, atomic_savefig)
+from .core import project_root, seed_everything, seed_worker, pick_device, log
+from .config import ExperimentParams, ParamsError, check_name, params_section, params_dict, resolve_params
+from .rundirs import (project_relative, stage_lock, run_dir, report_dir, experiment_dir, atomic_torch_save,
+                             atomic_write_json, atomic_write_text, atomic_write_parquet, StageRun, atomic_savefig)
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
@@ -44,7 +45,8 @@ from .images import ImageIndexDataset
 from .escape import csv_safe
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 # the running stage's parameter file names the command that makes a missing upstream output
-from .core import _RUNNING, current_manifest
+from .config import _RUNNING
+from .rundirs import current_manifest
 
 
 # %% auto #0

@@ -13,8 +13,10 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
-from .core import (registry_scope, check_iteration, resolve_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict, experiment_dir, run_dir, pick_device,
-                          atomic_write_json, StageRun, log, report_dir, atomic_savefig, atomic_write_text)
+from .core import registry_scope, pick_device, log
+from .config import check_iteration, KEPT, ExperimentParams, ParamsError, check_name, params_section, params_dict
+from .rundirs import (resolve_iteration, experiment_dir, run_dir, atomic_write_json, StageRun, report_dir,
+                             atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
 from .predict import stream_predictions, eval_transform

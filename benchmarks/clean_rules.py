@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 import pandas as pd, pyarrow.parquet as pq
 
-from aliprod.core import project_root, atomic_write_json, resolve_params, experiment_dir
+from aliprod.core import project_root
+from aliprod.config import resolve_params
+from aliprod.rundirs import atomic_write_json, experiment_dir
 from aliprod.clean import rule_detection, class_bands
 from aliprod.data import load_index
 from aliprod.predictions import read_topk

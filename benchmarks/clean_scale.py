@@ -214,7 +214,7 @@ def main(argv=None)->dict:
     from aliprod.clean import is_noisy
     from aliprod.noise import simulate_predictions
     from aliprod.predictions import write_topk
-    from aliprod.core import hardware
+    from aliprod.rundirs import hardware
     res = {'config': {k: v for k, v in vars(args).items() if k not in ('worker', 'tmp')},
            'peak_rss_note': 'VmHWM of the process running the rule set' + (' (all rule sets in one process: cumulative)' if args.in_process else
                                                                              ' (a fresh process per rule set; import_rss_mb: the interpreter with aliprod imported)'), 'hardware': hardware(),

@@ -10,7 +10,8 @@ import argparse, re, subprocess, sys, tempfile, time
 from pathlib import Path
 import yaml
 
-from aliprod.core import project_root, atomic_write_json, hardware
+from aliprod.core import project_root
+from aliprod.rundirs import atomic_write_json, hardware
 
 STAGE = re.compile(r'^(\d\d:\d\d:\d\d) stage (\d+)/(\d+) (\w+):')
 DONE = re.compile(r'^(\d\d:\d\d:\d\d) (\w+): done in (\d+) s')

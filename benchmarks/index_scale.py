@@ -12,7 +12,8 @@ import argparse, json, platform, resource, statistics, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 
-from aliprod.core import project_root, atomic_write_json, hardware
+from aliprod.core import project_root
+from aliprod.rundirs import atomic_write_json, hardware
 from aliprod.samplers import class_counts, head_cap, LongTailSampler
 from aliprod.metrics import evaluate, per_class_accuracy
 from aliprod.predictions import TopK

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from aliprod.core import project_root, atomic_write_json, hardware
+from aliprod.core import project_root
+from aliprod.rundirs import atomic_write_json, hardware
 from aliprod.images import available_cpus, check_image, check_images, write_bad_images
 
 ALIPRODUCTS_IMAGES = 2_500_000

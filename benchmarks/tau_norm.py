@@ -19,7 +19,9 @@ import argparse, time
 from pathlib import Path
 import numpy as np, torch, pyarrow.parquet as pq
 
-from aliprod.core import project_root, atomic_write_json, resolve_params, run_dir, resolve_iteration
+from aliprod.core import project_root
+from aliprod.config import resolve_params
+from aliprod.rundirs import atomic_write_json, run_dir, resolve_iteration
 from aliprod.data import shot_groups
 from aliprod.metrics import paired_delta
 from aliprod.predictions import read_topk

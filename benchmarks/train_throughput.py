@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 from fastai.callback.core import Callback
 from timm.optim import create_optimizer_v2
 
-from aliprod.core import ExperimentParams, project_root, pick_device, atomic_write_json, hardware
+from aliprod.core import project_root, pick_device
+from aliprod.config import ExperimentParams
+from aliprod.rundirs import atomic_write_json, hardware
 from aliprod.models import create_model, data_config
 from aliprod.predictions import topk_from_logits
 from aliprod.train import TrainParams, build_learner, train_transform

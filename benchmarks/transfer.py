@@ -20,7 +20,9 @@ import argparse, json
 from pathlib import Path
 import numpy as np, pandas as pd
 
-from aliprod.core import project_root, atomic_write_json, resolve_params, experiment_dir
+from aliprod.core import project_root
+from aliprod.config import resolve_params
+from aliprod.rundirs import atomic_write_json, experiment_dir
 from aliprod.escape import read_csv_safe
 from aliprod.report import transfer_table
 

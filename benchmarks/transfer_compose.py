@@ -30,7 +30,9 @@ import argparse
 from dataclasses import replace
 import numpy as np, pandas as pd
 
-from aliprod.core import project_root, atomic_write_json, resolve_params
+from aliprod.core import project_root
+from aliprod.config import resolve_params
+from aliprod.rundirs import atomic_write_json
 from aliprod.data import load_index
 from aliprod.metrics import paired_hits, paired_bootstrap, holm
 from aliprod.system import evaluation_sets, pool_candidates, report_target, combine, choose_error, choose_delta
@@ -71,7 +73,7 @@ def _every_embedding(model, df, root, size:int):
 def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->dict:
     "View -> round r's model's 8 heads as Candidates ('plain': stored val embeddings, 'ten': ten-crop@1.5 averaged)"
     import torch
-    from aliprod.core import experiment_dir
+    from aliprod.rundirs import experiment_dir
     from aliprod.data import dataset_info, shot_groups
     from aliprod.rebalance import rebalance_features, _load_split
     from aliprod.decoupled import ncm_temperature

@@ -99,7 +99,7 @@ def test_relabel_stays_in_class_set(data):
 
 def test_relabelling_is_reachable_with_the_2021_rule(data):
     "disagree_low_conf flags top-1s below conf_threshold: relabelling takes its class from confident learning, and says why the rest are dropped"
-    from aliprod.core import ParamsError
+    from aliprod.config import ParamsError
     from aliprod.noise import RELABEL_OUTCOMES
     idx, tr, t = data
     with pytest.raises(ParamsError, match="relabel_evidence 'suggest' would relabel none"): CleanParams(action='relabel', relabel_evidence='suggest')
@@ -119,7 +119,7 @@ def test_relabelling_is_reachable_with_the_2021_rule(data):
 
 def test_relabelling_on_the_evidence_of_another_model(data):
     "relabel_evidence 'models': the other models must all predict the suggested class top-1, with mean probability >= relabel_threshold"
-    from aliprod.core import ParamsError
+    from aliprod.config import ParamsError
     idx, tr, t = data
     other = simulate_predictions(tr, 50, k=5, seed=11)
     with pytest.raises(ParamsError, match='needs agreement_tags'): CleanParams(action='relabel', relabel_evidence='models')
@@ -241,7 +241,7 @@ def test_benchmark_small(tmp_path):
 
 def test_clean_stage_without_a_test_split(tmp_path):
     "Real AliProducts data has no test labels: the stage cleans from train + val, and its rounds table has no test column"
-    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.config import ExperimentParams, ParamsError
     from aliprod.data import DataParams
     from aliprod.train import TrainParams
     from aliprod.clean import run_clean
@@ -272,7 +272,7 @@ def test_clean_stage_without_a_test_split(tmp_path):
     (d,) = sel['decisions']
     assert (d['iteration'], d['against']) == (1, 0) and d['verdict'] in ('helped', 'hurt', 'no measurable effect')
     assert sel['kept_iteration'] == (1 if d['verdict'] == 'helped' else 0) and sel['rounds_run'] == 1, sel
-    from aliprod.core import resolve_iteration
+    from aliprod.rundirs import resolve_iteration
     assert resolve_iteration(exp, 'kept') == sel['kept_iteration']   # what the later stages read as 'kept'
     assert art.rounds.kept.sum() == 1 and {'dropped_many', 'dropped_medium', 'dropped_few'} <= set(art.rounds.columns)
 
@@ -280,10 +280,10 @@ def test_clean_stage_without_a_test_split(tmp_path):
 def test_a_round_never_guts_the_data(tmp_path, data):
     "A model at chance (simulated) or a round changing more than 40% / more than the model's error is refused before it writes, unless allow_aggressive"
     import warnings
-    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.config import ExperimentParams, ParamsError
     from aliprod.clean import clean_iteration, guard_round, round_problems
     from aliprod.data import load_index
-    from aliprod.core import run_dir
+    from aliprod.rundirs import run_dir
     from aliprod.predictions import TopK, write_topk
     from aliprod.train import TrainParams
     idx, tr, t = data
@@ -371,7 +371,8 @@ def test_balanced_rule_against_the_dense_posterior(seed, spread):
 
 def test_rounds_past_the_stop_are_not_candidates_downstream(tmp_path):
     "Round 2 ran past the stop (an explicit iteration 2): the system's rounds and 'kept' are the stop rule's (0..1, kept 0)"
-    from aliprod.core import ExperimentParams, resolve_iteration, run_dir
+    from aliprod.config import ExperimentParams
+    from aliprod.rundirs import resolve_iteration, run_dir
     from aliprod.system import cleaning_rounds_run
     exp = ExperimentParams(experiment='past', runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     sel = run_dir(exp, 'clean')/'selection.json'

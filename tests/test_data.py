@@ -3,7 +3,7 @@ import hashlib, json, os, shutil, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
-from aliprod.core import ExperimentParams, ParamsError
+from aliprod.config import ExperimentParams, ParamsError
 from aliprod.data import (DataParams, QUARANTINE_COLUMNS, QUARANTINE_REASONS, INDEX_COLUMNS, CLASSES_COLUMNS, split_class_counts, dataset_info, load_index, prepare_data)
 from aliprod.images import ImageIndexDataset, write_bad_images, load_rgb
 from aliprod.synthetic import synthetic_index
@@ -239,7 +239,7 @@ def test_failure_log_survives_newline_and_tab_in_names(tmp_path):
 
 _MOVED = '''
 import sys, json
-from aliprod.core import ExperimentParams
+from aliprod.config import ExperimentParams
 from aliprod.data import DataParams, prepare_data, load_index, data_root, dataset_info, data_artifacts
 from aliprod.images import ImageIndexDataset
 for source in ('imagefolder', 'synthetic'):

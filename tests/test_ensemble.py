@@ -1,7 +1,8 @@
 "Sparse top-k ensembling (aliprod.ensemble): combining members, streaming files, member names, and the stage on a run without a test split"
 import json
 import numpy as np, pandas as pd, pytest, torch
-from aliprod.core import ExperimentParams, ParamsError, experiment_dir, report_dir
+from aliprod.config import ExperimentParams, ParamsError
+from aliprod.rundirs import experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
 from aliprod.ensemble import combine_topk, ensemble_files, member_file, parse_member, EnsembleParams, run_ensemble
 

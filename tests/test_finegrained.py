@@ -143,7 +143,7 @@ def test_callbacks_in_a_fastai_learner_with_product_net():
 
 
 def test_params_refuse_bad_values():
-    from aliprod.core import ParamsError
+    from aliprod.config import ParamsError
     with pytest.raises(ParamsError, match="unknown method 'dcll'"): FinegrainedParams(methods=['dcll'])
     with pytest.raises(ParamsError, match='dcl_patches'): FinegrainedParams(dcl_patches=0)
 
@@ -152,7 +152,7 @@ def test_stage_without_a_test_split(tmp_path):
     "Real AliProducts data has no test labels: the finetunes predict val only and the table compares on val; nothing to compare is refused before training"
     import json
     import aliprod.train as T
-    from aliprod.core import ExperimentParams, ParamsError
+    from aliprod.config import ExperimentParams, ParamsError
     from aliprod.data import DataParams
     from aliprod.finegrained import run_finegrained
     exp = ExperimentParams(experiment='notest', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))

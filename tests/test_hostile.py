@@ -3,7 +3,8 @@ import io, json, time, tracemalloc
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
-from aliprod.core import ExperimentParams, report_dir
+from aliprod.config import ExperimentParams
+from aliprod.rundirs import report_dir
 from aliprod.data import DataParams, dataset_info, load_index, prepare_data, read_aliproducts
 
 HTML = '<img src=x onerror=alert(1)>'
@@ -124,12 +125,13 @@ def test_tables_escape_formulas_and_html(tmp_path):
 
 def test_a_hostile_class_name_is_escaped_in_index_html(tmp_path):
     from test_ensemble import fake_run
-    from aliprod.core import experiment_dir
+    from aliprod.rundirs import experiment_dir
     from aliprod.report import ReportParams, run_report
     exp = fake_run(tmp_path, splits=('train', 'test'))
     block = {'top1_err': 0.5, 'top5_err': 0.2, 'mean_class_err': 0.5, 'many_acc': 0.9, 'medium_acc': 0.7, 'few_acc': 0.1, 'n': 30}
     (experiment_dir(exp)/'train/0/metrics.json').write_text(json.dumps({'test': dict(block, target='label')}))
-    from aliprod.core import StageRun   # the report shows only what a current run stands behind: the data stage's manifest
+    # the report shows only what a current run stands behind: the data stage's manifest
+    from aliprod.rundirs import StageRun
     StageRun(experiment_dir(exp)/'data', 'data', {}, threads=False).finish(['index.parquet', 'dataset.json'])
     report_dir(exp).mkdir(parents=True, exist_ok=True)   # a table the data stage left, quoting a class name
     pd.DataFrame({'metric': ['classes', f'largest class: {HTML}'], 'value': ['6', FORMULA]}).to_csv(report_dir(exp)/'data_summary.csv', index=False)

@@ -9,7 +9,9 @@ PKG = Path(__file__).resolve().parents[1]/'aliprod'
 
 # The layers, lowest first (DESIGN.md, "Layers"): a module may import modules of its own layer or of a lower one.
 LAYERS = {
-    'core':     ('core', 'escape'),                                               # root, parameters, run dirs, StageRun
+    'core':     ('core', 'escape'),                               # project root, seeding, devices, log, notebook run kind
+    'config':   ('config',),                                      # parameters: sections, files, StageConfig
+    'rundirs':  ('rundirs',),                                     # run dirs: atomic writes, fingerprints, StageRun, lock
     'library':  ('schema', 'predictions', 'metrics', 'samplers', 'images', 'launch'),  # tables, top-k, metrics, torchrun
     'methods':  ('models', 'losses', 'decoupled', 'predict', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
     # deploy (the delivered system's prediction) imports the model loader from train, the views from tta and the top-k
@@ -113,3 +115,20 @@ def test_local_imports_say_why():
                  if not at_top and WHY not in lines[line - 1] and WHY not in lines[line - 2]]
     assert not bare, (f"{len(bare)} imports inside functions without a '{WHY} <why>' comment on their line or the one "
                       "above (move them to the top of the module or say why they stay): " + '; '.join(bare))
+
+
+def closure(module:str, g:dict[str, set[str]])->set[str]:
+    "`module` and every module it imports, directly or not"
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen: seen.add(m); todo.extend(g[m] - seen)
+    return seen
+
+
+def test_stage_code_covers_config_and_rundirs():
+    "A stage's key hashes the code it imports (`rundirs.code_version`): every stage reaches config and rundirs"
+    g = graph()
+    missing = [f"aliprod/{m}.py does not reach {sorted({'core', 'config', 'rundirs'} - closure(m, g))}"
+               for m in LAYERS['stages'] if {'core', 'config', 'rundirs'} - closure(m, g)]
+    assert not missing, "an edit there would not make the stage stale: " + '; '.join(missing)

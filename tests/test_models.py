@@ -2,7 +2,7 @@
 import os
 import pytest, timm, torch
 import torch.nn.functional as F
-from aliprod.core import atomic_torch_save
+from aliprod.rundirs import atomic_torch_save
 from aliprod.models import (HEADS, REPORT_BACKBONES, BNNeck, create_model, data_config, model_splitter,
                             package_state_dict, PACKAGE_WEIGHTS)
 

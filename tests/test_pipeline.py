@@ -2,7 +2,8 @@
 import ast, json, subprocess, sys, tomllib
 from pathlib import Path
 import nbformat, pytest
-from aliprod.core import project_root, load_params_file, STAGE_RUN_MARKER
+from aliprod.core import project_root, STAGE_RUN_MARKER
+from aliprod.config import load_params_file
 from aliprod.pipeline import main, run_pipeline, stage_notebooks, StageFailed, STAGES
 
 ROOT = project_root()
@@ -59,7 +60,8 @@ def _nb(cells):
 
 
 TRAIN_LIKE = """
-from aliprod.core import resolve_params, run_dir, StageRun
+from aliprod.config import resolve_params
+from aliprod.rundirs import run_dir, StageRun
 exp = resolve_params('experiment', params_file, overrides={'experiment': experiment})
 out = run_dir(exp, 'train', 0)
 run = StageRun(out, 'train', {'x': 1}, modules=['core'])
@@ -114,7 +116,7 @@ def _split_at_parameters(nb_path):
 # or environment setting, no writing, no deleting) can run inside a user's run.
 BELOW_CALLS = {'call_stage', 'resolve_params', 'display', 'Image', 'Markdown', 'print', 'str', 'dict'}
 BELOW_METHODS = {'get', 'round', 'values', 'items', 'keys', 'join'}
-BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.core': {'resolve_params'},
+BELOW_IMPORTS = {'IPython.display': {'Image', 'Markdown', 'display'}, 'aliprod.config': {'resolve_params'},
                  'aliprod.pipeline': {'call_stage'}}
 BELOW_STATEMENTS = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr, ast.If, ast.For, ast.Pass)
 
@@ -146,7 +148,7 @@ def below_parameters_violations(source:str, stage_function:str)->list[str]:
 
 def test_below_parameters_allowlist_refuses():
     "The allowlist passes a stage's run cells and refuses each kind of thing a stage run must not execute"
-    ok = ("from aliprod.core import resolve_params\nfrom aliprod.clean import clean_stage\n"
+    ok = ("from aliprod.config import resolve_params\nfrom aliprod.clean import clean_stage\n"
           "exp = resolve_params('experiment', params_file)\nart = clean_stage(exp)\nart.tables.get('x').round(4)\n"
           "for f in art.figures.values(): display(f)\nif art.tau is not None: print('τ', art.tau)")
     assert below_parameters_violations(ok, 'clean_stage') == []
@@ -281,7 +283,7 @@ def test_code_fingerprint_follows_imports(tmp_path):
     import shutil
     shutil.copytree(ROOT/'aliprod', tmp_path/'aliprod')
     (tmp_path/'pyproject.toml').write_text('[tool.nbdev]\nlib_name = "aliprod"\n')
-    probe = "from aliprod.core import code_version; print(code_version(['clean'])['source_sha256'])"
+    probe = "from aliprod.rundirs import code_version; print(code_version(['clean'])['source_sha256'])"
     sha = lambda: subprocess.run([sys.executable, '-c', probe], cwd=tmp_path, capture_output=True, text=True,
                                  env={'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(tmp_path), 'ALIPROD_ROOT': str(tmp_path)}).stdout.strip()
     base = sha(); assert len(base) == 64

@@ -95,7 +95,8 @@ def test_aliproducts_recipe_without_test_split(tmp_path):
     assert 'val mean class error' in out and ' left' in out
     for noise in ('TCP without encryption', 'IProgress not found', 'torch.jit.script', 'not writable'):
         assert noise not in r.stdout + r.stderr, f'terminal noise a user cannot act on: {noise!r}'
-    from aliprod.core import resolve_params, resolve_iteration
+    from aliprod.config import resolve_params
+    from aliprod.rundirs import resolve_iteration
     from aliprod.train import run_train
     from aliprod.rebalance import run_rebalance
     import dataclasses

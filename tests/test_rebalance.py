@@ -1,6 +1,6 @@
 "Decoupled classifier learning (aliprod.rebalance): the properties the ablation table relies on"
 import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
-from aliprod.core import ParamsError
+from aliprod.config import ParamsError
 from aliprod.decoupled import (Features, synthetic_features, linear_from, head_logits, head_top1, tau_normalize,
                                tau_normalized_head, sweep_tau, choose_tau, fit_head, crt_head, LearnableWeightScaling,
                                class_means, balanced_subset, _linear_parts)
@@ -136,7 +136,7 @@ def test_network_finetunes_run_through_the_train_stage(tmp_path):
     import json, pandas as pd
     from aliprod.predictions import read_topk
     import aliprod.train as T
-    from aliprod.core import ExperimentParams
+    from aliprod.config import ExperimentParams
     from aliprod.data import DataParams
     from aliprod.rebalance import run_rebalance
     exp = ExperimentParams(experiment='rb', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
@@ -189,7 +189,7 @@ def test_stages_run_without_a_test_split(tmp_path):
     import json
     import aliprod.train as T
     from aliprod.predictions import read_topk
-    from aliprod.core import ExperimentParams
+    from aliprod.config import ExperimentParams
     from aliprod.data import DataParams
     from aliprod.rebalance import run_rebalance
     exp = ExperimentParams(experiment='notest', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
@@ -233,7 +233,7 @@ def test_stages_run_without_a_test_split(tmp_path):
 def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
     "No val split: tau_norm cannot choose τ, refused before training; the other methods are evaluated on test"
     import aliprod.train as T
-    from aliprod.core import ExperimentParams
+    from aliprod.config import ExperimentParams
     from aliprod.data import DataParams
     from aliprod.rebalance import run_rebalance, labelled_splits
     import pandas as pd

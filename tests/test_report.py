@@ -2,7 +2,8 @@
 import json, re
 from html.parser import HTMLParser
 import nbformat, pandas as pd, pytest
-from aliprod.core import ParamsError, StageRun, experiment_dir, report_dir
+from aliprod.config import ParamsError
+from aliprod.rundirs import StageRun, experiment_dir, report_dir
 from aliprod.ensemble import EnsembleParams, run_ensemble
 from aliprod.report import ReportParams, run_report
 from test_ensemble import fake_run   # the data stage's files and two members' train/val predictions

@@ -2,7 +2,7 @@
 import json
 import pandas as pd, pytest, torch
 from aliprod.pipeline import main
-from aliprod.core import resolve_params
+from aliprod.config import resolve_params
 from aliprod.report import ONE_SEED, SEEDS_RULE, run_report
 
 TINY = """experiment: sd

@@ -2,7 +2,8 @@
 import dataclasses, json, shutil
 from pathlib import Path
 import numpy as np, pytest
-from aliprod.core import ExperimentParams, ParamsError, experiment_dir
+from aliprod.config import ExperimentParams, ParamsError
+from aliprod.rundirs import experiment_dir
 from aliprod.predictions import read_topk, write_topk
 from aliprod.report import ReportParams, collect_metrics, run_report
 from aliprod.system import SystemParams, run_system

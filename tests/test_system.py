@@ -2,7 +2,8 @@
 import dataclasses, json, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
-from aliprod.core import ExperimentParams, experiment_dir, report_dir
+from aliprod.config import ExperimentParams
+from aliprod.rundirs import experiment_dir, report_dir
 from aliprod.predictions import TopK, topk_from_probs, read_topk
 from aliprod.metrics import evaluate, choosing_half
 from aliprod.system import (Candidate, single, _member_recipe, pick, greedy_ensemble, compose, choice_step, chain_table, metric_interval,

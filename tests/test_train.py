@@ -5,13 +5,14 @@ from dataclasses import replace
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 
-from aliprod.core import ExperimentParams, project_root
+from aliprod.core import project_root
+from aliprod.config import ExperimentParams
 from aliprod.data import DataParams, prepare_data, load_index, dataset_info, data_artifacts
 from aliprod.models import create_model, data_config
 from aliprod.predictions import read_topk
 import aliprod.train as T
 from aliprod.train import TrainParams, run_train, train_job, run_job, KillAfterEpoch, SimulatedKill, predict, fold_of
-from aliprod.core import ParamsError
+from aliprod.config import ParamsError
 from aliprod.finegrained import FinegrainedParams, callback_spec
 
 # a small, fast dataset and config: 6 classes, 32 px images, 2 epochs + 1 finetune epoch
@@ -281,6 +282,6 @@ def test_shot_groups_come_from_the_data_section(tmp_path):
     assert (g['many'], g['few']) == (20, 6) and (g['train_counts'] > 20).any()
     assert 'many_acc' in art.metrics['val']
     t = read_topk(art.predictions['val'])
-    from aliprod.core import json_safe
+    from aliprod.rundirs import json_safe
     ref = json_safe(evaluate(t, topk=(1, 5), **g))  # metrics.json writes NaN (an empty group) as null
     assert {k: ref[k] for k in ('many_acc', 'medium_acc', 'few_acc') if k in ref} == {k: art.metrics['val'][k] for k in ('many_acc', 'medium_acc', 'few_acc') if k in ref}

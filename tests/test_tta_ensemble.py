@@ -1,6 +1,6 @@
 "Test-time augmentation views and the batched forward (aliprod.tta); sparse top-k ensembling (aliprod.ensemble)"
 import numpy as np, pytest, torch
-from aliprod.core import ExperimentParams, ParamsError
+from aliprod.config import ExperimentParams, ParamsError
 from aliprod.predictions import TopK, topk_from_probs, write_topk, read_topk
 from aliprod.tta import tta_views, ten_crop, five_crop, tta_probs, VIEWS, TTAParams, parse_variant
 
