@@ -28,7 +28,7 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 __all__ = ['BANDS', 'SEEN', 'CleanParams', 'noisy_options', 'clean_index', 'is_noisy', 'detection_scores', 'class_bands',
            'detection_by_band', 'detection_by_seen', 'rule_detection', 'model_error', 'round_problems', 'guard_round',
            'plot_confidence', 'class_size_table', 'plot_class_sizes', 'gallery_rows', 'plot_gallery', 'CleanArtifacts',
-           'train_predictions', 'training_predictions', 'trained_prior', 'read_predictions', 'agreement_paths',
+           'model_train_file', 'round_predictions', 'trained_prior', 'read_predictions', 'agreement_paths',
            'agreement_predictions', 'write_index', 'check_clean', 'clean_iteration', 'rounds_table', 'detection_table',
            'rules_table', 'relabel_table', 'plot_rounds', 'clean_figures', 'round_verdict', 'select_rounds',
            'kept_iteration', 'val_predictions', 'run_clean', 'clean_stage']
@@ -424,7 +424,7 @@ def _train_at(train, iteration:int):
     import dataclasses
     return dataclasses.replace(train, iteration=iteration)
 
-def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
+def model_train_file(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     "The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), trained when needed"
     p = _train_at(train, iteration)
     # index 0's in-sample model is the train stage's, read (this stage never runs another); the fold models and the
@@ -435,11 +435,11 @@ def train_predictions(exp:ExperimentParams, data, train, iteration:int, fold:int
     return Path(art.predictions['train'])
 
 # %% ../nbs/03_clean.ipynb #b7cb4db3
-def training_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
-                         predictions_of=None, # (iteration, fold, folds) -> predictions file; default: the train stage's (`train_predictions`)
-                        )->tuple[TopK, list[Path]]:
-    "Predictions of index `iteration`'s training rows by the model(s) trained on it: in-sample, or merged out-of-fold"
-    get = predictions_of or (lambda it, fold, folds: train_predictions(exp, data, train, it, fold, folds))
+def round_predictions(exp:ExperimentParams, data, train, clean:CleanParams, iteration:int,
+                      predictions_of=None, # (iteration, fold, folds) -> predictions file; default: `model_train_file`
+                     )->tuple[TopK, list[Path]]:
+    "What a clean round reads: index `iteration`'s training rows predicted by the model(s) trained on it (in-sample or out-of-fold)"
+    get = predictions_of or (lambda it, fold, folds: model_train_file(exp, data, train, it, fold, folds))
     if clean.source == 'in_sample': paths = [Path(get(iteration, None, None))]
     else: paths = [Path(get(iteration, j, clean.folds)) for j in range(clean.folds)]
     return read_predictions(paths, feats=bool(rules_needing(clean.rules, 'embeddings'))), paths
@@ -527,7 +527,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     if data is not None: require_data(exp)   # the train stage needs it, this stage the train stage (`call_stage`)
     check_clean(exp, train, clean, predictions_of is not None)
     if k > 1: clean_iteration(exp, data, train, dataclasses.replace(clean, iteration=k - 1), train_model=False, predictions_of=predictions_of)
-    t, pred_paths = training_predictions(exp, data, train, clean, k - 1, predictions_of)
+    t, pred_paths = round_predictions(exp, data, train, clean, k - 1, predictions_of)
     uses_others = bool(rules_needing(clean.rules, 'others')) or (clean.action == 'relabel'
                                                                   and clean.relabel_evidence == 'models')
     others, other_paths = agreement_predictions(exp, clean, k - 1) if uses_others else ([], [])

@@ -192,8 +192,10 @@ def check_section(cls:type,        # a `params_section` dataclass
         if from_cli: v = _from_cli(v)
         try: out[k] = _coerce(v, hints[k])
         except _Bad:
+            # a section may say what an old value of a key means now (`key_notes`: key -> text)
+            note = getattr(cls, 'key_notes', {}).get(k)
             raise ParamsError(f"Key '{k}' in {source} [{section}] must be {_type_name(hints[k])}, "
-                              f"got {v!r} ({type(v).__name__})") from None
+                              f"got {v!r} ({type(v).__name__})" + (f"; {note}" if note else '')) from None
     return out
 
 # %% ../nbs/00c_config.ipynb #5ab798ce

@@ -16,13 +16,14 @@ from .models import data_config
 from .images import ImageIndexDataset
 from .tta import tta_views, enlarged_size, predict_tta
 # the model loader lives in the train stage's module: deploy sits with the stages until it moves below (#22)
-from .decoupled import LearnableWeightScaling, linear_from, NearestClassMean, tau_normalized_head
+from .decoupled import (LearnableWeightScaling, linear_from, NearestClassMean, tau_normalized_head, head_topk,
+                               Features)
 from .losses import LogitAdjustedHead
 from .train import TrainParams, load_trained_model
 
 # %% auto #0
-__all__ = ['head_tensors', 'classifier_tensors', 'build_head', 'tau_head', 'view_embeddings', 'head_predict', 'member_topk',
-           'predict_recipe', 'load_system', 'predict_system']
+__all__ = ['head_tensors', 'classifier_tensors', 'build_head', 'tau_head', 'view_embeddings', 'member_topk', 'predict_recipe',
+           'load_system', 'predict_system']
 
 # %% ../nbs/06c_deploy.ipynb #3a234c9f
 def head_tensors(method:str, state:dict, ncm_norm:str='cl2n')->dict:
@@ -114,15 +115,6 @@ def view_embeddings(model:nn.Module,        # trained ProductNet, eval mode
         if failed is not None: failed += lost
     return (torch.cat(out) if out else torch.zeros(0, 0)), loaded
 
-# %% ../nbs/06c_deploy.ipynb #bc8582a8
-@torch.no_grad()
-def head_predict(head:nn.Module, feats:torch.Tensor, rows, labels, k:int=10, bs:int=4096)->TopK:
-    "Top-k of `head` on embeddings (softmax of its logits)"
-    head = head.eval()
-    parts = [topk_from_probs(head(feats[s:s+bs].float()).float().softmax(1), labels[s:s+bs], rows[s:s+bs], k)
-             for s in range(0, len(feats), bs)]
-    return TopK.concat(parts)
-
 # %% ../nbs/06c_deploy.ipynb #fa35cb0e
 @torch.inference_mode()
 def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10, bs:int=64, workers:int=0,
@@ -143,7 +135,7 @@ def member_topk(member:dict, model:nn.Module, t, df:pd.DataFrame, root, k:int=10
     if feats is None:
         feats, ok = view_embeddings(model, df, root, size, tta, bs, workers, device, failed=failed)
         df = df[ok]
-    return head_predict(head, feats, df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64), k)
+    return head_topk(head, Features(df['row'].to_numpy(np.int64), df['label'].to_numpy(np.int64), feats), k)
 
 # %% ../nbs/06c_deploy.ipynb #abd343d8
 def _load_member_model(exp_dir:Path, member:dict, num_classes:int, device, cache:dict):

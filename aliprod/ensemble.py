@@ -15,6 +15,7 @@ from .rundirs import (resolve_iteration, experiment_dir, run_dir, StageRun, atom
                              atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopK, TopKWriter, iter_topk, read_topk, topk_num_classes
+from .metrics import metrics_table
 from .data import load_index, index_path, data_artifacts, shot_groups
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
@@ -286,8 +287,7 @@ def ensemble_table(name:str,           # the ensemble's row label
                   )->pd.DataFrame:
     "Ensemble and members, one row per (model, split, labels): the split and the labels every number comes from"
     # local import: aliprod.tta imports aliprod.train (timm, fastai), which the ensemble stage's kernel never needs
-    from aliprod.tta import metrics_table
-    t = metrics_table({name: metrics, **member_metrics}).rename(columns={'variant': 'model'})
+    t = metrics_table({name: metrics, **member_metrics}, name='model')
     if t.empty: return t
     key = t.pop('split')
     t.insert(1, 'split', key.str.removesuffix('_clean'))

@@ -13,6 +13,8 @@ from .rundirs import experiment_dir, project_relative
 from .escape import read_csv_safe
 from .predictions import TopK, read_topk
 from .metrics import BOOTSTRAP_DRAWS, paired_delta, per_class_accuracy, shot_group
+from .schema import clean_labels
+
 from .data import dataset_info, load_index
 from .clean import BANDS, detection_scores, detection_by_band, plot_confidence, gallery_rows, plot_gallery
 from .noise import disagree_low_conf
@@ -415,9 +417,7 @@ def _targets(run:Run, t:TopK, labels:str)->np.ndarray|None:
     "Ground-truth labels of t's rows ('clean', where the index has them), or None: the given labels"
     if labels == 'given': return None
     if labels != 'clean': raise ValueError(f"labels={labels!r}: use 'clean' (ground truth where known) or 'given'")
-    ix = run.data.index.set_index('row')
-    if 'clean_label' not in ix or not (ix['clean_label'] >= 0).any(): return None
-    return ix.loc[t.rows, 'clean_label'].to_numpy(np.int64)
+    return clean_labels(run.data.index, t.rows)
 
 def _source(run:Run, s, split:str)->tuple[str, TopK]:
     "A source name (or (name, iteration)) or a TopK, as (label, predictions)"

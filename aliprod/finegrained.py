@@ -17,6 +17,7 @@ from .rundirs import (project_relative, resolve_iteration, StageRun, experiment_
                              atomic_path, atomic_write_json, atomic_write_text)
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .data import DataParams, load_index, index_path, data_artifacts
+from .schema import labelled_splits
 from . import train as T
 from .core import StageArtifacts   # the artifacts' shape every stage shares
 
@@ -528,7 +529,7 @@ def run_finegrained(exp:ExperimentParams, data:DataParams, train:T.TrainParams, 
     it = resolve_iteration(exp, fg.iteration if fg.iteration is not None else train.iteration, what='[finegrained] iteration')
     train = dataclasses.replace(train, iteration=it)
     index = load_index(exp, it)
-    splits = [s for s in ('val', 'test') if ((index['split'] == s) & (index['label'] >= 0)).any()]
+    splits = [s for s in labelled_splits(index) if s != 'train']
     if not splits: raise ParamsError(f"[finegrained] {index_path(exp, it)} has no labelled val or test rows: nothing to compare the finetunes on")
     if fg.init and not Path(fg.init).is_file(): raise FileNotFoundError(f"[finegrained] init: {fg.init} not found; give a model.pth, or leave init out to start from the train stage's model")
     start = T.trained_model(exp, data, train)   # the train stage's model, read (or an error naming the command)

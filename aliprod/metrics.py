@@ -9,9 +9,9 @@ import numpy as np, pandas as pd, torch
 from .predictions import TopK
 
 # %% auto #0
-__all__ = ['PAIRED_METRICS', 'BOOTSTRAP_DRAWS', 'VERDICTS', 'shot_group', 'per_class_accuracy', 'evaluate', 'PairedHits',
-           'paired_hits', 'PairedDelta', 'verdict', 'bootstrap_p_value', 'paired_bootstrap', 'paired_delta',
-           'simulate_paired_hits', 'holm', 'benjamini_hochberg', 'choosing_half']
+__all__ = ['METRIC_COLUMNS', 'PAIRED_METRICS', 'BOOTSTRAP_DRAWS', 'VERDICTS', 'shot_group', 'per_class_accuracy', 'evaluate',
+           'metrics_table', 'PairedHits', 'paired_hits', 'PairedDelta', 'verdict', 'bootstrap_p_value',
+           'paired_bootstrap', 'paired_delta', 'simulate_paired_hits', 'holm', 'benjamini_hochberg', 'choosing_half']
 
 # %% ../nbs/01c_metrics.ipynb #7306c658
 def _ranked(preds, labels, clean_label, k:int):
@@ -100,6 +100,18 @@ def evaluate(preds,                  # TopK, or dense (N,K) logits/probabilities
             out[f'n_{g}'] = int(m.sum())
         out.update({'many_threshold': many, 'few_threshold': few})
     return out
+
+# %% ../nbs/01c_metrics.ipynb #1b789084
+METRIC_COLUMNS = ('top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')
+
+def metrics_table(metrics:dict,             # name -> {split: `evaluate`'s dict}; entries that are not such dicts are skipped
+                  cols:tuple=METRIC_COLUMNS, # the numbers to lay out (NaN where a split lacks one)
+                  name:str='variant',        # the name column's header
+                 )->pd.DataFrame:
+    "One row per (name, split) of `evaluate`'s numbers, the columns as floats"
+    recs = [{name: k, 'split': s, 'n': d.get('n'), **{c: d.get(c, np.nan) for c in cols}}
+            for k, m in metrics.items() for s, d in m.items() if isinstance(d, dict) and 'top1_err' in d]
+    return pd.DataFrame(recs, columns=[name, 'split', 'n', *cols])
 
 # %% ../nbs/01c_metrics.ipynb #960542a4
 def _top1(preds, name:str):

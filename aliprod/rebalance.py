@@ -17,6 +17,7 @@ from .rundirs import (resolve_iteration, atomic_path, atomic_torch_save, atomic_
 from .escape import csv_safe, markdown_table, read_csv_safe
 from .predictions import TopK, write_topk, read_topk
 from .samplers import class_counts
+from .schema import labelled_splits
 from .metrics import evaluate
 from .train import train_model, train_job, trained_model, require_data, predict, load_trained_model, trained_counts
 from .data import load_index, data_root, index_path, shot_groups, data_artifacts, choosing_rows
@@ -27,8 +28,8 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 # %% auto #0
 __all__ = ['NETWORK_CONTROL', 'OPTION_PARAMS', 'RebalanceParams', 'fit_options', 'MethodResult', 'rebalance_features',
            'results_table', 'plot_tau_sweep', 'weight_norms', 'norm_size_correlation', 'weight_norm_note',
-           'plot_weight_norms', 'network_params', 'network_finetune', 'RebalanceArtifacts', 'labelled_splits',
-           'check_rebalance', 'cache_features', 'with_baseline_change', 'run_rebalance', 'rebalance_stage']
+           'plot_weight_norms', 'network_params', 'network_finetune', 'RebalanceArtifacts', 'check_rebalance',
+           'cache_features', 'with_baseline_change', 'run_rebalance', 'rebalance_stage']
 
 # %% ../nbs/04_rebalance.ipynb #5409caff
 # the whole-network finetunes' control: the same length and lr, instance sampling, cross-entropy, every training
@@ -290,12 +291,6 @@ class RebalanceArtifacts(StageArtifacts):
     def tables(self)->dict: return {'rebalance': self.table}
     @property
     def figures(self)->dict: return {} if self.figure_path is None else {'tau_sweep': self.figure_path}
-
-# %% ../nbs/04_rebalance.ipynb #43852510
-def labelled_splits(index:pd.DataFrame)->list[str]:
-    "The splits of `index` (train, val, test order) that hold at least one labelled row"
-    has = index.loc[index['label'] >= 0, 'split'].astype(str).unique()
-    return [s for s in ('train', 'val', 'test') if s in has]
 
 # %% ../nbs/04_rebalance.ipynb #166b4d15
 def check_rebalance(index:pd.DataFrame, where:Path, p:RebalanceParams)->list[str]:

@@ -15,6 +15,7 @@ from .rundirs import (experiment_dir, report_dir, atomic_write_text, atomic_path
                              manifest_status, fingerprint, atomic_write_json, atomic_savefig, project_relative)
 from .escape import csv_safe, markdown_table, markdown_text, read_csv_safe
 from .metrics import BOOTSTRAP_DRAWS, holm, paired_delta, evaluate, per_class_accuracy
+from .schema import clean_labels
 from .data import shot_groups, load_index, reporting_rows, choosing_rows
 from .predictions import read_topk
 from .core import StageArtifacts   # the artifacts' shape every stage shares
@@ -172,9 +173,7 @@ def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BO
     if r.get('metrics_file') == REPORTING_METRICS:   # the row's numbers are on the reporting images: so is its interval
         keep = reporting_rows(load_index(exp, 0), r['split'], exp.seed)
         a, b = a.take(np.isin(a.rows, keep)), b.take(np.isin(b.rows, keep))
-    clean = None
-    if r['labels'] == 'clean':
-        clean = load_index(exp, 0).set_index('row').loc[a.rows, 'clean_label'].to_numpy()
+    clean = clean_labels(load_index(exp, 0), a.rows) if r['labels'] == 'clean' else None
     try: d = paired_delta(a, b, clean_label=clean, B=B, names=(base['source'], r['source']))
     except ValueError as e:
         log(f"report: no paired interval for {r['source']} against {base['source']}: {e}"); return none
@@ -239,12 +238,12 @@ def on_reporting_rows(m:pd.DataFrame,         # `collect_metrics`' rows of `spli
     if not len(report):
         return m, f"{chose}, every labelled image of the {split} split: these numbers are in-sample (set [report] split: test)"
     base, groups, store, rows = experiment_dir(exp), shot_groups(exp), {}, []
-    labels = index.set_index('row')['clean_label'] if 'clean_label' in index.columns else None
+    by_row = index.set_index('row')
     for _, r in m.iterrows():
         if not isinstance(r['predictions'], str):
             log(f"report: {r['metrics_file']} has no predictions to restrict to the reporting images; left out"); continue
         t = read_topk(base/r['predictions']); t = t.take(np.isin(t.rows, report))
-        clean = labels.loc[t.rows].to_numpy() if r['labels'] == 'clean' and labels is not None else None
+        clean = clean_labels(by_row, t.rows) if r['labels'] == 'clean' else None
         key = f"{r['metrics_file']}:{r['metrics_key']}"
         store[key] = evaluate(t, clean_label=clean, topk=(1, min(5, t.k, t.num_classes)), **groups)
         rows.append({**r.to_dict(), **{c: store[key].get(c, float('nan')) for c in METRIC_COLUMNS}, 'n': store[key]['n'],
@@ -403,10 +402,7 @@ def per_class_frame(exp:ExperimentParams,
                    )->pd.DataFrame:
     "Per-class accuracy of a predictions file of the run, with the data stage's class sizes and shot groups (`shot_groups(exp)`)"
     t = read_topk(experiment_dir(exp)/predictions)
-    clean = None
-    if labels == 'clean':
-        index = load_index(exp, 0).set_index('row')
-        if 'clean_label' in index.columns: clean = index.loc[t.rows, 'clean_label'].to_numpy()
+    clean = clean_labels(load_index(exp, 0), t.rows) if labels == 'clean' else None
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
 def predictions_of(metrics:pd.DataFrame, row:pd.Series)->str|None:
@@ -715,10 +711,7 @@ def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, 
 # %% ../nbs/07_report.ipynb #d50d7fa3
 def _per_class_rows(exp:ExperimentParams, t, labels:str)->pd.DataFrame:
     "per_class_frame of in-memory predictions"
-    clean = None
-    if labels == 'clean':
-        index = load_index(exp, 0).set_index('row')
-        if 'clean_label' in index.columns: clean = index.loc[t.rows, 'clean_label'].to_numpy()
+    clean = clean_labels(load_index(exp, 0), t.rows) if labels == 'clean' else None
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
 def report_figures(exp:ExperimentParams, rp:ReportParams, chain:pd.DataFrame, system:dict|None, alone:pd.DataFrame,

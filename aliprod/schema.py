@@ -7,12 +7,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
-import pandas as pd
+import numpy as np, pandas as pd
 from .config import ParamsError, params_section
 
 # %% auto #0
 __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_COLUMNS', 'check_splits', 'DataParams',
-           'empty_quarantine', 'ReadResult']
+           'empty_quarantine', 'ReadResult', 'labelled_splits', 'clean_labels']
 
 # %% ../nbs/00b_schema.ipynb #dec6d502
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
@@ -113,3 +113,19 @@ class ReadResult(NamedTuple):
     index:pd.DataFrame
     classes:pd.DataFrame
     quarantine:pd.DataFrame
+
+# %% ../nbs/00b_schema.ipynb #23c04116
+def labelled_splits(index:pd.DataFrame)->list[str]:
+    "The splits of `index` (train, val, test order) that hold at least one labelled row"
+    has = index.loc[index['label'] >= 0, 'split'].astype(str).unique()
+    return [s for s in ('train', 'val', 'test') if s in has]
+
+# %% ../nbs/00b_schema.ipynb #dcae2a5e
+def clean_labels(index:pd.DataFrame, # the index (its `row` a column or the index)
+                 rows,               # (N,) index row ids
+                )->np.ndarray|None:
+    "(N,) ground-truth labels of `rows` (-1 where unknown), or None when none of them is known (real data)"
+    if 'clean_label' not in index.columns: return None
+    ix = index if index.index.name == 'row' else index.set_index('row')
+    c = ix.loc[np.asarray(rows, dtype=np.int64), 'clean_label'].to_numpy(np.int64)
+    return c if (c >= 0).any() else None

@@ -19,9 +19,9 @@ from .predictions import TopK, read_topk, write_topk
 from .metrics import evaluate, paired_hits, paired_bootstrap, PairedHits, BOOTSTRAP_DRAWS, holm
 from .ensemble import combine_topk
 from .data import choosing_rows, reporting_rows, load_index, index_path, dataset_info, shot_groups
-from .decoupled import ncm_temperature, METHODS
+from .decoupled import ncm_temperature, METHODS, head_topk, Features
 from .rebalance import run_rebalance
-from .deploy import (head_tensors, classifier_tensors, build_head, tau_head, view_embeddings, head_predict,
+from .deploy import (head_tensors, classifier_tensors, build_head, tau_head, view_embeddings,
                             _load_member_model)
 from .train import train_job, eval_splits
 from .tta import parse_variant
@@ -392,7 +392,7 @@ def calibrated_ncm(head:dict, reb_dir:Path, model_run:Path, sets:EvalSets, k:int
     T = ncm_temperature(build_head({**head, 'temperature': 1.0}), fc, yc)   # the reporting images play no part
     head = {**head, 'temperature': T}
     mod = build_head(head)
-    return head, head_predict(mod, fc, rc, yc, k), head_predict(mod, fr, rr, yr, k)
+    return head, head_topk(mod, Features(rc, yc, fc), k), head_topk(mod, Features(rr, yr, fr), k)
 
 # %% ../nbs/06b_system.ipynb #bf8d58de
 def method_candidates(exp:ExperimentParams, reb_dir:Path, model_run:Path, sets:EvalSets, k:int,
@@ -625,7 +625,7 @@ def _tau_step(prev:Candidate, feats:dict, sets, p, rp, index)->tuple[Candidate, 
         # the previous system itself
         if tau == 0 and p.plain and (h['bias'] is None) == (head.get('bias') is None): continue
         mod = build_head(h)
-        ch, rep = (head_predict(mod, feats[w], r, _rows_df(index, r)['label'].to_numpy(np.int64), p.k)
+        ch, rep = (head_topk(mod, Features(r, _rows_df(index, r)['label'].to_numpy(np.int64), feats[w]), p.k)
                    for w, r in (('choose', sets.choose_rows), ('report', sets.report_rows)))
         cands.append(single(f'τ = {tau:g}, bias {rp.tau_bias}', {**m, 'head': h, 'tau': tau}, ch, rep, k=p.k, tau=tau,
                             tau_bias=rp.tau_bias))
@@ -642,7 +642,7 @@ def _tta_step(prev:Candidate, model, t, variants, sets, p, index, root, device)-
     def embed(rows, spec):
         df = _rows_df(index, rows)
         f = _stage_embeddings(model, df, root, t.eval_size, spec, p, device)
-        return head_predict(head, f, rows, df['label'].to_numpy(np.int64), p.k)
+        return head_topk(head, Features(rows, df['label'].to_numpy(np.int64), f), p.k)
     cands, specs = [prev] if p.plain or not variants else [], {}
     for v in variants:
         views, enlarge = parse_variant(v)
@@ -675,7 +675,7 @@ def _tta_add_step(prev:Candidate, load:Callable, # load(member) -> (model, Train
                 s = spec(m, views, enlarge)
                 feats[m['model']] = _stage_embeddings(model, df, root, t.eval_size, s, p, device)
             head = copy.deepcopy(build_head(m['head'], model.classifier)).cpu()
-            out.append(head_predict(head, feats[m['model']], rows, y, p.k))
+            out.append(head_topk(head, Features(rows, y, feats[m['model']]), p.k))
         return out
     def with_views(v, views, enlarge, choose, report=None)->Candidate:
         twin = [{**m, 'tta': spec(m, views, enlarge)} for m in members]

@@ -39,7 +39,8 @@ from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmS
 from .launch import launch_torchrun
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
-from .metrics import evaluate, per_class_accuracy
+from .metrics import evaluate, per_class_accuracy, metrics_table
+from .schema import clean_labels
 from .data import DataParams, load_index, index_path, shot_counts, dataset_info, data_artifacts, shot_groups
 from .images import ImageIndexDataset
 from .escape import csv_safe
@@ -55,7 +56,7 @@ __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transfo
            'load_init', 'train_rows', 'RecipeSchedule', 'write_trained_rows', 'trained_rows_path', 'read_trained_rows',
            'trained_counts', 'build_learner', 'run_job', 'train_dir', 'loss_callbacks', 'eval_splits', 'train_job',
            'train_model', 'lowres_job', 'train_round', 'StageOutputMissing', 'missing_output', 'require_data',
-           'trained_model', 'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class', 'metrics_table',
+           'trained_model', 'run_train', 'train_stage', 'launch_job', 'plot_history', 'plot_per_class',
            'per_class_split', 'train_report']
 
 # %% ../nbs/02_train.ipynb #90b5deff
@@ -69,7 +70,8 @@ class TrainParams:
     iteration:int=0               # cleaning iteration whose index to train on; 0: the data stage's index (all data)
     tag:str=''                    # variant name: runs/<exp>/train-<tag>/<iteration>/; '' -> runs/<exp>/train/<iteration>/
     arch:str='efficientnet_lite0' # timm backbone name
-    pretrained:str='package'      # none | timm | package | auto | path to a local state dict (aliprod.models.create_model)
+    pretrained:bool=True          # ImageNet weights (timm's meaning); false: random initialisation
+    weights:str='package'         # where they come from: package | timm (model hub) | path to a state dict (models.create_model)
     head:str='linear'             # classifier head in aliprod.models.HEADS: linear | cosine
     embed_dim:int|None=None       # embedding layer before the classifier (512 in the 2021 report); None: none
     bnneck:bool=False             # BatchNorm neck before a bias-free classifier (Luo et al. 2019)
@@ -121,6 +123,10 @@ class TrainParams:
     eval_bs:int|None=None         # inference batch per process; None: 2×bs/processes
     save_seen:bool=False          # write the rows each rank drew per epoch to seen_rows/ (sampler diagnostics)
     ablate_finetune:bool=False    # the stage also trains the high-res finetune's control (tag '<tag>-lowres': its epochs at img_size), the report's high-res row
+
+    # the old `pretrained: package | timm | none | <path>`, named by check_section
+    key_notes = {'pretrained': "where the weights come from is weights: package | timm | <path> now; write pretrained: true "
+                               "and weights: <that value> (pretrained: none is pretrained: false)"}
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"[train] {key}: {msg}")
@@ -222,7 +228,7 @@ class RecipeLoss(nn.Module):
 # %% ../nbs/02_train.ipynb #de10d123
 def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, device='cpu')->ProductNet:
     "The ProductNet of train parameters `p` with the weights of `model_path` (model.pth, weights_only=True), in eval mode"
-    net = create_model(p.arch, num_classes, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck, pretrained='none', img_size=p.img_size)
+    net = create_model(p.arch, num_classes, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck, pretrained=False, img_size=p.img_size)
     net.load_state_dict(torch.load(model_path, map_location='cpu', weights_only=True))  # restores the normalisation buffers too
     return net.to(device).eval()
 
@@ -448,7 +454,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
                           f"finetune at {p.finetune_size}px in the same run; set finetune_epochs: 0 (or train a second tag at img_size: {p.finetune_size})")
     seed_everything(exp.seed, deterministic=device.type != 'cuda')
     net = create_model(p.arch, K, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck,
-                       pretrained='none' if job.init or job.resume_from else p.pretrained,
+                       pretrained=p.pretrained and not (job.init or job.resume_from), weights=p.weights,
                        drop_rate=p.drop_rate, drop_path_rate=p.drop_path_rate, img_size=p.img_size)
     if job.init: load_init(net, job.init)  # its normalisation buffers too: the transforms below follow the starting model
     cont = torch.load(job.resume_from, map_location='cpu', weights_only=True) if job.resume_from else None
@@ -535,9 +541,8 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
         if split not in paths: continue
         t = read_topk(paths[split])
         if (t.labels >= 0).any(): metrics[split] = evaluate(t, topk=(1, min(5, K)), **groups)  # an unlabelled split is predicted, not scored
-        if 'clean_label' in index.columns:
-            clean = index.set_index('row').loc[t.rows, 'clean_label'].to_numpy()
-            if (clean >= 0).any(): metrics[f'{split}_clean'] = evaluate(t, clean_label=clean, topk=(1, min(5, K)), **groups)
+        if (clean := clean_labels(index, t.rows)) is not None:
+            metrics[f'{split}_clean'] = evaluate(t, clean_label=clean, topk=(1, min(5, K)), **groups)
     atomic_write_json(out_dir/'metrics.json', metrics)
     return metrics
 
@@ -780,13 +785,6 @@ def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/02_train.ipynb #85af6fdb
-def metrics_table(metrics:dict)->pd.DataFrame:
-    "One row per evaluated split (val, test, and against clean labels) of metrics.json"
-    cols = ['n', 'top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc']
-    rows = {k: {c: v.get(c) for c in cols if c in v} for k, v in metrics.items() if isinstance(v, dict)}
-    return pd.DataFrame.from_dict(rows, orient='index').rename_axis('split')
-
 # %% ../nbs/02_train.ipynb #1ecbbff2
 def per_class_split(art:TrainArtifacts)->str|None:
     "The split the per-class figure shows: test when there is one with labels, else val, else None"
@@ -801,7 +799,7 @@ def train_report(exp:ExperimentParams, p:TrainParams, art:TrainArtifacts)->tuple
     out = report_dir(exp)
     res = f"{p.img_size}px" + (f" → {p.finetune_size}px" if p.finetune_epochs and p.finetune_size else '')
     figs = {'history': plot_history(pd.read_csv(art.history_path), f"{exp.experiment}: {p.arch}, {res}")}
-    tables = {'metrics': metrics_table(art.metrics)}
+    tables = {'metrics': metrics_table({'model': art.metrics}).drop(columns='variant').set_index('split')}
     s = per_class_split(art)
     if s is not None:
         pc = per_class_accuracy(read_topk(art.predictions[s]), **shot_groups(exp))

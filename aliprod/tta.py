@@ -21,7 +21,8 @@ from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
 from .predict import stream_predictions, eval_transform
 from .models import data_config, _fixed_input_size
-from .metrics import evaluate
+from .metrics import evaluate, metrics_table
+from .schema import clean_labels
 from .train import trained_model, require_data, load_trained_model
 from .data import load_index, dataset_info, data_artifacts, index_path, shot_groups
 from .core import StageArtifacts   # the artifacts' shape every stage shares
@@ -30,7 +31,7 @@ from .core import StageArtifacts   # the artifacts' shape every stage shares
 # %% auto #0
 __all__ = ['VIEW_REGISTRY', 'VIEWS', 'View', 'register_view', 'view_scope', 'tta_views', 'ten_crop', 'five_crop', 'tta_probs',
            'enlarged_size', 'predict_tta', 'split_metrics', 'parse_variant', 'variant_name', 'TTAParams',
-           'TTAArtifacts', 'run_tta', 'metrics_table', 'figure_split', 'tta_report', 'tta_stage']
+           'TTAArtifacts', 'run_tta', 'figure_split', 'tta_report', 'tta_stage']
 
 # %% ../nbs/05_tta.ipynb #109a4059
 @dataclass(frozen=True)
@@ -156,9 +157,8 @@ def split_metrics(t,                       # TopK predictions of one split
     "{split: evaluate(given labels), split_clean: evaluate(clean labels) where any are known}, as the train stage reports them"
     topk = (1, min(5, t.num_classes, t.k))
     out = {split: evaluate(t, train_counts=train_counts, topk=topk, **kwargs)}
-    if 'clean_label' in index.columns:
-        clean = index.set_index('row').loc[t.rows, 'clean_label'].to_numpy()
-        if (clean >= 0).any(): out[f'{split}_clean'] = evaluate(t, train_counts=train_counts, clean_label=clean, topk=topk, **kwargs)
+    if (clean := clean_labels(index, t.rows)) is not None:
+        out[f'{split}_clean'] = evaluate(t, train_counts=train_counts, clean_label=clean, topk=topk, **kwargs)
     return out
 
 # %% ../nbs/05_tta.ipynb #390bc1df
@@ -286,17 +286,6 @@ def run_tta(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir
     res = TTAArtifacts(base, preds, metrics, art.metrics)
     res.figures, res.tables = tta_report(exp, res)
     return res
-
-def metrics_table(metrics:dict,                # name -> {split: metrics dict} (TTAArtifacts.metrics, or train metrics)
-                  cols:tuple=('top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc'),
-                 )->pd.DataFrame:
-    "One row per (name, split/target), the error columns as floats"
-    recs = []
-    for name, m in metrics.items():
-        for split, d in m.items():
-            if isinstance(d, dict) and 'top1_err' in d:
-                recs.append({'variant': name, 'split': split, 'n': d.get('n'), **{c: d.get(c, np.nan) for c in cols}})
-    return pd.DataFrame(recs, columns=['variant', 'split', 'n', *cols])
 
 def figure_split(table:pd.DataFrame)->str|None:
     "The split the TTA figure shows: val (against clean labels when known), else test, else None"

@@ -78,7 +78,8 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     from aliprod.rebalance import rebalance_features, _load_split
     from aliprod.decoupled import ncm_temperature
     from aliprod.system import Candidate, _rows_df
-    from aliprod.deploy import _load_member_model, view_embeddings, head_predict, build_head, head_tensors
+    from aliprod.deploy import _load_member_model, view_embeddings, build_head, head_tensors
+    from aliprod.decoupled import head_topk, Features
     base, info = experiment_dir(exp), dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     member = next(c for c in pool if c.name == f'train:{r}').recipe['members'][0]
@@ -108,7 +109,7 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
         pos = pd.Series(np.arange(len(tk)), index=tk.rows)
         return [tk.take(pos.loc[rows].to_numpy()) for rows in (sets.choose_rows, sets.report_rows)]
     def cand(m, h, v, f):   # a placeholder member: these heads are measured here, never deployed
-        tk = head_predict(build_head(h, model.classifier), f, val.rows, val.labels, 10)
+        tk = head_topk(build_head(h, model.classifier), Features(val.rows, val.labels, f), 10)
         return Candidate(f'{m}:{r}:{v}', {'members': [{'head': f'{m}:{r}:{v}'}]}, *halves(tk), {'method': m})
     return {v: [cand(m, h, v, f) for m, h in sorted(heads.items())] for v, f in feats.items()}
 

@@ -39,7 +39,7 @@ def test_demo_time_prints_the_per_stage_breakdown(tmp_path):
     p.write_text(yaml.safe_dump({'experiment': 'tiny', 'device': 'cpu',
                                  'data': {'n_classes': 4, 'family_size': 2, 'max_per_class': 12, 'min_per_class': 4, 'val_per_class': 2,
                                           'test_per_class': 2, 'img_size': 32, 'img_size_max': 32, 'gen_workers': 1, 'scan_workers': 1},
-                                 'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': None,
+                                 'train': {'arch': 'test_efficientnet', 'pretrained': False, 'img_size': 32, 'finetune_size': None,
                                            'finetune_epochs': 0, 'epochs': 2, 'bs': 8, 'workers': 0},
                                  'report': {'hires_tag': None}, 'pipeline': {'stages': ['train', 'report']}}))
     out = tmp_path/'demo_time.json'
@@ -66,7 +66,7 @@ def test_tau_norm_benchmark_on_a_tiny_run(tmp_path):
     p.write_text(yaml.safe_dump({'experiment': 'tinytau', 'device': 'cpu', 'runs_dir': str(tmp_path/'runs'), 'reports_dir': str(tmp_path/'reports'),
                                  'data': {'n_classes': 6, 'family_size': 2, 'max_per_class': 24, 'min_per_class': 3, 'val_per_class': 3,
                                           'test_per_class': 3, 'img_size': 32, 'img_size_max': 32, 'gen_workers': 1, 'scan_workers': 1},
-                                 'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': None,
+                                 'train': {'arch': 'test_efficientnet', 'pretrained': False, 'img_size': 32, 'finetune_size': None,
                                            'finetune_epochs': 0, 'epochs': 2, 'bs': 8, 'workers': 0, 'head_cap': 12},
                                  'rebalance': {'iteration': 0, 'methods': ['tau_norm'], 'finetune': 'classifier'},
                                  'pipeline': {'stages': ['train', 'rebalance']}}))

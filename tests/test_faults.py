@@ -15,7 +15,7 @@ POOL_DATA = {'n_classes': 24, 'family_size': 4, 'max_per_class': 80, 'min_per_cl
 # a run that trains in seconds: 12 classes at 32 px, a tiny timm test network, 2 epochs
 TINY = {'data': {'n_classes': 12, 'family_size': 3, 'max_per_class': 30, 'min_per_class': 6, 'val_per_class': 3,
                  'test_per_class': 3, 'img_size': 32, 'img_size_max': 40, 'gen_workers': 2, 'scan_workers': 2},
-        'train': {'arch': 'test_efficientnet_ln', 'pretrained': 'none', 'optimizer': 'sgd', 'wd': 0.0005,
+        'train': {'arch': 'test_efficientnet_ln', 'pretrained': False, 'optimizer': 'sgd', 'wd': 0.0005,
                   'img_size': 32, 'finetune_size': None, 'finetune_epochs': 0, 'epochs': 2, 'bs': 32, 'lr': 0.05,
                   'warmup_epochs': 1, 'milestones': [2], 'eval_splits': ['val']},
         'pipeline': {'html': False, 'stages': ['train']}}

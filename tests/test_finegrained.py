@@ -80,7 +80,7 @@ def test_lio_shapes_and_targets():
 @pytest.mark.parametrize('method', ['dcl', 'lio'])
 def test_losses_reach_the_backbone(method):
     torch.manual_seed(0)
-    model = create_model('resnet18', 4, pretrained='none')
+    model = create_model('resnet18', 4, pretrained=False)
     net = (dcl_net(model, 3) if method == 'dcl' else lio_net(model)).train()
     x, y = torch.randn(4, 3, 96, 96), torch.tensor([0, 0, 1, 1])
     if method == 'dcl':
@@ -100,7 +100,7 @@ def test_losses_reach_the_backbone(method):
 @pytest.mark.parametrize('method', ['dcl', 'lio'])
 def test_eval_forward_is_the_plain_forward(method):
     torch.manual_seed(3)
-    model = create_model('resnet18', 6, embed_dim=32, bnneck=True, pretrained='none')
+    model = create_model('resnet18', 6, embed_dim=32, bnneck=True, pretrained=False)
     ref = copy.deepcopy(model)
     net = dcl_net(model, 2) if method == 'dcl' else lio_net(model)
     net.train(); net(torch.randn(4, 3, 64, 64))            # training forward updates BN statistics of the shared model ...
@@ -131,7 +131,7 @@ def test_callbacks_in_a_fastai_learner_with_product_net():
 
     for cb in (DCLCallback(num_patches=2), LIOCallback(positives=1)):
         torch.manual_seed(0)
-        model = create_model('resnet18', 3, pretrained='none')
+        model = create_model('resnet18', 3, pretrained=False)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         learn = Learner(DataLoaders(DataLoader(DS(12), batch_size=6, drop_last=True), DataLoader(DS(6), batch_size=6)), model,
                         loss_func=nn.CrossEntropyLoss(), opt_func=lambda *_, **__: OptimWrapper(opt=opt), cbs=[cb])
@@ -158,7 +158,7 @@ def test_stage_without_a_test_split(tmp_path):
     exp = ExperimentParams(experiment='notest', seed=1, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=4, family_size=4, max_per_class=24, min_per_class=6, val_per_class=3, test_per_class=0,
                       img_size=48, img_size_max=56, gen_workers=1, scan_workers=1)
-    t = T.TrainParams(arch='test_efficientnet', pretrained='none', img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
+    t = T.TrainParams(arch='test_efficientnet', pretrained=False, img_size=64, finetune_size=None, finetune_epochs=0, epochs=1, bs=16,
                       warmup_epochs=0, milestones=[1], eval_splits=['train', 'val'])
     from aliprod.data import prepare_data
     prepare_data(exp, data); T.train_round(exp, data, t)   # what the stage needs (`call_stage` runs them first)

@@ -63,7 +63,7 @@ def _params(tmp:Path, data:dict, splits:set, stages:list[str]|None=None)->Path:
     "Smoke sizes (the typed defaults, shrunk further); `stages` (None: every stage); the report on the split there is to report on"
     cfg = {'experiment': 'fmt', 'seed': 0, 'device': 'cpu', 'runs_dir': str(tmp/'runs'), 'reports_dir': str(tmp/'reports'),
            'data': {**data, 'root': str(tmp/'data'), 'scan_workers': 1, 'many_threshold': 12, 'few_threshold': 6},
-           'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': 40, 'epochs': 2,
+           'train': {'arch': 'test_efficientnet', 'pretrained': False, 'img_size': 32, 'finetune_size': 40, 'epochs': 2,
                      'finetune_epochs': 1, 'bs': 8, 'workers': 0, 'embed_dim': 16},
            'finegrained': {'methods': ['plain', 'dcl'], 'epochs': 1, 'img_size': 40, 'head_cap': 6, 'dcl_patches': 2},
            'clean': {'iteration': 1, 'allow_aggressive': True},

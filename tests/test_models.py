@@ -28,10 +28,10 @@ def test_every_head_shapes_and_consistency(head, embed_dim, bnneck):
 
 
 def test_state_dict_round_trip_keeps_weights_and_normalisation(tmp_path):
-    "model.pth is loaded with weights_only=True into a model built with pretrained='none': same logits, same mean/std"
-    m = create_model('efficientnet_lite0', 4, embed_dim=8, bnneck=True, head='cosine', pretrained='package').eval()
+    "model.pth is loaded with weights_only=True into a model built with pretrained=False: same logits, same mean/std"
+    m = create_model('efficientnet_lite0', 4, embed_dim=8, bnneck=True, head='cosine', pretrained=True).eval()
     atomic_torch_save(m.state_dict(), tmp_path/'model.pth')
-    m2 = create_model('efficientnet_lite0', 4, embed_dim=8, bnneck=True, head='cosine', pretrained='none').eval()
+    m2 = create_model('efficientnet_lite0', 4, embed_dim=8, bnneck=True, head='cosine', pretrained=False).eval()
     m2.load_state_dict(torch.load(tmp_path/'model.pth', weights_only=True), strict=True)
     assert data_config(m2)['mean'] == data_config(m2)['std'] == (0.5, 0.5, 0.5)
     with torch.no_grad(): torch.testing.assert_close(m2(X), m(X))
@@ -42,17 +42,17 @@ def test_local_weights_refused_on_wrong_shape_or_missing_key(tmp_path):
     bad = dict(sd, **{'layer3.0.conv1.weight': torch.zeros(256, 128, 1, 1)})
     torch.save(bad, tmp_path/'shape.pth')
     with pytest.raises(ValueError, match=r"'layer3.0.conv1.weight' has shape \(256, 128, 1, 1\) in the file but \(256, 128, 3, 3\)"):
-        create_model('resnet18', 3, pretrained=tmp_path/'shape.pth')
+        create_model('resnet18', 3, pretrained=True, weights=tmp_path/'shape.pth')
     del sd['bn1.weight']
     torch.save(sd, tmp_path/'missing.pth')
     with pytest.raises(ValueError, match="lacks key 'bn1.weight'"):
-        create_model('resnet18', 3, pretrained=tmp_path/'missing.pth')
+        create_model('resnet18', 3, pretrained=True, weights=tmp_path/'missing.pth')
 
 
 def test_package_weights_map_onto_timm_lite0():
     pw = PACKAGE_WEIGHTS['efficientnet_lite0']
     assert pw.available() and pw.path().is_file()
-    m = create_model('efficientnet_lite0', 3, pretrained='auto')
+    m = create_model('efficientnet_lite0', 3, pretrained=True)
     assert m.pretrained_source == 'package' and (pw.mean, pw.std) == ((0.5,) * 3, (0.5,) * 3)
     assert not torch.allclose(m.backbone.bn2.running_var, torch.ones_like(m.backbone.bn2.running_var))
     ref = timm.create_model('efficientnet_lite0', pretrained=False)

@@ -46,7 +46,7 @@ def make_aliproducts(root:Path, counts=TRAIN_COUNTS, val_per_class=VAL_PER_CLASS
 SIZE_ONLY = {
     'device': 'cpu',
     'data': {'scan_workers': 2, 'many_threshold': 12, 'few_threshold': 6},
-    'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': 40, 'epochs': 2,
+    'train': {'arch': 'test_efficientnet', 'pretrained': False, 'img_size': 32, 'finetune_size': 40, 'epochs': 2,
               'finetune_epochs': 1, 'warmup_epochs': 1, 'milestones': [2], 'bs': 16, 'gpus': 1, 'workers': 0,
               'amp': False, 'embed_dim': 16},
     'rebalance': {'crt_epochs': 1, 'batch_size': 16, 'head_cap': 12, 'subset_per_class': 6, 'network_epochs': 1},

@@ -235,7 +235,8 @@ def test_rebalance_refuses_before_work_what_the_splits_cannot_support(tmp_path):
     import aliprod.train as T
     from aliprod.config import ExperimentParams
     from aliprod.data import DataParams
-    from aliprod.rebalance import run_rebalance, labelled_splits
+    from aliprod.rebalance import run_rebalance
+    from aliprod.schema import labelled_splits
     import pandas as pd
     exp = ExperimentParams(experiment='noval', seed=2, runs_dir=str(tmp_path/'runs'), reports_dir=str(tmp_path/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=0, test_per_class=3,

@@ -16,7 +16,7 @@ def _params(tmp:Path, data:Path)->Path:
     cfg = {'experiment': EXP, 'seed': 0, 'device': 'cpu', 'runs_dir': str(tmp/'runs'), 'reports_dir': str(tmp/'reports'),
            'data': {'source': 'aliproducts', 'root': str(data), 'train_file': 'train.json', 'val_file': 'val.json',
                     'scan_workers': 1, 'many_threshold': 12, 'few_threshold': 6},
-           'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'img_size': 32, 'finetune_size': None, 'finetune_epochs': 0,
+           'train': {'arch': 'test_efficientnet', 'pretrained': False, 'img_size': 32, 'finetune_size': None, 'finetune_epochs': 0,
                      'epochs': 2, 'warmup_epochs': 0, 'milestones': [2], 'bs': 16, 'workers': 0, 'embed_dim': 16, 'amp': False},
            'clean': {'iteration': 1, 'select': 'validation', 'allow_aggressive': True},
            'rebalance': {'iteration': 'kept', 'methods': ['crt', 'tau_norm', 'logit_adjust', 'ncm'], 'crt_epochs': 1, 'batch_size': 16,

@@ -12,7 +12,7 @@ runs_dir: {tmp}/runs
 reports_dir: {tmp}/reports
 data: {{n_classes: 5, family_size: 5, max_per_class: 10, min_per_class: 6, val_per_class: 4, test_per_class: 4,
         img_size: 32, img_size_max: 40, gen_workers: 1, scan_workers: 1}}
-train: {{arch: test_efficientnet_ln, pretrained: none, optimizer: sgd, img_size: 32, finetune_size: null, finetune_epochs: 0, epochs: 1, bs: 16, lr: 0.05, warmup_epochs: 0,
+train: {{arch: test_efficientnet_ln, pretrained: false, optimizer: sgd, img_size: 32, finetune_size: null, finetune_epochs: 0, epochs: 1, bs: 16, lr: 0.05, warmup_epochs: 0,
          milestones: [1], eval_splits: [val, test]}}
 tta: {{views: flip, enlarge: 1.0, splits: [test]}}
 report: {{bootstrap: 200}}

@@ -18,7 +18,7 @@ def small_run(tmp:Path, name:str='stale'):
     exp = ExperimentParams(experiment=name, seed=1, runs_dir=str(tmp/'runs'), reports_dir=str(tmp/'reports'))
     data = DataParams(n_classes=5, family_size=5, max_per_class=30, min_per_class=6, val_per_class=6, test_per_class=0,
                       img_size=32, img_size_max=40, gen_workers=1, scan_workers=1)
-    t = T.TrainParams(arch='test_efficientnet', pretrained='none', embed_dim=16, optimizer='sgd', wd=5e-4, img_size=32,
+    t = T.TrainParams(arch='test_efficientnet', pretrained=False, embed_dim=16, optimizer='sgd', wd=5e-4, img_size=32,
                       finetune_size=None, finetune_epochs=0, epochs=1, bs=16, lr=0.05, warmup_epochs=0, milestones=[1],
                       eval_splits=['train', 'val'])
     from aliprod.data import prepare_data

@@ -7,7 +7,7 @@ from aliprod.pipeline import main
 # a run that trains in seconds: 5 classes at 32 px, a tiny timm test network, 1 epoch (the shapes of test_faults.TINY)
 TINY = {'data': {'n_classes': 5, 'family_size': 5, 'max_per_class': 30, 'min_per_class': 6, 'val_per_class': 3,
                  'test_per_class': 0, 'img_size': 32, 'img_size_max': 40, 'gen_workers': 1, 'scan_workers': 1},
-        'train': {'arch': 'test_efficientnet', 'pretrained': 'none', 'embed_dim': 16, 'optimizer': 'sgd', 'wd': 0.0005,
+        'train': {'arch': 'test_efficientnet', 'pretrained': False, 'embed_dim': 16, 'optimizer': 'sgd', 'wd': 0.0005,
                   'img_size': 32, 'finetune_size': None, 'finetune_epochs': 0, 'epochs': 1, 'bs': 16, 'lr': 0.05,
                   'warmup_epochs': 0, 'milestones': [1], 'eval_splits': ['val']},
         'pipeline': {'html': False, 'stages': ['train']}}

@@ -104,9 +104,9 @@ def test_wrong_shape_weight_file_is_refused(exp, tmp_path):
     sd[k] = torch.zeros(*sd[k].shape[:-1], sd[k].shape[-1] + 2)
     torch.save(sd, tmp_path/'bad.pth')
     with pytest.raises(ValueError, match='shape'):
-        run_train(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'bad.pth'), tag='badweights'))
+        run_train(exp, DATA, TrainParams(**FAST, pretrained=True, weights=str(tmp_path/'bad.pth'), tag='badweights'))
     with pytest.raises(FileNotFoundError, match='not found'):
-        run_train(exp, DATA, TrainParams(**FAST, pretrained=str(tmp_path/'missing.pth'), tag='badweights'))
+        run_train(exp, DATA, TrainParams(**FAST, pretrained=True, weights=str(tmp_path/'missing.pth'), tag='badweights'))
 
 
 def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
@@ -130,7 +130,7 @@ def test_topk_predictions_agree_with_dense_probabilities(exp, tmp_path):
 
 def test_an_image_that_breaks_before_prediction_gets_no_prediction(exp, tmp_path):
     import shutil
-    net = create_model('resnet18', 6, pretrained='none').eval()
+    net = create_model('resnet18', 6, pretrained=False).eval()
     val = load_index(exp).query("split == 'val'").head(9)
     src, root = Path(dataset_info(exp)['root']), tmp_path/'root'
     for p in val['path']: (root/p).parent.mkdir(parents=True, exist_ok=True); shutil.copy(src/p, root/p)
@@ -163,7 +163,7 @@ def test_kfold_trains_without_the_fold_and_predicts_it(exp):
 def test_ddp_two_gloo_processes_match_one_process(exp):
     # LayerNorm model, no augmentation or dropout: every global batch holds the same images in both runs and DDP
     # averages the two half-batch gradients, i.e. the full-batch mean, so weights differ only by float summation order
-    cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=3,
+    cfg = dict(arch='test_efficientnet_ln', pretrained=False, img_size=32, finetune_size=None, finetune_epochs=0, epochs=3,
                bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=1, milestones=[], random_resized_crop=False, hflip=0., brightness_contrast=0.,
                eval_splits=['val'], save_seen=True)
     single = run_train(exp, DATA, TrainParams(**cfg, tag='single'))
@@ -212,7 +212,7 @@ def test_hooks_refuse_bad_input(exp, tmp_path):
     rows = tmp_path/'rows.parquet'; pd.DataFrame({'row': [val_row]}).to_parquet(rows)
     p = TrainParams(**{**FAST, 'finetune_epochs': 0, 'epochs': 1, 'warmup_epochs': 0, 'milestones': [], 'bs': 8}, tag='bad-rows')
     with pytest.raises(ParamsError, match='not labelled train rows'): run_train(exp, DATA, p, rows=rows)
-    other = tmp_path/'resnet.pth'; torch.save(create_model('resnet18', 6, pretrained='none').state_dict(), other)
+    other = tmp_path/'resnet.pth'; torch.save(create_model('resnet18', 6, pretrained=False).state_dict(), other)
     with pytest.raises(ParamsError, match='resnet.pth does not fit'): run_train(exp, DATA, replace(p, tag='bad-init'), init=other)
     with pytest.raises(FileNotFoundError, match='init file'): run_train(exp, DATA, p, init=tmp_path/'missing.pth')
     with pytest.raises(ValueError, match='must be a function of an aliprod module'): T.build_callbacks([{'factory': 'os.system', 'kwargs': {}}])
@@ -240,7 +240,7 @@ def test_resume_with_training_only_heads_equals_straight_run(exp):
 
 def test_ddp_workers_rebuild_callbacks_from_specs(exp):
     spec = callback_spec('dcl', FinegrainedParams(dcl_patches=2))
-    cfg = dict(arch='test_efficientnet_ln', pretrained='none', img_size=32, finetune_size=None, finetune_epochs=0, epochs=1,
+    cfg = dict(arch='test_efficientnet_ln', pretrained=False, img_size=32, finetune_size=None, finetune_epochs=0, epochs=1,
                bs=16, lr=0.05, optimizer='sgd', wd=5e-4, warmup_epochs=0, milestones=[], eval_splits=['val'])
     ddp = run_train(exp, DATA, TrainParams(**cfg, gpus=2, tag='ddp-dcl'), callbacks=spec)
     h = pd.read_csv(ddp.history_path)

@@ -36,7 +36,7 @@ def net(request):
             torch.manual_seed(0)
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6)).eval()
     from aliprod.models import create_model
-    return create_model('resnet10t', num_classes=6, pretrained='none').eval()
+    return create_model('resnet10t', num_classes=6, pretrained=False).eval()
 
 @pytest.mark.parametrize('views', ['ten', 'five', 'flip', 'center'])
 def test_batched_forward_equals_view_by_view(net, views):
@@ -60,7 +60,7 @@ def test_an_image_broken_after_the_scan_gets_no_prediction_from_either_path(tmp_
     rng = np.random.default_rng(0)
     for i in range(4): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path/f'{i}.png')
     idx = pd.DataFrame({'row': np.arange(4), 'path': [f'{i}.png' for i in range(4)], 'label': [0, 1, 2, 3], 'split': 'val'})
-    net = create_model('resnet10t', num_classes=5, pretrained='none').eval()
+    net = create_model('resnet10t', num_classes=5, pretrained=False).eval()
     good_p = read_topk(predict(net, idx, 'val', tmp_path/'p_all.parquet', tmp_path, 32, k=3, bs=2))
     good_t = read_topk(predict_tta(net, idx, 'val', tmp_path/'t_all.parquet', tmp_path, 32, 'ten', 1.25, k=3, bs=2))
     (tmp_path/'1.png').write_bytes(b'\xff\xd8\xff garbage')  # broke after the data stage's scan
