@@ -42,15 +42,16 @@ demo: install
 ## make test: package in sync with the notebooks, notebooks clean, then nbdev-test and pytest
 test: install-dev check-sync nbtest pytest
 
-# nbdev-export must leave aliprod/ unchanged and nbdev-clean must leave nbs/ unchanged.
+# nbdev-export must leave aliprod/ unchanged, nbdev-clean nbs/, and scripts/named_variants.py (the lists of registered
+# rules, methods, sources and views) README.md and nbs/index.ipynb.
 check-sync: install-dev
-	@before=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb | sha1sum); \
-	$(BIN)/nbdev-export && $(BIN)/nbdev-clean || exit 1; \
-	after=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb | sha1sum); \
+	@before=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb README.md | sha1sum); \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(BIN)/python scripts/named_variants.py || exit 1; \
+	after=$$(ls aliprod nbs; cat aliprod/*.py nbs/*.ipynb README.md | sha1sum); \
 	if [ "$$before" != "$$after" ]; then \
-	  echo "aliprod/ or nbs/ was out of sync: nbdev-export/nbdev-clean changed these files (commit them):"; \
-	  git status --porcelain -- aliprod nbs; exit 1; fi
-	@echo "check-sync: aliprod/ matches nbs/, notebooks clean"
+	  echo "aliprod/, nbs/ or README.md was out of sync: nbdev-export/nbdev-clean/named_variants changed these files (commit them):"; \
+	  git status --porcelain -- aliprod nbs README.md; exit 1; fi
+	@echo "check-sync: aliprod/ matches nbs/, notebooks clean, named-variant lists current"
 
 nbtest: install-dev
 	$(BIN)/nbdev-test --n-workers 2 --timing

@@ -1,37 +1,30 @@
-"""The README's and index.ipynb's lists of named variants come from the registries (#22): a rule, method, source or TTA
-view registered in code but missing from the docs fails here, with the block to paste."""
-import json
+"""The README's and index.ipynb's lists of named variants come from the registries (#22): scripts/named_variants.py
+writes them (`make check-sync` runs it), so registering a rule, method, source or TTA view is the only edit."""
+import importlib.util, json
 from pathlib import Path
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK = '<!-- named variants: generated from the registries; tests/test_registries.py checks it -->'
+_spec = importlib.util.spec_from_file_location('named_variants', ROOT/'scripts'/'named_variants.py')
+nv = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(nv)
 
 
-def named_variants_block()->str:
-    "The README table of every registered name, one row per registry"
-    from aliprod.noise import RULE_REGISTRY
-    from aliprod.decoupled import METHOD_REGISTRY
-    from aliprod.schema import SOURCES
-    from aliprod.tta import VIEW_REGISTRY
-    def names(d, note=lambda k: ''): return ', '.join(f'`{k}`{note(k)}' for k in d)
-    need = lambda k: f" ({', '.join(RULE_REGISTRY[k].needs)})" if RULE_REGISTRY[k].needs else ''
-    ft = lambda k: ' (finetune)' if METHOD_REGISTRY[k].finetune else ''
-    rows = [('cleaning rules', '`clean: rules`', '`aliprod.noise.register_rule`', names(RULE_REGISTRY, need)),
-            ('rebalance methods', '`rebalance: methods`', '`aliprod.decoupled.register_method`', names(METHOD_REGISTRY, ft)),
-            ('data sources', '`data: source`', '`aliprod.schema.SOURCES`', names(SOURCES)),
-            ('TTA views', '`tta: views`, `compare` (`<views>@<enlarge>`)', '`aliprod.tta.register_view`', names(VIEW_REGISTRY))]
-    return '\n'.join([MARK, '| variant | parameter | registry | names |', '|---|---|---|---|',
-                      *(f'| {a} | {b} | {c} | {d} |' for a, b, c, d in rows)])
+def test_the_lists_are_current(capsys):
+    assert nv.main(['--check']) == 0, capsys.readouterr().out
 
 
-def test_readme_lists_every_registered_name():
-    block = named_variants_block()
-    assert block in (ROOT/'README.md').read_text(), f"README.md's named-variants table is stale; paste:\n\n{block}\n"
-
-
-def test_index_notebook_names_every_rule_and_method():
-    from aliprod.noise import RULE_REGISTRY
-    from aliprod.decoupled import METHOD_REGISTRY
-    text = ''.join(''.join(c['source']) for c in json.loads((ROOT/'nbs'/'index.ipynb').read_text())['cells'])
-    missing = [n for n in (*RULE_REGISTRY, *METHOD_REGISTRY) if f'`{n}`' not in text]
-    assert not missing, f"nbs/index.ipynb does not name {missing}: add them to the 03_clean / 04_rebalance rows"
+def test_a_newly_registered_rule_is_written_into_both_lists():
+    from aliprod.noise import register_rule, rule_scope, RuleResult
+    readme, index = (ROOT/'README.md').read_text(), json.loads((ROOT/'nbs'/'index.ipynb').read_text())
+    with rule_scope():
+        @register_rule('margin_probe', needs=('embeddings',))
+        def _probe(t): return RuleResult(np.zeros(len(t), bool))
+        regs = nv.registries()
+    new_r = nv.new_readme(readme, regs)
+    new_i = ''.join(''.join(c['source']) for c in nv.new_index(index, regs)['cells'])
+    assert '`h2e` (embeddings), `margin_probe` (embeddings) |' in new_r
+    assert '`margin_probe` (embeddings)' in new_i
+    # only the lists change: the README keeps every other line, the index every other cell
+    assert len(new_r.split('\n')) == len(readme.split('\n'))
+    assert [l for l in new_r.split('\n') if 'margin_probe' not in l] == [l for l in readme.split('\n') if '`h2e`' not in l]
+    assert 'margin_probe' not in ''.join(''.join(c['source']) for c in nv.new_index(index, nv.registries())['cells'])

@@ -275,7 +275,9 @@ def test_system_rows_name_their_tta_and_compare_with_a_single_technique_chosen_o
     errs = [round(choose_error(c), 12) for c in pool]
     assert v['technique'] == pool[int(np.argmin(errs))].name and v['choose_mean_class_err'] == min(errs)   # chosen on the choosing images
     assert v is not None and v['candidates'] >= 10 and v['b'] == n['mean_class_err']   # b: the system on the reporting images
-    assert v['delta'] == v['b'] - v['a'] and v['lo'] <= v['delta'] <= v['hi'] and 'chosen on the choosing images' in v['sentence']
+    # the interval's ends come from the bootstrap's own sums: equal to Δ at a degenerate draw up to float rounding
+    assert v['delta'] == v['b'] - v['a'] and v['lo'] - 1e-9 <= v['delta'] <= v['hi'] + 1e-9
+    assert 'chosen on the choosing images' in v['sentence']
 
 
 def test_transfer_benchmark_reads_both_halves_and_every_single_technique(tiny, tmp_path):
