@@ -297,9 +297,8 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
         hint = 'pretrained=False' if str(pretrained) == 'none' else f"pretrained=True, weights={str(pretrained)!r}"
         raise TypeError(f"pretrained is True or False (timm's meaning), got {pretrained!r}; where the weights come from "
                         f"is weights=: {hint}")
+    if pretrained and str(weights) == 'none': raise ValueError("weights='none' is pretrained=False")
     src = str(weights) if pretrained else 'none'
-    if src == 'none': pass
-    elif str(weights) == 'none': raise ValueError("weights='none' is pretrained=False")
     if src == 'package' and arch not in PACKAGE_WEIGHTS:
         raise ValueError(f"weights='package': no package weights for {arch!r}; available for: "
                          f"{', '.join(PACKAGE_WEIGHTS)}. Use weights='timm', a path, or pretrained=False")
