@@ -106,8 +106,12 @@ class _AtOnce:
 def test_killed_runs_resume_to_identical_outputs(tmp_path):
     """Killed in the data stage's pool, then in training: no worker outlives it; each rerun takes the stale lock at once,
     says so, and ends with an uninterrupted run's bytes and no temp file"""
-    cmd = kr.command(_params(tmp_path, kr.EXPERIMENT, **TINY), in_process=True)
+    # 20 epochs (a few seconds): the kill lands within half the training after epoch 1 (its log's 1 s resolution);
+    # with 2 epochs of a fraction of a second each, a quiet machine finished training before the kill
+    kill = {**TINY, 'train': {**TINY['train'], 'epochs': 20, 'milestones': [15]}}
+    cmd = kr.command(_params(tmp_path, kr.EXPERIMENT, **kill), in_process=True)
     ref = kr.reference(cmd, tmp_path, timeout=600)
+    assert ref.get('epoch_s', 0) >= 2, ref   # training long enough that a kill after epoch 1 falls inside it
     assert ref['hashes'] and not ref['temp_files_left']
     rng = kr.random.Random(0)
     for point, stage_dir in (('data-pool', 'data'), ('epoch', 'train/0')):
