@@ -34,15 +34,20 @@ __all__ = ['QUARANTINE_REASONS', 'REASON_MEANING', 'IMG_EXTENSIONS', 'PHANTOM_CO
 # %% ../nbs/01_data.ipynb #28b842c6
 # the readers' reasons, then the image check's (aliprod.images)
 QUARANTINE_REASONS = ('bad_label', 'bad_record', 'bad_path', 'duplicate_path', 'unsupported_extension') + SCAN_REASONS
-REASON_MEANING = {'bad_label': 'label not an integer class of the dataset', 'bad_record': 'record without a path or label, or with an unknown split',
+REASON_MEANING = {'bad_label': 'label not an integer class of the dataset',
+                  'bad_record': 'record without a path or label, or with an unknown split',
                   'bad_path': 'path no file can have: a NUL byte, a lone surrogate, or longer than the system allows',
-                  'duplicate_path': 'path listed again (the first listing is kept)', 'unsupported_extension': 'file type is not an image',
-                  'outside_root': 'path or symlink leads outside the data root', 'missing': 'file not found', 'zero_byte': 'empty file',
-                  'truncated': 'image data ends early', 'undecodable': 'not an image PIL can decode', 'too_large': 'more pixels than data.max_pixels, or more decoded bytes than 4 per pixel of it'}
+                  'duplicate_path': 'path listed again (the first listing is kept)',
+                  'unsupported_extension': 'file type is not an image',
+                  'outside_root': 'path or symlink leads outside the data root', 'missing': 'file not found',
+                  'zero_byte': 'empty file', 'truncated': 'image data ends early',
+                  'undecodable': 'not an image PIL can decode',
+                  'too_large': 'more pixels than data.max_pixels, or more decoded bytes than 4 per pixel of it'}
 
 def _quarantine(df:pd.DataFrame, reason:str, detail)->pd.DataFrame:
     "Quarantine rows of `df` (needs path, split; label if known) with `reason` and per-row or single `detail`"
-    # a quarantined path may hold what made it fail (NUL, lone surrogate, a megabyte): tables get its visible, encodable form
+    # a quarantined path may hold what made it fail (NUL, lone
+    # surrogate, a megabyte): tables get its visible, encodable form
     vis = lambda s: np.array([visible_text(v, 4096) for v in s.astype(object)], dtype=object)
     q = pd.DataFrame({'path': vis(df['path']), 'split': df['split'].astype(str).to_numpy(),
                       'label': pd.to_numeric(df['label'], errors='coerce').to_numpy() if 'label' in df else np.nan,
@@ -62,19 +67,23 @@ def split_class_counts(index:pd.DataFrame, # the index (or any frame with `label
     y = df[label_col].to_numpy()
     y = y[y >= 0]
     k = num_classes if num_classes is not None else int(index[label_col].max()) + 1 if len(index) else 0
-    if len(y) and y.max() >= k: raise ValueError(f"split_class_counts: label {y.max()} in column {label_col!r} but num_classes={k}")
+    if len(y) and y.max() >= k:
+        raise ValueError(f"split_class_counts: label {y.max()} in column {label_col!r} but num_classes={k}")
     return np.bincount(y, minlength=k).astype(np.int64)
 
 def classes_table(index:pd.DataFrame, classes:pd.DataFrame)->pd.DataFrame:
-    "The classes table of CONTRACTS.md: `classes` (label, class_name, coarse_label) with n_train, n_val, n_test from `index`"
+    ("The classes table of CONTRACTS.md: `classes` (label, class_name, coarse_label) with n_train, n_val, n_test from "
+     "`index`")
     k = len(classes)
     out = classes[['label', 'class_name', 'coarse_label']].copy().reset_index(drop=True)
     for s in SPLITS: out[f'n_{s}'] = split_class_counts(index, k, s)
-    return out.astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32', 'n_train':'int64', 'n_val':'int64', 'n_test':'int64'})
+    return out.astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32', 'n_train':'int64', 'n_val':'int64',
+                       'n_test':'int64'})
 
 # %% ../nbs/01_data.ipynb #f127bb6e
 def _normalise_paths(paths:pd.Series,
-                     backslash_separates:bool=True, # False where a backslash is part of a name (AliProducts ids, folder names on POSIX)
+                     # False where a backslash is part of a name (AliProducts ids, folder names on POSIX)
+                     backslash_separates:bool=True,
                     )->pd.Series:
     "POSIX separators, no './' segments, no repeated slashes"
     s = paths.astype(str).str.replace('\\', '/', regex=False) if backslash_separates else paths.astype(str)
@@ -118,12 +127,14 @@ def path_unusable(p:str,            # a relative path or one part of it (a class
 def unusable_paths(paths:pd.Series, # relative paths, as the readers build them
                    root:str|Path,   # their data root (its length counts; its file system sets the limits)
                   )->pd.Series:
-    "Per path: '' when the system can open it, else why not (`path_unusable`); only paths that may be too long are encoded"
+    ("Per path: '' when the system can open it, else why not (`path_unusable`); only paths that may be too long are "
+     "encoded")
     path_max, name_max = path_limits(root)
     room = path_max - len(os.fsencode(str(Path(root).absolute()))) - 1
     s = paths.astype(str)
     out = pd.Series('', index=paths.index, dtype='str')
-    cand = s.str.contains('\x00', regex=False) | (s.str.len() > min(room, name_max) // 4)  # UTF-8 takes at most 4 bytes a character
+    # UTF-8 takes at most 4 bytes a character
+    cand = s.str.contains('\x00', regex=False) | (s.str.len() > min(room, name_max) // 4)
     if cand.any(): out[cand] = [path_unusable(p, room, name_max) for p in s[cand]]
     return out
 
@@ -136,8 +147,10 @@ def _int_or_nan(s:pd.Series)->pd.Series:
 def _finish_records(rec:pd.DataFrame,          # path, label, split, source[, class_name, coarse_label]
                     classes:pd.DataFrame|None,  # label, class_name, coarse_label; None: K = 1 + largest valid label
                     quarantine:list[pd.DataFrame]|None=None, # rows already quarantined by the reader
-                    root:str|Path|None=None,    # the data root: paths longer than its file system allows are quarantined
-                    backslash_separates:bool=True, # False: a backslash is part of a name (AliProducts ids, POSIX folder names)
+                    # the data root: paths longer than its file system allows are quarantined
+                    root:str|Path|None=None,
+                    # False: a backslash is part of a name (AliProducts ids, POSIX folder names)
+                    backslash_separates:bool=True,
                    )->ReadResult:
     "Check paths, labels and duplicates; return the canonical index, classes and quarantine"
     qs = list(quarantine or [])
@@ -145,43 +158,54 @@ def _finish_records(rec:pd.DataFrame,          # path, label, split, source[, cl
     rec['path'] = _normalise_paths(rec['path'], backslash_separates) if len(rec) else rec['path'].astype(str)
     if root is not None:
         why = unusable_paths(rec['path'], root); bad = why != ''
-        qs.append(_quarantine(rec[bad], 'bad_path', ('path ' + why[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy())); rec = rec[~bad]
+        qs.append(_quarantine(rec[bad], 'bad_path',
+                              ('path ' + why[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy()))
+        rec = rec[~bad]
     prob = path_problems(rec['path'])
     bad = prob != ''
-    qs.append(_quarantine(rec[bad], 'outside_root', (prob[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy())); rec = rec[~bad]
+    qs.append(_quarantine(rec[bad], 'outside_root', (prob[bad] + ' (' + rec.loc[bad, 'source'] + ')').to_numpy()))
+    rec = rec[~bad]
     lab = _int_or_nan(rec['label'])
     k = len(classes) if classes is not None else int(lab[lab >= 0].max()) + 1 if (lab >= 0).any() else 0
     bad = lab.isna() | (lab < 0) | (lab >= k)
     why = np.where(lab[bad].isna(), 'label ' + rec.loc[bad, 'label'].astype(str).map(repr) + ' is not an integer',
                    'label ' + rec.loc[bad, 'label'].astype(str) + f' outside 0..{k - 1}')
-    qs.append(_quarantine(rec[bad], 'bad_label', (pd.Series(why, index=rec.index[bad]) + ' (' + rec.loc[bad, 'source'] + ')').to_numpy()))
+    qs.append(_quarantine(rec[bad], 'bad_label',
+                          (pd.Series(why, index=rec.index[bad]) + ' (' + rec.loc[bad, 'source'] + ')').to_numpy()))
     rec, lab = rec[~bad], lab[~bad]
     if 'coarse_label' in rec:
         c = rec['coarse_label'].replace('', np.nan)
         cv = _int_or_nan(c)
         bad = c.notna() & cv.isna()
-        qs.append(_quarantine(rec[bad], 'bad_label', ('coarse label ' + c[bad].astype(str).map(repr) + ' is not an integer (' + rec.loc[bad, 'source'] + ')').to_numpy()))
+        qs.append(_quarantine(rec[bad], 'bad_label',
+                              ('coarse label ' + c[bad].astype(str).map(repr) + ' is not an integer (' +
+                               rec.loc[bad, 'source'] + ')').to_numpy()))
         rec, lab, coarse = rec[~bad], lab[~bad], cv[~bad].fillna(-1)
     else: coarse = pd.Series(-1, index=rec.index)
     dup = rec['path'].duplicated(keep='first')
     if dup.any():
         first = rec[~dup].set_index('path')['source']
-        qs.append(_quarantine(rec[dup], 'duplicate_path', ('also listed at ' + rec.loc[dup, 'path'].map(first) + ' (' + rec.loc[dup, 'source'] + ')').to_numpy()))
+        qs.append(_quarantine(rec[dup], 'duplicate_path', ('also listed at ' + rec.loc[dup, 'path'].map(first) + ' (' +
+                                                           rec.loc[dup, 'source'] + ')').to_numpy()))
     keep = ~dup
     rec, lab, coarse = rec[keep], lab[keep].astype(np.int64), coarse[keep].astype(np.int64)
     if classes is None:
         names = [str(i) for i in range(k)]
         if 'class_name' in rec:  # the first name given for each label
-            given = rec.assign(label=lab)[rec['class_name'].astype(str) != ''].drop_duplicates('label').set_index('label')['class_name']
+            given = (rec.assign(label=lab)[rec['class_name'].astype(str) != '']
+                     .drop_duplicates('label').set_index('label')['class_name'])
             names = [str(given.get(i, i)) for i in range(k)]
         cc = pd.Series(coarse.to_numpy()).groupby(lab.to_numpy()).max()
-        classes = pd.DataFrame({'label': np.arange(k), 'class_name': names, 'coarse_label': cc.reindex(range(k), fill_value=-1).to_numpy()})
-    elif (classes['coarse_label'] == -1).all() and coarse.ne(-1).any():  # coarse labels given per row: the class takes its rows'
+        classes = pd.DataFrame({'label': np.arange(k), 'class_name': names,
+                                'coarse_label': cc.reindex(range(k), fill_value=-1).to_numpy()})
+    # coarse labels given per row: the class takes its rows'
+    elif (classes['coarse_label'] == -1).all() and coarse.ne(-1).any():
         cc = pd.Series(coarse.to_numpy()).groupby(lab.to_numpy()).max()
         classes = classes.assign(coarse_label=cc.reindex(range(len(classes)), fill_value=-1).to_numpy())
     name_of = classes['class_name'].astype(str).to_numpy()
     if coarse.eq(-1).all(): coarse = pd.Series(classes['coarse_label'].to_numpy()[lab.to_numpy()], index=rec.index)
-    index = pd.DataFrame({'row': np.arange(len(rec)), 'path': rec['path'].to_numpy(), 'label': lab.to_numpy(), 'split': rec['split'].to_numpy(),
+    index = pd.DataFrame({'row': np.arange(len(rec)), 'path': rec['path'].to_numpy(), 'label': lab.to_numpy(),
+                          'split': rec['split'].to_numpy(),
                           'class_name': name_of[lab.to_numpy()], 'coarse_label': coarse.to_numpy(),
                           'clean_label': -1, 'noise_kind': ''})
     classes = classes.astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32'}).reset_index(drop=True)
@@ -199,9 +223,12 @@ def _need_file(f:Path, what:str, key:str)->Path:
     return f
 
 def _read_data_text(f:Path, key:str, expected:str)->str:
-    "The text of data file `f` (UTF-8, a byte-order mark allowed), or a one-line ParamsError saying what is wrong with it"
+    ("The text of data file `f` (UTF-8, a byte-order mark allowed), or a one-line ParamsError saying what is wrong "
+     "with it")
     try: text = f.read_bytes().decode('utf-8-sig')  # Excel and Notepad write a BOM: read it rather than refuse
-    except UnicodeDecodeError as e: raise ParamsError(f"data.{key}: {f} is not UTF-8 text (byte {e.start}: {e.reason}); expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"data.{key}: {f} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          f"expected {expected}") from None
     if not text.strip(): raise ParamsError(f"data.{key}: {f} is empty; expected {expected}")
     return text
 
@@ -209,12 +236,14 @@ def _read_data_text(f:Path, key:str, expected:str)->str:
 _blanks = re.compile(r'[ \t\n\r]*').match
 
 class _JSONStream:
-    "A UTF-8 JSON file read in chunks and consumed from the front: `value()` decodes the next value with `json.JSONDecoder.raw_decode`"
+    ("A UTF-8 JSON file read in chunks and consumed from the front: `value()` decodes the next value with "
+     "`json.JSONDecoder.raw_decode`")
     def __init__(self, fh, f:Path, key:str, expected:str, chunk:int=1 << 20):
         self.fh, self.f, self.key, self.expected, self.chunk = fh, f, key, expected, chunk
         self.dec, self.raw = codecs.getincrementaldecoder('utf-8-sig')(), json.JSONDecoder().raw_decode
         self.buf, self.pos, self.eof, self.nbytes = '', 0, False, 0
-        self.lines, self.col0 = 0, 0  # newlines, and characters of the current line, in the consumed text dropped so far (for messages)
+        # newlines, and characters of the current line, in the consumed text dropped so far (for messages)
+        self.lines, self.col0 = 0, 0
 
     def _more(self)->bool:
         "Read the next chunk (dropping what was consumed); False at the end of the file"
@@ -222,7 +251,8 @@ class _JSONStream:
         b = self.fh.read(self.chunk)
         try: s = self.dec.decode(b, final=not b)
         except UnicodeDecodeError as e:
-            raise ParamsError(f"data.{self.key}: {self.f} is not UTF-8 text (byte {self.nbytes + e.start}: {e.reason}); expected {self.expected}") from None
+            raise ParamsError(f"data.{self.key}: {self.f} is not UTF-8 text (byte {self.nbytes + e.start}: "
+                              f"{e.reason}); expected {self.expected}") from None
         self.nbytes += len(b); self.eof = not b
         if self.pos > self.chunk:  # the buffer stays about one chunk long, whatever the file's size
             head = self.buf[:self.pos]; nl = head.count('\n')
@@ -235,7 +265,8 @@ class _JSONStream:
         "A ParamsError saying where the file stops being JSON"
         p = self.pos; nl = self.buf.count('\n', 0, p)
         col = p - self.buf.rfind('\n', 0, p) if nl else self.col0 + p + 1
-        raise ParamsError(f"data.{self.key}: {self.f} is not valid JSON ({msg} at line {self.lines + nl + 1}, column {col}); expected {self.expected}")
+        raise ParamsError(f"data.{self.key}: {self.f} is not valid JSON ({msg} at line {self.lines + nl + 1}, column "
+                          f"{col}); expected {self.expected}")
 
     def peek(self)->str:
         "The next character after blanks ('' at the end of the file); the blanks are consumed"
@@ -257,10 +288,12 @@ class _JSONStream:
             try:
                 v, end = self.raw(self.buf, self.pos)
                 # a number ends at the first character that cannot go on it: '1.' at the buffer's end may be '1.5'
-                if self.eof or (end < len(self.buf) and not (isinstance(v, (int, float)) and self.buf[end] in '0123456789.eE+-')):
+                if self.eof or (end < len(self.buf)
+                                and not (isinstance(v, (int, float)) and self.buf[end] in '0123456789.eE+-')):
                     self.pos = end; return v
             except json.JSONDecodeError as e:
-                # a value cut by the chunk's end fails at (or, for a string, from) there; one that fails well inside is not JSON
+                # a value cut by the chunk's end fails at (or, for a string,
+                # from) there; one that fails well inside is not JSON
                 cut = e.pos >= len(self.buf) - 8 or e.msg.startswith('Unterminated string')
                 if self.eof or not cut: self.pos = e.pos; self.fail(e.msg)
             self._more()
@@ -286,14 +319,18 @@ def json_array_items(f:Path,        # a JSON file holding an object with an arra
                 if s.peek() != '"': s.fail('Expecting property name enclosed in double quotes')
                 k = s.value(); s.take(':', "Expecting ':' delimiter")
                 if k == array_key:
-                    if array_key in keys: raise ParamsError(f"data.{key}: {f} has the key {array_key!r} twice; expected {expected}")
+                    if array_key in keys:
+                        raise ParamsError(f"data.{key}: {f} has the key {array_key!r} twice; expected {expected}")
                     if s.peek() != '[':
-                        v = s.value(); raise ParamsError(f"data.{key}: {f}: {array_key!r} is a JSON {type(v).__name__}; expected a list {expected}")
+                        v = s.value()
+                        raise ParamsError(f"data.{key}: {f}: {array_key!r} is a JSON {type(v).__name__}; expected a "
+                                          f"list {expected}")
                     s.pos += 1
                     if s.peek() == ']': s.pos += 1
                     else:
                         while True:
-                            # fast path: a value followed by its ',' or ']' inside the buffer is whole (a number too: a delimiter ends it)
+                            # fast path: a value followed by its ',' or ']' inside
+                            # the buffer is whole (a number too: a delimiter ends it)
                             buf = s.buf
                             try:
                                 v, end = s.raw(buf, _blanks(buf, s.pos).end())
@@ -310,22 +347,28 @@ def json_array_items(f:Path,        # a JSON file holding an object with an arra
                 if s.take(',}', "Expecting ',' delimiter") == '}': break
         if s.peek(): s.fail('Extra data')
         if array_key not in keys:
-            raise ParamsError(f"data.{key}: {f} has no {array_key!r} key (found {', '.join(map(repr, keys[:5])) or 'no keys'}); expected {expected}")
+            raise ParamsError(f"data.{key}: {f} has no {array_key!r} key (found "
+                              f"{', '.join(map(repr, keys[:5])) or 'no keys'}); expected {expected}")
 
 # %% ../nbs/01_data.ipynb #78714167
 def _screen_aliproducts(items, name:str, split:str, room:int, name_max:int)->tuple[pd.DataFrame, list]:
-    "(records that can name a file, quarantine rows (path, class_name, split, reason, detail)) of one file's `images` items"
+    ("(records that can name a file, quarantine rows (path, class_name, split, reason, detail)) of one file's `images` "
+     "items")
     parts, cls, img, src, bad = [], [], [], [], []
     def flush():  # into Arrow strings every 64K records: a Python str per id would cost about 4x the file's size
-        parts.append(pd.DataFrame({'class_id': pd.Series(cls, dtype='str'), 'image_id': pd.Series(img, dtype='str'), 'row': np.array(src, np.int64)}))
+        parts.append(pd.DataFrame({'class_id': pd.Series(cls, dtype='str'), 'image_id': pd.Series(img, dtype='str'),
+                                   'row': np.array(src, np.int64)}))
         cls.clear(); img.clear(); src.clear()
     for i, r in enumerate(items):
         c, m = (r.get('class_id'), r.get('image_id')) if isinstance(r, dict) else (None, None)
         c, m = ('' if c is None else str(c)), ('' if m is None else str(m))
-        if c == '' or m == '': bad.append((m, c, split, 'bad_record', f'record without class_id or image_id ({name}:{i})')); continue
-        # checked before pandas sees them: a lone surrogate cannot even be stored, a NUL or a megabyte breaks every file call
+        if c == '' or m == '':
+            bad.append((m, c, split, 'bad_record', f'record without class_id or image_id ({name}:{i})')); continue
+        # checked before pandas sees them: a lone surrogate cannot
+        # even be stored, a NUL or a megabyte breaks every file call
         if '\x00' in m or '\x00' in c or len(m) > name_max or len(c) > name_max or not (m.isascii() and c.isascii()):
-            why = next((f'{what} {w}' for what, v in (('image_id', m), ('class_id', c)) if (w := path_unusable(v, room, name_max))), '')
+            why = next((f'{what} {w}' for what, v in (('image_id', m), ('class_id', c))
+                        if (w := path_unusable(v, room, name_max))), '')
             if why: bad.append((m, c, split, 'bad_path', f'{why} ({name}:{i})')); continue
         cls.append(c); img.append(m); src.append(i)
         if len(src) == 1 << 16: flush()
@@ -346,12 +389,14 @@ def read_aliproducts(root:str|Path,   # data root
         f = _need_file(_under(root, f), f'AliProducts {split} JSON', key)
         im, bad = _screen_aliproducts(json_array_items(f, 'images', key, shape), f.name, split, room, name_max)
         if bad:
-            bq = pd.DataFrame(bad, columns=['path', 'class_name', 'split', 'reason', 'detail'], dtype=object).assign(label=np.nan)
+            bq = pd.DataFrame(bad, columns=['path', 'class_name', 'split', 'reason', 'detail'],
+                              dtype=object).assign(label=np.nan)
             qs.append(_quarantine(bq, bq['reason'].to_numpy(), bq['detail'].to_numpy()))
         # each part on its own: '/abs.jpg' or '../x' in an id must not hide inside split/class_id/image_id
         prob = path_problems(im['image_id']).where(lambda s: s != '', path_problems(im['class_id']))
         far = prob != ''
-        qs.append(_quarantine(im[far].assign(path=im.loc[far, 'image_id'], label=np.nan, class_name=im.loc[far, 'class_id']), 'outside_root',
+        qs.append(_quarantine(im[far].assign(path=im.loc[far, 'image_id'], label=np.nan,
+                                             class_name=im.loc[far, 'class_id']), 'outside_root',
                               (prob[far] + ' in image_id or class_id (' + im.loc[far, 'source'] + ')').to_numpy()))
         im = im[~far]
         # the class id is a name, never a path: a backslash in it stays (it is part of the folder's name)
@@ -367,7 +412,8 @@ def read_aliproducts(root:str|Path,   # data root
 def _read_classes_file(root:Path, classes_file)->pd.DataFrame|None:
     if classes_file is None: return None
     f = _need_file(_under(root, classes_file), 'classes file', 'classes_file')
-    names = [l.strip() for l in _read_data_text(f, 'classes_file', 'one class name per line').splitlines() if l.strip() and not l.startswith('#')]
+    names = [l.strip() for l in _read_data_text(f, 'classes_file', 'one class name per line').splitlines()
+             if l.strip() and not l.startswith('#')]
     return pd.DataFrame({'label': np.arange(len(names)), 'class_name': names, 'coarse_label': -1})
 
 def read_csv_index(root:str|Path, files:dict, classes_file:str|Path|None=None)->ReadResult:
@@ -376,15 +422,24 @@ def read_csv_index(root:str|Path, files:dict, classes_file:str|Path|None=None)->
     for split, f in files.items():
         key, shape = f'{split}_file', 'a CSV with a header line path,label[,split][,class_name][,coarse_label]'
         f = _need_file(_under(root, f), f'CSV for {split}', key)
-        try: df = pd.read_csv(io.StringIO(_read_data_text(f, key, shape)), dtype=str, keep_default_na=False, skipinitialspace=True)
-        except pd.errors.ParserError as e: raise ParamsError(f"data.{key}: {f} is not a CSV table ({str(e).strip().splitlines()[-1]}); expected {shape}") from None
+        try:
+            df = pd.read_csv(io.StringIO(_read_data_text(f, key, shape)), dtype=str, keep_default_na=False,
+                             skipinitialspace=True)
+        except pd.errors.ParserError as e:
+            raise ParamsError(f"data.{key}: {f} is not a CSV table ({str(e).strip().splitlines()[-1]}); expected "
+                              f"{shape}") from None
         df.columns = [c.strip() for c in df.columns]
         missing = {'path', 'label'} - set(df.columns)
-        if missing: raise ParamsError(f"data.{key}: {f} lacks column(s) {', '.join(sorted(missing))}; found {', '.join(df.columns)}; expected path,label[,split]")
-        df['source'] = f'{f.name}:' + pd.Series(np.arange(2, len(df) + 2), dtype='str') if len(df) else pd.Series([], dtype='str')
+        if missing:
+            raise ParamsError(f"data.{key}: {f} lacks column(s) {', '.join(sorted(missing))}; found "
+                              f"{', '.join(df.columns)}; expected path,label[,split]")
+        df['source'] = (f'{f.name}:' + pd.Series(np.arange(2, len(df) + 2), dtype='str') if len(df)
+                        else pd.Series([], dtype='str'))
         if 'split' not in df: df['split'] = split
         bad = ~df['split'].isin(SPLITS)
-        qs.append(_quarantine(df[bad], 'bad_record', ('split ' + df.loc[bad, 'split'].map(repr) + " is not train, val or test" + df.loc[bad, 'split'].map(_split_hint) +
+        qs.append(_quarantine(df[bad], 'bad_record',
+                              ('split ' + df.loc[bad, 'split'].map(repr) + " is not train, val or test" +
+                               df.loc[bad, 'split'].map(_split_hint) +
                                                       " (" + df.loc[bad, 'source'] + ')').to_numpy()))
         recs.append(df[~bad])
     return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs, root)
@@ -403,9 +458,12 @@ def read_list_files(root:str|Path, files:dict, classes_file:str|Path|None=None)-
         n = tok.str.len()
         bad = ~n.isin([2, 3])
         qs.append(_quarantine(pd.DataFrame({'path': tok[bad].str[0], 'split': split, 'label': np.nan}), 'bad_record',
-                              (f'expected "path label [coarse]", got ' + s[bad].map(repr) + ' (' + src[bad] + ')').to_numpy()))
+                              (f'expected "path label [coarse]", got ' + s[bad].map(repr) + ' (' + src[bad] +
+                               ')').to_numpy()))
         tok, src = tok[~bad], src[~bad]
-        recs.append(pd.DataFrame({'path': tok.str[0], 'label': tok.str[1], 'coarse_label': tok.str[2].astype(object).where(tok.str.len() > 2, ''), 'split': split, 'source': src}))
+        recs.append(pd.DataFrame({'path': tok.str[0], 'label': tok.str[1],
+                                  'coarse_label': tok.str[2].astype(object).where(tok.str.len() > 2, ''),
+                                  'split': split, 'source': src}))
     return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs, root)
 
 # %% ../nbs/01_data.ipynb #9a10e62d
@@ -416,14 +474,17 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     root = Path(root)
     if not root.is_dir(): raise ParamsError(f"data.root: ImageFolder root {root} not found; set data.root")
     present = [s for s in splits if (root/s).is_dir()]
-    if not present: raise ParamsError(f"data.root: {root} has none of the split folders {', '.join(splits)}; expected <root>/<split>/<class_name>/*.jpg")
+    if not present:
+        raise ParamsError(f"data.root: {root} has none of the split folders {', '.join(splits)}; expected "
+                          f"<root>/<split>/<class_name>/*.jpg")
     rows, qrows = [], []
     for split in present:
         for dirpath, dirnames, filenames in os.walk(root/split):
             rel = Path(dirpath).relative_to(root).as_posix()
             for d in list(dirnames):
                 if (Path(dirpath)/d).is_symlink():
-                    qrows.append((f'{rel}/{d}', split, 'outside_root', f'symlinked directory not followed (-> {os.readlink(Path(dirpath)/d)})'))
+                    qrows.append((f'{rel}/{d}', split, 'outside_root',
+                                  f'symlinked directory not followed (-> {os.readlink(Path(dirpath)/d)})'))
                     dirnames.remove(d)
             dirnames.sort()
             depth = rel.count('/')
@@ -431,7 +492,9 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
                 if fn.startswith('.'): continue  # .DS_Store and editor files are not data
                 p = f'{rel}/{fn}'
                 if depth == 0: qrows.append((p, split, 'bad_record', 'file outside any class folder'))
-                elif not fn.lower().endswith(IMG_EXTENSIONS): qrows.append((p, split, 'unsupported_extension', f'extension {Path(fn).suffix!r} is not an image type'))
+                elif not fn.lower().endswith(IMG_EXTENSIONS):
+                    qrows.append((p, split, 'unsupported_extension',
+                                  f'extension {Path(fn).suffix!r} is not an image type'))
                 else: rows.append((p, rel.split('/')[1], split))
     rec = pd.DataFrame(rows, columns=['path', 'class_name', 'split'])
     names = sorted(rec['class_name'].unique())
@@ -439,9 +502,11 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     rec['source'] = rec['path']
     q = pd.DataFrame(qrows, columns=['path', 'split', 'reason', 'detail'])
     q['label'] = np.nan
-    q['class_name'] = [p.split('/')[1] if p.count('/') >= 2 else '' for p in q['path']]  # the class folder a stray file sits in
+    # the class folder a stray file sits in
+    q['class_name'] = [p.split('/')[1] if p.count('/') >= 2 else '' for p in q['path']]
     classes = pd.DataFrame({'label': np.arange(len(names)), 'class_name': names, 'coarse_label': -1})
-    return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)], root, backslash_separates=False)  # os.walk's names, verbatim
+    # os.walk's names, verbatim
+    return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)], root, backslash_separates=False)
 
 def read_source(p:DataParams)->ReadResult:
     "Index the real data source that `p` describes"
@@ -471,15 +536,20 @@ def scan_images(index:pd.DataFrame,   # the index (path, label, split)
     q['reason'], q['detail'] = res.loc[bad, 'reason'].to_numpy(), res.loc[bad, 'detail'].to_numpy()
     kept = index[~bad]
     conv = res.loc[~bad & (res['conversion'] != '')]
-    conversions = pd.DataFrame({'row': index.loc[conv.index, 'row'].to_numpy(), 'path': index.loc[conv.index, 'path'].to_numpy(),
-                                'split': index.loc[conv.index, 'split'].to_numpy(), 'mode': conv['mode'].to_numpy(), 'conversion': conv['conversion'].to_numpy()})
-    return kept.reset_index(drop=True), _typed(q, QUARANTINE_COLUMNS), conversions.astype({'row':'int64', 'path':'str', 'split':'str', 'mode':'str', 'conversion':'str'})
+    conversions = pd.DataFrame({'row': index.loc[conv.index, 'row'].to_numpy(),
+                                'path': index.loc[conv.index, 'path'].to_numpy(),
+                                'split': index.loc[conv.index, 'split'].to_numpy(), 'mode': conv['mode'].to_numpy(),
+                                'conversion': conv['conversion'].to_numpy()})
+    return (kept.reset_index(drop=True), _typed(q, QUARANTINE_COLUMNS),
+            conversions.astype({'row':'int64', 'path':'str', 'split':'str', 'mode':'str', 'conversion':'str'}))
 
 # %% ../nbs/01_data.ipynb #2ae434d7
-PHANTOM_COLUMNS = {'class_name':'str', 'source_label':'Int64', 'n_quarantined':'int64', 'reasons':'str', 'splits':'str', 'action':'str'}
+PHANTOM_COLUMNS = {'class_name':'str', 'source_label':'Int64', 'n_quarantined':'int64', 'reasons':'str', 'splits':'str',
+                   'action':'str'}
 
 def _phantoms(quarantine:pd.DataFrame, names:set, labels:pd.Series)->pd.DataFrame:
-    "One row per class name seen in `quarantine` but not in `names` (the kept classes): how many records, why, and its source label"
+    ("One row per class name seen in `quarantine` but not in `names` (the kept classes): how many records, why, and "
+     "its source label")
     q = quarantine[(quarantine['class_name'] != '') & ~quarantine['class_name'].isin(names)]
     if not len(q): return _typed(pd.DataFrame(), PHANTOM_COLUMNS)
     g = q.groupby('class_name', sort=True)
@@ -492,9 +562,11 @@ def _phantoms(quarantine:pd.DataFrame, names:set, labels:pd.Series)->pd.DataFram
 def keep_seen_classes(index:pd.DataFrame,      # the final index (after reading and scanning)
                       classes:pd.DataFrame,    # label, class_name, coarse_label of the reader
                       quarantine:pd.DataFrame, # everything quarantined, with the reader's labels
-                      numbering:Literal['names','integers','fixed'], # names: labels are sorted class names (renumber); integers: the source's numbers, K = 1 + largest kept; fixed: declared classes
+                      # names: sorted class names; integers: the source's, K = 1 + largest kept; fixed: declared classes
+                      numbering:Literal['names','integers','fixed'],
                      )->tuple:
-    "(index, classes, quarantine, phantoms): classes from kept records only; phantoms lists class ids seen only on quarantined records"
+    ("(index, classes, quarantine, phantoms): classes from kept records only; phantoms lists class ids seen only on "
+     "quarantined records")
     k = len(classes)
     seen = np.zeros(k, bool); seen[index['label'].to_numpy()] = True
     name_of = classes.set_index('label')['class_name'].astype(str)
@@ -507,10 +579,12 @@ def keep_seen_classes(index:pd.DataFrame,      # the final index (after reading 
     elif numbering == 'integers': keep = np.arange(k) <= (np.flatnonzero(seen).max() if seen.any() else -1)
     else: keep = np.ones(k, bool)
     new = np.full(k, -1, np.int64); new[keep] = np.arange(int(keep.sum()))
-    phantoms = _phantoms(quarantine, set(name_of[seen]), pd.Series(classes['label'].to_numpy(), index=classes['class_name'].astype(str)))
+    phantoms = _phantoms(quarantine, set(name_of[seen]),
+                         pd.Series(classes['label'].to_numpy(), index=classes['class_name'].astype(str)))
     pl = phantoms['source_label'].fillna(-1).astype(np.int64).to_numpy()
     kept_label = np.zeros(len(pl), bool); inside = (pl >= 0) & (pl < k); kept_label[inside] = keep[pl[inside]]
-    phantoms['action'] = np.where(kept_label, 'kept as an empty class: the source numbers its labels', 'not a class (no kept image)')
+    phantoms['action'] = np.where(kept_label, 'kept as an empty class: the source numbers its labels',
+                                  'not a class (no kept image)')
     mapped = np.full(len(qlab), -1, np.int64); mapped[known] = new[qlab[known]]
     quarantine['label'] = pd.Series(mapped, index=quarantine.index, dtype='Int64').mask(mapped < 0)
     index = index.assign(label=new[index['label'].to_numpy()].astype(np.int32))
@@ -531,16 +605,20 @@ class DataArtifacts(StageArtifacts):
     manifest:Path
 
 def read_dataset_json(f:Path)->dict:
-    "The data stage's dataset.json; a file cut short (a killed run, a full disk) is an error naming it and the fix, not a JSON traceback"
+    ("The data stage's dataset.json; a file cut short (a killed run, a full disk) is an error naming it and the fix, "
+     "not a JSON traceback")
     try: return json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         # FileNotFoundError: the usable file is missing, which the command line reports in one line (exit 2)
-        raise FileNotFoundError(f"{f} is cut short or corrupt ({e}); re-run the data stage: aliprod data <params.yaml> --force") from None
+        raise FileNotFoundError(f"{f} is cut short or corrupt ({e}); re-run the data stage: aliprod data <params.yaml> "
+                                f"--force") from None
 
 def _stored_root(root:Path, data_dir:Path)->dict:
-    "How dataset.json names the data root: relative to the data stage's directory (synthetic images), to the project root, or absolute"
+    ("How dataset.json names the data root: relative to the data stage's directory (synthetic images), to the project "
+     "root, or absolute")
     root = Path(root).absolute()
-    if root.is_relative_to(data_dir.absolute()): return {'root': root.relative_to(data_dir.absolute()).as_posix(), 'root_relative_to': 'dataset.json'}
+    if root.is_relative_to(data_dir.absolute()):
+        return {'root': root.relative_to(data_dir.absolute()).as_posix(), 'root_relative_to': 'dataset.json'}
     rel = project_relative(root)
     return {'root': Path(rel).as_posix(), 'root_relative_to': None if Path(rel).is_absolute() else 'project'}
 
@@ -551,7 +629,8 @@ def _resolve_root(info:dict, data_dir:Path)->Path:
     return (data_dir/r if base == 'dataset.json' else project_root()/r).resolve()
 
 def data_root(exp:ExperimentParams)->Path:
-    "The absolute data root of `exp`'s index paths (dataset.json stores it relative to the project, so a moved project still finds its images)"
+    ("The absolute data root of `exp`'s index paths (dataset.json stores it relative to the project, so a moved "
+     "project still finds its images)")
     d = run_dir(exp, 'data')
     return _resolve_root(read_dataset_json(d/'dataset.json'), d) if (d/'dataset.json').exists() else d/'images'
 
@@ -559,25 +638,32 @@ def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     "Where the data stage of `exp` writes (the root is read from dataset.json when it exists)"
     d = run_dir(exp, 'data')
     root = data_root(exp)
-    return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet', d/'phantom_classes.parquet', d/'dataset.json', d/'manifest.json')
+    return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet',
+                         d/'phantom_classes.parquet', d/'dataset.json', d/'manifest.json')
 
 def dataset_info(exp:ExperimentParams)->dict:
     "The data stage's dataset.json (num_classes, source, counts), its `root` resolved to an absolute path"
     f = run_dir(exp, 'data')/'dataset.json'
-    if not f.exists(): raise FileNotFoundError(f"{f} not found: run the data stage first (aliprod.data.prepare_data, or `aliprod run`)")
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: run the data stage first "
+                                f"(aliprod.data.prepare_data, or `aliprod run`)")
     info = read_dataset_json(f)
     return {**info, 'root': str(_resolve_root(info, f.parent))}
 
 def index_path(exp:ExperimentParams, iteration:int=0)->Path:
-    "The index file of cleaning iteration `iteration`: runs/<exp>/data/index.parquet for 0, runs/<exp>/clean/<k>/index.parquet after"
-    return experiment_dir(exp)/'data'/'index.parquet' if iteration == 0 else experiment_dir(exp)/'clean'/str(iteration)/'index.parquet'
+    ("The index file of cleaning iteration `iteration`: runs/<exp>/data/index.parquet for 0, "
+     "runs/<exp>/clean/<k>/index.parquet after")
+    return (experiment_dir(exp)/'data'/'index.parquet' if iteration == 0
+            else experiment_dir(exp)/'clean'/str(iteration)/'index.parquet')
 
 def shot_counts(exp:ExperimentParams)->np.ndarray:
-    "(K,) training images per class in the data stage's index: the class sizes that define many/medium/few-shot in every stage, whatever a stage later caps or cleans"
+    ("(K,) training images per class in the data stage's index: the class sizes that define many/medium/few-shot in "
+     "every stage, whatever a stage later caps or cleans")
     return pd.read_parquet(data_artifacts(exp).classes)['n_train'].to_numpy(np.int64)
 
 def shot_groups(exp:ExperimentParams)->dict:
-    "`evaluate`'s shot-group arguments, from one place: the data stage's class sizes and its `many_threshold`/`few_threshold`"
+    ("`evaluate`'s shot-group arguments, from one place: the data stage's class sizes and its "
+     "`many_threshold`/`few_threshold`")
     info = dataset_info(exp)
     return {'train_counts': shot_counts(exp), 'many': int(info['many_threshold']), 'few': int(info['few_threshold'])}
 
@@ -585,7 +671,8 @@ def load_index(exp:ExperimentParams, iteration:int=0)->pd.DataFrame:
     "The index of cleaning iteration `iteration` (0: the data stage's)"
     f = index_path(exp, iteration)
     hint = ('run the data stage first (aliprod.data.prepare_data, or `aliprod run`)' if iteration == 0 else
-            f'run the clean stage for iteration {iteration} first (papermill nbs/03_clean.ipynb out.ipynb -p iteration {iteration})')
+            f'run the clean stage for iteration {iteration} first (papermill nbs/03_clean.ipynb out.ipynb -p iteration '
+            f'{iteration})')
     if not f.exists(): raise FileNotFoundError(f"{f} not found: {hint}")
     return pd.read_parquet(f)
 
@@ -599,27 +686,39 @@ def quarantine_reasons(quarantine:pd.DataFrame)->pd.DataFrame:
     "Every quarantine reason with its count (0 included) and meaning, in QUARANTINE_REASONS order; unknown reasons last"
     n = quarantine['reason'].value_counts()
     reasons = list(QUARANTINE_REASONS) + sorted(set(n.index) - set(QUARANTINE_REASONS))
-    return pd.DataFrame({'reason': reasons, 'count': [int(n.get(r, 0)) for r in reasons], 'meaning': [REASON_MEANING.get(r, '') for r in reasons]})
+    return pd.DataFrame({'reason': reasons, 'count': [int(n.get(r, 0)) for r in reasons],
+                         'meaning': [REASON_MEANING.get(r, '') for r in reasons]})
 
-def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame, p:DataParams, phantoms:pd.DataFrame|None=None,
+def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame,
+                 p:DataParams, phantoms:pd.DataFrame|None=None,
                  val_from_test:int=0)->pd.DataFrame:
-    "One table of the numbers a report quotes: classes, images per split, imbalance, bands, noise rates, quarantined, converted"
+    ("One table of the numbers a report quotes: classes, images per split, imbalance, bands, noise rates, quarantined, "
+     "converted")
     n_train = classes['n_train'].to_numpy(); pos = n_train[n_train > 0]
     tr = index[index['split'] == 'train']
-    rows = [('source', p.source), ('classes', len(classes)), ('classes without train images', int((n_train == 0).sum()))]
+    rows = [('source', p.source), ('classes', len(classes)),
+            ('classes without train images', int((n_train == 0).sum()))]
     rows += [(f'{s} images', int((index['split'] == s).sum())) for s in SPLITS]
     if val_from_test: rows.append(('val images taken from the test split (no val split given)', val_from_test))
-    rows += [('largest class (train)', int(pos.max()) if len(pos) else 0), ('smallest class (train)', int(pos.min()) if len(pos) else 0),
+    rows += [('largest class (train)', int(pos.max()) if len(pos) else 0),
+             ('smallest class (train)', int(pos.min()) if len(pos) else 0),
              ('imbalance ratio (max/min train)', round(float(pos.max() / pos.min()), 2) if len(pos) else float('nan')),
              (f'many-shot classes (>{p.many_threshold})', int((n_train > p.many_threshold).sum())),
-             (f'medium-shot classes ({p.few_threshold}-{p.many_threshold})', int(((n_train >= p.few_threshold) & (n_train <= p.many_threshold)).sum())),
+             (f'medium-shot classes ({p.few_threshold}-{p.many_threshold})',
+              int(((n_train >= p.few_threshold) & (n_train <= p.many_threshold)).sum())),
              (f'few-shot classes (<{p.few_threshold})', int((n_train < p.few_threshold).sum()))]
     if len(tr) and (tr['noise_kind'] != '').all():
-        for kname in ('sibling', 'uniform', 'ood'): rows.append((f'{kname} noise rate (train)', round(float((tr['noise_kind'] == kname).mean()), 4)))
+        for kname in ('sibling', 'uniform', 'ood'):
+            rows.append((f'{kname} noise rate (train)', round(float((tr['noise_kind'] == kname).mean()), 4)))
         rows.append(('label noise rate (train)', round(float((tr['noise_kind'] != 'clean').mean()), 4)))
-    rows += [('quarantined images', len(quarantine))] + [(f'quarantined: {r}', int(n)) for r, n in quarantine_reasons(quarantine)[['reason', 'count']].itertuples(index=False)]
-    if phantoms is not None: rows.append(('class ids seen only on quarantined records (not classes)', int((phantoms['action'] == 'not a class (no kept image)').sum())))
-    rows += [('converted to RGB', len(conversions))] + [(f'converted: {m}', int(n)) for m, n in conversions['mode'].value_counts().sort_index().items()]
+    rows += [('quarantined images', len(quarantine))] + [
+        (f'quarantined: {r}', int(n))
+        for r, n in quarantine_reasons(quarantine)[['reason', 'count']].itertuples(index=False)]
+    if phantoms is not None:
+        rows.append(('class ids seen only on quarantined records (not classes)',
+                     int((phantoms['action'] == 'not a class (no kept image)').sum())))
+    rows += [('converted to RGB', len(conversions))] + [
+        (f'converted: {m}', int(n)) for m, n in conversions['mode'].value_counts().sort_index().items()]
     return pd.DataFrame(rows, columns=['metric', 'value']).astype({'value': 'str'})
 
 # %% ../nbs/01_data.ipynb #b8d2f1e3
@@ -668,10 +767,13 @@ def plot_class_distribution(classes:pd.DataFrame,  # the classes table (n_train 
     n = np.sort(classes['n_train'].to_numpy())[::-1]; k = len(n)
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     x = np.arange(1, k + 1)
-    bands = [('many-shot', n > many, '#1f77b4', f'>{many}'), ('medium-shot', (n >= few) & (n <= many), '#ff7f0e', f'{few}-{many}'),
+    bands = [('many-shot', n > many, '#1f77b4', f'>{many}'),
+             ('medium-shot', (n >= few) & (n <= many), '#ff7f0e', f'{few}-{many}'),
              ('few-shot', n < few, '#d62728', f'<{few}')]
     for name, m, col, rng_ in bands:
-        if m.any(): ax.bar(x[m], np.maximum(n[m], 0.8), width=1.0, color=col, label=f'{name} ({rng_}): {int(m.sum())} classes', linewidth=0)
+        if m.any():
+            ax.bar(x[m], np.maximum(n[m], 0.8), width=1.0, color=col, label=f'{name} ({rng_}): {int(m.sum())} classes',
+                   linewidth=0)
     for t in (many, few): ax.axhline(t, color='grey', ls='--', lw=0.8)
     ax.set_yscale('log')
     ax.set_xlim(0.5, k + 0.5); ax.set_ylim(0.8, max(n.max() if k else 1, many) * 1.5)
@@ -685,13 +787,16 @@ def plot_class_distribution(classes:pd.DataFrame,  # the classes table (n_train 
     return fig
 
 def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|None=None)->dict:
-    "Write class_distribution.png, data_summary.csv/.md and quarantine.csv/.md to reports/<experiment>/; return their paths"
+    ("Write class_distribution.png, data_summary.csv/.md and quarantine.csv/.md to reports/<experiment>/; return their "
+     "paths")
     arts = arts or data_artifacts(exp)
     index, classes = pd.read_parquet(arts.index), pd.read_parquet(arts.classes)
     quarantine, conversions = pd.read_parquet(arts.quarantine), pd.read_parquet(arts.conversions)
-    phantoms = pd.read_parquet(arts.phantom_classes) if arts.phantom_classes.exists() else _typed(pd.DataFrame(), PHANTOM_COLUMNS)
+    phantoms = (pd.read_parquet(arts.phantom_classes) if arts.phantom_classes.exists()
+                else _typed(pd.DataFrame(), PHANTOM_COLUMNS))
     rd = report_dir(exp)
-    out = {k: rd/f for k, f in [('figure', 'class_distribution.png'), ('summary_csv', 'data_summary.csv'), ('summary_md', 'data_summary.md'),
+    out = {k: rd/f for k, f in [('figure', 'class_distribution.png'), ('summary_csv', 'data_summary.csv'),
+                                ('summary_md', 'data_summary.md'),
                                  ('quarantine_csv', 'quarantine.csv'), ('quarantine_md', 'quarantine.md'),
                                  ('phantom_csv', 'phantom_classes.csv'), ('reasons_csv', 'quarantine_reasons.csv')]}
     fig = plot_class_distribution(classes, p.many_threshold, p.few_threshold)
@@ -703,19 +808,25 @@ def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|Non
     reasons = quarantine_reasons(quarantine)
     atomic_write_text(out['reasons_csv'], csv_safe(reasons).to_csv(index=False))
     # one row per quarantined record, grouped by reason, each saying how many share it
-    per_row = quarantine.assign(reason_count=quarantine['reason'].map(reasons.set_index('reason')['count'])).sort_values(['reason', 'path'], kind='stable')
+    per_row = (quarantine.assign(reason_count=quarantine['reason'].map(reasons.set_index('reason')['count']))
+               .sort_values(['reason', 'path'], kind='stable'))
     atomic_write_text(out['quarantine_csv'], csv_safe(per_row).to_csv(index=False))
-    qmd = markdown_table(quarantine) if len(quarantine) else markdown_table(quarantine) + '\nNo image was quarantined.\n'
-    pmd = ('' if not len(phantoms) else f'\n## Class ids seen only on quarantined records ({len(phantoms)})\n\n' + markdown_table(phantoms))
-    atomic_write_text(out['quarantine_md'], f'## Quarantined images ({len(quarantine)})\n\n' + markdown_table(reasons) + '\n' + qmd + pmd)
+    qmd = (markdown_table(quarantine) if len(quarantine)
+           else markdown_table(quarantine) + '\nNo image was quarantined.\n')
+    pmd = ('' if not len(phantoms)
+           else f'\n## Class ids seen only on quarantined records ({len(phantoms)})\n\n' + markdown_table(phantoms))
+    atomic_write_text(out['quarantine_md'],
+                      f'## Quarantined images ({len(quarantine)})\n\n' + markdown_table(reasons) + '\n' + qmd + pmd)
     atomic_write_text(out['phantom_csv'], csv_safe(phantoms).to_csv(index=False))
     return out
 
 # %% ../nbs/01_data.ipynb #05916dec
 def prepare_data(exp:ExperimentParams, p:DataParams,
-                 force:bool=False, # run even when up to date (e.g. an image was fixed in place: image files are not inputs of the key)
+                 # run even when up to date (e.g. an image was fixed in place: image files are not inputs of the key)
+                 force:bool=False,
                 )->DataArtifacts:
-    "The data stage: index the source (or generate the synthetic dataset), scan it, write tables and report; no-op when up to date"
+    ("The data stage: index the source (or generate the synthetic dataset), scan it, write tables and report; no-op "
+     "when up to date")
     out = run_dir(exp, 'data')
     # images_seed: every seed of a `seeds` run indexes the same images with the same roles (only training varies)
     params = {**params_dict(p), **({'seed': images_seed(exp)} if p.source == 'synthetic' else {})}
@@ -728,18 +839,22 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
     run.ensure(lambda: _prepare_data(exp, p, out), what=f'indexing {p.source} data')
     arts = data_artifacts(exp)
     rep = report_dir(exp)
-    if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv', 'quarantine.csv', 'quarantine_reasons.csv')): write_data_report(exp, p, arts)
+    if not run.ran and not all((rep/f).exists() for f in ('class_distribution.png', 'data_summary.csv',
+                                                          'quarantine.csv', 'quarantine_reasons.csv')):
+        write_data_report(exp, p, arts)
     return arts
 
 def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
-    "Without a val split, the choosing half of the labelled test split (half of every class, aliprod.metrics.choosing_half) becomes val"
+    ("Without a val split, the choosing half of the labelled test split (half of every class, "
+     "aliprod.metrics.choosing_half) becomes val")
     lab = index['label'] >= 0
     if (index['split'] == 'val').any() or not (lab & (index['split'] == 'test')).any(): return index, 0
     t = index.index[lab & (index['split'] == 'test')]
     ch = choosing_half(index.loc[t, 'row'].to_numpy(), index.loc[t, 'label'].to_numpy(), seed)
     index = index.copy(); index.loc[t[ch], 'split'] = 'val'
-    log(f"data: no val split: {int(ch.sum()):,} of the {len(t):,} labelled test images (half of every class) become val, so that every "
-        f"choice is made on images that report nothing; {int((~ch).sum()):,} stay test (data.val_from_test: false keeps them all)")
+    log(f"data: no val split: {int(ch.sum()):,} of the {len(t):,} labelled test images (half of every class) become "
+        f"val, so that every choice is made on images that report nothing; {int((~ch).sum()):,} stay test "
+        f"(data.val_from_test: false keeps them all)")
     return index, int(ch.sum())
 
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
@@ -747,8 +862,10 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     arts, seed = data_artifacts(exp), images_seed(exp)
     t0 = time.time()
     if p.source == 'synthetic':
-        ignored = [k for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file') if getattr(p, k) is not None]
-        if ignored: log(f"data: warning: source='synthetic' ignores {', '.join(ignored)}; set data.source to read real data")
+        ignored = [k for k in ('root', 'train_file', 'val_file', 'test_file', 'classes_file')
+                   if getattr(p, k) is not None]
+        if ignored:
+            log(f"data: warning: source='synthetic' ignores {', '.join(ignored)}; set data.source to read real data")
         root = out/'images'
         rr = generate_synthetic(p, root, seed)
         log(f'data: generated {len(rr.index):,} synthetic images in {time.time() - t0:.1f}s')
@@ -757,35 +874,46 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
         rr = read_source(p)
         log(f'data: read {len(rr.index):,} rows from {p.source} ({len(rr.quarantine)} quarantined)')
     index, quarantine = rr.index, rr.quarantine
-    conversions = pd.DataFrame({'row': pd.Series([], dtype='int64'), 'path': pd.Series([], dtype='str'), 'split': pd.Series([], dtype='str'),
+    conversions = pd.DataFrame({'row': pd.Series([], dtype='int64'), 'path': pd.Series([], dtype='str'),
+                                'split': pd.Series([], dtype='str'),
                                 'mode': pd.Series([], dtype='str'), 'conversion': pd.Series([], dtype='str')})
     if p.scan_images:
         t1 = time.time()
         index, q2, conversions = scan_images(index, root, p.max_pixels, p.scan_workers)
         quarantine = pd.concat([x for x in (quarantine, q2) if len(x)], ignore_index=True) if len(q2) else quarantine
-        log(f'data: scanned {len(index) + len(q2):,} images in {time.time() - t1:.1f}s: {len(q2)} quarantined, {len(conversions)} converted to RGB')
+        log(f'data: scanned {len(index) + len(q2):,} images in {time.time() - t1:.1f}s: {len(q2)} quarantined, '
+            f'{len(conversions)} converted to RGB')
     # rows are numbered once the index is final, so they run 0..N-1 here; later stages keep them
     old_rows = index['row'].to_numpy()
     index = index.assign(row=np.arange(len(index), dtype=np.int64))
-    conversions['row'] = pd.Series(index['row'].to_numpy(), index=old_rows).reindex(conversions['row'].to_numpy()).to_numpy().astype(np.int64)
-    numbering = 'names' if p.source in ('aliproducts', 'imagefolder') else 'fixed' if p.source == 'synthetic' or p.classes_file else 'integers'
-    index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes, _typed(quarantine, QUARANTINE_COLUMNS), numbering)
-    if len(phantoms): log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. {phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
+    conversions['row'] = (pd.Series(index['row'].to_numpy(), index=old_rows)
+                          .reindex(conversions['row'].to_numpy()).to_numpy().astype(np.int64))
+    numbering = ('names' if p.source in ('aliproducts', 'imagefolder')
+                 else 'fixed' if p.source == 'synthetic' or p.classes_file else 'integers')
+    index, kept_classes, quarantine, phantoms = keep_seen_classes(index, rr.classes,
+                                                                  _typed(quarantine, QUARANTINE_COLUMNS), numbering)
+    if len(phantoms):
+        log(f"data: {len(phantoms)} class id(s) seen only on quarantined records, e.g. "
+            f"{phantoms['class_name'].head(3).tolist()}: see phantom_classes.parquet")
     index = _typed(index, INDEX_COLUMNS)
     index, n_moved = _val_from_test(index, seed) if p.val_from_test else (index, 0)
     if p.choose_half and (index['split'] == 'test').any():
         log(f"data: warning: choose_half={p.choose_half} is ignored: with a test split, val chooses and test reports")
-    index = index.assign(role=assign_roles(index, seed, p.choose_half))   # once: every stage reads them (choosing_rows, reporting_rows)
+    # once: every stage reads them (choosing_rows, reporting_rows)
+    index = index.assign(role=assign_roles(index, seed, p.choose_half))
     classes = classes_table(index, kept_classes)
     if (classes['n_train'] == 0).any():
-        log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. {classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
+        log(f"data: warning: {int((classes['n_train'] == 0).sum())} classes have no training image, e.g. "
+            f"{classes.loc[classes['n_train'] == 0, 'class_name'].head(3).tolist()}")
     atomic_write_parquet(index, arts.index)
     atomic_write_parquet(classes, arts.classes)
     atomic_write_parquet(_typed(quarantine, QUARANTINE_COLUMNS), arts.quarantine)
     atomic_write_parquet(conversions, arts.conversions)
     atomic_write_parquet(phantoms, arts.phantom_classes)
-    info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source, 'n_images': len(index),
-            **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine), 'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
+    info = {**_stored_root(Path(root).resolve(), out), 'num_classes': len(classes), 'source': p.source,
+            'n_images': len(index),
+            **{f'n_{s}': int((index['split'] == s).sum()) for s in SPLITS}, 'n_quarantined': len(quarantine),
+            'n_converted': len(conversions), 'n_phantom_classes': len(phantoms),
             'val_from_test': n_moved, **{f'n_{r}': int((index['role'] == r).sum()) for r in ('choose', 'report')},
             'has_clean_labels': bool((index['clean_label'] >= 0).any()),
             'many_threshold': p.many_threshold, 'few_threshold': p.few_threshold, 'max_pixels': p.max_pixels}
@@ -793,8 +921,10 @@ def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     arts = data_artifacts(exp)
     write_data_report(exp, p, arts)
     summ = data_summary(index, classes, quarantine, conversions, p, phantoms, n_moved)
-    outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes, arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
-    log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in {time.time() - t0:.1f}s')
+    outputs = [arts.index, arts.classes, arts.quarantine, arts.conversions, arts.phantom_classes,
+               arts.dataset_json] + ([root] if p.source == 'synthetic' else [])
+    log(f'data: {len(index):,} images, {len(classes)} classes, {len(quarantine)} quarantined, in '
+        f'{time.time() - t0:.1f}s')
     return outputs, {**info, 'summary': dict(zip(summ['metric'], summ['value']))}
 
 # %% ../nbs/01_data.ipynb #ca593196

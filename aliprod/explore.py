@@ -65,8 +65,9 @@ class Run:
         self._status = None; return self
     def _need(self):
         if not self.exists:
-            raise FileNotFoundError(f"{self.dir} holds no run (no data/dataset.json): run `aliprod run params/<file>.yaml` "
-                                    f"with experiment: {self.exp.experiment}, or open another run")
+            raise FileNotFoundError(f"{self.dir} holds no run (no data/dataset.json): run "
+                                    f"`aliprod run params/<file>.yaml` with experiment: {self.exp.experiment}, "
+                                    f"or open another run")
     @property
     def status(self)->pd.DataFrame:
         "`run_states`, read once (it fingerprints every output: seconds on a large run); `refresh()` reads again"
@@ -129,12 +130,14 @@ class RunData:
     @property
     def class_names(self)->np.ndarray:
         c = self.classes
-        return c.set_index('label')['class_name'].reindex(range(len(c))).to_numpy() if 'class_name' in c else np.arange(len(c))
+        return (c.set_index('label')['class_name'].reindex(range(len(c))).to_numpy() if 'class_name' in c
+                else np.arange(len(c)))
     def __repr__(self):
         if not self.run.exists: return f"data of {self.run.exp.experiment!r}: not run"
         s = self.summary
         counts = ', '.join(f"{s[f'n_{k}']} {k}" for k in ('train', 'val', 'test') if f'n_{k}' in s)
-        return f"data of {self.run.exp.experiment!r}: {s.get('source', '?')}, {s.get('num_classes')} classes, {s.get('n_images')} images ({counts})"
+        return (f"data of {self.run.exp.experiment!r}: {s.get('source', '?')}, {s.get('num_classes')} classes, "
+                f"{s.get('n_images')} images ({counts})")
 
 Run.data = property(lambda self: RunData(self))
 
@@ -163,8 +166,9 @@ def prediction_files(run:Run)->pd.DataFrame:
     for kind, pat in pats.items():
         for f in sorted(run.dir.glob(pat)):
             p = f.relative_to(run.dir).parts
-            src, it = {'system': ('system', None), 'rebalance': (f'rebalance:{p[2]}', p[1]), 'tta': (f'tta:{p[2]}', p[1]),
-                       'ensemble': (f'ensemble:{p[1]}', None), 'train': (p[0], p[1])}[kind]
+            src, it = {'system': ('system', None), 'rebalance': (f'rebalance:{p[2]}', p[1]),
+                       'tta': (f'tta:{p[2]}', p[1]), 'ensemble': (f'ensemble:{p[1]}', None),
+                       'train': (p[0], p[1])}[kind]
             rows.append((src, None if it is None else int(it), f.stem, str(f.relative_to(run.dir))))
     return pd.DataFrame(rows, columns=['source', 'iteration', 'split', 'path'])
 
@@ -176,9 +180,9 @@ def _predictions(self:Run, split:str, iteration:int=0, source:str='train')->TopK
     if sets: f = prediction_path(self, sets[f'{split}_split'], iteration, source)
     if not f.is_file():
         have = prediction_files(self)
-        raise FileNotFoundError(f"{project_relative(f)} not found: {source!r} has no {split!r} predictions at iteration "
-                                f"{iteration}; the run has {', '.join(sorted(set(have['source']))) or 'none'} "
-                                f"(run.prediction_files lists them)")
+        raise FileNotFoundError(f"{project_relative(f)} not found: {source!r} has no {split!r} predictions at "
+                                f"iteration {iteration}; the run has "
+                                f"{', '.join(sorted(set(have['source']))) or 'none'} (run.prediction_files lists them)")
     t = read_topk(f)
     if sets:   # the same images as the system's half
         keep = np.isin(t.rows, read_topk(prediction_path(self, split, source='system')).rows)
@@ -216,7 +220,8 @@ class CleanRound:
         return TopK.concat([read_topk(self._file(p)) for p in self.summary['predictions']])
     def __repr__(self):
         s = self.state
-        head = f"cleaning round {self.iteration} of {self.run.exp.experiment!r}: {s['state']}" + (f" ({s['why']})" if s['why'] else '')
+        head = (f"cleaning round {self.iteration} of {self.run.exp.experiment!r}: {s['state']}"
+                + (f" ({s['why']})" if s['why'] else ''))
         if not (self.dir/'summary.json').is_file(): return head
         m = self.summary
         return head + f"; flagged {m.get('flagged')}, dropped {m.get('dropped')}, relabelled {m.get('relabelled', 0)}"
@@ -252,19 +257,20 @@ class CleanRuns:
             rows.append({'iteration': k, 'state': s['state'], 'why': s['why'], 'flagged': m.get('flagged'),
                          'dropped': m.get('dropped'), 'relabelled': m.get('relabelled', 0),
                          'model_error': m.get('model_error'), 'kept': k == self.kept})
-        return pd.DataFrame(rows, columns=['iteration', 'state', 'why', 'flagged', 'dropped', 'relabelled', 'model_error', 'kept'])
+        return pd.DataFrame(rows, columns=['iteration', 'state', 'why', 'flagged', 'dropped', 'relabelled',
+                                           'model_error', 'kept'])
     def __getitem__(self, k:int)->CleanRound:
         st = self._states()
         if k not in st.index:
-            raise KeyError(f"cleaning round {k} of {self.run.exp.experiment!r} was not run; rounds run: {st.index.tolist() or 'none'} "
-                           f"(papermill nbs/03_clean.ipynb out.ipynb -p iteration {k})")
+            raise KeyError(f"cleaning round {k} of {self.run.exp.experiment!r} was not run; rounds run: "
+                           f"{st.index.tolist() or 'none'} (papermill nbs/03_clean.ipynb out.ipynb -p iteration {k})")
         return CleanRound(self.run, k, st.loc[k])
     def __repr__(self):
         st = self._states()
         if st.empty: return f"clean stage of {self.run.exp.experiment!r}: not run"
         sel = self.selection
-        return (f"clean stage of {self.run.exp.experiment!r}: rounds {st.index.tolist()}, kept round {sel.get('kept_iteration')}"
-                f" ({sel.get('reason', 'no selection.json')})")
+        return (f"clean stage of {self.run.exp.experiment!r}: rounds {st.index.tolist()}, kept round "
+                f"{sel.get('kept_iteration')} ({sel.get('reason', 'no selection.json')})")
 
 Run.clean = property(lambda self: CleanRuns(self))
 
@@ -272,11 +278,13 @@ Run.clean = property(lambda self: CleanRuns(self))
 BAND_COLUMNS = ['band', 'images', 'would lose', 'share lost', 'noisy', 'precision', 'recall']
 
 def threshold_bands(t:TopK,               # training predictions of a round
-                    index:pd.DataFrame,   # the index the round cleaned (row, label; clean_label/noise_kind: ground truth)
+                    # the index the round cleaned (row, label; clean_label/noise_kind: ground truth)
+                    index:pd.DataFrame,
                     bands:np.ndarray,     # (K,) 'many' | 'medium' | 'few' of every class
                     threshold:float,      # disagree_low_conf's conf_threshold
                    )->pd.DataFrame:
-    "Per class-size band (and all): training images, how many `disagree_low_conf` at `threshold` flags, precision/recall"
+    ("Per class-size band (and all): training images, how many `disagree_low_conf` at `threshold` flags, "
+     "precision/recall")
     flag = disagree_low_conf(t, threshold)
     band = np.asarray(bands)[t.labels]
     train = index.set_index('row').loc[t.rows].reset_index()
@@ -287,8 +295,9 @@ def threshold_bands(t:TopK,               # training predictions of a round
         m = np.ones(len(t), bool) if b == 'all' else band == b
         if not m.any(): continue
         d = det.loc[b] if b in det.index else None
-        rows.append((b, int(m.sum()), int(flag[m].sum()), float(flag[m].mean()), np.nan if d is None else int(d['noisy']),
-                     np.nan if d is None else d['precision'], np.nan if d is None else d['recall']))
+        rows.append((b, int(m.sum()), int(flag[m].sum()), float(flag[m].mean()),
+                     np.nan if d is None else int(d['noisy']), np.nan if d is None else d['precision'],
+                     np.nan if d is None else d['recall']))
     return pd.DataFrame(rows, columns=BAND_COLUMNS)
 
 # %% ../nbs/09_explore.ipynb #cb2f35ac
@@ -302,13 +311,15 @@ def _histogram(self:CleanRound, threshold:float|None=None):
     "The round's confidence histogram (`aliprod.clean.plot_confidence`) with `threshold` drawn"
     thr = self.conf_threshold if threshold is None else threshold
     b = self.bands(thr).iloc[0]
-    fig = plot_confidence([self.predictions], [f"round {self.iteration} (model {self.iteration - 1}): threshold {thr:.2f} "
-                                               f"drops {b['would lose']:,} of {b['images']:,}"], threshold=thr)
+    fig = plot_confidence([self.predictions],
+                          [f"round {self.iteration} (model {self.iteration - 1}): threshold {thr:.2f} "
+                           f"drops {b['would lose']:,} of {b['images']:,}"], threshold=thr)
     fig.set_size_inches(7.5, 3.6); fig.tight_layout()   # one panel: wide enough for the stage's suptitle
     return fig
 
 def _threshold_explorer(self:CleanRound, threshold:float|None=None):
-    "The histogram and `bands` with an ipywidgets slider on the threshold; without widgets (or unattended) at `threshold`"
+    ("The histogram and `bands` with an ipywidgets slider on the threshold; without widgets (or unattended) at "
+     "`threshold`")
     from IPython.display import display
     def show(threshold:float): display(self.histogram(threshold), self.bands(threshold))
     thr = self.conf_threshold if threshold is None else threshold
@@ -328,8 +339,9 @@ def _flagged_classes(self:CleanRound)->pd.DataFrame:
     f = ch.groupby('label').size().rename('flagged').reset_index()
     f['class_name'] = self.run.data.class_names[f['label'].to_numpy()]
     f['n_train'] = n.reindex(f['label']).to_numpy()
-    return f.assign(share=f['flagged'] / f['n_train']).sort_values(['flagged', 'label'], ascending=[False, True],
-                                                                  ignore_index=True)[['label', 'class_name', 'flagged', 'n_train', 'share']]
+    return (f.assign(share=f['flagged'] / f['n_train'])
+            .sort_values(['flagged', 'label'], ascending=[False, True], ignore_index=True)
+            [['label', 'class_name', 'flagged', 'n_train', 'share']])
 
 def _gallery(self:CleanRound, label:int|None=None, n:int=24):
     "The flagged images of class `label` (None: every class), most confident disagreements first"
@@ -338,7 +350,8 @@ def _gallery(self:CleanRound, label:int|None=None, n:int=24):
     names = self.run.data.class_names
     what = f"class {label} ({names[label]})" if label is not None else 'every class'
     return plot_gallery(gallery_rows(ch, n), dataset_info(self.run.exp)['root'], names,
-                        title=f"Round {self.iteration}: {len(ch)} flagged images of {what}, most confident disagreements first")
+                        title=f"Round {self.iteration}: {len(ch)} flagged images of {what}, most confident "
+                              f"disagreements first")
 
 CleanRound.flagged_classes = property(_flagged_classes)
 CleanRound.gallery = _gallery
@@ -378,7 +391,8 @@ class SystemOutputs(StageOutputs):
     def choices(self)->dict: return self._read('system').get('choices', {})
 
 Run.system = property(lambda self: SystemOutputs(self, 'system', 'system', {
-    'system': 'system.json', 'chain': 'chain.csv', 'candidates': 'system_candidates.csv', 'vs_techniques': 'system_vs_techniques.csv'}))
+    'system': 'system.json', 'chain': 'chain.csv', 'candidates': 'system_candidates.csv',
+    'vs_techniques': 'system_vs_techniques.csv'}))
 def _rebalance(self:Run)->StageOutputs:
     "The rebalance stage's tables of the kept cleaning round (round 0 when that one was not rebalanced)"
     k = self.clean.kept or 0
@@ -398,7 +412,8 @@ def _common(a:TopK, b:TopK)->tuple[TopK, TopK]:
 
 def per_class_table(a:TopK, b:TopK,                   # two predictions; paired on the rows both predict
                     names:tuple=('a', 'b'),           # column suffixes
-                    clean_label:np.ndarray|None=None, # (N,) targets in a's row order (-1: unknown); None: the given labels
+                    # (N,) targets in a's row order (-1: unknown); None: the given labels
+                    clean_label:np.ndarray|None=None,
                     train_counts=None, many:int=100, few:int=20, # class sizes and shot thresholds
                     class_names=None,                  # (K,) names, optional
                     sort_by:str='delta',               # a column; 'delta' sorts the classes b hurt most first
@@ -406,8 +421,10 @@ def per_class_table(a:TopK, b:TopK,                   # two predictions; paired 
     "One row per evaluated class: label, name, n_train, group, n_eval, accuracy under a and b, delta = b - a"
     a, b = _common(a, b)
     if clean_label is not None: clean_label = pd.Series(clean_label, index=a.rows).loc[a.rows].to_numpy()
-    fa, fb = (per_class_accuracy(t, clean_label=clean_label, train_counts=train_counts, many=many, few=few) for t in (a, b))
-    out = fa[['label', 'n_train', 'group', 'n_eval']].assign(**{f'acc {names[0]}': fa['acc'], f'acc {names[1]}': fb['acc']})
+    fa, fb = (per_class_accuracy(t, clean_label=clean_label, train_counts=train_counts, many=many, few=few)
+              for t in (a, b))
+    out = fa[['label', 'n_train', 'group', 'n_eval']].assign(**{f'acc {names[0]}': fa['acc'],
+                                                                f'acc {names[1]}': fb['acc']})
     if class_names is not None: out.insert(1, 'class_name', np.asarray(class_names)[out['label']])
     out['delta'] = out[f'acc {names[1]}'] - out[f'acc {names[0]}']
     return out[out['n_eval'] > 0].sort_values([sort_by, 'label'], ascending=[True, True], ignore_index=True)
@@ -425,7 +442,8 @@ def _source(run:Run, s, split:str)->tuple[str, TopK]:
     name, it = (s, 0) if isinstance(s, str) else s
     return (name if it == 0 else f'{name} {it}'), run.predictions(split, it, name)
 
-def _per_class(self:Run, a='train', b='system', split:str='report', labels:str='clean', sort_by:str='delta')->pd.DataFrame:
+def _per_class(self:Run, a='train', b='system', split:str='report', labels:str='clean',
+               sort_by:str='delta')->pd.DataFrame:
     "`per_class_table` of two sources of the run (a name, (name, iteration), or a TopK) on `split`"
     (na, ta), (nb, tb) = _source(self, a, split), _source(self, b, split)
     s = self.data.summary
@@ -437,9 +455,11 @@ def _tail_plot(self:Run, a='train', b='system', split:str='report', labels:str='
     (na, ta), (nb, tb) = _source(self, a, split), _source(self, b, split)
     ta, tb = _common(ta, tb)
     s = self.data.summary
-    kw = dict(train_counts=self.data.classes['n_train'].to_numpy(), many=int(s['many_threshold']), few=int(s['few_threshold']))
+    kw = dict(train_counts=self.data.classes['n_train'].to_numpy(), many=int(s['many_threshold']),
+              few=int(s['few_threshold']))
     frames = {n: per_class_accuracy(t, clean_label=_targets(self, t, labels), **kw) for n, t in ((na, ta), (nb, tb))}
-    return plot_tail_accuracy(frames, kw['many'], kw['few'], f"Per-class accuracy on the {split} images ({labels} labels)")
+    return plot_tail_accuracy(frames, kw['many'], kw['few'],
+                              f"Per-class accuracy on the {split} images ({labels} labels)")
 
 Run.per_class, Run.tail_plot = _per_class, _tail_plot
 
@@ -449,27 +469,31 @@ COMPARE_COLUMNS = ['source', 'iteration', 'split', 'n', 'a', 'b', 'delta', 'lo',
 def _same_images(a:Run, b:Run):
     ia, ib = (r.data.index[['row', 'path', 'label', 'split']] for r in (a, b))
     if not ia.equals(ib):
-        raise ValueError(f"{project_relative(a.dir/'data'/'index.parquet')} and {project_relative(b.dir/'data'/'index.parquet')} "
-                         f"index different images ({len(ia)} and {len(ib)} rows): compare pairs images by row id, so compare "
-                         f"two runs of the same data (the same [data] section)")
+        raise ValueError(f"{project_relative(a.dir/'data'/'index.parquet')} and "
+                         f"{project_relative(b.dir/'data'/'index.parquet')} "
+                         f"index different images ({len(ia)} and {len(ib)} rows): compare pairs images by row id, "
+                         f"so compare two runs of the same data (the same [data] section)")
 
-def compare(run_a:Run|str|Path, run_b:Run|str|Path,   # two runs (or experiment names / run directories) of the same data
+def compare(run_a:Run|str|Path, run_b:Run|str|Path,   # two runs (or experiment names / run dirs) of the same data
             metric:str='mean_class_err',             # one of aliprod.metrics.PAIRED_METRICS
             labels:str='clean',                      # 'clean': ground truth where known; 'given': the labels
             B:int=BOOTSTRAP_DRAWS, seed:int=0,       # bootstrap draws of each interval, and their seed
            )->pd.DataFrame:
-    "Every predictions file both runs have (not the training split): `metric` under each and Δ = b - a with its paired interval"
+    ("Every predictions file both runs have (not the training split): `metric` under each and Δ = b - a with its "
+     "paired interval")
     a, b = (r if isinstance(r, Run) else open_run(r) for r in (run_a, run_b))
     a._need(); b._need(); _same_images(a, b)
     fa, fb = a.prediction_files, b.prediction_files
     both = fa.merge(fb, on=['source', 'iteration', 'split', 'path'])
     both = both[both['split'] != 'train']
     s = a.data.summary
-    kw = dict(train_counts=a.data.classes['n_train'].to_numpy(), many=int(s['many_threshold']), few=int(s['few_threshold']))
+    kw = dict(train_counts=a.data.classes['n_train'].to_numpy(), many=int(s['many_threshold']),
+              few=int(s['few_threshold']))
     rows = []
     for r in both.itertuples():
         ta, tb = read_topk(a.dir/r.path), read_topk(b.dir/r.path)
-        d = paired_delta(ta, tb, metric, clean_label=_targets(a, ta, labels), names=(a.exp.experiment, b.exp.experiment),
+        d = paired_delta(ta, tb, metric, clean_label=_targets(a, ta, labels),
+                         names=(a.exp.experiment, b.exp.experiment),
                          B=B, seed=seed, **kw)
         rows.append((r.source, r.iteration, r.split, d.n, d.a, d.b, d.delta, d.lo, d.hi, d.verdict, d.p))
     out = pd.DataFrame(rows, columns=COMPARE_COLUMNS).astype({'iteration': 'Int64'})

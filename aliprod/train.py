@@ -34,8 +34,9 @@ from .rundirs import (project_relative, stage_lock, run_dir, report_dir, experim
                              atomic_write_json, atomic_write_text, atomic_write_parquet, StageRun, atomic_savefig)
 from .predictions import read_topk
 from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
-from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback, ProgressiveResize, ValidMetrics,
-                               rng_state, set_rng_state, canonical, Checkpoint, LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
+from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback,
+                               ProgressiveResize, ValidMetrics, rng_state, set_rng_state, canonical, Checkpoint,
+                               LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)
 from .launch import launch_torchrun
 from .samplers import LongTailSampler, head_cap as head_cap_positions
 from .models import create_model, data_config, ProductNet, check_arch, HEADS
@@ -61,17 +62,20 @@ __all__ = ['LOSSES', 'TRAINED_ROWS', 'MAIN_PHASE', 'TrainParams', 'train_transfo
 
 # %% ../nbs/02_train.ipynb #90b5deff
 # the train-stage losses other than cross-entropy: callback factories (aliprod.losses) that replace the Learner's loss
-LOSSES = {'ce': None, 'logit_adjusted': 'aliprod.losses.logit_adjusted_callbacks', 'balanced_softmax': 'aliprod.losses.balanced_softmax_callbacks'}
+LOSSES = {'ce': None, 'logit_adjusted': 'aliprod.losses.logit_adjusted_callbacks',
+          'balanced_softmax': 'aliprod.losses.balanced_softmax_callbacks'}
 
 # %% ../nbs/02_train.ipynb #a59cf2ba
 @params_section('train')
 @dataclass
 class TrainParams:
     iteration:int=0               # cleaning iteration whose index to train on; 0: the data stage's index (all data)
-    tag:str=''                    # variant name: runs/<exp>/train-<tag>/<iteration>/; '' -> runs/<exp>/train/<iteration>/
+    # variant name: runs/<exp>/train-<tag>/<iteration>/; '' -> runs/<exp>/train/<iteration>/
+    tag:str=''
     arch:str='efficientnet_lite0' # timm backbone name
     pretrained:bool=True          # ImageNet weights (timm's meaning); false: random initialisation
-    weights:str='package'         # where they come from: package | timm (model hub) | path to a state dict (models.create_model)
+    # where they come from: package | timm (model hub) | path to a state dict (models.create_model)
+    weights:str='package'
     head:str='linear'             # classifier head in aliprod.models.HEADS: linear | cosine
     embed_dim:int|None=None       # embedding layer before the classifier (512 in the 2021 report); None: none
     bnneck:bool=False             # BatchNorm neck before a bias-free classifier (Luo et al. 2019)
@@ -80,23 +84,32 @@ class TrainParams:
     img_size:int=48               # training resolution, px (2021 report: 256)
     finetune_size:int|None=64     # resolution of the high-resolution finetune (2021 report: 384); None: no finetune
     finetune_epochs:int=1         # epochs at finetune_size after `epochs` (2021 report: 5-10)
-    finetune_lr:float|None=None   # peak lr of the finetune epochs, which have their own schedule (warm-up, then cosine to min_lr); None: 0.1 × peak_lr
-    finetune_warmup_epochs:int=0  # linear warm-up epochs of the finetune, from warmup_lr to finetune_lr (0: start at finetune_lr)
+    # peak lr of the finetune epochs (their own schedule: warm-up, then cosine to min_lr); None: 0.1 × peak_lr
+    finetune_lr:float|None=None
+    # linear warm-up epochs of the finetune, from warmup_lr to finetune_lr (0: start at finetune_lr)
+    finetune_warmup_epochs:int=0
     epochs:int=2                  # epochs at img_size
     bs:int=32                     # global batch size, split evenly over all processes (2021 report: 1024)
-    lr:float|None=2e-3            # peak learning rate; null: 0.01×bs/256 for sgd (2021 report), 5e-4×bs/512 for adamw (DeiT)
-    optimizer:Literal['sgd','adamw']='adamw' # sgd: SGD with momentum (2021 CNNs); adamw: AdamW (DeiT; learns fastest in the tiny default)
+    # peak learning rate; null: 0.01×bs/256 for sgd (2021 report), 5e-4×bs/512 for adamw (DeiT)
+    lr:float|None=2e-3
+    # sgd: SGD with momentum (2021 CNNs); adamw: AdamW (DeiT; learns fastest in the tiny default)
+    optimizer:Literal['sgd','adamw']='adamw'
     momentum:float=0.9
-    schedule:Literal['auto','step','cosine']='auto' # main epochs: auto: step for sgd, cosine for adamw (the finetune has its own, below)
+    # main epochs: auto: step for sgd, cosine for adamw (the finetune has its own, below)
+    schedule:Literal['auto','step','cosine']='auto'
     warmup_epochs:int=1           # linear warm-up epochs of the main schedule (2021 report: 2)
     warmup_lr:float=1e-5          # learning rate at the start of warm-up
-    milestones:list[int]=field(default_factory=lambda: [2]) # step schedule: epochs at which lr is multiplied by gamma (2021: 14, 20)
+    # step schedule: epochs at which lr is multiplied by gamma (2021: 14, 20)
+    milestones:list[int]=field(default_factory=lambda: [2])
     gamma:float=0.1               # step decay factor
     min_lr:float=0.0              # cosine schedule floor
-    wd:float=0.05                 # weight decay (2021 report, SGD: 2e-4 to 5e-4; DeiT, AdamW: 0.05); never on biases and norm layers
+    # weight decay (2021 report, SGD: 2e-4 to 5e-4; DeiT, AdamW: 0.05); never on biases and norm layers
+    wd:float=0.05
     label_smoothing:float=0.0     # 0, 0.1 or 0.2 in the 2021 report
-    loss:Literal['ce','logit_adjusted','balanced_softmax']='ce' # ce; Menon et al.'s logit-adjusted loss (τ = loss_tau); Ren et al.'s Balanced Softmax
-    loss_tau:float=1.0            # τ of the logit-adjusted loss (1: the paper's default, the same loss as Balanced Softmax)
+    # ce; Menon et al.'s logit-adjusted loss (τ = loss_tau); Ren et al.'s Balanced Softmax
+    loss:Literal['ce','logit_adjusted','balanced_softmax']='ce'
+    # τ of the logit-adjusted loss (1: the paper's default, the same loss as Balanced Softmax)
+    loss_tau:float=1.0
     mixup:float=0.0               # mixup alpha (Zhang et al. 2018); 0: off
     random_resized_crop:bool=True # RandomResizedCrop to img_size; False: resize to img_size
     crop_scale:float=0.35         # smallest crop area fraction of RandomResizedCrop
@@ -119,14 +132,16 @@ class TrainParams:
     rdzv_endpoint:str=''          # host:port of the torchrun rendezvous for nodes > 1; '' -> $MASTER_ADDR:$MASTER_PORT
     topk:int=10                   # predictions kept per image
     save_feats:bool=False         # also write the embedding of every image into the predictions
-    eval_splits:list[str]|None=None # splits to predict after training; None: every split the index has (real data has no test split)
+    # splits to predict after training; None: every split the index has (real data has no test split)
+    eval_splits:list[str]|None=None
     eval_bs:int|None=None         # inference batch per process; None: 2×bs/processes
     save_seen:bool=False          # write the rows each rank drew per epoch to seen_rows/ (sampler diagnostics)
-    ablate_finetune:bool=False    # the stage also trains the high-res finetune's control (tag '<tag>-lowres': its epochs at img_size), the report's high-res row
+    # also train the high-res finetune's control (tag '<tag>-lowres': its epochs at img_size), the report's high-res row
+    ablate_finetune:bool=False
 
     # the old `pretrained: package | timm | none | <path>`, named by check_section
-    key_notes = {'pretrained': "where the weights come from is weights: package | timm | <path> now; write pretrained: true "
-                               "and weights: <that value> (pretrained: none is pretrained: false)"}
+    key_notes = {'pretrained': "where the weights come from is weights: package | timm | <path> now; write pretrained: "
+                               "true and weights: <that value> (pretrained: none is pretrained: false)"}
 
     def __post_init__(self):
         def bad(key, msg): raise ParamsError(f"[train] {key}: {msg}")
@@ -134,34 +149,48 @@ class TrainParams:
             if getattr(self, k) < 1: bad(k, f"must be >= 1, got {getattr(self, k)}")
         for k in ('finetune_epochs', 'warmup_epochs', 'finetune_warmup_epochs', 'workers', 'iteration'):
             if getattr(self, k) < 0: bad(k, f"must be >= 0, got {getattr(self, k)}")
-        if self.finetune_size is not None and self.finetune_size < 1: bad('finetune_size', f"must be >= 1 or null, got {self.finetune_size}")
-        if self.finetune_epochs and self.finetune_size is None: bad('finetune_size', f"finetune_epochs={self.finetune_epochs} needs a finetune_size")
+        if self.finetune_size is not None and self.finetune_size < 1:
+            bad('finetune_size', f"must be >= 1 or null, got {self.finetune_size}")
+        if self.finetune_epochs and self.finetune_size is None:
+            bad('finetune_size', f"finetune_epochs={self.finetune_epochs} needs a finetune_size")
         if self.lr is not None and self.lr <= 0: bad('lr', f"must be > 0 or null (null: 0.01×bs/256), got {self.lr}")
-        if self.warmup_epochs >= self.epochs: bad('warmup_epochs', f"{self.warmup_epochs} leaves no main epoch after warm-up (epochs = {self.epochs}; the finetune has its own finetune_warmup_epochs)")
-        if self.finetune_lr is not None and self.finetune_lr <= 0: bad('finetune_lr', f"must be > 0 or null (null: 0.1 × the peak lr), got {self.finetune_lr}")
+        if self.warmup_epochs >= self.epochs:
+            bad('warmup_epochs',
+                f"{self.warmup_epochs} leaves no main epoch after warm-up (epochs = {self.epochs}; the finetune has "
+                f"its own finetune_warmup_epochs)")
+        if self.finetune_lr is not None and self.finetune_lr <= 0:
+            bad('finetune_lr', f"must be > 0 or null (null: 0.1 × the peak lr), got {self.finetune_lr}")
         if self.finetune_warmup_epochs and self.finetune_warmup_epochs >= self.finetune_epochs:
-            bad('finetune_warmup_epochs', f"{self.finetune_warmup_epochs} leaves no finetune epoch after its warm-up (finetune_epochs = {self.finetune_epochs})")
-        if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones): bad('milestones', f"must be increasing epochs >= 1, got {self.milestones}")
+            bad('finetune_warmup_epochs',
+                f"{self.finetune_warmup_epochs} leaves no finetune epoch after its warm-up (finetune_epochs = "
+                f"{self.finetune_epochs})")
+        if sorted(self.milestones) != list(self.milestones) or any(m < 1 for m in self.milestones):
+            bad('milestones', f"must be increasing epochs >= 1, got {self.milestones}")
         if not 0 < self.gamma <= 1: bad('gamma', f"must be in (0, 1], got {self.gamma}")
         if self.wd < 0: bad('wd', f"must be >= 0, got {self.wd}")
         if not 0 <= self.label_smoothing < 1: bad('label_smoothing', f"must be in [0, 1), got {self.label_smoothing}")
         if self.loss not in LOSSES: bad('loss', f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
-        if self.loss != 'ce' and self.label_smoothing: bad('loss', f"{self.loss} is not combined with label smoothing; set label_smoothing: 0")
+        if self.loss != 'ce' and self.label_smoothing:
+            bad('loss', f"{self.loss} is not combined with label smoothing; set label_smoothing: 0")
         if self.loss_tau < 0: bad('loss_tau', f"must be >= 0, got {self.loss_tau}")
         if self.mixup < 0: bad('mixup', f"is a Beta alpha >= 0 (0: off), got {self.mixup}")
         if not 0 < self.crop_scale <= 1: bad('crop_scale', f"must be in (0, 1], got {self.crop_scale}")
         for k in ('hue_saturation', 'brightness_contrast', 'blur', 'hflip', 'vflip', 'coarse_dropout'):
             if not 0 <= getattr(self, k) <= 1: bad(k, f"is a probability in [0, 1], got {getattr(self, k)}")
-        if self.sampler_samples is not None and self.sampler_samples < 1: bad('sampler_samples', f"must be >= 1 or null, got {self.sampler_samples}")
-        if self.head_cap is not None and self.head_cap < 1: bad('head_cap', f"must be >= 1 or null, got {self.head_cap}")
-        if self.bs % self.world_size: bad('bs', f"global batch {self.bs} does not split evenly over gpus×nodes = {self.world_size} processes")
+        if self.sampler_samples is not None and self.sampler_samples < 1:
+            bad('sampler_samples', f"must be >= 1 or null, got {self.sampler_samples}")
+        if self.head_cap is not None and self.head_cap < 1:
+            bad('head_cap', f"must be >= 1 or null, got {self.head_cap}")
+        if self.bs % self.world_size:
+            bad('bs', f"global batch {self.bs} does not split evenly over gpus×nodes = {self.world_size} processes")
         wrong = [s for s in self.eval_splits or () if s not in ('train', 'val', 'test')]
         if wrong: bad('eval_splits', f"unknown split {wrong[0]!r}; valid: train, val, test")
         if self.tag: check_name(self.tag, '[train] tag')  # it names runs/<exp>/train-<tag>/
         try: check_arch(self.arch)
         except ValueError as e: bad('arch', str(e))
         if self.head not in HEADS: bad('head', f"unknown head {self.head!r}; registered: {', '.join(HEADS)}")
-        if self.embed_dim is not None and self.embed_dim < 1: bad('embed_dim', f"must be >= 1 or null (no embedding layer), got {self.embed_dim}")
+        if self.embed_dim is not None and self.embed_dim < 1:
+            bad('embed_dim', f"must be >= 1 or null (no embedding layer), got {self.embed_dim}")
         for k in ('drop_rate', 'drop_path_rate'):
             if not 0 <= getattr(self, k) < 1: bad(k, f"must be in [0, 1), got {getattr(self, k)}")
         if self.momentum < 0 or self.momentum >= 1: bad('momentum', f"must be in [0, 1), got {self.momentum}")
@@ -178,23 +207,28 @@ class TrainParams:
     def world_size(self)->int: return self.gpus * self.nodes
     @property
     def peak_lr(self)->float:
-        "`lr`, or the linear scaling rule of the recipe (Goyal et al. 2017): 0.01×bs/256 (SGD, 2021 report), 5e-4×bs/512 (AdamW, DeiT)"
+        ("`lr`, or the linear scaling rule of the recipe (Goyal et al. 2017): 0.01×bs/256 (SGD, 2021 report), "
+         "5e-4×bs/512 (AdamW, DeiT)")
         if self.lr is not None: return self.lr
         return 0.01 * self.bs / 256 if self.optimizer == 'sgd' else 5e-4 * self.bs / 512
     @property
     def finetune_peak_lr(self)->float:
-        "`finetune_lr`, or a tenth of `peak_lr`: the step recipe's rate after its first decay, enough to train at the new resolution, not to undo the main epochs"
+        ("`finetune_lr`, or a tenth of `peak_lr`: the step recipe's rate after its first decay, enough to train at the "
+         "new resolution, not to undo the main epochs")
         return self.finetune_lr if self.finetune_lr is not None else 0.1 * self.peak_lr
 
 # %% ../nbs/02_train.ipynb #d11eacda
 def train_transform(p:TrainParams, size:int, mean:tuple, std:tuple)->v2.Compose:
     "The training augmentation of `p` at `size` px"
-    t = [v2.RandomResizedCrop(size, scale=(p.crop_scale, 1.0), antialias=True) if p.random_resized_crop else v2.Resize((size, size), antialias=True)]
+    t = [v2.RandomResizedCrop(size, scale=(p.crop_scale, 1.0), antialias=True) if p.random_resized_crop
+         else v2.Resize((size, size), antialias=True)]
     if p.hflip: t.append(v2.RandomHorizontalFlip(p.hflip))
     if p.vflip: t.append(v2.RandomVerticalFlip(p.vflip))
     if p.hue_saturation: t.append(v2.RandomApply([v2.ColorJitter(saturation=0.3, hue=0.05)], p=p.hue_saturation))
-    if p.brightness_contrast: t.append(v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=p.brightness_contrast))
-    if p.blur: t.append(v2.RandomApply([v2.GaussianBlur(kernel_size=max(3, size // 32 * 2 + 1), sigma=(0.1, 2.0))], p=p.blur))
+    if p.brightness_contrast:
+        t.append(v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=p.brightness_contrast))
+    if p.blur:
+        t.append(v2.RandomApply([v2.GaussianBlur(kernel_size=max(3, size // 32 * 2 + 1), sigma=(0.1, 2.0))], p=p.blur))
     t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if p.coarse_dropout: t.append(RandomErasing(p.coarse_dropout, mode='const', min_count=1, max_count=4, device='cpu'))
     return v2.Compose(t)
@@ -207,7 +241,8 @@ def fold_of(rows,          # (N,) index row ids
            )->np.ndarray:
     "(N,) fold 0..folds-1 of each row: a seeded hash of the row id, independent of the other rows"
     if folds < 2: raise ValueError(f"folds must be >= 2, got {folds}")
-    # pandas' 64-bit mixer (hash_array) ignores its key for integers, so the seed shifts the input by a golden-ratio multiple
+    # pandas' 64-bit mixer (hash_array) ignores its key for integers,
+    # so the seed shifts the input by a golden-ratio multiple
     offset = np.uint64((int(seed) * 0x9E3779B97F4A7C15) % 2**64)
     h = pd.util.hash_array(np.asarray(rows, dtype=np.int64).astype(np.uint64) + offset)
     return (h % np.uint64(folds)).astype(np.int64)
@@ -227,9 +262,12 @@ class RecipeLoss(nn.Module):
 
 # %% ../nbs/02_train.ipynb #de10d123
 def load_trained_model(model_path:str|Path, p:TrainParams, num_classes:int, device='cpu')->ProductNet:
-    "The ProductNet of train parameters `p` with the weights of `model_path` (model.pth, weights_only=True), in eval mode"
-    net = create_model(p.arch, num_classes, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck, pretrained=False, img_size=p.img_size)
-    net.load_state_dict(torch.load(model_path, map_location='cpu', weights_only=True))  # restores the normalisation buffers too
+    ("The ProductNet of train parameters `p` with the weights of `model_path` (model.pth, weights_only=True), in eval "
+     "mode")
+    net = create_model(p.arch, num_classes, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck, pretrained=False,
+                       img_size=p.img_size)
+    # restores the normalisation buffers too
+    net.load_state_dict(torch.load(model_path, map_location='cpu', weights_only=True))
     return net.to(device).eval()
 
 
@@ -245,24 +283,28 @@ class TrainJob:
     folds:int|None
     out_dir:Path
     key:str=''
-    init:str|None=None       # start from this model.pth (a trained ProductNet: same arch, head and classes) instead of `p.pretrained`
+    # start from this model.pth (a trained ProductNet: same arch, head and classes) instead of `p.pretrained`
+    init:str|None=None
     rows:str|None=None       # parquet with a `row` column: train only on these labelled train rows of the index
-    callbacks:list=field(default_factory=list) # callback specs for `build_callbacks`: what every torchrun worker rebuilds
-    resume_from:str|None=None # continue this checkpoint of another run (model, optimiser, scheduler, RNG, history, epoch): the high-res control
+    # callback specs for `build_callbacks`: what every torchrun worker rebuilds
+    callbacks:list=field(default_factory=list)
+    # continue this checkpoint of another run (model, optimiser, scheduler, RNG, history, epoch): the high-res control
+    resume_from:str|None=None
     # what names the run in its manifest, not what a worker runs: neither travels in job.json
     stage:str='train'        # the manifest's stage name ('train', 'finegrained', 'rebalance-network')
     extra:dict|None=None     # more parameters that identify the run (recorded in the manifest)
     run:StageRun|None=field(default=None, repr=False, compare=False) # `train_job`'s StageRun of this job (key: `key`)
 
     def to_json(self)->dict:
-        return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p), 'iteration': self.iteration,
-                'fold': self.fold, 'folds': self.folds, 'out_dir': str(self.out_dir), 'key': self.key,
-                'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks, 'resume_from': self.resume_from}
+        return {'experiment': params_dict(self.exp), 'data': params_dict(self.data), 'train': params_dict(self.p),
+                'iteration': self.iteration, 'fold': self.fold, 'folds': self.folds, 'out_dir': str(self.out_dir),
+                'key': self.key, 'init': self.init, 'rows': self.rows, 'callbacks': self.callbacks,
+                'resume_from': self.resume_from}
     @classmethod
     def from_json(cls, d:dict)->TrainJob:
-        return cls(ExperimentParams(**d['experiment']), DataParams(**d['data']), TrainParams(**d['train']), d['iteration'], d['fold'], d['folds'],
-                   Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'), list(d.get('callbacks') or []),
-                   d.get('resume_from'))
+        return cls(ExperimentParams(**d['experiment']), DataParams(**d['data']), TrainParams(**d['train']),
+                   d['iteration'], d['fold'], d['folds'], Path(d['out_dir']), d['key'], d.get('init'), d.get('rows'),
+                   list(d.get('callbacks') or []), d.get('resume_from'))
 
 # %% ../nbs/02_train.ipynb #db377b0f
 @dataclass
@@ -273,10 +315,12 @@ class TrainArtifacts(StageArtifacts):
     predictions:dict    # split -> predictions parquet
     metrics:dict
     history_path:Path
-    lowres:TrainArtifacts|None=None # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
+    # the control of the high-res finetune: its epochs at the training size (`ablate_finetune`)
+    lowres:TrainArtifacts|None=None
     figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
-    trained_rows:Path|None=None # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
+    # trained_rows.parquet: the index rows (row, label) the model trained on (`trained_counts`)
+    trained_rows:Path|None=None
 
 # %% ../nbs/02_train.ipynb #ec2bd85e
 def read_rows(path:str|Path)->np.ndarray:
@@ -286,11 +330,14 @@ def read_rows(path:str|Path)->np.ndarray:
 
 # %% ../nbs/02_train.ipynb #ef529b5c
 def build_callbacks(specs:list|tuple)->list:
-    "Callbacks from JSON specs `{'factory': 'aliprod.<module>.<function>', 'kwargs': {...}}`; a factory returns a callback or a list of them"
+    ("Callbacks from JSON specs `{'factory': 'aliprod.<module>.<function>', 'kwargs': {...}}`; a factory returns a "
+     "callback or a list of them")
     out = []
     for s in specs or ():
         mod, _, fn = str(s.get('factory', '')).rpartition('.')
-        if not mod.startswith('aliprod.'): raise ValueError(f"callback factory {s.get('factory')!r} must be a function of an aliprod module ('aliprod.<module>.<function>')")
+        if not mod.startswith('aliprod.'):
+            raise ValueError(f"callback factory {s.get('factory')!r} must be a function of an aliprod module "
+                             f"('aliprod.<module>.<function>')")
         made = getattr(importlib.import_module(mod), fn)(**(s.get('kwargs') or {}))
         out += list(made) if isinstance(made, (list, tuple)) else [made]
     return out
@@ -306,8 +353,8 @@ def load_init(net:nn.Module, path:str|Path)->None:
     sd = torch.load(path, map_location='cpu', weights_only=True)
     try: net.load_state_dict(sd)
     except RuntimeError as e:
-        raise ParamsError(f"init {path} does not fit this run's model ({type(net).__name__} of [train] arch, head, embed_dim, bnneck and the "
-                          f"dataset's classes): {str(e).splitlines()[0]} ...") from None
+        raise ParamsError(f"init {path} does not fit this run's model ({type(net).__name__} of [train] arch, head, "
+                          f"embed_dim, bnneck and the dataset's classes): {str(e).splitlines()[0]} ...") from None
 
 # %% ../nbs/02_train.ipynb #950eb47c
 def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFrame|None]:
@@ -316,8 +363,10 @@ def train_rows(index:pd.DataFrame, job:TrainJob)->tuple[pd.DataFrame, pd.DataFra
     if job.rows:
         keep = read_rows(job.rows)
         stray = np.setdiff1d(keep, train['row'].to_numpy())
-        if len(stray): raise ParamsError(f"{job.rows}: {len(stray)} of its {len(keep)} rows are not labelled train rows of "
-                                         f"{index_path(job.exp, job.iteration)} (first: {stray[:5].tolist()}); write the subset from the same index")
+        if len(stray):
+            raise ParamsError(f"{job.rows}: {len(stray)} of its {len(keep)} rows are not labelled train rows of "
+                              f"{index_path(job.exp, job.iteration)} (first: {stray[:5].tolist()}); write the subset "
+                              f"from the same index")
         train = train[train['row'].isin(keep)]
     held = None
     if job.folds:
@@ -335,14 +384,17 @@ def _device(exp:ExperimentParams)->torch.device:
 
 def _main_scheduler(opt, p:TrainParams, updates_per_epoch:int):
     "timm scheduler of the main epochs, stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
-    kind = {'auto': 'multistep' if p.optimizer == 'sgd' else 'cosine', 'step': 'multistep', 'cosine': 'cosine'}[p.schedule]
-    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.epochs, decay_milestones=list(p.milestones), decay_rate=p.gamma,
-                                   min_lr=p.min_lr, warmup_lr=p.warmup_lr, warmup_epochs=p.warmup_epochs, warmup_prefix=False,
+    kind = {'auto': 'multistep' if p.optimizer == 'sgd' else 'cosine', 'step': 'multistep',
+            'cosine': 'cosine'}[p.schedule]
+    sched, _ = create_scheduler_v2(opt, sched=kind, num_epochs=p.epochs, decay_milestones=list(p.milestones),
+                                   decay_rate=p.gamma, min_lr=p.min_lr, warmup_lr=p.warmup_lr,
+                                   warmup_epochs=p.warmup_epochs, warmup_prefix=False,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return sched
 
 class RecipeSchedule:
-    "Per-iteration lr: the main schedule over `epochs`, then the finetune's own: warm-up to `finetune_peak_lr`, cosine to `min_lr`"
+    ("Per-iteration lr: the main schedule over `epochs`, then the finetune's own: warm-up to `finetune_peak_lr`, "
+     "cosine to `min_lr`")
     def __init__(self, opt, p:TrainParams, updates_per_epoch:int):
         self.opt, self.main = opt, _main_scheduler(opt, p, updates_per_epoch)
         self.main_updates = p.epochs * updates_per_epoch
@@ -373,13 +425,15 @@ def write_trained_rows(train:pd.DataFrame, # the rows the model trains on (`trai
                        out_dir:str|Path,   # the run's directory
                       )->Path:
     "Write `train`'s `row` and `label`, sorted by row, to out_dir/trained_rows.parquet"
-    df = pd.DataFrame({'row': train['row'].to_numpy(np.int64), 'label': train['label'].to_numpy(np.int64)}).sort_values('row', kind='stable')
+    df = pd.DataFrame({'row': train['row'].to_numpy(np.int64),
+                       'label': train['label'].to_numpy(np.int64)}).sort_values('row', kind='stable')
     atomic_write_parquet(df, Path(out_dir)/TRAINED_ROWS)
     return Path(out_dir)/TRAINED_ROWS
 
 # %% ../nbs/02_train.ipynb #50feed5b
 def trained_rows_path(path:str|Path)->Path:
-    "The trained-rows file of a train run, given the file, the run's directory or one of its predictions files (<run>/predictions/<split>.parquet)"
+    ("The trained-rows file of a train run, given the file, the run's directory or one of its predictions files "
+     "(<run>/predictions/<split>.parquet)")
     p = Path(path)
     if p.name == TRAINED_ROWS: return p
     return (p.parent.parent if p.parent.name == 'predictions' and p.suffix == '.parquet' else p)/TRAINED_ROWS
@@ -388,18 +442,21 @@ def trained_rows_path(path:str|Path)->Path:
 def read_trained_rows(path:str|Path)->pd.DataFrame:
     "The rows (`row`, `label`) the model of a train run trained on (`trained_rows_path` finds the file)"
     f = trained_rows_path(path)
-    if not f.is_file(): raise FileNotFoundError(f"{f} not found: the train run in {f.parent} does not say which rows its model trained on "
-                                                "(a run from before trained-rows records); rerun its train stage")
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: the train run in {f.parent} does not say which rows its model trained "
+                                "on (a run from before trained-rows records); rerun its train stage")
     return pd.read_parquet(f)
 
 # %% ../nbs/02_train.ipynb #d2ad371d
 def trained_counts(path:str|Path, # a train run's directory or one of its predictions files
                    num_classes:int, # K
                   )->np.ndarray:
-    "(K,) int64 images per class among the rows the run's model trained on: the class prior it learned (0 for a class it never saw)"
+    ("(K,) int64 images per class among the rows the run's model trained on: the class prior it learned (0 for a class "
+     "it never saw)")
     y = read_trained_rows(path)['label'].to_numpy(np.int64)
     if len(y) and y.max() >= num_classes:
-        raise ValueError(f"{trained_rows_path(path)} holds label {y.max()} but num_classes={num_classes}; it belongs to another dataset")
+        raise ValueError(f"{trained_rows_path(path)} holds label {y.max()} but num_classes={num_classes}; it belongs "
+                         f"to another dataset")
     return np.bincount(y, minlength=num_classes).astype(np.int64)
 
 # %% ../nbs/02_train.ipynb #62440de1
@@ -417,18 +474,23 @@ def build_learner(net:nn.Module,          # the ProductNet (optimiser and checkp
                               **({'momentum': p.momentum} if p.optimizer == 'sgd' else {}))
     sched = _scheduler(opt, p, len(train_dl))
     callbacks = [TimmSchedule(sched), ValidMetrics(num_classes)]
-    if p.mixup: callbacks.append(MixupCallback(Mixup(mixup_alpha=p.mixup, label_smoothing=p.label_smoothing, num_classes=num_classes)))
+    if p.mixup:
+        callbacks.append(MixupCallback(Mixup(mixup_alpha=p.mixup, label_smoothing=p.label_smoothing,
+                                             num_classes=num_classes)))
     if p.channels_last: callbacks.append(ChannelsLast())
     if p.amp and device.type == 'cuda': callbacks.append(MixedPrecision(amp_mode='bf16'))
-    learn = Learner(DataLoaders(train_dl, valid_dl, device=device), model if model is not None else net, loss_func=RecipeLoss(p.label_smoothing),
-                    opt_func=lambda *_, **__: OptimWrapper(opt=opt), lr=p.peak_lr, cbs=[*callbacks, *cbs])
+    learn = Learner(DataLoaders(train_dl, valid_dl, device=device), model if model is not None else net,
+                    loss_func=RecipeLoss(p.label_smoothing), opt_func=lambda *_, **__: OptimWrapper(opt=opt),
+                    lr=p.peak_lr, cbs=[*callbacks, *cbs])
     learn.torch_opt, learn.timm_scheduler, learn.epoch_metrics = opt, sched, {}
-    if not in_notebook(): learn.remove_cb(ProgressCallback)  # bars where a person watches; LogLines' plain lines everywhere
+    # bars where a person watches; LogLines' plain lines everywhere
+    if not in_notebook(): learn.remove_cb(ProgressCallback)
     if not any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.logger = noop  # not Recorder's raw lists
     return learn
 
 # %% ../nbs/02_train.ipynb #8bc3cbe4
-MAIN_PHASE = 'main_phase_checkpoint.pth'   # the training state at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
+# the training state at the end of the main epochs, before the high-res finetune (`ablate_finetune`)
+MAIN_PHASE = 'main_phase_checkpoint.pth'
 
 # %% ../nbs/02_train.ipynb #d77cace2
 def _job_name(exp:ExperimentParams, out_dir:Path)->str:
@@ -446,19 +508,25 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     info = dataset_info(exp)
     root, K = info['root'], int(info['num_classes'])
     train_df, held = train_rows(index, job)
-    if len(train_df) < p.bs: raise ParamsError(f"[train] bs: {len(train_df)} training rows in {index_path(exp, job.iteration)} are fewer than one batch of {p.bs}; lower bs")
+    if len(train_df) < p.bs:
+        raise ParamsError(f"[train] bs: {len(train_df)} training rows in {index_path(exp, job.iteration)} are fewer "
+                          f"than one batch of {p.bs}; lower bs")
 
     cfg_arch = timm.get_pretrained_cfg(p.arch)
-    if p.finetune_size and p.finetune_epochs and p.finetune_size != p.img_size and cfg_arch is not None and cfg_arch.fixed_input_size:
-        raise ParamsError(f"[train] finetune_size: {p.arch} has a fixed input size (position embeddings for {p.img_size}px), so it cannot "
-                          f"finetune at {p.finetune_size}px in the same run; set finetune_epochs: 0 (or train a second tag at img_size: {p.finetune_size})")
+    if (p.finetune_size and p.finetune_epochs and p.finetune_size != p.img_size and cfg_arch is not None
+        and cfg_arch.fixed_input_size):
+        raise ParamsError(f"[train] finetune_size: {p.arch} has a fixed input size (position embeddings for "
+                          f"{p.img_size}px), so it cannot finetune at {p.finetune_size}px in the same run; "
+                          f"set finetune_epochs: 0 (or train a second tag at img_size: {p.finetune_size})")
     seed_everything(exp.seed, deterministic=device.type != 'cuda')
     net = create_model(p.arch, K, head=p.head, embed_dim=p.embed_dim, bnneck=p.bnneck,
                        pretrained=p.pretrained and not (job.init or job.resume_from), weights=p.weights,
                        drop_rate=p.drop_rate, drop_path_rate=p.drop_path_rate, img_size=p.img_size)
-    if job.init: load_init(net, job.init)  # its normalisation buffers too: the transforms below follow the starting model
+    # its normalisation buffers too: the transforms below follow the starting model
+    if job.init: load_init(net, job.init)
     cont = torch.load(job.resume_from, map_location='cpu', weights_only=True) if job.resume_from else None
-    if cont is not None: net.load_state_dict(cont['model'])  # before data_config, as init: the normalisation buffers travel
+    # before data_config, as init: the normalisation buffers travel
+    if cont is not None: net.load_state_dict(cont['model'])
     net = net.to(device)
     cfg = data_config(net)
     sizes = (p.img_size, p.eval_size)
@@ -468,23 +536,29 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     val_df = index[index['split'] == 'val'].iloc[rank::world]
     valid_ds = ImageIndexDataset(val_df, root, transform=va_tfms[0])
     num_samples = p.sampler_samples or len(train_df)
-    sampler = LongTailSampler(train_df['label'].to_numpy(), mode=p.sampler, num_samples=num_samples, num_classes=K, seed=exp.seed,
-                              epochs=p.total_epochs if p.sampler == 'progressive' else None, num_replicas=world, rank=rank, drop_last=True)
+    sampler = LongTailSampler(train_df['label'].to_numpy(), mode=p.sampler, num_samples=num_samples, num_classes=K,
+                              seed=exp.seed, epochs=p.total_epochs if p.sampler == 'progressive' else None,
+                              num_replicas=world, rank=rank, drop_last=True)
     g = torch.Generator()
     kw = dict(num_workers=p.workers, pin_memory=device.type == 'cuda', worker_init_fn=seed_worker)
-    # drop_last: every step sees a full global batch, split evenly over ranks, so DDP's mean of per-rank means is the global mean
-    draws = SeededDraws(sampler, exp.seed, rank)  # each draw's augmentation seed travels with its index: workers change nothing
-    train_dl = DataLoader(SeededAugment(train_ds), batch_size=p.bs // world, sampler=draws, drop_last=True, generator=g, **kw)
+    # drop_last: every step sees a full global batch, split evenly
+    # over ranks, so DDP's mean of per-rank means is the global mean
+    # each draw's augmentation seed travels with its index: workers change nothing
+    draws = SeededDraws(sampler, exp.seed, rank)
+    train_dl = DataLoader(SeededAugment(train_ds), batch_size=p.bs // world, sampler=draws, drop_last=True, generator=g,
+                          **kw)
     valid_dl = DataLoader(valid_ds, batch_size=p.eval_bs or 2 * p.bs // world, shuffle=False, **kw)
 
     if world > 1 and device.type == 'cuda' and p.sync_bn: net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    # a callback with `wrap_model` (DCL, LIO) adds training-only modules around the net before the optimiser, DDP and checkpoints see it
+    # a callback with `wrap_model` (DCL, LIO) adds training-only modules
+    # around the net before the optimiser, DDP and checkpoints see it
     cbs = [*build_callbacks(job.callbacks), *cbs]
     trainable = net
     for c in cbs:
         if hasattr(c, 'wrap_model'): trainable = c.wrap_model(trainable)
     model = torch.compile(trainable) if p.compile else trainable
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else None
+    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+           if world > 1 else None)
     learn = build_learner(trainable, train_dl, valid_dl, p, K, device, model=model)
     opt, sched = learn.torch_opt, learn.timm_scheduler
 
@@ -493,7 +567,9 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
     if ck_path.exists():
         ck = torch.load(ck_path, map_location='cpu', weights_only=True)
         if ck.get('key') == job.key:
-            trainable.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
+            trainable.load_state_dict(ck['model'])
+            opt.load_state_dict(ck['optimizer'])
+            sched.load_state_dict(ck['scheduler'])
             set_rng_state(ck['rng']); history, start = list(ck['history']), int(ck['epoch'])
             log(f"resuming {out_dir} after epoch {start}/{p.total_epochs}")
         else: log(f"ignoring {ck_path}: it belongs to other parameters, data or code")
@@ -502,32 +578,43 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
         opt.load_state_dict(cont['optimizer']); sched.load_state_dict(cont['scheduler'])
         set_rng_state(cont['rng']); history, start = list(cont['history']), int(cont['epoch'])
         log(f"continuing {project_relative(job.resume_from)} after epoch {start}/{p.total_epochs}")
-    if ddp is not None: learn.add_cb(DDPCallback(ddp))  # after loading: DDP broadcasts rank 0's weights when it wraps, ranks agree anyway
+    # after loading: DDP broadcasts rank 0's weights when it wraps, ranks agree anyway
+    if ddp is not None: learn.add_cb(DDPCallback(ddp))
 
     meta = lambda e: {'phase': 'finetune' if e >= p.epochs else 'main', 'img_size': sizes[int(e >= p.epochs)]}
-    # with ablate_finetune, the checkpoint at the end of the main phase is kept: the control continues it at the training size
-    keep = {p.epochs: out_dir/MAIN_PHASE} if p.ablate_finetune and p.finetune_size and p.finetune_epochs and not job.folds else {}
-    learn.add_cbs([EpochSeed(exp.seed, draws, g), Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start, keep=keep),
+    # with ablate_finetune, the checkpoint at the end of the main
+    # phase is kept: the control continues it at the training size
+    keep = ({p.epochs: out_dir/MAIN_PHASE}
+            if p.ablate_finetune and p.finetune_size and p.finetune_epochs and not job.folds else {})
+    learn.add_cbs([EpochSeed(exp.seed, draws, g),
+                   Checkpoint(out_dir, trainable, opt, sched, job.key, history, meta, start, keep=keep),
                    LogLines(p.total_epochs, start, history, what=f'{_job_name(exp, out_dir)}: '), *cbs])
     if p.finetune_size and p.finetune_epochs:
-        learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]], [tr_tfms[1], va_tfms[1]]))
-    if p.save_seen: learn.add_cb(SeenRows(sampler, train_df['row'].to_numpy(), out_dir/'seen_rows'/f'rank{rank}.parquet', start))
+        learn.add_cb(ProgressiveResize(p.epochs, [train_ds, valid_ds], [tr_tfms[0], va_tfms[0]],
+                                       [tr_tfms[1], va_tfms[1]]))
+    if p.save_seen:
+        learn.add_cb(SeenRows(sampler, train_df['row'].to_numpy(), out_dir/'seen_rows'/f'rank{rank}.parquet', start))
     if rank != 0 and any(isinstance(c, ProgressCallback) for c in learn.cbs): learn.remove_cb(ProgressCallback)
     if start < p.total_epochs:
         log(f"training {p.arch} on {len(train_df)} images of {K} classes, {world} process(es) on {device}, "
-            f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" + (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
+            f"{p.total_epochs} epochs ({p.epochs} at {p.img_size}px" +
+            (f", {p.finetune_epochs} at {p.finetune_size}px" if p.finetune_size and p.finetune_epochs else '') + ")")
         learn.fit(p.total_epochs, lr=p.peak_lr, start_epoch=start)
-    if rank == 0: atomic_torch_save(canonical(net.state_dict()), out_dir/'model.pth')  # the plain ProductNet: training-only modules stay in checkpoint.pth
-    failures = train_ds.failures + valid_ds.failures  # bad images were replaced, never silently: counted in metrics.json
-    if failures: log(f"{len(failures)} images failed to load and were replaced by the next valid row; see {train_ds.failure_log}")
+    # the plain ProductNet: training-only modules stay in checkpoint.pth
+    if rank == 0: atomic_torch_save(canonical(net.state_dict()), out_dir/'model.pth')
+    # bad images were replaced, never silently: counted in metrics.json
+    failures = train_ds.failures + valid_ds.failures
+    if failures:
+        log(f"{len(failures)} images failed to load and were replaced by the next valid row; "
+            f"see {train_ds.failure_log}")
     return _predict_all(job, net, index, train_df, held, root, K, device, sizes[-1], {'load_failures': len(failures)})
 
 def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size, extra:dict)->dict:
     "Predict the eval splits (or the held-out fold) and evaluate val/test against given and clean labels"
     p, out_dir = job.p, Path(job.out_dir)
     rank, world = _rank_world()
-    kw = dict(root=root, img_size=size, k=p.topk, bs=p.eval_bs or 2 * p.bs // world, workers=p.workers, feats=p.save_feats,
-              device=device, amp=p.amp and device.type == 'cuda', channels_last=p.channels_last)
+    kw = dict(root=root, img_size=size, k=p.topk, bs=p.eval_bs or 2 * p.bs // world, workers=p.workers,
+              feats=p.save_feats, device=device, amp=p.amp and device.type == 'cuda', channels_last=p.channels_last)
     todo = {'train': held} if job.folds else {s: index for s in p.eval_splits}
     paths, failed = {}, []
     for split, df in todo.items():
@@ -535,12 +622,14 @@ def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size
         log(f"predictions of {split}: {project_relative(paths[split])}")
     if rank != 0: return {}
     write_trained_rows(train_df, out_dir)   # what every prior of this model counts (`trained_counts`)
-    groups = shot_groups(job.exp)  # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
+    # the data stage's class sizes and thresholds, not this run's capped or cleaned ones: groups agree across stages
+    groups = shot_groups(job.exp)
     metrics = {'train_images': int(len(train_df)), 'num_classes': K, **extra, 'predict_failures': len(failed)}
     for split in ('val', 'test'):
         if split not in paths: continue
         t = read_topk(paths[split])
-        if (t.labels >= 0).any(): metrics[split] = evaluate(t, topk=(1, min(5, K)), **groups)  # an unlabelled split is predicted, not scored
+        # an unlabelled split is predicted, not scored
+        if (t.labels >= 0).any(): metrics[split] = evaluate(t, topk=(1, min(5, K)), **groups)
         if (clean := clean_labels(index, t.rows)) is not None:
             metrics[f'{split}_clean'] = evaluate(t, clean_label=clean, topk=(1, min(5, K)), **groups)
     atomic_write_json(out_dir/'metrics.json', metrics)
@@ -600,11 +689,13 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
               out_dir:str|Path|None=None,    # where the run goes; default `train_dir(exp, p, iteration, fold)`
               stage:str='train',             # the manifest's stage name
               extra:dict|None=None,          # more parameters that identify the run (recorded in the manifest)
-              resume_from:str|Path|None=None, # continue this checkpoint of another run (its epoch, optimiser, schedule, RNG)
+              # continue this checkpoint of another run (its epoch, optimiser, schedule, RNG)
+              resume_from:str|Path|None=None,
              )->tuple[TrainJob, StageRun]:
     "The one way to describe a training: its job (splits to predict resolved from the index) and StageRun"
     it = p.iteration if iteration is None else iteration
-    if (fold is None) != (folds is None): raise ValueError(f"Pass both fold and folds, or neither (got fold={fold}, folds={folds})")
+    if (fold is None) != (folds is None):
+        raise ValueError(f"Pass both fold and folds, or neither (got fold={fold}, folds={folds})")
     if folds is not None and not (folds >= 2 and 0 <= fold < folds):
         raise ValueError(f"fold must be in 0..folds-1 with folds >= 2, got fold={fold}, folds={folds}")
     # a fold model predicts its held-out rows only; every other run the splits the index has (fails here, naming the
@@ -625,8 +716,10 @@ def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:in
 def _outputs(job:TrainJob)->list[str]:
     splits = ['train'] if job.folds else job.p.eval_splits
     trained = ['checkpoint.pth', 'history.csv']
-    snap = [MAIN_PHASE] if job.p.ablate_finetune and job.p.finetune_size and job.p.finetune_epochs and not job.folds else []
-    return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', TRAINED_ROWS, *[f'predictions/{s}.parquet' for s in splits]]
+    snap = ([MAIN_PHASE] if job.p.ablate_finetune and job.p.finetune_size and job.p.finetune_epochs and not job.folds
+            else [])
+    return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', TRAINED_ROWS,
+            *[f'predictions/{s}.parquet' for s in splits]]
 
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
@@ -759,13 +852,17 @@ def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure'
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     e = history['epoch']
-    a.plot(e, history['train_loss'], 'o-', label='train (with augmentation)'); a.plot(e, history['valid_loss'], 'o-', label='validation')
+    a.plot(e, history['train_loss'], 'o-', label='train (with augmentation)')
+    a.plot(e, history['valid_loss'], 'o-', label='validation')
     a.set_ylabel('cross-entropy loss')
-    for col, lab in (('top1_err', 'top-1 error'), ('top5_err', 'top-5 error'), ('mean_class_err', 'mean class error')): b.plot(e, history[col], 'o-', label=lab)
+    for col, lab in (('top1_err', 'top-1 error'), ('top5_err', 'top-5 error'), ('mean_class_err', 'mean class error')):
+        b.plot(e, history[col], 'o-', label=lab)
     b.set_ylabel('validation error (fraction)'); b.set_ylim(0, 1)
     ft = history[history['phase'] == 'finetune']
     for ax in (a, b):
-        if len(ft): ax.axvspan(ft['epoch'].min() - 0.5, ft['epoch'].max() + 0.5, color='grey', alpha=0.15, label=f"finetune at {ft['img_size'].iloc[0]}px")
+        if len(ft):
+            ax.axvspan(ft['epoch'].min() - 0.5, ft['epoch'].max() + 0.5, color='grey', alpha=0.15,
+                       label=f"finetune at {ft['img_size'].iloc[0]}px")
         ax.set_xlabel('epoch'); ax.legend(fontsize=8); ax.grid(alpha=0.3)
     fig.suptitle(title or 'Training curves'); fig.tight_layout(); plt.close(fig)
     return fig
@@ -778,7 +875,9 @@ def plot_per_class(pc:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     d = pc[pc['n_eval'] > 0]
     for g, c in (('many', '#1f77b4'), ('medium', '#ff7f0e'), ('few', '#d62728'), ('', 'k')):
         m = d['group'] == g
-        if m.any(): ax.scatter(d.loc[m, 'n_train'].clip(lower=0.8), d.loc[m, 'acc'], s=14, c=c, label=f'{g or "all"}-shot ({int(m.sum())} classes)')
+        if m.any():
+            ax.scatter(d.loc[m, 'n_train'].clip(lower=0.8), d.loc[m, 'acc'], s=14, c=c,
+                       label=f'{g or "all"}-shot ({int(m.sum())} classes)')
     ax.set_xscale('log'); ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel('training images of the class (log scale)'); ax.set_ylabel('top-1 accuracy of the class')
     ax.set_title(title or 'Per-class accuracy vs training count'); ax.legend(fontsize=8); ax.grid(alpha=0.3)
