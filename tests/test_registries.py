@@ -28,3 +28,9 @@ def test_a_newly_registered_rule_is_written_into_both_lists():
     assert len(new_r.split('\n')) == len(readme.split('\n'))
     assert [l for l in new_r.split('\n') if 'margin_probe' not in l] == [l for l in readme.split('\n') if '`h2e`' not in l]
     assert 'margin_probe' not in ''.join(''.join(c['source']) for c in nv.new_index(index, nv.registries())['cells'])
+
+
+def test_index_notebook_has_a_row_for_every_notebook():
+    text = ''.join(''.join(c['source']) for c in json.loads((ROOT/'nbs'/'index.ipynb').read_text())['cells'])
+    missing = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9][0-9]*.ipynb')) if f'| `{p.stem}` |' not in text]
+    assert not missing, f"nbs/index.ipynb has no row for {missing}"
