@@ -21,9 +21,10 @@ With --views-and-rounds, four more (declared in a second commit, after the first
 - every head, two models, both views: the 32;
 - inseparable, two models, both views: the inseparable rule on the two plain models and the 32.
 
-    python benchmarks/transfer_compose.py [--views-and-rounds] [--runs-dir DIR]
+    python benchmarks/transfer_compose.py [--views-and-rounds] [--runs-dir DIR] [--params A.yaml B.yaml]
 
-It reads runs/demo_3val*/ as they are and writes benchmarks/results/transfer_compose[_extended].json.
+It reads runs/demo_3val*/ (or the runs of --params) as they are and writes
+benchmarks/results/transfer_compose[_extended].json (or --out).
 """
 from __future__ import annotations
 import argparse
@@ -190,14 +191,15 @@ def main(argv=None):
     ap.add_argument('--runs-dir', default=None, help='where the runs are (default: the parameter files\' runs_dir)')
     ap.add_argument('--views-and-rounds', action='store_true',
                     help='the four compositions that embed val (minutes) instead of the first five')
+    ap.add_argument('--params', nargs=2, default=list(PARAMS), help='the two parameter files, one per order of the halves')
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
-    orders = [order(f, a.views_and_rounds, a.runs_dir) for f in PARAMS]
+    orders = [order(f, a.views_and_rounds, a.runs_dir) for f in a.params]
     res = {}
     for name in orders[0][1]:
         if a.views_and_rounds and name in FIRST: continue
         per, hits = [], []
-        for f, (singles, comps, y) in zip(PARAMS, orders):
+        for f, (singles, comps, y) in zip(a.params, orders):
             comp, members = comps[name]
             h = versus(comp, singles, y); hits.append(h)
             t = table(h, a.bootstrap)
