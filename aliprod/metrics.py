@@ -21,7 +21,9 @@ def _ranked(preds, labels, clean_label, k:int):
         if labels is None: labels = preds.labels
     else:
         scores = torch.as_tensor(preds)
-        if scores.ndim != 2: raise ValueError(f"Dense predictions must be (N,K) logits or probabilities, got shape {tuple(scores.shape)}")
+        if scores.ndim != 2:
+            raise ValueError(f"Dense predictions must be (N,K) logits or probabilities, got shape "
+                             f"{tuple(scores.shape)}")
         K = scores.shape[1]
         tl = scores.float().topk(min(k, K), dim=1).indices.numpy()
         if labels is None: raise ValueError("Dense predictions carry no labels: pass labels=(N,) given labels")
@@ -29,14 +31,15 @@ def _ranked(preds, labels, clean_label, k:int):
     y = np.asarray(labels if clean_label is None else clean_label).reshape(-1).astype(np.int64)
     if len(y) != len(tl): raise ValueError(f"predictions have {len(tl)} rows but {name} has {len(y)}")
     if len(y) and y.max() >= K:
-        raise ValueError(f"{name} contains class {int(y.max())} at row {int(np.argmax(y))} but the predictions have K={K} classes; check the class map")
+        raise ValueError(f"{name} contains class {int(y.max())} at row {int(np.argmax(y))} but the predictions have "
+                         f"K={K} classes; check the class map")
     return np.asarray(tl), y, K, name
 
 def _hits(tl:np.ndarray, y:np.ndarray, k:int, K:int)->np.ndarray:
     "(N,) bool: the target is among the first k predictions"
     if tl.shape[1] < min(k, K):
-        raise ValueError(f"The predictions hold only the top-{tl.shape[1]} of {K} classes, so top-{k} error cannot be computed: "
-                         f"keep k >= {k} predictions (topk_from_probs(..., k={k})) or leave {k} out of topk")
+        raise ValueError(f"The predictions hold only the top-{tl.shape[1]} of {K} classes, so top-{k} error cannot be "
+                         f"computed: keep k >= {k} predictions (topk_from_probs(..., k={k})) or leave {k} out of topk")
     return (tl[:, :k] == y[:, None]).any(axis=1)
 
 # %% ../nbs/01c_metrics.ipynb #9d5db68f
@@ -62,10 +65,13 @@ def _class_stats(preds, labels=None, train_counts=None, clean_label=None, topk=(
     with np.errstate(invalid='ignore', divide='ignore'): acc = correct / n_eval
     if train_counts is not None:
         n_train = np.asarray(train_counts).reshape(-1).astype(np.int64)
-        if len(n_train) != K: raise ValueError(f"train_counts has {len(n_train)} classes but the predictions have K={K}; pass the counts of all K classes (classes.parquet n_train)")
+        if len(n_train) != K:
+            raise ValueError(f"train_counts has {len(n_train)} classes but the predictions have K={K}; pass the counts "
+                             "of all K classes (classes.parquet n_train)")
         group = shot_group(n_train, many, few)
     else: n_train, group = np.full(K, -1, np.int64), np.full(K, '', dtype='<U6')
-    return dict(y=y, hits=hits, n_eval=n_eval, correct=correct, acc=acc, n_train=n_train, group=group, K=K, target=name, n_unknown=n_unknown)
+    return dict(y=y, hits=hits, n_eval=n_eval, correct=correct, acc=acc, n_train=n_train, group=group, K=K, target=name,
+                n_unknown=n_unknown)
 
 def per_class_accuracy(preds,                 # TopK, or dense (N,K) logits/probabilities (tensor or ndarray)
                        labels=None,           # (N,) given labels; default preds.labels for a TopK
@@ -104,7 +110,7 @@ def evaluate(preds,                  # TopK, or dense (N,K) logits/probabilities
 # %% ../nbs/01c_metrics.ipynb #1b789084
 METRIC_COLUMNS = ('top1_err', 'top5_err', 'mean_class_err', 'many_acc', 'medium_acc', 'few_acc')
 
-def metrics_table(metrics:dict,             # name -> {split: `evaluate`'s dict}; entries that are not such dicts are skipped
+def metrics_table(metrics:dict,             # name -> {split: `evaluate`'s dict}; other entries are skipped
                   cols:tuple=METRIC_COLUMNS, # the numbers to lay out (NaN where a split lacks one)
                   name:str='variant',        # the name column's header
                  )->pd.DataFrame:
@@ -116,9 +122,12 @@ def metrics_table(metrics:dict,             # name -> {split: `evaluate`'s dict}
 # %% ../nbs/01c_metrics.ipynb #960542a4
 def _top1(preds, name:str):
     "(top-1 labels (N,), K, row ids (N,) or None) of a TopK or dense scores"
-    if isinstance(preds, TopK): return np.asarray(preds.topk_labels[:, 0]), preds.num_classes, np.asarray(preds.rows, np.int64)
+    if isinstance(preds, TopK):
+        return np.asarray(preds.topk_labels[:, 0]), preds.num_classes, np.asarray(preds.rows, np.int64)
     scores = torch.as_tensor(preds)
-    if scores.ndim != 2: raise ValueError(f"Dense predictions {name} must be (N,K) logits or probabilities, got shape {tuple(scores.shape)}")
+    if scores.ndim != 2:
+        raise ValueError(f"Dense predictions {name} must be (N,K) logits or probabilities, got shape "
+                         f"{tuple(scores.shape)}")
     # the call `evaluate` makes, so that ties break the same way
     return scores.float().topk(1, dim=1).indices[:, 0].numpy(), scores.shape[1], None
 
@@ -146,12 +155,14 @@ def _align(rows_a:np.ndarray, rows_b:np.ndarray, names)->np.ndarray:
     else: order_a, order_b = np.argsort(rows_a, kind='stable'), np.argsort(rows_b, kind='stable')
     for r, o, name in ((rows_a, order_a, names[0]), (rows_b, order_b, names[1])):
         s = r[o] if o is not None else np.sort(r)
-        if (rep := s[1:][s[1:] == s[:-1]]).size: raise ValueError(f"{name} predicts row {int(rep[0])} more than once; paired predictions need one per row")
+        if (rep := s[1:][s[1:] == s[:-1]]).size:
+            raise ValueError(f"{name} predicts row {int(rep[0])} more than once; paired predictions need one per row")
     if order_a is None: return np.arange(len(rows_a))
     if len(rows_a) != len(rows_b) or (rows_a[order_a] != rows_b[order_b]).any():
         only_a, only_b = np.setdiff1d(rows_a, rows_b), np.setdiff1d(rows_b, rows_a)
-        raise ValueError(f"{names[0]} and {names[1]} do not cover the same rows: {len(only_a)} only in {names[0]} (e.g. {only_a[:3].tolist()}), "
-                         f"{len(only_b)} only in {names[1]} (e.g. {only_b[:3].tolist()}); predict both on the same images")
+        raise ValueError(f"{names[0]} and {names[1]} do not cover the same rows: {len(only_a)} only in {names[0]} "
+                         f"(e.g. {only_a[:3].tolist()}), {len(only_b)} only in {names[1]} (e.g. "
+                         f"{only_b[:3].tolist()}); predict both on the same images")
     # the k-th smallest row id sits at order_a[k] in a and at order_b[k] in b
     at = np.empty(len(rows_a), np.int64); at[order_a] = order_b
     return at
@@ -164,28 +175,36 @@ def _paired_target(a, b, at, labels, clean_label, names):
     if not isinstance(a, TopK): raise ValueError("Dense predictions carry no labels: pass labels=(N,) given labels")
     # a Δ against two different targets would not be a paired comparison
     if isinstance(b, TopK) and not np.array_equal(np.asarray(b.labels)[at], np.asarray(a.labels)):
-        raise ValueError(f"{names[0]} and {names[1]} carry different given labels for the same rows; pass labels= or clean_label= to say which to evaluate against")
+        raise ValueError(f"{names[0]} and {names[1]} carry different given labels for the same rows; pass labels= or "
+                         "clean_label= to say which to evaluate against")
     return np.asarray(a.labels).astype(np.int64), 'label'
 
 def paired_hits(a,                 # TopK, or dense (N,K) logits/probabilities
                 b,                 # the other system's predictions of the same images, in any row order
                 labels=None,       # (N,) given labels in a's row order; default: a TopK's labels
-                clean_label=None,  # (N,) ground-truth labels in a's row order to evaluate against instead, -1 where unknown
+                # (N,) ground-truth labels in a's row order to evaluate against instead, -1 where unknown
+                clean_label=None,
                 rows=None,         # (N,) row ids of dense predictions; two dense ones without it are paired by position
                 names=('a', 'b'),  # what errors call a and b
                )->PairedHits:
     "Top-1 hit vectors of `a` and `b` on the same rows, aligned by row id, unknown targets (-1) left out"
     (ta, Ka, ra), (tb, Kb, rb) = _top1(a, names[0]), _top1(b, names[1])
-    if Ka != Kb: raise ValueError(f"{names[0]} predicts K={Ka} classes but {names[1]} K={Kb}; compare systems of the same class map")
+    if Ka != Kb:
+        raise ValueError(f"{names[0]} predicts K={Ka} classes but {names[1]} K={Kb}; compare systems of the same class "
+                         "map")
     if rows is not None: ra, rb = (np.asarray(rows, np.int64) if r is None else r for r in (ra, rb))
-    if (ra is None) != (rb is None): raise ValueError(f"{names[0 if ra is None else 1]} is dense and carries no row ids: pass rows= to pair it with a TopK")
+    if (ra is None) != (rb is None):
+        raise ValueError(f"{names[0 if ra is None else 1]} is dense and carries no row ids: pass rows= to pair it with "
+                         "a TopK")
     if ra is None: ra, rb = np.arange(len(ta)), np.arange(len(tb))
     for t, r, name in ((ta, ra, names[0]), (tb, rb, names[1])):
         if len(t) != len(r): raise ValueError(f"{name} has {len(t)} predictions but rows has {len(r)}")
     at = _align(ra, rb, names)
     y, target = _paired_target(a, b, at, labels, clean_label, names)
     if len(y) != len(ta): raise ValueError(f"{target} has {len(y)} rows but {names[0]} has {len(ta)}")
-    if len(y) and y.max() >= Ka: raise ValueError(f"{target} contains class {int(y.max())} at row {int(np.argmax(y))} but the predictions have K={Ka} classes; check the class map")
+    if len(y) and y.max() >= Ka:
+        raise ValueError(f"{target} contains class {int(y.max())} at row {int(np.argmax(y))} but the predictions have "
+                         f"K={Ka} classes; check the class map")
     known = y >= 0
     return PairedHits(ra[known], y[known], (ta == y)[known], (tb[at] == y)[known], Ka, target, int((~known).sum()))
 
@@ -199,7 +218,9 @@ def _metric_classes(n_eval:np.ndarray, metric:str, train_counts, many:int, few:i
     if metric in ('top1_err', 'mean_class_err'): return evaluated
     if train_counts is None: raise ValueError(f"{metric} needs train_counts, many and few: pass **shot_groups(exp)")
     n_train = np.asarray(train_counts).reshape(-1)
-    if len(n_train) != len(n_eval): raise ValueError(f"train_counts has {len(n_train)} classes but the predictions have K={len(n_eval)}; pass the counts of all K classes")
+    if len(n_train) != len(n_eval):
+        raise ValueError(f"train_counts has {len(n_train)} classes but the predictions have K={len(n_eval)}; pass the "
+                         "counts of all K classes")
     return evaluated & (shot_group(n_train, many, few) == metric.removesuffix('_acc'))
 
 def _metric_value(metric:str, hit:np.ndarray, correct:np.ndarray, n_eval:np.ndarray, member:np.ndarray)->float:
@@ -215,7 +236,8 @@ def _pool_single_images(cells:np.ndarray, weight:np.ndarray):
     single = (cells.sum(1) == 1) & (weight > 0)
     if single.sum() < 2: return cells, weight
     w, group = np.unique(weight[single], return_inverse=True)
-    pooled = np.stack([np.bincount(group, weights=cells[single, j], minlength=len(w)) for j in range(4)], 1).astype(np.int64)
+    pooled = np.stack([np.bincount(group, weights=cells[single, j], minlength=len(w))
+                       for j in range(4)], 1).astype(np.int64)
     # a pooled stratum of S images stands for S classes of weight w: its accuracy is their mean, so it weighs S * w
     return np.concatenate([cells[~single], pooled]), np.concatenate([weight[~single], w * pooled.sum(1)])
 
@@ -224,9 +246,11 @@ def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
                      weight:np.ndarray,       # (K,) weight of each class's accuracy in the metric
                      B:int, rng:np.random.Generator,
                      rescale:bool=True,       # draw n_c - 1 images of a class of n_c
-                     max_cells:int=1 << 20,   # binomial draws held at once (8 MB an array): bounds memory whatever B and K
+                     # binomial draws held at once (8 MB an array): bounds memory whatever B and K
+                     max_cells:int=1 << 20,
                     )->np.ndarray:
-    "(B,) draws of Σ_c weight_c (acc_b - acc_a)_c, each class's images resampled with replacement, the same ones for a and b"
+    ("(B,) draws of Σ_c weight_c (acc_b - acc_a)_c, each class's images resampled with replacement, the same ones for "
+     "a and b")
     if rescale: cells, weight = _pool_single_images(cells, weight)
     n = cells.sum(1)
     m = n - 1 if rescale else n
@@ -239,7 +263,8 @@ def _bootstrap_draws(cells:np.ndarray,        # (K,4) from PairedHits.cells
     key, size = np.unique(np.stack([m, n, only_b, only_a, weight], 1)[vary], axis=0, return_counts=True)
     m, n, only_b, only_a, w = key[:, 0].astype(np.int64), key[:, 1], key[:, 2], key[:, 3], key[:, 4]
     p_b = only_b / n
-    # given the draws where only b is right, those where only a is right are binomial among the rest (exact ratio of counts: <= 1)
+    # given the draws where only b is right, those where only a is right are binomial among the rest (exact ratio of
+    # counts: <= 1)
     rest = n - only_b
     q_a = np.divide(only_a, rest, out=np.zeros(len(n)), where=rest > 0)
     out, step = np.empty(B), max(1, max_cells // max(len(m), 1))
@@ -311,7 +336,8 @@ def paired_bootstrap(hits:PairedHits,              # from `paired_hits`
                      B:int=BOOTSTRAP_DRAWS,        # bootstrap draws
                      seed=0,                       # int or np.random.Generator
                      level:float=0.95,             # coverage of the interval
-                     rescale:bool=True,            # draw n_c - 1 images of a class of n_c (unbiased variance); False: n_c
+                     # draw n_c - 1 images of a class of n_c (unbiased variance); False: n_c
+                     rescale:bool=True,
                     )->PairedDelta:
     "Δ of `metric` from system a to b, with its percentile interval over class-stratified resamples shared by both"
     if B < 1: raise ValueError(f"B must be >= 1 bootstrap draws, got {B}")
@@ -339,7 +365,8 @@ def paired_delta(a, b,                         # TopK or dense predictions of th
                  B:int=BOOTSTRAP_DRAWS, seed=0, level:float=0.95, rescale:bool=True,
                 )->PairedDelta:
     "`paired_bootstrap` of `paired_hits(a, b, ...)`: Δ of `metric` from a to b with its paired interval"
-    return paired_bootstrap(paired_hits(a, b, labels, clean_label, rows, names), metric, train_counts, many, few, B, seed, level, rescale)
+    return paired_bootstrap(paired_hits(a, b, labels, clean_label, rows, names), metric, train_counts, many, few, B,
+                            seed, level, rescale)
 
 # %% ../nbs/01c_metrics.ipynb #6c08117c
 def simulate_paired_hits(n_per_class,     # (K,) evaluation images of each class
@@ -396,7 +423,8 @@ def benjamini_hochberg(pvalues)->np.ndarray:
 # %% ../nbs/01c_metrics.ipynb #076baadb
 def _row_hash(ids, seed:int)->np.ndarray:
     "(N,) uint64 seeded hash of integer ids, each independent of the others (as `aliprod.train.fold_of`)"
-    # pandas' 64-bit mixer (hash_array) ignores its key for integers, so the seed shifts the input by a golden-ratio multiple
+    # pandas' 64-bit mixer (hash_array) ignores its key for integers, so the seed shifts the input by a golden-ratio
+    # multiple
     offset = np.uint64((int(seed) * 0x9E3779B97F4A7C15) % 2**64)
     return pd.util.hash_array(np.asarray(ids, dtype=np.int64).astype(np.uint64) + offset)
 
@@ -408,7 +436,8 @@ def choosing_half(rows,      # (N,) index row ids of the validation images
     rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.int64)
     if len(rows) != len(labels): raise ValueError(f"rows has {len(rows)} entries but labels has {len(labels)}")
     u, c = np.unique(rows, return_counts=True)
-    if (c > 1).any(): raise ValueError(f"row {int(u[c > 1][0])} appears {int(c.max())} times; each validation image goes to one half")
+    if (c > 1).any():
+        raise ValueError(f"row {int(u[c > 1][0])} appears {int(c.max())} times; each validation image goes to one half")
     # within a class, images rank by the seeded hash of their row id, so the order of `rows` never matters
     order = np.lexsort((rows, _row_hash(rows, seed), labels))
     cls, start, size = np.unique(labels[order], return_index=True, return_counts=True)

@@ -40,7 +40,8 @@ class Stage:
     runs:tuple    # prefixes of its run directories under runs/<experiment>/ (none for the report)
     writes:str    # what it writes, in one line (the README's table says the same)
     overrides:tuple=() # (papermill -p name, sections it overrides): its notebook's own parameters (clean: iteration)
-    explicit:tuple=() # (papermill -p name, section, key): the key is set True when the name is given (an explicit request)
+    # (papermill -p name, section, key): the key is set True when the name is given (an explicit request)
+    explicit:tuple=()
 
 _IT = lambda *sections: (('iteration', sections),)
 # The pipeline's stages in their default order: the one table `aliprod run`, `call_stage`, the README and tests read.
@@ -55,7 +56,8 @@ STAGES = (
           'plain / DCL / LIO finetunes of the trained model and their comparison'),
     Stage('clean', '03_clean.ipynb', 'clean.clean_stage', ('data', 'train', 'clean'), ('train',), ('clean',),
           'cleaned index k, changes with reasons, class sizes, noise-detection scores; model k', _IT('clean'),
-          # `-p iteration N` asks for round N: it runs past a round validation does not keep ([clean] iteration is a budget)
+          # `-p iteration N` asks for round N: it runs past a round validation does not keep ([clean] iteration is a
+          # budget)
           (('iteration', 'clean', 'past_stop'),)),
     Stage('rebalance', '04_rebalance.ipynb', 'rebalance.rebalance_stage', ('data', 'train', 'rebalance'), ('train',),
           ('rebalance',),
@@ -82,16 +84,21 @@ STAGE_ORDER = tuple(s.name for s in STAGES if s.notebook)
 class PipelineParams:
     stages:list[str]|None=None # stages to run, in pipeline order; None: every stage this version has
     html:bool=True             # render each executed notebook to HTML (code hidden)
-    grid:dict[str, list]|None=None # {'section.key': [values]}: one run per combination, experiment '<experiment>-<key><value>...'
+    # {'section.key': [values]}: one run per combination, experiment '<experiment>-<key><value>...'
+    grid:dict[str, list]|None=None
     def __post_init__(self):
         bad = [s for s in (self.stages or []) if s not in STAGE_ORDER]
-        if bad: raise ParamsError(f"Unknown stage {bad[0]!r} in [pipeline] stages; valid: {', '.join(STAGE_ORDER)}.{_did_you_mean(bad[0], STAGE_ORDER)}")
+        if bad:
+            raise ParamsError(f"Unknown stage {bad[0]!r} in [pipeline] stages; valid: "
+                              f"{', '.join(STAGE_ORDER)}.{_did_you_mean(bad[0], STAGE_ORDER)}")
         dup = sorted({s for s in (self.stages or []) if self.stages.count(s) > 1})
         if dup: raise ParamsError(f"[pipeline] stages lists {dup[0]!r} twice")
         for name, values in (self.grid or {}).items():
             sec, _, key = name.partition('.')
-            if not key or sec == 'experiment': raise ParamsError(f"[pipeline] grid key {name!r} must be 'section.key', e.g. 'train.label_smoothing'")
-            if not isinstance(values, list) or not values: raise ParamsError(f"[pipeline] grid {name!r} must be a non-empty list of values")
+            if not key or sec == 'experiment':
+                raise ParamsError(f"[pipeline] grid key {name!r} must be 'section.key', e.g. 'train.label_smoothing'")
+            if not isinstance(values, list) or not values:
+                raise ParamsError(f"[pipeline] grid {name!r} must be a non-empty list of values")
             for v in values: check_section(section_class(sec), {key: v}, f'[pipeline] grid')
 
 def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
@@ -188,12 +195,12 @@ def plan_stages(chosen:list[str])->list[str]:
     return plan
 
 # %% ../nbs/08_pipeline.ipynb #7bd7416e
-# ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on until
-# its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core: the data
-# stage's worker pools use it too); and they say "this is a stage run" (`aliprod.core.notebook_run_kind`), so the
-# notebook's tests never run inside a user's run, whatever the kernel
-KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.rundirs import die_with_parent as _d; _d(); del _d", '
-                    '"__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
+# ipykernel runs these lines before the first cell: without them a kernel whose runner was killed (kill -9) lives on
+# until its parent poller notices (about a second) and can still write a stage's files (`die_with_parent` is in core:
+# the data stage's worker pools use it too); and they say "this is a stage run" (`aliprod.core.notebook_run_kind`), so
+# the notebook's tests never run inside a user's run, whatever the kernel
+KERNEL_ARGUMENTS = ['--InteractiveShellApp.exec_lines=["from aliprod.rundirs import die_with_parent as _d; _d(); '
+                    'del _d", "__import__(\'os\').environ[\'ALIPROD_STAGE_RUN\'] = \'1\'"]']
 
 def _kernel_arguments(needs_ran:bool)->list[str]:
     "`KERNEL_ARGUMENTS`, and when the runner has run the stage's needs, the line that tells `call_stage` so"
@@ -253,7 +260,8 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
         # the kernel's prints (epoch lines, stage progress) go straight to this terminal as they come; papermill's own
         # `log_output` sends them to its logger, which nothing configures, so a user saw nothing for minutes
         pm.execute_notebook(str(nb), str(part), parameters=params, cwd=str(project_root()), log_output=False,
-                            stdout_file=sys.stdout if log_output else None, stderr_file=sys.stderr if log_output else None,
+                            stdout_file=sys.stdout if log_output else None,
+                            stderr_file=sys.stderr if log_output else None,
                             progress_bar=False, kernel_name='python3',
                             extra_arguments=_kernel_arguments(needs_ran), km=km)
     except pm.PapermillExecutionError as e:
@@ -263,7 +271,8 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
         raise StageFailed(f"Stage '{stage}' failed in cell {e.cell_index} `{line}`: {e.ename}: {e.evalue}\n"
                           f"Executed notebook: {out}") from None
     except Exception as e:  # dead kernel, timeout, missing kernel: papermill has no cell to point at
-        raise StageFailed(f"Stage '{stage}' failed: {type(e).__name__}: {e} ({_failed_cell(out)}).\nExecuted notebook: {out}") from None
+        raise StageFailed(f"Stage '{stage}' failed: {type(e).__name__}: {e} ({_failed_cell(out)}).\nExecuted notebook: "
+                          f"{out}") from None
     finally:
         _shutdown(km); shutil.rmtree(sockets, ignore_errors=True)
         if part.exists():
@@ -308,7 +317,8 @@ def seed_params_file(params_file:str|Path, exp:ExperimentParams)->Path:
     if not p.is_absolute() and not p.exists(): p = project_root()/p
     raw = {k: v for k, v in (yaml.safe_load(p.read_text()) or {}).items() if k not in ('seeds', 'seed', 'data_seed')}
     raw.update(experiment=exp.experiment, seed=exp.seed, data_seed=exp.data_seed)
-    text = f"# seed {exp.seed} of a seeds run of {project_relative(p)} (written by aliprod run; edit that file instead)\n"
+    text = (f"# seed {exp.seed} of a seeds run of {project_relative(p)} (written by aliprod run; edit that file "
+            "instead)\n")
     text += yaml.safe_dump(raw, sort_keys=False)
     out = experiment_dir(exp)/'params.yaml'
     if not out.exists() or out.read_text() != text: atomic_write_text(out, text)
@@ -316,14 +326,17 @@ def seed_params_file(params_file:str|Path, exp:ExperimentParams)->Path:
     return out
 
 def run_pipeline(params_file:str|Path,        # YAML parameter file
-                 stages:list[str]|None=None,   # subset of stages; default: the file's [pipeline] stages, else all present
+                 # subset of stages; default: the file's [pipeline] stages, else all present
+                 stages:list[str]|None=None,
                  force:bool=False,             # remove the chosen stages' manifests first, so they run again
                  dry_run:bool=False,           # say what would run and stop
                  nbs_dir:str|Path|None=None,   # where the stage notebooks are (tests point this elsewhere)
-                 in_process:bool=False,        # call each stage's library function here instead of executing its notebook
+                 # call each stage's library function here instead of executing its notebook
+                 in_process:bool=False,
                  seeds:list[int]|None=None,    # training seeds (--seeds); default: the file's seeds:, else its seed:
                 )->list:
-    "Validate `params_file`, then for each run of its grid and each seed prepare the data and run the stages in order (or their functions)"
+    ("Validate `params_file`, then for each run of its grid and each seed prepare the data and run the stages in order "
+     "(or their functions)")
     load_params_file(params_file)  # every section checked before any work
     base = resolve_params('experiment', params_file)
     pp = resolve_params('pipeline', params_file)
@@ -331,7 +344,9 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
     chosen = stages or pp.stages or list(present)
     plan = plan_stages(chosen)[1:]   # the chosen stages and those they need; the data stage runs in this process
     missing = [s for s in plan if s not in present]
-    if missing and not in_process: raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: {', '.join(present) or 'none'}")
+    if missing and not in_process:
+        raise ParamsError(f"Stage(s) {', '.join(missing)} have no notebook in this version; present: "
+                          f"{', '.join(present) or 'none'}")
     runs = check_grid(params_file)   # every run of the grid checked before the first starts
     seeds = run_seeds(params_file, seeds)
     executed = []
@@ -343,13 +358,15 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
             if seeds is None: extra, report_extra = {}, {}   # one seed: exactly the run before seeds existed
             else: extra, report_extra = {'seed': e.seed}, ({'seeds': seeds} if e.experiment == name else {})
             log(f"experiment '{e.experiment}' from {params_file}{' with ' + str(over) if over else ''}"
-                f"{f', seed {e.seed} ({k + 1} of {len(per_seed)})' if len(per_seed) > 1 else ''}: data, {', '.join(plan) or 'no stage notebooks'}")
+                f"{f', seed {e.seed} ({k + 1} of {len(per_seed)})' if len(per_seed) > 1 else ''}: data, "
+                f"{', '.join(plan) or 'no stage notebooks'}")
             if dry_run:
                 for s in plan: log(f"would run {present[s]}")
                 continue
             with experiment_lock(e):
                 pf = params_file if e.experiment == name else seed_params_file(params_file, e)
-                executed += _run_experiment(e, pf, over, chosen, present, force, in_process, pp.html, extra, report_extra)
+                executed += _run_experiment(e, pf, over, chosen, present, force, in_process, pp.html, extra,
+                                            report_extra)
     return executed
 
 @contextmanager
@@ -616,11 +633,14 @@ def status(params_file:str|Path, stages:list[str]|None=None, seeds:list[int]|Non
 
 # %% ../nbs/08_pipeline.ipynb #1ec20e9f
 def check_data_files(p:'aliprod.data.DataParams')->str:
-    "Read the data section's files (not the images) when its root is here: a malformed file is a ParamsError naming it; one line on what was read"
+    ("Read the data section's files (not the images) when its root is here: a malformed file is a ParamsError naming "
+     "it; one line on what was read")
     if p.source == 'synthetic': return 'data: synthetic (generated by the data stage)'
-    if p.root is None or not Path(p.root).expanduser().exists(): return f'data: root {p.root} not found on this machine; its files were not read'
+    if p.root is None or not Path(p.root).expanduser().exists():
+        return f'data: root {p.root} not found on this machine; its files were not read'
     rr = read_source(p)
-    return f"data: {len(rr.index):,} records read from {p.source} files under {p.root} ({len(rr.quarantine):,} to quarantine before the image scan)"
+    return (f"data: {len(rr.index):,} records read from {p.source} files under {p.root} ({len(rr.quarantine):,} to "
+            "quarantine before the image scan)")
 
 # %% ../nbs/08_pipeline.ipynb #5dbf576f
 def main(argv:list[str]|None=None)->int:
@@ -650,8 +670,10 @@ def main(argv:list[str]|None=None)->int:
                    help="only these stages (default: the file's pipeline.stages, else all)")
     r.add_argument('--force', action='store_true', help="re-run stages even when their manifests are up to date")
     r.add_argument('--dry-run', action='store_true', help='show what would run')
-    r.add_argument('--in-process', action='store_true', help="call each stage's function in this process (no notebooks, no HTML pages of them)")
-    seeds_help = "training seeds, e.g. 0,1,2 (overrides the file's seed:/seeds:): one run tree each, the report aggregates them"
+    r.add_argument('--in-process', action='store_true',
+                   help="call each stage's function in this process (no notebooks, no HTML pages of them)")
+    seeds_help = ("training seeds, e.g. 0,1,2 (overrides the file's seed:/seeds:): one run tree each, the report "
+                  "aggregates them")
     r.add_argument('--seeds', help=seeds_help)
     c = sub.add_parser('check', help='validate a parameter file', epilog=examples, formatter_class=fmt,
                        description='Validate every section of a parameter file (and every run of its grid); read its '
@@ -665,7 +687,8 @@ def main(argv:list[str]|None=None)->int:
     st.add_argument('--stages', nargs='+', choices=STAGE_ORDER, help="only these stages (default: as `run` chooses)")
     d = sub.add_parser('data', help='prepare the data of a parameter file', epilog=examples, formatter_class=fmt)
     d.add_argument('params', help=params_help)
-    d.add_argument('--force', action='store_true', help='scan and index again even when up to date (e.g. after fixing images)')
+    d.add_argument('--force', action='store_true',
+                   help='scan and index again even when up to date (e.g. after fixing images)')
     a = ap.parse_args(argv)
     try:
         if a.cmd == 'check':
@@ -676,7 +699,8 @@ def main(argv:list[str]|None=None)->int:
             # each seed's run tree is a name too: checked as `run` makes them
             trees = [e.experiment for name, _ in runs for e in seed_runs(resolve_params(
                 'experiment', a.params, overrides={'experiment': name, 'seeds': seeds}))]
-            sd = f"; seeds {', '.join(map(str, seeds))}: runs/{', runs/'.join(trees)}" if seeds and len(seeds) > 1 else ''
+            sd = (f"; seeds {', '.join(map(str, seeds))}: runs/{', runs/'.join(trees)}" if seeds and len(seeds) > 1
+                  else '')
             print(f"{a.params}: OK (sections: {', '.join(cfg)}{grid}{sd})")
             print(check_data_files(resolve_params('data', a.params)))
         elif a.cmd == 'status':
@@ -687,7 +711,8 @@ def main(argv:list[str]|None=None)->int:
             art = prepare_data(exp, resolve_params('data', a.params), force=a.force)
             print(f"index: {art.index}")
         else:
-            run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process, seeds=parse_seeds(a.seeds) if a.seeds else None)
+            run_pipeline(a.params, a.stages, a.force, a.dry_run, in_process=a.in_process,
+                         seeds=parse_seeds(a.seeds) if a.seeds else None)
     except (ParamsError, FileNotFoundError) as e:
         print(f"aliprod: {e}", file=sys.stderr); return 2
     except (StageFailed, LockBusy, LinkRefused) as e:

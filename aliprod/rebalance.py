@@ -19,7 +19,8 @@ from .predictions import TopK, write_topk, read_topk
 from .samplers import class_counts
 from .schema import labelled_splits
 from .metrics import evaluate
-from .train import train_model, train_job, trained_model, require_data, predict, load_trained_model, trained_counts
+from .train import (train_model, train_job, trained_model, require_data, predict, load_trained_model,
+                           trained_counts)
 from .data import load_index, data_root, index_path, shot_groups, data_artifacts, choosing_rows
 from .decoupled import (Features, head_top1, head_topk, balanced_subset, METHOD_REGISTRY, FINETUNES, TauBias,
                                NCMNorm, fit_method)
@@ -367,7 +368,8 @@ def with_baseline_change(table:pd.DataFrame)->pd.DataFrame:
 
 # %% ../nbs/04_rebalance.ipynb #045dac9b
 def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceArtifacts:
-    "Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ sweep; skipped when up to date"
+    ("Decoupled classifier learning on the model of train iteration `p.iteration`: every method of `p`, a table, the τ "
+     "sweep; skipped when up to date")
     require_data(exp)   # the stages it needs run before it (`call_stage`); called without them, it names the command
     p = dataclasses.replace(p, iteration=resolve_iteration(exp, p.iteration, what='[rebalance] iteration'))
     # the model of that round, with the parameters the clean stage trained it with
@@ -375,7 +377,8 @@ def run_rebalance(exp:ExperimentParams, data, t, p:RebalanceParams)->RebalanceAr
     where = index_path(exp, p.iteration)
     evals = check_rebalance(load_index(exp, p.iteration), where, p)   # before any training
     art = trained_model(exp, data, t, p.iteration)   # the train stage's model (round k >= 1: the clean stage's), read
-    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files suffixed
+    # another backbone (a train tag) has its own heads: runs/<exp>/rebalance-<tag>/<iteration>/, its report files
+    # suffixed
     sfx = f'-{t.tag}' if t.tag else ''
     out = run_dir(exp, 'rebalance' + sfx, p.iteration)
     K = int(json.loads(data_artifacts(exp).dataset_json.read_text())['num_classes'])

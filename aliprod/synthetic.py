@@ -21,7 +21,8 @@ SHAPES = ('circle', 'square', 'triangle', 'diamond', 'hexagon', 'star', 'cross',
 EMBLEMS = ('hstripe', 'vstripe', 'dot', 'ring', 'twodots', 'diagonal', 'bar', 'corner')
 
 def long_tail_counts(n_classes:int, max_per_class:int, min_per_class:int)->np.ndarray:
-    "(K,) descending exponential profile from `max_per_class` to `min_per_class` (the usual long-tailed benchmark recipe)"
+    ("(K,) descending exponential profile from `max_per_class` to `min_per_class` (the usual long-tailed benchmark "
+     "recipe)")
     if n_classes == 1: return np.array([max_per_class])
     i = np.arange(n_classes) / (n_classes - 1)
     return np.rint(max_per_class * (min_per_class / max_per_class) ** i).astype(np.int64)
@@ -40,11 +41,13 @@ def synthetic_classes(n_classes:int, family_size:int)->pd.DataFrame:
     accent = [_rgb(h + 0.5, 0.35, 0.97) for h in hue]
     shift = np.where(sib >= len(EMBLEMS), '+' + (sib // len(EMBLEMS)).astype(str), '')
     names = [f'f{f:03d}-{sh}-{em}{s}' for f, sh, em, s in zip(fam, shape, emblem, shift)]
-    return pd.DataFrame({'label': lab, 'class_name': names, 'coarse_label': fam, 'shape': shape, 'emblem': emblem, 'body': body, 'accent': accent})
+    return pd.DataFrame({'label': lab, 'class_name': names, 'coarse_label': fam, 'shape': shape, 'emblem': emblem,
+                         'body': body, 'accent': accent})
 
 # %% ../nbs/01e_synthetic.ipynb #6b1dc119
 def synthetic_plan(p:DataParams, seed:int=0)->tuple:
-    "The synthetic index (no images yet) and its classes table: train long tail with the three noise kinds, balanced clean val/test"
+    ("The synthetic index (no images yet) and its classes table: train long tail with the three noise kinds, balanced "
+     "clean val/test")
     rng = np.random.default_rng([seed, 1])
     k, fs = p.n_classes, p.family_size
     classes = synthetic_classes(k, fs)
@@ -57,7 +60,8 @@ def synthetic_plan(p:DataParams, seed:int=0)->tuple:
     order = rng.permutation(n)
     eligible = order[fam_len[order] >= 2]
     if n_sib > len(eligible):
-        raise ParamsError(f"data.sibling_noise={p.sibling_noise} asks for {n_sib} sibling swaps but only {len(eligible)} train images have a sibling class; lower it or raise family_size")
+        raise ParamsError(f"data.sibling_noise={p.sibling_noise} asks for {n_sib} sibling swaps but only "
+                          f"{len(eligible)} train images have a sibling class; lower it or raise family_size")
     sib = eligible[:n_sib]
     rest = order[~np.isin(order, sib)]
     uni, ood = rest[:n_uni], rest[n_uni:n_uni + n_ood]
@@ -69,9 +73,11 @@ def synthetic_plan(p:DataParams, seed:int=0)->tuple:
     label = np.concatenate([y, np.sort(ev), np.sort(et)])
     split = np.array(['train'] * n + ['val'] * len(ev) + ['test'] * len(et), dtype=object)
     rows = np.arange(len(label))
-    paths = np.strings.add(np.strings.add(np.strings.add(np.strings.add(split.astype(str), '/'), np.strings.zfill(label.astype(str), 5)), '/'),
+    paths = np.strings.add(np.strings.add(np.strings.add(np.strings.add(split.astype(str), '/'),
+                                                         np.strings.zfill(label.astype(str), 5)), '/'),
                            np.strings.add(np.strings.zfill(rows.astype(str), 7), '.jpg'))
-    index = pd.DataFrame({'row': rows, 'path': paths, 'label': label, 'split': split, 'class_name': classes['class_name'].to_numpy()[label],
+    index = pd.DataFrame({'row': rows, 'path': paths, 'label': label, 'split': split,
+                          'class_name': classes['class_name'].to_numpy()[label],
                           'coarse_label': label // fs, 'clean_label': np.concatenate([clean, np.sort(ev), np.sort(et)]),
                           'noise_kind': np.concatenate([kind, np.full(len(ev) + len(et), 'clean', dtype=object)])})
     return _typed(index, INDEX_COLUMNS), classes
@@ -89,33 +95,42 @@ def _draw_object(size:int, shape:str, body:tuple, accent:tuple, emblem:str)->Ima
     elif shape == 'square': d.rectangle([c - 0.85 * r, c - 0.85 * r, c + 0.85 * r, c + 0.85 * r], fill=body)
     elif shape == 'ellipse': d.ellipse([c - r, c - 0.62 * r, c + r, c + 0.62 * r], fill=body)
     elif shape == 'cross':
-        w = 0.38 * r; d.rectangle([c - r, c - w, c + r, c + w], fill=body); d.rectangle([c - w, c - r, c + w, c + r], fill=body)
+        w = 0.38 * r; d.rectangle([c - r, c - w, c + r, c + w], fill=body)
+        d.rectangle([c - w, c - r, c + w, c + r], fill=body)
     elif shape == 'star':
         a = np.arange(10) * math.pi / 5 - math.pi / 2; q = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
         d.polygon(list(zip(c + q * np.cos(a), c + q * np.sin(a))), fill=body)
-    else: d.polygon(_regular(c, r, {'triangle': 3, 'diamond': 4, 'hexagon': 6}[shape], -math.pi / 2 if shape == 'triangle' else 0), fill=body)
+    else:
+        d.polygon(_regular(c, r, {'triangle': 3, 'diamond': 4, 'hexagon': 6}[shape],
+                           -math.pi / 2 if shape == 'triangle' else 0), fill=body)
     em = Image.new('RGBA', (size, size), (0, 0, 0, 0)); e = ImageDraw.Draw(em); s = size
     if emblem == 'hstripe': e.rectangle([0, c - 0.07 * s, s, c + 0.07 * s], fill=accent)
     elif emblem == 'vstripe': e.rectangle([c - 0.07 * s, 0, c + 0.07 * s, s], fill=accent)
     elif emblem == 'dot': e.ellipse([c - 0.12 * s, c - 0.12 * s, c + 0.12 * s, c + 0.12 * s], fill=accent)
-    elif emblem == 'ring': e.ellipse([c - 0.2 * s, c - 0.2 * s, c + 0.2 * s, c + 0.2 * s], outline=accent, width=max(2, s // 16))
+    elif emblem == 'ring':
+        e.ellipse([c - 0.2 * s, c - 0.2 * s, c + 0.2 * s, c + 0.2 * s], outline=accent, width=max(2, s // 16))
     elif emblem == 'twodots':
-        for dx in (-0.14, 0.14): e.ellipse([c + (dx - 0.07) * s, c - 0.07 * s, c + (dx + 0.07) * s, c + 0.07 * s], fill=accent)
+        for dx in (-0.14, 0.14):
+            e.ellipse([c + (dx - 0.07) * s, c - 0.07 * s, c + (dx + 0.07) * s, c + 0.07 * s], fill=accent)
     elif emblem == 'diagonal': e.line([(0.15 * s, 0.15 * s), (0.85 * s, 0.85 * s)], fill=accent, width=max(2, s // 9))
     elif emblem == 'bar': e.rectangle([c - 0.2 * s, c + 0.12 * s, c + 0.2 * s, c + 0.24 * s], fill=accent)
     elif emblem == 'corner': e.rectangle([c - 0.26 * s, c - 0.26 * s, c - 0.06 * s, c - 0.06 * s], fill=accent)
-    em.putalpha(Image.fromarray(np.minimum(np.asarray(em.getchannel('A')), np.asarray(im.getchannel('A')))))  # the emblem is printed on the object only
+    # the emblem is printed on the object only
+    em.putalpha(Image.fromarray(np.minimum(np.asarray(em.getchannel('A')), np.asarray(im.getchannel('A')))))
     return Image.alpha_composite(im, em)
 
 def _background(rng:np.random.Generator, w:int, h:int)->Image.Image:
-    "Textured, shaded background with clutter: random colour, gradient and low-frequency noise (upsampled from a few pixels), distractor blobs and lines"
+    ("Textured, shaded background with clutter: random colour, gradient and low-frequency noise (upsampled from a few "
+     "pixels), distractor blobs and lines")
     n = int(rng.integers(3, 9))
     yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
     g = rng.uniform(-1, 1, 2)
-    small = rng.uniform(50, 210, 3) + (xx * g[0] + yy * g[1])[..., None] * rng.uniform(-60, 60, 3) + rng.normal(0, 40, (n, n, 3)) * rng.uniform(0.2, 0.8)
+    small = (rng.uniform(50, 210, 3) + (xx * g[0] + yy * g[1])[..., None] * rng.uniform(-60, 60, 3)
+             + rng.normal(0, 40, (n, n, 3)) * rng.uniform(0.2, 0.8))
     img = Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC); d = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, 5))):
-        col = tuple(int(v) for v in rng.integers(0, 256, 3)); x, y = rng.uniform(0, w), rng.uniform(0, h); z = rng.uniform(0.05, 0.25) * min(w, h)
+        col = tuple(int(v) for v in rng.integers(0, 256, 3)); x, y = rng.uniform(0, w), rng.uniform(0, h)
+        z = rng.uniform(0.05, 0.25) * min(w, h)
         if rng.random() < 0.5: d.ellipse([x, y, x + z, y + z * rng.uniform(0.5, 1.5)], fill=col)
         else: d.line([(x, y), (rng.uniform(0, w), rng.uniform(0, h))], fill=col, width=int(rng.integers(1, 4)))
     return img
@@ -129,9 +144,11 @@ def _junk(rng:np.random.Generator, size:int)->Image.Image:
     "An out-of-distribution object: a random polygon with random stripes, no class's shape or emblem"
     im = Image.new('RGBA', (size, size), (0, 0, 0, 0)); d = ImageDraw.Draw(im)
     n = int(rng.integers(5, 10)); a = np.sort(rng.uniform(0, 2 * math.pi, n)); q = rng.uniform(0.2, 0.48, n) * size
-    d.polygon(list(zip(size / 2 + q * np.cos(a), size / 2 + q * np.sin(a))), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    d.polygon(list(zip(size / 2 + q * np.cos(a), size / 2 + q * np.sin(a))),
+              fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     for _ in range(int(rng.integers(1, 4))):
-        d.line([tuple(rng.uniform(0, size, 2)), tuple(rng.uniform(0, size, 2))], fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 6)))
+        d.line([tuple(rng.uniform(0, size, 2)), tuple(rng.uniform(0, size, 2))],
+               fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 6)))
     return im
 
 def render_synthetic(seed:int, row:int,      # the image is a pure function of (seed, row, design)
@@ -145,7 +162,8 @@ def render_synthetic(seed:int, row:int,      # the image is a pure function of (
     osz = max(8, int(min(w, h) * rng.uniform(0.5, 0.8)))
     obj = (_sprite(design) if design is not None else _junk(rng, 2 * osz)).resize((osz, osz), Image.BOX)
     obj = obj.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, expand=True)
-    x = int(w / 2 + rng.uniform(-0.15, 0.15) * w - obj.width / 2); y = int(h / 2 + rng.uniform(-0.15, 0.15) * h - obj.height / 2)
+    x = int(w / 2 + rng.uniform(-0.15, 0.15) * w - obj.width / 2)
+    y = int(h / 2 + rng.uniform(-0.15, 0.15) * h - obj.height / 2)
     img.paste(obj, (x, y), obj)
     # lighting: brightness, contrast about mid-grey and a slight colour cast, as one lookup table
     gain = rng.uniform(0.7, 1.3) * rng.uniform(0.92, 1.08, 3); contrast = rng.uniform(0.7, 1.2)
@@ -178,10 +196,12 @@ def generate_synthetic(p:DataParams, out_dir:str|Path, seed:int=0, workers:int|N
     if workers <= 1 or len(chunks) <= 1:
         for c in chunks: _render_chunk(str(tmp_dir), seed, size, designs, c)
     else:
-        with process_pool(workers) as ex: list(ex.map(_render_chunk, *zip(*[(str(tmp_dir), seed, size, designs, c) for c in chunks])))
+        with process_pool(workers) as ex:
+            list(ex.map(_render_chunk, *zip(*[(str(tmp_dir), seed, size, designs, c) for c in chunks])))
     if out_dir.exists(): shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
-    return ReadResult(index, classes[['label', 'class_name', 'coarse_label']].astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32'}), empty_quarantine())
+    return ReadResult(index, classes[['label', 'class_name', 'coarse_label']]
+                      .astype({'label':'int32', 'class_name':'str', 'coarse_label':'int32'}), empty_quarantine())
 
 # %% ../nbs/01e_synthetic.ipynb #81608e22
 def _tail_profile(n_classes:int, total:int, imbalance:float)->np.ndarray:
@@ -191,7 +211,8 @@ def _tail_profile(n_classes:int, total:int, imbalance:float)->np.ndarray:
     f = lambda g: imbalance ** (1 - x ** g)
     lo, hi = 1e-4, 1e4
     if f(lo).sum() > total or f(hi).sum() < total:
-        raise ValueError(f"no long tail from {imbalance:g} to 1 over {n_classes} classes sums to {total}; change imbalance or n_images")
+        raise ValueError(f"no long tail from {imbalance:g} to 1 over {n_classes} classes sums to {total}; change "
+                         "imbalance or n_images")
     for _ in range(100):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if f(mid).sum() < total else (lo, mid)
@@ -202,7 +223,8 @@ def _tail_profile(n_classes:int, total:int, imbalance:float)->np.ndarray:
     elif short < 0: n[np.argsort(-n, kind='stable')[:-short]] -= 1
     return np.sort(n)[::-1]
 
-def synthetic_index(n_images:int=2_500_000, n_classes:int=50_030, imbalance:float=1600., seed:int=0, noise:float=0.1)->pd.DataFrame:
+def synthetic_index(n_images:int=2_500_000, n_classes:int=50_030, imbalance:float=1600., seed:int=0,
+                    noise:float=0.1)->pd.DataFrame:
     "An index of `n_images` rows shaped like AliProducts (long tail, 3 val per class, web noise), paths without files"
     if not 0 <= noise < 1: raise ValueError(f"noise must be in [0, 1), got {noise}")
     rng = np.random.default_rng([seed, 3])
@@ -214,7 +236,8 @@ def synthetic_index(n_images:int=2_500_000, n_classes:int=50_030, imbalance:floa
     noisy = rng.permutation(n)[:int(round(noise * n))]
     sib, uni, ood = np.split(noisy, [len(noisy) // 2, len(noisy) * 3 // 4])
     start = (y[sib] // fs) * fs; m = np.minimum(start + fs, k) - start
-    clean[sib] = np.where(m > 1, start + (y[sib] - start + rng.integers(1, np.maximum(m, 2))) % np.maximum(m, 1), y[sib])
+    clean[sib] = np.where(m > 1, start + (y[sib] - start + rng.integers(1, np.maximum(m, 2))) % np.maximum(m, 1),
+                          y[sib])
     clean[uni] = (y[uni] + rng.integers(1, k, len(uni))) % k
     clean[ood] = -1
     kind[sib], kind[uni], kind[ood] = 1, 2, 3
@@ -223,10 +246,13 @@ def synthetic_index(n_images:int=2_500_000, n_classes:int=50_030, imbalance:floa
     label = np.concatenate([y, yv]); rows = np.arange(len(label), dtype=np.int64)
     split_code = np.concatenate([np.zeros(n, np.int8), np.ones(len(yv), np.int8)])
     split = pd.Categorical.from_codes(split_code, categories=['train', 'val', 'test'])
-    paths = np.strings.add(np.strings.add(np.strings.add(np.where(split_code == 0, 'train/', 'val/'), np.strings.zfill(label.astype(str), 5)), '/'),
+    paths = np.strings.add(np.strings.add(np.strings.add(np.where(split_code == 0, 'train/', 'val/'),
+                                                         np.strings.zfill(label.astype(str), 5)), '/'),
                            np.strings.add(np.strings.zfill(rows.astype(str), 8), '.jpg'))
     names = np.strings.add('sku', np.strings.zfill(np.arange(k).astype(str), 5))
     return pd.DataFrame({'row': rows, 'path': pd.array(paths, dtype='str'), 'label': label, 'split': split,
-                         'class_name': pd.Categorical.from_codes(label, categories=names), 'coarse_label': (label // fs).astype(np.int32),
+                         'class_name': pd.Categorical.from_codes(label, categories=names),
+                         'coarse_label': (label // fs).astype(np.int32),
                          'clean_label': np.concatenate([clean, yv]).astype(np.int32),
-                         'noise_kind': pd.Categorical.from_codes(np.concatenate([kind, np.zeros(len(yv), np.int8)]), categories=['clean', 'sibling', 'uniform', 'ood'])})
+                         'noise_kind': pd.Categorical.from_codes(np.concatenate([kind, np.zeros(len(yv), np.int8)]),
+                                                                 categories=['clean', 'sibling', 'uniform', 'ood'])})

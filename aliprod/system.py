@@ -580,13 +580,16 @@ def _choose_round(exp, p, sets, rounds)->tuple[dict, pd.DataFrame]:
     base = experiment_dir(exp)/'train'
     cands = {r: train_candidate(exp, base/str(r), sets, p.k, f'iteration {r}') for r in rounds}
     miss = [r for r, c in cands.items() if c is None]
-    if miss: raise ParamsError(f"[system] iteration {miss[0]}: {base/str(miss[0])/'predictions'} lacks the {sets.choose_split}/{sets.report_split} "
-                               f"predictions of the choosing and reporting images; add them to [train] eval_splits")
+    if miss:
+        raise ParamsError(f"[system] iteration {miss[0]}: {base/str(miss[0])/'predictions'} lacks the "
+                          f"{sets.choose_split}/{sets.report_split} predictions of the choosing and reporting images; "
+                          "add them to [train] eval_splits")
     return cands, pick(list(cands.values()), 'cleaning round')
 
 # %% ../nbs/06b_system.ipynb #f0e76b2a
 def _rebalance_round(exp, data, t, rp, r:int):
-    "The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only methods"
+    ("The rebalance stage of round r (a skip when up to date); a round the pipeline did not rebalance: classifier-only "
+     "methods")
     # a call of the rebalance computation, not a need the resolver could run: r is chosen here, on the choosing
     # images, after the stages ran. At r == [rebalance] iteration it is the rebalance stage's own folder, up to date
     # (the declared need ran it): a no-op; at another round, the classifier-only methods (seconds on cached
@@ -715,20 +718,25 @@ def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
 # %% ../nbs/06b_system.ipynb #58ce8cb9
 def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir, reports_dir)
                  data,                 # DataParams of the data stage
-                 t,                    # TrainParams of the pipeline's model (the rounds' own parameters are read from their runs)
+                 # TrainParams of the pipeline's model (the rounds' own parameters are read from their runs)
+                 t,
                  rp,                   # RebalanceParams: methods, τ grid, τ bias
                  tp,                   # TTAParams: the variants to choose among (unless [system] tta_variants)
                  p:SystemParams,
-                 hires_tag:str|None=None, # train tag of the high-res finetune's control (the chain says where its effect is measured)
+                 # train tag of the high-res finetune's control (the chain says where its effect is measured)
+                 hires_tag:str|None=None,
                 )->SystemArtifacts:
-    "The whole stage: compose the final system chosen on the choosing images, write its artifact and its cumulative chain on the reporting images"
-    rp = dataclasses.replace(rp, iteration=resolve_iteration(exp, rp.iteration, what='[rebalance] iteration'))   # 'kept': a number
+    ("The whole stage: compose the final system chosen on the choosing images, write its artifact and its cumulative "
+     "chain on the reporting images")
+    # 'kept': a number
+    rp = dataclasses.replace(rp, iteration=resolve_iteration(exp, rp.iteration, what='[rebalance] iteration'))
     info = dataset_info(exp)
     K, root = int(info['num_classes']), info['root']
     index = load_index(exp, 0)
     sets = evaluation_sets(index, exp.seed)
     rounds = _discover_rounds(exp, p, data, t)
-    round_cands, (chosen_round, round_table) = _choose_round(exp, p, sets, rounds)   # cheap: the train stage's predictions
+    # cheap: the train stage's predictions
+    round_cands, (chosen_round, round_table) = _choose_round(exp, p, sets, rounds)
     r = int(chosen_round.info['run'].split('/')[-1])
     reb = _rebalance_round(exp, data, t, rp, r)
     variants = p.tta_variants if p.tta_variants is not None else [f'{v}@{e:g}' for v, e in tp.variants]
@@ -741,7 +749,8 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
                   if current_manifest(d.parent, inputs=True) is not None}
     inputs = [index_path(exp, 0), *sorted(d/'manifest.json' for d in runs_read)]
     out = run_dir(exp, 'system')
-    params = {'system': params_dict(p), 'rebalance': params_dict(rp), 'variants': variants, 'seed': exp.seed, 'hires_tag': hires_tag}
+    params = {'system': params_dict(p), 'rebalance': params_dict(rp), 'variants': variants, 'seed': exp.seed,
+              'hires_tag': hires_tag}
     run = StageRun(out, 'system', params, inputs=inputs, modules=['system'])
 
     def work():
@@ -755,15 +764,19 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
             if not p.plain:   # a fixed method: every one asked for must be there
                 have = {c.info['method'] for c in methods}
                 miss = [m for m in p.methods or [] if m not in ('baseline', 'tau_norm', *have)]
-                if miss: raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and [system] plain is false; "
-                                           f"add it to [rebalance] methods (a -network method: [rebalance] finetune network or both); written: {sorted(have)}")
+                if miss:
+                    raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and "
+                                      "[system] plain is false; add it to [rebalance] methods (a -network method: "
+                                      f"[rebalance] finetune network or both); written: {sorted(have)}")
             heads = methods
             if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
                 name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
                 info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
                 heads = [combine(methods, p.mode, p.k, name=name, info=info)]
             cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
-            if not cands: c, tb = pick([prev], 'classifier method'); return c, tb.assign(note='no method to add ([system] methods)')
+            if not cands:
+                c, tb = pick([prev], 'classifier method')
+                return c, tb.assign(note='no method to add ([system] methods)')
             return pick(cands, 'classifier method', default=cands[0] is prev)
         def tau_step(prev):
             if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
@@ -777,7 +790,8 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
             df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
             f = _stage_embeddings(model, df, root, tt.eval_size, None, p, device)
             pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
-            feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()], 'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
+            feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()],
+                     'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
                      'classifier': classifier_tensors(model.classifier)}
             return _tau_step(prev, feats, sets, p, rp, index)
         def tta_step(prev):
@@ -787,7 +801,8 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
             model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
             return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
         def ensemble_step(prev):
-            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm, runs=pool_dirs))   # also the single techniques the system is compared with
+            # also the single techniques the system is compared with
+            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm, runs=pool_dirs))
             if not p.ensemble or p.max_members < 2: return pick([prev], 'ensemble')
             log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
             return greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
@@ -804,23 +819,34 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
         tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} "
                     f"on the {TTA_AVERAGE}{', both views averaged' if several else ''} "
                     f"(the TTA stage's rows average the views' probabilities)"
-                    if 'variant' in chosen['TTA'].info else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing images")
+                    if 'variant' in chosen['TTA'].info
+                    else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing "
+                         "images")
         m0 = chosen['classifier method'].recipe['members'][0]
         tau = chosen['τ'].recipe['members'][0]['tau']
         tta = next((m['tta'] for m in chosen['TTA'].recipe['members'] if m.get('tta')), None)
-        hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at {t.finetune_size} px); its effect is measured "
-                 f"in techniques alone against the control tag {hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)" if t.finetune_size and hires_tag else
-                 f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained ([report] hires_tag), so its effect is not measured"
+        hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at "
+                 f"{t.finetune_size} px); its effect is measured in techniques alone against the control tag "
+                 f"{hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)"
+                 if t.finetune_size and hires_tag else
+                 f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained "
+                 "([report] hires_tag), so its effect is not measured"
                  if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
         mi = chosen['classifier method'].info
         averaged = f" ({', '.join(mi['methods'])}, averaged)" if 'methods' in mi else ''
         method_what = f"{mi.get('method', 'plain')}{averaged} chosen at round {r}"
         ens = final.info.get('members', [final.name])
-        rows = [('Baseline', round_cands.get(0), 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands else 'absent: iteration 0 is not among [system] rounds'),
-                ('+ Data cleaning (chosen rounds)', chosen_round, f"round {r} chosen among iterations {rounds}" + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
+        rows = [('Baseline', round_cands.get(0),
+                 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands
+                 else 'absent: iteration 0 is not among [system] rounds'),
+                ('+ Data cleaning (chosen rounds)', chosen_round,
+                 f"round {r} chosen among iterations {rounds}"
+                 + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
                 ('+ Rebalanced classifier', chosen['classifier method'], method_what),
-                ('+ τ-normalisation', chosen['τ'], tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)" if tau_chosen else
-                                                               'none: the head as the method step chose it did best on the choosing images')),
+                ('+ τ-normalisation', chosen['τ'],
+                 tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)"
+                              if tau_chosen else
+                             'none: the head as the method step chose it did best on the choosing images')),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
                 ('+ Ensemble', final, f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
@@ -828,26 +854,35 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
         first = ch[ch['status'] == 'present'].iloc[0]
-        d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report, final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
-        choices = {'round': r, 'rounds': rounds, 'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
+        d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report,
+                                          final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
+        choices = {'round': r, 'rounds': rounds,
+                   'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
                    'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
-                   'method_model': m0['model'], 'tau': tau, 'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
+                   'method_model': m0['model'], 'tau': tau,
+                   'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
                    'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
-                   'members': final.info.get('members', [final.name]), 'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
-        numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi, 'interval': 'class-stratified bootstrap of the metric itself',
-                   'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target, 'report_images': int(len(y)),
+                   'members': final.info.get('members', [final.name]),
+                   'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
+        numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi,
+                   'interval': 'class-stratified bootstrap of the metric itself',
+                   'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target,
+                   'report_images': int(len(y)),
                    'vs_single_technique': against_single_technique(final, pool, y, p.bootstrap, exp.seed)}
         vs_each = against_each_single_technique(final, pool, y, p.bootstrap, exp.seed)
         extra = {'sets': {'how': sets.how, 'choose_split': sets.choose_split, 'report_split': sets.report_split,
                           'choose_images': int(len(sets.choose_rows)), 'report_images': int(len(sets.report_rows))},
-                 'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K, 'data_root': str(root), 'experiment': exp.experiment}
+                 'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K,
+                 'data_root': str(root), 'experiment': exp.experiment}
         s = _write_artifact(out, final, choices, extra)
-        preds = {'choose': write_topk(out/'predictions'/'choose.parquet', final.choose), 'report': write_topk(out/'predictions'/'report.parquet', final.report)}
+        preds = {'choose': write_topk(out/'predictions'/'choose.parquet', final.choose),
+                 'report': write_topk(out/'predictions'/'report.parquet', final.report)}
         with atomic_path(out/'chain.csv') as f: csv_safe(ch).to_csv(f, index=False)
         atomic_write_text(out/'chain.md', markdown_table(ch))
         with atomic_path(out/'system_candidates.csv') as f: csv_safe(cand_table).to_csv(f, index=False)
         with atomic_path(out/'system_vs_techniques.csv') as f: csv_safe(vs_each).to_csv(f, index=False)
-        heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members']) if m['head']['kind'] != 'classifier']
+        heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members'])
+                 if m['head']['kind'] != 'classifier']
         return (['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'system_vs_techniques.csv',
                  'predictions/choose.parquet', 'predictions/report.parquet', *heads],
                 {'mean_class_err': e, 'lo': lo, 'hi': hi, 'round': r, 'method': choices['method'], 'tau': tau})
