@@ -18,13 +18,15 @@ _CONTROL = re.compile(r'[\x00-\x1f\x7f\u2028\u2029]')
 
 def markdown_text(v)->str:
     "`v` as the text of one Markdown table cell: HTML-escaped, backslashes and pipes escaped, on one line"
-    s = html.escape(str(v), quote=False).replace('\\', '\\\\').replace('|', '\\|')  # backslashes first: '\\|' stays a literal
+    # backslashes first: '\\|' stays a literal
+    s = html.escape(str(v), quote=False).replace('\\', '\\\\').replace('|', '\\|')
     return _CONTROL.sub(' ', s)
 
 def markdown_table(df, # a pandas DataFrame
                    digits:int=4, # decimals of float cells
                   )->str:
-    "`df` as a GitHub Markdown pipe table: floats rounded to `digits`, missing values blank, text escaped (`markdown_text`)"
+    ("`df` as a GitHub Markdown pipe table: floats rounded to `digits`, missing values blank, "
+     "text escaped (`markdown_text`)")
     def cell(v):
         if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA: return ''
         if isinstance(v, (float, np.floating)): return f'{v:.{digits}f}'
@@ -37,9 +39,11 @@ def markdown_table(df, # a pandas DataFrame
 _FORMULA_START = ('=', '+', '-', '@', '\t', '\r', '\n')
 
 def csv_text(v):
-    "`v` with a `'` in front when it is text a spreadsheet would run as a formula (OWASP CSV injection), CRs as LFs; other values unchanged"
+    ("`v` with a `'` in front when it is text a spreadsheet would run as a formula (OWASP CSV injection), CRs as LFs; "
+     "other values unchanged")
     if not isinstance(v, str): return v
-    # pandas quotes a cell holding '\n' but not one holding a lone '\r', which readers take for a row end ('a\r=1' would start a row)
+    # pandas quotes a cell holding '\n' but not one holding a lone '\r', which readers take for a row end ('a\r=1' would
+    # start a row)
     if '\r' in v: v = v.replace('\r\n', '\n').replace('\r', '\n')
     # text that already starts with quotes before a formula gets one more, so that `read_csv_safe` removes exactly one
     return "'" + v if v.lstrip("'").startswith(_FORMULA_START) else v
@@ -51,7 +55,8 @@ def _csv_column(s:pd.Series)->pd.Series:
 
 def csv_safe(df:pd.DataFrame)->pd.DataFrame:
     "`df` with every text cell, column name and index label a spreadsheet would run as a formula prefixed with `'`"
-    out = pd.concat([_csv_column(df.iloc[:, i]) for i in range(df.shape[1])], axis=1) if df.shape[1] else df.copy()  # by position: names may repeat
+    # by position: names may repeat
+    out = pd.concat([_csv_column(df.iloc[:, i]) for i in range(df.shape[1])], axis=1) if df.shape[1] else df.copy()
     out.columns = df.columns if isinstance(df.columns, pd.MultiIndex) else [csv_text(c) for c in df.columns]
     if out.index.dtype == object or pd.api.types.is_string_dtype(out.index): out.index = out.index.map(csv_text)
     return out
@@ -64,7 +69,8 @@ def read_csv_safe(path, **kwargs)->pd.DataFrame:
     "A CSV that `csv_safe` wrote, as the table it was: `pd.read_csv(path, **kwargs)` with the formula prefixes removed"
     df = pd.read_csv(path, **kwargs)
     for c in df.columns:
-        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]): df[c] = df[c].map(csv_unescape, na_action='ignore')
+        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]):
+            df[c] = df[c].map(csv_unescape, na_action='ignore')
     df.columns = [csv_unescape(c) for c in df.columns]
     return df
 
@@ -75,8 +81,10 @@ PLAIN_TEXT = {'parse_math': False}  # Text property: draw `$...$` literally (mat
 _UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f\u2028\u2029\ud800-\udfff]')
 
 def visible_text(s:str, max_chars:int=300)->str:
-    "`s` with control characters and lone surrogates as Python escapes (`\\x00`, `\\ud800`), cut to `max_chars` with its length"
+    ("`s` with control characters and lone surrogates as Python escapes (`\\x00`, `\\ud800`), "
+     "cut to `max_chars` with its length")
     s = str(s)
     cut = len(s) > max_chars
-    t = _UNPRINTABLE.sub(lambda m: m.group().encode('unicode_escape', 'backslashreplace').decode('ascii'), s[:max_chars])
+    t = _UNPRINTABLE.sub(lambda m: m.group().encode('unicode_escape', 'backslashreplace').decode('ascii'),
+                         s[:max_chars])
     return t + f'... ({len(s):,} characters)' if cut else t
