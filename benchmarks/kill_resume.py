@@ -96,8 +96,9 @@ def run_to_end(cmd:list[str], log:Path, timeout:float)->dict:
 
 
 def _trigger(point:str, proc:subprocess.Popen, log:Path, scratch:Path, rng:random.Random, ref:dict,
-             scale:float=1.0)->str|None:
-    "Wait for `point` in the running `proc`; None once it has been reached (then kill), else why it was missed"
+             scale:float=1.0, seen:set|None=None)->str|None:
+    """Wait for `point` in the running `proc`; None once it has been reached (then kill), else why it was missed; the
+    pool workers seen at 'data-pool' go into `seen`"""
     parent = _cmdline(proc.pid)
     train_dir = scratch/'runs'/EXPERIMENT/'train'/'0'
     # training has begun (the first epoch ended) / the clean stage works; then a random moment within half of the time
@@ -108,7 +109,11 @@ def _trigger(point:str, proc:subprocess.Popen, log:Path, scratch:Path, rng:rando
     while proc.poll() is None:
         if point == 'data-pool':
             # a forked worker: the same command line
-            if any(_cmdline(c) == parent for c in descendants(proc.pid)): break
+            workers = [c for c in descendants(proc.pid) if _cmdline(c) == parent]
+            if workers:
+                # a tiny pool's worker can exit before the kill: the caller checks these too
+                if seen is not None: seen.update(workers)
+                break
             time.sleep(0.005)
         elif point == 'checkpoint':
             try:
@@ -131,10 +136,12 @@ def trial(point:str, cmd:list[str], scratch:Path, rng:random.Random, ref:dict, t
         with open(log, 'w') as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         t0 = time.time()
-        missed = _trigger(point, proc, log, scratch, rng, ref, scale=0.5 ** attempt)
+        seen = set()
+        missed = _trigger(point, proc, log, scratch, rng, ref, scale=0.5 ** attempt, seen=seen)
         if missed is None or proc.poll() is None: break
         proc.wait()
-    below = descendants(proc.pid)
+    # what ran below the run when it was killed, and the pool workers seen at the kill point (gone already or not)
+    below = sorted(set(descendants(proc.pid)) | seen)
     proc.send_signal(signal.SIGKILL); proc.wait()
     killed_at = round(time.time() - t0, 2)
     deadline = time.time() + 10
