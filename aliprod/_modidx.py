@@ -161,6 +161,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'aliprod.core': { 'aliprod.core.StageArtifacts': ('core.html#stageartifacts', 'aliprod/core.py'),
                               'aliprod.core.StageArtifacts.show': ('core.html#stageartifacts.show', 'aliprod/core.py'),
                               'aliprod.core._names_aliprod': ('core.html#_names_aliprod', 'aliprod/core.py'),
+                              'aliprod.core.check_registration': ('core.html#check_registration', 'aliprod/core.py'),
                               'aliprod.core.in_stage_run': ('core.html#in_stage_run', 'aliprod/core.py'),
                               'aliprod.core.log': ('core.html#log', 'aliprod/core.py'),
                               'aliprod.core.notebook_run_kind': ('core.html#notebook_run_kind', 'aliprod/core.py'),

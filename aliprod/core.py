@@ -12,8 +12,8 @@ import numpy as np, torch
 
 # %% auto #0
 __all__ = ['THIRD_PARTY_WARNINGS', 'STAGE_RUN_MARKER', 'STAGE_RUN_ENV', 'project_root', 'StageArtifacts', 'seed_everything',
-           'seed_worker', 'pick_device', 'log', 'registry_scope', 'quiet_third_party_warnings', 'notebook_run_kind',
-           'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
+           'seed_worker', 'pick_device', 'log', 'registry_scope', 'check_registration', 'quiet_third_party_warnings',
+           'notebook_run_kind', 'in_stage_run', 'stage_cell_filter', 'skip_to_stage_run']
 
 # %% ../nbs/00_core.ipynb #9a9ee24e
 def _names_aliprod(pyproject:Path)->bool:
@@ -93,6 +93,21 @@ def registry_scope(registry:dict):
     saved = dict(registry)
     try: yield registry
     finally: registry.clear(); registry.update(saved)
+
+# %% ../nbs/00_core.ipynb #cb07c2c9
+def check_registration(registry:dict,   # name -> entry with the registered function as `.fn`
+                       name:str,         # the name asked for
+                       needs,            # what the entry says it needs
+                       known:dict,       # the needs this registry knows: need -> what it means
+                       decorator:str,    # the decorator's name, in messages
+                       what:str,         # what the registry holds, in messages
+                      ):
+    "Refuse an unknown need or a name `registry` already holds, naming both (the registries' shared check)"
+    bad = [n for n in needs if n not in known]
+    if bad: raise ValueError(f"{decorator}({name!r}): unknown need {bad[0]!r}; valid: {', '.join(known)}")
+    if name in registry:
+        raise ValueError(f"{decorator}: {what} {name!r} is already registered ({registry[name].fn.__qualname__}); "
+                         "choose another name")
 
 # %% ../nbs/00_core.ipynb #0161f9aa
 THIRD_PARTY_WARNINGS = (  # (message regex, category, regex of the module the warning is attributed to)

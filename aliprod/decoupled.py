@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .core import registry_scope
+from .core import registry_scope, check_registration
 from .predictions import TopK, topk_from_logits
 from .samplers import LongTailSampler, class_counts
 from .samplers import head_cap as _head_cap_rows   # `fit_method`'s argument has the name
@@ -357,12 +357,8 @@ METHOD_REGISTRY:dict[str, Method] = {}   # name -> Method, in registration order
 
 def register_method(name:str, needs:tuple[str, ...]=(), finetune:bool=False):
     "Decorator: register `fn(x:MethodInputs, *, options)->(head, info)` as method `name` (finetune: also networks)"
-    bad = [n for n in needs if n not in METHOD_NEEDS]
-    if bad: raise ValueError(f"register_method({name!r}): unknown need {bad[0]!r}; valid: {', '.join(METHOD_NEEDS)}")
+    check_registration(METHOD_REGISTRY, name, needs, METHOD_NEEDS, 'register_method', 'rebalance method')
     def deco(fn):
-        if name in METHOD_REGISTRY:
-            raise ValueError(f"register_method: rebalance method {name!r} is already registered "
-                             f"({METHOD_REGISTRY[name].fn.__qualname__}); choose another name")
         params = inspect.signature(fn).parameters.values()
         options = tuple(q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY)
         METHOD_REGISTRY[name] = Method(name, fn, tuple(needs), finetune, options)

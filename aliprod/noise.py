@@ -8,7 +8,7 @@ import inspect, math
 from dataclasses import dataclass
 from typing import Callable
 import numpy as np, pandas as pd
-from .core import registry_scope
+from .core import registry_scope, check_registration
 from .predictions import TopK
 from .samplers import LongTailSampler, class_probs
 
@@ -53,12 +53,8 @@ RULE_INPUTS = ('counts', 'others', 'other_names')   # what `find_noisy` passes a
 
 def register_rule(name:str, needs:tuple[str, ...]=()):
     "Decorator: register `fn(t:TopK, *, <options>)->RuleResult` as the cleaning rule `name`"
-    bad = [n for n in needs if n not in RULE_NEEDS]
-    if bad: raise ValueError(f"register_rule({name!r}): unknown need {bad[0]!r}; valid: {', '.join(RULE_NEEDS)}")
+    check_registration(RULE_REGISTRY, name, needs, RULE_NEEDS, 'register_rule', 'cleaning rule')
     def deco(fn):
-        if name in RULE_REGISTRY:
-            raise ValueError(f"register_rule: cleaning rule {name!r} is already registered "
-                             f"({RULE_REGISTRY[name].fn.__qualname__}); choose another name")
         # bits are stored in changes.parquet: a rule's bit is its registration position, so the order must not change
         if len(RULE_REGISTRY) >= 62:
             raise ValueError(f"register_rule({name!r}): the int64 `reasons` bitmask holds 62 rules; retire one first")
