@@ -313,6 +313,9 @@ class SystemParams:
     methods:list[str]|None=None
     # pick: one head, its TTA view replaces its embeddings; average: every head, TTA adds each on its view (transfer.md)
     compose:Literal['pick','average']='pick'
+    # chosen: the chosen round's model; rounds: the ensemble step also takes every head of each other round the clean
+    # stage ran (its model's embeddings, on the same views): a second model, declared before params/demo_3val_seed2.yaml
+    models:Literal['chosen','rounds']='chosen'
     # steps may keep the previous system; false: each takes its best addition (a fixed recipe)
     plain:bool=True
     tau:bool=True                     # choose τ on top of a linear head
@@ -335,6 +338,11 @@ class SystemParams:
         for v in self.tta_variants or []: parse_variant(v)
         if self.compose not in ('pick', 'average'):
             raise ParamsError(f"[system] compose must be 'pick' or 'average', got {self.compose!r}")
+        if self.models not in ('chosen', 'rounds'):
+            raise ParamsError(f"[system] models must be 'chosen' or 'rounds', got {self.models!r}")
+        if self.models == 'rounds' and self.compose != 'average':
+            raise ParamsError("[system] models: rounds adds every head of the other rounds' models to an average of "
+                              "heads; it needs compose: average")
         if self.max_members < 1: raise ParamsError(f"[system] max_members must be >= 1, got {self.max_members}")
         if self.k < 1 or self.bootstrap < 1:
             raise ParamsError(f"[system] k and bootstrap must be >= 1, got k={self.k}, bootstrap={self.bootstrap}")
@@ -739,6 +747,14 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
     round_cands, (chosen_round, round_table) = _choose_round(exp, p, sets, rounds)
     r = int(chosen_round.info['run'].split('/')[-1])
     reb = _rebalance_round(exp, data, t, rp, r)
+    # [system] models: rounds: every other round's heads too (classifier-only, on cached embeddings), rebalanced before
+    # the pool is read so that a rerun reads the same runs (its key does not change)
+    ran = [x for x in range(cleaning_rounds_run(exp) + 1) if x != r] if p.models == 'rounds' else []
+    for x in ran:   # each as current as a round the system chooses among
+        if why := round_status(exp, data, t, x):
+            raise ParamsError(f"[system] models: rounds: train/{x} is not what the current parameters produce ({why}); "
+                              f"run the train and clean stages again, then the system")
+    others = {x: _rebalance_round(exp, data, t, rp, x) for x in ran}
     variants = p.tta_variants if p.tta_variants is not None else [f'{v}@{e:g}' for v, e in tp.variants]
     base = experiment_dir(exp)
     pool_dirs = pool_runs(exp, list(range(cleaning_rounds_run(exp) + 1)), t, tp)   # what the current parameters produce
@@ -759,7 +775,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
         r_dir = base/'train'/str(r)
         methods = method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm)
         methods = listed_methods(reb.out_dir, methods)   # not a method dir of an earlier configuration
-        state, pool = {}, []
+        state, pool, rounds_added = {}, [], []
         def method_step(prev):
             if not p.plain:   # a fixed method: every one asked for must be there
                 have = {c.info['method'] for c in methods}
@@ -800,12 +816,39 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
                 return _tta_add_step(prev, load, variants, sets, p, index, root, device)
             model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
             return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
+        def models_step(prev)->tuple[Candidate, pd.DataFrame|None]:
+            "[system] models: rounds: the other rounds' models, every head on the views `prev` has, an equal share each"
+            if not others: return prev, None
+            load = lambda m: _load_member_model(base, m, K, device, state)
+            variant, added, names = prev.info.get('variant'), [], []
+            for x, rb in others.items():
+                hx = listed_methods(rb.out_dir, method_candidates(exp, rb.out_dir, base/'train'/str(x), sets, p.k,
+                                                                  p.methods, rp.ncm_norm))
+                if not hx: log(f"system: round {x}: no head written; its model is not added"); continue
+                c = combine(hx, p.mode, p.k, name=f'every head (iteration {x})',
+                            info={'method': 'every head', 'methods': [h.info['method'] for h in hx]})
+                if variant:   # the same views as the system: each head also on the variant's view-averaged embeddings
+                    c, _ = _tta_add_step(c, load, [variant], sets, dataclasses.replace(p, plain=False), index, root,
+                                         device)
+                added.append(c); names.append(f'every head (iteration {x})'
+                                              + (f' on both views ({variant})' if variant else ''))
+            if not added: return prev, None
+            c = combine([prev, *added], p.mode, p.k, name=f"{prev.name} + {' + '.join(names)}",
+                        info={**prev.info, 'members': [*prev.info.get('members', [prev.name]), *names]})
+            # declared ([system] plain: false): taken; else the one interval rule
+            best, tb = pick([prev, c] if p.plain else [c], 'ensemble', default=p.plain)
+            if best is c: rounds_added.extend(names)
+            return best, tb
         def ensemble_step(prev):
             # also the single techniques the system is compared with
             pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm, runs=pool_dirs))
-            if not p.ensemble or p.max_members < 2: return pick([prev], 'ensemble')
+            prev, tm = models_step(prev)
+            if not p.ensemble or p.max_members < 2:
+                c, tb = pick([prev], 'ensemble')
+                return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
             log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
-            return greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
+            c, tb = greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
+            return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
         steps = [('classifier method', method_step), ('τ', tau_step), ('TTA', tta_step), ('ensemble', ensemble_step)]
         chain, cand_table = compose(steps, chosen_round)
         cand_table = pd.concat([round_table.assign(step='cleaning round'), cand_table], ignore_index=True)
@@ -849,7 +892,9 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
                              'none: the head as the method step chose it did best on the choosing images')),
                 ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
                 ('+ High-resolution finetune', None, hires),
-                ('+ Ensemble', final, f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
+                ('+ Ensemble', final, (f"{', '.join(rounds_added)} added ([system] models: rounds), then "
+                                       if rounds_added else '')
+                 + f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
                  + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
         ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
@@ -859,6 +904,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
         choices = {'round': r, 'rounds': rounds,
                    'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
                    'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
+                   'rounds_added': [int(x) for x in others] if rounds_added else [],
                    'method_model': m0['model'], 'tau': tau,
                    'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
                    'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,

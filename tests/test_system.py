@@ -337,3 +337,52 @@ def test_average_of_every_head_with_tta_views_is_what_the_artifact_predicts(ever
     new = predict_system(art.out_dir, df)
     assert np.array_equal(new.topk_labels, rep.topk_labels[:8])
     np.testing.assert_allclose(new.topk_probs, rep.topk_probs[:8], atol=1e-4)
+
+
+# ---------------------------------------------------------------- [system] models: rounds (a second model, declared)
+
+@pytest.fixture(scope='module')
+def two_rounds(tmp_path_factory):
+    "A tiny run (5 classes, no test split) with one cleaning round (train/0, train/1), rebalanced at iteration 0"
+    from aliprod.clean import CleanParams, run_clean
+    from aliprod.rebalance import RebalanceParams, run_rebalance
+    from aliprod.tta import TTAParams
+    exp, data, t = _tiny_trained(tmp_path_factory.mktemp('rounds'), 'rounds', seed=3, max_per_class=12)
+    run_clean(exp, data, t, CleanParams(iteration=1, allow_aggressive=True))   # a 1-epoch model is near chance
+    rp = RebalanceParams(methods=['crt', 'ncm'], crt_epochs=1, tau_grid=[0.0, 1.0], iteration=0)
+    run_rebalance(exp, data, t, rp)
+    return exp, (exp, data, t, rp, TTAParams())
+
+
+def test_every_head_of_both_rounds_on_both_views_is_what_the_artifact_predicts(two_rounds):
+    "models: rounds, declared (plain: false): round 1's heads join round 0's on both views; a rerun is a skip; it predicts"
+    from aliprod.data import load_index
+    from aliprod.deploy import load_system
+    from aliprod.system import cleaning_rounds_run
+    exp, args = two_rounds
+    assert cleaning_rounds_run(exp) == 1   # round 1 ran: the second model exists
+    p = SystemParams(compose='average', models='rounds', plain=False, rounds=[0], tta_variants=['flip@1'],
+                     ensemble=False, bootstrap=50)
+    art = run_system(*args, p)
+    c, s = art.system['choices'], load_system(art.out_dir)
+    members = s['recipe']['members']
+    assert c['round'] == 0 and c['rounds_added'] == [1] and c['heads'] == ['crt', 'ncm']
+    # 2 heads x 2 views on train/0, then the same on train/1: an equal share each, no weights in the recipe
+    assert [m['model'] for m in members] == ['train/0/model.pth'] * 4 + ['train/1/model.pth'] * 4
+    assert [m['tta'] is None for m in members] == [True, True, False, False] * 2 and 'weights' not in s['recipe']
+    assert all(m['tta']['views'] == 'flip' for m in members if m['tta'] is not None)
+    ens = art.candidates[art.candidates['step'] == 'ensemble']
+    # the declared addition (taken), then the ensemble's own pick ([system] ensemble: false keeps it)
+    assert ens['chosen'].tolist() == [True, True] and ens['candidate'].iloc[0] == ens['candidate'].iloc[1]
+    assert ens['candidate'].iloc[0].endswith('+ every head (iteration 1) on both views (flip@1)')
+    assert 'every head (iteration 1) on both views (flip@1) added ([system] models: rounds)' in \
+        art.chain.set_index('step').loc['+ Ensemble', 'what']
+    before = json.loads((art.out_dir/'manifest.json').read_text())
+    again = run_system(*args, p)   # the other round's rebalance ran before the key was made: a skip
+    assert json.loads((art.out_dir/'manifest.json').read_text())['finished'] == before['finished']
+    assert again.system == art.system
+    rep = read_topk(art.predictions['report'])
+    df = load_index(exp, 0).set_index('row').loc[rep.rows[:8]].reset_index()[['row', 'path', 'label']]
+    new = predict_system(art.out_dir, df)
+    assert np.array_equal(new.topk_labels, rep.topk_labels[:8])
+    np.testing.assert_allclose(new.topk_probs, rep.topk_probs[:8], atol=1e-4)
