@@ -146,6 +146,7 @@ def _system_sets(run:Run)->dict:
     f = run.dir/'system'/'system.json'
     return json.loads(f.read_text()).get('sets', {}) if f.is_file() else {}
 
+# %% ../nbs/09_explore.ipynb #c33dab7c
 def prediction_path(run:Run, split:str, iteration:int=0, source:str='train')->Path:
     "The top-k file of `source` (see `Run.predictions`) for `split` and cleaning round `iteration`"
     kind, _, name = source.partition(':')
@@ -158,6 +159,7 @@ def prediction_path(run:Run, split:str, iteration:int=0, source:str='train')->Pa
     raise ValueError(f"source {source!r}: use 'train', 'train-<tag>', 'rebalance:<method>', 'tta:<variant>', "
                      f"'ensemble:<name>' or 'system'")
 
+# %% ../nbs/09_explore.ipynb #88b137e7
 def prediction_files(run:Run)->pd.DataFrame:
     "Every top-k file of the run: source, iteration, split, path (relative to the run directory)"
     pats = {'system': 'system/predictions/*.parquet', 'rebalance': 'rebalance/*/*/predictions/*.parquet',
@@ -172,6 +174,7 @@ def prediction_files(run:Run)->pd.DataFrame:
             rows.append((src, None if it is None else int(it), f.stem, str(f.relative_to(run.dir))))
     return pd.DataFrame(rows, columns=['source', 'iteration', 'split', 'path'])
 
+# %% ../nbs/09_explore.ipynb #9162298c
 def _predictions(self:Run, split:str, iteration:int=0, source:str='train')->TopK:
     "The top-k predictions of `source` on `split` (cleaning round `iteration`); 'choose'/'report': the system's images"
     self._need()
@@ -307,6 +310,7 @@ def _bands_of(self:CleanRound, threshold:float|None=None)->pd.DataFrame:
     return threshold_bands(t, self.run.data.index_at(self.iteration - 1), self.run.data.classes['group'].to_numpy(),
                            self.conf_threshold if threshold is None else threshold)
 
+# %% ../nbs/09_explore.ipynb #53188488
 def _histogram(self:CleanRound, threshold:float|None=None):
     "The round's confidence histogram (`aliprod.clean.plot_confidence`) with `threshold` drawn"
     thr = self.conf_threshold if threshold is None else threshold
@@ -317,6 +321,7 @@ def _histogram(self:CleanRound, threshold:float|None=None):
     fig.set_size_inches(7.5, 3.6); fig.tight_layout()   # one panel: wide enough for the stage's suptitle
     return fig
 
+# %% ../nbs/09_explore.ipynb #ad8c341f
 def _threshold_explorer(self:CleanRound, threshold:float|None=None):
     ("The histogram and `bands` with an ipywidgets slider on the threshold; without widgets (or unattended) at "
      "`threshold`")
@@ -343,6 +348,7 @@ def _flagged_classes(self:CleanRound)->pd.DataFrame:
             .sort_values(['flagged', 'label'], ascending=[False, True], ignore_index=True)
             [['label', 'class_name', 'flagged', 'n_train', 'share']])
 
+# %% ../nbs/09_explore.ipynb #3475190a
 def _gallery(self:CleanRound, label:int|None=None, n:int=24):
     "The flagged images of class `label` (None: every class), most confident disagreements first"
     ch = self.changes
@@ -385,6 +391,7 @@ class StageOutputs:
         have = [n for n, f in self._tables.items() if (self.run.dir/self.folder/f).is_file()]
         return f"{self.stage} stage of {self.run.exp.experiment!r}: {states}; tables: {', '.join(have) or 'none'}"
 
+# %% ../nbs/09_explore.ipynb #3935c7b4
 class SystemOutputs(StageOutputs):
     "The system stage's outputs: `choices`, `chain`, `candidates`, the `system.json` artifact"
     @property
@@ -393,6 +400,8 @@ class SystemOutputs(StageOutputs):
 Run.system = property(lambda self: SystemOutputs(self, 'system', 'system', {
     'system': 'system.json', 'chain': 'chain.csv', 'candidates': 'system_candidates.csv',
     'vs_techniques': 'system_vs_techniques.csv'}))
+
+# %% ../nbs/09_explore.ipynb #be0bc662
 def _rebalance(self:Run)->StageOutputs:
     "The rebalance stage's tables of the kept cleaning round (round 0 when that one was not rebalanced)"
     k = self.clean.kept or 0
@@ -436,12 +445,14 @@ def _targets(run:Run, t:TopK, labels:str)->np.ndarray|None:
     if labels != 'clean': raise ValueError(f"labels={labels!r}: use 'clean' (ground truth where known) or 'given'")
     return clean_labels(run.data.index, t.rows)
 
+# %% ../nbs/09_explore.ipynb #11d7754b
 def _source(run:Run, s, split:str)->tuple[str, TopK]:
     "A source name (or (name, iteration)) or a TopK, as (label, predictions)"
     if isinstance(s, TopK): return 'predictions', s
     name, it = (s, 0) if isinstance(s, str) else s
     return (name if it == 0 else f'{name} {it}'), run.predictions(split, it, name)
 
+# %% ../nbs/09_explore.ipynb #7ded49e5
 def _per_class(self:Run, a='train', b='system', split:str='report', labels:str='clean',
                sort_by:str='delta')->pd.DataFrame:
     "`per_class_table` of two sources of the run (a name, (name, iteration), or a TopK) on `split`"
@@ -450,6 +461,7 @@ def _per_class(self:Run, a='train', b='system', split:str='report', labels:str='
     return per_class_table(ta, tb, (na, nb), _targets(self, ta, labels), self.data.classes['n_train'].to_numpy(),
                            int(s['many_threshold']), int(s['few_threshold']), self.data.class_names, sort_by)
 
+# %% ../nbs/09_explore.ipynb #33d47085
 def _tail_plot(self:Run, a='train', b='system', split:str='report', labels:str='clean'):
     "The report's tail-accuracy plot (per-class accuracy against class size) of two sources of the run"
     (na, ta), (nb, tb) = _source(self, a, split), _source(self, b, split)

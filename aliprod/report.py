@@ -145,6 +145,7 @@ def _pick(m:pd.DataFrame, stage:str, name:str|None=None, iteration:int|None=None
     if iteration is not None: sel = sel[sel['iteration'] == iteration]
     return None if sel.empty else sel.iloc[0]
 
+# %% ../nbs/07_report.ipynb #08365c91
 def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.DataFrame, dict|None]:
     "The system stage's chain (with its split and labels) and system.json; empty and None if not run or not current"
     d, runs = experiment_dir(exp)/'system', runs or CurrentRuns(exp)
@@ -157,6 +158,7 @@ def system_chain(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[pd.Dat
     chain.insert(2, 'labels', s['numbers']['target'])
     return chain, s
 
+# %% ../nbs/07_report.ipynb #d2675197
 TRANSFER_COLUMNS = ['step', 'system', 'choose Δ', 'choose Δ lo', 'choose Δ hi', 'report Δ', 'report Δ lo',
                     'report Δ hi',
                     'transferred']
@@ -178,6 +180,7 @@ def transfer_table(chain:pd.DataFrame)->pd.DataFrame:
                                                      'report Δ hi']].to_numpy(float)]
     return t.reset_index(drop=True).reindex(columns=TRANSFER_COLUMNS)
 
+# %% ../nbs/07_report.ipynb #cb5be2bb
 def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BOOTSTRAP_DRAWS)->dict:
     "Δ lo, Δ hi and verdict of r against base from their predictions (same images, the row's labels); nan without both"
     none = {'Δ lo': np.nan, 'Δ hi': np.nan, 'verdict': None, 'p': np.nan}
@@ -193,6 +196,7 @@ def _paired_interval(exp:ExperimentParams, r:pd.Series, base:pd.Series, B:int=BO
         log(f"report: no paired interval for {r['source']} against {base['source']}: {e}"); return none
     return {'Δ lo': d.lo, 'Δ hi': d.hi, 'verdict': d.verdict, 'p': d.p}
 
+# %% ../nbs/07_report.ipynb #ed7b73c4
 def _minus(a, b):
     "a - b; None (an empty cell) when either is missing, e.g. few-shot accuracy where the split has no few-shot class"
     return None if a is None or b is None or a != a or b != b else a - b
@@ -300,6 +304,7 @@ class Finding:
     p:float=np.nan # the paired bootstrap's p-value (nan: no interval)
     def __str__(self): return f"{self.line} ({self.against})"
 
+# %% ../nbs/07_report.ipynb #f35aca76
 def _verdict_phrase(r, p_adj:float=np.nan, m:int=0)->str:
     ("The row's verdict; with a multiplicity-adjusted p-value (`p_adj` among `m` comparisons), helped/hurt only when "
      "it is < 0.05")
@@ -311,6 +316,7 @@ def _verdict_phrase(r, p_adj:float=np.nan, m:int=0)->str:
         return f"no measurable effect after Holm's correction ({v} alone, adjusted p {p_adj:.2g})"
     return f"{v} (Holm-adjusted p {p_adj:.2g})"
 
+# %% ../nbs/07_report.ipynb #ef2283c0
 def _delta_phrase(r)->str:
     "Δ mean class error in points, with its paired 95% interval where there is one"
     d, lo, hi = (r.get(c) for c in ('Δ mean class err', 'Δ lo', 'Δ hi'))
@@ -346,6 +352,7 @@ def findings(alone:pd.DataFrame, chain:pd.DataFrame|None=None)->list[Finding]:
                      -abs(f.effect) if np.isfinite(f.effect) else 0)
     return sorted(out, key=key)   # stable: equal effects keep the table's order
 
+# %% ../nbs/07_report.ipynb #b8ed34a5
 def findings_note(found:list[Finding])->str:
     "The sentence above the findings: how many comparisons Holm's correction runs over, and how each line reads"
     m = sum(np.isfinite(f.p) for f in found)
@@ -356,6 +363,7 @@ def findings_note(found:list[Finding])->str:
             f"accuracy change in points, verdict; grouped by stage, largest effect first, {SHOWN_PER_GROUP} per group "
             "shown.")
 
+# %% ../nbs/07_report.ipynb #7a39ea18
 def findings_groups(found:list[Finding])->list[tuple[str, list[Finding]]]:
     "The findings by (group, what they are compared with): the heading of each group and its lines, in order"
     groups = {}
@@ -380,10 +388,12 @@ def seeds_verdict(lo:list, hi:list, # each seed's paired 95% interval of Δ mean
     return (f"no consistent effect (helped in {helped}, hurt in {hurt}, no measurable effect in {n - helped - hurt} of "
             f"{n} seeds)")
 
+# %% ../nbs/07_report.ipynb #85f211cb
 def _mean(v:list)->float:
     v = [x for x in v if np.isfinite(x)]
     return float(np.mean(v)) if v else np.nan
 
+# %% ../nbs/07_report.ipynb #04ca09ce
 def aggregate_seeds(tables:dict, # seed -> its chain or techniques-alone table (None or empty: the seed has none)
                     keys:list[str], # the columns that name a row: ['step'], or ['technique', 'compared with']
                    )->pd.DataFrame:
@@ -407,6 +417,7 @@ def aggregate_seeds(tables:dict, # seed -> its chain or techniques-alone table (
         out.append({**row, 'verdict over seeds': seeds_verdict(list(lo.values()), list(hi.values()))})
     return pd.DataFrame(out)
 
+# %% ../nbs/07_report.ipynb #8968da34
 def seeds_system(systems:dict, # seed -> its system.json (None: the seed has no current system)
                 )->pd.DataFrame:
     ("The final system per seed (mean class error with its interval, Δ on the baseline with its paired interval) and "
@@ -451,12 +462,14 @@ def per_class_frame(exp:ExperimentParams,
     clean = clean_labels(load_index(exp, 0), t.rows) if labels == 'clean' else None
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
 
+# %% ../nbs/07_report.ipynb #5ca702d5
 def predictions_of(metrics:pd.DataFrame, row:pd.Series)->str|None:
     "The predictions file (relative to runs/<experiment>/) behind a table row"
     rel = row['metrics file'].rsplit(' [', 1)[0]
     hit = metrics.loc[metrics['metrics_file'] == rel, 'predictions']
     return None if hit.empty else hit.iloc[0]
 
+# %% ../nbs/07_report.ipynb #422ea846
 def plot_tail_accuracy(frames:dict[str, pd.DataFrame], # label -> per_class_frame
                        many:int, few:int,              # the shot thresholds of `shot_groups(exp)`, for the bands
                        title:str='')->plt.Figure:
@@ -500,6 +513,7 @@ def labels_phrase(target:str)->str:
     return ('clean (ground-truth) labels where the index has them, else the given labels' if target == 'clean'
             else 'the given labels')
 
+# %% ../nbs/07_report.ipynb #8f00b379
 def run_header(exp:ExperimentParams, params_file:str|None=None,
                rp:ReportParams|None=None, # names the split and labels every number comes from
                runs:CurrentRuns|None=None, # the runs whose manifests are current: only their wall times count
@@ -541,6 +555,7 @@ STAGE_FIGURES = [('Class distribution', 'class_distribution.png',
                  ('τ sweep on validation', 'tau_sweep.png',
                   'Mean class accuracy against τ on the choosing images of the val split, where τ is chosen.')]
 
+# %% ../nbs/07_report.ipynb #a5a041a6
 # a float column whose name says it is a rate, an error, a Δ or its interval, a p-value or a time stays a float
 _NOT_A_COUNT = re.compile(r'err|acc|Δ|delta|\blo\b|\bhi\b|^p\b|precision|recall|f1|rate|tau|τ|prob|conf|second|ratio|'
                           r'mean|wd|lr')
@@ -555,10 +570,12 @@ def display_frame(df:pd.DataFrame)->pd.DataFrame:
             out[c] = v.astype('Int64')
     return out
 
+# %% ../nbs/07_report.ipynb #d7c2d4fb
 def _html_table(df:pd.DataFrame, **kw)->str:
     "`df` as an HTML table: text escaped, counts as integers, floats to 3 decimals, missing cells blank"
     return display_frame(df).to_html(index=False, float_format=lambda v: f'{v:.3f}', na_rep='', border=0, **kw)
 
+# %% ../nbs/07_report.ipynb #12803c0e
 def system_choices(s:dict)->pd.DataFrame:
     "The final system's choices in one row: cleaning round, classifier, τ, TTA variant, ensemble members"
     c, tta = s['choices'], s['choices']['tta']
@@ -568,6 +585,7 @@ def system_choices(s:dict)->pd.DataFrame:
                           'TTA': f"{tta['views']}@{tta['enlarge']:g}" if tta else 'none',
                           'ensemble': f"{len(c['members'])}: {', '.join(c['members'])}"}])
 
+# %% ../nbs/07_report.ipynb #3c9459ab
 CHAIN_GLANCE_COLUMNS = ['step', 'mean class error', 'Δ points [paired 95%]', 'verdict']
 
 def chain_glance(chain:pd.DataFrame)->pd.DataFrame:
@@ -584,6 +602,7 @@ def chain_glance(chain:pd.DataFrame)->pd.DataFrame:
                      'verdict': '' if pd.isna(r.get('verdict')) else r['verdict']})   # text cells: '' where empty
     return pd.DataFrame(rows, columns=CHAIN_GLANCE_COLUMNS)
 
+# %% ../nbs/07_report.ipynb #4ac4da0f
 # the header's entries as the page names them, one compact line each, in this order; the rest follow
 FACTS = {'roles': 'splits', 'numbers from': 'labels', 'seed': 'seed', 'data': 'data', 'shot groups': 'shot groups',
          'cleaning': 'cleaning', 'against single techniques': 'vs single techniques', 'over seeds': 'over seeds',
@@ -597,6 +616,7 @@ def header_facts(header:dict)->list[tuple[str, str]]:
     keys = [k for k in FACTS if k in h] + [k for k in h if k not in FACTS]
     return [(FACTS.get(k, k), str(h[k])) for k in keys]
 
+# %% ../nbs/07_report.ipynb #40117a9e
 def run_tables(header:dict)->dict[str, pd.DataFrame]:
     "The machine and the wall time of each stage (longest first, then the total) as two small tables"
     out = {}
@@ -611,6 +631,7 @@ def run_tables(header:dict)->dict[str, pd.DataFrame]:
                                                    + [f"{sum(walls.values()):,.1f}"]})
     return out
 
+# %% ../nbs/07_report.ipynb #fdf9e02f
 def _chain_html(g:pd.DataFrame)->str:
     "The first screen's chain table; an absent row spans the number columns with why"
     head = ''.join(f"<th>{html.escape(c)}</th>" for c in g.columns)
@@ -623,6 +644,7 @@ def _chain_html(g:pd.DataFrame)->str:
         rows.append('<tr>' + step + ''.join(f"<td>{html.escape(str(r[c]))}</td>" for c in g.columns[1:]) + '</tr>')
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
+# %% ../nbs/07_report.ipynb #363f78a1
 def _md_findings(found:list[Finding])->list[str]:
     "The findings in Markdown: a heading per group, its first lines, the rest in a <details> block"
     md = []
@@ -633,6 +655,7 @@ def _md_findings(found:list[Finding])->list[str]:
                    *[f"- {markdown_text(f.line)}" for f in fs[SHOWN_PER_GROUP:]], '', '</details>', '']
     return md
 
+# %% ../nbs/07_report.ipynb #e8f42355
 def _html_findings(found:list[Finding])->str:
     "The findings as HTML: a heading per group, its first lines, the rest behind a disclosure"
     out = [f"<section id='findings'><h2>Findings</h2><p>{html.escape(findings_note(found))}</p>"]
@@ -644,6 +667,7 @@ def _html_findings(found:list[Finding])->str:
                        f"more</summary>{li(fs[SHOWN_PER_GROUP:])}</details>")
     return ''.join(out) + '</section>'
 
+# %% ../nbs/07_report.ipynb #4a278e11
 CSS = ('body{font-family:sans-serif;max-width:1100px;margin:.6em auto;padding:0 .8em;color:#222;line-height:1.35} '
        'h1{font-size:1.4em;margin:.2em 0} h2{font-size:1.2em} h3{font-size:1em;margin:.8em 0 .2em} '
        'table{border-collapse:collapse;font-size:13px;margin:.3em 0} '
@@ -756,6 +780,7 @@ OTHER_TABLES = {
     'finegrained': "DCL and LIO finetunes against a plain finetune of the same length from the same checkpoint; each "
                    "number's split is in its column name (val_/test_), given labels."}
 
+# %% ../nbs/07_report.ipynb #e3350ed8
 def _clean_runs(exp:ExperimentParams)->list[Path]:
     "runs/<experiment>/clean/<k>/ of the rounds the clean stage's last run ran (clean_selection.json), else all"
     base, rep = experiment_dir(exp)/'clean', report_dir(exp)/'clean_selection.json'
@@ -791,6 +816,7 @@ def from_current_run(exp:ExperimentParams, file:str, # a table or figure another
     runs.skipped.setdefault(f'reports: {file}', 'no current run of the stage that wrote it has it (an earlier run)')
     return False
 
+# %% ../nbs/07_report.ipynb #730aebe7
 def stage_tables(exp:ExperimentParams, runs:CurrentRuns|None=None)->tuple[dict, dict]:
     "The tables other stages left in reports/<experiment>/ (ensembles too) a current run stands behind; their captions"
     rep, tables, notes, runs = report_dir(exp), {}, {}, runs or CurrentRuns(exp)
@@ -877,6 +903,7 @@ def headline(s:dict)->tuple[str, str]:
             f"against the baseline ({v['baseline']}): Δ {100*v['delta']:+.1f} points (paired 95% interval "
             f"{100*v['lo']:+.1f} to {100*v['hi']:+.1f}): {v['verdict']}.")
 
+# %% ../nbs/07_report.ipynb #e6b5e422
 def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     ("The system against the best single technique: the system stage's paired Δ (technique chosen on the choosing "
      "images), else point estimates")
@@ -895,6 +922,7 @@ def against_single_techniques(system:dict, alone:pd.DataFrame)->str:
     return (f"The best single technique on the same {sp} images, {b['technique']}, has mean class error "
             f"{b['mean_class_err']:.3f} ({b['labels']} labels): the final system is {how}.")
 
+# %% ../nbs/07_report.ipynb #2eff83a0
 def cleaning_sentence(sel:dict)->str:
     "Which cleaning rules ran and which round validation kept, and why (the clean stage's clean_selection.json)"
     rules = ' + '.join(sel.get('rules', [])) or 'the configured rules'
@@ -902,6 +930,7 @@ def cleaning_sentence(sel:dict)->str:
             f"{sel['rounds_run']} round(s) run, iteration {sel['kept_iteration']} kept "
             f"({sel.get('select', 'validation')}): {sel['reason']}")
 
+# %% ../nbs/07_report.ipynb #debe6a3c
 def report_summary(system:dict|None)->tuple[str, ...]:
     "What the page opens with: the final system's number and where it was measured, or that there is no final system"
     return (headline(system) if system is not None
@@ -924,6 +953,7 @@ class ReportArtifacts(StageArtifacts):
     n_checked:int       # numbers re-read from the metrics files they name
     not_reported:list=field(default_factory=list) # '<run or file>: <why>; not reported' (no or stale manifest)
 
+# %% ../nbs/07_report.ipynb #327276bc
 def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict, notes:dict,
                 chain:pd.DataFrame, system:dict|None, alone:pd.DataFrame)->str:
     ("With several training seeds, add the seeds tables (first) and the rule to the header; else say it is one seed. "
@@ -976,6 +1006,7 @@ def _over_seeds(exp:ExperimentParams, rp:ReportParams, header:dict, tables:dict,
                 else f" {len(runs)} training seeds; {SEEDS_RULE}.")
     return sentence
 
+# %% ../nbs/07_report.ipynb #baf0a2b7
 def run_report(exp:ExperimentParams,          # the experiment whose runs/<experiment>/ is reported
                  rp:ReportParams,               # split, labels, which runs make the rows
                  params_file:str|None=None,     # named in the header
