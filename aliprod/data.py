@@ -44,6 +44,7 @@ REASON_MEANING = {'bad_label': 'label not an integer class of the dataset',
                   'undecodable': 'not an image PIL can decode',
                   'too_large': 'more pixels than data.max_pixels, or more decoded bytes than 4 per pixel of it'}
 
+# %% ../nbs/01_data.ipynb #5c5b7602
 def _quarantine(df:pd.DataFrame, reason:str, detail)->pd.DataFrame:
     "Quarantine rows of `df` (needs path, split; label if known) with `reason` and per-row or single `detail`"
     # a quarantined path may hold what made it fail (NUL, lone
@@ -71,6 +72,7 @@ def split_class_counts(index:pd.DataFrame, # the index (or any frame with `label
         raise ValueError(f"split_class_counts: label {y.max()} in column {label_col!r} but num_classes={k}")
     return np.bincount(y, minlength=k).astype(np.int64)
 
+# %% ../nbs/01_data.ipynb #7b895835
 def classes_table(index:pd.DataFrame, classes:pd.DataFrame)->pd.DataFrame:
     ("The classes table of CONTRACTS.md: `classes` (label, class_name, coarse_label) with n_train, n_val, n_test from "
      "`index`")
@@ -90,6 +92,7 @@ def _normalise_paths(paths:pd.Series,
     s = s.str.replace(r'/+', '/', regex=True).str.replace(r'(^|/)\./', r'\1', regex=True)
     return s.str.replace(r'(^|/)\./', r'\1', regex=True)  # twice: './././a' overlaps
 
+# %% ../nbs/01_data.ipynb #2d4f4c1c
 def path_problems(paths:pd.Series)->pd.Series:
     "Per path: '' when it is a clean relative path, else why it escapes the data root (vectorised, lexical only)"
     s = paths.astype(str)
@@ -99,6 +102,7 @@ def path_problems(paths:pd.Series)->pd.Series:
     out[s.str.strip() == ''] = 'empty path'
     return out
 
+# %% ../nbs/01_data.ipynb #1d12be7a
 def path_limits(root:str|Path)->tuple[int, int]:
     "(PC_PATH_MAX, PC_NAME_MAX) in bytes of the file system holding `root`; (4096, 255) where the system does not say"
     r = Path(root)
@@ -108,6 +112,7 @@ def path_limits(root:str|Path)->tuple[int, int]:
         except (OSError, ValueError, AttributeError): return default
     return limit('PC_PATH_MAX', 4096), limit('PC_NAME_MAX', 255)
 
+# %% ../nbs/01_data.ipynb #ba2c9022
 def path_unusable(p:str,            # a relative path or one part of it (a class id, an image id)
                   room:int=4096,    # bytes the whole may take (PC_PATH_MAX less the data root)
                   name_max:int=255, # bytes one name may take (PC_NAME_MAX)
@@ -124,6 +129,7 @@ def path_unusable(p:str,            # a relative path or one part of it (a class
         if part > name_max: return f'has a {part:,}-byte name; a file name stops at {name_max} bytes (PC_NAME_MAX)'
     return ''
 
+# %% ../nbs/01_data.ipynb #f01eaf6c
 def unusable_paths(paths:pd.Series, # relative paths, as the readers build them
                    root:str|Path,   # their data root (its length counts; its file system sets the limits)
                   )->pd.Series:
@@ -144,6 +150,7 @@ def _int_or_nan(s:pd.Series)->pd.Series:
     v = pd.to_numeric(s, errors='coerce')
     return v.where(v == np.floor(v))
 
+# %% ../nbs/01_data.ipynb #9bb1316f
 def _finish_records(rec:pd.DataFrame,          # path, label, split, source[, class_name, coarse_label]
                     classes:pd.DataFrame|None,  # label, class_name, coarse_label; None: K = 1 + largest valid label
                     quarantine:list[pd.DataFrame]|None=None, # rows already quarantined by the reader
@@ -212,16 +219,19 @@ def _finish_records(rec:pd.DataFrame,          # path, label, split, source[, cl
     q = pd.concat([x for x in qs if len(x)], ignore_index=True) if any(len(x) for x in qs) else empty_quarantine()
     return ReadResult(_typed(index, INDEX_COLUMNS), classes, _typed(q, QUARANTINE_COLUMNS))
 
+# %% ../nbs/01_data.ipynb #3a834087
 def _under(root:Path, f:str|Path)->Path:
     "`f` relative to `root` unless absolute"
     f = Path(f)
     return f if f.is_absolute() else root/f
 
+# %% ../nbs/01_data.ipynb #6658e53a
 def _need_file(f:Path, what:str, key:str)->Path:
     "`f`, or a one-line ParamsError naming the key that points at it"
     if not f.is_file(): raise ParamsError(f"data.{key}: {what} {f} not found; check data.root and data.{key}")
     return f
 
+# %% ../nbs/01_data.ipynb #70838a12
 def _read_data_text(f:Path, key:str, expected:str)->str:
     ("The text of data file `f` (UTF-8, a byte-order mark allowed), or a one-line ParamsError saying what is wrong "
      "with it")
@@ -444,6 +454,7 @@ def read_csv_index(root:str|Path, files:dict, classes_file:str|Path|None=None)->
         recs.append(df[~bad])
     return _finish_records(pd.concat(recs, ignore_index=True), _read_classes_file(root, classes_file), qs, root)
 
+# %% ../nbs/01_data.ipynb #7501af54
 def read_list_files(root:str|Path, files:dict, classes_file:str|Path|None=None)->ReadResult:
     "Index list files of `path label [coarse]` lines (`files`: split -> list file)"
     root = Path(root); recs, qs = [], []
@@ -508,6 +519,7 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
     # os.walk's names, verbatim
     return _finish_records(rec, classes, [_typed(q, QUARANTINE_COLUMNS)], root, backslash_separates=False)
 
+# %% ../nbs/01_data.ipynb #aeffc772
 def read_source(p:DataParams)->ReadResult:
     "Index the real data source that `p` describes"
     root = _root_of(p)
@@ -518,6 +530,7 @@ def read_source(p:DataParams)->ReadResult:
     if p.source == 'imagefolder': return read_imagefolder(root)
     raise ParamsError(f"data.source={p.source!r} is not a file source; use one of {', '.join(SOURCES[1:])}")
 
+# %% ../nbs/01_data.ipynb #70f88a38
 def _root_of(p:DataParams)->Path:
     r = Path(p.root)
     return (r if r.is_absolute() else project_root()/r).resolve()
@@ -604,6 +617,7 @@ class DataArtifacts(StageArtifacts):
     dataset_json:Path
     manifest:Path
 
+# %% ../nbs/01_data.ipynb #0a0c8637
 def read_dataset_json(f:Path)->dict:
     ("The data stage's dataset.json; a file cut short (a killed run, a full disk) is an error naming it and the fix, "
      "not a JSON traceback")
@@ -613,6 +627,7 @@ def read_dataset_json(f:Path)->dict:
         raise FileNotFoundError(f"{f} is cut short or corrupt ({e}); re-run the data stage: aliprod data <params.yaml> "
                                 f"--force") from None
 
+# %% ../nbs/01_data.ipynb #8d66c28e
 def _stored_root(root:Path, data_dir:Path)->dict:
     ("How dataset.json names the data root: relative to the data stage's directory (synthetic images), to the project "
      "root, or absolute")
@@ -622,18 +637,21 @@ def _stored_root(root:Path, data_dir:Path)->dict:
     rel = project_relative(root)
     return {'root': Path(rel).as_posix(), 'root_relative_to': None if Path(rel).is_absolute() else 'project'}
 
+# %% ../nbs/01_data.ipynb #ca4f8ea1
 def _resolve_root(info:dict, data_dir:Path)->Path:
     "The absolute data root that `info` (dataset.json) names, wherever the project now lies"
     r, base = Path(info['root']), info.get('root_relative_to')
     if r.is_absolute(): return r
     return (data_dir/r if base == 'dataset.json' else project_root()/r).resolve()
 
+# %% ../nbs/01_data.ipynb #25a92026
 def data_root(exp:ExperimentParams)->Path:
     ("The absolute data root of `exp`'s index paths (dataset.json stores it relative to the project, so a moved "
      "project still finds its images)")
     d = run_dir(exp, 'data')
     return _resolve_root(read_dataset_json(d/'dataset.json'), d) if (d/'dataset.json').exists() else d/'images'
 
+# %% ../nbs/01_data.ipynb #a1dc16a9
 def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     "Where the data stage of `exp` writes (the root is read from dataset.json when it exists)"
     d = run_dir(exp, 'data')
@@ -641,6 +659,7 @@ def data_artifacts(exp:ExperimentParams)->DataArtifacts:
     return DataArtifacts(root, d/'index.parquet', d/'classes.parquet', d/'quarantine.parquet', d/'conversions.parquet',
                          d/'phantom_classes.parquet', d/'dataset.json', d/'manifest.json')
 
+# %% ../nbs/01_data.ipynb #fb21d8e9
 def dataset_info(exp:ExperimentParams)->dict:
     "The data stage's dataset.json (num_classes, source, counts), its `root` resolved to an absolute path"
     f = run_dir(exp, 'data')/'dataset.json'
@@ -650,23 +669,27 @@ def dataset_info(exp:ExperimentParams)->dict:
     info = read_dataset_json(f)
     return {**info, 'root': str(_resolve_root(info, f.parent))}
 
+# %% ../nbs/01_data.ipynb #cc7c0add
 def index_path(exp:ExperimentParams, iteration:int=0)->Path:
     ("The index file of cleaning iteration `iteration`: runs/<exp>/data/index.parquet for 0, "
      "runs/<exp>/clean/<k>/index.parquet after")
     return (experiment_dir(exp)/'data'/'index.parquet' if iteration == 0
             else experiment_dir(exp)/'clean'/str(iteration)/'index.parquet')
 
+# %% ../nbs/01_data.ipynb #f8a5e47b
 def shot_counts(exp:ExperimentParams)->np.ndarray:
     ("(K,) training images per class in the data stage's index: the class sizes that define many/medium/few-shot in "
      "every stage, whatever a stage later caps or cleans")
     return pd.read_parquet(data_artifacts(exp).classes)['n_train'].to_numpy(np.int64)
 
+# %% ../nbs/01_data.ipynb #800346ae
 def shot_groups(exp:ExperimentParams)->dict:
     ("`evaluate`'s shot-group arguments, from one place: the data stage's class sizes and its "
      "`many_threshold`/`few_threshold`")
     info = dataset_info(exp)
     return {'train_counts': shot_counts(exp), 'many': int(info['many_threshold']), 'few': int(info['few_threshold'])}
 
+# %% ../nbs/01_data.ipynb #c2ab0aa1
 def load_index(exp:ExperimentParams, iteration:int=0)->pd.DataFrame:
     "The index of cleaning iteration `iteration` (0: the data stage's)"
     f = index_path(exp, iteration)
@@ -676,12 +699,14 @@ def load_index(exp:ExperimentParams, iteration:int=0)->pd.DataFrame:
     if not f.exists(): raise FileNotFoundError(f"{f} not found: {hint}")
     return pd.read_parquet(f)
 
+# %% ../nbs/01_data.ipynb #4dd9ee06
 def _source_inputs(p:DataParams)->list:
     if p.source == 'synthetic': return []
     root = _root_of(p)
     if p.source == 'imagefolder': return [root]
     return [_under(root, f) for f in (p.train_file, p.val_file, p.test_file, p.classes_file) if f]
 
+# %% ../nbs/01_data.ipynb #073921f3
 def quarantine_reasons(quarantine:pd.DataFrame)->pd.DataFrame:
     "Every quarantine reason with its count (0 included) and meaning, in QUARANTINE_REASONS order; unknown reasons last"
     n = quarantine['reason'].value_counts()
@@ -689,6 +714,7 @@ def quarantine_reasons(quarantine:pd.DataFrame)->pd.DataFrame:
     return pd.DataFrame({'reason': reasons, 'count': [int(n.get(r, 0)) for r in reasons],
                          'meaning': [REASON_MEANING.get(r, '') for r in reasons]})
 
+# %% ../nbs/01_data.ipynb #f7d17406
 def data_summary(index:pd.DataFrame, classes:pd.DataFrame, quarantine:pd.DataFrame, conversions:pd.DataFrame,
                  p:DataParams, phantoms:pd.DataFrame|None=None,
                  val_from_test:int=0)->pd.DataFrame:
@@ -741,14 +767,17 @@ def assign_roles(index:pd.DataFrame, # the index (row, label, split)
         role[val[ch]] = 'choose'
     return pd.Series(pd.Categorical(role, categories=ROLES), index=index.index, name='role')
 
+# %% ../nbs/01_data.ipynb #03e37aab
 def _roles(index:pd.DataFrame, seed:int)->pd.Series:
     "The index's `role` column; an index written before roles existed gets them computed as the data stage would"
     return index['role'] if 'role' in index.columns else assign_roles(index, seed)
 
+# %% ../nbs/01_data.ipynb #94ecadf3
 def choosing_rows(index:pd.DataFrame, seed:int=0)->np.ndarray:
     "Sorted row ids of the images every choice is made on (role 'choose'); `seed` only for an index without roles"
     return np.sort(index.loc[(_roles(index, seed) == 'choose').to_numpy(), 'row'].to_numpy(np.int64))
 
+# %% ../nbs/01_data.ipynb #2c9860a9
 def reporting_rows(index:pd.DataFrame,
                    split:str|None=None, # only this split's (None: all)
                    seed:int=0,          # only for an index without roles
@@ -786,6 +815,7 @@ def plot_class_distribution(classes:pd.DataFrame,  # the classes table (n_train 
     plt.close(fig)  # the caller shows it (a notebook displays the returned Figure); no pyplot state left behind
     return fig
 
+# %% ../nbs/01_data.ipynb #b91491d0
 def write_data_report(exp:ExperimentParams, p:DataParams, arts:DataArtifacts|None=None)->dict:
     ("Write class_distribution.png, data_summary.csv/.md and quarantine.csv/.md to reports/<experiment>/; return their "
      "paths")
@@ -844,6 +874,7 @@ def prepare_data(exp:ExperimentParams, p:DataParams,
         write_data_report(exp, p, arts)
     return arts
 
+# %% ../nbs/01_data.ipynb #b8d9631e
 def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
     ("Without a val split, the choosing half of the labelled test split (half of every class, "
      "aliprod.metrics.choosing_half) becomes val")
@@ -857,6 +888,7 @@ def _val_from_test(index:pd.DataFrame, seed:int)->tuple[pd.DataFrame, int]:
         f"(data.val_from_test: false keeps them all)")
     return index, int(ch.sum())
 
+# %% ../nbs/01_data.ipynb #844aa6d3
 def _prepare_data(exp:ExperimentParams, p:DataParams, out:Path)->tuple:
     "The data stage's work: write every output into `out`; return (outputs, metrics) for the manifest"
     arts, seed = data_artifacts(exp), images_seed(exp)

@@ -22,6 +22,7 @@ def markdown_text(v)->str:
     s = html.escape(str(v), quote=False).replace('\\', '\\\\').replace('|', '\\|')
     return _CONTROL.sub(' ', s)
 
+# %% ../nbs/00a_escape.ipynb #a19a6fac
 def markdown_table(df, # a pandas DataFrame
                    digits:int=4, # decimals of float cells
                   )->str:
@@ -48,6 +49,7 @@ def csv_text(v):
     # text that already starts with quotes before a formula gets one more, so that `read_csv_safe` removes exactly one
     return "'" + v if v.lstrip("'").startswith(_FORMULA_START) else v
 
+# %% ../nbs/00a_escape.ipynb #06abc0cf
 def _csv_column(s:pd.Series)->pd.Series:
     if isinstance(s.dtype, pd.CategoricalDtype): s = s.astype(object)
     if not (s.dtype == object or pd.api.types.is_string_dtype(s)): return s   # numbers, booleans, dates: never text
@@ -61,10 +63,12 @@ def csv_safe(df:pd.DataFrame)->pd.DataFrame:
     if out.index.dtype == object or pd.api.types.is_string_dtype(out.index): out.index = out.index.map(csv_text)
     return out
 
+# %% ../nbs/00a_escape.ipynb #72261d8b
 def csv_unescape(v):
     "`v` without the `'` that `csv_text` put in front (a CR it wrote as LF stays LF)"
     return v[1:] if isinstance(v, str) and v.startswith("'") and v.lstrip("'").startswith(_FORMULA_START) else v
 
+# %% ../nbs/00a_escape.ipynb #b0afe14d
 def read_csv_safe(path, **kwargs)->pd.DataFrame:
     "A CSV that `csv_safe` wrote, as the table it was: `pd.read_csv(path, **kwargs)` with the formula prefixes removed"
     df = pd.read_csv(path, **kwargs)

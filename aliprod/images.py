@@ -21,6 +21,7 @@ __all__ = ['IMAGE_FORMATS', 'SCAN_REASONS', 'SCAN_COLUMNS', 'decoded_bytes', 'op
 # PIL run external programs such as Ghostscript on a web file
 IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF', 'PPM')
 
+# %% ../nbs/01d_images.ipynb #533a956f
 def _open_unguarded(path:Path)->Image.Image:
     ("What `Image.open(path, formats=IMAGE_FORMATS)` does, less its size check against the process-wide "
      "`Image.MAX_IMAGE_PIXELS`")
@@ -35,12 +36,14 @@ def _open_unguarded(path:Path)->Image.Image:
             except (SyntaxError, IndexError, TypeError, struct.error): continue
     raise UnidentifiedImageError(f"cannot identify image file {str(path)!r} as one of {', '.join(IMAGE_FORMATS)}")
 
+# %% ../nbs/01d_images.ipynb #839c31fd
 def decoded_bytes(im:Image.Image)->int:
     ("Bytes PIL allocates to decode `im`: 1 per pixel for 1/L/P, 2 for 16-bit grey, 4 for every other mode (RGB is "
      "stored in 4)")
     w, h = im.size
     return w * h * (1 if im.mode in ('1', 'L', 'P') else 2 if im.mode.startswith('I;16') else 4)
 
+# %% ../nbs/01d_images.ipynb #ccc26366
 def open_image(path:str|Path,            # image file
                max_pixels:int|None=None, # refuse (DecompressionBombError) above width*height; None: PIL's own limit
                # refuse above this many decoded bytes (`decoded_bytes`); None: 4 * max_pixels, RGB(A) at the pixel limit
@@ -59,6 +62,7 @@ def open_image(path:str|Path,            # image file
         raise Image.DecompressionBombError(f'{w}x{h} {im.mode} decodes to {n:,} bytes > max_bytes={limit:,}')
     return im
 
+# %% ../nbs/01d_images.ipynb #ed3aae23
 # PIL's storage of each mode
 _RAW_DTYPE = {'I;16': '<u2', 'I;16L': '<u2', 'I;16B': '>u2', 'I;16N': '=u2', 'I': '=i4', 'F': '=f4'}
 
@@ -82,6 +86,7 @@ def _grey_to_uint8(im:Image.Image)->np.ndarray:
         out[i:i + rows] = b
     return out
 
+# %% ../nbs/01d_images.ipynb #bef8d698
 def to_rgb(im:Image.Image)->Image.Image:
     "`im` as 8-bit RGB: alpha composited on white, 16/32-bit grey scaled to 8 bits, CMYK/L/P/YCbCr converted"
     if im.mode == 'RGB': return im
@@ -96,6 +101,7 @@ def to_rgb(im:Image.Image)->Image.Image:
         return Image.alpha_composite(white, im).convert('RGB')
     return im.convert('RGB')
 
+# %% ../nbs/01d_images.ipynb #f7e2e733
 def load_rgb(path:str|Path,          # image file
              # JPEG only: let the decoder shrink by 1/2, 1/4 or 1/8 while staying >= this size (much faster when big)
              draft:int|None=None,
@@ -164,14 +170,17 @@ def check_image(path:str|Path,            # the image file
     # ValueError: a NUL in the path
     except (OSError, ValueError) as e: return 'undecodable', f'{type(e).__name__}: {e}'[:300], '', ''
 
+# %% ../nbs/01d_images.ipynb #92d020d7
 def _check_chunk(paths:list, root:str, max_pixels:int, jpeg_draft:bool=True)->list:
     return [check_image(Path(root)/p, root, max_pixels, jpeg_draft) for p in paths]
 
+# %% ../nbs/01d_images.ipynb #755bebf4
 def available_cpus()->int:
     "CPUs this process may run on (its affinity mask, which containers and schedulers set), else os.cpu_count()"
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+# %% ../nbs/01d_images.ipynb #fe8bfaa8
 def process_pool(workers:int):
     "A process pool whose workers die with this process; fork where available (fast start, the package is imported)"
     import multiprocessing as mp
@@ -179,6 +188,7 @@ def process_pool(workers:int):
     # a killed run's workers would otherwise live on, still writing into its folders
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
 
+# %% ../nbs/01d_images.ipynb #81ab63bf
 SCAN_REASONS = ('outside_root', 'missing', 'zero_byte', 'truncated', 'undecodable', 'too_large')
 SCAN_COLUMNS = ['path', 'reason', 'detail', 'mode', 'conversion']
 
@@ -210,6 +220,7 @@ def _png_header_only(path:Path, w:int, h:int):
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0)) +
                      chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
 
+# %% ../nbs/01d_images.ipynb #d1da1c83
 def _png_rgb16(path:Path, w:int, h:int, rgb:tuple):
     "A 16-bit-per-channel RGB PNG of one colour (PIL cannot write one)"
     import zlib

@@ -43,6 +43,7 @@ class Stage:
     # (papermill -p name, section, key): the key is set True when the name is given (an explicit request)
     explicit:tuple=()
 
+# %% ../nbs/08_pipeline.ipynb #a29ba8a1
 _IT = lambda *sections: (('iteration', sections),)
 # The pipeline's stages in their default order: the one table `aliprod run`, `call_stage`, the README and tests read.
 STAGES = (
@@ -79,6 +80,7 @@ STAGE = {s.name: s for s in STAGES}
 # the stages a run chooses among (`--stages`, [pipeline] stages): every stage but the data stage, which always runs
 STAGE_ORDER = tuple(s.name for s in STAGES if s.notebook)
 
+# %% ../nbs/08_pipeline.ipynb #e698845e
 @params_section('pipeline')
 @dataclass
 class PipelineParams:
@@ -101,6 +103,7 @@ class PipelineParams:
                 raise ParamsError(f"[pipeline] grid {name!r} must be a non-empty list of values")
             for v in values: check_section(section_class(sec), {key: v}, f'[pipeline] grid')
 
+# %% ../nbs/08_pipeline.ipynb #411b75d7
 def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
     "(experiment name, {section: overrides}) for each combination of the grid; one plain run without a grid"
     if not pp.grid: return [(exp.experiment, {})]
@@ -113,6 +116,7 @@ def grid_runs(exp:ExperimentParams, pp:PipelineParams)->list[tuple[str, dict]]:
         runs.append((exp.experiment + ''.join(f"-{n.partition('.')[2]}{v}" for n, v in zip(names, combo)), over))
     return runs
 
+# %% ../nbs/08_pipeline.ipynb #28ea9864
 def check_grid(params_file:str|Path)->list[tuple[str, dict]]:
     "`grid_runs` of `params_file`, each run's name and sections resolved as `run_pipeline` does (or ParamsError)"
     runs = grid_runs(resolve_params('experiment', params_file), resolve_params('pipeline', params_file))
@@ -134,11 +138,13 @@ def stage_notebooks(nbs_dir:str|Path|None=None, # folder of the notebooks; defau
 # %% ../nbs/08_pipeline.ipynb #699d32f5
 EXPERIMENT_KEYS = ('experiment', 'seed', 'seeds', 'runs_dir', 'reports_dir')   # top-level keys papermill may inject
 
+# %% ../nbs/08_pipeline.ipynb #77389bc7
 def _stage(stage:str)->Stage:
     if stage not in STAGE:
         raise ParamsError(f"Unknown stage {stage!r}; stages: {', '.join(STAGE)}.{_did_you_mean(stage, STAGE)}")
     return STAGE[stage]
 
+# %% ../nbs/08_pipeline.ipynb #70391171
 def stage_config(stage:str,                 # a name in `STAGES`
                  params_file:str|Path|None=None, # YAML parameter file; None: the typed defaults
                  **injected,                # what papermill injects: sections (dicts), experiment keys, overrides
@@ -160,6 +166,7 @@ def stage_config(stage:str,                 # a name in `STAGES`
                 for sec in s.reads}
     return StageConfig(stage, exp, sections, None if params_file is None else str(params_file))
 
+# %% ../nbs/08_pipeline.ipynb #173450af
 def stage_function(stage:str):
     "The `<name>_stage(cfg)` function of `stage`, imported from the module its `STAGES` entry names"
     module, _, name = _stage(stage).function.rpartition('.')
@@ -167,6 +174,7 @@ def stage_function(stage:str):
     quiet_third_party_warnings()
     return getattr(importlib.import_module(f'aliprod.{module}'), name)
 
+# %% ../nbs/08_pipeline.ipynb #96085dc8
 NEEDS_RAN_ENV = 'ALIPROD_NEEDS_RAN'   # '1' in the kernel of a stage whose needs `aliprod run` has run already
 
 def call_stage(stage:str, params_file:str|Path|None=None,
@@ -184,6 +192,7 @@ def call_stage(stage:str, params_file:str|Path|None=None,
     # every manifest the stage writes (nested work too) records `cfg`: what `aliprod status` compares with the file
     with running_stage(cfg): return stage_function(stage)(cfg)
 
+# %% ../nbs/08_pipeline.ipynb #5c397e3a
 def plan_stages(chosen:list[str])->list[str]:
     "The data stage, then `chosen` in their order, each after the stages it needs (transitively) not planned yet"
     plan = []
@@ -207,6 +216,7 @@ def _kernel_arguments(needs_ran:bool)->list[str]:
     if not needs_ran: return KERNEL_ARGUMENTS
     return [KERNEL_ARGUMENTS[0].removesuffix(']') + f', "__import__(\'os\').environ[\'{NEEDS_RAN_ENV}\'] = \'1\'"]']
 
+# %% ../nbs/08_pipeline.ipynb #fe724d2e
 def _kernel_manager():
     "A kernel manager on IPC sockets in a private temporary directory, and that directory"
     import tempfile
@@ -216,6 +226,7 @@ def _kernel_manager():
     d = Path(tempfile.mkdtemp(prefix='aliprod-kernel-'))
     return AsyncKernelManager(kernel_name='python3', transport='ipc', ip=str(d/'kernel')), d
 
+# %% ../nbs/08_pipeline.ipynb #1ad3ec41
 def _shutdown(km):
     "Stop a kernel we started (papermill leaves a kernel it was handed running)"
     from jupyter_client.utils import run_sync
@@ -223,9 +234,11 @@ def _shutdown(km):
         if run_sync(km.is_alive)(): run_sync(km.shutdown_kernel)(now=True)
     except Exception as e: log(f"warning: could not shut the stage's kernel down cleanly: {e}")
 
+# %% ../nbs/08_pipeline.ipynb #6cec4308
 class StageFailed(RuntimeError):
     "A stage notebook failed; the message names the stage, the cell and the error, and where the executed notebook is"
 
+# %% ../nbs/08_pipeline.ipynb #08e734ff
 def _failed_cell(nb_path:Path)->str:
     "Source of the first cell that raised in an executed notebook, if papermill recorded one"
     import nbformat
@@ -237,6 +250,7 @@ def _failed_cell(nb_path:Path)->str:
     except Exception: pass
     return 'cell unknown (the kernel may have died)'
 
+# %% ../nbs/08_pipeline.ipynb #868935df
 def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
               params_file:str|Path,          # the run's parameter file
               out_dir:str|Path,              # where the executed notebook goes
@@ -282,6 +296,7 @@ def run_stage(stage:str, nb:str|Path,      # stage name and its notebook
     log(f"{stage}: done in {time.time()-t0:.0f} s -> {project_relative(out)}")
     return out
 
+# %% ../nbs/08_pipeline.ipynb #269aa38f
 def render_html(nb_path:str|Path)->Path:
     "Render an executed notebook to HTML beside it, code cells hidden"
     from nbconvert import HTMLExporter
@@ -299,6 +314,7 @@ def parse_seeds(text:str)->list[int]:
     if not seeds: raise ParamsError(f"--seeds must list seeds separated by commas, e.g. --seeds 0,1,2; got {text!r}")
     return seeds
 
+# %% ../nbs/08_pipeline.ipynb #85e07a27
 def run_seeds(params_file:str|Path, seeds:list[int]|None=None)->list[int]|None:
     "The training seeds of a run, checked: `seeds` (--seeds), else the file's seeds:, else None (one run of its seed:)"
     file_seeds = resolve_params('experiment', params_file).seeds
@@ -308,6 +324,7 @@ def run_seeds(params_file:str|Path, seeds:list[int]|None=None)->list[int]|None:
     except ParamsError as e: raise ParamsError(f"--seeds: {e}") from None
     return list(seeds)
 
+# %% ../nbs/08_pipeline.ipynb #81b4cfd2
 def seed_params_file(params_file:str|Path, exp:ExperimentParams)->Path:
     "Write runs/<experiment>-seed<k>/params.yaml: `params_file` with that seed's experiment, seed and data_seed"
     import yaml
@@ -325,6 +342,7 @@ def seed_params_file(params_file:str|Path, exp:ExperimentParams)->Path:
     load_params_file(out)
     return out
 
+# %% ../nbs/08_pipeline.ipynb #30838877
 def run_pipeline(params_file:str|Path,        # YAML parameter file
                  # subset of stages; default: the file's [pipeline] stages, else all present
                  stages:list[str]|None=None,
@@ -369,6 +387,7 @@ def run_pipeline(params_file:str|Path,        # YAML parameter file
                                             report_extra)
     return executed
 
+# %% ../nbs/08_pipeline.ipynb #f0413156
 @contextmanager
 def experiment_lock(exp:ExperimentParams):
     "Hold runs/<experiment>/.lock for one `aliprod run` (else `LockBusy` at once); remove killed runs' temp files"
@@ -382,6 +401,7 @@ def experiment_lock(exp:ExperimentParams):
         if 'is running' not in str(e): raise
         raise LockBusy(f"experiment '{exp.experiment}' is being run already: {e}") from None
 
+# %% ../nbs/08_pipeline.ipynb #ca3f3f83
 def _run_experiment(exp, params_file, over, chosen, present, force, in_process, html,
                     extra:dict|None=None,        # experiment keys every stage gets (a seeds run: its seed)
                     report_extra:dict|None=None, # and the report only (the first seed: every seed, to aggregate)
@@ -425,10 +445,12 @@ def _run_experiment(exp, params_file, over, chosen, present, force, in_process, 
         f"report: {project_relative(report_dir(exp)/'index.html')}")
     return executed
 
+# %% ../nbs/08_pipeline.ipynb #574ba576
 def _has_run(exp:ExperimentParams, stage:str)->bool:
     "Whether `stage` has a finished run folder (a manifest) in the experiment"
     return any((d/MANIFEST).is_file() for d in _stage_folders(exp, stage))
 
+# %% ../nbs/08_pipeline.ipynb #073919eb
 def _stage_times(exp:ExperimentParams)->dict:
     "Seconds each stage took the last time it computed (runs/<exp>/stage_times.json): the per-stage ETA"
     import json
@@ -436,15 +458,19 @@ def _stage_times(exp:ExperimentParams)->dict:
     try: return {k: float(v) for k, v in json.loads(f.read_text()).items()} if f.exists() else {}
     except (ValueError, AttributeError, TypeError): return {}   # a damaged file only loses the estimate
 
+# %% ../nbs/08_pipeline.ipynb #24eaadfd
 def _stage_writes(stage:str)->str: return next((s.writes for s in STAGES if s.name == stage), '')
 
+# %% ../nbs/08_pipeline.ipynb #fa7bbcec
 def _manifests(exp:ExperimentParams)->dict:
     "Manifest path -> modification time, for every stage of the experiment"
     return {m: m.stat().st_mtime_ns for m in experiment_dir(exp).glob('**/manifest.json')}
 
+# %% ../nbs/08_pipeline.ipynb #6bc43870
 def _runs_prefixes(stage:str)->tuple:
     return next((s.runs for s in STAGES if s.name == stage), (stage,))
 
+# %% ../nbs/08_pipeline.ipynb #4ce239b2
 def stage_of_run_dir(name:str)->str|None:
     "The stage a folder under runs/<experiment>/ belongs to: its longest matching prefix (`train-finegrained-x`)"
     # 'train' also matches train-lowres (the train stage's twin) and train-finegrained-* (finegrained's finetunes): the
@@ -453,6 +479,7 @@ def stage_of_run_dir(name:str)->str|None:
             if name == p or name.startswith(p if p.endswith('-') else p + '-')]
     return max(hits)[1] if hits else None
 
+# %% ../nbs/08_pipeline.ipynb #a40fb0cd
 def _forget(exp:ExperimentParams, stages:list[str]):
     "Delete the manifests of `stages` so they are seen as not done (their outputs stay until rewritten)"
     base = experiment_dir(exp)
@@ -467,6 +494,7 @@ class StatusRow:
     "One run folder of a stage as `aliprod status` shows it"
     stage:str; run_dir:str; state:str; why:str=''; duration:str=''; finished:str=''
 
+# %% ../nbs/08_pipeline.ipynb #2197b1cf
 def _lock_holder(d:Path)->str|None:
     "Who holds the lock of folder `d` ('pid ... since ...'), or None when no live process holds it; takes no lock"
     f = d/LOCK
@@ -481,11 +509,13 @@ def _lock_holder(d:Path)->str|None:
         return f"pid {parts[0]} since {parts[2]}" if len(parts) >= 3 else 'another process'
     finally: os.close(fd)
 
+# %% ../nbs/08_pipeline.ipynb #7ab68afe
 def _short(v)->str:
     "A parameter value on one terminal line"
     s = json.dumps(v, sort_keys=True)
     return s if len(s) <= 40 else s[:37] + '...'
 
+# %% ../nbs/08_pipeline.ipynb #750e80af
 def param_changes(stage:str, recorded:dict, current:dict[str, dict])->list[str]:
     "'section.key: old -> new' for each parameter of a manifest (`recorded`) whose value the parameter file now changes"
     # a manifest keeps the sections its stage read as {section: {...}}; the data stage keeps its section flat. Keys the
@@ -501,6 +531,7 @@ def param_changes(stage:str, recorded:dict, current:dict[str, dict])->list[str]:
     return [f"{name}: {_short(old)} -> {_short(norm(new))}" for name, old, new in pairs
             if new is not None and not (nested and name.partition('.')[2] in recorded) and norm(new) != old]
 
+# %% ../nbs/08_pipeline.ipynb #b98ae1b3
 def config_changes(stage:str,      # the stage of the run folder (`stage_of_run_dir`)
                    recorded:dict,  # the manifest's `config` (`config_record` of the stage that wrote it)
                    current:dict,   # `config_record` of the same stage resolved from the parameter file now
@@ -517,6 +548,7 @@ def config_changes(stage:str,      # the stage of the run folder (`stage_of_run_
         pairs += [(f'{sec}.{k}', old.get(k), new.get(k)) for k in sorted({*old, *new}) if ks is None or k in ks]
     return [f"{name}: {_short(old)} -> {_short(new)}" for name, old, new in pairs if old != new]
 
+# %% ../nbs/08_pipeline.ipynb #f48b3db0
 def _keyed_keys(m:dict, owners:dict|None=None)->dict[str, set]:
     "Section -> the keys manifest `m`'s key holds of it; a section it does not key: the keys its own stage's runs key"
     # a key no run's key holds (train.workers, clean.gallery_size, ...) changes no output: no reason to call it stale.
@@ -527,10 +559,12 @@ def _keyed_keys(m:dict, owners:dict|None=None)->dict[str, set]:
     if m.get('stage') == 'data': own['data'] = set(ps)   # the data stage keys its section flat
     return {**(owners or {}), **own}
 
+# %% ../nbs/08_pipeline.ipynb #e650fcd6
 def _module_hash(m:str)->str|None:
     f = _package_dir()/f'{m}.py'   # the installed package's modules, hashed as `code_version` hashes them
     return hashlib.sha256(source_for_hash(f.read_bytes())).hexdigest()[:16] if f.is_file() else None
 
+# %% ../nbs/08_pipeline.ipynb #99e81d7b
 def run_status(stage:str, d:Path, current:dict[str, dict],
                configs=None,          # recorded stage -> its `config_record` from the file now (None: not compared)
                owners:dict|None=None, # section -> the keys its own stage's runs key (`_keyed_keys`)
@@ -561,6 +595,7 @@ def run_status(stage:str, d:Path, current:dict[str, dict],
     if edited: reasons.append(f"code changed: {', '.join(edited)}")   # modules (aliprod/<name>.py) it ran or imports
     return StatusRow(stage, rel, 'stale' if reasons else 'up to date', '; '.join(reasons), dur, fin)
 
+# %% ../nbs/08_pipeline.ipynb #782a1b88
 def _stage_folders(exp:ExperimentParams, stage:str)->list[Path]:
     "The run folders of `stage` under runs/<experiment>/: every folder with a manifest or a stage lock, sorted"
     base = experiment_dir(exp)
@@ -570,6 +605,7 @@ def _stage_folders(exp:ExperimentParams, stage:str)->list[Path]:
     return sorted({f.parent for t in tops for pat in (MANIFEST, LOCK) for f in [*t.glob(pat), *t.glob(f'**/{pat}')]},
                   key=lambda p: [(int(s) if s.isdigit() else -1, s) for s in p.relative_to(base).parts])
 
+# %% ../nbs/08_pipeline.ipynb #f97b7c48
 def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[str],
                       over:dict|None=None)->list[StatusRow]:
     "A row per run folder of the data stage and of each of `stages` (a 'missing' row for a stage never run)"
@@ -607,6 +643,7 @@ def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[st
                               _iso(idx.stat().st_mtime) if idx.is_file() else ''))
     return rows
 
+# %% ../nbs/08_pipeline.ipynb #4418e7b1
 def format_status(rows:list[StatusRow])->str:
     "The rows as an aligned plain-text table"
     head = ('stage', 'run dir', 'state', 'last', 'finished', 'why')
@@ -614,6 +651,7 @@ def format_status(rows:list[StatusRow])->str:
     w = [max(len(c[i]) for c in cells) for i in range(5)]
     return '\n'.join(('  '.join(c[i].ljust(w[i]) for i in range(5)) + '  ' + c[5]).rstrip() for c in cells)
 
+# %% ../nbs/08_pipeline.ipynb #5aab080a
 def status(params_file:str|Path, stages:list[str]|None=None, seeds:list[int]|None=None)->str:
     "What `aliprod status` prints: per experiment (grid run, seed) a table of its stages' run folders; writes nothing"
     load_params_file(params_file)

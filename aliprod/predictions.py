@@ -96,6 +96,7 @@ def topk_from_probs(probs:torch.Tensor|np.ndarray, # (N,K) probabilities
     return TopK(rows, labels.numpy().astype(np.int32), idx.numpy().astype(np.int32), vals.numpy().astype(np.float32),
                 p_label.numpy().astype(np.float32), K, f)
 
+# %% ../nbs/01a_predictions.ipynb #3386b3c7
 def topk_from_logits(logits, labels, rows=None, k:int=10, feats=None)->TopK:
     "`topk_from_probs` of the softmax of `logits`"
     return topk_from_probs(torch.as_tensor(logits).float().softmax(dim=1), labels, rows, k, feats)
@@ -135,12 +136,14 @@ class TopKWriter:
         if self.writer is not None: self.writer.close()
         return self._ctx.__exit__(typ, val, tb)
 
+# %% ../nbs/01a_predictions.ipynb #5ca45bd7
 def write_topk(path:str|Path, t:TopK, batch_rows:int=1_000_000)->Path:
     "Write `t` to `path` atomically, in row groups of `batch_rows`"
     with TopKWriter(path) as w:
         for s in range(0, max(len(t), 1), batch_rows): w.write(t.take(slice(s, s + batch_rows)))
     return Path(path)
 
+# %% ../nbs/01a_predictions.ipynb #bdb5f280
 def _from_batch(b:pa.RecordBatch|pa.Table, num_classes:int)->TopK:
     def fixed(name):
         col = b.column(name)
@@ -151,22 +154,26 @@ def _from_batch(b:pa.RecordBatch|pa.Table, num_classes:int)->TopK:
                 b.column('p_label').to_numpy(zero_copy_only=False).astype(np.float32), num_classes,
                 fixed('feats') if 'feats' in b.schema.names else None)
 
+# %% ../nbs/01a_predictions.ipynb #e6ecc96b
 def topk_num_classes(path:str|Path)->int:
     "K recorded in a predictions file"
     return int(pq.read_schema(path).metadata[b'num_classes'])
 
+# %% ../nbs/01a_predictions.ipynb #f049f651
 def iter_topk(path:str|Path, batch_rows:int=1_000_000, feats:bool=False)->Iterator[TopK]:
     "Read a predictions file batch by batch"
     f = pq.ParquetFile(path); K = topk_num_classes(path)
     cols = [c for c in f.schema_arrow.names if feats or c != 'feats']
     for b in f.iter_batches(batch_size=batch_rows, columns=cols): yield _from_batch(b, K)
 
+# %% ../nbs/01a_predictions.ipynb #72edd140
 def read_topk(path:str|Path, feats:bool=False)->TopK:
     "Read a whole predictions file (feature columns only when `feats`)"
     f = pq.ParquetFile(path)
     cols = [c for c in f.schema_arrow.names if feats or c != 'feats']
     return _from_batch(pq.read_table(path, columns=cols), topk_num_classes(path))
 
+# %% ../nbs/01a_predictions.ipynb #2327c3b4
 def merge_topk(paths:list, out:str|Path)->Path:
     "Merge per-rank prediction shards into one file ordered by `row`; a row in two shards is an error"
     t = TopK.concat([read_topk(p, feats=True) for p in paths])

@@ -32,6 +32,7 @@ def _as_labels(labels, num_classes:int|None=None, name:str='labels')->tuple[np.n
                          f"pass num_classes={int(y.max())+1} or check the class map")
     return y, K
 
+# %% ../nbs/01b_samplers.ipynb #d5dcb430
 def class_counts(labels,                  # (N,) class ids 0..K-1 (ndarray, list, tensor or pandas Series)
                  num_classes:int|None=None, # K; default max(labels)+1
                 )->np.ndarray:
@@ -44,6 +45,7 @@ SamplingMode = Literal['instance', 'class', 'sqrt', 'reverse', 'progressive']
 # reverse: ∝ 1/n (BBN's reversed sampler, H2E's third environment)
 _EXPONENT = {'instance': 1.0, 'class': 0.0, 'sqrt': 0.5, 'reverse': -1.0}
 
+# %% ../nbs/01b_samplers.ipynb #b2d35dcf
 def class_probs(counts,               # (K,) images per class
                 mode:SamplingMode='class',
                 progress:float=0.0,   # t/T in [0,1]; progressive mode only
@@ -59,6 +61,7 @@ def class_probs(counts,               # (K,) images per class
     w = np.where(n > 0, np.maximum(n, 1.)**_EXPONENT[mode], 0.)  # an empty class gets 0 (0**0 = 1, 0**-1 = inf)
     return w / w.sum()
 
+# %% ../nbs/01b_samplers.ipynb #6d1c0e28
 def sample_weights(labels, num_classes:int|None=None, mode:SamplingMode='class', progress:float=0.0)->np.ndarray:
     "Probability of drawing each image, (N,) float64: its class's probability shared among the class's images"
     y, K = _as_labels(labels, num_classes)
@@ -147,6 +150,7 @@ class LongTailSampler(Sampler[int]):
                 f"num_samples={self.num_samples}, seed={self.seed}, epoch={self.epoch}, "
                 f"rank={self.rank}/{self.num_replicas})")
 
+# %% ../nbs/01b_samplers.ipynb #79eb1b2c
 def class_balanced_sampler(labels, **kwargs)->LongTailSampler:
     "`LongTailSampler` in class-balanced mode, the sampler of classifier retraining (cRT)"
     return LongTailSampler(labels, mode='class', **kwargs)

@@ -19,6 +19,7 @@ __all__ = ['SOURCES', 'SPLITS', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'CLASSES_
 SOURCES = ('synthetic', 'aliproducts', 'csv', 'imagefolder', 'list')
 SPLITS = ('train', 'val', 'test')
 
+# %% ../nbs/00b_schema.ipynb #f171ed42
 def _split_hint(name)->str:
     close = difflib.get_close_matches(str(name), SPLITS, n=1, cutoff=0.5)
     return f". Did you mean '{close[0]}'?" if close else ''
@@ -33,6 +34,7 @@ def check_splits(splits, # one split name or a list of them (a parameter's value
         if s not in SPLITS: raise ParamsError(f"{key}: Unknown split {s!r}; valid: {', '.join(SPLITS)}{_split_hint(s)}")
     return names
 
+# %% ../nbs/00b_schema.ipynb #fb733831
 @params_section('data')
 @dataclass
 class DataParams:
@@ -119,15 +121,18 @@ INDEX_COLUMNS = {'row':'int64', 'path':'str', 'label':'int32', 'split':'str', 'c
 QUARANTINE_COLUMNS = {'path':'str', 'label':'Int64', 'class_name':'str', 'split':'str', 'reason':'str', 'detail':'str'}
 CLASSES_COLUMNS = ['label', 'class_name', 'coarse_label', 'n_train', 'n_val', 'n_test']
 
+# %% ../nbs/00b_schema.ipynb #4621de78
 def _typed(df:pd.DataFrame, columns:dict)->pd.DataFrame:
     "`df` with exactly `columns`, in order, cast to their dtypes"
     return pd.DataFrame({c: (df[c] if c in df else pd.Series([], dtype=t)).astype(t)
                          for c, t in columns.items()}).reset_index(drop=True)
 
+# %% ../nbs/00b_schema.ipynb #fd4209bd
 def empty_quarantine()->pd.DataFrame:
     "A quarantine table with no rows"
     return _typed(pd.DataFrame(), QUARANTINE_COLUMNS)
 
+# %% ../nbs/00b_schema.ipynb #8ead94cc
 class ReadResult(NamedTuple):
     "What a reader returns: the canonical index, the classes (label, class_name, coarse_label) and the quarantine"
     index:pd.DataFrame

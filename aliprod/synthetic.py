@@ -20,6 +20,7 @@ __all__ = ['SHAPES', 'EMBLEMS', 'long_tail_counts', 'synthetic_classes', 'synthe
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'hexagon', 'star', 'cross', 'ellipse')
 EMBLEMS = ('hstripe', 'vstripe', 'dot', 'ring', 'twodots', 'diagonal', 'bar', 'corner')
 
+# %% ../nbs/01e_synthetic.ipynb #52c99939
 def long_tail_counts(n_classes:int, max_per_class:int, min_per_class:int)->np.ndarray:
     ("(K,) descending exponential profile from `max_per_class` to `min_per_class` (the usual long-tailed benchmark "
      "recipe)")
@@ -27,6 +28,7 @@ def long_tail_counts(n_classes:int, max_per_class:int, min_per_class:int)->np.nd
     i = np.arange(n_classes) / (n_classes - 1)
     return np.rint(max_per_class * (min_per_class / max_per_class) ** i).astype(np.int64)
 
+# %% ../nbs/01e_synthetic.ipynb #265e6b82
 def _rgb(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 def synthetic_classes(n_classes:int, family_size:int)->pd.DataFrame:
@@ -119,6 +121,7 @@ def _draw_object(size:int, shape:str, body:tuple, accent:tuple, emblem:str)->Ima
     em.putalpha(Image.fromarray(np.minimum(np.asarray(em.getchannel('A')), np.asarray(im.getchannel('A')))))
     return Image.alpha_composite(im, em)
 
+# %% ../nbs/01e_synthetic.ipynb #c4441079
 def _background(rng:np.random.Generator, w:int, h:int)->Image.Image:
     ("Textured, shaded background with clutter: random colour, gradient and low-frequency noise (upsampled from a few "
      "pixels), distractor blobs and lines")
@@ -135,11 +138,13 @@ def _background(rng:np.random.Generator, w:int, h:int)->Image.Image:
         else: d.line([(x, y), (rng.uniform(0, w), rng.uniform(0, h))], fill=col, width=int(rng.integers(1, 4)))
     return img
 
+# %% ../nbs/01e_synthetic.ipynb #07f2f2f4
 @functools.lru_cache(maxsize=4096)
 def _sprite(design:tuple)->Image.Image:
     "The class's object drawn once at 160 px; each image area-averages it down (2-5x), which also smooths its edges"
     return _draw_object(160, *design)
 
+# %% ../nbs/01e_synthetic.ipynb #88da7d50
 def _junk(rng:np.random.Generator, size:int)->Image.Image:
     "An out-of-distribution object: a random polygon with random stripes, no class's shape or emblem"
     im = Image.new('RGBA', (size, size), (0, 0, 0, 0)); d = ImageDraw.Draw(im)
@@ -151,6 +156,7 @@ def _junk(rng:np.random.Generator, size:int)->Image.Image:
                fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 6)))
     return im
 
+# %% ../nbs/01e_synthetic.ipynb #5fddb42c
 def render_synthetic(seed:int, row:int,      # the image is a pure function of (seed, row, design)
                      design:tuple|None,       # (shape, body, accent, emblem) of the shown class; None: junk
                      size:tuple=(64, 64),     # (smallest, largest) side in pixels
@@ -175,6 +181,7 @@ def render_synthetic(seed:int, row:int,      # the image is a pure function of (
     buf = io.BytesIO(); img.save(buf, 'JPEG', quality=int(rng.integers(70, 96)))
     return buf.getvalue()
 
+# %% ../nbs/01e_synthetic.ipynb #1245d12c
 def _render_chunk(out_dir:str, seed:int, size:tuple, designs:list, items:list)->int:
     for path, row, cl in items:
         f = Path(out_dir)/path; f.parent.mkdir(parents=True, exist_ok=True)
