@@ -133,6 +133,7 @@ def _recovered(gt:pd.DataFrame, ch:pd.DataFrame)->float|None:
     if 'clean_label' not in gt or not rel.any(): return None
     return float((gt['clean_label'].to_numpy()[rel] == ch['new_label'].to_numpy()[rel]).mean())
 
+# %% ../nbs/03_clean.ipynb #946905bb
 def _class_table(index:pd.DataFrame, classes:pd.DataFrame|None, K:int)->pd.DataFrame:
     "label -> class_name, coarse_label for 0..K-1 (from classes.parquet, else from the index itself)"
     if classes is None:
@@ -487,6 +488,7 @@ def _train_at(train, iteration:int):
     import dataclasses
     return dataclasses.replace(train, iteration=iteration)
 
+# %% ../nbs/03_clean.ipynb #2dbdcdba
 def model_train_file(exp:ExperimentParams, data, train, iteration:int, fold:int|None=None, folds:int|None=None)->Path:
     ("The training-split predictions file of the model trained on index `iteration` (without `fold` of `folds`), "
      "trained when needed")
@@ -562,6 +564,7 @@ def _stage_params(clean:CleanParams)->dict:
     "The parameters that determine an iteration's outputs (the gallery size and past_stop only change the report)"
     return {k: v for k, v in params_dict(clean).items() if k not in ('gallery_size', 'past_stop')}
 
+# %% ../nbs/03_clean.ipynb #c0f1471f
 def write_index(new:pd.DataFrame, path:Path, like:Path):
     "Write `new` atomically with the schema of the index file `like` (same columns, types and metadata)"
     schema = pq.read_schema(like)
@@ -678,6 +681,7 @@ def clean_iteration(exp:ExperimentParams, data, train, clean:CleanParams,
     return CleanArtifacts(out, out/'index.parquet', out/'changes.parquet', json.loads((out/'summary.json').read_text()),
                           pred_paths, model)
 
+# %% ../nbs/03_clean.ipynb #fd2e00d3
 def _noise_rate(train:pd.DataFrame)->float|None:
     noisy, known = is_noisy(train)
     return float(noisy[known].mean()) if known.any() else None

@@ -72,6 +72,7 @@ def _batch(feats, start:int, size:int, device='cpu')->Tensor:
     if isinstance(feats, Tensor): return feats[start:start+size].float().to(device)
     return torch.from_numpy(np.array(feats[start:start+size], dtype=np.float32)).to(device)
 
+# %% ../nbs/04b_decoupled.ipynb #64d71e35
 @torch.no_grad()
 def head_logits(head:nn.Module, feats, batch_size:int=4096, device='cpu')->Tensor:
     "(N,K) logits of `head` on `feats`; for small N (tests, sweeps use `head_top1`)"
@@ -138,6 +139,7 @@ def _top1_predictions(pred:np.ndarray, data:Features, num_classes:int)->TopK:
     return TopK(data.rows, data.labels.astype(np.int32), pred.reshape(n, 1).astype(np.int32),
                 np.ones((n, 1), np.float32), np.full(n, np.nan, np.float32), num_classes)
 
+# %% ../nbs/04b_decoupled.ipynb #576d7046
 def sweep_tau(weight:Tensor, bias:Tensor|None,
               val:Features,                 # the split τ is chosen on (the stage passes validation)
               groups:dict,                  # evaluate's shot groups: {'train_counts': (K,) counts, 'many', 'few'}
@@ -236,11 +238,13 @@ class LearnableWeightScaling(nn.Module):
 # %% ../nbs/04b_decoupled.ipynb #5ae34eb6
 NCMNorm = Literal['cl2n', 'l2n', 'un']
 
+# %% ../nbs/04b_decoupled.ipynb #29d99cc6
 def _ncm_transform(x:Tensor, mean:Tensor, norm:str)->Tensor:
     if norm == 'cl2n': x = x - mean
     if norm in ('cl2n', 'l2n'): x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return x
 
+# %% ../nbs/04b_decoupled.ipynb #0aa4ca68
 class NearestClassMean(nn.Module):
     "Logits -‖t(x) - c_i‖² / T to class centroids c_i, t the `norm` transform, T the temperature (NCM, Kang et al.)"
     def __init__(self, centroids:Tensor, mean:Tensor, norm:NCMNorm='cl2n', present:Tensor|None=None,
@@ -477,6 +481,7 @@ def _finetune(x, data, epochs:int, lr:float, loss='ce'):
     hist = fit_head(head, data, x.num_classes, epochs, loss=loss, lr=lr, **x.fit)
     return head, {'history': hist, 'images': len(data)}
 
+# %% ../nbs/04b_decoupled.ipynb #2a998686
 @register_method('balanced_subset', needs=('train_p_label',), finetune=True)
 def _balanced_subset(x, *, subset_per_class:int, finetune_epochs:int, finetune_lr:float):
     "finetuned on the most confident `subset_per_class` images of each class"

@@ -76,6 +76,7 @@ def combine_topk(parts:list[TopK],              # the members' predictions of th
     return TopK(ref.rows.copy(), out_labels.astype(np.int32), np.take_along_axis(labels, top, 1).astype(np.int32),
                 np.take_along_axis(summed, top, 1).astype(np.float32), p_label.astype(np.float32), ref.num_classes)
 
+# %% ../nbs/06_ensemble.ipynb #43d464f4
 def _check_weights(weights, m:int)->np.ndarray:
     if weights is None: return np.ones(m)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
@@ -84,6 +85,7 @@ def _check_weights(weights, m:int)->np.ndarray:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return w
 
+# %% ../nbs/06_ensemble.ipynb #8a39b5b3
 def _row_mismatch(ref:np.ndarray, rows:np.ndarray, ref_name:str, name:str, order_matters:bool=True)->str|None:
     "Why `rows` cannot be combined with `ref` (naming both members and an example row), or None"
     if len(rows) == len(ref) and np.array_equal(rows, ref): return None
@@ -98,6 +100,7 @@ def _row_mismatch(ref:np.ndarray, rows:np.ndarray, ref_name:str, name:str, order
             + (f" (e.g. row {int(extra[0])})" if len(extra) else '')
             + "; ensemble members must predict the same rows (the same split of the same index)")
 
+# %% ../nbs/06_ensemble.ipynb #97c930e3
 def _check_same_rows(ref, rows, ref_name, name):
     msg = _row_mismatch(ref, rows, ref_name, name)
     if msg: raise ValueError(msg)
@@ -106,6 +109,7 @@ def _check_same_rows(ref, rows, ref_name, name):
 def _row_ids(path:Path)->np.ndarray:
     return pq.read_table(path, columns=['row'])['row'].to_numpy()
 
+# %% ../nbs/06_ensemble.ipynb #90581923
 def _chunks(path:Path, chunk_rows:int)->Iterator[TopK]:
     "Consecutive chunks of exactly `chunk_rows` rows (the last one shorter), whatever the file's row groups"
     buf, n = [], 0
@@ -118,6 +122,7 @@ def _chunks(path:Path, chunk_rows:int)->Iterator[TopK]:
             buf, n = ([rest] if len(rest) else []), len(rest)
     if n: yield TopK.concat(buf)
 
+# %% ../nbs/06_ensemble.ipynb #68bbe0ff
 def _permuted_chunks(path:Path, ref_rows:np.ndarray, chunk_rows:int)->Iterator[TopK]:
     "Chunks of `path` in the row order `ref_rows` (the file is read whole)"
     t = read_topk(path)
@@ -163,6 +168,7 @@ def ensemble_files(paths:list,                     # the members' predictions fi
 # %% ../nbs/06_ensemble.ipynb #3dd38ffb
 MEMBER_STAGES = ('train', 'tta', 'rebalance', 'ensemble')
 
+# %% ../nbs/06_ensemble.ipynb #1f0a3c3f
 @dataclass
 class Member:
     "A parsed ensemble member: a stage output (`stage`, `name`, `iteration`) or an explicit `path`"
@@ -172,6 +178,7 @@ class Member:
     iteration:int|str|None=None  # int, 'latest', 'kept', or None: the stage's iteration
     path:str|None=None
 
+# %% ../nbs/06_ensemble.ipynb #dda03501
 def _is_iteration(s:str)->bool: return s.isdigit() or s in ('latest', KEPT)
 
 def parse_member(spec:str)->Member:
@@ -197,6 +204,7 @@ def parse_member(spec:str)->Member:
         raise bad(f"name {name!r} must be letters, digits, '-', '_' or '.'")
     return Member(spec, head, name, it)
 
+# %% ../nbs/06_ensemble.ipynb #3d4b09bf
 def _latest(d:Path, spec:str)->int:
     its = sorted(int(q.name) for q in d.glob('*') if q.is_dir() and q.name.isdigit()) if d.is_dir() else []
     if not its: raise FileNotFoundError(f"Ensemble member {spec!r}: no iteration under {d}; run that stage first")
@@ -277,6 +285,7 @@ class EnsembleArtifacts(StageArtifacts):
     @property
     def tables(self)->dict: return {'ensemble': self.table}
 
+# %% ../nbs/06_ensemble.ipynb #adcbd3c9
 def _stage_hint(m:Member)->str:
     if m.path is not None: return 'check the path (relative to runs/<experiment>/)'
     return {'train': 'run the train stage (nbs/02_train.ipynb) with that tag/iteration',
@@ -323,6 +332,7 @@ def ensemble_table(name:str,           # the ensemble's row label
     t.insert(2, 'labels', np.where(key.str.endswith('_clean'), 'clean', 'given'))
     return t
 
+# %% ../nbs/06_ensemble.ipynb #665331fe
 def plot_ensemble(table:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Mean class error of the ensemble and its members, one panel per (split, labels)"
     import matplotlib.pyplot as plt

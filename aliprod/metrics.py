@@ -35,6 +35,7 @@ def _ranked(preds, labels, clean_label, k:int):
                          f"K={K} classes; check the class map")
     return np.asarray(tl), y, K, name
 
+# %% ../nbs/01c_metrics.ipynb #0cd586a0
 def _hits(tl:np.ndarray, y:np.ndarray, k:int, K:int)->np.ndarray:
     "(N,) bool: the target is among the first k predictions"
     if tl.shape[1] < min(k, K):
@@ -73,6 +74,7 @@ def _class_stats(preds, labels=None, train_counts=None, clean_label=None, topk=(
     return dict(y=y, hits=hits, n_eval=n_eval, correct=correct, acc=acc, n_train=n_train, group=group, K=K, target=name,
                 n_unknown=n_unknown)
 
+# %% ../nbs/01c_metrics.ipynb #61c8a688
 def per_class_accuracy(preds,                 # TopK, or dense (N,K) logits/probabilities (tensor or ndarray)
                        labels=None,           # (N,) given labels; default preds.labels for a TopK
                        train_counts=None,     # (K,) training images per class, for n_train and the shot group
@@ -84,6 +86,7 @@ def per_class_accuracy(preds,                 # TopK, or dense (N,K) logits/prob
     return pd.DataFrame({'label': np.arange(s['K'], dtype=np.int32), 'n_train': s['n_train'], 'n_eval': s['n_eval'],
                          'correct': s['correct'], 'acc': s['acc'], 'group': s['group']})
 
+# %% ../nbs/01c_metrics.ipynb #104e05af
 def evaluate(preds,                  # TopK, or dense (N,K) logits/probabilities (tensor or ndarray)
              labels=None,            # (N,) given labels; default preds.labels for a TopK
              train_counts=None,      # (K,) training images per class; enables many/medium/few-shot accuracy
@@ -223,6 +226,7 @@ def _metric_classes(n_eval:np.ndarray, metric:str, train_counts, many:int, few:i
                          "counts of all K classes")
     return evaluated & (shot_group(n_train, many, few) == metric.removesuffix('_acc'))
 
+# %% ../nbs/01c_metrics.ipynb #443d95b2
 def _metric_value(metric:str, hit:np.ndarray, correct:np.ndarray, n_eval:np.ndarray, member:np.ndarray)->float:
     "`metric` of one system, computed as `evaluate` computes it, so that Δ is exactly the difference of two `evaluate`s"
     if not member.any(): return float('nan')
@@ -401,6 +405,7 @@ def _ranked_pvalues(pvalues, name:str):
     ok = np.flatnonzero(~np.isnan(p))
     return p, ok[np.argsort(p[ok], kind='stable')], np.full(len(p), np.nan)
 
+# %% ../nbs/01c_metrics.ipynb #accf9bab
 def holm(pvalues)->np.ndarray:
     "(m,) Holm's step-down adjusted p-values: the family-wise error; nan (not measured) stays nan and is not counted"
     p, order, out = _ranked_pvalues(pvalues, 'holm')
@@ -408,7 +413,6 @@ def holm(pvalues)->np.ndarray:
     # the i-th smallest (from 0) is multiplied by m - i; an adjusted p-value never falls below a smaller one's
     out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
-
 
 # %% ../nbs/01c_metrics.ipynb #a3c1e9e3
 def benjamini_hochberg(pvalues)->np.ndarray:

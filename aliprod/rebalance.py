@@ -339,6 +339,7 @@ def _load_split(path:Path)->tuple[Features, TopK]:
     t = read_topk(path, feats=True)
     return Features(t.rows.astype(np.int64), t.labels.astype(np.int64), t.feats), t
 
+# %% ../nbs/04_rebalance.ipynb #b91568cb
 def _check_cached(classifier:nn.Module, feats:Features, reference:Path, device)->None:
     "The trained classifier on the cached features must give the train stage's own top-1 (`reference`) on shared rows"
     ref = read_topk(reference)

@@ -44,6 +44,7 @@ class View:
     n:int         # views per image
     crops:bool    # crops at the training size (so enlarge >= 1); False: the whole image
 
+# %% ../nbs/05_tta.ipynb #7cc6be5f
 VIEW_REGISTRY:dict[str, View] = {}   # name -> View
 
 def register_view(name:str, n:int, crops:bool=True):
@@ -58,10 +59,12 @@ def register_view(name:str, n:int, crops:bool=True):
         return fn
     return deco
 
+# %% ../nbs/05_tta.ipynb #e5370040
 def view_scope():
     "Views registered inside the `with` are unregistered on exit (tests, trying one in a notebook)"
     return registry_scope(VIEW_REGISTRY)
 
+# %% ../nbs/05_tta.ipynb #9ac982fd
 @register_view('center', 1)
 def _center(x, s): return [TF.center_crop(x, s)]
 
@@ -81,6 +84,7 @@ def _full(x, s): return [x]
 
 VIEWS = {k: v.n for k, v in VIEW_REGISTRY.items()}   # the built-in views and their counts, fixed at import
 
+# %% ../nbs/05_tta.ipynb #6ac9dee0
 def tta_views(x:Tensor,        # (B,C,H,W) test images, already resized (enlarged)
               size:int,        # crop size: the training resolution
               views:str='ten', # a name in VIEW_REGISTRY: 'center' | 'flip' | 'five' | 'ten' | 'full'
@@ -99,10 +103,12 @@ def tta_views(x:Tensor,        # (B,C,H,W) test images, already resized (enlarge
         raise ValueError(f"TTA views {views!r} gave {out.shape[1]} views per image, registered as {spec.n}")
     return out
 
+# %% ../nbs/05_tta.ipynb #5b1b8bdb
 def ten_crop(x:Tensor, size:int)->Tensor:
     "(B,10,C,size,size): corners and centre of each image, then of its horizontal flip"
     return tta_views(x, size, 'ten')
 
+# %% ../nbs/05_tta.ipynb #92e85fb4
 def five_crop(x:Tensor, size:int)->Tensor:
     "(B,5,C,size,size): four corners and centre of each image"
     return tta_views(x, size, 'five')
@@ -127,6 +133,7 @@ def enlarged_size(size:int, enlarge:float)->int:
     "Test resize for training size `size`: round(size × enlarge)"
     return int(round(size * enlarge))
 
+# %% ../nbs/05_tta.ipynb #ddb74a5e
 @torch.inference_mode()
 def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `aliprod.models.data_config`)
                 index:pd.DataFrame,   # index rows (row, path, label, split)
@@ -158,6 +165,7 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
                                   score, bs, workers, device, failed, f'{split} ({views}@{enlarge:g})')
     finally: model.train(was_training)
 
+# %% ../nbs/05_tta.ipynb #653d96a6
 def split_metrics(t,                       # TopK predictions of one split
                   index:pd.DataFrame,      # the index (for clean labels)
                   train_counts:np.ndarray, # (K,) training images per class of the model
@@ -183,10 +191,12 @@ def parse_variant(v:str)->tuple[str, float]:
         raise ParamsError(f"TTA variant {v!r}: crops need enlarge >= 1 (the test image at least the training size)")
     return views, e
 
+# %% ../nbs/05_tta.ipynb #59cbc579
 def variant_name(views:str, enlarge:float, tag:str='')->str:
     "Directory name of a variant: 'ten-x1.5', or '<tag>-ten-x1.5' for a tagged train run"
     return (f'{tag}-' if tag else '') + f'{views}-x{enlarge:g}'
 
+# %% ../nbs/05_tta.ipynb #ac4e4e58
 @params_section('tta')
 @dataclass
 class TTAParams:
@@ -254,6 +264,7 @@ class TTAArtifacts(StageArtifacts):
     figures:dict=field(default_factory=dict) # name -> PNG in the report directory
     tables:dict=field(default_factory=dict)  # name -> DataFrame (saved as CSV in the report directory)
 
+# %% ../nbs/05_tta.ipynb #8aa5a98d
 def _variant_run(exp, tp, p:TTAParams, it:int, views:str, enlarge:float, size:int, splits:list, out:Path, inputs:list,
                  amp:bool)->StageRun:
     where = ('runs_dir', 'reports_dir', 'device')
@@ -313,10 +324,12 @@ def run_tta(exp:ExperimentParams,     # experiment (name, seed, device, runs_dir
     res.figures, res.tables = tta_report(exp, res)
     return res
 
+# %% ../nbs/05_tta.ipynb #6e2bbd73
 def figure_split(table:pd.DataFrame)->str|None:
     "The split the TTA figure shows: val (against clean labels when known), else test, else None"
     return next((s for s in ('val_clean', 'val', 'test_clean', 'test') if (table['split'] == s).any()), None)
 
+# %% ../nbs/05_tta.ipynb #8ca31d10
 def tta_report(exp:ExperimentParams, art:TTAArtifacts)->tuple[dict, dict]:
     ("The error table of every variant (and the train stage's own) and a bar chart of mean class error, "
      "written into the report directory")
