@@ -28,6 +28,7 @@ def epoch_seed(seed:int, epoch:int, rank:int=0)->int:
     "The seed of (`seed`, `epoch`, `rank`): one stream per epoch and process"
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
+# %% ../nbs/02d_callbacks.ipynb #5db0a759
 class EpochSeed(Callback):
     "Reseed every generator and move the sampler to the epoch's draw before each epoch"
     order = -10
@@ -39,6 +40,7 @@ class EpochSeed(Callback):
         if self.generator is not None: self.generator.manual_seed(s)
         if self.sampler is not None and hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(self.epoch)
 
+# %% ../nbs/02d_callbacks.ipynb #a163b831
 class SeededDraws(torch.utils.data.Sampler):
     ("Wrap a sampler to yield (index, seed): one seed per draw of (seed, epoch, rank, position), "
      "whichever process loads it")
@@ -53,6 +55,7 @@ class SeededDraws(torch.utils.data.Sampler):
         seeds = np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**63 - 1, len(idx))
         return iter(zip((int(i) for i in idx), seeds.tolist()))
 
+# %% ../nbs/02d_callbacks.ipynb #9f3a3435
 class SeededAugment(torch.utils.data.Dataset):
     ("`ds[i]` under the draw's own seed (torch, python, numpy), restoring the generators after: "
      "augmentation independent of `workers`")
@@ -68,6 +71,7 @@ class SeededAugment(torch.utils.data.Dataset):
             try: return self.ds[i]
             finally: random.setstate(py); np.random.set_state(npy)
 
+# %% ../nbs/02d_callbacks.ipynb #a9cb5479
 class TimmSchedule(Callback):
     "Set the learning rate of every parameter group from a timm scheduler before each training batch"
     order = -5
@@ -75,6 +79,7 @@ class TimmSchedule(Callback):
     def before_batch(self):
         if self.training: self.scheduler.step_update(self.epoch * self.n_iter + self.iter)
 
+# %% ../nbs/02d_callbacks.ipynb #1b7486d0
 class MixupCallback(Callback):
     "timm `Mixup` on training batches: mixed images, soft targets"
     order = -4
@@ -84,6 +89,7 @@ class MixupCallback(Callback):
         x, y = self.mixup(self.xb[0], self.yb[0])
         self.learn.xb, self.learn.yb = (x,), (y,)
 
+# %% ../nbs/02d_callbacks.ipynb #bc2832ba
 class ProgressiveResize(Callback):
     "From epoch `at` on, use the `finetune` transforms of the datasets (progressive / high-resolution finetuning)"
     order = -9
@@ -141,6 +147,7 @@ def rng_state()->dict:
     if torch.cuda.is_available(): out['cuda'] = torch.cuda.get_rng_state_all()
     return out
 
+# %% ../nbs/02d_callbacks.ipynb #22702030
 def set_rng_state(s:dict):
     "Restore states saved by `rng_state`"
     v, st, g = s['python']; random.setstate((v, tuple(st), g))
@@ -149,6 +156,7 @@ def set_rng_state(s:dict):
     torch.set_rng_state(s['torch'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
+# %% ../nbs/02d_callbacks.ipynb #0f058fd1
 def canonical(obj):
     ("Fresh containers and interned strings all through `obj`: "
      "pickle's memo (and so torch.save's bytes) then depends on values only")
@@ -164,6 +172,7 @@ def canonical(obj):
     if isinstance(obj, tuple): return tuple(canonical(v) for v in obj)
     return obj
 
+# %% ../nbs/02d_callbacks.ipynb #adfc45fe
 class Checkpoint(Callback):
     "After every epoch (rank 0): history.csv and checkpoint.pth (model, optimiser, scheduler, epoch, RNG), atomically"
     order = 65
@@ -187,6 +196,7 @@ class Checkpoint(Callback):
         atomic_torch_save(state, self.out_dir/'checkpoint.pth')
         if self.epoch + 1 in self.keep: atomic_torch_save(state, self.keep[self.epoch + 1])
 
+# %% ../nbs/02d_callbacks.ipynb #70432c35
 def fmt_seconds(s:float)->str:
     "12 s, 3 min 05 s, 2 h 14 min: a duration as a person reads it"
     s = max(0, int(round(s)))
@@ -194,6 +204,7 @@ def fmt_seconds(s:float)->str:
     if s < 3600: return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
+# %% ../nbs/02d_callbacks.ipynb #df8c4067
 class LogLines(Callback):
     ("A plain line per epoch (train loss, validation mean class error, seconds, time left of this training), "
      "and at each quarter of long epochs (rank 0)")
@@ -221,6 +232,7 @@ class LogLines(Callback):
         log(f"{self.what}epoch {h['epoch']}/{self.total} [{h['img_size']}px {h['phase']}] train loss "
             f"{h.get('train_loss', float('nan')):.4f}, {val}, lr {h['lr']:.2e}, {fmt_seconds(dt)}, {eta}")
 
+# %% ../nbs/02d_callbacks.ipynb #31f67c4a
 class SeenRows(Callback):
     "Record the index rows this rank draws in each epoch (sampler diagnostics: how often each row and class is seen)"
     order = -8
@@ -233,8 +245,10 @@ class SeenRows(Callback):
         if self.parts:
             atomic_write_parquet(pd.concat(self.parts, ignore_index=True), self.path)
 
+# %% ../nbs/02d_callbacks.ipynb #d4a11884
 class SimulatedKill(RuntimeError): "Raised by `KillAfterEpoch`"
 
+# %% ../nbs/02d_callbacks.ipynb #abc83752
 class KillAfterEpoch(Callback):
     "Raise after epoch `epoch` (1-based) has been checkpointed: simulates a killed run in the resume tests"
     order = 100
@@ -242,6 +256,7 @@ class KillAfterEpoch(Callback):
     def after_epoch(self):
         if self.epoch + 1 == self.at: raise SimulatedKill(f"killed after epoch {self.at} (KillAfterEpoch)")
 
+# %% ../nbs/02d_callbacks.ipynb #b16233d6
 class DDPCallback(Callback):
     ("Train through the DistributedDataParallel wrapper, "
      "validate through the plain module (no collectives in validation)")

@@ -44,6 +44,7 @@ def neighbourhood_permutation(n:int,        # length of each permutation
     q = torch.arange(n, dtype=torch.float64) + torch.rand(*shape, n, generator=generator, dtype=torch.float64) * k
     return q.argsort(dim=-1, stable=True)
 
+# %% ../nbs/02b_finegrained.ipynb #123f5041
 def region_confusion_permutation(batch_size:int,  # B images
                                  num_patches:int, # N: the image is cut into N×N regions
                                  k:int=2,         # neighbourhood size along each axis
@@ -84,6 +85,7 @@ def shuffle_patches(x:Tensor,    # (B,C,H,W) images
                                .reshape(B, C, n*ph, n*pw))
     return out
 
+# %% ../nbs/02b_finegrained.ipynb #b2d027a3
 def unshuffle_patches(x:Tensor, perm:Tensor, num_patches:int)->Tensor:
     "Undo `shuffle_patches(., perm)`: apply the inverse permutation"
     return shuffle_patches(x, perm.argsort(dim=1), num_patches)
@@ -109,6 +111,7 @@ def feature_map_module(model:nn.Module)->nn.Module:
                      f"need a CNN backbone with a spatial feature map (e.g. resnet50, efficientnet_b3, "
                      f"seresnext50_32x4d), not a ViT")
 
+# %% ../nbs/02b_finegrained.ipynb #9469be11
 def feature_map_sizes(model:nn.Module)->tuple[int, int]:
     "(C, D): channels of the last feature map and size of the pooled vector after `global_pool`"
     bb = getattr(model, 'backbone', model)
@@ -116,6 +119,7 @@ def feature_map_sizes(model:nn.Module)->tuple[int, int]:
     C = bb.num_features
     return C, C * (pool.feat_mult() if hasattr(pool, 'feat_mult') else 1)
 
+# %% ../nbs/02b_finegrained.ipynb #ed73f9b8
 class FineGrainedNet(nn.Module):
     "`model` plus training-only `heads` fed by its last feature map; eval forward is exactly `model(x)`"
     def __init__(self, model:nn.Module, heads:nn.Module):
@@ -132,6 +136,7 @@ class FineGrainedNet(nn.Module):
         self.aux = self.heads(got['fmap'], got['pooled'].flatten(1))
         return out
 
+# %% ../nbs/02b_finegrained.ipynb #7089e173
 def unwrap_model(model:nn.Module)->nn.Module:
     "The plain model inside DDP, torch.compile and/or `FineGrainedNet` wrappers"
     while True:
@@ -156,11 +161,13 @@ class DCLHeads(nn.Module):
         loc = torch.tanh(F.adaptive_avg_pool2d(self.alignment(fmap), self.num_patches))
         return {'adversarial': self.discriminator(pooled), 'location': loc}
 
+# %% ../nbs/02b_finegrained.ipynb #2c73e970
 def dcl_net(model:nn.Module, num_patches:int=7)->FineGrainedNet:
     "`model` wrapped with DCL's training-only heads"
     C, D = feature_map_sizes(model)
     return FineGrainedNet(model, DCLHeads(C, D, num_patches))
 
+# %% ../nbs/02b_finegrained.ipynb #fe49ad04
 def dcl_losses(aux:dict,     # `DCLHeads` outputs for 2B images: B originals then B destructions
                perm:Tensor,  # (B, N·N) the permutations that made the destructions
               )->dict:
@@ -181,6 +188,7 @@ def object_region(mask:Tensor)->Tensor:
     "(N,H,W) bool: positions whose mask value is above the image's spatial mean (LIO's binarisation)"
     return mask > mask.flatten(1).mean(1)[:, None, None]
 
+# %% ../nbs/02b_finegrained.ipynb #51bea20e
 def polar_targets(centre:Tensor, # (N,) flat index of each image's object centre
                   height:int, width:int,
                  )->Tensor:
@@ -191,6 +199,7 @@ def polar_targets(centre:Tensor, # (N,) flat index of each image's object centre
     dx = (xs[None] - (centre % width)[:, None, None]).float() / max(height, width)
     return torch.stack([torch.sqrt(dx**2 + dy**2), (torch.atan2(dy, dx) / math.pi + 1) / 2], dim=-1)
 
+# %% ../nbs/02b_finegrained.ipynb #bf1d08c3
 class LIOHeads(nn.Module):
     "Object-extent mask head and spatial-context (polar coordinate) head on the last feature map"
     def __init__(self, channels:int,                  # C of the feature map
@@ -213,6 +222,7 @@ class LIOHeads(nn.Module):
         polar = self.polar(torch.cat([hc[:, None].expand_as(hs), hs], dim=-1)).reshape(N, H, W, 2)
         return {'fmap': fmap, 'mask': mask, 'object': obj, 'centre': centre, 'polar': polar}
 
+# %% ../nbs/02b_finegrained.ipynb #17c19ebc
 def lio_net(model:nn.Module, structure_channels:int|None=None)->FineGrainedNet:
     "`model` wrapped with LIO's training-only heads"
     C, _ = feature_map_sizes(model)
@@ -234,6 +244,7 @@ def object_extent_target(fmap:Tensor,    # (N,C,H,W) feature maps
     count = torch.bincount(i, minlength=N)
     return (total / count.clamp_min(1)[:, None].to(f.dtype)).reshape(N, H, W), count > 0
 
+# %% ../nbs/02b_finegrained.ipynb #b59e934b
 def lio_losses(aux:dict,       # `LIOHeads` outputs
                labels:Tensor,  # (N,) classes
                detach_target:bool=False,
@@ -348,6 +359,7 @@ class DCLCallback(FineGrainedCallback):
         self.learn.yb = tuple(torch.cat([y, y]) for y in self.yb)  # destructed images keep their (hard or soft) labels
     def aux_losses(self): return dcl_losses(self.net.aux, self.perm)
 
+# %% ../nbs/02b_finegrained.ipynb #4db9c317
 class LIOCallback(FineGrainedCallback):
     "Look-into-Object (Zhou et al. 2020) while training: same-class positives, object-extent and spatial-context losses"
     prefix = 'lio'
@@ -396,6 +408,7 @@ class LIOCallback(FineGrainedCallback):
 # %% ../nbs/02b_finegrained.ipynb #52363a15
 METHODS = ('plain', 'dcl', 'lio')
 
+# %% ../nbs/02b_finegrained.ipynb #4d4c085e
 @params_section('finegrained')
 @dataclass
 class FinegrainedParams:
@@ -441,6 +454,7 @@ class FinegrainedParams:
                                    schedule='cosine', lr=self.lr if self.lr is not None else 0.1 * base.peak_lr,
                                    head_cap=self.head_cap, sampler=self.sampler, mixup=0.0, loss='ce')
 
+# %% ../nbs/02b_finegrained.ipynb #719621a8
 def method_callbacks(method:str, fp:FinegrainedParams)->list:
     "The callbacks that turn a train run into a `method` finetune"
     if method == 'plain': return []
@@ -451,12 +465,15 @@ def method_callbacks(method:str, fp:FinegrainedParams)->list:
                             fp.lio_structure_channels, fp.lio_detach_target)]
     raise ValueError(f"Unknown fine-grained method {method!r}; valid: {', '.join(METHODS)}")
 
+# %% ../nbs/02b_finegrained.ipynb #47cf7dba
 _METHOD_KEYS = {'plain': (), 'dcl': ('dcl_',), 'lio': ('lio_',)}
 
+# %% ../nbs/02b_finegrained.ipynb #75cc6c58
 def finegrained_callbacks(method:str, **params)->list:
     "Callback factory of the train stage's `callbacks` specs: `method`'s callbacks from (some of) `FinegrainedParams`"
     return method_callbacks(method, FinegrainedParams(**params))
 
+# %% ../nbs/02b_finegrained.ipynb #0f60cf8e
 def callback_spec(method:str, fp:FinegrainedParams)->list[dict]:
     "The train stage's `callbacks` spec of `method`: only that method's parameters, so tuning DCL does not retrain LIO"
     if method == 'plain': return []
@@ -468,6 +485,7 @@ def default_init(exp:ExperimentParams, iteration:int=0)->Path:
     "The train stage's model of `iteration`: runs/<exp>/train/<iteration>/model.pth"
     return experiment_dir(exp)/'train'/str(iteration)/'model.pth'
 
+# %% ../nbs/02b_finegrained.ipynb #e0dd1bee
 def finegrained_finetune(exp:ExperimentParams,
                          data:DataParams,
                          p:T.TrainParams,      # the finetune's train parameters (epochs, img_size, lr, sampler, ...)
@@ -522,6 +540,7 @@ def comparison_table(runs:dict,
         rows.append(r)
     return pd.DataFrame(rows)
 
+# %% ../nbs/02b_finegrained.ipynb #03f22666
 def write_comparison(df:pd.DataFrame, exp:ExperimentParams, note:str='', out_dir:Path|None=None)->tuple[Path, Path]:
     "reports/<experiment>/finegrained.csv and finegrained.md (the table, under `note`), also in `out_dir` when given"
     for d in ([out_dir] if out_dir is not None else []) + [report_dir(exp)]:
@@ -529,6 +548,7 @@ def write_comparison(df:pd.DataFrame, exp:ExperimentParams, note:str='', out_dir
         atomic_write_text(d/'finegrained.md', (note + '\n\n' if note else '') + markdown_table(df))
     return report_dir(exp)/'finegrained.csv', report_dir(exp)/'finegrained.md'
 
+# %% ../nbs/02b_finegrained.ipynb #61e554ac
 def plot_comparison(df:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':
     "Mean class error of every run on each evaluated split: the start, the plain finetune and each method"
     import matplotlib.pyplot as plt
@@ -560,6 +580,7 @@ class FinegrainedArtifacts(StageArtifacts):
     @property
     def figures(self)->dict: return {'finegrained': self.figure_path}
 
+# %% ../nbs/02b_finegrained.ipynb #7ae3a7d8
 def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams, fg:FinegrainedParams, iteration:int,
                     splits:list)->str:
     "The paragraph above the table: what was finetuned from what, how long, and on which splits it is compared"
@@ -572,6 +593,7 @@ def comparison_note(exp:ExperimentParams, train:T.TrainParams, ft:T.TrainParams,
             f"{fg.lio_positives} more real image(s) of the same class, so part of a gain over plain can come from the "
             "larger batches (the notebook measures that).")
 
+# %% ../nbs/02b_finegrained.ipynb #bf156625
 def run_finegrained(exp:ExperimentParams, data:DataParams, train:T.TrainParams,
                     fg:FinegrainedParams)->FinegrainedArtifacts:
     "The finegrained stage: the starting model, each method's finetune from it (same epochs, weights, seed), its report"

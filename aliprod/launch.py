@@ -37,6 +37,7 @@ def torchrun_command(module:str,             # the worker: every process runs `p
         cmd += ['--rdzv_backend=c10d', f'--rdzv_endpoint={ep}', f'--rdzv_id=aliprod-{Path(job_json).parent.name}']
     return cmd + ['-m', module, '--params', str(job_json)]
 
+# %% ../nbs/02e_launch.ipynb #dbe453f8
 def launch_torchrun(module:str, job_json:str|Path, gpus:int, nodes:int=1, rdzv_endpoint:str='', key:str='rdzv_endpoint',
                     tail:int=60, # lines of the workers' output quoted when they fail
                    )->None:
@@ -54,6 +55,7 @@ def launch_torchrun(module:str, job_json:str|Path, gpus:int, nodes:int=1, rdzv_e
         rc = proc.wait()
     if rc != 0: raise RuntimeError(f"torchrun exited with {rc} for {job_json}; last lines:\n{''.join(last)}")
 
+# %% ../nbs/02e_launch.ipynb #abaa1072
 @contextmanager
 def worker_process_group(device:str): # the experiment's device parameter ('auto', 'cuda', 'cpu', ...)
     "In a torchrun worker: threads from $OMP_NUM_THREADS, this rank's GPU, a NCCL (GPU) or gloo (CPU) process group"

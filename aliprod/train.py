@@ -382,6 +382,7 @@ def _device(exp:ExperimentParams)->torch.device:
     if d.type == 'cuda' and 'LOCAL_RANK' in os.environ: d = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return d
 
+# %% ../nbs/02_train.ipynb #20d70134
 def _main_scheduler(opt, p:TrainParams, updates_per_epoch:int):
     "timm scheduler of the main epochs, stepped per iteration: warm-up then step decay (sgd) or cosine (adamw)"
     kind = {'auto': 'multistep' if p.optimizer == 'sgd' else 'cosine', 'step': 'multistep',
@@ -413,6 +414,7 @@ class RecipeSchedule:
     def state_dict(self)->dict: return self.main.state_dict()
     def load_state_dict(self, sd:dict): self.main.load_state_dict(sd)
 
+# %% ../nbs/02_train.ipynb #4764ad13
 def _scheduler(opt, p:TrainParams, updates_per_epoch:int)->RecipeSchedule:
     "The run's schedule (`RecipeSchedule`), set before every training iteration by `TimmSchedule`"
     return RecipeSchedule(opt, p, updates_per_epoch)
@@ -609,6 +611,7 @@ def run_job(job:TrainJob, cbs:list|tuple=())->dict:
             f"see {train_ds.failure_log}")
     return _predict_all(job, net, index, train_df, held, root, K, device, sizes[-1], {'load_failures': len(failures)})
 
+# %% ../nbs/02_train.ipynb #821d1244
 def _predict_all(job:TrainJob, net, index, train_df, held, root, K, device, size, extra:dict)->dict:
     "Predict the eval splits (or the held-out fold) and evaluate val/test against given and clean labels"
     p, out_dir = job.p, Path(job.out_dir)
@@ -681,6 +684,7 @@ def _job_run(job:TrainJob)->StageRun:
     modules = ['train', *callback_modules(job.callbacks)]  # and everything they import (core.module_closure)
     return StageRun(job.out_dir, job.stage, params, inputs=inputs, modules=modules)
 
+# %% ../nbs/02_train.ipynb #95d7abfe
 def train_job(exp:ExperimentParams, data:DataParams, p:TrainParams, iteration:int|None=None, fold:int|None=None,
               folds:int|None=None, *,
               init:str|Path|None=None,       # start from this model.pth instead of `p.pretrained`
@@ -721,12 +725,14 @@ def _outputs(job:TrainJob)->list[str]:
     return ['model.pth', *trained, *snap, 'metrics.json', 'params.json', TRAINED_ROWS,
             *[f'predictions/{s}.parquet' for s in splits]]
 
+# %% ../nbs/02_train.ipynb #b1fe37cd
 def _artifacts(job:TrainJob)->TrainArtifacts:
     d = Path(job.out_dir)
     splits = ['train'] if job.folds else job.p.eval_splits
     return TrainArtifacts(d, d/'model.pth', {s: d/'predictions'/f'{s}.parquet' for s in splits},
                           json.loads((d/'metrics.json').read_text()), d/'history.csv', trained_rows=d/TRAINED_ROWS)
 
+# %% ../nbs/02_train.ipynb #d0a4bd04
 def train_model(job:TrainJob)->TrainArtifacts:
     "The engine: train `job` here or under torchrun, predict and evaluate; a no-op when its outputs are up to date"
     run = job.run if job.run is not None else _job_run(job)   # a job read back from job.json has no StageRun
