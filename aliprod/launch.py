@@ -9,6 +9,7 @@ import os, subprocess, sys
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 import torch
 import torch.distributed as dist
 from .core import project_root, pick_device, log
@@ -40,10 +41,11 @@ def torchrun_command(module:str,             # the worker: every process runs `p
 # %% ../nbs/02e_launch.ipynb #dbe453f8
 def launch_torchrun(module:str, job_json:str|Path, gpus:int, nodes:int=1, rdzv_endpoint:str='', key:str='rdzv_endpoint',
                     tail:int=60, # lines of the workers' output quoted when they fail
+                    command:Callable|None=None, # (module, job_json, gpus, nodes, endpoint, key) -> argv; None: torchrun
                    )->None:
     ("Run `module` on `job_json` under torchrun (`torchrun_command`), streaming its output; "
      "raise with its last `tail` lines")
-    cmd = torchrun_command(module, job_json, gpus, nodes, rdzv_endpoint, key)
+    cmd = (command or torchrun_command)(module, job_json, gpus, nodes, rdzv_endpoint, key)
     env = {**os.environ, 'ALIPROD_ROOT': str(project_root()), 'PYTHONUNBUFFERED': '1'}
     env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // gpus)))
     log(f"launching: {' '.join(cmd)}")

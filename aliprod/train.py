@@ -8,7 +8,7 @@ import argparse, importlib, json, math, os, random, shutil, subprocess, sys, tim
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 import numpy as np, pandas as pd, torch, timm
 from torch import nn
 import torch.distributed as dist
@@ -845,12 +845,14 @@ def train_stage(cfg)->TrainArtifacts:
     return art
 
 # %% ../nbs/02_train.ipynb #0421e1ca
-def launch_job(job:TrainJob)->None:
+def launch_job(job:TrainJob,
+               launch:Callable=launch_torchrun, # the launcher (a test passes a recorder: no torchrun start)
+              )->None:
     "Write `job` to job.json and run it under torchrun in `gpus × nodes` processes, each `python -m aliprod.worker`"
     path = Path(job.out_dir)/'job.json'
     atomic_write_json(path, job.to_json())
     # the worker module is named, not imported: aliprod.worker imports this module
-    launch_torchrun('aliprod.worker', path, job.p.gpus, job.p.nodes, job.p.rdzv_endpoint, key='[train] rdzv_endpoint')
+    launch('aliprod.worker', path, job.p.gpus, job.p.nodes, job.p.rdzv_endpoint, key='[train] rdzv_endpoint')
 
 # %% ../nbs/02_train.ipynb #1bb7950c
 def plot_history(history:pd.DataFrame, title:str='')->'matplotlib.figure.Figure':

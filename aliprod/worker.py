@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, json
 from pathlib import Path
+from typing import Callable
 from .launch import worker_process_group
 from .train import TrainJob, run_job
 
@@ -13,13 +14,14 @@ from .train import TrainJob, run_job
 __all__ = ['main']
 
 # %% ../nbs/02f_worker.ipynb #83964d7e
-def main(argv:list[str]|None=None):
+def main(argv:list[str]|None=None,
+         run:Callable=run_job, group:Callable=worker_process_group): # the job runner and the rank's process group
     "torchrun worker: `python -m aliprod.worker --params job.json`, the job `run_train` wrote, run in this rank"
     ap = argparse.ArgumentParser(description='aliprod train worker (launched by torchrun from run_train)')
     ap.add_argument('--params', required=True, help='job JSON written by run_train')
     a = ap.parse_args(argv)
     job = TrainJob.from_json(json.loads(Path(a.params).read_text()))
-    with worker_process_group(job.exp.device): run_job(job)
+    with group(job.exp.device): run(job)
 
 # a notebook kernel also runs as __main__ but has no __file__: only `python -m aliprod.worker` starts a worker
 if __name__ == '__main__' and '__file__' in globals(): main()
