@@ -120,6 +120,7 @@ def _did_you_mean(k, valid)->str:
 # %% ../nbs/00c_config.ipynb #69e7ad7d
 class _Bad(Exception): pass
 
+# %% ../nbs/00c_config.ipynb #ffcb22a4
 def _coerce(v, tp):
     "Return `v` as type `tp`, or raise `_Bad`"
     origin, args = get_origin(tp), get_args(tp)
@@ -294,6 +295,7 @@ def _json_default(o):
     if dataclasses.is_dataclass(o): return asdict(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
+# %% ../nbs/00c_config.ipynb #5615dbbb
 def config_record(cfg:StageConfig|None=None)->dict|None:
     "What a manifest keeps of `cfg` (default: the running stage's; None outside one): stage, seeds, sections as dicts"
     cfg = cfg if cfg is not None else _RUNNING.get()

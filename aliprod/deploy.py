@@ -146,6 +146,7 @@ def _load_member_model(exp_dir:Path, member:dict, num_classes:int, device, cache
         cache[key] = (load_trained_model(Path(exp_dir)/key, t, num_classes, device), t)
     return cache[key]
 
+# %% ../nbs/06c_deploy.ipynb #74442968
 def predict_recipe(recipe:dict, exp_dir:Path, df:pd.DataFrame, root, num_classes:int, bs:int=64, workers:int=0,
                    device='cpu', cache:dict|None=None,
                    failed:list|None=None, # appended with (row, path, error) of images that failed to load

@@ -144,6 +144,7 @@ def _align(t:TopK, other:TopK, name:str='other model')->TopK:
                          "they must cover the same training samples")
     return other.take(order[pos])
 
+# %% ../nbs/03a_noise.ipynb #9db64a58
 def agreement(t:TopK, others:list[TopK], names:list[str]|None=None)->np.ndarray:
     "(N,) mask: at least one of the models (`t` and `others`) has a top-1 different from the label"
     flags = t.top1 != t.labels
@@ -191,6 +192,7 @@ def _class_relative(t, *, robust_z):
 def _unit(x:np.ndarray)->np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
+# %% ../nbs/03a_noise.ipynb #26cecb93
 def class_prototypes(feats:np.ndarray, labels:np.ndarray, num_classes:int,
                      batch:int=1 << 18)->tuple[np.ndarray, np.ndarray]:
     "(K,D) float32 sums of the L2-normalised embeddings of each class, and (K,) counts (prototype = sum / count)"
@@ -251,6 +253,7 @@ def _balanced_parts(t:TopK, counts=None):
     one = np.minimum(cap, rest) * s[-1]                               # the most that any one class outside can weigh
     return q, ql, known, known + fill(s), known + fill(s[::-1]), one
 
+# %% ../nbs/03a_noise.ipynb #6ba6efdd
 def balanced_scores(t:TopK, counts=None)->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     "(N,k) lower, upper bounds of the top-k probabilities without the prior, p(y|x)/π_y renormalised; (N,) the label's"
     q, ql, _, z_lo, z_hi, _ = _balanced_parts(t, counts)
@@ -298,6 +301,7 @@ def _irm_penalty(logits, target):
     g, = torch.autograd.grad(F.cross_entropy(logits * s, target), [s], create_graph=True)
     return g * g
 
+# %% ../nbs/03a_noise.ipynb #6aa03a60
 def _class_draws(labels:np.ndarray, probs:np.ndarray, total:int, rng)->np.ndarray:
     "(total,) positions of `labels`: a class drawn with `probs`, then one of its samples uniformly"
     n = np.bincount(labels, minlength=len(probs))
@@ -427,6 +431,7 @@ def _check_topk(t:TopK):
         raise ValueError(f"Predictions of row {int(t.rows[bad])} name class {t.topk_labels[bad].tolist()} outside "
                          f"0..{t.num_classes-1}; the predictions file and the index disagree on K")
 
+# %% ../nbs/03a_noise.ipynb #4a7b6cad
 def _topk_prob(t:TopK, cls:np.ndarray)->np.ndarray:
     "(N,) the probability of class `cls[i]` among sample i's top-k, 0 where it is not there"
     hit = t.topk_labels == cls[:, None]

@@ -25,6 +25,7 @@ def _under_root(d:str|Path)->Path:
     d = Path(d)
     return d if d.is_absolute() else project_root()/d
 
+# %% ../nbs/00d_rundirs.ipynb #7efcc6a5
 def experiment_dir(exp:ExperimentParams)->Path:
     "runs/<experiment>/ (not created)"
     return _under_root(exp.runs_dir)/exp.experiment
@@ -78,6 +79,7 @@ def _umask()->int:
     m = os.umask(0o022); os.umask(m)
     return m
 
+# %% ../nbs/00d_rundirs.ipynb #6f1b7b0b
 def _fsync(path:str|Path, directory:bool=False):
     "Flush `path` (a file, or a folder's entries) to disk; a file system that cannot sync a folder is left as it is"
     try: fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
@@ -89,6 +91,7 @@ def _fsync(path:str|Path, directory:bool=False):
         if not directory: raise
     finally: os.close(fd)
 
+# %% ../nbs/00d_rundirs.ipynb #90028025
 @contextmanager
 def atomic_path(path:str|Path):
     "Yield a temporary path beside `path`; fsync and rename it onto `path` when the block succeeds, else delete it"
@@ -150,6 +153,7 @@ def atomic_savefig(fig, # a matplotlib Figure
 # %% ../nbs/00d_rundirs.ipynb #b294a98f
 _TEMP_PID = re.compile(r'\.pid(\d+)\.')
 
+# %% ../nbs/00d_rundirs.ipynb #b7c66f31
 def _alive(pid:int)->bool:
     "True when process `pid` exists on this machine"
     try: os.kill(pid, 0)
@@ -157,6 +161,7 @@ def _alive(pid:int)->bool:
     except PermissionError: return True   # someone else's process
     return True
 
+# %% ../nbs/00d_rundirs.ipynb #465b6592
 def remove_stale_temp_files(folder:str|Path, # searched recursively
                            )->list[Path]:
     "Remove the `.*.tmp` files and folders under `folder` that killed runs left (their writer is gone); return them"
@@ -197,6 +202,7 @@ def _package_dir()->Path:
     import aliprod
     return Path(aliprod.__file__).parent
 
+# %% ../nbs/00d_rundirs.ipynb #bc6d628e
 def imported_modules(module:str, # an aliprod module name, e.g. 'clean' or 'aliprod.clean'
                     )->set[str]:
     "The aliprod modules `module`'s source imports anywhere (top level or inside functions), by name"
@@ -265,18 +271,22 @@ def _open_lock(path:Path)->int:
                                         f"and run again")
     return fd
 
+# %% ../nbs/00d_rundirs.ipynb #9859958c
 def _holder(fd:int)->dict|None:
     "Who the lock file says holds it: {'pid', 'host', 'since'}, or None when it is empty (released cleanly)"
     parts = os.pread(fd, 512, 0).decode(errors='replace').split()
     try: return {'pid': int(parts[0]), 'host': parts[1], 'since': parts[2]}
     except (IndexError, ValueError): return None
 
+# %% ../nbs/00d_rundirs.ipynb #f0e31c41
 def _holder_text(h:dict)->str:
     gone = h['host'] == socket.gethostname() and not _alive(h['pid'])
     return f"pid {h['pid']} on {h['host']} since {h['since']}" + (', which is gone' if gone else '')
 
+# %% ../nbs/00d_rundirs.ipynb #5e95020b
 def _iso(t): return time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(t))
 
+# %% ../nbs/00d_rundirs.ipynb #e653fa6c
 @contextmanager
 def stage_lock(out_dir:str|Path, # the stage's run directory
                stage:str='stage', # for the log lines
@@ -479,6 +489,7 @@ def _manifest_or_why(out_dir:Path)->tuple[dict|None, str]:
         return None, 'manifest unreadable (not a manifest object)'
     return m, ''
 
+# %% ../nbs/00d_rundirs.ipynb #d06c3a80
 def manifest_status(out_dir:str|Path, # a stage's run directory
                     inputs:bool=False, # also require every input the manifest names to still have its fingerprint
                    )->tuple[dict|None, str]:

@@ -132,6 +132,7 @@ def _member_recipe(model:str, train:dict, head:dict|None=None, tau:float=0.0, tt
     "One model's recipe: model file (under runs/<experiment>/), train parameters, head (classifier or tensors), τ, TTA"
     return {'model': model, 'train': train, 'head': head or {'kind': 'classifier'}, 'tau': float(tau), 'tta': tta}
 
+# %% ../nbs/06b_system.ipynb #0e1ff446
 def single(name:str, member:dict, choose:TopK, report:TopK, k:int=10, **info)->Candidate:
     "A one-model candidate"
     return Candidate(name, {'members': [member], 'mode': 'mean', 'k': k}, choose, report, info)
@@ -364,12 +365,15 @@ def _sets_of(files:dict, sets:EvalSets)->tuple[TopK, TopK]|None:
         out.append(t.take(pos.to_numpy(np.int64)))
     return out[0], out[1]
 
+# %% ../nbs/06b_system.ipynb #60582afc
 def _rel(exp:ExperimentParams, p:Path)->str: return str(Path(p).relative_to(experiment_dir(exp)))
 
+# %% ../nbs/06b_system.ipynb #b106945b
 def _train_params_of(exp:ExperimentParams, run:Path)->dict:
     "The train parameters a train run recorded (params.json)"
     return json.loads((Path(run)/'params.json').read_text())['train']
 
+# %% ../nbs/06b_system.ipynb #11f1e18c
 def train_candidate(exp:ExperimentParams, run:Path, sets:EvalSets, k:int, name:str)->Candidate|None:
     "A train run's plain model (its classifier, no TTA), from its predictions files"
     s = _sets_of({sp: Path(run)/'predictions'/f'{sp}.parquet' for sp in ('val', 'test')}, sets)
