@@ -8,6 +8,7 @@ import argparse, errno, hashlib, importlib, itertools, json, os, re, shutil, sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from .core import project_root, log, quiet_third_party_warnings
 from .config import (ParamsError, check_section, section_class, load_params_file, resolve_params, params_section,
                             ExperimentParams, _did_you_mean, seed_runs, SECTION_MODULES, _json_default, images_seed,
@@ -179,6 +180,8 @@ NEEDS_RAN_ENV = 'ALIPROD_NEEDS_RAN'   # '1' in the kernel of a stage whose needs
 
 def call_stage(stage:str, params_file:str|Path|None=None,
                needs:bool|None=None, # run the stages `stage` needs first; None: unless the runner ran them
+               # stage name -> its function; None: `stage_function` (a test passes a recorder: nothing is replaced)
+               function:Callable|None=None,
                **injected):
     "Run `stage` here (run cells, `--in-process`): the stages it needs (`plan_stages`), then its function on its config"
     cfg = stage_config(stage, params_file, **injected)   # a bad parameter is refused before any work
@@ -188,9 +191,9 @@ def call_stage(stage:str, params_file:str|Path|None=None,
         # seeds stay the stage's
         shared = {k: v for k, v in injected.items() if v is not None and k != 'seeds'
                   and (k in EXPERIMENT_KEYS or k in SECTION_MODULES)}
-        for s in plan_stages([stage])[:-1]: call_stage(s, params_file, needs=False, **shared)
+        for s in plan_stages([stage])[:-1]: call_stage(s, params_file, needs=False, function=function, **shared)
     # every manifest the stage writes (nested work too) records `cfg`: what `aliprod status` compares with the file
-    with running_stage(cfg): return stage_function(stage)(cfg)
+    with running_stage(cfg): return (function or stage_function)(stage)(cfg)
 
 # %% ../nbs/08_pipeline.ipynb #5c397e3a
 def plan_stages(chosen:list[str])->list[str]:
@@ -637,7 +640,7 @@ def experiment_status(exp:ExperimentParams, params_file:str|Path, stages:list[st
             rows.append(StatusRow(s, project_relative(experiment_dir(exp)/prefix), 'missing', 'not run'))
         rows += [run_status(s, d, current, configs, owners) for d in dirs]
     if 'report' in stages:   # no manifest: the report is written again by every run
-        idx = report_dir(exp)/'index.html'
+        idx = report_dir(exp, create=False)/'index.html'
         rows.append(StatusRow('report', project_relative(idx), 'written' if idx.is_file() else 'missing',
                               'rewritten by every run' if idx.is_file() else 'not run', '',
                               _iso(idx.stat().st_mtime) if idx.is_file() else ''))

@@ -42,10 +42,12 @@ def run_dir(exp:ExperimentParams,  # names the experiment and where runs live
     return d
 
 # %% ../nbs/00d_rundirs.ipynb #b3042922
-def report_dir(exp:ExperimentParams)->Path:
-    "reports/<experiment>/, created if missing"
+def report_dir(exp:ExperimentParams,
+               create:bool=True, # False: only say where (`aliprod status` writes nothing)
+              )->Path:
+    "reports/<experiment>/, created if missing (unless not `create`)"
     d = _under_root(exp.reports_dir)/exp.experiment
-    d.mkdir(parents=True, exist_ok=True)
+    if create: d.mkdir(parents=True, exist_ok=True)
     return d
 
 # %% ../nbs/00d_rundirs.ipynb #28c6a578
