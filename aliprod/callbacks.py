@@ -16,7 +16,7 @@ from timm.data import Mixup
 from .core import log
 from .rundirs import atomic_torch_save, atomic_write_text, atomic_write_parquet
 from .escape import csv_safe
-from .predict import rank_world as _rank_world
+from .inference import rank_world as _rank_world
 
 # %% auto #0
 __all__ = ['epoch_seed', 'EpochSeed', 'SeededDraws', 'SeededAugment', 'TimmSchedule', 'MixupCallback', 'ProgressiveResize',

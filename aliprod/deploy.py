@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from .core import log
 from .predictions import TopK, read_topk, topk_from_probs
 from .ensemble import combine_topk
-from .predict import eval_transform, guarded_batches
+from .inference import eval_transform, guarded_batches
 from .models import data_config
 from .images import ImageIndexDataset
 from .tta import tta_views, enlarged_size, predict_tta

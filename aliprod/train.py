@@ -33,7 +33,7 @@ from .config import ExperimentParams, ParamsError, check_name, params_section, p
 from .rundirs import (project_relative, stage_lock, run_dir, report_dir, experiment_dir, atomic_torch_save,
                              atomic_write_json, atomic_write_text, atomic_write_parquet, StageRun, atomic_savefig)
 from .predictions import read_topk
-from .predict import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
+from .inference import rank_world as _rank_world, eval_transform, predict  # the one guarded prediction loop
 from .callbacks import (epoch_seed, SeededDraws, SeededAugment, EpochSeed, TimmSchedule, MixupCallback,
                                ProgressiveResize, ValidMetrics, rng_state, set_rng_state, canonical, Checkpoint,
                                LogLines, SeenRows, SimulatedKill, KillAfterEpoch, DDPCallback)

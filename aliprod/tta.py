@@ -21,7 +21,7 @@ from .rundirs import (resolve_iteration, experiment_dir, run_dir, atomic_write_j
                              atomic_savefig, atomic_write_text)
 from .escape import csv_safe
 from .predictions import TopKWriter, topk_from_probs, read_topk
-from .predict import stream_predictions, eval_transform
+from .inference import stream_predictions, eval_transform
 from .models import data_config, _fixed_input_size
 from .metrics import evaluate, metrics_table
 from .schema import clean_labels
@@ -152,7 +152,7 @@ def predict_tta(model:nn.Module,     # trained ProductNet (normalisation in `ali
                 failed:list|None=None,
                )->Path:
     ("Write top-k predictions of `split` averaged over the TTA views to `out`, streaming, "
-     "through the guarded loop of `aliprod.predict`")
+     "through the guarded loop of `aliprod.inference`")
     df = index if split is None else index[index['split'] == split]
     if not len(df):
         raise ValueError(f"No rows of split {split!r} in the index; choose [tta] splits among "

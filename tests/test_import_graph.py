@@ -13,7 +13,7 @@ LAYERS = {
     'config':   ('config',),                                      # parameters: sections, files, StageConfig
     'rundirs':  ('rundirs',),                                     # run dirs: atomic writes, fingerprints, StageRun, lock
     'library':  ('schema', 'predictions', 'metrics', 'samplers', 'images', 'launch'),  # tables, top-k, metrics, torchrun
-    'methods':  ('models', 'losses', 'decoupled', 'predict', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
+    'methods':  ('models', 'losses', 'decoupled', 'inference', 'callbacks', 'synthetic', 'noise'),          # arrays in, arrays out
     # deploy (the delivered system's prediction) imports the model loader from train, the views from tta and the top-k
     # average from ensemble: a stage until those move below it
     'stages':   ('data', 'train', 'finegrained', 'clean', 'rebalance', 'tta', 'ensemble', 'deploy', 'system', 'report'),

@@ -55,7 +55,7 @@ def test_an_image_broken_after_the_scan_gets_no_prediction_from_either_path(tmp_
     import pandas as pd
     from PIL import Image
     from aliprod.models import create_model
-    from aliprod.predict import predict, eval_transform
+    from aliprod.inference import predict, eval_transform
     from aliprod.tta import predict_tta
     rng = np.random.default_rng(0)
     for i in range(4): Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path/f'{i}.png')
