@@ -88,7 +88,9 @@ def heads_of_round(params:str, exp, index, sets, pool:list, r:int, cache:dict)->
     val, _ = _load_split(base/'train'/str(r)/'predictions'/'val.parquet')
     val = val.take(np.flatnonzero(np.isin(val.rows, np.concatenate([sets.choose_rows, sets.report_rows]))))
     if r == 0:   # the run's own heads (NCM calibrated on the choosing images by method_candidates)
-        heads = {c.info['method']: c.recipe['members'][0]['head'] for c in pool if c.name.startswith('rebalance:')}
+        # round 0's rebalance only: a system with [system] models: rounds also leaves rebalance/<r> of other rounds
+        heads = {c.info['method']: c.recipe['members'][0]['head'] for c in pool
+                 if c.name.split(':')[0] == 'rebalance' and c.name.split(':')[-1] == str(r)}
     else:        # fitted as the rebalance stage fits the classifier-only methods, τ chosen on the choosing images
         rp = resolve_params('rebalance', params)
         tr, tk = _load_split(base/'train'/str(r)/'predictions'/'train.parquet')
@@ -208,7 +210,8 @@ def main(argv=None):
         keys = ('rows', 'y', 'hit_a', 'hit_b')
         cat = lambda hs: replace(hs[0], **{k: np.concatenate([getattr(h, k) for h in hs]) for k in keys},
                                  n_unknown=sum(h.n_unknown for h in hs))
-        both = {n: cat([h[n] for h in hits]) for n in hits[0]}
+        # the techniques both orders have (an order that kept another round also has that round's techniques)
+        both = {n: cat([h[n] for h in hits]) for n in hits[0] if all(n in h for h in hits)}
         t = table(both, a.bootstrap)
         print(f"{name} | both orders ({len(next(iter(both.values())))} images): {summary(t)}")
         print('    ' + '; '.join(f"{r.technique} {100*r.technique_err:.1f} {100*r.Δ:+.1f} [{100*r.lo:+.1f}, "
