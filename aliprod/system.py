@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_system.ipynb #ef29d1c4
 from __future__ import annotations
-import copy, dataclasses, json, shutil, time
+import copy, dataclasses, functools, json, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -727,6 +727,188 @@ def _write_artifact(out:Path, final:Candidate, choices:dict, extra:dict)->dict:
     atomic_write_json(out/'system.json', s)
     return s
 
+# %% ../nbs/06_system.ipynb #15c56fa8
+@dataclass
+class _Steps:
+    "What every step of the system stage reads: the run, the choosing/reporting images, the parameters, a model cache"
+    exp:ExperimentParams
+    p:SystemParams
+    rp:object                # RebalanceParams: methods, τ grid, τ bias, NCM norm
+    sets:EvalSets
+    index:pd.DataFrame
+    root:Path
+    K:int
+    device:object
+    cache:dict=field(default_factory=dict)   # model file -> (model, TrainParams), each loaded once
+    @property
+    def base(self)->Path: return experiment_dir(self.exp)
+    def load(self, member:dict): return _load_member_model(self.base, member, self.K, self.device, self.cache)
+
+# %% ../nbs/06_system.ipynb #bace4376
+def _method_choice(s:_Steps, methods:list[Candidate], r:int, reb_dir:Path, prev:Candidate):
+    "The classifier method: the heads of round `r` (or, compose: average, their average) against the previous system"
+    p = s.p
+    if not p.plain:   # a fixed method: every one asked for must be there
+        have = {c.info['method'] for c in methods}
+        miss = [m for m in p.methods or [] if m not in ('baseline', 'tau_norm', *have)]
+        if miss:
+            raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb_dir} and "
+                              "[system] plain is false; add it to [rebalance] methods (a -network method: "
+                              f"[rebalance] finetune network or both); written: {sorted(have)}")
+    heads = methods
+    if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
+        name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
+        info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
+        heads = [combine(methods, p.mode, p.k, name=name, info=info)]
+    cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
+    if not cands:
+        c, tb = pick([prev], 'classifier method')
+        return c, tb.assign(note='no method to add ([system] methods)')
+    return pick(cands, 'classifier method', default=cands[0] is prev)
+
+# %% ../nbs/06_system.ipynb #46af09b6
+def _tau_choice(s:_Steps, prev:Candidate):
+    "τ on the chosen linear head, its embeddings of the choosing and reporting images computed once"
+    p = s.p
+    if not p.tau: return _tau_step(prev, {}, s.sets, p, s.rp, s.index)   # nothing to embed
+    if len(prev.recipe['members']) > 1:
+        c, tb = pick([prev], 'τ')
+        n = len(prev.recipe['members'])
+        return c, tb.assign(note=f"τ-normalisation applies to one linear head; the system averages {n} heads "
+                                 f"([system] compose: {p.compose})")
+    model, tt = s.load(prev.recipe['members'][0])
+    df = _rows_df(s.index, np.concatenate([s.sets.choose_rows, s.sets.report_rows])).drop_duplicates('row')
+    f = _stage_embeddings(model, df, s.root, tt.eval_size, None, p, s.device)
+    pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
+    feats = {'choose': f[pos.loc[s.sets.choose_rows].to_numpy().copy()],
+             'report': f[pos.loc[s.sets.report_rows].to_numpy().copy()],
+             'classifier': classifier_tensors(model.classifier)}
+    return _tau_step(prev, feats, s.sets, p, s.rp, s.index)
+
+# %% ../nbs/06_system.ipynb #cdba0fc0
+def _tta_choice(s:_Steps, variants:list[str], prev:Candidate):
+    "TTA: the chosen head on a variant's views, or (several heads) each also on them"
+    if len(prev.recipe['members']) > 1:
+        return _tta_add_step(prev, s.load, variants, s.sets, s.p, s.index, s.root, s.device)
+    model, tt = s.load(prev.recipe['members'][0])
+    return _tta_step(prev, model, tt, variants, s.sets, s.p, s.index, s.root, s.device)
+
+# %% ../nbs/06_system.ipynb #e7afa16f
+def _models_choice(s:_Steps, others:dict, prev:Candidate):
+    ("[system] models: rounds: every head of each other round's model (`others`: round -> its rebalance run) on the "
+     "views `prev` has, an equal share each: (system, its table or None, the names of what was added)")
+    p = s.p
+    if not others: return prev, None, []
+    variant, added, names = prev.info.get('variant'), [], []
+    for x, rb in others.items():
+        hx = listed_methods(rb.out_dir, method_candidates(s.exp, rb.out_dir, s.base/'train'/str(x), s.sets, p.k,
+                                                          p.methods, s.rp.ncm_norm))
+        if not hx: log(f"system: round {x}: no head written; its model is not added"); continue
+        c = combine(hx, p.mode, p.k, name=f'every head (iteration {x})',
+                    info={'method': 'every head', 'methods': [h.info['method'] for h in hx]})
+        if variant:   # the same views as the system: each head also on the variant's view-averaged embeddings
+            c, _ = _tta_add_step(c, s.load, [variant], s.sets, dataclasses.replace(p, plain=False), s.index, s.root,
+                                 s.device)
+        added.append(c)
+        names.append(f'every head (iteration {x})' + (f' on both views ({variant})' if variant else ''))
+    if not added: return prev, None, []
+    c = combine([prev, *added], p.mode, p.k, name=f"{prev.name} + {' + '.join(names)}",
+                info={**prev.info, 'members': [*prev.info.get('members', [prev.name]), *names]})
+    # declared ([system] plain: false): taken; else the one interval rule
+    best, tb = pick([prev, c] if p.plain else [c], 'ensemble', default=p.plain)
+    return best, tb, names if best is c else []
+
+# %% ../nbs/06_system.ipynb #a79323cc
+def _ensemble_choice(s:_Steps, pool_dirs:dict, others:dict,
+                     pool:list, added:list, # filled: the run's other predictions; what the models step added
+                     prev:Candidate):
+    "The ensemble: the other rounds' models ([system] models: rounds), then greedy top-k averaging with the pool"
+    p = s.p
+    # also the single techniques the system is compared with
+    pool.extend(pool_candidates(s.exp, s.sets, p.k, s.rp.ncm_norm, runs=pool_dirs))
+    prev, tm, names = _models_choice(s, others, prev)
+    added.extend(names)
+    if not p.ensemble or p.max_members < 2:
+        c, tb = pick([prev], 'ensemble')
+        return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
+    log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
+    c, tb = greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
+    return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
+
+# %% ../nbs/06_system.ipynb #54c3ea77
+def _system_choices(chosen:dict, final:Candidate, r:int, rounds:list[int], p:SystemParams, rp,
+                    others:dict, added:list)->dict:
+    "system.json's choices: what each step chose (the chain's steps by name: `chosen`)"
+    m0 = chosen['classifier method'].recipe['members'][0]
+    tta = next((m['tta'] for m in chosen['TTA'].recipe['members'] if m.get('tta')), None)
+    return {'round': r, 'rounds': rounds,
+            'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
+            'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
+            'rounds_added': [int(x) for x in others] if added else [],
+            'method_model': m0['model'], 'tau': chosen['τ'].recipe['members'][0]['tau'],
+            'tau_applies': m0['head']['kind'] in ('linear', 'classifier'),
+            'tau_chosen': chosen['τ'] is not chosen['classifier method'],
+            'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
+            'members': final.info.get('members', [final.name]),
+            'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
+
+# %% ../nbs/06_system.ipynb #5114ad12
+def _chain_rows(chosen:dict, final:Candidate, choices:dict, round_cands:dict, chosen_round:Candidate,
+                cand_table:pd.DataFrame, added:list, rp, t, hires_tag:str|None)->list[tuple]:
+    "The chain's rows: (step, its system or None, what it is or why it is absent)"
+    r, rounds, tau, tau_chosen = choices['round'], choices['rounds'], choices['tau'], choices['tau_chosen']
+    notes = cand_table.loc[cand_table['step'] == 'τ', 'note'].dropna() if 'note' in cand_table else []
+    tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
+    several = len(chosen['τ'].recipe['members']) > 1
+    tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} "
+                f"on the {TTA_AVERAGE}{', both views averaged' if several else ''} "
+                f"(the TTA stage's rows average the views' probabilities)"
+                if 'variant' in chosen['TTA'].info
+                else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing "
+                     "images")
+    hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at "
+             f"{t.finetune_size} px); its effect is measured in techniques alone against the control tag "
+             f"{hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)"
+             if t.finetune_size and hires_tag else
+             f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained "
+             "([report] hires_tag), so its effect is not measured"
+             if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
+    mi = chosen['classifier method'].info
+    averaged = f" ({', '.join(mi['methods'])}, averaged)" if 'methods' in mi else ''
+    method_what = f"{mi.get('method', 'plain')}{averaged} chosen at round {r}"
+    ens = final.info.get('members', [final.name])
+    return [('Baseline', round_cands.get(0),
+             'model trained on all data (iteration 0), its own classifier' if 0 in round_cands
+             else 'absent: iteration 0 is not among [system] rounds'),
+            ('+ Data cleaning (chosen rounds)', chosen_round,
+             f"round {r} chosen among iterations {rounds}"
+             + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
+            ('+ Rebalanced classifier', chosen['classifier method'], method_what),
+            ('+ τ-normalisation', chosen['τ'],
+             tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)"
+                          if tau_chosen else
+                          'none: the head as the method step chose it did best on the choosing images')),
+            ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
+            ('+ High-resolution finetune', None, hires),
+            ('+ Ensemble', final, (f"{', '.join(added)} added ([system] models: rounds), then " if added else '')
+             + f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
+             + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
+
+# %% ../nbs/06_system.ipynb #aa6e57d7
+def _write_system(out:Path, final:Candidate, choices:dict, extra:dict, ch:pd.DataFrame, cand_table:pd.DataFrame,
+                  vs_each:pd.DataFrame)->list[str]:
+    "system.json, heads, predictions and the chain's tables into `out`: the files written"
+    _write_artifact(out, final, choices, extra)
+    write_topk(out/'predictions'/'choose.parquet', final.choose)
+    write_topk(out/'predictions'/'report.parquet', final.report)
+    with atomic_path(out/'chain.csv') as f: csv_safe(ch).to_csv(f, index=False)
+    atomic_write_text(out/'chain.md', markdown_table(ch))
+    with atomic_path(out/'system_candidates.csv') as f: csv_safe(cand_table).to_csv(f, index=False)
+    with atomic_path(out/'system_vs_techniques.csv') as f: csv_safe(vs_each).to_csv(f, index=False)
+    heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members']) if m['head']['kind'] != 'classifier']
+    return ['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'system_vs_techniques.csv',
+            'predictions/choose.parquet', 'predictions/report.parquet', *heads]
+
 # %% ../nbs/06_system.ipynb #58ce8cb9
 def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir, reports_dir)
                  data,                 # DataParams of the data stage
@@ -774,146 +956,26 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
     run = StageRun(out, 'system', params, inputs=inputs, modules=['system'])
 
     def work():
-        device = pick_device(exp.device)
-        shot = shot_groups(exp)
-        r_dir = base/'train'/str(r)
-        methods = method_candidates(exp, reb.out_dir, r_dir, sets, p.k, p.methods, rp.ncm_norm)
-        methods = listed_methods(reb.out_dir, methods)   # not a method dir of an earlier configuration
-        state, pool, rounds_added = {}, [], []
-        def method_step(prev):
-            if not p.plain:   # a fixed method: every one asked for must be there
-                have = {c.info['method'] for c in methods}
-                miss = [m for m in p.methods or [] if m not in ('baseline', 'tau_norm', *have)]
-                if miss:
-                    raise ParamsError(f"[system] methods: {miss[0]!r} has no head or predictions in {reb.out_dir} and "
-                                      "[system] plain is false; add it to [rebalance] methods (a -network method: "
-                                      f"[rebalance] finetune network or both); written: {sorted(have)}")
-            heads = methods
-            if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
-                name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
-                info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
-                heads = [combine(methods, p.mode, p.k, name=name, info=info)]
-            cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
-            if not cands:
-                c, tb = pick([prev], 'classifier method')
-                return c, tb.assign(note='no method to add ([system] methods)')
-            return pick(cands, 'classifier method', default=cands[0] is prev)
-        def tau_step(prev):
-            if not p.tau: return _tau_step(prev, {}, sets, p, rp, index)   # nothing to embed
-            if len(prev.recipe['members']) > 1:
-                c, tb = pick([prev], 'τ')
-                n = len(prev.recipe['members'])
-                return c, tb.assign(note=f"τ-normalisation applies to one linear head; the system averages {n} heads "
-                                         f"([system] compose: {p.compose})")
-            m = prev.recipe['members'][0]
-            model, tt = _load_member_model(base, m, K, device, state)
-            df = _rows_df(index, np.concatenate([sets.choose_rows, sets.report_rows])).drop_duplicates('row')
-            f = _stage_embeddings(model, df, root, tt.eval_size, None, p, device)
-            pos = pd.Series(np.arange(len(df)), index=df['row'].to_numpy())
-            feats = {'choose': f[pos.loc[sets.choose_rows].to_numpy().copy()],
-                     'report': f[pos.loc[sets.report_rows].to_numpy().copy()],
-                     'classifier': classifier_tensors(model.classifier)}
-            return _tau_step(prev, feats, sets, p, rp, index)
-        def tta_step(prev):
-            if len(prev.recipe['members']) > 1:
-                load = lambda m: _load_member_model(base, m, K, device, state)
-                return _tta_add_step(prev, load, variants, sets, p, index, root, device)
-            model, tt = _load_member_model(base, prev.recipe['members'][0], K, device, state)
-            return _tta_step(prev, model, tt, variants, sets, p, index, root, device)
-        def models_step(prev)->tuple[Candidate, pd.DataFrame|None]:
-            "[system] models: rounds: the other rounds' models, every head on the views `prev` has, an equal share each"
-            if not others: return prev, None
-            load = lambda m: _load_member_model(base, m, K, device, state)
-            variant, added, names = prev.info.get('variant'), [], []
-            for x, rb in others.items():
-                hx = listed_methods(rb.out_dir, method_candidates(exp, rb.out_dir, base/'train'/str(x), sets, p.k,
-                                                                  p.methods, rp.ncm_norm))
-                if not hx: log(f"system: round {x}: no head written; its model is not added"); continue
-                c = combine(hx, p.mode, p.k, name=f'every head (iteration {x})',
-                            info={'method': 'every head', 'methods': [h.info['method'] for h in hx]})
-                if variant:   # the same views as the system: each head also on the variant's view-averaged embeddings
-                    c, _ = _tta_add_step(c, load, [variant], sets, dataclasses.replace(p, plain=False), index, root,
-                                         device)
-                added.append(c); names.append(f'every head (iteration {x})'
-                                              + (f' on both views ({variant})' if variant else ''))
-            if not added: return prev, None
-            c = combine([prev, *added], p.mode, p.k, name=f"{prev.name} + {' + '.join(names)}",
-                        info={**prev.info, 'members': [*prev.info.get('members', [prev.name]), *names]})
-            # declared ([system] plain: false): taken; else the one interval rule
-            best, tb = pick([prev, c] if p.plain else [c], 'ensemble', default=p.plain)
-            if best is c: rounds_added.extend(names)
-            return best, tb
-        def ensemble_step(prev):
-            # also the single techniques the system is compared with
-            pool.extend(pool_candidates(exp, sets, p.k, rp.ncm_norm, runs=pool_dirs))
-            prev, tm = models_step(prev)
-            if not p.ensemble or p.max_members < 2:
-                c, tb = pick([prev], 'ensemble')
-                return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
-            log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
-            c, tb = greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
-            return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
-        steps = [('classifier method', method_step), ('τ', tau_step), ('TTA', tta_step), ('ensemble', ensemble_step)]
+        s = _Steps(exp, p, rp, sets, index, root, K, pick_device(exp.device))
+        # not a method dir of an earlier configuration
+        methods = listed_methods(reb.out_dir, method_candidates(exp, reb.out_dir, base/'train'/str(r), sets, p.k,
+                                                                p.methods, rp.ncm_norm))
+        pool, added = [], []   # the run's other predictions (the ensemble's pool, the techniques); rounds added
+        steps = [('classifier method', functools.partial(_method_choice, s, methods, r, reb.out_dir)),
+                 ('τ', functools.partial(_tau_choice, s)), ('TTA', functools.partial(_tta_choice, s, variants)),
+                 ('ensemble', functools.partial(_ensemble_choice, s, pool_dirs, others, pool, added))]
         chain, cand_table = compose(steps, chosen_round)
         cand_table = pd.concat([round_table.assign(step='cleaning round'), cand_table], ignore_index=True)
         chosen = dict(chain)
         final = chosen['ensemble']
         y = report_target(index, sets.report_rows, p.target)
-        notes = cand_table.loc[cand_table['step'] == 'τ', 'note'].dropna() if 'note' in cand_table else []
-        tau_note = f"not applied: {notes.iloc[0]}" if len(notes) else None   # e.g. NCM: no weight rows to normalise
-        tau_chosen = chosen['τ'] is not chosen['classifier method']
-        several = len(chosen['τ'].recipe['members']) > 1
-        tta_what = (f"{chosen['TTA'].info['variant']} chosen: {'each head also' if several else 'the chosen head'} "
-                    f"on the {TTA_AVERAGE}{', both views averaged' if several else ''} "
-                    f"(the TTA stage's rows average the views' probabilities)"
-                    if 'variant' in chosen['TTA'].info
-                    else f"none chosen: no TTA variant of the chosen head ({TTA_AVERAGE}) did better on the choosing "
-                         "images")
-        m0 = chosen['classifier method'].recipe['members'][0]
-        tau = chosen['τ'].recipe['members'][0]['tau']
-        tta = next((m['tta'] for m in chosen['TTA'].recipe['members'] if m.get('tta')), None)
-        hires = (f"part of the trained model (train: {t.img_size} px, then {t.finetune_epochs} epoch(s) at "
-                 f"{t.finetune_size} px); its effect is measured in techniques alone against the control tag "
-                 f"{hires_tag!r} (the same epochs, the finetune ones at {t.img_size} px)"
-                 if t.finetune_size and hires_tag else
-                 f"part of the trained model (train: finetune_size {t.finetune_size}); no control of it was trained "
-                 "([report] hires_tag), so its effect is not measured"
-                 if t.finetune_size else "not in this recipe ([train] finetune_size is null)")
-        mi = chosen['classifier method'].info
-        averaged = f" ({', '.join(mi['methods'])}, averaged)" if 'methods' in mi else ''
-        method_what = f"{mi.get('method', 'plain')}{averaged} chosen at round {r}"
-        ens = final.info.get('members', [final.name])
-        rows = [('Baseline', round_cands.get(0),
-                 'model trained on all data (iteration 0), its own classifier' if 0 in round_cands
-                 else 'absent: iteration 0 is not among [system] rounds'),
-                ('+ Data cleaning (chosen rounds)', chosen_round,
-                 f"round {r} chosen among iterations {rounds}"
-                 + (' (no cleaning: validation kept iteration 0)' if r == 0 else '')),
-                ('+ Rebalanced classifier', chosen['classifier method'], method_what),
-                ('+ τ-normalisation', chosen['τ'],
-                 tau_note or (f"τ = {tau:g} chosen (bias {rp.tau_bias}, the rebalance sweep's rule at every τ)"
-                              if tau_chosen else
-                             'none: the head as the method step chose it did best on the choosing images')),
-                ('+ TTA (enlarge + crops)', chosen['TTA'], tta_what),
-                ('+ High-resolution finetune', None, hires),
-                ('+ Ensemble', final, (f"{', '.join(rounds_added)} added ([system] models: rounds), then "
-                                       if rounds_added else '')
-                 + f"{len(ens)} member(s) by greedy selection: {', '.join(ens)}"
-                 + (f" ({len(final.recipe['members'])} heads and views in the recipe)" if several else ''))]
-        ch = chain_table(rows, y, shot, p.bootstrap, exp.seed)
+        choices = _system_choices(chosen, final, r, rounds, p, rp, others, added)
+        rows = _chain_rows(chosen, final, choices, round_cands, chosen_round, cand_table, added, rp, t, hires_tag)
+        ch = chain_table(rows, y, shot_groups(exp), p.bootstrap, exp.seed)
         e, lo, hi = metric_interval(final.report, y, p.bootstrap, exp.seed)
         first = ch[ch['status'] == 'present'].iloc[0]
         d0 = paired_bootstrap(paired_hits(rows[0][1].report if rows[0][1] is not None else chosen_round.report,
                                           final.report, clean_label=y), B=p.bootstrap, seed=exp.seed)
-        choices = {'round': r, 'rounds': rounds,
-                   'method': m0.get('method') or chosen['classifier method'].info.get('method', 'plain'),
-                   'heads': chosen['classifier method'].info.get('methods'), 'compose': p.compose,
-                   'rounds_added': [int(x) for x in others] if rounds_added else [],
-                   'method_model': m0['model'], 'tau': tau,
-                   'tau_applies': m0['head']['kind'] in ('linear', 'classifier'), 'tau_chosen': tau_chosen,
-                   'tau_bias': rp.tau_bias, 'tta': tta, 'tta_average': TTA_AVERAGE if tta else None,
-                   'members': final.info.get('members', [final.name]),
-                   'rebalance_finetune': 'classifier' if r != rp.iteration else rp.finetune}
         numbers = {'mean_class_err': e, 'lo': lo, 'hi': hi,
                    'interval': 'class-stratified bootstrap of the metric itself',
                    'vs_baseline': {**d0.to_dict(), 'baseline': first['system']}, 'target': p.target,
@@ -924,18 +986,9 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
                           'choose_images': int(len(sets.choose_rows)), 'report_images': int(len(sets.report_rows))},
                  'numbers': numbers, 'candidates': cand_table.to_dict('records'), 'num_classes': K,
                  'data_root': str(root), 'experiment': exp.experiment}
-        s = _write_artifact(out, final, choices, extra)
-        preds = {'choose': write_topk(out/'predictions'/'choose.parquet', final.choose),
-                 'report': write_topk(out/'predictions'/'report.parquet', final.report)}
-        with atomic_path(out/'chain.csv') as f: csv_safe(ch).to_csv(f, index=False)
-        atomic_write_text(out/'chain.md', markdown_table(ch))
-        with atomic_path(out/'system_candidates.csv') as f: csv_safe(cand_table).to_csv(f, index=False)
-        with atomic_path(out/'system_vs_techniques.csv') as f: csv_safe(vs_each).to_csv(f, index=False)
-        heads = [f'heads/member{i}.pth' for i, m in enumerate(final.recipe['members'])
-                 if m['head']['kind'] != 'classifier']
-        return (['system.json', 'chain.csv', 'chain.md', 'system_candidates.csv', 'system_vs_techniques.csv',
-                 'predictions/choose.parquet', 'predictions/report.parquet', *heads],
-                {'mean_class_err': e, 'lo': lo, 'hi': hi, 'round': r, 'method': choices['method'], 'tau': tau})
+        return (_write_system(out, final, choices, extra, ch, cand_table, vs_each),
+                {'mean_class_err': e, 'lo': lo, 'hi': hi, 'round': r, 'method': choices['method'],
+                 'tau': choices['tau']})
     run.ensure(work, what='composing the system')
     rep = report_dir(exp)
     # the report reads them from reports/<experiment>/
