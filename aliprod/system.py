@@ -814,8 +814,9 @@ def _models_choice(s:_Steps, others:dict, prev:Candidate):
     if not added: return prev, None, []
     c = combine([prev, *added], p.mode, p.k, name=f"{prev.name} + {' + '.join(names)}",
                 info={**prev.info, 'members': [*prev.info.get('members', [prev.name]), *names]})
-    # declared ([system] plain: false): taken; else the one interval rule
-    best, tb = pick([prev, c] if p.plain else [c], 'ensemble', default=p.plain)
+    best, tb = pick([prev, c], 'ensemble')   # the one interval rule, every Δ recorded on both sets
+    if not p.plain:   # declared ([system] plain: false): taken whatever the choosing images say, its Δs kept
+        best, tb = c, tb.assign(chosen=[False, True], note=[None, 'declared ([system] plain: false)'])
     return best, tb, names if best is c else []
 
 # %% ../nbs/06_system.ipynb #a79323cc

@@ -372,9 +372,12 @@ def test_every_head_of_both_rounds_on_both_views_is_what_the_artifact_predicts(t
     assert [m['tta'] is None for m in members] == [True, True, False, False] * 2 and 'weights' not in s['recipe']
     assert all(m['tta']['views'] == 'flip' for m in members if m['tta'] is not None)
     ens = art.candidates[art.candidates['step'] == 'ensemble']
-    # the declared addition (taken), then the ensemble's own pick ([system] ensemble: false keeps it)
-    assert ens['chosen'].tolist() == [True, True] and ens['candidate'].iloc[0] == ens['candidate'].iloc[1]
-    assert ens['candidate'].iloc[0].endswith('+ every head (iteration 1) on both views (flip@1)')
+    # the declared addition taken over the previous system with its Δ on both sets recorded, then the ensemble's own
+    # pick ([system] ensemble: false keeps it)
+    assert ens['chosen'].tolist() == [False, True, True] and ens['candidate'].iloc[1] == ens['candidate'].iloc[2]
+    assert ens['candidate'].iloc[1].endswith('+ every head (iteration 1) on both views (flip@1)')
+    assert ens['note'].iloc[1] == 'declared ([system] plain: false)'
+    assert np.isfinite(ens[['choose_Δ_vs_default', 'report_Δ_vs_default']].iloc[1].to_numpy(float)).all()
     assert 'every head (iteration 1) on both views (flip@1) added ([system] models: rounds)' in \
         art.chain.set_index('step').loc['+ Ensemble', 'what']
     before = json.loads((art.out_dir/'manifest.json').read_text())
