@@ -853,7 +853,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'aliprod.report.per_class_frame': ('report.html#per_class_frame', 'aliprod/report.py'),
                                 'aliprod.report.plot_shot_groups': ('report.html#plot_shot_groups', 'aliprod/report.py'),
                                 'aliprod.report.plot_tail_accuracy': ('report.html#plot_tail_accuracy', 'aliprod/report.py'),
-                                'aliprod.report.predictions_of': ('report.html#predictions_of', 'aliprod/report.py'),
                                 'aliprod.report.report_figures': ('report.html#report_figures', 'aliprod/report.py'),
                                 'aliprod.report.report_stage': ('report.html#report_stage', 'aliprod/report.py'),
                                 'aliprod.report.report_summary': ('report.html#report_summary', 'aliprod/report.py'),

@@ -522,6 +522,8 @@ def read_imagefolder(root:str|Path, splits:tuple=SPLITS)->ReadResult:
 # %% ../nbs/01_data.ipynb #aeffc772
 def read_source(p:DataParams)->ReadResult:
     "Index the real data source that `p` describes"
+    if p.source == 'synthetic':   # before its root: the synthetic source has none
+        raise ParamsError(f"data.source={p.source!r} is not a file source; use one of {', '.join(SOURCES[1:])}")
     root = _root_of(p)
     files = {s: f for s, f in zip(SPLITS, (p.train_file, p.val_file, p.test_file)) if f}
     if p.source == 'aliproducts': return read_aliproducts(root, files)

@@ -28,11 +28,11 @@ __all__ = ['METRIC_COLUMNS', 'TRANSFER_COLUMNS', 'REPORTING_METRICS', 'FINDING_G
            'SEEDS_RULE', 'STAGE_FIGURES', 'CHAIN_GLANCE_COLUMNS', 'FACTS', 'RUN_TABLES', 'CSS', 'OTHER_TABLES',
            'ReportParams', 'CurrentRuns', 'collect_metrics', 'system_chain', 'transfer_table', 'alone_table',
            'on_reporting_rows', 'Finding', 'findings', 'findings_note', 'findings_groups', 'seeds_verdict',
-           'aggregate_seeds', 'seeds_system', 'check_traceable', 'per_class_frame', 'predictions_of',
-           'plot_tail_accuracy', 'plot_shot_groups', 'labels_phrase', 'run_header', 'display_frame', 'system_choices',
-           'chain_glance', 'header_facts', 'run_tables', 'write_report', 'from_current_run', 'stage_tables',
-           'report_figures', 'headline', 'against_single_techniques', 'cleaning_sentence', 'report_summary',
-           'ReportArtifacts', 'run_report', 'report_stage']
+           'aggregate_seeds', 'seeds_system', 'check_traceable', 'per_class_frame', 'plot_tail_accuracy',
+           'plot_shot_groups', 'labels_phrase', 'run_header', 'display_frame', 'system_choices', 'chain_glance',
+           'header_facts', 'run_tables', 'write_report', 'from_current_run', 'stage_tables', 'report_figures',
+           'headline', 'against_single_techniques', 'cleaning_sentence', 'report_summary', 'ReportArtifacts',
+           'run_report', 'report_stage']
 
 # %% ../nbs/07_report.ipynb #524b7a55
 @params_section('report')
@@ -461,13 +461,6 @@ def per_class_frame(exp:ExperimentParams,
     t = read_topk(experiment_dir(exp)/predictions)
     clean = clean_labels(load_index(exp, 0), t.rows) if labels == 'clean' else None
     return per_class_accuracy(t, clean_label=clean, **shot_groups(exp))
-
-# %% ../nbs/07_report.ipynb #5ca702d5
-def predictions_of(metrics:pd.DataFrame, row:pd.Series)->str|None:
-    "The predictions file (relative to runs/<experiment>/) behind a table row"
-    rel = row['metrics file'].rsplit(' [', 1)[0]
-    hit = metrics.loc[metrics['metrics_file'] == rel, 'predictions']
-    return None if hit.empty else hit.iloc[0]
 
 # %% ../nbs/07_report.ipynb #422ea846
 def plot_tail_accuracy(frames:dict[str, pd.DataFrame], # label -> per_class_frame
