@@ -744,6 +744,18 @@ class _Steps:
     def base(self)->Path: return experiment_dir(self.exp)
     def load(self, member:dict): return _load_member_model(self.base, member, self.K, self.device, self.cache)
 
+# %% ../nbs/06_system.ipynb #d1d2f0c2
+def _round_heads(s:_Steps, reb_dir:Path, r:int)->list[Candidate]:
+    "The method candidates of round `r`'s rebalance run that its current manifest lists, on round `r`'s model"
+    return listed_methods(reb_dir, method_candidates(s.exp, reb_dir, s.base/'train'/str(r), s.sets, s.p.k, s.p.methods,
+                                                     s.rp.ncm_norm))
+
+# %% ../nbs/06_system.ipynb #31c4d5ee
+def _every_head(s:_Steps, heads:list[Candidate], r:int, **info)->Candidate:
+    "`heads` of round `r` averaged, an equal share each (`compose: average`)"
+    return combine(heads, s.p.mode, s.p.k, name=f'every head (iteration {r})',
+                   info={'method': 'every head', 'methods': [c.info['method'] for c in heads], **info})
+
 # %% ../nbs/06_system.ipynb #bace4376
 def _method_choice(s:_Steps, methods:list[Candidate], r:int, reb_dir:Path, prev:Candidate):
     "The classifier method: the heads of round `r` (or, compose: average, their average) against the previous system"
@@ -757,9 +769,8 @@ def _method_choice(s:_Steps, methods:list[Candidate], r:int, reb_dir:Path, prev:
                               f"[rebalance] finetune network or both); written: {sorted(have)}")
     heads = methods
     if p.compose == 'average' and len(methods) > 1:   # one pre-declared candidate: every head, an equal share
-        name = f'every head (iteration {r})'   # one system to the ensemble step (its members: what greedy adds)
-        info = {'method': 'every head', 'methods': [c.info['method'] for c in methods], 'members': [name]}
-        heads = [combine(methods, p.mode, p.k, name=name, info=info)]
+        # one system to the ensemble step (its members: what greedy adds)
+        heads = [_every_head(s, methods, r, members=[f'every head (iteration {r})'])]
     cands = ([prev] if p.plain or 'baseline' in (p.methods or []) else []) + heads
     if not cands:
         c, tb = pick([prev], 'classifier method')
@@ -801,11 +812,9 @@ def _models_choice(s:_Steps, others:dict, prev:Candidate):
     if not others: return prev, None, []
     variant, added, names = prev.info.get('variant'), [], []
     for x, rb in others.items():
-        hx = listed_methods(rb.out_dir, method_candidates(s.exp, rb.out_dir, s.base/'train'/str(x), s.sets, p.k,
-                                                          p.methods, s.rp.ncm_norm))
+        hx = _round_heads(s, rb.out_dir, x)
         if not hx: log(f"system: round {x}: no head written; its model is not added"); continue
-        c = combine(hx, p.mode, p.k, name=f'every head (iteration {x})',
-                    info={'method': 'every head', 'methods': [h.info['method'] for h in hx]})
+        c = _every_head(s, hx, x)
         if variant:   # the same views as the system: each head also on the variant's view-averaged embeddings
             c, _ = _tta_add_step(c, s.load, [variant], s.sets, dataclasses.replace(p, plain=False), s.index, s.root,
                                  s.device)
@@ -829,11 +838,10 @@ def _ensemble_choice(s:_Steps, pool_dirs:dict, others:dict,
     pool.extend(pool_candidates(s.exp, s.sets, p.k, s.rp.ncm_norm, runs=pool_dirs))
     prev, tm, names = _models_choice(s, others, prev)
     added.extend(names)
-    if not p.ensemble or p.max_members < 2:
-        c, tb = pick([prev], 'ensemble')
-        return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
-    log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
-    c, tb = greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
+    if not p.ensemble or p.max_members < 2: c, tb = pick([prev], 'ensemble')
+    else:
+        log(f"system: ensemble: greedy selection among {len(pool)} predictions of the run")
+        c, tb = greedy_ensemble(prev, pool, p.max_members, p.mode, p.k)
     return c, tb if tm is None else pd.concat([tm, tb], ignore_index=True)
 
 # %% ../nbs/06_system.ipynb #54c3ea77
@@ -937,7 +945,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
     # [system] models: rounds: every other round's heads too (classifier-only, on cached embeddings), rebalanced before
     # the pool is read so that a rerun reads the same runs (its key does not change)
     ran = [x for x in range(cleaning_rounds_run(exp) + 1) if x != r] if p.models == 'rounds' else []
-    for x in ran:   # each as current as a round the system chooses among
+    for x in (x for x in ran if x not in rounds):   # each as current as a round the system chooses among (checked)
         if why := round_status(exp, data, t, x):
             raise ParamsError(f"[system] models: rounds: train/{x} is not what the current parameters produce ({why}); "
                               f"run the train and clean stages again, then the system")
@@ -958,9 +966,7 @@ def run_system(exp:ExperimentParams, # experiment (name, seed, device, runs_dir,
 
     def work():
         s = _Steps(exp, p, rp, sets, index, root, K, pick_device(exp.device))
-        # not a method dir of an earlier configuration
-        methods = listed_methods(reb.out_dir, method_candidates(exp, reb.out_dir, base/'train'/str(r), sets, p.k,
-                                                                p.methods, rp.ncm_norm))
+        methods = _round_heads(s, reb.out_dir, r)
         pool, added = [], []   # the run's other predictions (the ensemble's pool, the techniques); rounds added
         steps = [('classifier method', functools.partial(_method_choice, s, methods, r, reb.out_dir)),
                  ('τ', functools.partial(_tau_choice, s)), ('TTA', functools.partial(_tta_choice, s, variants)),
